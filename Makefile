@@ -1,0 +1,37 @@
+# VRS — the two commands a newcomer needs are `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run run-full test lint format bench soak clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $@
+
+run: $(STAMP)  ## all services, embedded (SQLite + event log under var/), demo data
+	$(BIN)/vrs run
+
+run-full: $(STAMP)  ## the same on local PostgreSQL (2 shards) + Kafka under var/
+	$(BIN)/vrs run --full
+
+test: $(STAMP)  ## the whole suite, PostgreSQL + Kafka included (started by the harness)
+	$(BIN)/pytest
+
+lint: $(STAMP)  ## ruff (format + lint) and mypy --strict
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy shared services tests
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: $(STAMP)  ## throughput and lag on PostgreSQL + Kafka; prints numbers
+	$(BIN)/python -m services.bench
+
+clean:
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The four VRS services and the ``vrs`` command that runs them."""

@@ -1,0 +1,4 @@
+from services.records.models import MainBase
+from shared.migrations import run_env
+
+run_env(MainBase.metadata)

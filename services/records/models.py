@@ -1,0 +1,110 @@
+"""records tables. ``MainBase``: the main database (shard map); ``ShardBase``: every shard."""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Date,
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from shared.db import shard_assignments_table
+
+
+class MainBase(DeclarativeBase):
+    metadata = MetaData()
+
+
+class ShardBase(DeclarativeBase):
+    metadata = MetaData()
+
+
+shard_assignments = shard_assignments_table(MainBase.metadata)
+
+
+class Dose(ShardBase):
+    """One dose (接種記録) as recorded, with the statistics cell it currently counts in."""
+
+    __tablename__ = "doses"
+    __table_args__ = (
+        Index("ix_doses_coupon", "municipality_code", "coupon_number"),
+        Index("ix_doses_status", "municipality_code", "status"),
+    )
+
+    dose_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    municipality_code: Mapped[str] = mapped_column(String(6))  # 接種券を発行した自治体
+    coupon_number: Mapped[str] = mapped_column(String(10))  # 券番号
+    coupon_line: Mapped[str] = mapped_column(String(18))  # the whole line as read, for review
+    dose_number: Mapped[int] = mapped_column(Integer)  # 接種回数
+    vaccinated_on: Mapped[date] = mapped_column(Date)  # 接種日
+    vaccine: Mapped[str] = mapped_column(String(32))  # product code (ワクチンメーカー)
+    lot_number: Mapped[str] = mapped_column(String(20))  # ロット番号
+    venue: Mapped[str | None] = mapped_column(String(30))  # 接種会場名
+    doctor: Mapped[str | None] = mapped_column(String(20))  # 接種医師名
+    medical_worker: Mapped[bool] = mapped_column(Boolean)  # the person is a 医療従事者等
+    status: Mapped[str] = mapped_column(String(16))
+    findings: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    rules_version: Mapped[str] = mapped_column(String(32))
+    # Filled when a registered resident holds the coupon; sex/age band then come from the registry.
+    resident_id: Mapped[str | None] = mapped_column(String(64))
+    sex: Mapped[str] = mapped_column(String(1))
+    age_band: Mapped[str] = mapped_column(String(3))
+    voided: Mapped[bool] = mapped_column(Boolean, default=False)
+    recorded_by: Mapped[str] = mapped_column(String(64))
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    version: Mapped[int] = mapped_column(Integer, default=1)
+
+
+class IdempotencyKey(ShardBase):
+    """A request already answered: the same key from the same organisation gets the same answer."""
+
+    __tablename__ = "idempotency_keys"
+
+    scope: Mapped[str] = mapped_column(String(80), primary_key=True)  # e.g. institution:1311234567
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    dose_id: Mapped[str] = mapped_column(String(36))
+    response: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class OutboxEvent(ShardBase):
+    """Events written in the same transaction as the dose; the relay publishes and marks them."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (Index("ix_outbox_unpublished", "published_at", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(36), unique=True)
+    key: Mapped[str] = mapped_column(String(6))
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class DoseHistory(ShardBase):
+    """Every change to a dose after it was recorded: who, why, and the state before."""
+
+    __tablename__ = "dose_history"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    dose_id: Mapped[str] = mapped_column(String(36), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    change: Mapped[str] = mapped_column(String(16))  # corrected, voided, matched
+    reason: Mapped[str] = mapped_column(Text)
+    changed_by: Mapped[str] = mapped_column(String(64))
+    before: Mapped[dict[str, Any]] = mapped_column(JSON)
+    changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

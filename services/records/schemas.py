@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+from datetime import date
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class DoseIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    coupon: str = Field(description="the 18-digit line printed on the coupon (接種券)")
+    dose_number: int = Field(description="接種回数")
+    vaccinated_on: date = Field(description="接種日 (YYYY-MM-DD)")
+    vaccine: str = Field(description="product code: pfizer, moderna, astrazeneca, novavax")
+    lot_number: str = Field(min_length=1, max_length=20)
+    venue: str | None = Field(default=None, max_length=30)
+    doctor: str | None = Field(default=None, max_length=20)
+    medical_worker: bool = Field(default=False, description="the vaccinated person is a medical worker (医療従事者等)")
+
+
+class BatchDoseIn(DoseIn):
+    client_id: str = Field(min_length=1, max_length=100, description="the tablet's id of this item; retries reuse it")
+
+
+class DoseBatchIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    doses: list[BatchDoseIn] = Field(min_length=1, max_length=1000)
+
+    @model_validator(mode="after")
+    def _unique_client_ids(self) -> DoseBatchIn:
+        seen: set[str] = set()
+        for i, dose in enumerate(self.doses):
+            if dose.client_id in seen:
+                raise ValueError(f"doses[{i}].client_id '{dose.client_id}' appears twice")
+            seen.add(dose.client_id)
+        return self
+
+
+class FindingOut(BaseModel):
+    code: str
+    message: str
+
+
+class DoseAccepted(BaseModel):
+    dose_id: str
+    status: Literal["recorded", "needs_review", "unmatched"]
+    findings: list[FindingOut]
+
+
+class ItemError(BaseModel):
+    error: str
+    detail: str
+    errors: list[dict[str, str]] = []
+
+
+class BatchItemResult(BaseModel):
+    client_id: str
+    dose_id: str | None = None
+    status: Literal["recorded", "needs_review", "unmatched", "rejected"]
+    findings: list[FindingOut] = []
+    error: ItemError | None = None
+
+
+class DoseBatchOut(BaseModel):
+    results: list[BatchItemResult]
+
+
+class DoseOut(BaseModel):
+    dose_id: str
+    municipality: str
+    coupon_number: str
+    dose_number: int
+    vaccinated_on: date
+    vaccine: str
+    lot_number: str
+    venue: str | None
+    doctor: str | None
+    medical_worker: bool
+    status: str
+    findings: list[FindingOut]
+    matched: bool
+    voided: bool
+    version: int
+
+
+class DoseList(BaseModel):
+    doses: list[DoseOut]
+
+
+class CorrectionIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    changes: dict[str, Any] | None = None
+    void: bool = False
+    reason: str = Field(min_length=1, max_length=500)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> CorrectionIn:
+        if self.void == bool(self.changes):
+            raise ValueError("give either 'changes' or 'void': true")
+        return self
+
+
+class HolderIn(BaseModel):
+    resident_id: str
+    sex: Literal["M", "F", "U"]
+    birth_date: date | None
+
+
+class DoseSummary(BaseModel):
+    """What registry shows of a resident's doses."""
+
+    dose_id: str
+    dose_number: int
+    vaccinated_on: date
+    vaccine: str
+    lot_number: str
+    status: str
+    municipality: str
+
+
+class DoseSummaryList(BaseModel):
+    doses: list[DoseSummary]

@@ -1,0 +1,49 @@
+"""My Number at rest: AES-256-GCM with key ids (rotation) and an HMAC keyed hash for look-ups.
+
+The plain number exists only in memory for the length of a request; what is stored is the ciphertext, the
+key id, the last four digits (for masking) and the keyed hash (for the directory).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from services.registry.settings import RegistrySettings
+
+
+@dataclass(frozen=True, slots=True)
+class SealedMyNumber:
+    key_id: str
+    ciphertext: bytes  # 12-byte nonce + ciphertext + tag
+    keyed_hash: bytes
+    last4: str
+
+
+class MyNumberVault:
+    def __init__(self, settings: RegistrySettings) -> None:
+        self._keys = {kid: AESGCM(base64.b64decode(key)) for kid, key in settings.my_number_keys.items()}
+        self._active = settings.my_number_active_key
+        self._hash_key = base64.b64decode(settings.my_number_hash_key)
+
+    def keyed_hash(self, my_number: str) -> bytes:
+        return hmac.new(self._hash_key, my_number.encode(), hashlib.sha256).digest()
+
+    def seal(self, my_number: str, *, context: str) -> SealedMyNumber:
+        """``context`` (the resident's key) is bound as associated data: a ciphertext cannot be moved."""
+        nonce = os.urandom(12)
+        ciphertext = self._keys[self._active].encrypt(nonce, my_number.encode(), context.encode())
+        return SealedMyNumber(
+            key_id=self._active,
+            ciphertext=nonce + ciphertext,
+            keyed_hash=self.keyed_hash(my_number),
+            last4=my_number[-4:],
+        )
+
+    def open(self, key_id: str, blob: bytes, *, context: str) -> str:
+        return self._keys[key_id].decrypt(blob[:12], blob[12:], context.encode()).decode()

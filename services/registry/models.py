@@ -1,0 +1,57 @@
+"""registry tables. ``MainBase``: the main database; ``ShardBase``: every shard database."""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+
+from sqlalchemy import Date, DateTime, Integer, LargeBinary, MetaData, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from shared.db import shard_assignments_table
+
+
+class MainBase(DeclarativeBase):
+    metadata = MetaData()
+
+
+class ShardBase(DeclarativeBase):
+    metadata = MetaData()
+
+
+shard_assignments = shard_assignments_table(MainBase.metadata)
+
+
+class MyNumberDirectoryEntry(MainBase):
+    """Keyed hash of a My Number → where that person is (or was) registered: one row per municipality."""
+
+    __tablename__ = "my_number_directory"
+
+    my_number_hash: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    municipality_code: Mapped[str] = mapped_column(String(6), primary_key=True)
+    resident_id: Mapped[str] = mapped_column(String(64))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Resident(ShardBase):
+    """接種者情報, keyed by the municipality's own person id (個別宛名番号)."""
+
+    __tablename__ = "residents"
+    __table_args__ = (UniqueConstraint("municipality_code", "coupon_number", name="uq_residents_coupon"),)
+
+    municipality_code: Mapped[str] = mapped_column(String(6), primary_key=True)
+    resident_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(Text)  # 氏名
+    name_kana: Mapped[str] = mapped_column(Text)  # カナ
+    birth_date: Mapped[date | None] = mapped_column(Date)  # 生年月日; may be unknown
+    sex: Mapped[str] = mapped_column(String(1))  # M, F or U
+    address: Mapped[str | None] = mapped_column(Text)
+    coupon_number: Mapped[str | None] = mapped_column(String(10))  # 券番号
+    my_number_key_id: Mapped[str | None] = mapped_column(String(32))
+    my_number_ciphertext: Mapped[bytes | None] = mapped_column(LargeBinary)
+    my_number_hash: Mapped[bytes | None] = mapped_column(LargeBinary(32), index=True)
+    my_number_last4: Mapped[str | None] = mapped_column(String(4))
+    moved_to: Mapped[str | None] = mapped_column(String(6))
+    moved_on: Mapped[date | None] = mapped_column(Date)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

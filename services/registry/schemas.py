@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+from datetime import date, datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from shared.domain.codes import my_number_problem
+from shared.domain.coupon import coupon_number_problem
+
+Sex = Literal["M", "F", "U"]
+
+
+class ResidentIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    name: str = Field(min_length=1, max_length=100)
+    name_kana: str = Field(min_length=1, max_length=200)
+    birth_date: date | None = None
+    sex: Sex
+    my_number: str | None = Field(default=None, repr=False)
+    address: str | None = Field(default=None, max_length=300)
+    coupon_number: str | None = None
+
+    @field_validator("my_number")
+    @classmethod
+    def _my_number(cls, value: str | None) -> str | None:
+        # The message never contains the number itself.
+        if value is not None and (problem := my_number_problem(value)):
+            raise ValueError(f"My Number {problem}")
+        return value
+
+    @field_validator("coupon_number")
+    @classmethod
+    def _coupon_number(cls, value: str | None) -> str | None:
+        if value is not None and (problem := coupon_number_problem(value)):
+            raise ValueError(f"coupon number {problem}")
+        return value
+
+    @field_validator("birth_date")
+    @classmethod
+    def _birth_date(cls, value: date | None) -> date | None:
+        if value is not None and value > date.today():
+            raise ValueError("birth date is in the future")
+        return value
+
+
+class DoseSummary(BaseModel):
+    dose_id: str
+    dose_number: int
+    vaccinated_on: date
+    vaccine: str
+    lot_number: str
+    status: str
+    municipality: str
+
+
+class ResidentOut(BaseModel):
+    municipality: str
+    resident_id: str
+    name: str
+    name_kana: str
+    birth_date: date | None
+    sex: Sex
+    my_number: str | None = Field(description="masked: only the last four digits are shown")
+    address: str | None
+    coupon_number: str | None
+    moved_to: str | None
+    moved_on: date | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class ResidentWithDoses(ResidentOut):
+    doses: list[DoseSummary]
+
+
+class CouponRef(BaseModel):
+    municipality: str = Field(pattern=r"^\d{6}$")
+    coupon_number: str = Field(pattern=r"^\d{10}$")
+
+
+class CouponLookupIn(BaseModel):
+    coupons: list[CouponRef] = Field(max_length=1000)
+
+
+class CouponHolder(BaseModel):
+    """What records may know of a coupon's holder: enough for the statistics cell, nothing more."""
+
+    resident_id: str
+    sex: Sex
+    birth_date: date | None
+
+
+class CouponLookupResult(BaseModel):
+    municipality: str
+    coupon_number: str
+    holder: CouponHolder | None
+
+
+class CouponLookupOut(BaseModel):
+    results: list[CouponLookupResult]

@@ -1,0 +1,1 @@
+"""Code shared by every VRS service: settings, database, auth, errors, events and pure domain rules."""

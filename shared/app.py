@@ -1,0 +1,44 @@
+"""The one way a VRS service app is put together: errors, health, metrics and auth wired the same."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+
+from fastapi import APIRouter, FastAPI
+
+from shared.errors import install_error_handlers
+from shared.observability import configure_logging, install_health
+from shared.settings import ServiceSettings
+
+
+def build_app(
+    *,
+    service: str,
+    settings: ServiceSettings,
+    lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]],
+    routers: list[APIRouter],
+    ready: Callable[[FastAPI], Awaitable[None]],
+) -> FastAPI:
+    configure_logging(settings.log_level)
+    app = FastAPI(
+        title=f"VRS {service}",
+        version="1",
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.auth_settings = settings.auth
+    install_error_handlers(app)
+
+    async def check_ready() -> None:
+        await ready(app)
+
+    install_health(app, service=service, ready=check_ready)
+    for router in routers:
+        app.include_router(router)
+    return app
+
+
+LifespanFn = Callable[[FastAPI], AsyncIterator[None]]

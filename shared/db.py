@@ -1,0 +1,217 @@
+"""Databases: async SQLAlchemy engines, the shard map, and the per-request unit of work.
+
+A service has one *main* database and, if it is sharded by municipality, several *shard* databases. The
+main database of a sharded service holds the shard map (municipality code → shard name); a municipality is
+assigned once, on first sight, and stays until an operator moves it (rewriting one row, after copying its
+data), so adding a shard never reshuffles existing municipalities.
+
+The same code runs on PostgreSQL (asyncpg) and, in the embedded default, on SQLite (aiosqlite).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from sqlalchemy import Column, DateTime, MetaData, String, Table, event, select, text
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def is_sqlite(url: str) -> bool:
+    return make_url(url).get_backend_name() == "sqlite"
+
+
+def create_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
+    if is_sqlite(url):
+        engine = create_async_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _pragmas(dbapi_conn: Any, _: Any) -> None:
+            cur = dbapi_conn.cursor()
+            # WAL lets readers run beside the one writer; FULL makes a commit survive a power loss.
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        return engine
+    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+
+
+def upsert(session: AsyncSession, table: Any) -> Any:
+    """``INSERT`` with ``on_conflict_do_nothing``/``on_conflict_do_update`` for the session's dialect."""
+    dialect = session.get_bind().dialect.name
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+
+
+def shard_assignments_table(metadata: MetaData) -> Table:
+    """The shard map, created by the main-database migration of every sharded service."""
+    return Table(
+        "shard_assignments",
+        metadata,
+        Column("municipality_code", String(6), primary_key=True),
+        Column("shard", String(64), nullable=False),
+        Column("assigned_at", DateTime(timezone=True), nullable=False),
+    )
+
+
+_shard_map_metadata = MetaData()
+_shard_assignments = shard_assignments_table(_shard_map_metadata)
+
+
+@dataclass
+class Database:
+    url: str
+    engine: AsyncEngine
+    sessionmaker: async_sessionmaker[AsyncSession]
+
+    @classmethod
+    def connect(cls, url: str, *, pool_size: int = 20) -> Database:
+        engine = create_engine(url, pool_size=pool_size)
+        return cls(url, engine, async_sessionmaker(engine, expire_on_commit=False, autoflush=False))
+
+    async def ping(self) -> None:
+        async with self.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+
+@dataclass
+class Databases:
+    main: Database
+    shards: dict[str, Database] = field(default_factory=dict)
+    _assignments: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def connect(cls, main_url: str, shard_urls: dict[str, str] | None = None, *, pool_size: int = 20) -> Databases:
+        return cls(
+            main=Database.connect(main_url, pool_size=pool_size),
+            shards={name: Database.connect(url, pool_size=pool_size) for name, url in (shard_urls or {}).items()},
+        )
+
+    def default_shard(self, municipality_code: str) -> str:
+        names = sorted(self.shards)
+        return names[zlib.crc32(municipality_code.encode()) % len(names)]
+
+    async def shard_of(self, municipality_code: str) -> str:
+        """The shard that holds ``municipality_code``, assigning one on first sight."""
+        cached = self._assignments.get(municipality_code)
+        if cached is not None:
+            return cached
+        async with self.main.sessionmaker() as session, session.begin():
+            shard = await session.scalar(
+                select(_shard_assignments.c.shard).where(_shard_assignments.c.municipality_code == municipality_code)
+            )
+            if shard is None:
+                await session.execute(
+                    upsert(session, _shard_assignments)
+                    .values(
+                        municipality_code=municipality_code,
+                        shard=self.default_shard(municipality_code),
+                        assigned_at=utcnow(),
+                    )
+                    .on_conflict_do_nothing(index_elements=["municipality_code"])
+                )
+                shard = await session.scalar(
+                    select(_shard_assignments.c.shard).where(
+                        _shard_assignments.c.municipality_code == municipality_code
+                    )
+                )
+        if shard not in self.shards:
+            raise RuntimeError(f"municipality {municipality_code} is mapped to unknown shard {shard!r}")
+        self._assignments[municipality_code] = str(shard)
+        return str(shard)
+
+    async def ping(self) -> None:
+        await self.main.ping()
+        for shard in self.shards.values():
+            await shard.ping()
+
+    async def dispose(self) -> None:
+        await self.main.engine.dispose()
+        for shard in self.shards.values():
+            await shard.engine.dispose()
+
+
+class UnitOfWork:
+    """The sessions one request touches; committed together when the request succeeds.
+
+    Shards commit before the main database: a main-database row (a directory entry) never points at a
+    shard row that was rolled back, and an idempotent retry repairs the rare opposite case.
+    """
+
+    def __init__(self, databases: Databases) -> None:
+        self._databases = databases
+        self._sessions: dict[str | None, AsyncSession] = {}
+        self._after_commit: list[Callable[[], None]] = []
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once everything is committed (e.g. wake the outbox relay)."""
+        self._after_commit.append(callback)
+
+    @property
+    def databases(self) -> Databases:
+        return self._databases
+
+    def main(self) -> AsyncSession:
+        return self._session(None)
+
+    async def for_municipality(self, municipality_code: str) -> AsyncSession:
+        return self._session(await self._databases.shard_of(municipality_code))
+
+    def shard(self, name: str) -> AsyncSession:
+        return self._session(name)
+
+    def _session(self, shard: str | None) -> AsyncSession:
+        session = self._sessions.get(shard)
+        if session is None:
+            db = self._databases.main if shard is None else self._databases.shards[shard]
+            session = self._sessions[shard] = db.sessionmaker()
+        return session
+
+    async def commit(self) -> None:
+        for key in sorted(self._sessions, key=lambda k: k is None):
+            await self._sessions[key].commit()
+        callbacks, self._after_commit = self._after_commit, []
+        for callback in callbacks:
+            callback()
+
+    async def rollback(self) -> None:
+        for session in self._sessions.values():
+            await session.rollback()
+
+    async def close(self) -> None:
+        for session in self._sessions.values():
+            await session.close()
+        self._sessions.clear()
+
+    async def __aenter__(self) -> UnitOfWork:
+        return self
+
+    async def __aexit__(self, exc_type: Any, *_: Any) -> None:
+        try:
+            if exc_type is None:
+                await self.commit()
+            else:
+                await self.rollback()
+        finally:
+            await self.close()
+
+
+async def _unit_of_work(request: Request) -> AsyncIterator[UnitOfWork]:
+    async with UnitOfWork(request.app.state.databases) as uow:
+        yield uow
+
+
+# scope="function": commit before the response is sent, so a 2xx always means "stored".
+UnitOfWorkDep = Annotated[UnitOfWork, Depends(_unit_of_work, scope="function")]

@@ -1,0 +1,126 @@
+"""One error model for every service: ``{"error": "<Code>", "detail": "...", ...}``.
+
+Services raise subclasses of :class:`VRSError`; :func:`install_error_handlers` maps them (and FastAPI's own
+validation errors) to JSON once. ``responses(...)`` lets an endpoint declare what it may return so that the
+errors appear in OpenAPI.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+class ErrorBody(BaseModel):
+    error: str
+    detail: str
+
+
+class FieldError(BaseModel):
+    field: str
+    message: str
+
+
+class ValidationErrorBody(ErrorBody):
+    errors: list[FieldError]
+
+
+class VRSError(Exception):
+    status_code: ClassVar[int] = 500
+    code: ClassVar[str] = "InternalError"
+
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.code, "detail": self.detail, **self.extra}
+
+
+class BadRequest(VRSError):
+    status_code = 400
+    code = "BadRequest"
+
+
+class InvalidField(VRSError):
+    """A well-formed request whose field breaks a domain rule (bad check digit, future date, ...)."""
+
+    status_code = 422
+    code = "InvalidField"
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}", errors=[{"field": field, "message": message}])
+        self.field = field
+        self.message = message
+
+
+class Unauthorized(VRSError):
+    status_code = 401
+    code = "Unauthorized"
+
+
+class Forbidden(VRSError):
+    status_code = 403
+    code = "Forbidden"
+
+
+class NotFound(VRSError):
+    status_code = 404
+    code = "NotFound"
+
+
+class Conflict(VRSError):
+    status_code = 409
+    code = "Conflict"
+
+
+class ServiceUnavailable(VRSError):
+    status_code = 503
+    code = "ServiceUnavailable"
+
+
+def error_response(error: VRSError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if isinstance(error, Unauthorized) else None
+    return JSONResponse(error.body(), status_code=error.status_code, headers=headers)
+
+
+def responses(*errors: type[VRSError]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` for the errors an endpoint can return."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for err in errors:
+        model = ValidationErrorBody if err is InvalidField else ErrorBody
+        out[err.status_code] = {"model": model, "description": err.code}
+    return out
+
+
+def _field_name(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or "body"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def vrs_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, VRSError)
+        return error_response(exc)
+
+    async def validation_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        # Never echo the input back: it may hold a My Number.
+        errors = [{"field": _field_name(tuple(e["loc"])), "message": e["msg"]} for e in exc.errors()]
+        detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+        return JSONResponse({"error": "ValidationError", "detail": detail, "errors": errors}, status_code=422)
+
+    async def http_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        code = {404: "NotFound", 405: "MethodNotAllowed"}.get(exc.status_code, "HTTPError")
+        return JSONResponse({"error": code, "detail": str(exc.detail)}, status_code=exc.status_code)
+
+    app.add_exception_handler(VRSError, vrs_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)

@@ -1,0 +1,74 @@
+"""Settings shared by every service.
+
+Each service has one pydantic-settings class with its own env prefix (``VRS_REGISTRY_``, ...). What every
+service must agree on — the signing key, the event bus — lives in small classes with prefixes of their own
+(``VRS_AUTH_``, ``VRS_BUS_``) so that one Kubernetes secret or config map can feed all four.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Environment = Literal["development", "test", "production"]
+
+# Well-known development secret; refused outside development and test.
+DEV_JWT_SECRET = "vrs-dev-secret-do-not-use-in-production-0123456789"  # noqa: S105
+
+
+def var_dir() -> Path:
+    """Where the embedded mode keeps its files (``VRS_VAR_DIR``, default ``./var``)."""
+    import os
+
+    return Path(os.environ.get("VRS_VAR_DIR", "var")).resolve()
+
+
+def sqlite_url(relative: str) -> str:
+    path = var_dir() / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite+aiosqlite:///{path}"
+
+
+class AuthSettings(BaseSettings):
+    """JWT verification, shared by the gateway and every service (``VRS_AUTH_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="VRS_AUTH_", extra="ignore")
+
+    environment: Environment = Field(default="development", validation_alias="VRS_ENVIRONMENT")
+    jwt_secret: str = DEV_JWT_SECRET
+    jwt_algorithm: Literal["HS256", "HS384", "HS512"] = "HS256"
+    jwt_issuer: str = "vrs-dev"
+    jwks_url: str | None = None
+    token_ttl_seconds: int = 3600
+
+    @model_validator(mode="after")
+    def _refuse_default_secret(self) -> AuthSettings:
+        if self.environment == "production" and self.jwt_secret == DEV_JWT_SECRET and not self.jwks_url:
+            raise ValueError("VRS_AUTH_JWT_SECRET must be set in production (the development key is public)")
+        return self
+
+
+class BusSettings(BaseSettings):
+    """The event bus between records and stats (``VRS_BUS_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="VRS_BUS_", extra="ignore")
+
+    kind: Literal["embedded", "kafka"] = "embedded"
+    topic: str = "dose-events"
+    partitions: int = Field(default=4, ge=1)
+    embedded_path: Path = Field(default_factory=lambda: var_dir() / "events" / "log.db")
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    kafka_client_id: str = "vrs"
+
+
+class ServiceSettings(BaseSettings):
+    """Fields every service has; subclasses set the env prefix."""
+
+    model_config = SettingsConfigDict(extra="ignore")
+
+    environment: Environment = Field(default="development", validation_alias="VRS_ENVIRONMENT")
+    log_level: str = "INFO"
+    auth: AuthSettings = Field(default_factory=AuthSettings)
