@@ -1,0 +1,190 @@
+"""The event bus on Apache Kafka, through kafka-python.
+
+kafka-python is blocking, so every call runs in a worker thread (:func:`asyncio.to_thread`) and the event
+loop never waits on the network. Clients are created lazily: a broker that is down when a service starts
+does not stop the service, the next call simply tries again.
+
+- :class:`KafkaPublisher`: an idempotent producer (``acks=all``); :meth:`~KafkaPublisher.publish` returns
+  only once the broker has acknowledged every message, and raises otherwise so the caller keeps them.
+- :class:`KafkaSource`: a consumer with manual partition assignment and no consumer group. The consumer
+  keeps its offsets in its own database and hands them to :meth:`~KafkaSource.assign`; nothing is
+  committed to Kafka. A stored offset that the topic no longer has is an error, never a silent skip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import TopicAlreadyExistsError, for_code
+
+from shared.bus import Message, OutgoingMessage
+from shared.settings import BusSettings
+
+log = logging.getLogger(__name__)
+
+# Seconds. A publish to an unreachable broker fails after DELIVERY_TIMEOUT instead of hanging the relay.
+CONNECT_TIMEOUT = 10
+REQUEST_TIMEOUT = 10
+DELIVERY_TIMEOUT = 30
+
+# The event topic is the system's history: stats can be rebuilt by replaying it from offset 0, so Kafka
+# must never delete from it. Replication comes from the broker's default.replication.factor.
+TOPIC_CONFIGS = {"retention.ms": "-1", "retention.bytes": "-1"}
+
+
+def ensure_topic(
+    bootstrap_servers: str,
+    topic: str,
+    partitions: int,
+    *,
+    client_id: str = "vrs-admin",
+    timeout: float = 30,
+) -> list[int]:
+    """Create ``topic`` with ``partitions`` partitions unless it exists; return its partition ids once every
+    partition has a leader. An existing topic keeps its partition count, as in Kafka generally."""
+    admin = KafkaAdminClient(
+        bootstrap_servers=bootstrap_servers,
+        client_id=client_id,
+        bootstrap_timeout_ms=CONNECT_TIMEOUT * 1000,
+        request_timeout_ms=REQUEST_TIMEOUT * 1000,
+    )
+    try:
+        result = admin.create_topics(
+            {topic: {"num_partitions": partitions, "configs": TOPIC_CONFIGS}}, raise_errors=False
+        )
+        for created in result["topics"]:
+            code = created["error_code"]
+            if code not in (0, TopicAlreadyExistsError.errno):
+                raise for_code(code)(f"creating topic {topic!r}: {created.get('error_message')}")
+        admin.wait_for_topics([topic], timeout_ms=int(timeout * 1000))
+        (described,) = admin.describe_topics([topic])
+        return sorted(int(p["partition_index"]) for p in described["partitions"])
+    finally:
+        admin.close()
+
+
+class KafkaPublisher:
+    """A :class:`~shared.bus.Publisher` on Kafka; messages are partitioned by key (Kafka's murmur2)."""
+
+    def __init__(self, settings: BusSettings) -> None:
+        self._settings = settings
+        self._producer: Any = None
+        self._lock = threading.Lock()  # one publish at a time; guards the lazily created producer
+
+    def _get_producer(self) -> Any:
+        if self._producer is None:
+            s = self._settings
+            ensure_topic(s.kafka_bootstrap_servers, s.topic, s.partitions, client_id=f"{s.kafka_client_id}-admin")
+            self._producer = KafkaProducer(
+                bootstrap_servers=s.kafka_bootstrap_servers,
+                client_id=f"{s.kafka_client_id}-publisher",
+                enable_idempotence=True,
+                acks="all",
+                allow_auto_create_topics=False,
+                bootstrap_timeout_ms=CONNECT_TIMEOUT * 1000,
+                max_block_ms=CONNECT_TIMEOUT * 1000,
+                request_timeout_ms=REQUEST_TIMEOUT * 1000,
+                delivery_timeout_ms=DELIVERY_TIMEOUT * 1000,
+            )
+        return self._producer
+
+    def _discard_producer(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            with contextlib.suppress(Exception):
+                producer.close(timeout=0)
+
+    def _publish(self, messages: Sequence[OutgoingMessage]) -> None:
+        with self._lock:
+            producer = self._get_producer()
+            try:
+                futures = [producer.send(self._settings.topic, key=m.key.encode(), value=m.value) for m in messages]
+                for future in futures:
+                    future.get(timeout=DELIVERY_TIMEOUT + REQUEST_TIMEOUT)
+            except Exception:
+                # Some messages may have been stored anyway: the caller retries, which is at-least-once.
+                # A fresh producer for the retry avoids inheriting a wedged idempotence sequence.
+                self._discard_producer()
+                raise
+
+    async def publish(self, messages: Sequence[OutgoingMessage]) -> None:
+        if messages:
+            await asyncio.to_thread(self._publish, list(messages))
+
+    def _close(self) -> None:
+        with self._lock:
+            producer, self._producer = self._producer, None
+            if producer is not None:
+                producer.close(timeout=REQUEST_TIMEOUT)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._close)
+
+
+class KafkaSource:
+    """A :class:`~shared.bus.Source` on Kafka for the consumer named ``consumer`` (its client id)."""
+
+    def __init__(self, settings: BusSettings, *, consumer: str) -> None:
+        self._settings = settings
+        self._client_id = f"{settings.kafka_client_id}-{consumer}"
+        self._consumer: Any = None
+        self._lock = threading.Lock()  # the KafkaConsumer is used by one thread at a time
+
+    def _get_consumer(self) -> Any:
+        if self._consumer is None:
+            self._consumer = KafkaConsumer(
+                bootstrap_servers=self._settings.kafka_bootstrap_servers,
+                client_id=self._client_id,
+                group_id=None,
+                enable_auto_commit=False,
+                auto_offset_reset="none",  # an offset the topic does not have raises OffsetOutOfRangeError
+                allow_auto_create_topics=False,
+                bootstrap_timeout_ms=CONNECT_TIMEOUT * 1000,
+            )
+        return self._consumer
+
+    async def partitions(self) -> list[int]:
+        s = self._settings
+        return await asyncio.to_thread(
+            ensure_topic, s.kafka_bootstrap_servers, s.topic, s.partitions, client_id=f"{self._client_id}-admin"
+        )
+
+    def _assign(self, positions: dict[int, int]) -> None:
+        with self._lock:
+            consumer = self._get_consumer()
+            assignment = {p: TopicPartition(self._settings.topic, p) for p in sorted(positions)}
+            consumer.assign(list(assignment.values()))
+            for p, tp in assignment.items():
+                consumer.seek(tp, positions[p])
+
+    async def assign(self, positions: dict[int, int]) -> None:
+        await asyncio.to_thread(self._assign, dict(positions))
+
+    def _poll(self, max_records: int, timeout: float) -> list[Message]:
+        with self._lock:
+            batches = self._get_consumer().poll(timeout_ms=int(timeout * 1000), max_records=max_records)
+        messages = []
+        for tp in sorted(batches, key=lambda tp: tp.partition):
+            for record in sorted(batches[tp], key=lambda r: r.offset):
+                key = record.key.decode() if record.key is not None else ""
+                value = record.value if record.value is not None else b""
+                messages.append(Message(partition=tp.partition, offset=record.offset, key=key, value=value))
+        return messages
+
+    async def poll(self, *, max_records: int, timeout: float) -> list[Message]:
+        return await asyncio.to_thread(self._poll, max_records, timeout)
+
+    def _close(self) -> None:
+        with self._lock:
+            consumer, self._consumer = self._consumer, None
+            if consumer is not None:
+                consumer.close(autocommit=False)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._close)

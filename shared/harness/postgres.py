@@ -1,0 +1,354 @@
+"""A PostgreSQL cluster in a directory, started from the distribution's binaries (Debian: postgresql-15).
+
+The cluster trusts local TCP connections as the superuser ``vrs`` and listens on 127.0.0.1 only. ``fsync``
+stays on: a transaction that committed survives the server being killed (and the machine losing power).
+
+PostgreSQL refuses to run as root, so when we are root the server runs as the Debian ``postgres`` user:
+the data directory is owned by it and every directory above it is made traversable (``o+x``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import pwd
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import tempfile
+from pathlib import Path
+
+from shared.harness import kill_quietly, pid_alive, tail, wait_for_exit
+
+SUPERUSER = "vrs"
+SYSTEM_USER = "postgres"  # who runs the server when we are root
+_DB_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,62}$")
+_SOCKET_PATH_MAX = 100  # sun_path is 108 bytes; leave room for "/.s.PGSQL.NNNNN"
+
+
+class PostgresError(RuntimeError):
+    pass
+
+
+def find_pg_bindir() -> Path | None:
+    """The directory holding ``initdb``, ``pg_ctl`` and ``postgres``: the newest /usr/lib/postgresql/N/bin,
+    else the one ``pg_ctl`` on PATH resolves to."""
+
+    def complete(bindir: Path) -> bool:
+        return all((bindir / name).is_file() for name in ("initdb", "pg_ctl", "postgres", "psql"))
+
+    def major(bindir: Path) -> float:
+        name = bindir.parent.name
+        return float(name) if re.fullmatch(r"\d+(\.\d+)?", name) else -1.0
+
+    for bindir in sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=major, reverse=True):
+        if complete(bindir):
+            return bindir
+    on_path = shutil.which("pg_ctl")
+    if on_path is not None:
+        bindir = Path(on_path).resolve().parent
+        if complete(bindir):
+            return bindir
+    return None
+
+
+class PostgresServer:
+    """One PostgreSQL cluster in ``data_dir`` serving on ``127.0.0.1:port``."""
+
+    def __init__(self, data_dir: Path, port: int, log_path: Path | None = None) -> None:
+        self.data_dir = Path(data_dir).absolute()
+        self.port = port
+        self.log_path = Path(log_path).absolute() if log_path else self.data_dir / "postgres.log"
+        self._bindir: Path | None = None
+
+    # -- public API ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Initialise the cluster if needed and start it; return once it accepts connections.
+
+        A server already running on this data directory (left by a killed supervisor) is reused when it
+        serves our port, and otherwise stopped first. Leftovers of a killed server (a stale
+        ``postmaster.pid``, orphaned backends) are cleared before starting.
+        """
+        if self._as_root():
+            try:
+                pwd.getpwnam(SYSTEM_USER)
+            except KeyError:
+                raise PostgresError(f"running as root needs the {SYSTEM_USER!r} system user") from None
+        self._prepare_parent(self.data_dir)
+        if not (self.data_dir / "PG_VERSION").exists():
+            self._initdb()
+        self.data_dir.chmod(0o700)  # PostgreSQL refuses anything looser
+        self._write_config()
+        if self._adopt_running_server():
+            return
+        self._clear_leftovers()
+        self._prepare_log()
+        result = self._run_as_owner(
+            [self._bin("pg_ctl"), "start", "-D", self.data_dir, "-l", self.log_path, "-w", "-t", "120", "-s"]
+        )
+        if result.returncode != 0:
+            with contextlib.suppress(Exception):
+                self.stop()  # pg_ctl gave up waiting: do not leave a half-started server behind
+            raise PostgresError(
+                f"pg_ctl start failed for {self.data_dir} (port {self.port}):\n{result.stdout}\n"
+                f"--- {self.log_path} ---\n{tail(self.log_path)}"
+            )
+
+    def stop(self, timeout: float = 60) -> None:
+        """Stop the server (fast shutdown: sessions are cut, committed data is kept). No-op if not running.
+
+        Signals the postmaster directly rather than through ``pg_ctl``, which would have to reach the data
+        directory as the postgres user: stopping must work even if a directory above it lost ``o+x``.
+        """
+        pid = self._running_postmaster()
+        if pid is None:
+            return
+        kill_quietly(pid, signal.SIGINT)  # "fast" shutdown
+        if not wait_for_exit([pid], timeout):
+            kill_quietly(pid, signal.SIGQUIT)  # "immediate": crash recovery at the next start
+            if not wait_for_exit([pid], 10):
+                raise PostgresError(f"the postmaster {pid} of {self.data_dir} does not stop")
+
+    def kill(self) -> None:
+        """SIGKILL the postmaster, as a crash would (for tests); its backends are left to notice."""
+        pid = self.pid
+        if pid is not None and pid_alive(pid):
+            kill_quietly(pid, signal.SIGKILL)
+            wait_for_exit([pid], timeout=10)
+
+    def create_database(self, name: str) -> None:
+        """Create a database owned by ``vrs``; nothing happens if it already exists."""
+        if not _DB_NAME.match(name):
+            raise ValueError(f"unsupported database name {name!r}")
+        try:
+            self.execute(f'CREATE DATABASE "{name}"')
+        except PostgresError as exc:
+            if "already exists" not in str(exc):
+                raise
+
+    def execute(self, sql: str, database: str = "postgres") -> str:
+        """Run SQL through ``psql`` (unaligned, tuples only) and return its output; raise on any error."""
+        result = subprocess.run(
+            [
+                self._bin("psql"),
+                "-X",
+                "-q",
+                "-t",
+                "-A",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-U",
+                SUPERUSER,
+                "-d",
+                database,
+                "-c",
+                sql,
+            ],
+            capture_output=True,
+            text=True,
+            env=_clean_env(),
+            check=False,
+            timeout=120,
+        )
+        if result.returncode != 0:
+            raise PostgresError(f"psql failed on {database}: {result.stderr.strip()}")
+        return result.stdout.strip()
+
+    def dsn(self, database: str) -> str:
+        return f"postgresql+asyncpg://{SUPERUSER}@127.0.0.1:{self.port}/{database}"
+
+    @property
+    def pid(self) -> int | None:
+        """The postmaster's pid from ``postmaster.pid`` (which may be stale), or ``None``."""
+        fields = self._pidfile_fields()
+        return int(fields[0]) if fields and fields[0].isdigit() else None
+
+    # -- initialisation -------------------------------------------------------------------------------
+
+    def _bin(self, name: str) -> Path:
+        if self._bindir is None:
+            self._bindir = find_pg_bindir()
+            if self._bindir is None:
+                raise PostgresError("PostgreSQL binaries not found (apt-get install postgresql)")
+        return self._bindir / name
+
+    def _initdb(self) -> None:
+        if self.data_dir.exists():
+            if any(self.data_dir.iterdir()):
+                raise PostgresError(f"{self.data_dir} is neither empty nor a PostgreSQL data directory")
+            self.data_dir.rmdir()
+        # initdb into a scratch directory and rename it into place, so that an interrupted initdb never
+        # leaves a half-made cluster where a real one is expected.
+        scratch = self.data_dir.with_name(self.data_dir.name + ".initdb")
+        shutil.rmtree(scratch, ignore_errors=True)
+        self._make_owned_dir(scratch)
+        result = self._run_as_owner(
+            [
+                self._bin("initdb"),
+                "-D",
+                scratch,
+                "--auth=trust",
+                "-U",
+                SUPERUSER,
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-instructions",
+            ]
+        )
+        if result.returncode != 0:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise PostgresError(f"initdb failed for {self.data_dir}:\n{result.stdout}")
+        with (scratch / "postgresql.conf").open("a") as conf:
+            conf.write("\n# Settings of the VRS harness, rewritten at every start.\ninclude_if_exists = 'vrs.conf'\n")
+        scratch.rename(self.data_dir)
+
+    def _write_config(self) -> None:
+        settings = {
+            "listen_addresses": "'127.0.0.1'",
+            "port": str(self.port),
+            "unix_socket_directories": f"'{self._socket_dir()}'",
+            "max_connections": "300",
+            # Durability is the point of the exercise: never trade it for speed here.
+            "fsync": "on",
+            "synchronous_commit": "on",
+            "full_page_writes": "on",
+        }
+        conf = self.data_dir / "vrs.conf"
+        conf.write_text("".join(f"{key} = {value}\n" for key, value in settings.items()))
+        self._chown(conf)
+
+    def _socket_dir(self) -> Path:
+        if len(str(self.data_dir)) <= _SOCKET_PATH_MAX - 16:
+            return self.data_dir
+        # Too long for a unix socket path: a short directory in /tmp, the same one at every start.
+        digest = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:12]
+        short = Path(tempfile.gettempdir()) / f"vrs-pg-{digest}"
+        if not short.is_dir():
+            self._make_owned_dir(short)
+        return short
+
+    # -- leftovers of earlier runs ---------------------------------------------------------------------
+
+    def _pidfile_fields(self) -> list[str] | None:
+        try:
+            return (self.data_dir / "postmaster.pid").read_text().splitlines()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def _adopt_running_server(self) -> bool:
+        """Reuse a postmaster already running on this data directory, if it serves our port."""
+        fields = self._pidfile_fields()
+        if not fields or self._running_postmaster() is None:
+            return False  # no pid file, or a stale one (the pid is dead, or now belongs to someone else)
+        port_matches = len(fields) > 3 and fields[3].strip() == str(self.port)
+        if port_matches and len(fields) > 7 and fields[7].strip() == "ready":
+            try:
+                self.execute("SELECT 1")
+            except PostgresError:
+                pass
+            else:
+                return True
+        # Running but not as we want it (another port, stuck in recovery...): stop it and start afresh.
+        self.stop()
+        return False
+
+    def _running_postmaster(self) -> int | None:
+        """The pid in ``postmaster.pid`` if that process really is a postmaster on this data directory."""
+        pid = self.pid
+        return pid if pid is not None and pid in self._processes_in_data_dir() else None
+
+    def _processes_in_data_dir(self) -> list[int]:
+        """Every live process whose working directory is the data directory: a postmaster and its children."""
+        data_dir, found = self.data_dir.resolve(), []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if Path(os.readlink(entry / "cwd")) == data_dir and pid_alive(int(entry.name)):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+        return found
+
+    def _clear_leftovers(self) -> None:
+        # Backends of a SIGKILLed postmaster notice its death and exit on their own, but until they have,
+        # they pin the old shared memory and a new postmaster refuses to start.
+        orphans = self._processes_in_data_dir()
+        if orphans and not wait_for_exit(orphans, timeout=10):
+            for pid in orphans:
+                kill_quietly(pid, signal.SIGKILL)
+            wait_for_exit(orphans, timeout=10)
+        # Nothing runs in the data directory now, so lock files left behind are stale. PostgreSQL would
+        # judge them by whether their pid exists, and a killed postmaster can linger as a zombie until
+        # init reaps it (or its pid may have been reused), so remove them rather than let it guess.
+        stale = [self.data_dir / "postmaster.pid", *self._socket_dir().glob(".s.PGSQL.*")]
+        for path in stale:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    # -- running as the postgres user when we are root -------------------------------------------------
+
+    @staticmethod
+    def _as_root() -> bool:
+        return os.geteuid() == 0
+
+    def _run_as_owner(self, cmd: list[str | Path]) -> subprocess.CompletedProcess[str]:
+        argv = [str(part) for part in cmd]
+        if self._as_root():
+            argv = ["runuser", "-u", SYSTEM_USER, "--", *argv]
+        return subprocess.run(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            cwd="/",
+            env=_clean_env(),
+            check=False,
+            timeout=300,
+        )
+
+    def _chown(self, path: Path) -> None:
+        if self._as_root():
+            shutil.chown(path, SYSTEM_USER, SYSTEM_USER)
+
+    def _make_owned_dir(self, path: Path) -> None:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._chown(path)
+        path.chmod(0o700)
+
+    def _prepare_parent(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if self._as_root():
+            _make_traversable(path.parent)
+
+    def _prepare_log(self) -> None:
+        self._prepare_parent(self.log_path)
+        self.log_path.touch(mode=0o600, exist_ok=True)
+        self._chown(self.log_path)
+
+
+def _make_traversable(directory: Path) -> None:
+    """Add ``o+x`` to ``directory`` and every directory above it, so the postgres user can reach below
+    (its own directories excepted: PostgreSQL insists on 0700 for the data directory)."""
+    own_uid = pwd.getpwnam(SYSTEM_USER).pw_uid
+    for d in [directory, *directory.parents]:
+        st = d.stat()
+        if st.st_uid != own_uid and not st.st_mode & stat.S_IXOTH:
+            d.chmod(stat.S_IMODE(st.st_mode) | stat.S_IXOTH)
+
+
+def _clean_env() -> dict[str, str]:
+    """Our environment without libpq/PG settings that could redirect the tools elsewhere."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+
+
+__all__ = ["PostgresError", "PostgresServer", "find_pg_bindir"]
