@@ -45,8 +45,8 @@ def seed_demo(gateway: str) -> None:
                         "sex": "U" if n == 1 else sex,
                         "coupon_number": coupon_number,
                     }
-                    r = http.put(f"/api/v1/municipalities/{code}/residents/demo-{n:04d}", json=resident, headers=headers)
-                    r.raise_for_status()
+                    path = f"/api/v1/municipalities/{code}/residents/demo-{n:04d}"
+                    http.put(path, json=resident, headers=headers).raise_for_status()
                 first = date(2021, 5, 10) + timedelta(days=rng.randrange(40))
                 for dose_number, day in ((1, first), (2, first + timedelta(days=21))):
                     if dose_number == 2 and n % 3 == 0:

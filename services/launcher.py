@@ -66,9 +66,22 @@ class Stack:
         log = (self.log_dir / f"{name}.log").open("ab")
         self.processes[name] = subprocess.Popen(
             [
-                sys.executable, "-m", "uvicorn", f"services.{name}.app:create_app", "--factory",
-                "--host", "127.0.0.1", "--port", str(self.ports[name]),
-                "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--timeout-graceful-shutdown", "10",
+                sys.executable,
+                "-m",
+                "uvicorn",
+                f"services.{name}.app:create_app",
+                "--factory",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.ports[name]),
+                "--loop",
+                "uvloop",
+                "--http",
+                "httptools",
+                "--no-access-log",
+                "--timeout-graceful-shutdown",
+                "10",
             ],
             env=self.env,
             stdout=log,
@@ -86,10 +99,12 @@ class Stack:
             process = self.processes[name]
             if process.poll() is not None:
                 raise RuntimeError(f"{name} exited with {process.returncode}; see {self.log_dir / (name + '.log')}")
-            with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError):
-                with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 (loopback)
-                    if response.status == 200:
-                        return
+            with (
+                contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError),
+                urllib.request.urlopen(url, timeout=2) as response,
+            ):
+                if response.status == 200:
+                    return
             time.sleep(0.1)
         raise RuntimeError(f"{name} did not become healthy in {timeout:.0f}s; see {self.log_dir / (name + '.log')}")
 
@@ -124,9 +139,7 @@ def full_infrastructure(var: Path) -> Iterator[dict[str, str]]:
     from shared.harness.postgres import PostgresServer
 
     pg = PostgresServer(var / "postgres", FULL_POSTGRES_PORT, log_path=var / "log" / "postgres.log")
-    kafka = KafkaServer(
-        var / "kafka", FULL_KAFKA_PORT, FULL_KAFKA_CONTROLLER_PORT, log_path=var / "log" / "kafka.log"
-    )
+    kafka = KafkaServer(var / "kafka", FULL_KAFKA_PORT, FULL_KAFKA_CONTROLLER_PORT, log_path=var / "log" / "kafka.log")
     print("Starting PostgreSQL and Kafka under var/ ...", flush=True)
     pg.start()
     try:

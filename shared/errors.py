@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 
@@ -80,9 +81,28 @@ class Conflict(VRSError):
     code = "Conflict"
 
 
+class PayloadTooLarge(VRSError):
+    status_code = 413
+    code = "PayloadTooLarge"
+
+
 class ServiceUnavailable(VRSError):
     status_code = 503
     code = "ServiceUnavailable"
+
+
+class GatewayTimeout(VRSError):
+    status_code = 504
+    code = "GatewayTimeout"
+
+
+RESIDENT_NOT_FOUND = "resident not found"
+
+
+def resident_not_found() -> NotFound:
+    """The one answer for a resident that does not exist *or* is not the caller's to see (registry and
+    gateway both give it, byte for byte, so nobody learns whether another municipality has the person)."""
+    return NotFound(RESIDENT_NOT_FOUND)
 
 
 def error_response(error: VRSError) -> JSONResponse:
@@ -121,6 +141,15 @@ def install_error_handlers(app: FastAPI) -> None:
         code = {404: "NotFound", 405: "MethodNotAllowed"}.get(exc.status_code, "HTTPError")
         return JSONResponse({"error": code, "detail": str(exc.detail)}, status_code=exc.status_code)
 
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # Logged with its traceback by the server; the caller learns only that it was not their fault.
+        if isinstance(exc, (OSError, OperationalError, InterfaceError)):
+            return JSONResponse(
+                {"error": "ServiceUnavailable", "detail": "a backing service is unavailable; retry"}, status_code=503
+            )
+        return JSONResponse({"error": "InternalError", "detail": "internal error"}, status_code=500)
+
     app.add_exception_handler(VRSError, vrs_error)
+    app.add_exception_handler(Exception, unexpected)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)

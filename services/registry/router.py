@@ -11,7 +11,16 @@ from services.registry.crypto import MyNumberVault
 from services.registry.schemas import CouponLookupIn, CouponLookupOut, ResidentIn, ResidentOut, ResidentWithDoses
 from shared.auth import Principal, Role, require, require_own_municipality
 from shared.db import UnitOfWorkDep
-from shared.errors import Conflict, Forbidden, InvalidField, NotFound, ServiceUnavailable, Unauthorized, responses
+from shared.errors import (
+    Conflict,
+    Forbidden,
+    InvalidField,
+    NotFound,
+    ServiceUnavailable,
+    Unauthorized,
+    resident_not_found,
+    responses,
+)
 from shared.internal import InternalClient
 
 router = APIRouter(prefix="/api/v1/municipalities/{code}", tags=["residents"])
@@ -69,7 +78,7 @@ async def get_resident(
     uow: UnitOfWorkDep,
     request: Request,
 ) -> ResidentWithDoses:
-    require_own_municipality(principal, code, deny=service.resident_not_found())
+    require_own_municipality(principal, code, deny=resident_not_found())
     resident = await service.get_resident(uow, municipality_code=code, resident_id=resident_id)
     return await service.resident_with_doses(resident, _records(request))
 

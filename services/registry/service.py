@@ -23,17 +23,10 @@ from services.registry.schemas import (
 )
 from shared.db import UnitOfWork, utcnow
 from shared.domain.codes import mask_my_number
-from shared.errors import Conflict, NotFound, ServiceUnavailable
+from shared.errors import Conflict, ServiceUnavailable, resident_not_found
 from shared.internal import InternalClient
 
 log = logging.getLogger(__name__)
-
-RESIDENT_NOT_FOUND = "resident not found"
-
-
-def resident_not_found() -> NotFound:
-    """The one answer for a resident that does not exist *or* is not the caller's to see."""
-    return NotFound(RESIDENT_NOT_FOUND)
 
 
 def to_out(resident: Resident) -> ResidentOut:

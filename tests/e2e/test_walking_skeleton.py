@@ -57,7 +57,9 @@ async def wait_for_count(gw: httpx.AsyncClient, expected: int, timeout: float = 
         await asyncio.sleep(0.05)
 
 
-def dose_body(coupon_number: str, *, dose_number: int = 1, on: str = "2021-06-01", municipality: str = CHIYODA) -> dict:
+def dose_body(
+    coupon_number: str, *, dose_number: int = 1, on: str = "2021-06-01", municipality: str = CHIYODA
+) -> dict[str, Any]:
     return {
         "coupon": f"1{dose_number}{municipality}{coupon_number}",
         "dose_number": dose_number,
@@ -124,8 +126,13 @@ async def test_unmatched_dose_moves_to_its_cell_when_resident_registers(gw: http
     assert r.status_code == 201 and r.json()["status"] == "unmatched"
     await wait_for_count(gw, u0 + 1, group_by=g, match=unknown)
 
-    resident = {"name": "鈴木 一郎", "name_kana": "スズキ イチロウ", "birth_date": "1980-01-01", "sex": "M",
-                "coupon_number": coupon}
+    resident = {
+        "name": "鈴木 一郎",
+        "name_kana": "スズキ イチロウ",
+        "birth_date": "1980-01-01",
+        "sex": "M",
+        "coupon_number": coupon,
+    }
     r = await gw.put(f"/api/v1/municipalities/{CHIYODA}/residents/r-{coupon}", json=resident, headers=MUNI)
     assert r.status_code == 201
     await wait_for_count(gw, k0 + 1, group_by=g, match=known)

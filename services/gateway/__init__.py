@@ -1,0 +1,1 @@
+"""gateway — authenticates, authorises and forwards; owns nothing but the audit log."""

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from services.stats.consumer import StatsConsumer
+from services.stats.router import router
+from services.stats.settings import StatsSettings
+from shared.app import build_app
+from shared.db import Databases
+
+
+def create_app(settings: StatsSettings | None = None) -> FastAPI:
+    settings = settings or StatsSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.databases = Databases.connect(settings.main_dsn, pool_size=settings.pool_size)
+        consumer: StatsConsumer | None = None
+        if settings.run_consumer:
+            consumer = StatsConsumer.from_settings(app.state.databases.main, settings)
+            consumer.start()
+        app.state.consumer = consumer
+        try:
+            yield
+        finally:
+            if consumer is not None:
+                await consumer.stop()
+            await app.state.databases.dispose()
+
+    async def ready(app: FastAPI) -> None:
+        await app.state.databases.ping()
+
+    return build_app(service="stats", settings=settings, lifespan=lifespan, routers=[router], ready=ready)

@@ -1,0 +1,75 @@
+"""stats tables (``MainBase``): the aggregates and the consumer's bookkeeping, all in one database.
+
+The bookkeeping lives beside the aggregates on purpose: an event's effect, its id and the consumer's new
+position are committed in one transaction, so a crash can neither count an event twice nor lose one.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Date,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    Uuid,
+)
+from sqlalchemy.orm import DeclarativeBase
+
+
+class MainBase(DeclarativeBase):
+    metadata = MetaData()
+
+
+# One row per statistics cell (every dimension of ``shared.events.StatsCell``). Rows are never deleted: a
+# cell that drops to zero stays at zero, and readers only show cells above zero.
+dose_counts = Table(
+    "dose_counts",
+    MainBase.metadata,
+    Column("date", Date, primary_key=True),  # 接種日
+    Column("prefecture", String(2), primary_key=True),  # of the issuing municipality
+    Column("municipality", String(6), primary_key=True),  # issuing municipality (接種券の発行自治体)
+    Column("sex", String(1), primary_key=True),  # M, F or U
+    Column("age_band", String(3), primary_key=True),  # -64, 65- or UNK
+    Column("medical_worker", Boolean, primary_key=True),  # 医療従事者等
+    Column("dose_number", SmallInteger, primary_key=True),  # 接種回数
+    Column("vaccine", String(32), primary_key=True),  # product code
+    Column("count", BigInteger, nullable=False),
+    # National users cut by municipality; the primary key leads with the date and cannot serve that.
+    Index("ix_dose_counts_municipality_date", "municipality", "date"),
+)
+
+# Which events a consumer has applied: the primary key is what makes a redelivered event a no-op.
+processed_events = Table(
+    "processed_events",
+    MainBase.metadata,
+    Column("consumer", String(64), primary_key=True),
+    Column("event_id", Uuid, primary_key=True),
+    Column("processed_at", DateTime(timezone=True), nullable=False),
+)
+
+# The next offset to read per partition; only ever written in the transaction that applied the messages.
+consumer_offsets = Table(
+    "consumer_offsets",
+    MainBase.metadata,
+    Column("consumer", String(64), primary_key=True),
+    Column("topic", String(249), primary_key=True),  # 249: Kafka's longest topic name
+    Column("partition", Integer, primary_key=True),
+    Column("next_offset", BigInteger, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+# When the aggregates last changed (the API's ``as_of``) and the newest event time seen.
+consumer_state = Table(
+    "consumer_state",
+    MainBase.metadata,
+    Column("consumer", String(64), primary_key=True),
+    Column("last_event_at", DateTime(timezone=True)),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)

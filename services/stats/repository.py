@@ -1,0 +1,213 @@
+"""All of stats' SQL.
+
+Queries are built from the whitelist below: a caller names dimensions, never columns or SQL.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any, Literal, get_args
+
+from sqlalchemy import BigInteger, Column, ColumnElement, Row, case, cast, func, or_, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.stats.models import consumer_offsets, consumer_state, dose_counts, processed_events
+from shared.db import upsert
+from shared.events import StatsCell
+
+Dimension = Literal["date", "prefecture", "municipality", "sex", "age_band", "medical_worker", "dose_number", "vaccine"]
+DIMENSIONS: tuple[Dimension, ...] = get_args(Dimension)
+
+# A result row of any shape (SQLAlchemy 2.1 types rows by their column types).
+AnyRow = Row[*tuple[Any, ...]]
+
+_c = dose_counts.c
+_COLUMNS: dict[Dimension, Column[Any]] = {name: _c[name] for name in DIMENSIONS}
+_CELL_KEY = [column.name for column in dose_counts.primary_key.columns]
+
+# Explicit ranks instead of string order, so the result does not depend on a PostgreSQL collation
+# (the open-data files must come out byte-identical on every database).
+_SEX_RANK = case({"F": 0, "M": 1, "U": 2}, value=_c.sex, else_=3)
+_AGE_RANK = case({"-64": 0, "65-": 1, "UNK": 2}, value=_c.age_band, else_=3)
+
+_SUM = func.sum(_c.count)
+_TOTAL = cast(_SUM, BigInteger)  # PostgreSQL sums a bigint to numeric
+
+
+def _order_keys(name: Dimension) -> list[ColumnElement[Any]]:
+    if name == "sex":
+        return [_SEX_RANK, _c.sex]
+    if name == "age_band":
+        return [_AGE_RANK, _c.age_band]
+    return [_COLUMNS[name]]
+
+
+@dataclass(frozen=True, slots=True)
+class DoseFilter:
+    """Which cells a cut covers; every field optional. Dates are inclusive."""
+
+    date_from: date | None = None
+    date_to: date | None = None
+    prefecture: str | None = None
+    municipality: str | None = None
+
+    def clauses(self) -> list[ColumnElement[bool]]:
+        out: list[ColumnElement[bool]] = []
+        if self.date_from is not None:
+            out.append(_c.date >= self.date_from)
+        if self.date_to is not None:
+            out.append(_c.date <= self.date_to)
+        if self.prefecture is not None:
+            out.append(_c.prefecture == self.prefecture)
+        if self.municipality is not None:
+            out.append(_c.municipality == self.municipality)
+        return out
+
+
+class StatsRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def as_of(self) -> datetime | None:
+        moment: datetime | None = await self.session.scalar(select(func.max(consumer_state.c.updated_at)))
+        return moment
+
+    async def total(self, where: DoseFilter) -> int:
+        value = await self.session.scalar(select(func.coalesce(_TOTAL, 0)).where(*where.clauses()))
+        return int(value or 0)
+
+    async def grouped_counts(self, group_by: Sequence[Dimension], where: DoseFilter) -> Sequence[AnyRow]:
+        """Rows of (the group_by values in order..., count), count > 0, sorted by the values."""
+        columns = [_COLUMNS[name] for name in group_by]
+        stmt = (
+            select(*columns, _TOTAL.label("count"))
+            .where(*where.clauses())
+            .group_by(*columns)
+            .having(_SUM > 0)
+            .order_by(*(key for name in group_by for key in _order_keys(name)))
+        )
+        return (await self.session.execute(stmt)).all()
+
+    async def prefecture_cells(self, *, chunk_rows: int) -> AsyncIterator[Sequence[AnyRow]]:
+        """The open data's cells (municipality and vaccine summed away) in the published order, streamed.
+
+        Rows: date, prefecture, sex, age_band, medical_worker, dose_number, doses.
+        """
+        keys = [_c.date, _c.prefecture, _c.sex, _c.age_band, _c.medical_worker, _c.dose_number]
+        stmt = (
+            select(*keys, _TOTAL.label("doses"))  # not "count": a row is a tuple, and tuples have .count()
+            .group_by(*keys)
+            .having(_SUM > 0)
+            .order_by(
+                _c.date, _c.prefecture, _SEX_RANK, _c.sex, _AGE_RANK, _c.age_band, _c.medical_worker, _c.dose_number
+            )
+            .execution_options(yield_per=chunk_rows)
+        )
+        result = await self.session.stream(stmt)
+        async for rows in result.partitions(chunk_rows):
+            yield rows
+
+    async def general_doses_by_date(self, *, chunk_rows: int) -> AsyncIterator[Sequence[AnyRow]]:
+        """Per date: (date, first, second) doses of non-medical-workers, dates with either above zero."""
+        first = func.sum(case((_c.dose_number == 1, _c.count), else_=0))
+        second = func.sum(case((_c.dose_number == 2, _c.count), else_=0))
+        stmt = (
+            select(_c.date, cast(first, BigInteger).label("first"), cast(second, BigInteger).label("second"))
+            .where(_c.medical_worker.is_(False), _c.dose_number.in_((1, 2)))
+            .group_by(_c.date)
+            .having(or_(first > 0, second > 0))
+            .order_by(_c.date)
+            .execution_options(yield_per=chunk_rows)
+        )
+        result = await self.session.stream(stmt)
+        async for rows in result.partitions(chunk_rows):
+            yield rows
+
+
+class ConsumerRepository:
+    """The consumer's writes. Each call is one statement; the caller's transaction holds them together."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def offsets(self, consumer: str, topic: str) -> dict[int, int]:
+        stmt = select(consumer_offsets.c.partition, consumer_offsets.c.next_offset).where(
+            consumer_offsets.c.consumer == consumer, consumer_offsets.c.topic == topic
+        )
+        return {int(p): int(o) for p, o in (await self.session.execute(stmt)).all()}
+
+    async def claim_events(
+        self, consumer: str, event_ids: Sequence[uuid.UUID], *, processed_at: datetime
+    ) -> set[uuid.UUID]:
+        """Record ``event_ids`` as processed; return those that were not already (the ones to apply).
+
+        ``ON CONFLICT DO NOTHING … RETURNING`` answers that in one statement and stays right when two
+        consumers race for the same event: on PostgreSQL the second waits for the first to commit and
+        then gets nothing back.
+        """
+        if not event_ids:
+            return set()
+        stmt = (
+            upsert(self.session, processed_events)
+            .on_conflict_do_nothing(index_elements=["consumer", "event_id"])
+            .returning(processed_events.c.event_id)
+        )
+        # Sorted like the cells below: concurrent consumers then take row locks in one order.
+        params = [{"consumer": consumer, "event_id": e, "processed_at": processed_at} for e in sorted(event_ids)]
+        return set((await self.session.execute(stmt, params)).scalars())
+
+    async def add_to_counts(self, deltas: Mapping[StatsCell, int]) -> None:
+        """``count += delta`` per cell, creating cells on first sight."""
+        if not deltas:
+            return
+        # One fixed order for every writer, so two consumers touching the same cells cannot deadlock.
+        cells = sorted(deltas, key=_cell_sort_key)
+        stmt = upsert(self.session, dose_counts)
+        stmt = stmt.on_conflict_do_update(index_elements=_CELL_KEY, set_={"count": _c.count + stmt.excluded.count})
+        await self.session.execute(stmt, [{**_cell_values(cell), "count": deltas[cell]} for cell in cells])
+
+    async def store_offsets(
+        self, consumer: str, topic: str, positions: Mapping[int, int], *, updated_at: datetime
+    ) -> None:
+        if not positions:
+            return
+        stmt = upsert(self.session, consumer_offsets)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["consumer", "topic", "partition"],
+            set_={"next_offset": stmt.excluded.next_offset, "updated_at": stmt.excluded.updated_at},
+        )
+        params = [
+            {"consumer": consumer, "topic": topic, "partition": p, "next_offset": o, "updated_at": updated_at}
+            for p, o in sorted(positions.items())
+        ]
+        await self.session.execute(stmt, params)
+
+    async def store_state(self, consumer: str, *, last_event_at: datetime, updated_at: datetime) -> None:
+        stmt = upsert(self.session, consumer_state).values(
+            consumer=consumer, last_event_at=last_event_at, updated_at=updated_at
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["consumer"],
+            set_={"last_event_at": stmt.excluded.last_event_at, "updated_at": stmt.excluded.updated_at},
+        )
+        await self.session.execute(stmt)
+
+
+def _cell_values(cell: StatsCell) -> dict[str, Any]:
+    return {
+        "date": cell.date,
+        "prefecture": cell.prefecture,
+        "municipality": cell.municipality,
+        "sex": cell.sex,
+        "age_band": cell.age_band.value,
+        "medical_worker": cell.medical_worker,
+        "dose_number": cell.dose_number,
+        "vaccine": cell.vaccine,
+    }
+
+
+def _cell_sort_key(cell: StatsCell) -> tuple[Any, ...]:
+    return tuple(_cell_values(cell).values())

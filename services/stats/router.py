@@ -1,0 +1,102 @@
+"""stats' HTTP surface: cuts of the aggregates, the open-data files and the dashboard (all contract paths)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import HTMLResponse, StreamingResponse
+
+from services.stats import service
+from services.stats.dashboard import DASHBOARD
+from services.stats.schemas import DosesOut
+from shared.auth import PrincipalDep
+from shared.db import Database, UnitOfWorkDep
+from shared.errors import Forbidden, InvalidField, Unauthorized, responses
+
+router = APIRouter(tags=["stats"])
+
+GroupBy = Annotated[
+    str | None,
+    Query(
+        max_length=200,
+        description="comma-separated dimensions, kept in this order in each row: date, prefecture, "
+        "municipality, sex, age_band, medical_worker, dose_number, vaccine; empty for one total row",
+        examples=["date,prefecture"],
+    ),
+]
+DateParam = Annotated[str | None, Query(max_length=10, description="vaccination date YYYY-MM-DD, inclusive")]
+
+
+def _database(request: Request) -> Database:
+    database: Database = request.app.state.databases.main
+    return database
+
+
+@router.get(
+    "/api/v1/stats/doses",
+    response_model=DosesOut,
+    responses=responses(Unauthorized, Forbidden, InvalidField),
+    summary="Doses by any combination of dimensions",
+)
+async def get_doses(
+    principal: PrincipalDep,
+    uow: UnitOfWorkDep,
+    group_by: GroupBy = None,
+    date_from: Annotated[DateParam, Query(alias="from")] = None,
+    date_to: Annotated[DateParam, Query(alias="to")] = None,
+    prefecture: Annotated[str | None, Query(max_length=2, description="2-digit prefecture code")] = None,
+    municipality: Annotated[
+        str | None, Query(max_length=6, description="6-digit municipality code (role national)")
+    ] = None,
+) -> DosesOut:
+    """Anyone may cut by every dimension but ``municipality``; that one (grouping or filter) needs role national."""
+    dimensions = service.parse_group_by(group_by)
+    where = service.parse_filter(date_from=date_from, date_to=date_to, prefecture=prefecture, municipality=municipality)
+    service.authorize_cut(principal, group_by=dimensions, where=where)
+    return await service.dose_cut(uow.main(), group_by=dimensions, where=where)
+
+
+async def _streamed(chunks: AsyncGenerator[bytes, None], *, media_type: str) -> StreamingResponse:
+    # The query runs before the response starts, so a database that is down gets an error status, not a
+    # 200 with an empty or truncated body.
+    try:
+        first = await anext(chunks)
+    except StopAsyncIteration:
+        first = b""
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            yield first
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await chunks.aclose()
+
+    return StreamingResponse(body(), media_type=media_type)
+
+
+@router.get(
+    "/api/v1/opendata/prefecture.ndjson",
+    response_class=StreamingResponse,
+    responses={200: {"content": {service.NDJSON_MEDIA_TYPE: {}}, "description": "one JSON object per line"}},
+    summary="The Digital Agency's prefecture.ndjson, byte for byte",
+)
+async def prefecture_ndjson(request: Request) -> StreamingResponse:
+    return await _streamed(service.prefecture_ndjson(_database(request)), media_type=service.NDJSON_MEDIA_TYPE)
+
+
+@router.get(
+    "/api/v1/opendata/summary_by_date.csv",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/csv": {}}, "description": "date,count_first_or_mid_general,..."}},
+    summary="The Digital Agency's summary_by_date.csv format",
+)
+async def summary_by_date_csv(request: Request) -> StreamingResponse:
+    return await _streamed(service.summary_by_date_csv(_database(request)), media_type=service.CSV_MEDIA_TYPE)
+
+
+@router.get("/dashboard", response_class=HTMLResponse, summary="The statistics dashboard (Japanese)")
+async def dashboard() -> HTMLResponse:
+    return HTMLResponse(DASHBOARD.html, headers=DASHBOARD.headers)

@@ -1,0 +1,301 @@
+"""stats rules: applying dose events to the aggregates, answering cuts of them, and the open-data files.
+
+Nothing here commits: the consumer owns its batch transaction, and a request's unit of work owns the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import uuid
+from collections.abc import AsyncGenerator, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+
+from pydantic import ValidationError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.stats.repository import (
+    DIMENSIONS,
+    ConsumerRepository,
+    Dimension,
+    DoseFilter,
+    StatsRepository,
+)
+from services.stats.schemas import DosesOut, RowValue
+from shared.auth import Principal, Role
+from shared.bus import Message
+from shared.db import Database
+from shared.domain.codes import is_valid_prefecture_code, municipality_code_problem
+from shared.errors import Forbidden, InvalidField, Unauthorized
+from shared.events import DoseEvent, StatsCell
+
+log = logging.getLogger(__name__)
+
+# Cuts that show single municipalities are for national users (and services acting for them) only.
+MUNICIPALITY_ROLES = frozenset({Role.NATIONAL, Role.SERVICE})
+
+NDJSON_MEDIA_TYPE = "application/x-ndjson"
+CSV_MEDIA_TYPE = "text/csv; charset=utf-8"
+SUMMARY_BY_DATE_HEADER = "date,count_first_or_mid_general,count_second_or_full_general\n"
+
+# Rows per chunk of a streamed open-data file: large enough to keep per-chunk overhead negligible, small
+# enough that the whole table is never held in memory at once.
+EXPORT_CHUNK_ROWS = 5000
+
+_ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+# --- applying events ---------------------------------------------------------------------------------
+
+
+@dataclass
+class BatchOutcome:
+    """What one batch did, for metrics once its transaction has committed."""
+
+    applied: list[DoseEvent] = field(default_factory=list)
+    duplicates: int = 0
+    undecodable: int = 0
+    next_offsets: dict[int, int] = field(default_factory=dict)
+
+
+def fold_deltas(events: Iterable[DoseEvent]) -> dict[StatsCell, int]:
+    """The net change per cell of applying ``events`` (−1 for ``previous_cell``, +1 for ``cell``).
+
+    Cells whose changes cancel out are left out, so a correction that touches no statistics dimension
+    (a lot number, say) costs no write.
+    """
+    deltas: dict[StatsCell, int] = {}
+    for event in events:
+        if event.previous_cell is not None:
+            deltas[event.previous_cell] = deltas.get(event.previous_cell, 0) - 1
+        if event.cell is not None:
+            deltas[event.cell] = deltas.get(event.cell, 0) + 1
+    return {cell: delta for cell, delta in deltas.items() if delta != 0}
+
+
+def decode_messages(messages: Sequence[Message]) -> tuple[list[DoseEvent], int]:
+    """The batch's events, each event id once, and how many messages could not be decoded.
+
+    A message that is not a valid event of a known schema version is skipped: waiting for it would stop
+    the statistics for good. The payload is never logged (only where it sits and what was wrong).
+    """
+    events: list[DoseEvent] = []
+    seen: set[uuid.UUID] = set()
+    undecodable = 0
+    for message in messages:
+        try:
+            event = DoseEvent.from_bytes(message.value)
+        except ValidationError as exc:  # also what invalid JSON or invalid UTF-8 raise
+            undecodable += 1
+            problems = [
+                f"{'.'.join(map(str, e['loc'])) or '(message)'}:{e['type']}" for e in exc.errors(include_input=False)
+            ]
+            log.warning(
+                "skipping undecodable message at partition %s offset %s: %s",
+                message.partition,
+                message.offset,
+                ", ".join(problems[:5]),
+            )
+            continue
+        if event.event_id not in seen:
+            seen.add(event.event_id)
+            events.append(event)
+    return events, undecodable
+
+
+def next_offsets(messages: Sequence[Message]) -> dict[int, int]:
+    """Per partition, the offset after the last message of the batch: where to resume."""
+    positions: dict[int, int] = {}
+    for message in messages:
+        positions[message.partition] = max(positions.get(message.partition, 0), message.offset + 1)
+    return positions
+
+
+def to_utc(moment: datetime) -> datetime:
+    # A producer that sent a naive time meant UTC; SQLite keeps no offset, so store UTC throughout.
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+async def apply_messages(
+    session: AsyncSession, *, consumer: str, topic: str, messages: Sequence[Message], now: datetime
+) -> BatchOutcome:
+    """Apply one polled batch inside the caller's transaction: counts, processed ids, offsets, state.
+
+    Events already processed by ``consumer`` (a relay that published twice, a replay after a crash) are
+    recognised by their id and change nothing.
+    """
+    events, undecodable = decode_messages(messages)
+    repo = ConsumerRepository(session)
+    fresh_ids = await repo.claim_events(consumer, [e.event_id for e in events], processed_at=now)
+    applied = [e for e in events if e.event_id in fresh_ids]
+    await repo.add_to_counts(fold_deltas(applied))
+    outcome = BatchOutcome(
+        applied=applied,
+        # Counted per message: a batch that carries one event twice has one duplicate too.
+        duplicates=len(messages) - undecodable - len(applied),
+        undecodable=undecodable,
+        next_offsets=next_offsets(messages),
+    )
+    await repo.store_offsets(consumer, topic, outcome.next_offsets, updated_at=now)
+    if applied:
+        await repo.store_state(consumer, last_event_at=max(to_utc(e.occurred_at) for e in applied), updated_at=now)
+    return outcome
+
+
+async def stored_offsets(session: AsyncSession, *, consumer: str, topic: str) -> dict[int, int]:
+    return await ConsumerRepository(session).offsets(consumer, topic)
+
+
+# --- cuts of the aggregates (GET /api/v1/stats/doses) ---------------------------------------------------
+
+
+def parse_group_by(raw: str | None) -> list[Dimension]:
+    """``date,prefecture`` → the dimensions in the order given; empty → no grouping (one total row)."""
+    if raw is None or not raw.strip():
+        return []
+    names: list[Dimension] = []
+    for part in raw.split(","):
+        name = part.strip()
+        if name not in DIMENSIONS:
+            allowed = ", ".join(DIMENSIONS)
+            shown = name[:40] or "(empty)"
+            raise InvalidField("group_by", f"unknown dimension '{shown}'; use a comma-separated subset of: {allowed}")
+        dimension = DIMENSIONS[DIMENSIONS.index(name)]
+        if dimension in names:
+            raise InvalidField("group_by", f"dimension '{dimension}' is given twice")
+        names.append(dimension)
+    return names
+
+
+def parse_date(field_name: str, raw: str | None) -> date | None:
+    if raw is None or raw == "":
+        return None
+    if not _ISO_DATE.match(raw):
+        raise InvalidField(field_name, "must be a date written YYYY-MM-DD")
+    try:
+        return date.fromisoformat(raw)
+    except ValueError:
+        raise InvalidField(field_name, "is not a calendar date") from None
+
+
+def parse_filter(
+    *, date_from: str | None, date_to: str | None, prefecture: str | None, municipality: str | None
+) -> DoseFilter:
+    start = parse_date("from", date_from)
+    end = parse_date("to", date_to)
+    if start is not None and end is not None and start > end:
+        raise InvalidField("to", "must not be before 'from'")
+    if prefecture == "":
+        prefecture = None
+    if prefecture is not None and not is_valid_prefecture_code(prefecture):
+        raise InvalidField("prefecture", "must be a 2-digit prefecture code 01-47")
+    if municipality == "":
+        municipality = None
+    if municipality is not None and (problem := municipality_code_problem(municipality)):
+        raise InvalidField("municipality", problem)
+    return DoseFilter(date_from=start, date_to=end, prefecture=prefecture, municipality=municipality)
+
+
+def authorize_cut(principal: Principal, *, group_by: Sequence[Dimension], where: DoseFilter) -> None:
+    """Public cuts for anyone; anything that singles out a municipality for national users only."""
+    if "municipality" not in group_by and where.municipality is None:
+        return
+    if principal.role in MUNICIPALITY_ROLES:
+        return
+    if principal.role is Role.ANONYMOUS:
+        raise Unauthorized("statistics by municipality need a bearer token of role 'national'")
+    raise Forbidden(f"statistics by municipality are for role 'national', not '{principal.role.value}'")
+
+
+def _json_value(value: date | str | int | bool) -> RowValue:
+    return value.isoformat() if isinstance(value, date) else value
+
+
+def as_utc(moment: datetime | None) -> datetime | None:
+    return None if moment is None else to_utc(moment)
+
+
+async def dose_cut(session: AsyncSession, *, group_by: Sequence[Dimension], where: DoseFilter) -> DosesOut:
+    repo = StatsRepository(session)
+    # Read as_of before the rows: the rows are then at least as new as the time they claim.
+    as_of = as_utc(await repo.as_of())
+    if not group_by:
+        return DosesOut(as_of=as_of, rows=[{"count": await repo.total(where)}])
+    rows: list[dict[str, RowValue]] = []
+    for values in await repo.grouped_counts(group_by, where):
+        row: dict[str, RowValue] = {
+            name: _json_value(value) for name, value in zip(group_by, values[: len(group_by)], strict=True)
+        }
+        row["count"] = int(values[-1])
+        rows.append(row)
+    return DosesOut(as_of=as_of, rows=rows)
+
+
+# --- open data (the Digital Agency's formats, byte for byte) -------------------------------------------
+
+
+def ndjson_line(
+    *,
+    day: date,
+    prefecture: str,
+    sex: str,
+    age_band: str,
+    medical_worker: bool,
+    dose_number: int,
+    count: int,
+) -> str:
+    """One line of ``prefecture.ndjson``: compact JSON, the published key order, newline-terminated.
+
+    Written by hand rather than by ``json.dumps`` of a dict: the key order and spacing are the format, and
+    this is the hot loop of the export. Strings still go through ``json.dumps`` so that any value is valid.
+    """
+    return (
+        f'{{"date":"{day.isoformat()}","prefecture":{json.dumps(prefecture)},"gender":{json.dumps(sex)},'
+        f'"age":{json.dumps(age_band)},"medical_worker":{"true" if medical_worker else "false"},'
+        f'"status":{int(dose_number)},"count":{int(count)}}}\n'
+    )
+
+
+def summary_by_date_line(*, day: date, first: int, second: int) -> str:
+    return f"{day.isoformat()},{int(first)},{int(second)}\n"
+
+
+async def prefecture_ndjson(database: Database) -> AsyncGenerator[bytes, None]:
+    """``prefecture.ndjson``: per date × prefecture × gender × age × medical_worker × status, the doses.
+
+    Municipalities and vaccines are summed away; only cells above zero appear; lines are sorted by date,
+    prefecture, gender (F, M, U), age (-64, 65-, UNK), medical_worker, status; every line ends in ``\\n``,
+    the last one too, as in the published file.
+    """
+    async with database.sessionmaker() as session:
+        async for rows in StatsRepository(session).prefecture_cells(chunk_rows=EXPORT_CHUNK_ROWS):
+            yield "".join(
+                ndjson_line(
+                    day=r.date,
+                    prefecture=r.prefecture,
+                    sex=r.sex,
+                    age_band=r.age_band,
+                    medical_worker=r.medical_worker,
+                    dose_number=r.dose_number,
+                    count=r.doses,
+                )
+                for r in rows
+            ).encode()
+
+
+async def summary_by_date_csv(database: Database) -> AsyncGenerator[bytes, None]:
+    """``summary_by_date.csv``: per vaccination date, first and second doses of 一般接種 (general vaccination).
+
+    The basis we chose (the published numbers were computed on another one; only the format is fixed):
+    doses by the date they were given (接種日), all vaccines and all prefectures, excluding doses recorded as
+    given to medical workers (医療従事者等), whose programme the ``general`` in the column names sets apart.
+    ``count_first_or_mid_general`` counts dose 1 and ``count_second_or_full_general`` dose 2 (the two-dose
+    primary series); doses 3+ are in neither. A date appears when either count is above zero. Header
+    first, ``\\n`` line endings, a final newline, no quoting — as in the published file.
+    """
+    yield SUMMARY_BY_DATE_HEADER.encode()
+    async with database.sessionmaker() as session:
+        async for rows in StatsRepository(session).general_doses_by_date(chunk_rows=EXPORT_CHUNK_ROWS):
+            yield "".join(summary_by_date_line(day=r.date, first=r.first, second=r.second) for r in rows).encode()

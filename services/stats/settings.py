@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from shared.settings import BusSettings, ServiceSettings, sqlite_url
+
+
+class StatsSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="VRS_STATS_", extra="ignore")
+
+    main_dsn: str = Field(default_factory=lambda: sqlite_url("stats/main.db"))
+    pool_size: int = 20
+    bus: BusSettings = Field(default_factory=BusSettings)
+    # The name the consumer's positions and processed event ids are stored under. Two deployments that
+    # share a database (a rebuild beside the live one) need different names.
+    consumer_name: str = Field(default="stats", min_length=1, max_length=64)
+    # Off for API-only replicas: one consumer per database is enough, more only contend for the same rows.
+    run_consumer: bool = True
+    poll_max_records: int = Field(default=500, ge=1, le=10_000)
+    poll_timeout_seconds: float = Field(default=1.0, gt=0)
+    retry_initial_seconds: float = Field(default=0.5, gt=0)
+    retry_max_seconds: float = Field(default=30.0, gt=0)
+    # Public cuts with fewer doses than this will be suppressed (0 = off); not applied yet.
+    small_cell_threshold: int = Field(default=0, ge=0)

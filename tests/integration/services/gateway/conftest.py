@@ -1,0 +1,80 @@
+"""Fixtures for the gateway: the fake upstreams and the gateway app on each transport (see gateway_fakes)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from services.gateway.settings import GatewaySettings
+from shared.auth import Role, mint_token
+from shared.db import Database
+from shared.harness import free_port
+from shared.migrations import upgrade
+from shared.settings import AuthSettings
+from tests.integration.services.gateway.gateway_fakes import MIGRATIONS, FakeUpstream, fake_app, running_gateway, serve
+
+
+@pytest.fixture(scope="session")
+async def upstreams() -> AsyncIterator[dict[str, FakeUpstream]]:
+    fakes = {name: FakeUpstream(name) for name in ("registry", "records", "stats")}
+    async with contextlib.AsyncExitStack() as stack:
+        for fake in fakes.values():
+            fake.url = await stack.enter_async_context(serve(fake_app(fake)))
+        yield fakes
+
+
+@pytest.fixture(scope="session")
+async def gateway_dsn(tmp_path_factory: pytest.TempPathFactory) -> str:
+    dsn = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('gateway') / 'main.db'}"
+    # Alembic runs its own event loop: keep it off the test's.
+    await asyncio.to_thread(upgrade, dsn, MIGRATIONS)
+    return dsn
+
+
+@pytest.fixture(scope="session", params=["aiohttp", "httpx"])
+async def gateway(
+    request: pytest.FixtureRequest, upstreams: dict[str, FakeUpstream], gateway_dsn: str
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """The gateway on each transport, in front of the fake upstreams."""
+    settings = GatewaySettings(
+        main_dsn=gateway_dsn,
+        registry_url=upstreams["registry"].url,
+        records_url=upstreams["records"].url,
+        stats_url=upstreams["stats"].url,
+        proxy_transport=request.param,
+        proxy_timeout_seconds=1.0,
+    )
+    async with running_gateway(settings) as running:
+        yield running
+
+
+@pytest.fixture
+def client(gateway: tuple[FastAPI, httpx.AsyncClient]) -> httpx.AsyncClient:
+    return gateway[1]
+
+
+@pytest.fixture
+def gateway_db(gateway: tuple[FastAPI, httpx.AsyncClient]) -> Database:
+    database: Database = gateway[0].state.databases.main
+    return database
+
+
+@pytest.fixture(scope="session")
+def token() -> Callable[..., dict[str, str]]:
+    """``token(role, municipality=..., institution=...)`` → an Authorization header."""
+
+    def make(role: Role, **claims: Any) -> dict[str, str]:
+        return {"Authorization": "Bearer " + mint_token(AuthSettings(), role=role, **claims)}
+
+    return make
+
+
+@pytest.fixture
+def dead_url() -> str:
+    return f"http://127.0.0.1:{free_port()}"

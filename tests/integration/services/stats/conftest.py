@@ -1,0 +1,54 @@
+"""Fixtures for stats: a migrated database (SQLite, or PostgreSQL from the harness) and a real event bus."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from shared.db import Database
+from shared.migrations import upgrade
+from shared.settings import BusSettings
+
+MIGRATIONS = Path(__file__).resolve().parents[4] / "services" / "stats" / "migrations" / "main"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def stats_dsn(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh stats database at the head migration."""
+    if request.param == "postgres":
+        make_database: Callable[..., str] = request.getfixturevalue("make_database")
+        dsn = make_database("stats")
+    else:
+        dsn = f"sqlite+aiosqlite:///{tmp_path / 'stats.db'}"
+    # Alembic runs its own event loop: keep it off the test's.
+    await asyncio.to_thread(upgrade, dsn, MIGRATIONS)
+    return dsn
+
+
+@pytest.fixture
+async def stats_db(stats_dsn: str) -> AsyncIterator[Database]:
+    database = Database.connect(stats_dsn, pool_size=5)
+    try:
+        yield database
+    finally:
+        await database.engine.dispose()
+
+
+@pytest.fixture(params=["embedded", pytest.param("kafka", marks=pytest.mark.kafka)])
+def any_bus(request: pytest.FixtureRequest, tmp_path: Path) -> BusSettings:
+    """A fresh topic on the embedded log or on the session's Kafka broker (for the tests that must hold on both)."""
+    topic = f"stats-{uuid.uuid4().hex[:12]}"
+    if request.param == "kafka":
+        kafka = request.getfixturevalue("kafka_server")
+        return BusSettings(kind="kafka", topic=topic, partitions=3, kafka_bootstrap_servers=kafka.bootstrap_servers)
+    return BusSettings(kind="embedded", topic=topic, partitions=3, embedded_path=tmp_path / "events.db")
+
+
+@pytest.fixture
+def bus(tmp_path: Path) -> BusSettings:
+    """A fresh topic on the embedded log: the real bus of the embedded mode."""
+    return BusSettings(kind="embedded", topic="dose-events", partitions=3, embedded_path=tmp_path / "events.db")

@@ -1,0 +1,303 @@
+"""GET /api/v1/stats/doses and the dashboard: shapes, order, filters, permissions; health of the app."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from services.stats.app import create_app
+from services.stats.repository import ConsumerRepository
+from services.stats.settings import StatsSettings
+from shared.auth import Role, mint_token
+from shared.bus import OutgoingMessage, make_publisher
+from shared.db import Database
+from shared.domain.age import AgeBand
+from shared.events import DoseEvent, DoseEventType, StatsCell
+from shared.settings import AuthSettings, BusSettings
+
+DOSES = "/api/v1/stats/doses"
+
+
+def cell(**changes: Any) -> StatsCell:
+    fields: dict[str, Any] = {
+        "date": date(2021, 6, 1),
+        "prefecture": "13",
+        "municipality": "131016",
+        "sex": "F",
+        "age_band": AgeBand.UNDER_65,
+        "medical_worker": False,
+        "dose_number": 1,
+        "vaccine": "pfizer",
+    }
+    fields.update(changes)
+    return StatsCell(**fields)
+
+
+def bearer(
+    role: Role, *, subject: str | None = None, municipality: str | None = None, institution: str | None = None
+) -> dict[str, str]:
+    token = mint_token(AuthSettings(), role=role, subject=subject, municipality=municipality, institution=institution)
+    return {"Authorization": f"Bearer {token}"}
+
+
+NATIONAL = bearer(Role.NATIONAL)
+
+
+async def add_cells(database: Database, deltas: Mapping[StatsCell, int]) -> None:
+    async with database.sessionmaker() as session, session.begin():
+        await ConsumerRepository(session).add_to_counts(deltas)
+
+
+@pytest.fixture
+async def app(stats_dsn: str, bus: BusSettings) -> AsyncIterator[FastAPI]:
+    application = create_app(StatsSettings(main_dsn=stats_dsn, bus=bus, run_consumer=False))
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest.fixture
+def database(app: FastAPI) -> Database:
+    db: Database = app.state.databases.main
+    return db
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://stats.test") as c:
+        yield c
+
+
+# A small world: Tokyo's 千代田区 and 港区, Sapporo; both sexes, all age bands, three days.
+CHIYODA, MINATO, SAPPORO = "131016", "131032", "011002"
+WORLD: dict[StatsCell, int] = {
+    cell(): 5,
+    cell(sex="M"): 3,
+    cell(sex="U", age_band=AgeBand.UNKNOWN): 2,
+    cell(municipality=MINATO, age_band=AgeBand.SIXTY_FIVE_PLUS): 4,
+    cell(municipality=MINATO, age_band=AgeBand.SIXTY_FIVE_PLUS, vaccine="moderna"): 1,
+    cell(date=date(2021, 6, 2), dose_number=2): 7,
+    cell(date=date(2021, 6, 3), municipality=SAPPORO, prefecture="01", sex="M"): 6,
+    cell(date=date(2021, 6, 3), municipality=SAPPORO, prefecture="01", medical_worker=True): 1,
+}
+
+
+@pytest.fixture
+async def world(database: Database) -> None:
+    await add_cells(database, WORLD)
+    # A dose recorded and then voided leaves its cell at zero; it must not show as a row.
+    await add_cells(database, {cell(date=date(2021, 6, 4)): 1})
+    await add_cells(database, {cell(date=date(2021, 6, 4)): -1})
+
+
+async def test_empty_database_gives_a_zero_total_and_no_as_of(client: httpx.AsyncClient) -> None:
+    response = await client.get(DOSES)
+    assert response.status_code == 200
+    assert response.json() == {"as_of": None, "rows": [{"count": 0}]}
+    response = await client.get(DOSES, params={"group_by": "date"})
+    assert response.json() == {"as_of": None, "rows": []}
+
+
+@pytest.mark.usefixtures("world")
+async def test_total_without_group_by(client: httpx.AsyncClient) -> None:
+    assert (await client.get(DOSES)).json()["rows"] == [{"count": 29}]
+    assert (await client.get(DOSES, params={"group_by": ""})).json()["rows"] == [{"count": 29}]
+
+
+@pytest.mark.usefixtures("world")
+async def test_rows_keep_the_asked_key_order_and_are_sorted(client: httpx.AsyncClient) -> None:
+    response = await client.get(DOSES, params={"group_by": "prefecture,date"})
+    assert response.status_code == 200
+    rows = response.json()["rows"]
+    assert rows == [
+        {"prefecture": "01", "date": "2021-06-03", "count": 7},
+        {"prefecture": "13", "date": "2021-06-01", "count": 15},
+        {"prefecture": "13", "date": "2021-06-02", "count": 7},
+    ]
+    assert [list(r) for r in rows] == [["prefecture", "date", "count"]] * 3
+
+
+@pytest.mark.usefixtures("world")
+async def test_every_public_dimension_and_its_json_type(client: httpx.AsyncClient) -> None:
+    group_by = "date,prefecture,sex,age_band,medical_worker,dose_number,vaccine"
+    rows = (await client.get(DOSES, params={"group_by": group_by})).json()["rows"]
+    assert sum(r["count"] for r in rows) == 29
+    assert rows[0] == {
+        "date": "2021-06-01",
+        "prefecture": "13",
+        "sex": "F",
+        "age_band": "-64",
+        "medical_worker": False,
+        "dose_number": 1,
+        "vaccine": "pfizer",
+        "count": 5,
+    }
+    sample = next(r for r in rows if r["medical_worker"])
+    assert sample["medical_worker"] is True and sample["prefecture"] == "01"
+
+
+@pytest.mark.usefixtures("world")
+async def test_sex_and_age_bands_sort_in_their_published_order(client: httpx.AsyncClient) -> None:
+    rows = (await client.get(DOSES, params={"group_by": "sex,age_band", "prefecture": "13"})).json()["rows"]
+    assert [(r["sex"], r["age_band"], r["count"]) for r in rows] == [
+        ("F", "-64", 12),
+        ("F", "65-", 5),
+        ("M", "-64", 3),
+        ("U", "UNK", 2),
+    ]
+
+
+@pytest.mark.usefixtures("world")
+async def test_filters_by_period_and_prefecture(client: httpx.AsyncClient) -> None:
+    async def total(**params: str) -> int:
+        response = await client.get(DOSES, params=params)
+        assert response.status_code == 200, response.text
+        return int(response.json()["rows"][0]["count"])
+
+    assert await total(**{"from": "2021-06-02"}) == 14
+    assert await total(to="2021-06-02") == 22
+    assert await total(**{"from": "2021-06-02", "to": "2021-06-02"}) == 7  # both ends inclusive
+    assert await total(prefecture="01") == 7
+    assert await total(prefecture="13", **{"from": "2021-06-01", "to": "2021-06-01"}) == 15
+    assert await total(prefecture="47") == 0
+
+
+@pytest.mark.usefixtures("world")
+async def test_municipality_cuts_need_the_national_role(client: httpx.AsyncClient) -> None:
+    by_municipality = {"group_by": "municipality,vaccine"}
+    anonymous = await client.get(DOSES, params=by_municipality)
+    assert anonymous.status_code == 401
+    assert anonymous.json()["error"] == "Unauthorized"
+    assert anonymous.headers["www-authenticate"] == "Bearer"
+    assert (await client.get(DOSES, params={"municipality": CHIYODA})).status_code == 401
+
+    for headers in (
+        bearer(Role.MUNICIPALITY, municipality=CHIYODA),
+        bearer(Role.INSTITUTION, institution="1312345678"),
+    ):
+        for params in (by_municipality, {"municipality": CHIYODA}):
+            response = await client.get(DOSES, params=params, headers=headers)
+            assert response.status_code == 403, params
+            assert response.json()["error"] == "Forbidden"
+
+    for headers in (NATIONAL, bearer(Role.SERVICE, subject="gateway")):
+        response = await client.get(DOSES, params=by_municipality, headers=headers)
+        assert response.status_code == 200
+        assert response.json()["rows"] == [
+            {"municipality": SAPPORO, "vaccine": "pfizer", "count": 7},
+            {"municipality": CHIYODA, "vaccine": "pfizer", "count": 17},
+            {"municipality": MINATO, "vaccine": "moderna", "count": 1},
+            {"municipality": MINATO, "vaccine": "pfizer", "count": 4},
+        ]
+    filtered = await client.get(DOSES, params={"municipality": MINATO}, headers=NATIONAL)
+    assert filtered.json()["rows"] == [{"count": 5}]
+
+
+async def test_only_groups_above_zero_are_rows(client: httpx.AsyncClient, database: Database) -> None:
+    """A cell below zero (a void applied before its dose, across partitions) is never shown on its own."""
+    await add_cells(database, {cell(): 2, cell(date=date(2021, 6, 2)): -1, cell(date=date(2021, 6, 3)): 0})
+    rows = (await client.get(DOSES, params={"group_by": "date"})).json()["rows"]
+    assert rows == [{"date": "2021-06-01", "count": 2}]
+
+
+async def test_public_cuts_ignore_the_callers_role(client: httpx.AsyncClient) -> None:
+    headers = bearer(Role.MUNICIPALITY, municipality=CHIYODA)
+    assert (await client.get(DOSES, params={"group_by": "prefecture"}, headers=headers)).status_code == 200
+    assert (await client.get(DOSES, headers={"Authorization": "Bearer not-a-token"})).status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"group_by": "date,town"}, "group_by"),
+        ({"group_by": "name"}, "group_by"),
+        ({"group_by": "date,,sex"}, "group_by"),
+        ({"group_by": "date,date"}, "group_by"),
+        ({"group_by": "count"}, "group_by"),
+        ({"from": "2021/06/01"}, "from"),
+        ({"from": "2021-13-01"}, "from"),
+        ({"to": "20210601"}, "to"),
+        ({"from": "2021-06-02", "to": "2021-06-01"}, "to"),
+        ({"prefecture": "48"}, "prefecture"),
+        ({"prefecture": "1"}, "prefecture"),
+        ({"municipality": "131015"}, "municipality"),  # wrong check digit
+    ],
+)
+async def test_bad_parameters_are_invalid_fields(client: httpx.AsyncClient, params: dict[str, str], field: str) -> None:
+    response = await client.get(DOSES, params=params, headers=NATIONAL)
+    assert response.status_code == 422
+    body = response.json()
+    assert body["error"] == "InvalidField"
+    assert [e["field"] for e in body["errors"]] == [field]
+
+
+async def test_as_of_is_when_the_consumer_last_applied_a_batch(stats_dsn: str, bus: BusSettings) -> None:
+    """The app runs the consumer in its lifespan; what is published shows up in the API with an as_of."""
+    app = create_app(StatsSettings(main_dsn=stats_dsn, bus=bus, run_consumer=True, poll_timeout_seconds=0.05))
+    publisher = make_publisher(bus)
+    before = datetime.now(UTC) - timedelta(seconds=1)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://stats.test") as client,
+    ):
+        assert app.state.consumer is not None and app.state.consumer.running
+        events = [
+            DoseEvent(type=DoseEventType.RECORDED, dose_id=dose, municipality=CHIYODA, cell=cell(), previous_cell=None)
+            for dose in (uuid.uuid4() for _ in range(3))
+        ]
+        await publisher.publish([OutgoingMessage(key=e.key, value=e.to_bytes()) for e in events])
+        await publisher.close()
+        deadline = time.monotonic() + 20
+        while (body := (await client.get(DOSES)).json())["rows"] != [{"count": 3}]:
+            assert time.monotonic() < deadline, body
+            await asyncio.sleep(0.05)
+        as_of = datetime.fromisoformat(body["as_of"])
+        assert as_of.tzinfo is not None
+        assert before <= as_of <= datetime.now(UTC)
+        consumer = app.state.consumer
+    assert not consumer.running  # the lifespan stopped it
+
+
+async def test_health_readiness_and_metrics(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/healthz")).json() == {"status": "ok", "service": "stats"}
+    assert (await client.get("/readyz")).status_code == 200
+    metrics = (await client.get("/metrics")).text
+    assert "vrs_stats_events_applied_total" in metrics
+    assert "vrs_stats_event_lag_seconds_bucket" in metrics
+
+
+async def test_readiness_fails_without_the_database(tmp_path: Any, bus: BusSettings) -> None:
+    app = create_app(
+        StatsSettings(main_dsn=f"sqlite+aiosqlite:///{tmp_path / 'missing' / 'x.db'}", bus=bus, run_consumer=False)
+    )
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://stats.test") as client,
+    ):
+        assert (await client.get("/readyz")).status_code == 503
+
+
+async def test_dashboard_is_a_self_contained_japanese_page(client: httpx.AsyncClient) -> None:
+    response = await client.get("/dashboard")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    html = response.text
+    assert '<html lang="ja">' in html
+    assert "接種状況" in html and "北海道" in html and "沖縄県" in html
+    # It asks its own origin, so it works through the gateway at the same path.
+    assert '"/api/v1/stats/doses"' in html
+    # Nothing from elsewhere: no CDN script, stylesheet or font (the SVG namespace is a name, not a URL fetched).
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html)
+    assert "@import" not in html and "@font-face" not in html
+    assert re.sub(r"http://www\.w3\.org/2000/svg", "", html).count("http") == 0
+    csp = response.headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "connect-src 'self'" in csp
+    assert re.search(r"script-src 'sha256-[A-Za-z0-9+/]+=*'$", csp.split(";")[1].strip())
