@@ -31,7 +31,11 @@ def _token(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from services.launcher import run
 
-    return run(full=args.full, var=Path(args.var), seed=not args.no_seed)
+    try:
+        return run(full=args.full, var=Path(args.var), seed=not args.no_seed)
+    except KeyboardInterrupt:  # stopped while starting: everything started so far was stopped on the way out
+        print("\nStopped.", file=sys.stderr)
+        return 130
 
 
 def _migrate(_: argparse.Namespace) -> int:

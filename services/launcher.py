@@ -161,13 +161,13 @@ def run(*, full: bool, var: Path, seed: bool = True) -> int:
     var.mkdir(parents=True, exist_ok=True)
     base = {**os.environ, **embedded_env(var), "VRS_ENVIRONMENT": "development"}
     ports = {spec.name: spec.port for spec in SERVICES}
-    stop_requested = False
 
     def on_signal(signum: int, _: object) -> None:
-        nonlocal stop_requested
-        stop_requested = True
+        # Ctrl-C, SIGTERM and a closed terminal all unwind the same way: services, then Kafka, then PostgreSQL.
+        raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_signal)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
     with contextlib.ExitStack() as stack:
         if full:
             base.update(stack.enter_context(full_infrastructure(var)))
@@ -186,14 +186,12 @@ def run(*, full: bool, var: Path, seed: bool = True) -> int:
             seed_demo(services.url())
         print_banner(services, full=full, var=var)
         try:
-            while not stop_requested:
-                if dead := services.exited():
-                    print(f"\n{', '.join(dead)} stopped unexpectedly; see {var / 'log'}. Stopping.", flush=True)
-                    return 1
+            while not (dead := services.exited()):
                 time.sleep(0.5)
+            print(f"\n{', '.join(dead)} stopped unexpectedly; see {var / 'log'}. Stopping.", flush=True)
+            return 1
         except KeyboardInterrupt:
-            pass
-        print("\nStopping ...", flush=True)
+            print("\nStopping ...", flush=True)
     return 0
 
 
