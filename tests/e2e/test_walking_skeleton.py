@@ -193,3 +193,50 @@ async def test_batch_is_idempotent_per_item(gw: httpx.AsyncClient) -> None:
     await wait_for_count(gw, before + 2, group_by="date", match={"date": day})
     await asyncio.sleep(0.5)
     assert await count_in(gw, group_by="date", match={"date": day}) == before + 2
+
+
+async def test_review_correction_and_void_move_statistics_exactly(gw: httpx.AsyncClient) -> None:
+    coupon = new_coupon_number()
+    resident = {
+        "name": "高橋 陽子",
+        "name_kana": "タカハシ ヨウコ",
+        "birth_date": "1990-05-05",
+        "sex": "F",
+        "coupon_number": coupon,
+    }
+    r = await gw.put(f"/api/v1/municipalities/{CHIYODA}/residents/r-{coupon}", json=resident, headers=MUNI)
+    assert r.status_code == 201
+    d1, d2, moved = "2021-06-10", "2021-06-20", "2021-07-02"
+    g = "date,municipality,dose_number"
+    cells = {day: {"date": day, "municipality": CHIYODA, "dose_number": 2} for day in (d2, moved)}
+    base = {day: await count_in(gw, group_by=g, match=cell) for day, cell in cells.items()}
+
+    headers = {**CLINIC, "Idempotency-Key": f"{coupon}-1"}
+    assert (await gw.post("/api/v1/doses", json=dose_body(coupon, on=d1), headers=headers)).json()[
+        "status"
+    ] == "recorded"
+    # Dose 2 of Pfizer after 10 days breaks the interval rule in force: kept, but sent to review.
+    headers = {**CLINIC, "Idempotency-Key": f"{coupon}-2"}
+    r = await gw.post("/api/v1/doses", json=dose_body(coupon, dose_number=2, on=d2), headers=headers)
+    second = r.json()
+    assert second["status"] == "needs_review"
+    assert [f["code"] for f in second["findings"]] == ["interval_too_short"]
+    await wait_for_count(gw, base[d2] + 1, group_by=g, match=cells[d2])
+
+    queue = await gw.get(f"/api/v1/municipalities/{CHIYODA}/doses", params={"status": "needs_review"}, headers=MUNI)
+    assert second["dose_id"] in [d["dose_id"] for d in queue.json()["doses"]]
+    foreign = await gw.get(f"/api/v1/municipalities/{CHIYODA}/doses", headers=OTHER_MUNI)
+    assert foreign.status_code == 403
+
+    corrections = f"/api/v1/municipalities/{CHIYODA}/doses/{second['dose_id']}/corrections"
+    r = await gw.post(corrections, json={"changes": {"vaccinated_on": moved}, "reason": "date misread"}, headers=MUNI)
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "recorded" and r.json()["vaccinated_on"] == moved
+    await wait_for_count(gw, base[moved] + 1, group_by=g, match=cells[moved])
+    await wait_for_count(gw, base[d2], group_by=g, match=cells[d2])
+
+    r = await gw.post(corrections, json={"void": True, "reason": "recorded for the wrong person"}, headers=MUNI)
+    assert r.status_code == 200 and r.json()["voided"] is True
+    await wait_for_count(gw, base[moved], group_by=g, match=cells[moved])
+    r = await gw.post(corrections, json={"changes": {"lot_number": "X"}, "reason": "again"}, headers=MUNI)
+    assert r.status_code == 409
