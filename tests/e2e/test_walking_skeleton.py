@@ -240,3 +240,18 @@ async def test_review_correction_and_void_move_statistics_exactly(gw: httpx.Asyn
     await wait_for_count(gw, base[moved], group_by=g, match=cells[moved])
     r = await gw.post(corrections, json={"changes": {"lot_number": "X"}, "reason": "again"}, headers=MUNI)
     assert r.status_code == 409
+
+
+async def test_concurrent_retries_record_one_dose(gw: httpx.AsyncClient) -> None:
+    coupon = new_coupon_number()
+    day = "2021-06-06"
+    before = await count_in(gw, group_by="date", match={"date": day})
+    headers = {**CLINIC, "Idempotency-Key": f"tablet-retry-{coupon}"}
+    answers = await asyncio.gather(
+        *(gw.post("/api/v1/doses", json=dose_body(coupon, on=day), headers=headers) for _ in range(12))
+    )
+    assert {r.status_code for r in answers} == {201}, [r.text for r in answers if r.status_code != 201]
+    assert len({r.json()["dose_id"] for r in answers}) == 1
+    await wait_for_count(gw, before + 1, group_by="date", match={"date": day})
+    await asyncio.sleep(0.5)
+    assert await count_in(gw, group_by="date", match={"date": day}) == before + 1
