@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from datetime import timedelta
 
 from prometheus_client import Counter, Gauge
 
 from services.records.repository import OutboxRepository
 from shared.bus import OutgoingMessage, Publisher
-from shared.db import Database, Databases
+from shared.db import Database, Databases, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +29,18 @@ BACKLOG = Gauge("vrs_outbox_last_batch_size", "Size of the last published outbox
 
 
 class OutboxRelay:
-    def __init__(self, databases: Databases, publisher: Publisher, *, batch_size: int, idle_seconds: float) -> None:
+    def __init__(
+        self,
+        databases: Databases,
+        publisher: Publisher,
+        *,
+        batch_size: int,
+        idle_seconds: float,
+        retention: timedelta = timedelta(days=1),
+    ) -> None:
         self._databases = databases
+        self._retention = retention
+        self._next_purge = 0.0
         self._publisher = publisher
         self._batch_size = batch_size
         self._idle = idle_seconds
@@ -58,10 +70,21 @@ class OutboxRelay:
                 total += n
         return total
 
+    async def purge(self) -> None:
+        for db in self._databases.shards.values():
+            async with db.sessionmaker() as session, session.begin():
+                await OutboxRepository(session).purge_published(utcnow() - self._retention)
+
     async def run(self) -> None:
         backoff = 0.5
         while True:
             self._wake.clear()
+            if time.monotonic() >= self._next_purge:
+                self._next_purge = time.monotonic() + 600
+                try:
+                    await self.purge()
+                except Exception as exc:
+                    log.warning("outbox purge failed (%s)", type(exc).__name__)
             busy = False
             for name, db in self._databases.shards.items():
                 try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import select, tuple_, update
+from sqlalchemy import delete, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.records.models import Dose, DoseHistory, IdempotencyKey, OutboxEvent
@@ -102,6 +102,13 @@ class OutboxRepository:
             .with_for_update(skip_locked=True)
         )
         return list((await self.session.execute(stmt)).scalars())
+
+    async def purge_published(self, before: datetime) -> int:
+        """Drop events published before ``before``: the topic, not the outbox, is the history."""
+        result = await self.session.execute(
+            delete(OutboxEvent).where(OutboxEvent.published_at.is_not(None), OutboxEvent.published_at < before)
+        )
+        return int(result.rowcount)  # type: ignore[attr-defined]
 
     async def mark_published(self, ids: Sequence[int], at: datetime | None = None) -> None:
         await self.session.execute(

@@ -1,0 +1,123 @@
+"""The outbox relay on a real shard database: publishes, marks, survives a bus failure, purges."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import date, timedelta
+from pathlib import Path
+
+import pytest
+
+from services.records.models import OutboxEvent
+from services.records.relay import OutboxRelay
+from services.records.repository import OutboxRepository
+from shared.bus import OutgoingMessage
+from shared.bus.embedded import EmbeddedLog
+from shared.db import Databases, utcnow
+from shared.domain.age import AgeBand
+from shared.events import DoseEvent, DoseEventType, StatsCell
+from shared.migrations import upgrade
+from shared.settings import BusSettings
+
+TREES = Path(__file__).resolve().parents[4] / "services" / "records" / "migrations"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def databases(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Databases]:
+    if request.param == "postgres":
+        make_database: Callable[..., str] = request.getfixturevalue("make_database")
+        main, shard = make_database("records_main"), make_database("records_s0")
+    else:
+        main, shard = f"sqlite+aiosqlite:///{tmp_path / 'main.db'}", f"sqlite+aiosqlite:///{tmp_path / 's0.db'}"
+    await asyncio.to_thread(upgrade, main, TREES / "main")
+    await asyncio.to_thread(upgrade, shard, TREES / "shard")
+    dbs = Databases.connect(main, {"s0": shard}, pool_size=5)
+    yield dbs
+    await dbs.dispose()
+
+
+def event(n: int) -> DoseEvent:
+    cell = StatsCell(
+        date=date(2021, 6, 1) + timedelta(days=n % 5),
+        prefecture="13",
+        municipality="131016",
+        sex="F",
+        age_band=AgeBand.UNDER_65,
+        medical_worker=False,
+        dose_number=1,
+        vaccine="pfizer",
+    )
+    return DoseEvent(
+        type=DoseEventType.RECORDED, dose_id=uuid.uuid4(), municipality="131016", cell=cell, previous_cell=None
+    )
+
+
+async def write_outbox(dbs: Databases, n: int) -> list[DoseEvent]:
+    events = [event(i) for i in range(n)]
+    async with dbs.shards["s0"].sessionmaker() as session, session.begin():
+        repo = OutboxRepository(session)
+        for e in events:
+            repo.add(e)
+    return events
+
+
+class FlakyBus:
+    """A real embedded log that refuses the first ``failures`` publishes, as Kafka does during an outage."""
+
+    def __init__(self, log: EmbeddedLog, failures: int) -> None:
+        self.log, self.failures = log, failures
+
+    async def publish(self, messages: Sequence[OutgoingMessage]) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("broker unavailable")
+        await self.log.publish(messages)
+
+    async def close(self) -> None:
+        await self.log.close()
+
+
+async def read_all(log: EmbeddedLog) -> list[DoseEvent]:
+    await log.assign(dict.fromkeys(await log.partitions(), 0))
+    return [DoseEvent.from_bytes(m.value) for m in await log.poll(max_records=10_000, timeout=0.1)]
+
+
+async def test_relay_publishes_each_event_and_marks_it(databases: Databases, tmp_path: Path) -> None:
+    log = EmbeddedLog(BusSettings(embedded_path=tmp_path / "log.db", partitions=3))
+    events = await write_outbox(databases, 7)
+    relay = OutboxRelay(databases, log, batch_size=3, idle_seconds=0.05)
+    assert await relay.drain() == 7
+    assert await relay.drain() == 0
+    assert sorted(e.event_id for e in await read_all(log)) == sorted(e.event_id for e in events)
+
+
+async def test_events_wait_in_the_outbox_while_the_bus_is_down(databases: Databases, tmp_path: Path) -> None:
+    log = EmbeddedLog(BusSettings(embedded_path=tmp_path / "log.db", partitions=3))
+    events = await write_outbox(databases, 4)
+    relay = OutboxRelay(databases, FlakyBus(log, failures=2), batch_size=100, idle_seconds=0.05)
+    task = asyncio.create_task(relay.run())
+    try:
+        for _ in range(200):
+            if len(await read_all(log)) == 4:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        task.cancel()
+    assert sorted(e.event_id for e in await read_all(log)) == sorted(e.event_id for e in events)
+
+
+async def test_purge_drops_only_old_published_events(databases: Databases, tmp_path: Path) -> None:
+    log = EmbeddedLog(BusSettings(embedded_path=tmp_path / "log.db", partitions=3))
+    await write_outbox(databases, 3)
+    relay = OutboxRelay(databases, log, batch_size=100, idle_seconds=0.05, retention=timedelta(hours=1))
+    await relay.drain()
+    await write_outbox(databases, 2)  # not published yet: must survive any purge
+    async with databases.shards["s0"].sessionmaker() as session, session.begin():
+        repo = OutboxRepository(session)
+        assert await repo.purge_published(utcnow() - timedelta(hours=1)) == 0
+        assert await repo.purge_published(utcnow() + timedelta(seconds=1)) == 3
+    async with databases.shards["s0"].sessionmaker() as session:
+        rows = (await session.execute(OutboxEvent.__table__.select())).all()
+    assert len(rows) == 2
