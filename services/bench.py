@@ -1,0 +1,1000 @@
+"""``make bench``: throughput and lag of VRS on PostgreSQL (2 shards) + Kafka, next to this machine's ceiling.
+
+Starts a throwaway PostgreSQL and Kafka (the test harness, temporary directories, free ports), migrates,
+starts the four services as ``make run-full`` does, seeds residents through the gateway, then measures:
+
+- single-dose ``POST /api/v1/doses`` through the gateway, closed loop (32 connections), with the
+  accepted→visible lag sampled alongside;
+- the ceiling of PERFORMANCE.md in the same run with the same load generator: a bare FastAPI + asyncpg
+  ``INSERT ... RETURNING`` (``services.bench_baseline``), directly and behind a second gateway;
+- ``POST /api/v1/doses/batch`` (500 per request, 8 clients);
+- accepted→visible lag on an idle system: a dose's 201 until ``GET /api/v1/stats/doses`` counts it.
+
+The load generator runs in a process of its own (aiohttp, one session, pre-built bodies); its CPU use is
+printed with everyone else's, so a generator that became the bottleneck shows. A program that prints
+numbers, not a test: every non-2xx answer is counted and printed, never dropped.
+
+    python -m services.bench [--duration 12] [--warmup 2] [--probes 200] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import multiprocessing
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import aiohttp
+
+if TYPE_CHECKING:
+    from services.launcher import Stack
+    from shared.harness.kafka import KafkaServer
+    from shared.harness.postgres import PostgresServer
+
+# Municipalities whose coupons the load uses: 千代田区, 札幌市, 大阪市, 福岡市, 那覇市 (check digits valid).
+MUNICIPALITIES = ("131016", "011002", "271004", "401307", "472018")
+# 横浜市: only lag probes use it, so each probe's (municipality, date) statistics cell is its own.
+PROBE_MUNICIPALITY = "141003"
+INSTITUTION = "1312345678"
+LOAD_FIRST_DAY = date(2021, 3, 1)
+LOAD_DAYS = 306  # up to 2021-12-31
+PROBE_FIRST_DAY = date(2021, 3, 1)
+# Coupon numbers are "<phase digit><9-digit serial>": unique across the run without any bookkeeping.
+PHASE_SINGLE, PHASE_BATCH, PHASE_PROBE, PHASE_BASELINE, PHASE_RESIDENT = 1, 2, 3, 4, 9
+# Upper bound of what one generator can drive: bodies beyond it are built on the fly (and counted).
+PREBUILD_RATE = 6000
+DOSE_PATH = "/api/v1/doses"
+STATS_PATH = "/api/v1/stats/doses"
+
+_T0 = time.monotonic()
+
+
+def say(message: str) -> None:
+    print(f"[{time.monotonic() - _T0:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+# -- what is sent -------------------------------------------------------------------------------------------
+
+
+def coupon_number(phase: int, serial: int) -> str:
+    return f"{phase}{serial:09d}"
+
+
+def dose_doc(municipality: str, number: str, day: date, serial: int) -> dict[str, Any]:
+    return {
+        "coupon": f"11{municipality}{number}",
+        "dose_number": 1,
+        "vaccinated_on": day.isoformat(),
+        "vaccine": "moderna" if serial % 5 == 0 else "pfizer",
+        "lot_number": f"EY{serial % 10000:04d}",
+        "venue": "集団接種会場",
+    }
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """One closed-loop run of the load generator; pickled into its process."""
+
+    name: str
+    url: str
+    headers: dict[str, str]
+    kind: Literal["single", "batch"]
+    concurrency: int
+    warmup: float
+    duration: float
+    phase: int
+    tag: str  # makes idempotency keys and client ids unique to this run
+    # (municipality, coupon number) of registered residents: each is used once, released evenly over the
+    # run (whatever its rate), so 'recorded' and 'unmatched' doses are mixed from start to end.
+    matched: tuple[tuple[str, str], ...] = ()
+    batch_size: int = 500
+
+    def single_body(self, i: int) -> bytes:
+        """The ``i``-th dose for a coupon nobody holds (yet): accepted as 'unmatched'."""
+        municipality = MUNICIPALITIES[i % len(MUNICIPALITIES)]
+        day = LOAD_FIRST_DAY + timedelta(days=i % LOAD_DAYS)
+        return json.dumps(dose_doc(municipality, coupon_number(self.phase, i), day, i), ensure_ascii=False).encode()
+
+    def matched_body(self, j: int) -> bytes:
+        """A dose for the ``j``-th registered resident's coupon: accepted as 'recorded'."""
+        municipality, number = self.matched[j]
+        day = LOAD_FIRST_DAY + timedelta(days=j % LOAD_DAYS)
+        return json.dumps(dose_doc(municipality, number, day, j), ensure_ascii=False).encode()
+
+    def batch_body(self, b: int) -> bytes:
+        doses = []
+        for k in range(self.batch_size):
+            i = b * self.batch_size + k
+            day = LOAD_FIRST_DAY + timedelta(days=i % LOAD_DAYS)
+            municipality = MUNICIPALITIES[i % len(MUNICIPALITIES)]
+            doses.append(
+                {"client_id": f"{self.tag}-{i}", **dose_doc(municipality, coupon_number(self.phase, i), day, i)}
+            )
+        return json.dumps({"doses": doses}, ensure_ascii=False).encode()
+
+
+@dataclass
+class LoadResult:
+    name: str
+    window: float
+    requests: int = 0  # every request sent, warm-up included
+    ok_in_window: int = 0  # answered with the expected status inside the measured window
+    items_in_window: int = 0  # accepted doses inside the window (batch: items; single: = ok_in_window)
+    latencies: list[float] = field(default_factory=list)  # seconds, ok answers inside the window
+    errors: int = 0  # every request, warm-up included
+    errors_in_window: int = 0
+    items_rejected: int = 0  # batch items answered 'rejected' (every request)
+    error_samples: Counter[str] = field(default_factory=Counter)
+    statuses: Counter[str] = field(default_factory=Counter)  # the dose status answered, every request
+    accepted_total: int = 0  # doses the service accepted (201 / batch items not rejected), every request
+    bodies_built_late: int = 0
+    cpu_seconds: float = 0.0  # the generator's own CPU inside the window
+
+    @property
+    def rate(self) -> float:
+        return self.ok_in_window / self.window
+
+    @property
+    def item_rate(self) -> float:
+        return self.items_in_window / self.window
+
+
+# -- the load generator (its own process) -----------------------------------------------------------------
+
+
+def _cpu_time() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _loadgen_process(spec: LoadSpec, conn: Connection) -> None:
+    import uvloop
+
+    try:
+        result = uvloop.run(_loadgen(spec, conn))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+        raise
+    conn.send(("result", result))
+
+
+async def _loadgen(spec: LoadSpec, conn: Connection) -> LoadResult:
+    prebuilt: list[bytes] = []
+    if spec.kind == "single":
+        prebuilt = [spec.single_body(i) for i in range(int(PREBUILD_RATE * (spec.warmup + spec.duration)))]
+    matched = [spec.matched_body(j) for j in range(len(spec.matched))]
+    matched_used = 0
+    keys = [f"{spec.tag}-{i}" for i in range(len(prebuilt))]
+    result = LoadResult(name=spec.name, window=spec.duration)
+    expected = 201 if spec.kind == "single" else 200
+    connector = aiohttp.TCPConnector(limit=spec.concurrency)
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(connector=connector, headers=spec.headers, timeout=timeout) as session:
+        start = time.monotonic()
+        window_start, window_end = start + spec.warmup, start + spec.warmup + spec.duration
+        conn.send(("started", start))
+        counter = itertools.count()
+
+        def body_of(i: int) -> tuple[bytes, dict[str, str]]:
+            nonlocal matched_used
+            if spec.kind == "batch":
+                return spec.batch_body(i), {}
+            key = keys[i] if i < len(keys) else f"{spec.tag}-{i}"
+            share = (time.monotonic() - start) / (spec.warmup + spec.duration)
+            if matched_used < len(matched) * share:
+                matched_used += 1
+                return matched[matched_used - 1], {"Idempotency-Key": key}
+            if i < len(prebuilt):
+                return prebuilt[i], {"Idempotency-Key": key}
+            result.bodies_built_late += 1
+            return spec.single_body(i), {"Idempotency-Key": key}
+
+        def account(status: int, payload: bytes, sent: float, done: float) -> None:
+            in_window = window_start <= done < window_end
+            if status != expected:
+                result.errors += 1
+                result.errors_in_window += in_window
+                result.error_samples[f"{status} {payload[:160].decode(errors='replace')}"] += 1
+                return
+            if spec.kind == "single":
+                result.statuses[json.loads(payload).get("status", "?")] += 1
+                accepted = 1
+            else:
+                items = Counter(item["status"] for item in json.loads(payload)["results"])
+                result.statuses.update(items)
+                accepted = sum(n for status_, n in items.items() if status_ != "rejected")
+                if items["rejected"]:
+                    result.items_rejected += items["rejected"]
+                    result.error_samples["batch item rejected"] += items["rejected"]
+            result.accepted_total += accepted
+            if in_window:
+                result.ok_in_window += 1
+                result.items_in_window += accepted
+                result.latencies.append(done - sent)
+
+        async def worker() -> None:
+            while time.monotonic() < window_end:
+                i = next(counter)
+                body, headers = body_of(i)
+                result.requests += 1
+                sent = time.monotonic()
+                try:
+                    async with session.post(spec.url, data=body, headers=headers) as response:
+                        payload = await response.read()
+                        status = response.status
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    status, payload = -1, f"{type(exc).__name__}: {exc}".encode()
+                account(status, payload, sent, time.monotonic())
+
+        async def cpu_meter() -> None:
+            await asyncio.sleep(max(0.0, window_start - time.monotonic()))
+            before = _cpu_time()
+            await asyncio.sleep(max(0.0, window_end - time.monotonic()))
+            result.cpu_seconds = _cpu_time() - before
+
+        await asyncio.gather(cpu_meter(), *(worker() for _ in range(spec.concurrency)))
+    return result
+
+
+async def _receive(conn: Connection) -> Any:
+    """``conn.recv()`` without blocking the event loop (nor a thread that Ctrl-C could not stop)."""
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+
+    def readable() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(conn.fileno(), readable)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(conn.fileno())
+    return conn.recv()
+
+
+# -- who uses the CPU -------------------------------------------------------------------------------------
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _proc_stat(pid: int) -> tuple[int, int] | None:
+    """(parent pid, CPU ticks used) of a process, or None if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return int(fields[1]), int(fields[11]) + int(fields[12])
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (st := _proc_stat(int(entry.name))) is not None and st[0] == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def _machine_ticks() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole machine since boot."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values[:8]) - idle, sum(values[:8])
+
+
+class CpuMeter:
+    """CPU used by named groups of processes between :meth:`start` and :meth:`stop`, in cores."""
+
+    def __init__(self, groups: dict[str, Callable[[], list[int]]]) -> None:
+        self._groups = groups
+        self._before: dict[int, int] = {}
+        self._machine: tuple[int, int] = (0, 0)
+        self._started = 0.0
+        self.cores: dict[str, float] = {}
+        self.machine_busy = 0.0
+
+    def add_group(self, name: str, pids: Callable[[], list[int]]) -> None:
+        self._groups[name] = pids
+
+    def _snapshot(self) -> dict[int, tuple[str, int]]:
+        snap: dict[int, tuple[str, int]] = {}
+        for group, pids in self._groups.items():
+            for pid in pids():
+                if (st := _proc_stat(pid)) is not None:
+                    snap[pid] = (group, st[1])
+        return snap
+
+    def start(self) -> None:
+        self._before = {pid: ticks for pid, (_, ticks) in self._snapshot().items()}
+        self._machine = _machine_ticks()
+        self._started = time.monotonic()
+
+    def stop(self) -> None:
+        elapsed = time.monotonic() - self._started
+        busy, total = _machine_ticks()
+        self.machine_busy = (busy - self._machine[0]) / max(1, total - self._machine[1]) * (os.cpu_count() or 1)
+        used: Counter[str] = Counter()
+        for pid, (group, ticks) in self._snapshot().items():
+            used[group] += ticks - self._before.get(pid, 0)
+        self.cores = {group: used[group] / _TICK / elapsed for group in self._groups}
+
+    @property
+    def others(self) -> float:
+        """Cores used by processes that are not part of the measurement (another job on the machine)."""
+        return max(0.0, self.machine_busy - sum(self.cores.values()))
+
+    def line(self) -> str:
+        parts = [f"{group} {cores:.2f}" for group, cores in self.cores.items()]
+        return (
+            f"CPU (cores): {', '.join(parts)}, not ours {self.others:.2f}; "
+            f"machine busy {self.machine_busy:.2f} of {os.cpu_count()}"
+        )
+
+
+async def machine_busy(seconds: float) -> float:
+    """Cores busy on the whole machine over the next ``seconds``."""
+    busy, total = _machine_ticks()
+    await asyncio.sleep(seconds)
+    busy2, total2 = _machine_ticks()
+    return (busy2 - busy) / max(1, total2 - total) * (os.cpu_count() or 1)
+
+
+async def wait_quiet(limit: float, timeout: float) -> None:
+    """Wait (up to ``timeout`` s) until the machine is nearly idle: numbers taken beside another job are noise."""
+    started = time.monotonic()
+    while (busy := await machine_busy(1.0)) > limit:
+        if time.monotonic() - started > timeout:
+            say(f"  the machine is still busy ({busy:.2f} cores): measuring anyway; see 'not ours' below")
+            return
+        say(f"  the machine is busy ({busy:.2f} cores in use, not by this bench's load): waiting ...")
+
+
+# -- the system under test --------------------------------------------------------------------------------
+
+
+@dataclass
+class System:
+    tmp: Path
+    pg: PostgresServer
+    kafka: KafkaServer
+    stack: Stack
+    env: dict[str, str]
+    baseline: subprocess.Popen[bytes] | None = None
+    baseline_port: int = 0
+    proxy: Stack | None = None  # a second gateway whose "records" is the baseline
+
+    def gateway(self) -> str:
+        return self.stack.url()
+
+    def pg_pids(self) -> list[int]:
+        pid = self.pg.pid
+        return [] if pid is None else [pid, *children_of(pid)]
+
+    def pids(self, *names: str) -> Callable[[], list[int]]:
+        return lambda: [p.pid for n, p in self.stack.processes.items() if n in names]
+
+    def kafka_pids(self) -> list[int]:
+        pid = self.kafka.pid
+        return [] if pid is None else [pid]
+
+
+def start_infrastructure(tmp: Path, cleanup: contextlib.ExitStack) -> tuple[PostgresServer, KafkaServer]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from shared.harness import free_port
+    from shared.harness.kafka import KafkaServer
+    from shared.harness.postgres import PostgresServer
+
+    logs = tmp / "log"
+    logs.mkdir(parents=True, exist_ok=True)
+    pg = PostgresServer(tmp / "postgres", free_port(), log_path=logs / "postgres.log")
+    kafka = KafkaServer(tmp / "kafka", free_port(), free_port(), log_path=logs / "kafka.log")
+    cleanup.callback(pg.stop)
+    cleanup.callback(kafka.stop)
+    with ThreadPoolExecutor(1) as pool:  # initdb and the JVM's start overlap
+        started = pool.submit(pg.start)
+        kafka.start()
+        started.result()
+    return pg, kafka
+
+
+def start_system(tmp: Path, cleanup: contextlib.ExitStack) -> System:
+    from services.launcher import Stack
+    from services.stack import SERVICES, postgres_databases, postgres_env, wiring_env
+    from shared.harness import free_port
+
+    say("starting PostgreSQL and Kafka ...")
+    pg, kafka = start_infrastructure(tmp, cleanup)
+    for name in [*postgres_databases(), "bench_baseline"]:
+        pg.create_database(name)
+    kafka.create_topic("dose-events", 4)
+    ports = {spec.name: free_port() for spec in SERVICES}
+    env = {
+        **os.environ,
+        "VRS_VAR_DIR": str(tmp / "var"),
+        "VRS_ENVIRONMENT": "test",
+        **postgres_env(pg.dsn, kafka_bootstrap=kafka.bootstrap_servers),
+        **wiring_env(ports),
+    }
+    say("migrating ...")
+    subprocess.run([sys.executable, "-m", "services.cli", "migrate"], env=env, check=True)
+    stack = Stack(env=env, ports=ports, log_dir=tmp / "stack" / "log")
+    cleanup.callback(stack.stop)
+    say("starting the services ...")
+    try:
+        stack.start(timeout=60)
+    except BaseException:
+        dump_logs(stack.log_dir)
+        raise
+    return System(tmp=tmp, pg=pg, kafka=kafka, stack=stack, env=env)
+
+
+def start_baseline(system: System, cleanup: contextlib.ExitStack) -> None:
+    """The bare FastAPI + asyncpg app, and a second gateway that fronts it as 'records'."""
+    from services.launcher import Stack
+    from shared.harness import free_port
+    from shared.harness.postgres import SUPERUSER
+
+    port = free_port()
+    log_path = system.tmp / "log" / "baseline.log"
+    env = {
+        **system.env,
+        "VRS_BENCH_BASELINE_DSN": f"postgresql://{SUPERUSER}@127.0.0.1:{system.pg.port}/bench_baseline",
+    }
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable, "-m", "uvicorn", "services.bench_baseline:app",
+                "--host", "127.0.0.1", "--port", str(port),
+                "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    system.baseline, system.baseline_port = process, port
+
+    def stop_baseline() -> None:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    cleanup.callback(stop_baseline)
+    wait_http(f"http://127.0.0.1:{port}/healthz", process, log_path)
+
+    # Its own directory: Stack keeps pid files next to its logs and ends a leftover "gateway" it finds there.
+    proxy_env = {**system.env, "VRS_GATEWAY_RECORDS_URL": f"http://127.0.0.1:{port}"}
+    proxy = Stack(env=proxy_env, ports={"gateway": free_port()}, log_dir=system.tmp / "proxy" / "log")
+    cleanup.callback(proxy.stop)
+    proxy.log_dir.mkdir(parents=True, exist_ok=True)
+    proxy.start_service("gateway")
+    proxy.wait_healthy("gateway", timeout=60)
+    system.proxy = proxy
+
+
+def wait_http(url: str, process: subprocess.Popen[bytes], log_path: Path, timeout: float = 30) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{url} exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+        with (
+            contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError),
+            urllib.request.urlopen(url, timeout=2) as response,  # noqa: S310 (loopback)
+        ):
+            if response.status == 200:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} not healthy after {timeout:.0f} s:\n{log_path.read_text()[-3000:]}")
+
+
+def dump_logs(log_dir: Path) -> None:
+    for log in sorted(log_dir.glob("*.log")):
+        sys.stderr.write(f"--- {log}\n{log.read_text(errors='replace')[-3000:]}\n")
+
+
+# -- the measurements ------------------------------------------------------------------------------------
+
+
+def bearer(**claims: Any) -> dict[str, str]:
+    from shared.auth import mint_token
+    from shared.settings import AuthSettings
+
+    return {"Authorization": f"Bearer {mint_token(AuthSettings(), ttl_seconds=3 * 3600, **claims)}"}
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+@dataclass
+class Lags:
+    values: list[float] = field(default_factory=list)
+    timeouts: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+
+    def describe(self) -> str:
+        if not self.values:
+            return f"no sample (timeouts {self.timeouts})"
+        ms = [v * 1000 for v in self.values]
+        text = (
+            f"p50 {percentile(ms, 0.5):6.1f} ms  p99 {percentile(ms, 0.99):6.1f} ms  "
+            f"max {max(ms):6.1f} ms  (n={len(ms)})"
+        )
+        if self.timeouts or self.errors:
+            text += f"  timeouts {self.timeouts}, errors {sum(self.errors.values())}"
+        return text
+
+
+class Prober:
+    """Sequential lag probes: one dose in a (municipality, date) cell of its own, then poll the stats."""
+
+    def __init__(self, session: aiohttp.ClientSession, gateway: str, tag: str) -> None:
+        from shared.auth import Role
+
+        self._session = session
+        self._gateway = gateway
+        self._tag = tag
+        self._clinic = {**bearer(role=Role.INSTITUTION, institution=INSTITUTION), "Content-Type": "application/json"}
+        self._national = bearer(role=Role.NATIONAL)
+        self._serial = itertools.count()
+        self.accepted = 0
+
+    async def probe(self, lags: Lags, *, poll_interval: float, timeout: float = 30.0) -> None:
+        n = next(self._serial)
+        day = PROBE_FIRST_DAY + timedelta(days=n)
+        body = json.dumps(dose_doc(PROBE_MUNICIPALITY, coupon_number(PHASE_PROBE, n), day, n)).encode()
+        headers = {**self._clinic, "Idempotency-Key": f"{self._tag}-probe-{n}"}
+        async with self._session.post(self._gateway + DOSE_PATH, data=body, headers=headers) as response:
+            payload = await response.read()
+            if response.status != 201:
+                lags.errors[f"POST {response.status} {payload[:120]!r}"] += 1
+                return
+        accepted = time.monotonic()
+        self.accepted += 1
+        params = {
+            "group_by": "date",
+            "from": day.isoformat(),
+            "to": day.isoformat(),
+            "municipality": PROBE_MUNICIPALITY,
+        }
+        while True:
+            async with self._session.get(self._gateway + STATS_PATH, params=params, headers=self._national) as r:
+                payload = await r.read()
+                status = r.status
+            seen = time.monotonic()
+            if status != 200:
+                lags.errors[f"GET stats {status} {payload[:120]!r}"] += 1
+                return
+            if any(row["count"] >= 1 for row in json.loads(payload)["rows"]):
+                lags.values.append(seen - accepted)
+                return
+            if seen - accepted > timeout:
+                lags.timeouts += 1
+                return
+            await asyncio.sleep(poll_interval)
+
+
+async def run_load(
+    spec: LoadSpec, meter: CpuMeter | None, alongside: Callable[[float, float], Awaitable[None]] | None = None
+) -> LoadResult:
+    """Run the generator in its own process; ``alongside(window_start, window_end)`` runs meanwhile."""
+    context = multiprocessing.get_context("spawn")
+    ours, theirs = context.Pipe()
+    process = context.Process(target=_loadgen_process, args=(spec, theirs), name=f"loadgen-{spec.name}", daemon=True)
+    process.start()
+    theirs.close()  # so that its death reads as EOF here
+    if meter is not None:
+        meter.add_group("loadgen", lambda: [process.pid] if process.pid else [])
+    try:
+        kind, start = await _receive(ours)
+        if kind != "started":
+            raise RuntimeError(f"load generator failed:\n{start}")
+        window_start, window_end = start + spec.warmup, start + spec.warmup + spec.duration
+
+        async def metered() -> None:
+            await asyncio.sleep(max(0.0, window_start - time.monotonic()))
+            if meter is not None:
+                meter.start()
+            await asyncio.sleep(max(0.0, window_end - time.monotonic()))
+            if meter is not None:
+                meter.stop()
+
+        side = [alongside(window_start, window_end)] if alongside is not None else []
+        await asyncio.gather(metered(), *side)
+        kind, payload = await _receive(ours)
+        if kind != "result":
+            raise RuntimeError(f"load generator failed:\n{payload}")
+        result: LoadResult = payload
+        return result
+    finally:
+        if process.is_alive():
+            process.terminate()
+        process.join(10)
+        ours.close()
+
+
+async def seed_residents(
+    session: aiohttp.ClientSession, gateway: str, count: int
+) -> tuple[list[tuple[str, str]], float]:
+    """PUT ``count`` residents (spread over the municipalities) through the gateway; their coupons, and the rate."""
+    from shared.auth import Role
+
+    tokens = {code: bearer(role=Role.MUNICIPALITY, municipality=code) for code in MUNICIPALITIES}
+    people = [(MUNICIPALITIES[n % len(MUNICIPALITIES)], coupon_number(PHASE_RESIDENT, n), n) for n in range(count)]
+    queue = iter(people)
+    problems: Counter[str] = Counter()
+
+    async def worker() -> None:
+        for code, number, n in queue:
+            body = {
+                "name": "佐藤 花子" if n % 2 else "鈴木 太郎",
+                "name_kana": "サトウ ハナコ" if n % 2 else "スズキ タロウ",
+                "birth_date": (date(1935, 1, 1) + timedelta(days=(n * 97) % (365 * 70))).isoformat(),
+                "sex": "F" if n % 2 else "M",
+                "coupon_number": number,
+            }
+            url = f"{gateway}/api/v1/municipalities/{code}/residents/bench-{n}"
+            async with session.put(url, json=body, headers=tokens[code]) as response:
+                if response.status != 201:
+                    problems[f"{response.status} {(await response.read())[:160]!r}"] += 1
+
+    started = time.monotonic()
+    await asyncio.gather(*(worker() for _ in range(16)))
+    elapsed = time.monotonic() - started
+    if problems:
+        raise RuntimeError(f"seeding residents failed: {dict(problems)}")
+    return [(code, number) for code, number, _ in people], count / elapsed
+
+
+async def stats_total(session: aiohttp.ClientSession, gateway: str) -> int:
+    async with session.get(gateway + STATS_PATH) as response:
+        response.raise_for_status()
+        rows = (await response.json())["rows"]
+    return sum(int(row["count"]) for row in rows)
+
+
+@dataclass
+class Drain:
+    seconds: float
+    expected: int
+    seen: int
+
+    def describe(self) -> str:
+        if self.seen == self.expected:
+            return f"{self.seconds:.1f} s after the load ended (stats total {self.seen} = doses accepted)"
+        if self.seen > self.expected:
+            return f"stats total {self.seen} > doses accepted {self.expected}: counted twice, or accepted unseen"
+        return f"NOT drained after {self.seconds:.0f} s: stats total {self.seen}, doses accepted {self.expected}"
+
+
+async def wait_drained(session: aiohttp.ClientSession, gateway: str, expected: int, timeout: float = 90) -> Drain:
+    """Until the public total counts every accepted dose (fewer: still in flight; more: counted twice)."""
+    started = time.monotonic()
+    seen = -1
+    while time.monotonic() - started < timeout:
+        seen = await stats_total(session, gateway)
+        if seen >= expected:
+            break
+        await asyncio.sleep(0.05)
+    return Drain(time.monotonic() - started, expected, seen)
+
+
+# -- the run ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    postgres: str = ""
+    kafka: str = ""
+    seeded: int = 0
+    seed_rate: float = 0.0
+    single: LoadResult | None = None
+    single_cpu: CpuMeter | None = None
+    lag_load: Lags = field(default_factory=Lags)
+    drain_single: Drain | None = None
+    lag_idle: Lags = field(default_factory=Lags)
+    batch: LoadResult | None = None
+    batch_cpu: CpuMeter | None = None
+    drain_batch: Drain | None = None
+    baseline: LoadResult | None = None
+    baseline_cpu: CpuMeter | None = None
+    proxied: LoadResult | None = None
+    proxied_cpu: CpuMeter | None = None
+
+
+def load_line(label: str, result: LoadResult | None) -> str:
+    if result is None:
+        return f"{label:<34} not measured"
+    ms = [v * 1000 for v in result.latencies]
+    return (
+        f"{label:<34} {result.rate:8.0f} req/s  p50 {percentile(ms, 0.5):6.1f} ms  "
+        f"p99 {percentile(ms, 0.99):6.1f} ms  errors {result.errors}"
+    )
+
+
+def details(result: LoadResult | None, meter: CpuMeter | None) -> list[str]:
+    if result is None:
+        return []
+    lines = [
+        f"    {result.requests} requests sent, {result.ok_in_window} answered OK in the {result.window:.0f} s window; "
+        f"generator CPU {result.cpu_seconds / result.window:.2f} cores"
+        + (f"; {result.bodies_built_late} bodies built late" if result.bodies_built_late else "")
+    ]
+    if result.statuses:
+        lines.append(f"    dose statuses: {dict(sorted(result.statuses.items()))}")
+    if meter is not None and meter.cores:
+        lines.append(f"    {meter.line()}")
+    for sample, n in result.error_samples.most_common(5):
+        lines.append(f"    ERROR x{n}: {sample}")
+    return lines
+
+
+def render(report: Report, args: argparse.Namespace) -> str:
+    cores = len(os.sched_getaffinity(0))
+    single, baseline, batch = report.single, report.baseline, report.batch
+    lines = [
+        "",
+        f"VRS bench — PostgreSQL {report.postgres} (2 shards) + Kafka {report.kafka}, {cores} cores, "
+        f"{args.concurrency} connections, {args.duration:.0f} s (+{args.warmup:.0f} s warm-up)",
+        "",
+        load_line("single dose POST via gateway", single),
+        *details(single, report.single_cpu),
+        load_line("baseline FastAPI+asyncpg INSERT", baseline),
+        *details(baseline, report.baseline_cpu),
+        load_line("baseline behind a 2nd gateway", report.proxied),
+        *details(report.proxied, report.proxied_cpu),
+    ]
+    if single is not None and baseline is not None and baseline.rate:
+        ratio = f"{single.rate / baseline.rate:.2f}"
+        if report.proxied is not None and report.proxied.rate:
+            ratio += f"   (VRS / gateway+baseline {single.rate / report.proxied.rate:.2f})"
+        lines.append(f"{'ratio VRS / ceiling':<34} {ratio}")
+    if batch is not None:
+        ms = [v * 1000 for v in batch.latencies]
+        lines.append(
+            f"{f'batch ({args.batch_size}/req) via gateway':<34} {batch.item_rate:8.0f} doses/s  "
+            f"({batch.rate:.1f} batches/s, p50 {percentile(ms, 0.5):.0f} ms, p99 {percentile(ms, 0.99):.0f} ms)  "
+            f"errors {batch.errors} ({batch.errors * args.batch_size} doses), {batch.items_rejected} items rejected"
+        )
+        lines += details(batch, report.batch_cpu)
+    lines += [
+        f"{'accepted→visible lag (idle)':<34} {report.lag_idle.describe()}",
+        f"{'accepted→visible lag (under load)':<34} {report.lag_load.describe()}",
+        f"{'backlog after single-dose load':<34} {report.drain_single.describe() if report.drain_single else '-'}",
+        f"{'backlog after batch load':<34} {report.drain_batch.describe() if report.drain_batch else '-'}",
+        f"{'residents seeded (PUT via gateway)':<34} {report.seeded} at {report.seed_rate:.0f}/s",
+        f"(lag: 201 received → first GET /api/v1/stats/doses showing the dose; polled every {args.poll_ms:g} ms "
+        f"idle, {args.load_poll_ms:g} ms under load)",
+    ]
+    meters = {
+        "single": report.single_cpu,
+        "baseline": report.baseline_cpu,
+        "gateway+baseline": report.proxied_cpu,
+        "batch": report.batch_cpu,
+    }
+    for phase, meter in meters.items():
+        if meter is not None and meter.others > 0.25:
+            lines.append(
+                f"WARNING: other processes used {meter.others:.2f} cores during the {phase} run: its figures are low"
+            )
+    for lags, when in ((report.lag_idle, "idle"), (report.lag_load, "under load")):
+        for sample, n in lags.errors.most_common(3):
+            lines.append(f"    LAG PROBE ERROR ({when}) x{n}: {sample}")
+    return "\n".join(lines)
+
+
+async def measure(system: System, args: argparse.Namespace, cleanup: contextlib.ExitStack, report: Report) -> None:
+    from shared.auth import Role
+
+    tag = uuid.uuid4().hex[:8]
+    gateway = system.gateway()
+    clinic = {**bearer(role=Role.INSTITUTION, institution=INSTITUTION), "Content-Type": "application/json"}
+    base = {"concurrency": args.concurrency, "warmup": args.warmup, "duration": args.duration, "headers": clinic}
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=32)) as session:
+        say(f"seeding {args.residents} residents through the gateway ...")
+        matched, report.seed_rate = await seed_residents(session, gateway, args.residents)
+        report.seeded = len(matched)
+
+        # The ceiling first, while the VRS services are idle and have no backlog to work off.
+        if not args.skip_baseline:
+            say("starting the baseline app and a gateway in front of it ...")
+            start_baseline(system, cleanup)
+            assert system.baseline is not None and system.proxy is not None
+            baseline_proc, proxy = system.baseline, system.proxy
+            await wait_quiet(args.quiet_cores, args.quiet_wait)
+            say("load: baseline FastAPI + asyncpg ...")
+            report.baseline_cpu = CpuMeter({"baseline": lambda: [baseline_proc.pid], "postgres": system.pg_pids})
+            report.baseline = await run_load(
+                LoadSpec(
+                    name="baseline", url=f"http://127.0.0.1:{system.baseline_port}{DOSE_PATH}", kind="single",
+                    phase=PHASE_BASELINE, tag=f"{tag}-base", **base,
+                ),
+                report.baseline_cpu,
+            )  # fmt: skip
+            say(f"  {report.baseline.rate:.0f} req/s")
+            await wait_quiet(args.quiet_cores, args.quiet_wait)
+            say("load: gateway → baseline ...")
+            report.proxied_cpu = CpuMeter(
+                {
+                    "gateway": lambda: [p.pid for p in proxy.processes.values()],
+                    "baseline": lambda: [baseline_proc.pid],
+                    "postgres": system.pg_pids,
+                }
+            )
+            report.proxied = await run_load(
+                LoadSpec(
+                    name="proxied", url=proxy.url() + DOSE_PATH, kind="single", phase=PHASE_BASELINE,
+                    tag=f"{tag}-proxied", **base,
+                ),
+                report.proxied_cpu,
+            )  # fmt: skip
+            say(f"  {report.proxied.rate:.0f} req/s")
+            proxy.stop()
+            baseline_proc.terminate()
+
+        prober = Prober(session, gateway, tag)
+        vrs_groups: dict[str, Callable[[], list[int]]] = {
+            name: system.pids(name) for name in ("gateway", "records", "registry", "stats")
+        }
+        vrs_groups |= {"postgres": system.pg_pids, "kafka": system.kafka_pids, "bench(probes)": lambda: [os.getpid()]}
+
+        async def probe_under_load(window_start: float, window_end: float) -> None:
+            await asyncio.sleep(max(0.0, window_start - time.monotonic()))
+            while time.monotonic() < window_end:
+                await prober.probe(report.lag_load, poll_interval=args.load_poll_ms / 1000)
+
+        await wait_quiet(args.quiet_cores, args.quiet_wait)
+        say("load: single doses through the gateway (lag probes alongside) ...")
+        report.single_cpu = CpuMeter(dict(vrs_groups))
+        report.single = await run_load(
+            LoadSpec(
+                name="single", url=gateway + DOSE_PATH, kind="single", phase=PHASE_SINGLE, tag=f"{tag}-single",
+                matched=tuple(matched), **base,
+            ),
+            report.single_cpu,
+            probe_under_load,
+        )  # fmt: skip
+        say(f"  {report.single.rate:.0f} req/s, {len(report.lag_load.values)} lag probes alongside")
+        report.drain_single = await wait_drained(session, gateway, report.single.accepted_total + prober.accepted)
+        say(f"  backlog: {report.drain_single.describe()}")
+
+        await wait_quiet(args.quiet_cores, args.quiet_wait)
+        say(f"lag: {args.probes} probes on the idle system ...")
+        for _ in range(args.probes):
+            await prober.probe(report.lag_idle, poll_interval=args.poll_ms / 1000)
+
+        await wait_quiet(args.quiet_cores, args.quiet_wait)
+        say("load: dose batches through the gateway ...")
+        report.batch_cpu = CpuMeter(dict(vrs_groups))
+        report.batch = await run_load(
+            LoadSpec(
+                name="batch", url=gateway + DOSE_PATH + "/batch", kind="batch", phase=PHASE_BATCH,
+                tag=f"{tag}-batch", concurrency=args.batch_clients, warmup=args.warmup,
+                duration=args.batch_duration, headers=clinic, batch_size=args.batch_size,
+            ),
+            report.batch_cpu,
+        )  # fmt: skip
+        say(f"  {report.batch.item_rate:.0f} doses/s")
+        expected = report.single.accepted_total + prober.accepted + report.batch.accepted_total
+        report.drain_batch = await wait_drained(session, gateway, expected)
+        say(f"  backlog: {report.drain_batch.describe()}")
+
+
+def server_versions(system: System) -> tuple[str, str]:
+    from shared.harness.kafka import KAFKA_VERSION
+
+    try:
+        postgres = system.pg.execute("SHOW server_version").split()[0]
+    except Exception:
+        postgres = "?"
+    return postgres, KAFKA_VERSION
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(
+        prog="python -m services.bench", description=__doc__.split("\n")[0] if __doc__ else ""
+    )
+    parser.add_argument(
+        "--duration", type=float, default=float(env("VRS_BENCH_DURATION", "12")), help="measured seconds"
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=float(env("VRS_BENCH_WARMUP", "2")), help="unmeasured seconds first"
+    )
+    parser.add_argument("--concurrency", type=int, default=int(env("VRS_BENCH_CONCURRENCY", "32")))
+    parser.add_argument("--probes", type=int, default=int(env("VRS_BENCH_PROBES", "200")), help="idle lag probes")
+    parser.add_argument("--poll-ms", type=float, default=2.0, help="stats polling interval of idle lag probes")
+    parser.add_argument("--load-poll-ms", type=float, default=20.0, help="the same under load (it adds load)")
+    parser.add_argument("--residents", type=int, default=int(env("VRS_BENCH_RESIDENTS", "500")))
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--batch-clients", type=int, default=8)
+    parser.add_argument("--batch-duration", type=float, default=float(env("VRS_BENCH_BATCH_DURATION", "10")))
+    parser.add_argument(
+        "--quiet-cores", type=float, default=0.5, help="before each phase, wait until at most this many cores are busy"
+    )
+    parser.add_argument("--quiet-wait", type=float, default=20.0, help="... but no longer than this many seconds")
+    parser.add_argument("--skip-baseline", action="store_true", help="measure VRS only")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, data)")
+    return parser.parse_args(argv)
+
+
+def _terminate(signum: int, _: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the teardown short
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def _temporary_directory(keep: bool) -> Iterator[Path]:
+    tmp = Path(tempfile.mkdtemp(prefix="vrs-bench-"))
+    keep_it = keep
+    try:
+        yield tmp
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
+        keep_it = True  # the logs say what went wrong
+        raise
+    finally:
+        if keep_it:
+            say(f"logs and data kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    report = Report()
+    try:
+        with _temporary_directory(args.keep) as tmp, contextlib.ExitStack() as cleanup:
+            system = start_system(tmp, cleanup)
+            report.postgres, report.kafka = server_versions(system)
+            try:
+                asyncio.run(measure(system, args, cleanup, report))
+            except BaseException:
+                if dead := system.stack.exited():
+                    say(f"services that died: {dead}")
+                    dump_logs(system.stack.log_dir)
+                raise
+            print(render(report, args), flush=True)
+            say("tearing down ...")
+        say("done")
+    except KeyboardInterrupt:
+        say("interrupted; everything started was stopped")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
