@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 
 from fastapi import APIRouter, FastAPI
 
+from shared.auth import TokenVerifier
 from shared.errors import install_error_handlers
 from shared.observability import configure_logging, install_health
 from shared.settings import ServiceSettings
@@ -30,6 +31,9 @@ def build_app(
     )
     app.state.settings = settings
     app.state.auth_settings = settings.auth
+    app.state.token_verifier = TokenVerifier(
+        settings.auth, cache_size=settings.auth.token_cache_size, ttl_seconds=settings.auth.token_cache_seconds
+    )
     install_error_handlers(app)
 
     async def check_ready() -> None:
@@ -39,6 +43,3 @@ def build_app(
     for router in routers:
         app.include_router(router)
     return app
-
-
-LifespanFn = Callable[[FastAPI], AsyncIterator[None]]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any
@@ -118,9 +119,50 @@ def principal_from_header(settings: AuthSettings, authorization: str | None) -> 
     return verify_token(settings, token.strip())
 
 
-def _principal(request: Request) -> Principal:
-    settings: AuthSettings = request.app.state.auth_settings
-    return principal_from_header(settings, request.headers.get("authorization"))
+class TokenVerifier:
+    """Verifies bearer tokens, remembering the ones already verified.
+
+    An HS256 verification costs about 35 µs, a cache hit well under 1 µs; devices send the same token for its
+    whole life, so at thousands of requests per second the cache saves a good part of a core (far more once
+    tokens are asymmetric). Only successes are cached, each until the earlier of its ``exp`` and
+    ``ttl_seconds`` from now, so a rotated signing key takes effect within ``ttl_seconds``.
+    """
+
+    def __init__(self, settings: AuthSettings, *, cache_size: int, ttl_seconds: float) -> None:
+        self._settings = settings
+        self._cache_size = cache_size
+        self._ttl = ttl_seconds
+        self._cache: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
+
+    def principal(self, authorization: str | None) -> Principal:
+        """The caller named by an ``Authorization`` header; raises ``Unauthorized`` if it names nobody valid."""
+        if not authorization:
+            return ANONYMOUS
+        if not self._cache_size:
+            return principal_from_header(self._settings, authorization)
+        now = time.time()
+        hit = self._cache.get(authorization)
+        if hit is not None:
+            if hit[1] > now:
+                self._cache.move_to_end(authorization)
+                return hit[0]
+            del self._cache[authorization]
+        principal = principal_from_header(self._settings, authorization)
+        # Verified just above, so reading the claims again without verification is safe.
+        exp = jwt.get_unverified_claims(authorization.partition(" ")[2].strip())["exp"]
+        self._cache[authorization] = (principal, min(float(exp), now + self._ttl))
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return principal
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+
+async def _principal(request: Request) -> Principal:
+    # async: a plain `def` dependency would cost a thread-pool hop on every request.
+    verifier: TokenVerifier = request.app.state.token_verifier
+    return verifier.principal(request.headers.get("authorization"))
 
 
 PrincipalDep = Annotated[Principal, Depends(_principal)]
@@ -129,7 +171,7 @@ PrincipalDep = Annotated[Principal, Depends(_principal)]
 def require(*roles: Role) -> Any:
     """Dependency: the caller must hold one of ``roles``; returns the principal."""
 
-    def check(principal: PrincipalDep) -> Principal:
+    async def check(principal: PrincipalDep) -> Principal:
         if principal.role not in roles:
             if principal.role is Role.ANONYMOUS:
                 raise Unauthorized("a bearer token is required")

@@ -46,7 +46,9 @@ def create_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
             cur.close()
 
         return engine
-    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    # No pre-ping: it costs a round trip per checkout; a dropped connection is invalidated when it fails, and
+    # recycling keeps connections younger than any idle timeout on the way.
+    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800)
 
 
 def upsert(session: AsyncSession, table: Any) -> Any:
@@ -168,6 +170,10 @@ class UnitOfWork:
 
     async def for_municipality(self, municipality_code: str) -> AsyncSession:
         return self._session(await self._databases.shard_of(municipality_code))
+
+    @property
+    def touched_shards(self) -> list[str]:
+        return [name for name in self._sessions if name is not None]
 
     def shard(self, name: str) -> AsyncSession:
         return self._session(name)

@@ -36,25 +36,36 @@ class InternalClient:
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                timeout=self._timeout, connector=aiohttp.TCPConnector(limit=100, keepalive_timeout=30)
+                timeout=self._timeout,
+                # Below uvicorn's 5 s keep-alive: never reuse a connection the peer is about to close.
+                connector=aiohttp.TCPConnector(limit=100, keepalive_timeout=4),
             )
         return self._session
 
     async def request(
         self, method: str, path: str, *, json: Any = None, params: dict[str, str] | None = None
     ) -> tuple[int, Any]:
-        """(status, decoded JSON body). Raises :class:`ServiceUnavailable` when the peer cannot be reached."""
-        try:
-            async with self._http().request(
-                method,
-                self._base_url + path,
-                json=json,
-                params=params,
-                headers={"Authorization": self._authorization()},
-            ) as response:
-                return response.status, await response.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ServiceUnavailable(f"{self._base_url} did not answer: {type(exc).__name__}") from None
+        """(status, decoded JSON body). Raises :class:`ServiceUnavailable` when the peer cannot be reached.
+
+        Internal calls are idempotent by design (look-ups, notices that set a state), so a connection the
+        peer dropped is retried once on a fresh one.
+        """
+        for attempt in (1, 2):
+            try:
+                async with self._http().request(
+                    method,
+                    self._base_url + path,
+                    json=json,
+                    params=params,
+                    headers={"Authorization": self._authorization()},
+                ) as response:
+                    return response.status, await response.json(content_type=None)
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                if attempt == 2:
+                    raise ServiceUnavailable(f"{self._base_url} did not answer: {type(exc).__name__}") from None
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise ServiceUnavailable(f"{self._base_url} did not answer: {type(exc).__name__}") from None
+        raise AssertionError("unreachable")
 
     async def close(self) -> None:
         if self._session is not None:

@@ -43,6 +43,10 @@ class AuthSettings(BaseSettings):
     jwt_issuer: str = "vrs-dev"
     jwks_url: str | None = None
     token_ttl_seconds: int = 3600
+    # Verified tokens remembered by their raw header value (0 turns the cache off), each for at most this long
+    # so that a rotated key takes effect.
+    token_cache_size: int = Field(default=10_000, ge=0)
+    token_cache_seconds: float = Field(default=60.0, gt=0)
 
     @model_validator(mode="after")
     def _refuse_default_secret(self) -> AuthSettings:

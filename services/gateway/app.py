@@ -11,7 +11,6 @@ from services.gateway.proxy import create_transport
 from services.gateway.router import router
 from services.gateway.service import Gateway
 from services.gateway.settings import GatewaySettings
-from services.gateway.tokens import TokenVerifier
 from shared.app import build_app
 from shared.db import Databases
 
@@ -31,9 +30,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 Upstream.STATS: settings.stats_url,
             },
             transport=app.state.transport,
-            tokens=TokenVerifier(
-                settings.auth, cache_size=settings.token_cache_size, ttl_seconds=settings.token_cache_seconds
-            ),
+            tokens=app.state.token_verifier,
             audit=app.state.audit,
             max_body_bytes=settings.max_body_bytes,
         )

@@ -17,8 +17,7 @@ from services.gateway.proxy import (
     UpstreamUnreachable,
     returned_headers,
 )
-from services.gateway.tokens import TokenVerifier
-from shared.auth import Principal, Role
+from shared.auth import Principal, Role, TokenVerifier
 from shared.errors import GatewayTimeout, ServiceUnavailable, VRSError, error_response
 
 log = logging.getLogger(__name__)

@@ -32,8 +32,3 @@ class GatewaySettings(ServiceSettings):
     proxy_keepalive_seconds: float = Field(default=4.0, gt=0)
     # Bodies are buffered, not streamed: dose batches (≤ 1,000 items) and resident CSV imports.
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1)
-
-    # Verified tokens by their raw header value; 0 turns the cache off.
-    token_cache_size: int = Field(default=10_000, ge=0)
-    # A cached token is re-verified after this long even before its exp, so a rotated key takes effect.
-    token_cache_seconds: float = Field(default=60.0, gt=0)

@@ -61,24 +61,31 @@ class IdempotencyRepository:
         stmt = select(IdempotencyKey).where(IdempotencyKey.scope == scope, IdempotencyKey.key.in_(keys))
         return {row.key: row for row in (await self.session.execute(stmt)).scalars()}
 
-    async def claim(self, entry: IdempotencyKey) -> bool:
-        """Insert the key; False when it already exists. On PostgreSQL a concurrent claim of the same key waits
-        here until the other transaction ends, so the loser then reads the winner's stored answer."""
+    async def claim(self, entries: Sequence[IdempotencyKey]) -> set[str]:
+        """Insert the keys in one statement; returns those that were new. On PostgreSQL a concurrent claim of
+        the same key waits here until the other transaction ends, so the loser then reads the winner's
+        stored answer."""
+        if not entries:
+            return set()
         table = IdempotencyKey.__table__
+        rows = [
+            {
+                "scope": e.scope,
+                "key": e.key,
+                "request_hash": e.request_hash,
+                "dose_id": e.dose_id,
+                "response": e.response,
+                "created_at": e.created_at,
+            }
+            for e in entries
+        ]
         stmt = (
             upsert(self.session, table)
-            .values(
-                scope=entry.scope,
-                key=entry.key,
-                request_hash=entry.request_hash,
-                dose_id=entry.dose_id,
-                response=entry.response,
-                created_at=entry.created_at,
-            )
+            .values(rows)
             .on_conflict_do_nothing(index_elements=["scope", "key"])
+            .returning(table.c.key)
         )
-        result = await self.session.execute(stmt)
-        return bool(result.rowcount)  # type: ignore[attr-defined]
+        return set((await self.session.execute(stmt)).scalars())
 
 
 class OutboxRepository:

@@ -55,7 +55,7 @@ def _holders(request: Request) -> CouponHolders:
 def _wake_relay_after_commit(request: Request, uow: UnitOfWork) -> None:
     relay: OutboxRelay | None = request.app.state.relay
     if relay is not None:
-        uow.after_commit(relay.wake)
+        uow.after_commit(lambda: relay.wake(*uow.touched_shards))
 
 
 @router.post(

@@ -31,6 +31,7 @@ from shared.domain.dose_rules import (
     DoseRejected,
     DoseStatus,
     EarlierDose,
+    Finding,
     check_admissible,
     decide_status,
     review_findings,
@@ -133,69 +134,47 @@ async def record_doses(
         except DoseRejected as exc:
             outcomes[i].error = InvalidField(exc.field, exc.message)
 
+    if not admissible:
+        return outcomes
+    # Ask registry first (one call for the whole batch, mostly cached), so that no database transaction is
+    # held open across an HTTP call.
+    found = await holders.lookup((c.municipality_code, c.coupon_number) for _, _, c in admissible)
     by_shard: dict[str, list[tuple[int, Submission, CouponLine]]] = defaultdict(list)
     for item in admissible:
         by_shard[await uow.databases.shard_of(item[2].municipality_code)].append(item)
-
-    # Answer repeats before asking registry anything: a retry must be cheap and must not change.
-    fresh: dict[str, list[tuple[int, Submission, CouponLine]]] = defaultdict(list)
+    now = utcnow()
     for shard, items in by_shard.items():
-        stored = await IdempotencyRepository(uow.shard(shard)).get_many(
-            principal.scope_key, [sub.key for _, sub, _ in items]
-        )
+        session = uow.shard(shard)
+        doses, keys, outbox = DoseRepository(session), IdempotencyRepository(session), OutboxRepository(session)
+        # Answer repeats first: a retry must not change anything.
+        stored = await keys.get_many(principal.scope_key, [sub.key for _, sub, _ in items])
+        fresh = []
         for i, sub, coupon in items:
             if sub.key in stored:
                 outcomes[i] = _replay(stored[sub.key], sub.dose)
             else:
-                fresh[shard].append((i, sub, coupon))
-    if not fresh:
-        return outcomes
-
-    found = await holders.lookup(
-        (coupon.municipality_code, coupon.coupon_number) for items in fresh.values() for _, _, coupon in items
-    )
-    now = utcnow()
-    for shard, items in fresh.items():
-        session = uow.shard(shard)
-        doses, keys, outbox = DoseRepository(session), IdempotencyRepository(session), OutboxRepository(session)
+                fresh.append((i, sub, coupon))
+        if not fresh:
+            continue
         on_file: dict[CouponKey, list[Dose]] = defaultdict(list)
-        for d in await doses.of_coupons(sorted({(c.municipality_code, c.coupon_number) for _, _, c in items})):
+        for d in await doses.of_coupons(sorted({(c.municipality_code, c.coupon_number) for _, _, c in fresh})):
             on_file[(d.municipality_code, d.coupon_number)].append(d)
-        for i, sub, coupon in items:
+        prepared: list[tuple[int, Submission, Dose, DoseAccepted]] = []
+        for i, sub, coupon in fresh:
             coupon_key = (coupon.municipality_code, coupon.coupon_number)
             holder = found.get(coupon_key)
             findings = review_findings(_facts(sub.dose), coupon, _earlier(on_file[coupon_key]), rules=rules)
             status = decide_status(findings, matched=holder is not None)
-            dose = Dose(
-                dose_id=str(uuid.uuid4()),
-                municipality_code=coupon.municipality_code,
-                coupon_number=coupon.coupon_number,
-                coupon_line=str(coupon),
-                dose_number=sub.dose.dose_number,
-                vaccinated_on=sub.dose.vaccinated_on,
-                vaccine=sub.dose.vaccine,
-                lot_number=sub.dose.lot_number,
-                venue=sub.dose.venue,
-                doctor=sub.dose.doctor,
-                medical_worker=sub.dose.medical_worker,
-                status=status.value,
-                findings=[{"code": f.code, "message": f.message} for f in findings],
-                rules_version=rules.version,
-                resident_id=holder.resident_id if holder else None,
-                sex=holder.sex if holder else "U",
-                age_band=age_band(holder.birth_date if holder else None, sub.dose.vaccinated_on).value,
-                voided=False,
-                recorded_by=principal.scope_key,
-                recorded_at=now,
-                updated_at=now,
-                version=1,
-            )
+            dose = _new_dose(sub.dose, coupon, holder, status, findings, rules=rules, by=principal.scope_key, now=now)
+            on_file[coupon_key].append(dose)  # a batch may carry dose 1 and dose 2 of one person
             accepted = DoseAccepted(
                 dose_id=dose.dose_id,
                 status=status.value,
                 findings=[FindingOut(code=f.code, message=f.message) for f in findings],
             )
-            claimed = await keys.claim(
+            prepared.append((i, sub, dose, accepted))
+        claimed = await keys.claim(
+            [
                 IdempotencyKey(
                     scope=principal.scope_key,
                     key=sub.key,
@@ -204,17 +183,56 @@ async def record_doses(
                     response=accepted.model_dump(mode="json"),
                     created_at=now,
                 )
-            )
-            if not claimed:  # the same key arrived concurrently and won
+                for _, sub, dose, accepted in prepared
+            ]
+        )
+        for i, sub, dose, accepted in prepared:
+            if sub.key not in claimed:  # the same key arrived concurrently and won
                 winner = await keys.get(principal.scope_key, sub.key)
                 assert winner is not None
                 outcomes[i] = _replay(winner, sub.dose)
                 continue
             doses.add(dose)
             _emit(outbox, DoseEventType.RECORDED, dose, previous=None)
-            on_file[coupon_key].append(dose)  # a batch may carry dose 1 and dose 2 of one person
             outcomes[i] = Outcome(accepted=accepted)
     return outcomes
+
+
+def _new_dose(
+    dose: DoseIn,
+    coupon: CouponLine,
+    holder: HolderIn | None,
+    status: DoseStatus,
+    findings: Sequence[Finding],
+    *,
+    rules: VaccineRules,
+    by: str,
+    now: datetime,
+) -> Dose:
+    return Dose(
+        dose_id=str(uuid.uuid4()),
+        municipality_code=coupon.municipality_code,
+        coupon_number=coupon.coupon_number,
+        coupon_line=str(coupon),
+        dose_number=dose.dose_number,
+        vaccinated_on=dose.vaccinated_on,
+        vaccine=dose.vaccine,
+        lot_number=dose.lot_number,
+        venue=dose.venue,
+        doctor=dose.doctor,
+        medical_worker=dose.medical_worker,
+        status=status.value,
+        findings=[{"code": f.code, "message": f.message} for f in findings],
+        rules_version=rules.version,
+        resident_id=holder.resident_id if holder else None,
+        sex=holder.sex if holder else "U",
+        age_band=age_band(holder.birth_date if holder else None, dose.vaccinated_on).value,
+        voided=False,
+        recorded_by=by,
+        recorded_at=now,
+        updated_at=now,
+        version=1,
+    )
 
 
 def to_out(dose: Dose) -> DoseOut:

@@ -6,9 +6,8 @@ import time
 
 import pytest
 
-import services.gateway.tokens as tokens_module
-from services.gateway.tokens import TokenVerifier
-from shared.auth import ANONYMOUS, Role, mint_token, principal_from_header
+import shared.auth as auth_module
+from shared.auth import ANONYMOUS, Role, TokenVerifier, mint_token, principal_from_header
 from shared.errors import Unauthorized
 from shared.settings import AuthSettings
 
@@ -23,7 +22,7 @@ def verifications(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         calls.append(authorization or "")
         return principal_from_header(settings, authorization)
 
-    monkeypatch.setattr(tokens_module, "principal_from_header", counting)
+    monkeypatch.setattr(auth_module, "principal_from_header", counting)
     return calls
 
 
