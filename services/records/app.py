@@ -31,7 +31,11 @@ def create_app(settings: RecordsSettings | None = None) -> FastAPI:
         task = None
         if settings.run_relay:
             relay = OutboxRelay(
-                databases, publisher, batch_size=settings.relay_batch_size, idle_seconds=settings.relay_idle_seconds
+                databases,
+                publisher,
+                batch_size=settings.relay_batch_size,
+                idle_seconds=settings.relay_idle_seconds,
+                linger_seconds=settings.relay_linger_seconds,
             )
             app.state.relay = relay
             task = asyncio.create_task(relay.run(), name="outbox-relay")
