@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import date, timedelta
 from pathlib import Path
@@ -16,10 +15,10 @@ from services.records.repository import OutboxRepository
 from shared.bus import OutgoingMessage
 from shared.bus.embedded import EmbeddedLog
 from shared.db import Databases, utcnow
-from shared.domain.age import AgeBand
-from shared.events import DoseEvent, DoseEventType, StatsCell
+from shared.events import DoseEvent
 from shared.migrations import upgrade
 from shared.settings import BusSettings
+from tests.factories import recorded
 
 TREES = Path(__file__).resolve().parents[4] / "services" / "records" / "migrations"
 
@@ -38,24 +37,8 @@ async def databases(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
     await dbs.dispose()
 
 
-def event(n: int) -> DoseEvent:
-    cell = StatsCell(
-        date=date(2021, 6, 1) + timedelta(days=n % 5),
-        prefecture="13",
-        municipality="131016",
-        sex="F",
-        age_band=AgeBand.UNDER_65,
-        medical_worker=False,
-        dose_number=1,
-        vaccine="pfizer",
-    )
-    return DoseEvent(
-        type=DoseEventType.RECORDED, dose_id=uuid.uuid4(), municipality="131016", cell=cell, previous_cell=None
-    )
-
-
 async def write_outbox(dbs: Databases, n: int) -> list[DoseEvent]:
-    events = [event(i) for i in range(n)]
+    events = [recorded(date=date(2021, 6, 1) + timedelta(days=i % 5)) for i in range(n)]
     async with dbs.shards["s0"].sessionmaker() as session, session.begin():
         repo = OutboxRepository(session)
         for e in events:

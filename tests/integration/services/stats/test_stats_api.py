@@ -23,23 +23,9 @@ from shared.db import Database
 from shared.domain.age import AgeBand
 from shared.events import DoseEvent, DoseEventType, StatsCell
 from shared.settings import AuthSettings, BusSettings
+from tests.factories import cell
 
 DOSES = "/api/v1/stats/doses"
-
-
-def cell(**changes: Any) -> StatsCell:
-    fields: dict[str, Any] = {
-        "date": date(2021, 6, 1),
-        "prefecture": "13",
-        "municipality": "131016",
-        "sex": "F",
-        "age_band": AgeBand.UNDER_65,
-        "medical_worker": False,
-        "dose_number": 1,
-        "vaccine": "pfizer",
-    }
-    fields.update(changes)
-    return StatsCell(**fields)
 
 
 def bearer(

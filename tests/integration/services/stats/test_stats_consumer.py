@@ -23,23 +23,9 @@ from shared.db import Database
 from shared.domain.age import AgeBand
 from shared.events import DoseEvent, DoseEventType, StatsCell
 from shared.settings import BusSettings
+from tests.factories import cell
 
 CellKey = tuple[Any, ...]
-
-
-def cell(**changes: Any) -> StatsCell:
-    fields: dict[str, Any] = {
-        "date": date(2021, 6, 1),
-        "prefecture": "13",
-        "municipality": "131016",
-        "sex": "F",
-        "age_band": AgeBand.UNDER_65,
-        "medical_worker": False,
-        "dose_number": 1,
-        "vaccine": "pfizer",
-    }
-    fields.update(changes)
-    return StatsCell(**fields)
 
 
 UNKNOWN = cell(sex="U", age_band=AgeBand.UNKNOWN)  # a dose whose coupon holder is not registered yet

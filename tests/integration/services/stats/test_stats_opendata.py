@@ -14,7 +14,6 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from datetime import date
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -30,6 +29,7 @@ from shared.domain.age import AgeBand
 from shared.domain.codes import municipality_check_digit
 from shared.events import StatsCell
 from shared.settings import BusSettings
+from tests.factories import cell
 
 REPO_ROOT = Path(__file__).resolve().parents[4]
 NDJSON = "/api/v1/opendata/prefecture.ndjson"
@@ -51,21 +51,6 @@ def prefecture_body(prefecture: str) -> str:
     """A valid municipality code in ``prefecture`` (the prefecture's own: body PP000 + check digit)."""
     body = f"{prefecture}000"
     return f"{body}{municipality_check_digit(body)}"
-
-
-def cell(**changes: Any) -> StatsCell:
-    fields: dict[str, Any] = {
-        "date": date(2021, 6, 1),
-        "prefecture": "13",
-        "municipality": "131016",
-        "sex": "F",
-        "age_band": AgeBand.UNDER_65,
-        "medical_worker": False,
-        "dose_number": 1,
-        "vaccine": "pfizer",
-    }
-    fields.update(changes)
-    return StatsCell(**fields)
 
 
 async def add_cells(database: Database, deltas: Mapping[StatsCell, int]) -> None:

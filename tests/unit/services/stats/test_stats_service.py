@@ -21,21 +21,7 @@ from shared.bus import Message
 from shared.domain.age import AgeBand
 from shared.errors import Forbidden, InvalidField, Unauthorized
 from shared.events import DoseEvent, DoseEventType, StatsCell
-
-
-def cell(**changes: Any) -> StatsCell:
-    fields: dict[str, Any] = {
-        "date": date(2021, 6, 1),
-        "prefecture": "13",
-        "municipality": "131016",
-        "sex": "F",
-        "age_band": AgeBand.UNDER_65,
-        "medical_worker": False,
-        "dose_number": 1,
-        "vaccine": "pfizer",
-    }
-    fields.update(changes)
-    return StatsCell(**fields)
+from tests.factories import cell
 
 
 def event(kind: DoseEventType, new: StatsCell | None, previous: StatsCell | None = None) -> DoseEvent:
