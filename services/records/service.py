@@ -98,6 +98,10 @@ def _earlier(doses: Sequence[Dose], *, excluding: str | None = None) -> list[Ear
     ]
 
 
+def _stored_findings(findings: Sequence[Finding]) -> list[dict[str, Any]]:
+    return [{"code": f.code, "message": f.message} for f in findings]
+
+
 def _replay(stored: IdempotencyKey, dose: DoseIn) -> Outcome:
     if stored.request_hash != request_hash(dose):
         return Outcome(error=InvalidField("Idempotency-Key", "was already used for a different dose"))
@@ -222,7 +226,7 @@ def _new_dose(
         doctor=dose.doctor,
         medical_worker=dose.medical_worker,
         status=status.value,
-        findings=[{"code": f.code, "message": f.message} for f in findings],
+        findings=_stored_findings(findings),
         rules_version=rules.version,
         resident_id=holder.resident_id if holder else None,
         sex=holder.sex if holder else "U",
@@ -401,6 +405,6 @@ async def _apply_changes(
         )
         if holder is not None:
             dose.age_band = age_band(holder.birth_date, dose.vaccinated_on).value
-    dose.findings = [{"code": f.code, "message": f.message} for f in findings]
+    dose.findings = _stored_findings(findings)
     dose.rules_version = rules.version
     dose.status = decide_status(findings, matched=dose.resident_id is not None).value

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 
+import httpx
 import pytest
+from fastapi import FastAPI
 
+from services.stats.app import create_app
+from services.stats.repository import ConsumerRepository
+from services.stats.settings import StatsSettings
 from shared.db import Database
+from shared.events import StatsCell
 from shared.migrations import upgrade
 from shared.settings import BusSettings
+from tests.factories import AddCells
 
 MIGRATIONS = Path(__file__).resolve().parents[4] / "services" / "stats" / "migrations" / "main"
 
@@ -52,3 +59,34 @@ def any_bus(request: pytest.FixtureRequest, tmp_path: Path) -> BusSettings:
 def bus(tmp_path: Path) -> BusSettings:
     """A fresh topic on the embedded log: the real bus of the embedded mode."""
     return BusSettings(kind="embedded", topic="dose-events", partitions=3, embedded_path=tmp_path / "events.db")
+
+
+@pytest.fixture
+async def app(stats_dsn: str, bus: BusSettings) -> AsyncIterator[FastAPI]:
+    """The stats app on a fresh database, its consumer off: tests put counts in with ``add_cells``."""
+    application = create_app(StatsSettings(main_dsn=stats_dsn, bus=bus, run_consumer=False))
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest.fixture
+def database(app: FastAPI) -> Database:
+    db: Database = app.state.databases.main
+    return db
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://stats.test") as c:
+        yield c
+
+
+@pytest.fixture
+def add_cells(database: Database) -> AddCells:
+    """``await add_cells({cell: delta, ...})``: change counts as the consumer would, in one transaction."""
+
+    async def add(deltas: Mapping[StatsCell, int]) -> None:
+        async with database.sessionmaker() as session, session.begin():
+            await ConsumerRepository(session).add_to_counts(deltas)
+
+    return add

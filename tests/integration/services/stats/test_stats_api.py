@@ -6,24 +6,20 @@ import asyncio
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
 
 from services.stats.app import create_app
-from services.stats.repository import ConsumerRepository
 from services.stats.settings import StatsSettings
 from shared.auth import Role, mint_token
 from shared.bus import OutgoingMessage, make_publisher
-from shared.db import Database
 from shared.domain.age import AgeBand
 from shared.events import DoseEvent, DoseEventType, StatsCell
 from shared.settings import AuthSettings, BusSettings
-from tests.factories import cell
+from tests.factories import AddCells, cell
 
 DOSES = "/api/v1/stats/doses"
 
@@ -36,30 +32,6 @@ def bearer(
 
 
 NATIONAL = bearer(Role.NATIONAL)
-
-
-async def add_cells(database: Database, deltas: Mapping[StatsCell, int]) -> None:
-    async with database.sessionmaker() as session, session.begin():
-        await ConsumerRepository(session).add_to_counts(deltas)
-
-
-@pytest.fixture
-async def app(stats_dsn: str, bus: BusSettings) -> AsyncIterator[FastAPI]:
-    application = create_app(StatsSettings(main_dsn=stats_dsn, bus=bus, run_consumer=False))
-    async with application.router.lifespan_context(application):
-        yield application
-
-
-@pytest.fixture
-def database(app: FastAPI) -> Database:
-    db: Database = app.state.databases.main
-    return db
-
-
-@pytest.fixture
-async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://stats.test") as c:
-        yield c
 
 
 # A small world: Tokyo's 千代田区 and 港区, Sapporo; both sexes, all age bands, three days.
@@ -77,11 +49,11 @@ WORLD: dict[StatsCell, int] = {
 
 
 @pytest.fixture
-async def world(database: Database) -> None:
-    await add_cells(database, WORLD)
+async def world(add_cells: AddCells) -> None:
+    await add_cells(WORLD)
     # A dose recorded and then voided leaves its cell at zero; it must not show as a row.
-    await add_cells(database, {cell(date=date(2021, 6, 4)): 1})
-    await add_cells(database, {cell(date=date(2021, 6, 4)): -1})
+    await add_cells({cell(date=date(2021, 6, 4)): 1})
+    await add_cells({cell(date=date(2021, 6, 4)): -1})
 
 
 async def test_empty_database_gives_a_zero_total_and_no_as_of(client: httpx.AsyncClient) -> None:
@@ -187,9 +159,9 @@ async def test_municipality_cuts_need_the_national_role(client: httpx.AsyncClien
     assert filtered.json()["rows"] == [{"count": 5}]
 
 
-async def test_only_groups_above_zero_are_rows(client: httpx.AsyncClient, database: Database) -> None:
+async def test_only_groups_above_zero_are_rows(client: httpx.AsyncClient, add_cells: AddCells) -> None:
     """A cell below zero (a void applied before its dose, across partitions) is never shown on its own."""
-    await add_cells(database, {cell(): 2, cell(date=date(2021, 6, 2)): -1, cell(date=date(2021, 6, 3)): 0})
+    await add_cells({cell(): 2, cell(date=date(2021, 6, 2)): -1, cell(date=date(2021, 6, 3)): 0})
     rows = (await client.get(DOSES, params={"group_by": "date"})).json()["rows"]
     assert rows == [{"date": "2021-06-01", "count": 2}]
 

@@ -9,42 +9,21 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import time
-from collections.abc import AsyncIterator, Mapping
 from datetime import date
-from pathlib import Path
 
 import httpx
-import pytest
-from fastapi import FastAPI
 from sqlalchemy import insert
 
-from services.stats.app import create_app
 from services.stats.models import dose_counts
-from services.stats.repository import ConsumerRepository
-from services.stats.settings import StatsSettings
 from shared.db import Database
 from shared.domain.age import AgeBand
 from shared.domain.codes import municipality_check_digit
 from shared.events import StatsCell
-from shared.settings import BusSettings
-from tests.factories import cell
+from tests.factories import AddCells, cell, team_data
 
-REPO_ROOT = Path(__file__).resolve().parents[4]
 NDJSON = "/api/v1/opendata/prefecture.ndjson"
 CSV = "/api/v1/opendata/summary_by_date.csv"
-
-
-def opendata_file(name: str) -> Path:
-    override = os.environ.get("VRS_SHARED_DATA")
-    path = (Path(override) if override else REPO_ROOT / ".." / "shared" / "data") / "opendata" / name
-    if not path.is_file():
-        reason = f"the real open data is not here: {path} (set VRS_SHARED_DATA to the team folder's data/)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason}; CI=true: every test must run", pytrace=False)
-        pytest.skip(reason)
-    return path
 
 
 def prefecture_body(prefecture: str) -> str:
@@ -53,32 +32,8 @@ def prefecture_body(prefecture: str) -> str:
     return f"{body}{municipality_check_digit(body)}"
 
 
-async def add_cells(database: Database, deltas: Mapping[StatsCell, int]) -> None:
-    async with database.sessionmaker() as session, session.begin():
-        await ConsumerRepository(session).add_to_counts(deltas)
-
-
-@pytest.fixture
-async def app(stats_dsn: str, bus: BusSettings) -> AsyncIterator[FastAPI]:
-    application = create_app(StatsSettings(main_dsn=stats_dsn, bus=bus, run_consumer=False))
-    async with application.router.lifespan_context(application):
-        yield application
-
-
-@pytest.fixture
-def database(app: FastAPI) -> Database:
-    db: Database = app.state.databases.main
-    return db
-
-
-@pytest.fixture
-async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://stats.test") as c:
-        yield c
-
-
 async def test_prefecture_ndjson_equals_the_published_file(client: httpx.AsyncClient, database: Database) -> None:
-    path = opendata_file("prefecture-2021-07-15.ndjson")
+    path = team_data("opendata/prefecture-2021-07-15.ndjson")
     published = path.read_bytes()
     rows = []
     for line in published.decode().splitlines():
@@ -110,10 +65,9 @@ async def test_prefecture_ndjson_equals_the_published_file(client: httpx.AsyncCl
 
 
 async def test_prefecture_ndjson_sums_municipalities_and_vaccines(
-    client: httpx.AsyncClient, database: Database
+    client: httpx.AsyncClient, add_cells: AddCells
 ) -> None:
     await add_cells(
-        database,
         {
             # Two municipalities and two vaccines of one cell of the file: one line.
             cell(): 3,
@@ -130,8 +84,8 @@ async def test_prefecture_ndjson_sums_municipalities_and_vaccines(
             cell(date=date(2021, 6, 2)): 0,  # empty cells have no line
         },
     )
-    await add_cells(database, {cell(dose_number=3): 1})
-    await add_cells(database, {cell(dose_number=3): -1})
+    await add_cells({cell(dose_number=3): 1})
+    await add_cells({cell(dose_number=3): -1})
     response = await client.get(NDJSON)
     assert response.text == (
         '{"date":"2021-05-31","prefecture":"47","gender":"F","age":"-64","medical_worker":false,"status":1,"count":8}\n'
@@ -151,9 +105,9 @@ async def test_empty_exports(client: httpx.AsyncClient) -> None:
     assert response.content == b"date,count_first_or_mid_general,count_second_or_full_general\n"
 
 
-async def test_summary_by_date_csv_has_the_published_format(client: httpx.AsyncClient, database: Database) -> None:
+async def test_summary_by_date_csv_has_the_published_format(client: httpx.AsyncClient, add_cells: AddCells) -> None:
     """The published numbers came from another basis, so feed cells that yield them and compare bytes."""
-    path = opendata_file("summary_by_date-2021-07-15.csv")
+    path = team_data("opendata/summary_by_date-2021-07-15.csv")
     published = path.read_bytes()
     deltas: dict[StatsCell, int] = {}
     for row in csv.DictReader(io.StringIO(published.decode())):
@@ -166,7 +120,7 @@ async def test_summary_by_date_csv_has_the_published_format(client: httpx.AsyncC
         # Neither medical workers nor third doses count in these columns.
         deltas[cell(date=day, medical_worker=True)] = 5
         deltas[cell(date=day, dose_number=3)] = 7
-    await add_cells(database, {c: n for c, n in deltas.items() if n})
+    await add_cells({c: n for c, n in deltas.items() if n})
 
     response = await client.get(CSV)
     assert response.status_code == 200

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
-from pathlib import Path
 
 import pytest
 
@@ -20,15 +18,7 @@ from shared.domain.codes import (
     my_number_problem,
     prefecture_of,
 )
-
-REPO_ROOT = Path(__file__).resolve().parents[4]
-MUNICIPALITIES_CSV = Path("municipalities") / "localgovjp-utf8.csv"
-
-
-def _shared_data_dir() -> Path:
-    override = os.environ.get("VRS_SHARED_DATA")
-    return Path(override) if override else REPO_ROOT / ".." / "shared" / "data"
-
+from tests.factories import team_data
 
 # --- municipality codes (JIS X 0402, modulus 11) ---------------------------------------------------------------
 
@@ -157,12 +147,7 @@ def test_institution_codes(code: str, valid: bool) -> None:
 
 
 def test_all_municipality_codes_of_the_team_data_file() -> None:
-    path = _shared_data_dir() / MUNICIPALITIES_CSV
-    if not path.is_file():
-        reason = f"{path} not found (set VRS_SHARED_DATA to the shared data directory)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+    path = team_data("municipalities/localgovjp-utf8.csv")
     # The file starts with a UTF-8 BOM; utf-8-sig keeps it out of the first column's name.
     with path.open(encoding="utf-8-sig", newline="") as f:
         rows = list(csv.DictReader(f))
