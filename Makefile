@@ -10,6 +10,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	@# devtools/ (launcher, harness, bench) is not part of the installed package: put the checkout on the path.
+	$(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' | xargs -I{} sh -c 'echo "$(CURDIR)" > {}/vrs-devtools.pth'
 	@touch $@
 
 run: $(STAMP)  ## all services, embedded (SQLite + event log under var/), demo data
@@ -24,14 +26,14 @@ test: $(STAMP)  ## the whole suite, PostgreSQL + Kafka included (started by the 
 lint: $(STAMP)  ## ruff (format + lint) and mypy --strict
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
-	$(BIN)/mypy shared services tests
+	$(BIN)/mypy shared services devtools tests
 
 format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
 bench: $(STAMP)  ## throughput and lag on PostgreSQL + Kafka; prints numbers
-	$(BIN)/python -m services.bench
+	$(BIN)/python -m devtools.bench
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

@@ -7,13 +7,61 @@ sharded services, ``shard``); the same tree is applied to every shard.
 from __future__ import annotations
 
 import asyncio
+import importlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from alembic import command, context
 from alembic.config import Config
 from sqlalchemy import MetaData, pool
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
+
+SERVICES_DIR = Path(__file__).resolve().parents[1] / "services"
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """One service as the operator sees it: its settings (env prefix) and the databases it owns."""
+
+    name: str
+    settings_class: str
+    sharded: bool
+
+    @property
+    def env_prefix(self) -> str:
+        return f"VRS_{self.name.upper()}_"
+
+    def settings(self) -> Any:
+        module = importlib.import_module(f"services.{self.name}.settings")
+        return getattr(module, self.settings_class)()
+
+    def migration_targets(self) -> list[tuple[str, Path]]:
+        """(database URL, migration tree) for every database this service owns, as configured now."""
+        settings = self.settings()
+        trees = SERVICES_DIR / self.name / "migrations"
+        targets = [(settings.main_dsn, trees / "main")]
+        if self.sharded:
+            targets += [(dsn, trees / "shard") for dsn in settings.shard_dsns.values()]
+        return targets
+
+
+# In the order they start: the gateway last, it is ready only when what it fronts is.
+SERVICES = (
+    ServiceSpec("registry", "RegistrySettings", sharded=True),
+    ServiceSpec("records", "RecordsSettings", sharded=True),
+    ServiceSpec("stats", "StatsSettings", sharded=False),
+    ServiceSpec("gateway", "GatewaySettings", sharded=False),
+)
+BY_NAME = {spec.name: spec for spec in SERVICES}
+
+
+def migrate_all() -> None:
+    """Apply every service's migrations to every database the current environment configures."""
+    for spec in SERVICES:
+        for url, tree in spec.migration_targets():
+            upgrade(url, tree)
 
 
 def upgrade(url: str, location: Path, revision: str = "head") -> None:

@@ -18,9 +18,9 @@ from typing import NoReturn
 
 import pytest
 
-from shared.harness import free_port
-from shared.harness.kafka import KafkaError, KafkaServer, fetch_jars, missing_prerequisites
-from shared.harness.postgres import PostgresServer, find_pg_bindir
+from devtools.harness import free_port
+from devtools.harness.kafka import KafkaError, KafkaServer, fetch_jars, missing_prerequisites
+from devtools.harness.postgres import PostgresServer, find_pg_bindir
 
 
 def unavailable(reason: str) -> NoReturn:

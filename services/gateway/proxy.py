@@ -1,7 +1,7 @@
 """The proxy transport: one small interface, two implementations.
 
 :class:`AiohttpTransport` is the default: as the gateway's client it carries five to six times httpx's rate
-(httpx's pool is the bottleneck under concurrency; PERFORMANCE.md, and ``python -m services.gateway.bench``
+(httpx's pool is the bottleneck under concurrency; PERFORMANCE.md, and ``python -m devtools.bench.gateway``
 on this code). :class:`HttpxTransport` stays for comparison (``VRS_GATEWAY_PROXY_TRANSPORT=httpx``).
 
 Both send exactly what they are given — no default ``User-Agent``, ``Accept`` or ``Accept-Encoding``, no

@@ -11,15 +11,15 @@ from typing import Any
 
 import pytest
 
-from services.launcher import Stack
-from services.stack import SERVICES, postgres_databases, postgres_env, wiring_env
-from shared.harness import free_port
+from devtools.harness import free_port
+from devtools.launcher import Stack
+from devtools.stack import SERVICES, postgres_databases, postgres_env, wiring_env
 
 
 def _start(env: dict[str, str], log_dir: Path) -> Stack:
     ports = {spec.name: free_port() for spec in SERVICES}
     env = {**env, **wiring_env(ports), "VRS_ENVIRONMENT": "test"}
-    subprocess.run([sys.executable, "-m", "services.cli", "migrate"], env=env, check=True)
+    subprocess.run([sys.executable, "-m", "shared.cli", "migrate"], env=env, check=True)
     stack = Stack(env=env, ports=ports, log_dir=log_dir)
     try:
         stack.start(timeout=60)

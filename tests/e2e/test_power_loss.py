@@ -15,12 +15,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.launcher import Stack
-from services.stack import SERVICES, postgres_databases, postgres_env, wiring_env
+from devtools.harness import free_port
+from devtools.harness.kafka import KafkaServer
+from devtools.harness.postgres import PostgresServer
+from devtools.launcher import Stack
+from devtools.stack import SERVICES, postgres_databases, postgres_env, wiring_env
 from shared.auth import Role, mint_token
-from shared.harness import free_port
-from shared.harness.kafka import KafkaServer
-from shared.harness.postgres import PostgresServer
 from shared.settings import AuthSettings
 
 CLINIC = {"Authorization": f"Bearer {mint_token(AuthSettings(), role=Role.INSTITUTION, institution='1312345678')}"}
@@ -29,7 +29,7 @@ DAY = "2021-07-01"
 
 def start_stack(env: dict[str, str], var: Path, ports: dict[str, int]) -> Stack:
     env = {**env, **wiring_env(ports), "VRS_VAR_DIR": str(var), "VRS_ENVIRONMENT": "test"}
-    subprocess.run([sys.executable, "-m", "services.cli", "migrate"], env=env, check=True)
+    subprocess.run([sys.executable, "-m", "shared.cli", "migrate"], env=env, check=True)
     stack = Stack(env=env, ports=ports, log_dir=var / "log")
     stack.start(timeout=60)
     return stack

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from services.launcher import Stack
+from devtools.launcher import Stack
 from shared.auth import Role, mint_token
 from shared.settings import AuthSettings
 

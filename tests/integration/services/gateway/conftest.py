@@ -11,10 +11,10 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from devtools.harness import free_port
 from services.gateway.settings import GatewaySettings
 from shared.auth import Role, mint_token
 from shared.db import Database
-from shared.harness import free_port
 from shared.migrations import upgrade
 from shared.settings import AuthSettings
 from tests.integration.services.gateway.gateway_fakes import MIGRATIONS, FakeUpstream, fake_app, running_gateway, serve

@@ -1,7 +1,7 @@
 """Real PostgreSQL and Apache Kafka servers for the integration tests and local production-mode runs.
 
-- :mod:`shared.harness.postgres` — a PostgreSQL cluster in a directory (the Debian binaries).
-- :mod:`shared.harness.kafka` — a single-node KRaft Kafka broker (jars fetched from Maven Central).
+- :mod:`devtools.harness.postgres` — a PostgreSQL cluster in a directory (the Debian binaries).
+- :mod:`devtools.harness.kafka` — a single-node KRaft Kafka broker (jars fetched from Maven Central).
 
 Both keep all their state in a data directory, survive being killed, and take over (or cleanly replace) a
 server left running on the same directory by an earlier, killed run.

@@ -1,4 +1,4 @@
-"""Gateway overhead, measured: ``python -m services.gateway.bench [--seconds 10] [--connections 32]``.
+"""Gateway overhead, measured: ``python -m devtools.bench gateway [--seconds 10] [--connections 32]``.
 
 Starts a trivial upstream (FastAPI, one small JSON answer) and, one after another, gateways in front of it
 on each transport, all as uvicorn processes (uvloop, httptools) like ``vrs run``; drives each with the same
@@ -21,7 +21,6 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import cast
 
 import aiohttp
@@ -29,12 +28,12 @@ import uvloop
 from fastapi import FastAPI, Request, Response
 from yarl import URL
 
+from devtools.harness import free_port
 from shared.auth import Role, mint_token
-from shared.harness import free_port
-from shared.migrations import upgrade
+from shared.migrations import SERVICES_DIR, upgrade
 from shared.settings import AuthSettings
 
-MIGRATIONS = Path(__file__).resolve().parent / "migrations" / "main"
+MIGRATIONS = SERVICES_DIR / "gateway" / "migrations" / "main"
 BODY = (
     b'{"coupon":"111310160000000001","dose_number":1,"vaccinated_on":"2021-05-10",'
     b'"vaccine":"pfizer","lot_number":"EY1234"}'
@@ -184,8 +183,12 @@ def run_load(url: str, headers: dict[str, str], *, connections: int, seconds: fl
     return uvloop.run(_load(url, headers, connections=connections, seconds=seconds, warmup=min(2.0, seconds / 5)))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m devtools.bench.gateway",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=1, help="cycle through the variants this often; medians")
@@ -194,7 +197,7 @@ def main() -> None:
         default="direct,aiohttp,aiohttp-no-token-cache,httpx",
         help="comma-separated: direct, aiohttp, aiohttp-no-token-cache, httpx",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     variants = args.variants.split(",")
 
     auth = AuthSettings()
@@ -218,7 +221,7 @@ def main() -> None:
             "VRS_GATEWAY_STATS_URL": upstream_url,
             "VRS_GATEWAY_LOG_LEVEL": "WARNING",
         }
-        with uvicorn_process("services.gateway.bench:upstream_app", upstream_port, env):
+        with uvicorn_process("devtools.bench.gateway:upstream_app", upstream_port, env):
             # Interleaved rounds: a neighbour's burst of load hits every variant alike.
             for _ in range(args.rounds):
                 for variant in variants:
@@ -250,7 +253,8 @@ def main() -> None:
             f"{name:<24}{result.rate:>10.0f}{result.percentile(0.5):>10.1f}{result.percentile(0.99):>10.1f}"
             f"{result.errors:>8}{share:>11}"
         )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

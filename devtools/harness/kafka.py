@@ -4,7 +4,7 @@ The broker's jars come from Maven Central through Maven (``kafka-pom.xml`` next 
 cached in ``<project>/.cache/kafka/<version>/lib``; they are fetched only once (a marker file records a
 complete fetch). Pre-fetch them with::
 
-    python -m shared.harness.kafka fetch
+    python -m devtools.harness.kafka fetch
 
 Everything the broker keeps lives in ``data_dir``: ``server.properties``, the KRaft log directory
 (``kraft/``), ``server.log`` (the broker's own log, unless ``log_path`` says otherwise), ``kafka.out``
@@ -29,7 +29,7 @@ import uuid
 from pathlib import Path
 from typing import IO, Any
 
-from shared.harness import PROJECT_ROOT, kill_quietly, pid_alive, tail, wait_for_exit
+from devtools.harness import PROJECT_ROOT, kill_quietly, pid_alive, tail, wait_for_exit
 
 # 4.1.x: KRaft only (no ZooKeeper left), runs on Java 17 (its minimum for brokers), and is well inside the
 # range kafka-python 3.0.12 knows (up to 4.3). Keep the default in kafka-pom.xml in step.
@@ -423,7 +423,7 @@ class KafkaServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shared.harness.kafka", description="Kafka test harness")
+    parser = argparse.ArgumentParser(prog="python -m devtools.harness.kafka", description="Kafka test harness")
     commands = parser.add_subparsers(dest="command", required=True)
     fetch = commands.add_parser("fetch", help="fetch the broker's jars into the cache (no-op when cached)")
     fetch.add_argument("--cache-dir", type=Path, default=None)

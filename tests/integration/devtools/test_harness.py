@@ -17,9 +17,9 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from shared.harness import PROJECT_ROOT, free_port, pid_alive
-from shared.harness.kafka import KafkaServer
-from shared.harness.postgres import PostgresServer
+from devtools.harness import PROJECT_ROOT, free_port, pid_alive
+from devtools.harness.kafka import KafkaServer
+from devtools.harness.postgres import PostgresServer
 
 
 def run_and_get_killed(code: str) -> None:
@@ -82,7 +82,7 @@ def test_postgres_takes_over_a_server_left_by_a_killed_run(pg_bindir: Path, serv
     run_and_get_killed(
         f"""
         from pathlib import Path
-        from shared.harness.postgres import PostgresServer
+        from devtools.harness.postgres import PostgresServer
         server = PostgresServer(Path({str(data)!r}), {port})
         server.start()
         server.create_database("left")
@@ -180,7 +180,7 @@ def test_kafka_takes_over_a_broker_left_by_a_killed_run(kafka_lib: Path, server_
     run_and_get_killed(
         f"""
         from pathlib import Path
-        from shared.harness.kafka import KafkaServer
+        from devtools.harness.kafka import KafkaServer
         KafkaServer(Path({str(data)!r}), {port}, {controller_port}).start()
         """
     )

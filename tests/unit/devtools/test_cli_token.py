@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.cli import main
 from shared.auth import Role, verify_token
+from shared.cli import main
 from shared.settings import AuthSettings
 
 

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.stack import BY_NAME, SERVICES, migrate_all, postgres_databases, postgres_env, wiring_env
+from devtools.stack import BY_NAME, PORTS, SERVICES, TOPICS, migrate_all, postgres_databases, postgres_env, wiring_env
 
 # Fixed ports for `make run-full`, so that a restart finds the same servers and data.
 FULL_POSTGRES_PORT = 55432
@@ -135,8 +135,8 @@ def embedded_env(var: Path) -> dict[str, str]:
 @contextlib.contextmanager
 def full_infrastructure(var: Path) -> Iterator[dict[str, str]]:
     """PostgreSQL + Kafka under ``var/``; yields the production environment pointing at them."""
-    from shared.harness.kafka import KafkaServer
-    from shared.harness.postgres import PostgresServer
+    from devtools.harness.kafka import KafkaServer
+    from devtools.harness.postgres import PostgresServer
 
     pg = PostgresServer(var / "postgres", FULL_POSTGRES_PORT, log_path=var / "log" / "postgres.log")
     kafka = KafkaServer(var / "kafka", FULL_KAFKA_PORT, FULL_KAFKA_CONTROLLER_PORT, log_path=var / "log" / "kafka.log")
@@ -148,7 +148,8 @@ def full_infrastructure(var: Path) -> Iterator[dict[str, str]]:
             for name in postgres_databases():
                 pg.create_database(name)
             env = postgres_env(pg.dsn, kafka_bootstrap=kafka.bootstrap_servers)
-            kafka.create_topic("dose-events", 4)
+            for topic, partitions in TOPICS.items():
+                kafka.create_topic(topic, partitions)
             yield env
         finally:
             kafka.stop()
@@ -160,7 +161,7 @@ def run(*, full: bool, var: Path, seed: bool = True) -> int:
     var = var.resolve()
     var.mkdir(parents=True, exist_ok=True)
     base = {**os.environ, **embedded_env(var), "VRS_ENVIRONMENT": "development"}
-    ports = {spec.name: spec.port for spec in SERVICES}
+    ports = dict(PORTS)
 
     def on_signal(signum: int, _: object) -> None:
         # Ctrl-C, SIGTERM and a closed terminal all unwind the same way: services, then Kafka, then PostgreSQL.
@@ -180,7 +181,7 @@ def run(*, full: bool, var: Path, seed: bool = True) -> int:
         print("Starting services ...", flush=True)
         services.start()
         if seed:
-            from services.demo import seed_demo
+            from devtools.demo import seed_demo
 
             print("Seeding demo data (idempotent) ...", flush=True)
             seed_demo(services.url())

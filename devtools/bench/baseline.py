@@ -1,8 +1,8 @@
-"""The ceiling ``services.bench`` compares VRS with (PERFORMANCE.md): the least a dose POST can cost here.
+"""The ceiling ``devtools.bench`` compares VRS with (PERFORMANCE.md): the least a dose POST can cost here.
 
 One FastAPI process, a pydantic body, one asyncpg ``INSERT ... RETURNING`` per request on a pool of 20 — no
 gateway, no registry lookup, no outbox. It answers on VRS's own path, so a gateway can front it too.
-Run by the bench as ``uvicorn services.bench_baseline:app`` with ``VRS_BENCH_BASELINE_DSN`` set.
+Run by the bench as ``uvicorn devtools.bench.baseline:app`` with ``VRS_BENCH_BASELINE_DSN`` set.
 """
 
 from __future__ import annotations

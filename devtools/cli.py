@@ -1,4 +1,4 @@
-"""The ``vrs`` command."""
+"""The developer's ``vrs`` subcommands: ``run``, ``token``, ``seed`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from shared.auth import Role, mint_token
 from shared.settings import AuthSettings
@@ -29,7 +30,7 @@ def _token(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from services.launcher import run
+    from devtools.launcher import run
 
     try:
         return run(full=args.full, var=Path(args.var), seed=not args.no_seed)
@@ -38,25 +39,21 @@ def _run(args: argparse.Namespace) -> int:
         return 130
 
 
-def _migrate(_: argparse.Namespace) -> int:
-    from services.stack import migrate_all
-
-    migrate_all()
-    return 0
-
-
 def _seed(args: argparse.Namespace) -> int:
-    from services.demo import seed_demo
+    from devtools.demo import seed_demo
 
     seed_demo(args.gateway)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vrs", description="VRS — Vaccination Record System")
-    sub = parser.add_subparsers(required=True)
+def _bench(args: argparse.Namespace) -> int:
+    from devtools.bench.__main__ import main
 
-    token = sub.add_parser("token", help="print a development/test JWT signed with the configured key")
+    return main(args.rest)
+
+
+def register(sub: Any) -> None:
+    token = sub.add_parser("token", help="print a development/test JWT signed with the development key")
     token.add_argument("--role", required=True, choices=[r.value for r in Role if r is not Role.ANONYMOUS])
     token.add_argument("--municipality", help="6-digit municipality code (role municipality)")
     token.add_argument("--institution", help="10-digit medical institution code (role institution)")
@@ -70,17 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--no-seed", action="store_true", help="do not seed the demo data")
     run.set_defaults(func=_run)
 
-    migrate = sub.add_parser("migrate", help="apply migrations to every database the environment configures")
-    migrate.set_defaults(func=_migrate)
-
     seed = sub.add_parser("seed", help="seed the demo data through a running gateway (idempotent)")
     seed.add_argument("--gateway", default="http://127.0.0.1:8000")
     seed.set_defaults(func=_seed)
 
-    args = parser.parse_args(argv)
-    result: int = args.func(args)
-    return result
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    bench = sub.add_parser("bench", help="benchmarks on PostgreSQL + Kafka; prints numbers")
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="[records|gateway] [options]")
+    bench.set_defaults(func=_bench)

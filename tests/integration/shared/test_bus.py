@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 import shared.bus.kafka as kafka_bus
+from devtools.harness import free_port
 from shared.bus import Message, OutgoingMessage, Source, make_publisher, make_source
-from shared.harness import free_port
 from shared.settings import BusSettings
 
 MUNICIPALITIES = ["011002", "131016", "131041", "141003", "232033", "271004", "401307", "472018"]

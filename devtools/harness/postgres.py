@@ -21,7 +21,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from shared.harness import kill_quietly, pid_alive, tail, wait_for_exit
+from devtools.harness import kill_quietly, pid_alive, tail, wait_for_exit
 
 SUPERUSER = "vrs"
 SYSTEM_USER = "postgres"  # who runs the server when we are root

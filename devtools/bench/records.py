@@ -1,0 +1,355 @@
+"""``make bench``: throughput and lag of VRS on PostgreSQL (2 shards) + Kafka, next to this machine's ceiling.
+
+Starts a throwaway PostgreSQL and Kafka (the test harness, temporary directories, free ports), migrates,
+starts the four services as ``make run-full`` does, seeds residents through the gateway, then measures:
+
+- single-dose ``POST /api/v1/doses`` through the gateway, closed loop (32 connections), with the
+  accepted→visible lag sampled alongside;
+- the ceiling of PERFORMANCE.md in the same run with the same load generator: a bare FastAPI + asyncpg
+  ``INSERT ... RETURNING`` (``devtools.bench.baseline``), directly and behind a second gateway;
+- ``POST /api/v1/doses/batch`` (500 per request, 8 clients);
+- accepted→visible lag on an idle system: a dose's 201 until ``GET /api/v1/stats/doses`` counts it.
+
+The load generator runs in a process of its own (aiohttp, one session, pre-built bodies); its CPU use is
+printed with everyone else's, so a generator that became the bottleneck shows. A program that prints
+numbers, not a test: every non-2xx answer is counted and printed, never dropped.
+
+    python -m devtools.bench records [--duration 12] [--warmup 2] [--probes 200] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import aiohttp
+
+if TYPE_CHECKING:
+    pass
+
+from devtools.bench.core import (
+    DOSE_PATH,
+    INSTITUTION,
+    PHASE_BASELINE,
+    PHASE_BATCH,
+    PHASE_SINGLE,
+    CpuMeter,
+    Drain,
+    Lags,
+    LoadResult,
+    LoadSpec,
+    Prober,
+    System,
+    bearer,
+    dump_logs,
+    percentile,
+    run_load,
+    say,
+    seed_residents,
+    start_baseline,
+    start_system,
+    wait_drained,
+    wait_quiet,
+)
+
+# -- the run ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    postgres: str = ""
+    kafka: str = ""
+    seeded: int = 0
+    seed_rate: float = 0.0
+    single: LoadResult | None = None
+    single_cpu: CpuMeter | None = None
+    lag_load: Lags = field(default_factory=Lags)
+    drain_single: Drain | None = None
+    lag_idle: Lags = field(default_factory=Lags)
+    batch: LoadResult | None = None
+    batch_cpu: CpuMeter | None = None
+    drain_batch: Drain | None = None
+    baseline: LoadResult | None = None
+    baseline_cpu: CpuMeter | None = None
+    proxied: LoadResult | None = None
+    proxied_cpu: CpuMeter | None = None
+
+
+def load_line(label: str, result: LoadResult | None) -> str:
+    if result is None:
+        return f"{label:<34} not measured"
+    ms = [v * 1000 for v in result.latencies]
+    return (
+        f"{label:<34} {result.rate:8.0f} req/s  p50 {percentile(ms, 0.5):6.1f} ms  "
+        f"p99 {percentile(ms, 0.99):6.1f} ms  errors {result.errors}"
+    )
+
+
+def details(result: LoadResult | None, meter: CpuMeter | None) -> list[str]:
+    if result is None:
+        return []
+    lines = [
+        f"    {result.requests} requests sent, {result.ok_in_window} answered OK in the {result.window:.0f} s window; "
+        f"generator CPU {result.cpu_seconds / result.window:.2f} cores"
+        + (f"; {result.bodies_built_late} bodies built late" if result.bodies_built_late else "")
+    ]
+    if result.statuses:
+        lines.append(f"    dose statuses: {dict(sorted(result.statuses.items()))}")
+    if meter is not None and meter.cores:
+        lines.append(f"    {meter.line()}")
+    for sample, n in result.error_samples.most_common(5):
+        lines.append(f"    ERROR x{n}: {sample}")
+    return lines
+
+
+def render(report: Report, args: argparse.Namespace) -> str:
+    cores = len(os.sched_getaffinity(0))
+    single, baseline, batch = report.single, report.baseline, report.batch
+    lines = [
+        "",
+        f"VRS bench — PostgreSQL {report.postgres} (2 shards) + Kafka {report.kafka}, {cores} cores, "
+        f"{args.concurrency} connections, {args.duration:.0f} s (+{args.warmup:.0f} s warm-up)",
+        "",
+        load_line("single dose POST via gateway", single),
+        *details(single, report.single_cpu),
+        load_line("baseline FastAPI+asyncpg INSERT", baseline),
+        *details(baseline, report.baseline_cpu),
+        load_line("baseline behind a 2nd gateway", report.proxied),
+        *details(report.proxied, report.proxied_cpu),
+    ]
+    if single is not None and baseline is not None and baseline.rate:
+        ratio = f"{single.rate / baseline.rate:.2f}"
+        if report.proxied is not None and report.proxied.rate:
+            ratio += f"   (VRS / gateway+baseline {single.rate / report.proxied.rate:.2f})"
+        lines.append(f"{'ratio VRS / ceiling':<34} {ratio}")
+    if batch is not None:
+        ms = [v * 1000 for v in batch.latencies]
+        lines.append(
+            f"{f'batch ({args.batch_size}/req) via gateway':<34} {batch.item_rate:8.0f} doses/s  "
+            f"({batch.rate:.1f} batches/s, p50 {percentile(ms, 0.5):.0f} ms, p99 {percentile(ms, 0.99):.0f} ms)  "
+            f"errors {batch.errors} ({batch.errors * args.batch_size} doses), {batch.items_rejected} items rejected"
+        )
+        lines += details(batch, report.batch_cpu)
+    lines += [
+        f"{'accepted→visible lag (idle)':<34} {report.lag_idle.describe()}",
+        f"{'accepted→visible lag (under load)':<34} {report.lag_load.describe()}",
+        f"{'backlog after single-dose load':<34} {report.drain_single.describe() if report.drain_single else '-'}",
+        f"{'backlog after batch load':<34} {report.drain_batch.describe() if report.drain_batch else '-'}",
+        f"{'residents seeded (PUT via gateway)':<34} {report.seeded} at {report.seed_rate:.0f}/s",
+        f"(lag: 201 received → first GET /api/v1/stats/doses showing the dose; polled every {args.poll_ms:g} ms "
+        f"idle, {args.load_poll_ms:g} ms under load)",
+    ]
+    meters = {
+        "single": report.single_cpu,
+        "baseline": report.baseline_cpu,
+        "gateway+baseline": report.proxied_cpu,
+        "batch": report.batch_cpu,
+    }
+    for phase, meter in meters.items():
+        if meter is not None and meter.others > 0.25:
+            lines.append(
+                f"WARNING: other processes used {meter.others:.2f} cores during the {phase} run: its figures are low"
+            )
+    for lags, when in ((report.lag_idle, "idle"), (report.lag_load, "under load")):
+        for sample, n in lags.errors.most_common(3):
+            lines.append(f"    LAG PROBE ERROR ({when}) x{n}: {sample}")
+    return "\n".join(lines)
+
+
+async def measure(system: System, args: argparse.Namespace, cleanup: contextlib.ExitStack, report: Report) -> None:
+    from shared.auth import Role
+
+    tag = uuid.uuid4().hex[:8]
+    gateway = system.gateway()
+    clinic = {**bearer(role=Role.INSTITUTION, institution=INSTITUTION), "Content-Type": "application/json"}
+    base = {"concurrency": args.concurrency, "warmup": args.warmup, "duration": args.duration, "headers": clinic}
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=32)) as session:
+        say(f"seeding {args.residents} residents through the gateway ...")
+        matched, report.seed_rate = await seed_residents(session, gateway, args.residents)
+        report.seeded = len(matched)
+
+        # The ceiling first, while the VRS services are idle and have no backlog to work off.
+        if not args.skip_baseline:
+            say("starting the baseline app and a gateway in front of it ...")
+            start_baseline(system, cleanup)
+            assert system.baseline is not None and system.proxy is not None
+            baseline_proc, proxy = system.baseline, system.proxy
+            await wait_quiet(args.quiet_cores, args.quiet_wait)
+            say("load: baseline FastAPI + asyncpg ...")
+            report.baseline_cpu = CpuMeter({"baseline": lambda: [baseline_proc.pid], "postgres": system.pg_pids})
+            report.baseline = await run_load(
+                LoadSpec(
+                    name="baseline", url=f"http://127.0.0.1:{system.baseline_port}{DOSE_PATH}", kind="single",
+                    phase=PHASE_BASELINE, tag=f"{tag}-base", **base,
+                ),
+                report.baseline_cpu,
+            )  # fmt: skip
+            say(f"  {report.baseline.rate:.0f} req/s")
+            await wait_quiet(args.quiet_cores, args.quiet_wait)
+            say("load: gateway → baseline ...")
+            report.proxied_cpu = CpuMeter(
+                {
+                    "gateway": lambda: [p.pid for p in proxy.processes.values()],
+                    "baseline": lambda: [baseline_proc.pid],
+                    "postgres": system.pg_pids,
+                }
+            )
+            report.proxied = await run_load(
+                LoadSpec(
+                    name="proxied", url=proxy.url() + DOSE_PATH, kind="single", phase=PHASE_BASELINE,
+                    tag=f"{tag}-proxied", **base,
+                ),
+                report.proxied_cpu,
+            )  # fmt: skip
+            say(f"  {report.proxied.rate:.0f} req/s")
+            proxy.stop()
+            baseline_proc.terminate()
+
+        prober = Prober(session, gateway, tag)
+        vrs_groups: dict[str, Callable[[], list[int]]] = {
+            name: system.pids(name) for name in ("gateway", "records", "registry", "stats")
+        }
+        vrs_groups |= {"postgres": system.pg_pids, "kafka": system.kafka_pids, "bench(probes)": lambda: [os.getpid()]}
+
+        async def probe_under_load(window_start: float, window_end: float) -> None:
+            await asyncio.sleep(max(0.0, window_start - time.monotonic()))
+            while time.monotonic() < window_end:
+                await prober.probe(report.lag_load, poll_interval=args.load_poll_ms / 1000)
+
+        await wait_quiet(args.quiet_cores, args.quiet_wait)
+        say("load: single doses through the gateway (lag probes alongside) ...")
+        report.single_cpu = CpuMeter(dict(vrs_groups))
+        report.single = await run_load(
+            LoadSpec(
+                name="single", url=gateway + DOSE_PATH, kind="single", phase=PHASE_SINGLE, tag=f"{tag}-single",
+                matched=tuple(matched), **base,
+            ),
+            report.single_cpu,
+            probe_under_load,
+        )  # fmt: skip
+        say(f"  {report.single.rate:.0f} req/s, {len(report.lag_load.values)} lag probes alongside")
+        report.drain_single = await wait_drained(session, gateway, report.single.accepted_total + prober.accepted)
+        say(f"  backlog: {report.drain_single.describe()}")
+
+        await wait_quiet(args.quiet_cores, args.quiet_wait)
+        say(f"lag: {args.probes} probes on the idle system ...")
+        for _ in range(args.probes):
+            await prober.probe(report.lag_idle, poll_interval=args.poll_ms / 1000)
+
+        await wait_quiet(args.quiet_cores, args.quiet_wait)
+        say("load: dose batches through the gateway ...")
+        report.batch_cpu = CpuMeter(dict(vrs_groups))
+        report.batch = await run_load(
+            LoadSpec(
+                name="batch", url=gateway + DOSE_PATH + "/batch", kind="batch", phase=PHASE_BATCH,
+                tag=f"{tag}-batch", concurrency=args.batch_clients, warmup=args.warmup,
+                duration=args.batch_duration, headers=clinic, batch_size=args.batch_size,
+            ),
+            report.batch_cpu,
+        )  # fmt: skip
+        say(f"  {report.batch.item_rate:.0f} doses/s")
+        expected = report.single.accepted_total + prober.accepted + report.batch.accepted_total
+        report.drain_batch = await wait_drained(session, gateway, expected)
+        say(f"  backlog: {report.drain_batch.describe()}")
+
+
+def server_versions(system: System) -> tuple[str, str]:
+    from devtools.harness.kafka import KAFKA_VERSION
+
+    try:
+        postgres = system.pg.execute("SHOW server_version").split()[0]
+    except Exception:
+        postgres = "?"
+    return postgres, KAFKA_VERSION
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(
+        prog="python -m devtools.bench", description=__doc__.split("\n")[0] if __doc__ else ""
+    )
+    parser.add_argument(
+        "--duration", type=float, default=float(env("VRS_BENCH_DURATION", "12")), help="measured seconds"
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=float(env("VRS_BENCH_WARMUP", "2")), help="unmeasured seconds first"
+    )
+    parser.add_argument("--concurrency", type=int, default=int(env("VRS_BENCH_CONCURRENCY", "32")))
+    parser.add_argument("--probes", type=int, default=int(env("VRS_BENCH_PROBES", "200")), help="idle lag probes")
+    parser.add_argument("--poll-ms", type=float, default=2.0, help="stats polling interval of idle lag probes")
+    parser.add_argument("--load-poll-ms", type=float, default=20.0, help="the same under load (it adds load)")
+    parser.add_argument("--residents", type=int, default=int(env("VRS_BENCH_RESIDENTS", "500")))
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--batch-clients", type=int, default=8)
+    parser.add_argument("--batch-duration", type=float, default=float(env("VRS_BENCH_BATCH_DURATION", "10")))
+    parser.add_argument(
+        "--quiet-cores", type=float, default=0.5, help="before each phase, wait until at most this many cores are busy"
+    )
+    parser.add_argument("--quiet-wait", type=float, default=20.0, help="... but no longer than this many seconds")
+    parser.add_argument("--skip-baseline", action="store_true", help="measure VRS only")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, data)")
+    return parser.parse_args(argv)
+
+
+def _terminate(signum: int, _: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the teardown short
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def _temporary_directory(keep: bool) -> Iterator[Path]:
+    tmp = Path(tempfile.mkdtemp(prefix="vrs-bench-"))
+    keep_it = keep
+    try:
+        yield tmp
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
+        keep_it = True  # the logs say what went wrong
+        raise
+    finally:
+        if keep_it:
+            say(f"logs and data kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    report = Report()
+    try:
+        with _temporary_directory(args.keep) as tmp, contextlib.ExitStack() as cleanup:
+            system = start_system(tmp, cleanup)
+            report.postgres, report.kafka = server_versions(system)
+            try:
+                asyncio.run(measure(system, args, cleanup, report))
+            except BaseException:
+                if dead := system.stack.exited():
+                    say(f"services that died: {dead}")
+                    dump_logs(system.stack.log_dir)
+                raise
+            print(render(report, args), flush=True)
+            say("tearing down ...")
+        say("done")
+    except KeyboardInterrupt:
+        say("interrupted; everything started was stopped")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
