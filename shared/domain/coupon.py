@@ -5,11 +5,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from shared.domain.codes import municipality_code_problem, prefecture_of
 
 COUPON_LINE_LENGTH = 18
+COUPON_NUMBER_LENGTH = 10
 
 
 class CouponLineError(ValueError):
@@ -50,8 +52,37 @@ def parse_coupon_line(line: str) -> CouponLine:
 
 
 def coupon_number_problem(number: str) -> str | None:
-    if len(number) != 10 or not number.isascii() or not number.isdigit():
+    if len(number) != COUPON_NUMBER_LENGTH or not number.isascii() or not number.isdigit():
         return "must be exactly 10 digits"
     if number == "0" * 10:
         return "0000000000 is never issued"
     return None
+
+
+def compose_coupon_line(*, kind: int, dose_number: int, municipality_code: str, coupon_number: str) -> str:
+    """The 18-digit line to print: the inverse of :func:`parse_coupon_line`.
+
+    ``dose_number`` is the 回数 digit, 0..9 (0: the coupon is not tied to one dose); a later dose than 9
+    cannot be printed and is refused rather than truncated. Raises :class:`CouponLineError`.
+    """
+    if not 0 <= kind <= 9:
+        raise CouponLineError(f"coupon kind {kind} is not one digit")
+    if not 0 <= dose_number <= 9:
+        raise CouponLineError(f"dose number {dose_number} is not one digit")
+    if problem := municipality_code_problem(municipality_code):
+        raise CouponLineError(f"municipality code {municipality_code} {problem}")
+    if problem := coupon_number_problem(coupon_number):
+        raise CouponLineError(f"coupon number {problem}")
+    return str(CouponLine(kind, dose_number, municipality_code, coupon_number))
+
+
+def candidate_coupon_numbers(randbelow: Callable[[int], int]) -> Iterator[str]:
+    """Endless random 10-digit coupon numbers (never 0000000000) for a new coupon.
+
+    ``randbelow(n)`` returns a uniform integer in ``[0, n)``: ``secrets.randbelow`` in production (an
+    unguessable number cannot be enumerated by a reservation site), ``random.Random(seed).randrange`` in
+    tests. Uniqueness is the database's job: take the next candidate when the insert collides.
+    """
+    while True:
+        number = randbelow(10**COUPON_NUMBER_LENGTH - 1) + 1
+        yield f"{number:0{COUPON_NUMBER_LENGTH}d}"

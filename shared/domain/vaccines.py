@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
+import unicodedata
 from dataclasses import dataclass
 from datetime import date, datetime
 from functools import cache
@@ -14,6 +16,17 @@ class Product:
     code: str
     label: str  # ワクチンメーカー as VRS showed it
     primary_min_days: int
+    primary_max_days: int | None = None  # dose 2 later than this many days after dose 1 needs review
+    booster_min_months: int | None = None  # a booster of this product needs at least this, whatever the date
+    lot_pattern: re.Pattern[str] | None = None  # the whole normalised lot must match
+
+    def lot_matches(self, lot_number: str) -> bool:
+        return self.lot_pattern is None or self.lot_pattern.fullmatch(normalise_lot(lot_number)) is not None
+
+
+def normalise_lot(lot_number: str) -> str:
+    """A lot as it is compared: NFKC (full-width ＥＹ０５８３ is EY0583), trimmed, upper-case."""
+    return unicodedata.normalize("NFKC", lot_number).strip().upper()
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,12 +62,33 @@ def _as_date(value: object) -> date:
     raise ValueError(f"expected a date (YYYY-MM-DD), got {value!r}")
 
 
+def _optional_int(raw: dict[str, object], key: str) -> int | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{key} must be an integer, got {value!r}")
+    return value
+
+
+def _product(raw: dict[str, object]) -> Product:
+    pattern = raw.get("lot_pattern")
+    if pattern is not None and not isinstance(pattern, str):
+        raise ValueError(f"lot_pattern must be a string, got {pattern!r}")
+    return Product(
+        code=str(raw["code"]),
+        label=str(raw["label"]),
+        primary_min_days=int(str(raw["primary_min_days"])),
+        primary_max_days=_optional_int(raw, "primary_max_days"),
+        booster_min_months=_optional_int(raw, "booster_min_months"),
+        # Compiled once at load: a broken pattern fails at start-up, not at the first dose.
+        lot_pattern=re.compile(pattern) if pattern is not None else None,
+    )
+
+
 def parse_rules(text: str) -> VaccineRules:
     raw = tomllib.loads(text)
-    products = {
-        p["code"]: Product(code=p["code"], label=p["label"], primary_min_days=int(p["primary_min_days"]))
-        for p in raw["products"]
-    }
+    products = {product.code: product for product in map(_product, raw["products"])}
     boosters = tuple(
         sorted(
             (

@@ -13,6 +13,7 @@ from shared.domain.dose_rules import (
     DoseStatus,
     EarlierDose,
     Finding,
+    FindingCode,
     check_admissible,
     decide_status,
     review_findings,
@@ -205,13 +206,13 @@ def test_findings_carry_a_message() -> None:
     coupon = check_admissible(dose, today=TODAY, rules=RULES)
     findings = review_findings(dose, coupon, [d(1, date(2021, 6, 1))], rules=RULES)
     assert codes(findings) == ["coupon_dose_mismatch", "interval_too_short"]
-    assert all(f.message for f in findings)
-    assert "17 days" in findings[1].message
+    assert all(f.message and f.detail for f in findings)
+    assert "17 days" in findings[1].detail
 
 
 # --- decide_status -----------------------------------------------------------------------------------------------
 
-FINDING = Finding("dose_order", "dose 1 on 2021-06-22 is after dose 2")
+FINDING = Finding(FindingCode.DOSE_ORDER, "dose 1 on 2021-06-22 is after dose 2")
 
 
 @pytest.mark.parametrize(
@@ -219,7 +220,7 @@ FINDING = Finding("dose_order", "dose 1 on 2021-06-22 is after dose 2")
     [
         ([FINDING], True, DoseStatus.NEEDS_REVIEW),
         ([FINDING], False, DoseStatus.NEEDS_REVIEW),
-        ([FINDING, Finding("duplicate_dose", "x")], True, DoseStatus.NEEDS_REVIEW),
+        ([FINDING, Finding(FindingCode.DUPLICATE_DOSE, "x")], True, DoseStatus.NEEDS_REVIEW),
         ([], True, DoseStatus.RECORDED),
         ([], False, DoseStatus.UNMATCHED),
     ],
