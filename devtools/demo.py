@@ -58,7 +58,10 @@ def seed_demo(gateway: str) -> None:
                             "dose_number": dose_number,
                             "vaccinated_on": day.isoformat(),
                             "vaccine": "moderna" if n % 5 == 0 else "pfizer",
-                            "lot_number": f"EY{rng.randrange(1000, 9999)}",
+                            # Each product's own lot format (vaccine_rules.toml): Spikevax 7 digits.
+                            "lot_number": f"300{rng.randrange(1000, 9999)}"
+                            if n % 5 == 0
+                            else f"EY{rng.randrange(1000, 9999)}",
                             "venue": "集団接種会場",
                             "medical_worker": n % 7 == 0,
                         }

@@ -28,7 +28,7 @@ __all__ = [
 PORTS = {"registry": 8001, "records": 8002, "stats": 8003, "gateway": 8000}
 SHARDS = ("s0", "s1")
 # The topics and their partitions, as `make run-full` and the tests create them.
-TOPICS = {"dose-events": 4}
+TOPICS = {"dose-events": 4, "coupon-events": 4}
 
 
 def wiring_env(ports: dict[str, int], host: str = "127.0.0.1") -> dict[str, str]:
@@ -36,7 +36,6 @@ def wiring_env(ports: dict[str, int], host: str = "127.0.0.1") -> dict[str, str]
     url = {name: f"http://{host}:{port}" for name, port in ports.items()}
     return {
         "VRS_REGISTRY_RECORDS_URL": url["records"],
-        "VRS_RECORDS_REGISTRY_URL": url["registry"],
         "VRS_GATEWAY_REGISTRY_URL": url["registry"],
         "VRS_GATEWAY_RECORDS_URL": url["records"],
         "VRS_GATEWAY_STATS_URL": url["stats"],

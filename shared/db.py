@@ -215,7 +215,12 @@ class UnitOfWork:
 
 
 async def _unit_of_work(request: Request) -> AsyncIterator[UnitOfWork]:
+    # A service that publishes events keeps its outbox relay in ``app.state.relay``: what this request
+    # committed is published at once instead of at the relay's next idle look.
+    relay = getattr(request.app.state, "relay", None)
     async with UnitOfWork(request.app.state.databases) as uow:
+        if relay is not None:
+            uow.after_commit(lambda: relay.wake(*uow.touched_shards))
         yield uow
 
 

@@ -1,6 +1,13 @@
-"""The versioned dose-event schema on topic ``dose-events`` (key: issuing municipality code).
+"""The versioned event schemas: ``coupon-events`` (registry → records) and ``dose-events`` (records → stats).
 
-An event carries the statistics cell the dose now counts in (``cell``) and the one it counted in before
+Both are keyed by the issuing municipality's code, so each municipality's events keep their order.
+
+**Coupon events** carry the coupon's whole new state and a version that grows with every change of that
+coupon, so a consumer keeps the newest state it has seen: a repeat or an older event changes nothing.
+They say who holds the coupon only as far as records needs it for the statistics cell (resident id, sex,
+birth date) — never a name, address or My Number.
+
+**Dose events**: an event carries the statistics cell the dose now counts in (``cell``) and the one it counted in before
 (``previous_cell``), so a consumer applies any event as ``-previous_cell, +cell`` without state of its own.
 Never a name, a birth date, a My Number, a coupon number or a resident id: stats must not see them.
 """
@@ -10,11 +17,61 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, date, datetime
 from enum import StrEnum
-from typing import Literal
+from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.domain.age import AgeBand
+from shared.domain.dose_rules import CouponInvalidReason
+from shared.domain.sex import Sex
+
+__all__ = ["CouponInvalidReason"]  # re-exported: part of the coupon event's contract
+
+
+class CouponEventType(StrEnum):
+    ISSUED = "coupon.issued"  # the coupon was issued to a resident (or re-issued to the same one)
+    HOLDER_CHANGED = "coupon.holder_changed"  # the holder's sex or birth date changed
+    INVALIDATED = "coupon.invalidated"  # no longer valid from a date
+
+
+class CouponState(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    resident_id: str  # the municipality's own person id (個別宛名番号); opaque to records
+    sex: Sex
+    birth_date: date | None
+    invalid_from: date | None = None  # first day the coupon is no longer valid
+    invalid_reason: CouponInvalidReason | None = None
+
+
+class Event(BaseModel):
+    """What every event has: an id, a schema version, when it happened, and the issuing municipality, which
+    is its partition key."""
+
+    model_config = ConfigDict(frozen=True)
+
+    schema_version: Literal[1] = 1
+    event_id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    occurred_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    municipality: str = Field(pattern=r"^\d{6}$")
+
+    @property
+    def key(self) -> str:
+        return self.municipality
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Self:
+        return cls.model_validate_json(raw)
+
+
+class CouponEvent(Event):
+    type: CouponEventType
+    coupon_number: str = Field(pattern=r"^\d{10}$")
+    version: int = Field(ge=1)  # of this coupon's state; newer wins
+    state: CouponState
 
 
 class DoseEventType(StrEnum):
@@ -32,32 +89,15 @@ class StatsCell(BaseModel):
     date: date
     prefecture: str = Field(pattern=r"^\d{2}$")
     municipality: str = Field(pattern=r"^\d{6}$")
-    sex: Literal["M", "F", "U"]
+    sex: Sex
     age_band: AgeBand
     medical_worker: bool
     dose_number: int = Field(ge=1)
     vaccine: str
 
 
-class DoseEvent(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    schema_version: Literal[1] = 1
-    event_id: uuid.UUID = Field(default_factory=uuid.uuid4)
+class DoseEvent(Event):
     type: DoseEventType
-    occurred_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     dose_id: uuid.UUID  # opaque record id; lets a consumer trace, never identifies a person
-    municipality: str = Field(pattern=r"^\d{6}$")  # the partition key
     cell: StatsCell | None  # None once voided
     previous_cell: StatsCell | None  # None for a new dose
-
-    @property
-    def key(self) -> str:
-        return self.municipality
-
-    def to_bytes(self) -> bytes:
-        return self.model_dump_json().encode()
-
-    @classmethod
-    def from_bytes(cls, raw: bytes) -> DoseEvent:
-        return cls.model_validate_json(raw)

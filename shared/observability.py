@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
 
@@ -11,6 +10,8 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shared.redaction import redact_my_numbers
 
 REQUESTS = Counter("vrs_http_requests_total", "HTTP requests", ["service", "method", "route", "status"])
 LATENCY = Histogram(
@@ -20,22 +21,28 @@ LATENCY = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 
-# Twelve digits in a row may be a My Number (個人番号); logs must never carry one.
-_TWELVE_DIGITS = re.compile(r"(?<!\d)\d{12}(?!\d)")
-
 
 class RedactMyNumber(logging.Filter):
+    """Masks anything that looks like a My Number in a record's message (:mod:`shared.redaction`)."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if _TWELVE_DIGITS.search(message):
-            record.msg = _TWELVE_DIGITS.sub("************", message)
-            record.args = None
+        redacted = redact_my_numbers(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
         return True
+
+
+class RedactingFormatter(logging.Formatter):
+    """Redacts the whole formatted line, traceback included: an exception's text may quote its input."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_my_numbers(super().format(record))
 
 
 def configure_logging(level: str) -> None:
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     handler.addFilter(RedactMyNumber())
     root = logging.getLogger()
     root.handlers[:] = [handler]

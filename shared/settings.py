@@ -56,12 +56,13 @@ class AuthSettings(BaseSettings):
 
 
 class BusSettings(BaseSettings):
-    """The event bus between records and stats (``VRS_BUS_``)."""
+    """The event bus: its topics and how to reach it (``VRS_BUS_``)."""
 
     model_config = SettingsConfigDict(env_prefix="VRS_BUS_", extra="ignore")
 
     kind: Literal["embedded", "kafka"] = "embedded"
-    topic: str = "dose-events"
+    topic: str = "dose-events"  # records → stats
+    coupon_topic: str = "coupon-events"  # registry → records
     partitions: int = Field(default=4, ge=1)
     embedded_path: Path = Field(default_factory=lambda: var_dir() / "events" / "log.db")
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
@@ -76,3 +77,18 @@ class ServiceSettings(BaseSettings):
     environment: Environment = Field(default="development", validation_alias="VRS_ENVIRONMENT")
     log_level: str = "INFO"
     auth: AuthSettings = Field(default_factory=AuthSettings)
+
+
+class PublisherSettings(ServiceSettings):
+    """A service that publishes events through its outbox (registry, records)."""
+
+    main_dsn: str
+    shard_dsns: dict[str, str]
+    bus: BusSettings = Field(default_factory=BusSettings)
+    # Run the outbox relay inside the API process (the embedded default); in production it runs as a
+    # process of its own (``vrs relay <service>``) and the API replicas set this to false.
+    run_relay: bool = True
+    relay_batch_size: int = Field(default=500, ge=1)
+    relay_idle_seconds: float = Field(default=0.2, gt=0)
+    # Commits within this window are published together: fewer, fuller passes under load, a little more lag.
+    relay_linger_seconds: float = Field(default=0.02, ge=0)

@@ -69,7 +69,8 @@ def dose_doc(municipality: str, number: str, day: date, serial: int) -> dict[str
         "dose_number": 1,
         "vaccinated_on": day.isoformat(),
         "vaccine": "moderna" if serial % 5 == 0 else "pfizer",
-        "lot_number": f"EY{serial % 10000:04d}",
+        # Each product's own lot format (vaccine_rules.toml): Spikevax 7 digits, Comirnaty 2 letters + 4 digits.
+        "lot_number": f"300{serial % 10000:04d}" if serial % 5 == 0 else f"EY{serial % 10000:04d}",
         "venue": "集団接種会場",
     }
 

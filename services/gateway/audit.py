@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,14 +26,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.gateway.models import AuditEntry
 from services.gateway.repository import AuditRepository
+from shared import redaction
 from shared.db import Database, Databases, UnitOfWork, utcnow
-from shared.domain.codes import is_valid_my_number, mask_my_number
 
 GENESIS_HASH = "0" * 64
 DEFAULT_PURPOSE = "administration"
 _MAX_PURPOSE = 100
-# Twelve digits, possibly written in groups of four: what a My Number looks like in free text.
-_MY_NUMBER_LIKE = re.compile(r"(?<!\d)\d{4}[ -]?\d{4}[ -]?\d{4}(?!\d)")
 # Fields of an entry that its hash covers, in no particular order (the canonical form sorts them).
 _HASHED = (
     "seq",
@@ -69,13 +66,9 @@ class AuditFacts:
 
 
 def redact_my_numbers(text: str) -> str:
-    """Mask every run of twelve digits that passes the My Number check digit (``********9018``)."""
-
-    def mask(m: re.Match[str]) -> str:
-        digits = m.group().replace(" ", "").replace("-", "")
-        return mask_my_number(digits) if is_valid_my_number(digits) else m.group()
-
-    return _MY_NUMBER_LIKE.sub(mask, text)
+    """Mask every run of twelve digits that passes the My Number check digit (``********9018``); other
+    twelve-digit ids stay exact, so the audit trail still names what was read."""
+    return redaction.redact_my_numbers(text, only_valid=True)
 
 
 def purpose_text(stated: object) -> str:

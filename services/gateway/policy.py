@@ -107,6 +107,7 @@ POLICY: tuple[Rule, ...] = (
     # records
     rule("POST", "/api/v1/doses", RECORDS, DOSE_WRITERS),
     rule("POST", "/api/v1/doses/batch", RECORDS, DOSE_WRITERS),
+    rule("GET", "/api/v1/coupons/{coupon}", RECORDS, DOSE_WRITERS),
     rule("GET", f"{_M}/doses", RECORDS, MUNICIPALITY, OWN, reads_personal_data=True),
     rule("POST", f"{_M}/doses/{{dose_id}}/corrections", RECORDS, MUNICIPALITY, OWN, reads_personal_data=True),
     # stats: anyone; stats itself keeps municipality-level cuts for the national role

@@ -1,20 +1,19 @@
+"""records — dose records (接種記録), their corrections, the coupon projection and the outbox of dose events."""
+
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from services.records.registry_client import CouponHolders
-from services.records.relay import OutboxRelay
+from services.records.consumer import coupon_consumers
+from services.records.models import outbox
 from services.records.router import internal, router
 from services.records.settings import RecordsSettings
 from shared.app import build_app
-from shared.bus import make_publisher
 from shared.db import Databases
-from shared.internal import InternalClient
+from shared.outbox import relay_in_background
 
 
 def create_app(settings: RecordsSettings | None = None) -> FastAPI:
@@ -23,31 +22,19 @@ def create_app(settings: RecordsSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         databases = Databases.connect(settings.main_dsn, settings.shard_dsns, pool_size=settings.pool_size)
-        registry = InternalClient(settings.registry_url, auth=settings.auth, caller="records")
-        publisher = make_publisher(settings.bus)
         app.state.databases = databases
-        app.state.holders = CouponHolders(registry, cache_seconds=settings.coupon_cache_seconds)
-        app.state.relay = None
-        task = None
-        if settings.run_relay:
-            relay = OutboxRelay(
-                databases,
-                publisher,
-                batch_size=settings.relay_batch_size,
-                idle_seconds=settings.relay_idle_seconds,
-                linger_seconds=settings.relay_linger_seconds,
-            )
-            app.state.relay = relay
-            task = asyncio.create_task(relay.run(), name="outbox-relay")
         try:
-            yield
+            async with relay_in_background(settings, databases, outbox, topic=settings.bus.topic) as relay:
+                app.state.relay = relay
+                consumers = coupon_consumers(settings, databases, relay=relay) if settings.run_consumer else []
+                for consumer in consumers:
+                    consumer.start()
+                try:
+                    yield
+                finally:
+                    for consumer in consumers:
+                        await consumer.stop()
         finally:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            await publisher.close()
-            await registry.close()
             await databases.dispose()
 
     async def ready(app: FastAPI) -> None:

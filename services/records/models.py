@@ -13,14 +13,15 @@ from sqlalchemy import (
     DateTime,
     Index,
     Integer,
-    LargeBinary,
     MetaData,
     String,
     Text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from shared.consumer import consumer_tables
 from shared.db import shard_assignments_table
+from shared.outbox import outbox_table
 
 
 class MainBase(DeclarativeBase):
@@ -32,6 +33,23 @@ class ShardBase(DeclarativeBase):
 
 
 shard_assignments = shard_assignments_table(MainBase.metadata)
+
+
+class IdempotencyClaim(MainBase):
+    """An idempotency key as the caller sees it: one per caller, whatever the shard.
+
+    Claimed in the main database before the dose is written, so the same key sent again with another
+    municipality's coupon (another shard) is recognised as a different request (409), not recorded again.
+    The answer itself is kept beside the dose, in the shard (:class:`IdempotencyKey`).
+    """
+
+    __tablename__ = "idempotency_claims"
+
+    scope: Mapped[str] = mapped_column(String(80), primary_key=True)
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    shard: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class Dose(ShardBase):
@@ -81,20 +99,6 @@ class IdempotencyKey(ShardBase):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
-class OutboxEvent(ShardBase):
-    """Events written in the same transaction as the dose; the relay publishes and marks them."""
-
-    __tablename__ = "outbox"
-    __table_args__ = (Index("ix_outbox_unpublished", "published_at", "id"),)
-
-    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
-    event_id: Mapped[str] = mapped_column(String(36), unique=True)
-    key: Mapped[str] = mapped_column(String(6))
-    payload: Mapped[bytes] = mapped_column(LargeBinary)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-
-
 class DoseHistory(ShardBase):
     """Every change to a dose after it was recorded: who, why, and the state before."""
 
@@ -108,3 +112,27 @@ class DoseHistory(ShardBase):
     changed_by: Mapped[str] = mapped_column(String(64))
     before: Mapped[dict[str, Any]] = mapped_column(JSON)
     changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class CouponProjection(ShardBase):
+    """records' own view of registry's coupons, fed by ``coupon-events``: who holds a coupon (only what the
+    statistics cell needs) and until when it is valid. The dose hot path reads this and asks no service."""
+
+    __tablename__ = "coupons"
+
+    municipality_code: Mapped[str] = mapped_column(String(6), primary_key=True)
+    coupon_number: Mapped[str] = mapped_column(String(10), primary_key=True)
+    resident_id: Mapped[str] = mapped_column(String(64))
+    sex: Mapped[str] = mapped_column(String(1))
+    birth_date: Mapped[date | None] = mapped_column(Date)
+    invalid_from: Mapped[date | None] = mapped_column(Date)
+    invalid_reason: Mapped[str | None] = mapped_column(String(16))
+    version: Mapped[int] = mapped_column(Integer)  # the coupon event's; an older or repeated event is ignored
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+# Dose events written with the change they describe; the relay publishes them to ``dose-events``.
+outbox = outbox_table(ShardBase.metadata)
+# The coupon consumer's bookkeeping, per shard: each shard applies the coupon events of its municipalities
+# with their ids and the offsets in the same transaction.
+consumer_bookkeeping = consumer_tables(ShardBase.metadata)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from typing import Any
 
-from sqlalchemy import delete, select, tuple_, update
+from sqlalchemy import select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.records.models import Dose, DoseHistory, IdempotencyKey, OutboxEvent
-from shared.db import upsert, utcnow
-from shared.events import DoseEvent
+from services.records.models import CouponProjection, Dose, DoseHistory, IdempotencyClaim, IdempotencyKey
+from shared.db import upsert
 
 
 class DoseRepository:
@@ -23,15 +22,19 @@ class DoseRepository:
             stmt = stmt.with_for_update()
         return (await self.session.execute(stmt)).scalar_one_or_none()
 
-    async def of_coupons(self, coupons: Sequence[tuple[str, str]], *, for_update: bool = False) -> list[Dose]:
-        """Live (not voided) doses of these (municipality, coupon number) pairs, oldest dose first."""
+    async def of_coupons(
+        self, coupons: Sequence[tuple[str, str]], *, for_update: bool = False, with_voided: bool = False
+    ) -> list[Dose]:
+        """Doses of these (municipality, coupon number) pairs, oldest dose first; voided ones only if asked."""
         if not coupons:
             return []
         stmt = (
             select(Dose)
-            .where(tuple_(Dose.municipality_code, Dose.coupon_number).in_(coupons), Dose.voided.is_(False))
-            .order_by(Dose.dose_number, Dose.vaccinated_on)
+            .where(tuple_(Dose.municipality_code, Dose.coupon_number).in_(coupons))
+            .order_by(Dose.dose_number, Dose.vaccinated_on, Dose.recorded_at)
         )
+        if not with_voided:
+            stmt = stmt.where(Dose.voided.is_(False))
         if for_update:
             stmt = stmt.with_for_update()
         return list((await self.session.execute(stmt)).scalars())
@@ -88,36 +91,55 @@ class IdempotencyRepository:
         return set((await self.session.execute(stmt)).scalars())
 
 
-class OutboxRepository:
+class ClaimRepository:
+    """Idempotency keys claimed in records' main database, one per caller and key across all shards."""
+
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
-    def add(self, event: DoseEvent) -> None:
-        self.session.add(
-            OutboxEvent(
-                event_id=str(event.event_id), key=event.key, payload=event.to_bytes(), created_at=event.occurred_at
-            )
-        )
-
-    async def claim_unpublished(self, limit: int) -> list[OutboxEvent]:
-        """The oldest unpublished events, locked; another relay skips them instead of waiting."""
-        stmt = (
-            select(OutboxEvent)
-            .where(OutboxEvent.published_at.is_(None))
-            .order_by(OutboxEvent.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-        return list((await self.session.execute(stmt)).scalars())
-
-    async def purge_published(self, before: datetime) -> int:
-        """Drop events published before ``before``: the topic, not the outbox, is the history."""
-        result = await self.session.execute(
-            delete(OutboxEvent).where(OutboxEvent.published_at.is_not(None), OutboxEvent.published_at < before)
-        )
-        return int(result.rowcount)  # type: ignore[attr-defined]
-
-    async def mark_published(self, ids: Sequence[int], at: datetime | None = None) -> None:
+    async def claim(self, rows: Sequence[dict[str, Any]]) -> dict[str, IdempotencyClaim]:
+        """Insert the claims that are new (one statement, keys in a fixed order so concurrent batches cannot
+        deadlock) and return every claim of these keys as stored — a concurrent claim of the same key waits
+        here on PostgreSQL until the other transaction ends."""
+        if not rows:
+            return {}
+        scope = rows[0]["scope"]
+        ordered = sorted(rows, key=lambda r: str(r["key"]))
         await self.session.execute(
-            update(OutboxEvent).where(OutboxEvent.id.in_(ids)).values(published_at=at or utcnow())
+            upsert(self.session, IdempotencyClaim.__table__).on_conflict_do_nothing(index_elements=["scope", "key"]),
+            ordered,
         )
+        stmt = select(IdempotencyClaim).where(
+            IdempotencyClaim.scope == scope, IdempotencyClaim.key.in_([r["key"] for r in rows])
+        )
+        return {
+            c.key: c for c in (await self.session.execute(stmt.execution_options(populate_existing=True))).scalars()
+        }
+
+
+class ProjectionRepository:
+    """The coupon projection: what records knows of registry's coupons."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def get_many(self, coupons: Sequence[tuple[str, str]]) -> dict[tuple[str, str], CouponProjection]:
+        if not coupons:
+            return {}
+        stmt = select(CouponProjection).where(
+            tuple_(CouponProjection.municipality_code, CouponProjection.coupon_number).in_(sorted(set(coupons)))
+        )
+        return {(c.municipality_code, c.coupon_number): c for c in (await self.session.execute(stmt)).scalars()}
+
+    async def get(
+        self, municipality_code: str, coupon_number: str, *, for_update: bool = False
+    ) -> CouponProjection | None:
+        stmt = select(CouponProjection).where(
+            CouponProjection.municipality_code == municipality_code, CouponProjection.coupon_number == coupon_number
+        )
+        if for_update:
+            stmt = stmt.with_for_update()
+        return (await self.session.execute(stmt)).scalar_one_or_none()
+
+    def add(self, coupon: CouponProjection) -> None:
+        self.session.add(coupon)

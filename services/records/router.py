@@ -1,31 +1,28 @@
-"""records' HTTP surface: the contract paths, and internal paths for registry."""
+"""records' HTTP surface: the contract paths, and an internal read registry makes on its caller's behalf."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Path, Query, Request, status
+from fastapi import APIRouter, Header, Path, Query, Response, status
 
 from services.records import service
-from services.records.registry_client import CouponHolders
-from services.records.relay import OutboxRelay
 from services.records.schemas import (
     BatchItemResult,
     CorrectionIn,
+    CouponStatusOut,
     DoseAccepted,
     DoseBatchIn,
     DoseBatchOut,
     DoseIn,
     DoseList,
     DoseOut,
-    DoseSummary,
-    DoseSummaryList,
-    HolderIn,
     ItemError,
 )
 from shared.auth import Principal, Role, require, require_own_municipality
-from shared.db import UnitOfWork, UnitOfWorkDep
+from shared.db import UnitOfWorkDep
 from shared.domain.dose_rules import DoseStatus
+from shared.domain.japan_time import japan_today
 from shared.domain.vaccines import default_rules
 from shared.errors import (
     BadRequest,
@@ -37,6 +34,7 @@ from shared.errors import (
     Unauthorized,
     responses,
 )
+from shared.schemas import DoseSummary, DoseSummaryList
 
 router = APIRouter(prefix="/api/v1", tags=["doses"])
 internal = APIRouter(prefix="/internal/v1", tags=["internal"], include_in_schema=False)
@@ -44,48 +42,40 @@ internal = APIRouter(prefix="/internal/v1", tags=["internal"], include_in_schema
 MunicipalityCode = Annotated[str, Path(pattern=r"^\d{6}$", description="6-digit municipality code")]
 Recorder = Annotated[Principal, require(Role.INSTITUTION, Role.MUNICIPALITY)]
 MunicipalityPrincipal = Annotated[Principal, require(Role.MUNICIPALITY)]
-ServicePrincipal = Annotated[Principal, require(Role.SERVICE)]
-
-
-def _holders(request: Request) -> CouponHolders:
-    holders: CouponHolders = request.app.state.holders
-    return holders
-
-
-def _wake_relay_after_commit(request: Request, uow: UnitOfWork) -> None:
-    relay: OutboxRelay | None = request.app.state.relay
-    if relay is not None:
-        uow.after_commit(lambda: relay.wake(*uow.touched_shards))
 
 
 @router.post(
     "/doses",
     status_code=status.HTTP_201_CREATED,
     response_model=DoseAccepted,
-    responses=responses(BadRequest, Unauthorized, Forbidden, InvalidField, ServiceUnavailable),
+    responses={
+        **responses(BadRequest, Unauthorized, Forbidden, Conflict, InvalidField, ServiceUnavailable),
+        200: {"model": DoseAccepted, "description": "a double scan: the dose first recorded, nothing stored"},
+    },
 )
 async def record_dose(
     body: DoseIn,
     principal: Recorder,
     uow: UnitOfWorkDep,
-    request: Request,
+    response: Response,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)] = None,
 ) -> DoseAccepted:
-    """Record one dose. ``Idempotency-Key`` is required: the same key again returns the same answer."""
+    """Record one dose. ``Idempotency-Key`` is required: the same key again returns the same answer, and the
+    same key with another body is a 409. The same dose again under a new key is answered 200 ``duplicate``."""
     if not idempotency_key:
         raise BadRequest("the Idempotency-Key header is required, so that a retry never records a dose twice")
     [outcome] = await service.record_doses(
         uow,
-        _holders(request),
         principal=principal,
         submissions=[service.Submission(key=idempotency_key, dose=body)],
         rules=default_rules(),
-        today=service.japan_today(),
+        today=japan_today(),
     )
     if outcome.error is not None:
         raise outcome.error
     assert outcome.accepted is not None
-    _wake_relay_after_commit(request, uow)
+    if outcome.accepted.status == "duplicate":
+        response.status_code = status.HTTP_200_OK
     return outcome.accepted
 
 
@@ -94,24 +84,22 @@ async def record_dose(
     response_model=DoseBatchOut,
     responses=responses(Unauthorized, Forbidden, ServiceUnavailable),
 )
-async def record_dose_batch(
-    body: DoseBatchIn, principal: Recorder, uow: UnitOfWorkDep, request: Request
-) -> DoseBatchOut:
+async def record_dose_batch(body: DoseBatchIn, principal: Recorder, uow: UnitOfWorkDep) -> DoseBatchOut:
     """Record up to 1,000 doses. Each item's ``client_id`` is its idempotency key; results keep the order."""
     outcomes = await service.record_doses(
         uow,
-        _holders(request),
         principal=principal,
         submissions=[
             service.Submission(
-                key=f"batch:{item.client_id}", dose=DoseIn.model_validate(item.model_dump(exclude={"client_id"}))
+                key=f"batch:{item.client_id}",
+                dose=DoseIn.model_validate(item.model_dump(exclude={"client_id"})),
+                key_field=f"doses[{i}].client_id",
             )
-            for item in body.doses
+            for i, item in enumerate(body.doses)
         ],
         rules=default_rules(),
-        today=service.japan_today(),
+        today=japan_today(),
     )
-    _wake_relay_after_commit(request, uow)
     results = []
     for item, outcome in zip(body.doses, outcomes, strict=True):
         if outcome.accepted is not None:
@@ -122,6 +110,21 @@ async def record_dose_batch(
                 BatchItemResult(client_id=item.client_id, status="rejected", error=ItemError(**outcome.error.body()))
             )
     return DoseBatchOut(results=results)
+
+
+@router.get(
+    "/coupons/{coupon}",
+    response_model=CouponStatusOut,
+    responses=responses(Unauthorized, Forbidden, InvalidField),
+)
+async def coupon_status(
+    coupon: Annotated[str, Path(max_length=18, description="the 18-digit line printed on the coupon")],
+    _: Recorder,
+    uow: UnitOfWorkDep,
+) -> CouponStatusOut:
+    """Whether records knows the coupon's holder and whether the coupon is still valid: the only thing an
+    institution learns about a person before recording their dose."""
+    return await service.coupon_status(uow, coupon_line=coupon, today=japan_today())
 
 
 @router.get(
@@ -153,59 +156,45 @@ async def correct_dose(
     body: CorrectionIn,
     principal: MunicipalityPrincipal,
     uow: UnitOfWorkDep,
-    request: Request,
 ) -> DoseOut:
     require_own_municipality(principal, code, deny=service.dose_not_found())
     dose = await service.correct_dose(
         uow,
-        _holders(request),
         principal=principal,
         municipality_code=code,
         dose_id=dose_id,
         correction=body,
         rules=default_rules(),
-        today=service.japan_today(),
+        today=japan_today(),
     )
-    _wake_relay_after_commit(request, uow)
     return service.to_out(dose)
 
 
 @internal.get("/municipalities/{code}/doses", response_model=DoseSummaryList)
-async def doses_of_coupon(
+async def doses_of_coupons(
     code: MunicipalityCode,
-    coupon_number: Annotated[str, Query(pattern=r"^\d{10}$")],
-    _: ServicePrincipal,
+    coupon_number: Annotated[str, Query(pattern=r"^\d{10}(,\d{10}){0,99}$", description="comma-separated")],
+    principal: MunicipalityPrincipal,
     uow: UnitOfWorkDep,
 ) -> DoseSummaryList:
-    doses = await service.list_doses(uow, municipality_code=code, status=None, coupon_number=coupon_number)
+    """The doses of a resident's coupons, for registry reading them on the municipality's behalf: the
+    caller's own token is forwarded, so the same municipality scope holds here."""
+    require_own_municipality(principal, code)
+    doses = await service.list_doses(uow, municipality_code=code, status=None, coupon_numbers=coupon_number.split(","))
     return DoseSummaryList(
         doses=[
             DoseSummary(
                 dose_id=d.dose_id,
+                municipality=d.municipality_code,
+                coupon_number=d.coupon_number,
                 dose_number=d.dose_number,
                 vaccinated_on=d.vaccinated_on,
                 vaccine=d.vaccine,
                 lot_number=d.lot_number,
                 status=d.status,
-                municipality=d.municipality_code,
+                voided=d.voided,
+                version=d.version,
             )
             for d in doses
         ]
     )
-
-
-@internal.post("/municipalities/{code}/coupons/{coupon_number}/holder")
-async def coupon_holder(
-    code: MunicipalityCode,
-    coupon_number: Annotated[str, Path(pattern=r"^\d{10}$")],
-    body: HolderIn,
-    principal: ServicePrincipal,
-    uow: UnitOfWorkDep,
-    request: Request,
-) -> dict[str, int]:
-    _holders(request).forget((code, coupon_number))
-    changed = await service.apply_holder(
-        uow, municipality_code=code, coupon_number=coupon_number, holder=body, by=principal.scope_key
-    )
-    _wake_relay_after_commit(request, uow)
-    return {"changed": changed}

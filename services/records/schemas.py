@@ -39,13 +39,16 @@ class DoseBatchIn(BaseModel):
 
 
 class FindingOut(BaseModel):
-    code: str
-    message: str
+    code: str = Field(description="the rule, e.g. duplicate_dose, dose_order, interval_too_short, coupon_not_valid")
+    message: str = Field(description="what the rule says, without another record's dates or products")
+    detail: str | None = Field(
+        default=None, description="the specifics; only for the municipality that issued the coupon"
+    )
 
 
 class DoseAccepted(BaseModel):
-    dose_id: str
-    status: Literal["recorded", "needs_review", "unmatched"]
+    dose_id: str = Field(description="for a duplicate: the dose first recorded")
+    status: Literal["recorded", "needs_review", "unmatched", "duplicate"]
     findings: list[FindingOut]
 
 
@@ -58,7 +61,7 @@ class ItemError(BaseModel):
 class BatchItemResult(BaseModel):
     client_id: str
     dose_id: str | None = None
-    status: Literal["recorded", "needs_review", "unmatched", "rejected"]
+    status: Literal["recorded", "needs_review", "unmatched", "duplicate", "rejected"]
     findings: list[FindingOut] = []
     error: ItemError | None = None
 
@@ -103,23 +106,9 @@ class CorrectionIn(BaseModel):
         return self
 
 
-class HolderIn(BaseModel):
-    resident_id: str
-    sex: Literal["M", "F", "U"]
-    birth_date: date | None
+class CouponStatusOut(BaseModel):
+    """What a tablet may learn of a coupon before it records a dose: no person, only the coupon."""
 
-
-class DoseSummary(BaseModel):
-    """What registry shows of a resident's doses."""
-
-    dose_id: str
-    dose_number: int
-    vaccinated_on: date
-    vaccine: str
-    lot_number: str
-    status: str
-    municipality: str
-
-
-class DoseSummaryList(BaseModel):
-    doses: list[DoseSummary]
+    coupon: str = Field(description="the 18-digit line as given")
+    registered: bool = Field(description="records knows the resident who holds it (doses will be matched)")
+    valid: bool = Field(description="not reissued, moved out or voided as of today")

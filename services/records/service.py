@@ -1,7 +1,11 @@
-"""Records rules: ingest (single and batch, idempotent), the holder notice, corrections and voids.
+"""Records rules: ingest (single and batch, idempotent), coupon events, corrections and voids.
 
 Every change to a dose writes its event to the outbox in the same transaction, carrying the statistics
 cell before and after, so stats moves exactly one count from the old cell to the new one.
+
+Recording a dose reads only records' own databases: who holds a coupon comes from the coupon projection,
+which registry's ``coupon-events`` keep up to date (:func:`apply_coupon_events`). A dose for a coupon the
+projection does not know yet is ``unmatched`` and moves to its holder's cell when the coupon's event comes.
 """
 
 from __future__ import annotations
@@ -14,38 +18,41 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
-from zoneinfo import ZoneInfo
 
 from pydantic import ValidationError
 
-from services.records.models import Dose, DoseHistory, IdempotencyKey
-from services.records.registry_client import CouponHolders, CouponKey
-from services.records.repository import DoseRepository, IdempotencyRepository, OutboxRepository
-from services.records.schemas import CorrectionIn, DoseAccepted, DoseIn, DoseOut, FindingOut, HolderIn
-from shared.auth import Principal
+from services.records.models import CouponProjection, Dose, DoseHistory, IdempotencyKey, outbox
+from services.records.repository import (
+    ClaimRepository,
+    DoseRepository,
+    IdempotencyRepository,
+    ProjectionRepository,
+)
+from services.records.schemas import CorrectionIn, CouponStatusOut, DoseAccepted, DoseIn, DoseOut, FindingOut
+from shared.auth import Principal, Role
 from shared.db import UnitOfWork, utcnow
-from shared.domain.age import age_band
-from shared.domain.coupon import CouponLine
+from shared.domain.age import AgeBand, age_band
+from shared.domain.coupon import CouponLine, CouponLineError, parse_coupon_line
 from shared.domain.dose_rules import (
+    CouponInvalidReason,
+    CouponValidity,
     DoseFacts,
+    DoseOnFile,
     DoseRejected,
     DoseStatus,
     EarlierDose,
     Finding,
     check_admissible,
     decide_status,
+    find_exact_duplicate,
     review_findings,
 )
 from shared.domain.vaccines import VaccineRules
 from shared.errors import Conflict, InvalidField, NotFound, VRSError
-from shared.events import DoseEvent, DoseEventType, StatsCell
+from shared.events import CouponEvent, DoseEvent, DoseEventType, StatsCell
+from shared.outbox import OutboxRepository
 
-JAPAN = ZoneInfo("Asia/Tokyo")
-
-
-def japan_today() -> date:
-    """Dates on coupons and tablets are Japanese calendar days: 'the future' starts at midnight JST."""
-    return datetime.now(JAPAN).date()
+CouponKey = tuple[str, str]  # (issuing municipality, coupon number)
 
 
 def dose_not_found() -> NotFound:
@@ -56,6 +63,7 @@ def dose_not_found() -> NotFound:
 class Submission:
     key: str  # the idempotency key: the header for a single dose, the client_id in a batch
     dose: DoseIn
+    key_field: str = "Idempotency-Key"  # what a conflict names: the header, or the batch item's client_id
 
 
 @dataclass(slots=True)
@@ -86,7 +94,11 @@ def cell_of(dose: Dose) -> StatsCell | None:
 
 def _facts(dose: DoseIn) -> DoseFacts:
     return DoseFacts(
-        coupon_line=dose.coupon, dose_number=dose.dose_number, vaccinated_on=dose.vaccinated_on, vaccine=dose.vaccine
+        coupon_line=dose.coupon,
+        dose_number=dose.dose_number,
+        vaccinated_on=dose.vaccinated_on,
+        vaccine=dose.vaccine,
+        lot_number=dose.lot_number,
     )
 
 
@@ -98,31 +110,55 @@ def _earlier(doses: Sequence[Dose], *, excluding: str | None = None) -> list[Ear
     ]
 
 
-def _stored_findings(findings: Sequence[Finding]) -> list[dict[str, Any]]:
-    return [{"code": f.code, "message": f.message} for f in findings]
-
-
-def _replay(stored: IdempotencyKey, dose: DoseIn) -> Outcome:
-    if stored.request_hash != request_hash(dose):
-        return Outcome(error=InvalidField("Idempotency-Key", "was already used for a different dose"))
-    return Outcome(accepted=DoseAccepted.model_validate(stored.response))
-
-
-def _emit(outbox: OutboxRepository, kind: DoseEventType, dose: Dose, previous: StatsCell | None) -> None:
-    outbox.add(
-        DoseEvent(
-            type=kind,
-            dose_id=uuid.UUID(dose.dose_id),
-            municipality=dose.municipality_code,
-            cell=cell_of(dose),
-            previous_cell=previous,
+def _on_file(doses: Sequence[Dose]) -> list[DoseOnFile]:
+    return [
+        DoseOnFile(
+            dose_id=d.dose_id,
+            coupon_line=d.coupon_line,
+            dose_number=d.dose_number,
+            vaccinated_on=d.vaccinated_on,
+            vaccine=d.vaccine,
+            lot_number=d.lot_number,
+            voided=d.voided,
         )
+        for d in doses
+    ]
+
+
+def validity_of(coupon: CouponProjection | None) -> CouponValidity | None:
+    if coupon is None or coupon.invalid_from is None or coupon.invalid_reason is None:
+        return None
+    reason = CouponInvalidReason(coupon.invalid_reason)
+    if reason is CouponInvalidReason.MOVED_OUT:
+        return CouponValidity.moved_out(coupon.invalid_from)
+    return CouponValidity.no_longer_valid_from(coupon.invalid_from, reason)
+
+
+def _shown(findings: Sequence[Finding], *, with_detail: bool) -> list[FindingOut]:
+    return [FindingOut.model_validate(f.as_dict(with_detail=with_detail)) for f in findings]
+
+
+def _may_see_detail(principal: Principal, municipality_code: str) -> bool:
+    """Only the issuing municipality sees what a finding says about the person's other doses."""
+    return principal.role is Role.MUNICIPALITY and principal.municipality == municipality_code
+
+
+async def _emit(outbox_repo: OutboxRepository, kind: DoseEventType, dose: Dose, previous: StatsCell | None) -> None:
+    await outbox_repo.add(
+        [
+            DoseEvent(
+                type=kind,
+                dose_id=uuid.UUID(dose.dose_id),
+                municipality=dose.municipality_code,
+                cell=cell_of(dose),
+                previous_cell=previous,
+            )
+        ]
     )
 
 
 async def record_doses(
     uow: UnitOfWork,
-    holders: CouponHolders,
     *,
     principal: Principal,
     submissions: Sequence[Submission],
@@ -137,75 +173,128 @@ async def record_doses(
             admissible.append((i, sub, check_admissible(_facts(sub.dose), today=today, rules=rules)))
         except DoseRejected as exc:
             outcomes[i].error = InvalidField(exc.field, exc.message)
-
     if not admissible:
         return outcomes
-    # Ask registry first (one call for the whole batch, mostly cached), so that no database transaction is
-    # held open across an HTTP call.
-    found = await holders.lookup((c.municipality_code, c.coupon_number) for _, _, c in admissible)
+
     by_shard: dict[str, list[tuple[int, Submission, CouponLine]]] = defaultdict(list)
     for item in admissible:
         by_shard[await uow.databases.shard_of(item[2].municipality_code)].append(item)
     now = utcnow()
+    # Keys are the caller's, not a shard's: claimed once in the main database, whatever the coupon.
+    hashes = {sub.key: request_hash(sub.dose) for _, sub, _ in admissible}
+    claims = await ClaimRepository(uow.main()).claim(
+        [
+            {"scope": principal.scope_key, "key": sub.key, "request_hash": hashes[sub.key], "shard": shard}
+            | {"created_at": now}
+            for shard, items in by_shard.items()
+            for _, sub, _ in items
+        ]
+    )
     for shard, items in by_shard.items():
-        session = uow.shard(shard)
-        doses, keys, outbox = DoseRepository(session), IdempotencyRepository(session), OutboxRepository(session)
-        # Answer repeats first: a retry must not change anything.
-        stored = await keys.get_many(principal.scope_key, [sub.key for _, sub, _ in items])
-        fresh = []
+        valid = []
         for i, sub, coupon in items:
-            if sub.key in stored:
-                outcomes[i] = _replay(stored[sub.key], sub.dose)
+            if claims[sub.key].request_hash != hashes[sub.key]:
+                outcomes[i].error = Conflict(f"{sub.key_field}: was already used for a different dose")
             else:
-                fresh.append((i, sub, coupon))
-        if not fresh:
-            continue
-        on_file: dict[CouponKey, list[Dose]] = defaultdict(list)
-        for d in await doses.of_coupons(sorted({(c.municipality_code, c.coupon_number) for _, _, c in fresh})):
-            on_file[(d.municipality_code, d.coupon_number)].append(d)
-        prepared: list[tuple[int, Submission, Dose, DoseAccepted]] = []
-        for i, sub, coupon in fresh:
-            coupon_key = (coupon.municipality_code, coupon.coupon_number)
-            holder = found.get(coupon_key)
-            findings = review_findings(_facts(sub.dose), coupon, _earlier(on_file[coupon_key]), rules=rules)
-            status = decide_status(findings, matched=holder is not None)
-            dose = _new_dose(sub.dose, coupon, holder, status, findings, rules=rules, by=principal.scope_key, now=now)
-            on_file[coupon_key].append(dose)  # a batch may carry dose 1 and dose 2 of one person
-            accepted = DoseAccepted(
-                dose_id=dose.dose_id,
-                status=status.value,
-                findings=[FindingOut(code=f.code, message=f.message) for f in findings],
-            )
-            prepared.append((i, sub, dose, accepted))
-        claimed = await keys.claim(
-            [
-                IdempotencyKey(
-                    scope=principal.scope_key,
-                    key=sub.key,
-                    request_hash=request_hash(sub.dose),
-                    dose_id=dose.dose_id,
-                    response=accepted.model_dump(mode="json"),
-                    created_at=now,
-                )
-                for _, sub, dose, accepted in prepared
-            ]
-        )
-        for i, sub, dose, accepted in prepared:
-            if sub.key not in claimed:  # the same key arrived concurrently and won
-                winner = await keys.get(principal.scope_key, sub.key)
-                assert winner is not None
-                outcomes[i] = _replay(winner, sub.dose)
-                continue
-            doses.add(dose)
-            _emit(outbox, DoseEventType.RECORDED, dose, previous=None)
-            outcomes[i] = Outcome(accepted=accepted)
+                valid.append((i, sub, coupon))
+        if valid:
+            await _record_in_shard(uow, shard, valid, outcomes, principal=principal, rules=rules, now=now)
     return outcomes
+
+
+async def _record_in_shard(
+    uow: UnitOfWork,
+    shard: str,
+    items: Sequence[tuple[int, Submission, CouponLine]],
+    outcomes: list[Outcome],
+    *,
+    principal: Principal,
+    rules: VaccineRules,
+    now: datetime,
+) -> None:
+    session = uow.shard(shard)
+    doses, keys = DoseRepository(session), IdempotencyRepository(session)
+    # Answer repeats first: a retry must not change anything.
+    stored = await keys.get_many(principal.scope_key, [sub.key for _, sub, _ in items])
+    fresh = []
+    for i, sub, coupon in items:
+        if sub.key in stored:
+            outcomes[i] = _replay(stored[sub.key], sub)
+        else:
+            fresh.append((i, sub, coupon))
+    if not fresh:
+        return
+    coupon_keys = sorted({(c.municipality_code, c.coupon_number) for _, _, c in fresh})
+    holders = await ProjectionRepository(session).get_many(coupon_keys)
+    on_file: dict[CouponKey, list[Dose]] = defaultdict(list)
+    for d in await doses.of_coupons(coupon_keys):
+        on_file[(d.municipality_code, d.coupon_number)].append(d)
+
+    prepared: list[tuple[int, Submission, Dose | None, DoseAccepted]] = []
+    for i, sub, coupon in fresh:
+        coupon_key = (coupon.municipality_code, coupon.coupon_number)
+        duplicate_of = find_exact_duplicate(_facts(sub.dose), _on_file(on_file[coupon_key]))
+        if duplicate_of is not None:  # a double scan: answer with the first dose, store and count nothing
+            prepared.append((i, sub, None, DoseAccepted(dose_id=duplicate_of, status="duplicate", findings=[])))
+            continue
+        holder = holders.get(coupon_key)
+        findings = review_findings(
+            _facts(sub.dose), coupon, _earlier(on_file[coupon_key]), rules=rules, validity=validity_of(holder)
+        )
+        status = decide_status(findings, matched=holder is not None)
+        dose = _new_dose(sub.dose, coupon, holder, status, findings, rules=rules, by=principal.scope_key, now=now)
+        on_file[coupon_key].append(dose)  # a batch may carry dose 1 and dose 2 of one person
+        shown = _shown(findings, with_detail=_may_see_detail(principal, coupon.municipality_code))
+        prepared.append((i, sub, dose, DoseAccepted(dose_id=dose.dose_id, status=status.value, findings=shown)))
+
+    claimed = await keys.claim(
+        [
+            IdempotencyKey(
+                scope=principal.scope_key,
+                key=sub.key,
+                request_hash=request_hash(sub.dose),
+                dose_id=accepted.dose_id,
+                response=accepted.model_dump(mode="json"),
+                created_at=now,
+            )
+            for _, sub, _, accepted in prepared
+        ]
+    )
+    recorded: list[Dose] = []
+    for i, sub, new, accepted in prepared:
+        if sub.key not in claimed:  # the same key arrived concurrently and won
+            winner = await keys.get(principal.scope_key, sub.key)
+            assert winner is not None
+            outcomes[i] = _replay(winner, sub)
+            continue
+        outcomes[i] = Outcome(accepted=accepted)
+        if new is not None:
+            doses.add(new)
+            recorded.append(new)
+    await OutboxRepository(session, outbox).add(
+        [
+            DoseEvent(
+                type=DoseEventType.RECORDED,
+                dose_id=uuid.UUID(d.dose_id),
+                municipality=d.municipality_code,
+                cell=cell_of(d),
+                previous_cell=None,
+            )
+            for d in recorded
+        ]
+    )
+
+
+def _replay(stored: IdempotencyKey, sub: Submission) -> Outcome:
+    if stored.request_hash != request_hash(sub.dose):
+        return Outcome(error=Conflict(f"{sub.key_field}: was already used for a different dose"))
+    return Outcome(accepted=DoseAccepted.model_validate(stored.response))
 
 
 def _new_dose(
     dose: DoseIn,
     coupon: CouponLine,
-    holder: HolderIn | None,
+    holder: CouponProjection | None,
     status: DoseStatus,
     findings: Sequence[Finding],
     *,
@@ -226,7 +315,7 @@ def _new_dose(
         doctor=dose.doctor,
         medical_worker=dose.medical_worker,
         status=status.value,
-        findings=_stored_findings(findings),
+        findings=[f.as_dict(with_detail=True) for f in findings],
         rules_version=rules.version,
         resident_id=holder.resident_id if holder else None,
         sex=holder.sex if holder else "U",
@@ -240,6 +329,7 @@ def _new_dose(
 
 
 def to_out(dose: Dose) -> DoseOut:
+    """A dose as the issuing municipality sees it, findings in full."""
     return DoseOut(
         dose_id=dose.dose_id,
         municipality=dose.municipality_code,
@@ -260,11 +350,16 @@ def to_out(dose: Dose) -> DoseOut:
 
 
 async def list_doses(
-    uow: UnitOfWork, *, municipality_code: str, status: str | None, coupon_number: str | None = None, limit: int = 500
+    uow: UnitOfWork,
+    *,
+    municipality_code: str,
+    status: DoseStatus | None,
+    coupon_numbers: Sequence[str] = (),
+    limit: int = 500,
 ) -> list[Dose]:
     repo = DoseRepository(await uow.for_municipality(municipality_code))
-    if coupon_number is not None:
-        return await repo.of_coupons([(municipality_code, coupon_number)])
+    if coupon_numbers:
+        return await repo.of_coupons([(municipality_code, c) for c in coupon_numbers], with_voided=True)
     return await repo.of_municipality(municipality_code, status=status, limit=limit)
 
 
@@ -286,37 +381,77 @@ def _record_history(repo: DoseRepository, dose: Dose, *, change: str, reason: st
     )
 
 
-async def apply_holder(
-    uow: UnitOfWork, *, municipality_code: str, coupon_number: str, holder: HolderIn, by: str
-) -> int:
-    """A resident now holds this coupon: match its unmatched doses and re-cell the others if sex or birth
-    date changed. Returns how many doses changed."""
-    session = await uow.for_municipality(municipality_code)
-    repo, outbox = DoseRepository(session), OutboxRepository(session)
+async def coupon_status(uow: UnitOfWork, *, coupon_line: str, today: date) -> CouponStatusOut:
+    try:
+        coupon = parse_coupon_line(coupon_line)
+    except CouponLineError as exc:
+        raise InvalidField("coupon", str(exc)) from None
+    session = await uow.for_municipality(coupon.municipality_code)
+    known = await ProjectionRepository(session).get(coupon.municipality_code, coupon.coupon_number)
+    validity = validity_of(known)
+    return CouponStatusOut(
+        coupon=coupon_line,
+        registered=known is not None,
+        valid=validity is None or today <= validity.valid_until,
+    )
+
+
+# --- coupon events -------------------------------------------------------------------------------------
+
+
+async def apply_coupon_events(session: Any, events: Sequence[CouponEvent]) -> int:
+    """Bring the projection and the doses of these coupons to the events' states, in the caller's transaction.
+
+    An event older than (or as old as) the projection's version changes nothing, so repeats and events out of
+    order are harmless. A coupon whose holder is now known matches its unmatched doses; a holder whose sex or
+    birth date changed moves the coupon's doses to the new cell; each moved dose gets a ``dose.matched`` or
+    ``dose.corrected`` event. Returns how many coupon states changed.
+    """
+    projection, doses = ProjectionRepository(session), DoseRepository(session)
+    outbox_repo = OutboxRepository(session, outbox)
     changed = 0
-    for dose in await repo.of_coupons([(municipality_code, coupon_number)], for_update=True):
-        previous = cell_of(dose)
-        new_band = age_band(holder.birth_date, dose.vaccinated_on).value
-        if (dose.resident_id, dose.sex, dose.age_band) == (holder.resident_id, holder.sex, new_band):
+    for event in sorted(events, key=lambda e: (e.municipality, e.coupon_number, e.version)):
+        coupon = await projection.get(event.municipality, event.coupon_number, for_update=True)
+        if coupon is not None and coupon.version >= event.version:
             continue
+        state = event.state
+        if coupon is None:
+            coupon = CouponProjection(municipality_code=event.municipality, coupon_number=event.coupon_number)
+            projection.add(coupon)
+        coupon.resident_id, coupon.sex, coupon.birth_date = state.resident_id, state.sex.value, state.birth_date
+        coupon.invalid_from = state.invalid_from
+        coupon.invalid_reason = state.invalid_reason.value if state.invalid_reason else None
+        coupon.version, coupon.updated_at = event.version, utcnow()
+        changed += 1
+        await _follow_holder(doses, outbox_repo, coupon)
+    return changed
+
+
+async def _follow_holder(doses: DoseRepository, outbox_repo: OutboxRepository, coupon: CouponProjection) -> None:
+    for dose in await doses.of_coupons([(coupon.municipality_code, coupon.coupon_number)], for_update=True):
+        band = age_band(coupon.birth_date, dose.vaccinated_on).value
+        if (dose.resident_id, dose.sex, dose.age_band) == (coupon.resident_id, coupon.sex, band):
+            continue
+        previous = cell_of(dose)
         was_unmatched = dose.resident_id is None
-        _record_history(repo, dose, change="matched" if was_unmatched else "corrected", reason="registry", by=by)
-        dose.resident_id, dose.sex, dose.age_band = holder.resident_id, holder.sex, new_band
+        _record_history(
+            doses, dose, change="matched" if was_unmatched else "corrected", reason="coupon event", by="registry"
+        )
+        dose.resident_id, dose.sex, dose.age_band = coupon.resident_id, coupon.sex, band
         if dose.status == DoseStatus.UNMATCHED:
             dose.status = DoseStatus.RECORDED.value
         dose.version += 1
         dose.updated_at = utcnow()
-        _emit(outbox, DoseEventType.MATCHED if was_unmatched else DoseEventType.CORRECTED, dose, previous)
-        changed += 1
-    return changed
+        await _emit(outbox_repo, DoseEventType.MATCHED if was_unmatched else DoseEventType.CORRECTED, dose, previous)
 
+
+# --- corrections ---------------------------------------------------------------------------------------
 
 _CORRECTABLE = {"dose_number", "vaccinated_on", "vaccine", "lot_number", "venue", "doctor", "medical_worker"}
 
 
 async def correct_dose(
     uow: UnitOfWork,
-    holders: CouponHolders,
     *,
     principal: Principal,
     municipality_code: str,
@@ -330,7 +465,7 @@ async def correct_dose(
     ``changes`` may also hold ``"reviewed": true``: a person checked the findings and the dose stands.
     """
     session = await uow.for_municipality(municipality_code)
-    repo, outbox = DoseRepository(session), OutboxRepository(session)
+    repo = DoseRepository(session)
     dose = await repo.get(dose_id, for_update=True)
     if dose is None or dose.municipality_code != municipality_code:
         raise dose_not_found()
@@ -349,23 +484,15 @@ async def correct_dose(
         kind = DoseEventType.VOIDED
     else:
         kind = DoseEventType.CORRECTED
-        await _apply_changes(dose, correction.changes or {}, repo, holders, rules=rules, today=today)
+        holder = await ProjectionRepository(session).get(dose.municipality_code, dose.coupon_number)
+        await _apply_changes(dose, correction.changes or {}, repo, holder, rules=rules, today=today)
     dose.version += 1
     dose.updated_at = utcnow()
-    _emit(outbox, kind, dose, previous)
+    await _emit(OutboxRepository(session, outbox), kind, dose, previous)
     return dose
 
 
-async def _apply_changes(
-    dose: Dose,
-    changes: dict[str, Any],
-    repo: DoseRepository,
-    holders: CouponHolders,
-    *,
-    rules: VaccineRules,
-    today: date,
-) -> None:
-    reviewed = bool(changes.pop("reviewed", False))
+def _corrected(dose: Dose, changes: dict[str, Any]) -> DoseIn:
     unknown = sorted(set(changes) - _CORRECTABLE)
     if unknown:
         raise InvalidField(
@@ -382,10 +509,23 @@ async def _apply_changes(
         "medical_worker": dose.medical_worker,
     }
     try:
-        corrected = DoseIn.model_validate({**current, **changes})
+        return DoseIn.model_validate({**current, **changes})
     except ValidationError as exc:
         first = exc.errors()[0]
         raise InvalidField(f"changes.{'.'.join(str(p) for p in first['loc'])}", first["msg"]) from None
+
+
+async def _apply_changes(
+    dose: Dose,
+    changes: dict[str, Any],
+    repo: DoseRepository,
+    holder: CouponProjection | None,
+    *,
+    rules: VaccineRules,
+    today: date,
+) -> None:
+    reviewed = bool(changes.pop("reviewed", False))
+    corrected = _corrected(dose, changes)
     try:
         coupon = check_admissible(_facts(corrected), today=today, rules=rules)
     except DoseRejected as exc:
@@ -394,17 +534,21 @@ async def _apply_changes(
     findings = (
         []
         if reviewed
-        else review_findings(_facts(corrected), coupon, _earlier(others, excluding=dose.dose_id), rules=rules)
+        else review_findings(
+            _facts(corrected),
+            coupon,
+            _earlier(others, excluding=dose.dose_id),
+            rules=rules,
+            validity=validity_of(holder),
+        )
     )
     for name in _CORRECTABLE:
         setattr(dose, name, getattr(corrected, name))
-    if dose.resident_id is not None and dose.age_band != "UNK":
-        # The age band depends on the date; only registry knows the birth date.
-        holder = (await holders.lookup([(dose.municipality_code, dose.coupon_number)])).get(
-            (dose.municipality_code, dose.coupon_number)
-        )
-        if holder is not None:
-            dose.age_band = age_band(holder.birth_date, dose.vaccinated_on).value
-    dose.findings = _stored_findings(findings)
+    if holder is not None:
+        # The age band depends on the date of the dose; the projection knows the birth date.
+        dose.age_band = age_band(holder.birth_date, dose.vaccinated_on).value
+    elif dose.resident_id is None:
+        dose.age_band = AgeBand.UNKNOWN.value
+    dose.findings = [f.as_dict(with_detail=True) for f in findings]
     dose.rules_version = rules.version
     dose.status = decide_status(findings, matched=dose.resident_id is not None).value

@@ -3,10 +3,10 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from shared.settings import BusSettings, ServiceSettings, sqlite_url
+from shared.settings import PublisherSettings, sqlite_url
 
 
-class RecordsSettings(ServiceSettings):
+class RecordsSettings(PublisherSettings):
     model_config = SettingsConfigDict(env_prefix="VRS_RECORDS_", extra="ignore")
 
     # The main database holds the shard map; doses, idempotency keys and the outbox live in the shards.
@@ -15,14 +15,10 @@ class RecordsSettings(ServiceSettings):
         default_factory=lambda: {name: sqlite_url(f"records/shard-{name}.db") for name in ("s0", "s1")}
     )
     pool_size: int = 20
-    registry_url: str = "http://127.0.0.1:8001"
-    bus: BusSettings = Field(default_factory=BusSettings)
-    # Coupon holders are cached briefly; a coupon nobody holds is never cached, so a resident registered a
-    # moment ago is matched at once.
-    coupon_cache_seconds: float = 30.0
-    run_relay: bool = True
-    relay_batch_size: int = 500
-    relay_idle_seconds: float = 0.2
-    # Commits within this window are published together: fewer, fuller passes under load, a little more lag.
-    relay_linger_seconds: float = 0.02
+    # Consume ``coupon-events`` into the coupon projection inside the API process (the embedded default); in
+    # production a process of its own (``vrs consume records``) and the API replicas set this to false.
+    run_consumer: bool = True
+    consumer_name: str = Field(default="records-coupons", min_length=1, max_length=64)
+    poll_max_records: int = Field(default=500, ge=1, le=10_000)
+    poll_timeout_seconds: float = Field(default=1.0, gt=0)
     max_batch_doses: int = 1000

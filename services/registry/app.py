@@ -1,3 +1,5 @@
+"""registry — residents (接種者情報), coupons and the My Number directory, sharded by municipality."""
+
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
@@ -6,11 +8,13 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from services.registry.crypto import MyNumberVault
-from services.registry.router import internal, router
+from services.registry.models import outbox
+from services.registry.router import router
 from services.registry.settings import RegistrySettings
 from shared.app import build_app
 from shared.db import Databases
 from shared.internal import InternalClient
+from shared.outbox import relay_in_background
 
 
 def create_app(settings: RegistrySettings | None = None) -> FastAPI:
@@ -18,16 +22,19 @@ def create_app(settings: RegistrySettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.databases = Databases.connect(settings.main_dsn, settings.shard_dsns, pool_size=settings.pool_size)
+        databases = Databases.connect(settings.main_dsn, settings.shard_dsns, pool_size=settings.pool_size)
+        app.state.databases = databases
         app.state.vault = MyNumberVault(settings)
-        app.state.records = InternalClient(settings.records_url, auth=settings.auth, caller="registry")
+        app.state.records = InternalClient(settings.records_url)
         try:
-            yield
+            async with relay_in_background(settings, databases, outbox, topic=settings.bus.coupon_topic) as relay:
+                app.state.relay = relay
+                yield
         finally:
             await app.state.records.close()
-            await app.state.databases.dispose()
+            await databases.dispose()
 
     async def ready(app: FastAPI) -> None:
         await app.state.databases.ping()
 
-    return build_app(service="registry", settings=settings, lifespan=lifespan, routers=[router, internal], ready=ready)
+    return build_app(service="registry", settings=settings, lifespan=lifespan, routers=[router], ready=ready)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from datetime import date, datetime
 
-from sqlalchemy import Date, DateTime, Integer, LargeBinary, MetaData, String, Text, UniqueConstraint
+from sqlalchemy import Date, DateTime, Index, Integer, LargeBinary, MetaData, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from shared.db import shard_assignments_table
+from shared.outbox import outbox_table
 
 
 class MainBase(DeclarativeBase):
@@ -55,3 +56,29 @@ class Resident(ShardBase):
     version: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Coupon(ShardBase):
+    """Every coupon (接種券) ever issued, with the state last announced on ``coupon-events``.
+
+    A number stays with the resident it was issued to even after it stops being valid (reissued, moved out,
+    voided), so it can never be handed to somebody else. ``version`` grows with every announced change.
+    """
+
+    __tablename__ = "coupons"
+    __table_args__ = (Index("ix_coupons_resident", "municipality_code", "resident_id"),)
+
+    municipality_code: Mapped[str] = mapped_column(String(6), primary_key=True)
+    coupon_number: Mapped[str] = mapped_column(String(10), primary_key=True)  # 券番号
+    resident_id: Mapped[str] = mapped_column(String(64))
+    sex: Mapped[str] = mapped_column(String(1))  # the holder's, as last announced
+    birth_date: Mapped[date | None] = mapped_column(Date)
+    invalid_from: Mapped[date | None] = mapped_column(Date)
+    invalid_reason: Mapped[str | None] = mapped_column(String(16))
+    version: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+# Coupon events written with the change they describe; the relay publishes them to ``coupon-events``.
+outbox = outbox_table(ShardBase.metadata)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.registry.models import MyNumberDirectoryEntry, Resident
+from services.registry.models import Coupon, MyNumberDirectoryEntry, Resident, outbox
 from shared.db import upsert, utcnow
+from shared.outbox import OutboxEvent, OutboxRepository
 
 
 class ResidentRepository:
@@ -29,17 +30,42 @@ class ResidentRepository:
         )
         return (await self.session.execute(stmt)).scalar_one_or_none()
 
-    async def holders_of_coupons(self, coupons: Sequence[tuple[str, str]]) -> list[Resident]:
-        if not coupons:
-            return []
-        stmt = select(Resident).where(tuple_(Resident.municipality_code, Resident.coupon_number).in_(coupons))
-        return list((await self.session.execute(stmt)).scalars())
-
     def add(self, resident: Resident) -> None:
         self.session.add(resident)
 
     async def flush(self) -> None:
         await self.session.flush()
+
+
+class CouponRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+        self._outbox = OutboxRepository(session, outbox)
+
+    async def get(self, municipality_code: str, coupon_number: str, *, for_update: bool = False) -> Coupon | None:
+        stmt = select(Coupon).where(
+            Coupon.municipality_code == municipality_code, Coupon.coupon_number == coupon_number
+        )
+        if for_update:
+            stmt = stmt.with_for_update()
+        return (await self.session.execute(stmt)).scalar_one_or_none()
+
+    async def of_resident(self, municipality_code: str, resident_id: str, *, for_update: bool = False) -> list[Coupon]:
+        """Every coupon the resident was ever issued (``for_update``: locked, to change them together)."""
+        stmt = (
+            select(Coupon)
+            .where(Coupon.municipality_code == municipality_code, Coupon.resident_id == resident_id)
+            .order_by(Coupon.coupon_number)
+        )
+        if for_update:
+            stmt = stmt.with_for_update()
+        return list((await self.session.execute(stmt)).scalars())
+
+    def add(self, coupon: Coupon) -> None:
+        self.session.add(coupon)
+
+    async def announce(self, events: Sequence[OutboxEvent]) -> None:
+        await self._outbox.add(events)
 
 
 class DirectoryRepository:

@@ -1,14 +1,14 @@
-"""registry's HTTP surface: the contract paths, and internal paths for other services."""
+"""registry's HTTP surface: the contract paths."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, BackgroundTasks, Path, Request, Response, status
+from fastapi import APIRouter, Path, Request, Response, status
 
 from services.registry import service
 from services.registry.crypto import MyNumberVault
-from services.registry.schemas import CouponLookupIn, CouponLookupOut, ResidentIn, ResidentOut, ResidentWithDoses
+from services.registry.schemas import ResidentIn, ResidentOut, ResidentWithDoses
 from shared.auth import Principal, Role, require, require_own_municipality
 from shared.db import UnitOfWorkDep
 from shared.errors import (
@@ -24,12 +24,10 @@ from shared.errors import (
 from shared.internal import InternalClient
 
 router = APIRouter(prefix="/api/v1/municipalities/{code}", tags=["residents"])
-internal = APIRouter(prefix="/internal/v1", tags=["internal"], include_in_schema=False)
 
 MunicipalityCode = Annotated[str, Path(pattern=r"^\d{6}$", description="6-digit municipality code")]
 ResidentId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
 MunicipalityPrincipal = Annotated[Principal, require(Role.MUNICIPALITY)]
-ServicePrincipal = Annotated[Principal, require(Role.SERVICE)]
 
 
 def _vault(request: Request) -> MyNumberVault:
@@ -55,14 +53,12 @@ async def put_resident(
     uow: UnitOfWorkDep,
     request: Request,
     response: Response,
-    background: BackgroundTasks,
 ) -> ResidentOut:
     require_own_municipality(principal, code)
     resident, created = await service.put_resident(
         uow, _vault(request), municipality_code=code, resident_id=resident_id, data=body
     )
     response.status_code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
-    background.add_task(service.notify_records_of_holder, _records(request), resident)
     return service.to_out(resident)
 
 
@@ -80,9 +76,6 @@ async def get_resident(
 ) -> ResidentWithDoses:
     require_own_municipality(principal, code, deny=resident_not_found())
     resident = await service.get_resident(uow, municipality_code=code, resident_id=resident_id)
-    return await service.resident_with_doses(resident, _records(request))
-
-
-@internal.post("/coupon-lookups", response_model=CouponLookupOut)
-async def lookup_coupons(body: CouponLookupIn, _: ServicePrincipal, uow: UnitOfWorkDep) -> CouponLookupOut:
-    return CouponLookupOut(results=await service.lookup_coupons(uow, body.coupons))
+    return await service.resident_with_doses(
+        uow, resident, _records(request), authorization=request.headers.get("authorization", "")
+    )

@@ -1,14 +1,13 @@
 from __future__ import annotations
 
 from datetime import date, datetime
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared.domain.codes import my_number_problem
 from shared.domain.coupon import coupon_number_problem
-
-Sex = Literal["M", "F", "U"]
+from shared.domain.sex import Sex
+from shared.schemas import DoseSummary
 
 
 class ResidentIn(BaseModel):
@@ -45,16 +44,6 @@ class ResidentIn(BaseModel):
         return value
 
 
-class DoseSummary(BaseModel):
-    dose_id: str
-    dose_number: int
-    vaccinated_on: date
-    vaccine: str
-    lot_number: str
-    status: str
-    municipality: str
-
-
 class ResidentOut(BaseModel):
     municipality: str
     resident_id: str
@@ -73,30 +62,3 @@ class ResidentOut(BaseModel):
 
 class ResidentWithDoses(ResidentOut):
     doses: list[DoseSummary]
-
-
-class CouponRef(BaseModel):
-    municipality: str = Field(pattern=r"^\d{6}$")
-    coupon_number: str = Field(pattern=r"^\d{10}$")
-
-
-class CouponLookupIn(BaseModel):
-    coupons: list[CouponRef] = Field(max_length=1000)
-
-
-class CouponHolder(BaseModel):
-    """What records may know of a coupon's holder: enough for the statistics cell, nothing more."""
-
-    resident_id: str
-    sex: Sex
-    birth_date: date | None
-
-
-class CouponLookupResult(BaseModel):
-    municipality: str
-    coupon_number: str
-    holder: CouponHolder | None
-
-
-class CouponLookupOut(BaseModel):
-    results: list[CouponLookupResult]

@@ -5,14 +5,14 @@ import base64
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from shared.settings import ServiceSettings, sqlite_url
+from shared.settings import PublisherSettings, sqlite_url
 
 # Public development keys (32 bytes each, base64). Refused in production.
 DEV_MY_NUMBER_KEY = base64.b64encode(b"vrs-dev-my-number-aes-key-32byte").decode()
 DEV_MY_NUMBER_HASH_KEY = base64.b64encode(b"vrs-dev-my-number-hmac-key-32byt").decode()
 
 
-class RegistrySettings(ServiceSettings):
+class RegistrySettings(PublisherSettings):
     model_config = SettingsConfigDict(env_prefix="VRS_REGISTRY_", extra="ignore")
 
     # The main database holds the shard map and the global My Number directory.
@@ -21,6 +21,7 @@ class RegistrySettings(ServiceSettings):
         default_factory=lambda: {name: sqlite_url(f"registry/shard-{name}.db") for name in ("s0", "s1")}
     )
     pool_size: int = 20
+    # Only for reads on behalf of a caller (a resident with their doses); registry never tells records anything.
     records_url: str = "http://127.0.0.1:8002"
     # AES-256-GCM keys by key id; new My Numbers are sealed with the active one, old ids still open.
     my_number_keys: dict[str, str] = Field(default_factory=lambda: {"dev1": DEV_MY_NUMBER_KEY})

@@ -1,4 +1,4 @@
-"""The event bus between records and stats: one interface, two implementations.
+"""The event bus (registry → records → stats): one interface, two implementations.
 
 - :mod:`shared.bus.kafka` — Apache Kafka through kafka-python (production).
 - :mod:`shared.bus.embedded` — a durable append-only log in a SQLite file (the embedded default).
@@ -57,21 +57,23 @@ def partition_for(key: str, partitions: int) -> int:
     return zlib.crc32(key.encode()) % partitions
 
 
-def make_publisher(settings: BusSettings) -> Publisher:
+def make_publisher(settings: BusSettings, *, topic: str | None = None) -> Publisher:
+    """A publisher to ``topic`` (default: the dose topic, ``settings.topic``)."""
     if settings.kind == "kafka":
         from shared.bus.kafka import KafkaPublisher
 
-        return KafkaPublisher(settings)
+        return KafkaPublisher(settings, topic=topic)
     from shared.bus.embedded import EmbeddedLog
 
-    return EmbeddedLog(settings)
+    return EmbeddedLog(settings, topic=topic)
 
 
-def make_source(settings: BusSettings, *, consumer: str) -> Source:
+def make_source(settings: BusSettings, *, consumer: str, topic: str | None = None) -> Source:
+    """A source reading ``topic`` (default: the dose topic, ``settings.topic``) for ``consumer``."""
     if settings.kind == "kafka":
         from shared.bus.kafka import KafkaSource
 
-        return KafkaSource(settings, consumer=consumer)
+        return KafkaSource(settings, consumer=consumer, topic=topic)
     from shared.bus.embedded import EmbeddedLog
 
-    return EmbeddedLog(settings)
+    return EmbeddedLog(settings, topic=topic)

@@ -33,9 +33,9 @@ CREATE TABLE IF NOT EXISTS topics (topic TEXT PRIMARY KEY, partitions INTEGER NO
 class EmbeddedLog:
     """Both a :class:`~shared.bus.Publisher` and a :class:`~shared.bus.Source`."""
 
-    def __init__(self, settings: BusSettings) -> None:
+    def __init__(self, settings: BusSettings, *, topic: str | None = None) -> None:
         self._path = Path(settings.embedded_path)
-        self._topic = settings.topic
+        self._topic = topic or settings.topic
         self._wanted_partitions = settings.partitions
         self._positions: dict[int, int] = {}
         self._lock = threading.Lock()

@@ -72,15 +72,16 @@ def ensure_topic(
 class KafkaPublisher:
     """A :class:`~shared.bus.Publisher` on Kafka; messages are partitioned by key (Kafka's murmur2)."""
 
-    def __init__(self, settings: BusSettings) -> None:
+    def __init__(self, settings: BusSettings, *, topic: str | None = None) -> None:
         self._settings = settings
+        self._topic = topic or settings.topic
         self._producer: Any = None
         self._lock = threading.Lock()  # one publish at a time; guards the lazily created producer
 
     def _get_producer(self) -> Any:
         if self._producer is None:
             s = self._settings
-            ensure_topic(s.kafka_bootstrap_servers, s.topic, s.partitions, client_id=f"{s.kafka_client_id}-admin")
+            ensure_topic(s.kafka_bootstrap_servers, self._topic, s.partitions, client_id=f"{s.kafka_client_id}-admin")
             self._producer = KafkaProducer(
                 bootstrap_servers=s.kafka_bootstrap_servers,
                 client_id=f"{s.kafka_client_id}-publisher",
@@ -104,7 +105,7 @@ class KafkaPublisher:
         with self._lock:
             producer = self._get_producer()
             try:
-                futures = [producer.send(self._settings.topic, key=m.key.encode(), value=m.value) for m in messages]
+                futures = [producer.send(self._topic, key=m.key.encode(), value=m.value) for m in messages]
                 for future in futures:
                     future.get(timeout=DELIVERY_TIMEOUT + REQUEST_TIMEOUT)
             except Exception:
@@ -130,8 +131,9 @@ class KafkaPublisher:
 class KafkaSource:
     """A :class:`~shared.bus.Source` on Kafka for the consumer named ``consumer`` (its client id)."""
 
-    def __init__(self, settings: BusSettings, *, consumer: str) -> None:
+    def __init__(self, settings: BusSettings, *, consumer: str, topic: str | None = None) -> None:
         self._settings = settings
+        self._topic = topic or settings.topic
         self._client_id = f"{settings.kafka_client_id}-{consumer}"
         self._consumer: Any = None
         self._lock = threading.Lock()  # the KafkaConsumer is used by one thread at a time
@@ -152,13 +154,13 @@ class KafkaSource:
     async def partitions(self) -> list[int]:
         s = self._settings
         return await asyncio.to_thread(
-            ensure_topic, s.kafka_bootstrap_servers, s.topic, s.partitions, client_id=f"{self._client_id}-admin"
+            ensure_topic, s.kafka_bootstrap_servers, self._topic, s.partitions, client_id=f"{self._client_id}-admin"
         )
 
     def _assign(self, positions: dict[int, int]) -> None:
         with self._lock:
             consumer = self._get_consumer()
-            assignment = {p: TopicPartition(self._settings.topic, p) for p in sorted(positions)}
+            assignment = {p: TopicPartition(self._topic, p) for p in sorted(positions)}
             consumer.assign(list(assignment.values()))
             for p, tp in assignment.items():
                 consumer.seek(tp, positions[p])

@@ -47,13 +47,14 @@ def postgres_kafka_stack(
     prefix = f"e2e{os.getpid()}_"
     for name in postgres_databases():
         pg_server.create_database(prefix + name)
-    topic = f"dose-events-{os.getpid()}"
-    kafka_server.create_topic(topic, 4)
+    topics = {"VRS_BUS_TOPIC": f"dose-events-{os.getpid()}", "VRS_BUS_COUPON_TOPIC": f"coupon-events-{os.getpid()}"}
+    for topic in topics.values():
+        kafka_server.create_topic(topic, 4)
     env = {
         **os.environ,
         "VRS_VAR_DIR": str(var),
         **postgres_env(lambda name: pg_server.dsn(prefix + name), kafka_bootstrap=kafka_server.bootstrap_servers),
-        "VRS_BUS_TOPIC": topic,
+        **topics,
     }
     stack = _start(env, var / "log")
     yield stack

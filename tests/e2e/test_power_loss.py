@@ -19,7 +19,7 @@ from devtools.harness import free_port
 from devtools.harness.kafka import KafkaServer
 from devtools.harness.postgres import PostgresServer
 from devtools.launcher import Stack
-from devtools.stack import SERVICES, postgres_databases, postgres_env, wiring_env
+from devtools.stack import SERVICES, TOPICS, postgres_databases, postgres_env, wiring_env
 from shared.auth import Role, mint_token
 from shared.settings import AuthSettings
 
@@ -106,7 +106,8 @@ async def test_postgres_kafka_survive_sigkill_of_everything(server_dir: Path, tm
     try:
         for name in postgres_databases():
             pg.create_database(name)
-        kafka.create_topic("dose-events", 4)
+        for topic, partitions in TOPICS.items():
+            kafka.create_topic(topic, partitions)
         env = {**os.environ, **postgres_env(pg.dsn, kafka_bootstrap=kafka.bootstrap_servers)}
         ports = {spec.name: free_port() for spec in SERVICES}
         stack = start_stack(env, tmp_path, ports)

@@ -57,6 +57,21 @@ async def wait_for_count(gw: httpx.AsyncClient, expected: int, timeout: float = 
         await asyncio.sleep(0.05)
 
 
+async def wait_until_records_knows(
+    gw: httpx.AsyncClient, coupon_number: str, *, municipality: str = CHIYODA, timeout: float = 30
+) -> None:
+    """A registered resident reaches records through ``coupon-events``: wait until records can match them."""
+    line = f"10{municipality}{coupon_number}"
+    deadline = time.monotonic() + timeout
+    while True:
+        r = await gw.get(f"/api/v1/coupons/{line}", headers=CLINIC)
+        assert r.status_code == 200, r.text
+        if r.json()["registered"]:
+            return
+        assert time.monotonic() < deadline, f"records never learned of coupon {coupon_number}"
+        await asyncio.sleep(0.02)
+
+
 def dose_body(
     coupon_number: str, *, dose_number: int = 1, on: str = "2021-06-01", municipality: str = CHIYODA
 ) -> dict[str, Any]:
@@ -88,6 +103,7 @@ async def test_resident_dose_stats_path(gw: httpx.AsyncClient) -> None:
     assert "123456789018" not in r.text
     r = await gw.put(path, json=resident, headers=MUNI)
     assert r.status_code == 200
+    await wait_until_records_knows(gw, coupon)
 
     day = "2021-06-03"
     before = await count_in(gw, group_by="date,prefecture", match={"date": day, "prefecture": "13"})
@@ -206,6 +222,7 @@ async def test_review_correction_and_void_move_statistics_exactly(gw: httpx.Asyn
     }
     r = await gw.put(f"/api/v1/municipalities/{CHIYODA}/residents/r-{coupon}", json=resident, headers=MUNI)
     assert r.status_code == 201
+    await wait_until_records_knows(gw, coupon)
     d1, d2, moved = "2021-06-10", "2021-06-20", "2021-07-02"
     g = "date,municipality,dose_number"
     cells = {day: {"date": day, "municipality": CHIYODA, "dose_number": 2} for day in (d2, moved)}

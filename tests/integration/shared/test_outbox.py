@@ -1,4 +1,5 @@
-"""The outbox relay on a real shard database: publishes, marks, survives a bus failure, purges."""
+"""The shared outbox relay on a real shard database (records' tree): publishes, marks, survives a bus failure,
+purges."""
 
 from __future__ import annotations
 
@@ -9,18 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from services.records.models import OutboxEvent
-from services.records.relay import OutboxRelay
-from services.records.repository import OutboxRepository
+from services.records.models import outbox
 from shared.bus import OutgoingMessage
 from shared.bus.embedded import EmbeddedLog
 from shared.db import Databases, utcnow
 from shared.events import DoseEvent
 from shared.migrations import upgrade
+from shared.outbox import OutboxRelay, OutboxRepository
 from shared.settings import BusSettings
 from tests.factories import recorded
 
-TREES = Path(__file__).resolve().parents[4] / "services" / "records" / "migrations"
+TREES = Path(__file__).resolve().parents[3] / "services" / "records" / "migrations"
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -40,9 +40,7 @@ async def databases(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
 async def write_outbox(dbs: Databases, n: int) -> list[DoseEvent]:
     events = [recorded(date=date(2021, 6, 1) + timedelta(days=i % 5)) for i in range(n)]
     async with dbs.shards["s0"].sessionmaker() as session, session.begin():
-        repo = OutboxRepository(session)
-        for e in events:
-            repo.add(e)
+        await OutboxRepository(session, outbox).add(events)
     return events
 
 
@@ -70,7 +68,7 @@ async def read_all(log: EmbeddedLog) -> list[DoseEvent]:
 async def test_relay_publishes_each_event_and_marks_it(databases: Databases, tmp_path: Path) -> None:
     log = EmbeddedLog(BusSettings(embedded_path=tmp_path / "log.db", partitions=3))
     events = await write_outbox(databases, 7)
-    relay = OutboxRelay(databases, log, batch_size=3, idle_seconds=0.05)
+    relay = OutboxRelay(databases, log, outbox, topic="dose-events", batch_size=3, idle_seconds=0.05)
     assert await relay.drain() == 7
     assert await relay.drain() == 0
     assert sorted(e.event_id for e in await read_all(log)) == sorted(e.event_id for e in events)
@@ -79,7 +77,9 @@ async def test_relay_publishes_each_event_and_marks_it(databases: Databases, tmp
 async def test_events_wait_in_the_outbox_while_the_bus_is_down(databases: Databases, tmp_path: Path) -> None:
     log = EmbeddedLog(BusSettings(embedded_path=tmp_path / "log.db", partitions=3))
     events = await write_outbox(databases, 4)
-    relay = OutboxRelay(databases, FlakyBus(log, failures=2), batch_size=100, idle_seconds=0.05)
+    relay = OutboxRelay(
+        databases, FlakyBus(log, failures=2), outbox, topic="dose-events", batch_size=100, idle_seconds=0.05
+    )
     task = asyncio.create_task(relay.run())
     try:
         for _ in range(200):
@@ -94,13 +94,15 @@ async def test_events_wait_in_the_outbox_while_the_bus_is_down(databases: Databa
 async def test_purge_drops_only_old_published_events(databases: Databases, tmp_path: Path) -> None:
     log = EmbeddedLog(BusSettings(embedded_path=tmp_path / "log.db", partitions=3))
     await write_outbox(databases, 3)
-    relay = OutboxRelay(databases, log, batch_size=100, idle_seconds=0.05, retention=timedelta(hours=1))
+    relay = OutboxRelay(
+        databases, log, outbox, topic="dose-events", batch_size=100, idle_seconds=0.05, retention=timedelta(hours=1)
+    )
     await relay.drain()
     await write_outbox(databases, 2)  # not published yet: must survive any purge
     async with databases.shards["s0"].sessionmaker() as session, session.begin():
-        repo = OutboxRepository(session)
+        repo = OutboxRepository(session, outbox)
         assert await repo.purge_published(utcnow() - timedelta(hours=1)) == 0
         assert await repo.purge_published(utcnow() + timedelta(seconds=1)) == 3
     async with databases.shards["s0"].sessionmaker() as session:
-        rows = (await session.execute(OutboxEvent.__table__.select())).all()
+        rows = (await session.execute(outbox.select())).all()
     assert len(rows) == 2

@@ -1,0 +1,70 @@
+"""records' consumer of ``coupon-events``: one per shard, each applying the events of its own municipalities.
+
+Each shard keeps its own bookkeeping (processed event ids and offsets) beside its projection and doses, so
+an event's effect — the projection row, the doses it matches or moves, their dose events in the outbox —
+and the consumer's new position commit in one transaction of that shard. Every shard's consumer reads
+every partition and skips the municipalities another shard holds; coupon events are few (registry
+changes), so reading them twice costs little and keeps each shard exactly-once on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.records import service
+from services.records.models import consumer_bookkeeping
+from services.records.settings import RecordsSettings
+from shared.bus import Message, make_source
+from shared.consumer import Bookkeeping, Handler, IdempotentConsumer
+from shared.db import Databases, utcnow
+from shared.events import CouponEvent
+from shared.outbox import OutboxRelay
+
+log = logging.getLogger(__name__)
+
+
+def coupon_event_handler(databases: Databases, shard: str, *, name: str) -> Handler:
+    async def handle(session: AsyncSession, messages: Sequence[Message]) -> int:
+        mine: list[CouponEvent] = []
+        for message in messages:
+            try:
+                event = CouponEvent.from_bytes(message.value)
+            except ValidationError:
+                # Never blocks the partition: a message no version of us can read is logged and passed.
+                log.error("undecodable coupon event at partition %s offset %s", message.partition, message.offset)
+                continue
+            if await databases.shard_of(event.municipality) == shard:
+                mine.append(event)
+        new = await Bookkeeping(session, consumer_bookkeeping).claim(name, [e.event_id for e in mine], at=utcnow())
+        return await service.apply_coupon_events(session, [e for e in mine if e.event_id in new])
+
+    return handle
+
+
+def coupon_consumers(
+    settings: RecordsSettings, databases: Databases, *, relay: OutboxRelay | None = None
+) -> list[IdempotentConsumer]:
+    """One consumer per shard; ``relay`` (if any) is woken when a batch moved doses."""
+    topic = settings.bus.coupon_topic
+    consumers = []
+    for shard, database in databases.shards.items():
+        consumers.append(
+            IdempotentConsumer(
+                database,
+                consumer_bookkeeping,
+                name=settings.consumer_name,
+                topic=topic,
+                source_factory=lambda shard=shard: make_source(  # type: ignore[misc]
+                    settings.bus, consumer=f"{settings.consumer_name}-{shard}", topic=topic
+                ),
+                handler=coupon_event_handler(databases, shard, name=settings.consumer_name),
+                max_records=settings.poll_max_records,
+                poll_timeout=settings.poll_timeout_seconds,
+                on_commit=None if relay is None else (lambda _n, shard=shard: relay.wake(shard)),  # type: ignore[misc]
+            )
+        )
+    return consumers

@@ -1,0 +1,275 @@
+"""The transactional outbox, shared by every service that publishes events (registry, records).
+
+A service writes its events into its own ``outbox`` table in the same transaction as the change they
+describe; :class:`OutboxRelay` publishes them to the service's topic and marks them. At-least-once by
+construction: rows are marked only after the bus acknowledged them, so a crash between the two publishes
+them again, and consumers absorb the repeat by event id. Rows are claimed ``FOR UPDATE SKIP LOCKED``, so
+several relays (replicas, or relay processes of their own) share the work without waiting on each other.
+
+A relay sleeps until a commit in its own process wakes it for the shards it wrote, or ``idle_seconds``
+pass (then it looks at every shard, for events written by other processes). Wake-ups within
+``linger_seconds`` are gathered into one pass, so under load one publish carries many events. A bus
+outage only delays events, which wait in the outbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Sequence
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+from prometheus_client import Counter, Gauge
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    delete,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from shared.bus import OutgoingMessage, Publisher, make_publisher
+from shared.db import Database, Databases, utcnow
+from shared.settings import PublisherSettings
+
+log = logging.getLogger(__name__)
+
+PUBLISHED = Counter("vrs_outbox_published_total", "Outbox events published", ["topic", "shard"])
+FAILURES = Counter("vrs_outbox_publish_failures_total", "Failed outbox publish attempts", ["topic", "shard"])
+LAST_BATCH = Gauge("vrs_outbox_last_batch_size", "Size of the last published outbox batch", ["topic", "shard"])
+
+
+class OutboxEvent(Protocol):
+    """What the outbox needs of an event: its id, its partition key, its bytes and when it happened."""
+
+    @property
+    def event_id(self) -> Any: ...
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def occurred_at(self) -> datetime: ...
+
+    def to_bytes(self) -> bytes: ...
+
+
+def outbox_table(metadata: MetaData) -> Table:
+    """The ``outbox`` table, created by the shard migration of every publishing service."""
+    return Table(
+        "outbox",
+        metadata,
+        Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+        Column("event_id", String(36), nullable=False, unique=True),
+        Column("key", String(6), nullable=False),  # the partition key: the municipality code
+        Column("payload", LargeBinary, nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("published_at", DateTime(timezone=True)),
+        Index("ix_outbox_unpublished", "published_at", "id"),
+    )
+
+
+class OutboxRepository:
+    def __init__(self, session: AsyncSession, table: Table) -> None:
+        self.session = session
+        self.table = table
+
+    async def add(self, events: Sequence[OutboxEvent]) -> None:
+        """Write ``events`` in one statement, in the caller's transaction."""
+        if not events:
+            return
+        rows = [
+            {"event_id": str(e.event_id), "key": e.key, "payload": e.to_bytes(), "created_at": e.occurred_at}
+            for e in events
+        ]
+        await self.session.execute(insert(self.table), rows)
+
+    async def claim_unpublished(self, limit: int) -> list[Any]:
+        """The oldest unpublished events, locked; another relay skips them instead of waiting."""
+        t = self.table
+        stmt = (
+            select(t.c.id, t.c.key, t.c.payload)
+            .where(t.c.published_at.is_(None))
+            .order_by(t.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        return list((await self.session.execute(stmt)).all())
+
+    async def mark_published(self, ids: Sequence[int], at: datetime | None = None) -> None:
+        await self.session.execute(
+            update(self.table).where(self.table.c.id.in_(ids)).values(published_at=at or utcnow())
+        )
+
+    async def purge_published(self, before: datetime) -> int:
+        """Drop events published before ``before``: the topic, not the outbox, is the history."""
+        t = self.table
+        result = await self.session.execute(delete(t).where(t.c.published_at.is_not(None), t.c.published_at < before))
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
+    async def backlog(self) -> tuple[int, datetime | None]:
+        """(unpublished events, when the oldest of them was written)."""
+        t = self.table
+        count, oldest = (
+            await self.session.execute(select(func.count(), func.min(t.c.created_at)).where(t.c.published_at.is_(None)))
+        ).one()
+        return int(count), oldest
+
+
+class OutboxRelay:
+    def __init__(
+        self,
+        databases: Databases,
+        publisher: Publisher,
+        table: Table,
+        *,
+        topic: str,
+        batch_size: int,
+        idle_seconds: float,
+        linger_seconds: float = 0.005,
+        retention: timedelta = timedelta(days=1),
+    ) -> None:
+        self._databases = databases
+        self._publisher = publisher
+        self._table = table
+        self._topic = topic
+        self._batch_size = batch_size
+        self._idle = idle_seconds
+        self._linger = linger_seconds
+        self._retention = retention
+        self._next_purge = 0.0
+        self._dirty: set[str] = set()
+        self._wake = asyncio.Event()
+
+    def wake(self, *shards: str) -> None:
+        """Events were committed in ``shards`` (all shards when none are named)."""
+        self._dirty.update(shards or self._databases.shards)
+        self._wake.set()
+
+    async def publish_pending(self, name: str, db: Database) -> int:
+        """Publish one batch of this shard's outbox; the number of events published."""
+        async with db.sessionmaker() as session, session.begin():
+            outbox = OutboxRepository(session, self._table)
+            rows = await outbox.claim_unpublished(self._batch_size)
+            if not rows:
+                return 0
+            await self._publisher.publish([OutgoingMessage(key=row.key, value=row.payload) for row in rows])
+            await outbox.mark_published([row.id for row in rows])
+        PUBLISHED.labels(self._topic, name).inc(len(rows))
+        LAST_BATCH.labels(self._topic, name).set(len(rows))
+        return len(rows)
+
+    async def drain(self) -> int:
+        """Publish until every shard's outbox is empty (used by tests and at shutdown)."""
+        total = 0
+        for name, db in self._databases.shards.items():
+            while n := await self.publish_pending(name, db):
+                total += n
+        return total
+
+    async def purge(self) -> None:
+        for db in self._databases.shards.values():
+            async with db.sessionmaker() as session, session.begin():
+                await OutboxRepository(session, self._table).purge_published(utcnow() - self._retention)
+
+    async def run(self) -> None:
+        backoff = 0.5
+        due = set(self._databases.shards)
+        while True:
+            if time.monotonic() >= self._next_purge:
+                self._next_purge = time.monotonic() + 600
+                try:
+                    await self.purge()
+                except Exception as exc:
+                    log.warning("outbox purge failed (%s)", type(exc).__name__)
+            busy: set[str] = set()
+            for name in sorted(due):
+                try:
+                    if await self.publish_pending(name, self._databases.shards[name]) == self._batch_size:
+                        busy.add(name)
+                    backoff = 0.5
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    FAILURES.labels(self._topic, name).inc()
+                    log.warning(
+                        "outbox relay (%s, shard %s) failed (%s); retrying in %.1fs",
+                        self._topic,
+                        name,
+                        type(exc).__name__,
+                        backoff,
+                    )
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 10.0)
+                    busy.add(name)
+            if busy:
+                due = busy
+                continue
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self._idle)
+                await asyncio.sleep(self._linger)
+            except TimeoutError:
+                self._dirty.update(self._databases.shards)
+            self._wake.clear()
+            due, self._dirty = self._dirty, set()
+
+
+@contextlib.asynccontextmanager
+async def relay_in_background(
+    settings: PublisherSettings, databases: Databases, table: Table, *, topic: str
+) -> AsyncIterator[OutboxRelay | None]:
+    """The relay as a task of this process when ``settings.run_relay`` (else None), stopped on exit.
+
+    Give the relay to the app as ``app.state.relay``: the request's unit of work then wakes it for the shards
+    it committed to.
+    """
+    if not settings.run_relay:
+        yield None
+        return
+    publisher = make_publisher(settings.bus, topic=topic)
+    relay = OutboxRelay(
+        databases,
+        publisher,
+        table,
+        topic=topic,
+        batch_size=settings.relay_batch_size,
+        idle_seconds=settings.relay_idle_seconds,
+        linger_seconds=settings.relay_linger_seconds,
+    )
+    task = asyncio.create_task(relay.run(), name=f"outbox-relay-{topic}")
+    try:
+        yield relay
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await publisher.close()
+
+
+async def run_relay_process(settings: PublisherSettings, table: Table, *, topic: str) -> None:
+    """``vrs relay <service>``: this process only publishes the outbox, until SIGTERM or SIGINT."""
+    databases = Databases.connect(settings.main_dsn, settings.shard_dsns, pool_size=4)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with relay_in_background(settings.model_copy(update={"run_relay": True}), databases, table, topic=topic):
+            log.info("outbox relay for %s running", topic)
+            await stop.wait()
+    finally:
+        await databases.dispose()

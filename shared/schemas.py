@@ -1,0 +1,26 @@
+"""Shapes that two services exchange, defined once (records answers with them, registry reads them)."""
+
+from __future__ import annotations
+
+from datetime import date
+
+from pydantic import BaseModel
+
+
+class DoseSummary(BaseModel):
+    """A dose as registry shows it beside a resident (records' internal read, on the caller's behalf)."""
+
+    dose_id: str
+    municipality: str
+    coupon_number: str
+    dose_number: int
+    vaccinated_on: date
+    vaccine: str
+    lot_number: str
+    status: str
+    voided: bool
+    version: int
+
+
+class DoseSummaryList(BaseModel):
+    doses: list[DoseSummary]

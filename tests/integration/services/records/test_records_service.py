@@ -1,0 +1,279 @@
+"""records' rules at the service level, on real PostgreSQL with two shards: idempotency (replay, conflict,
+global per caller), batches with good and bad items, every finding and who may read its detail, double
+scans, corrections and voids, and matching driven by coupon events (twice, out of order)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import date
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from services.records.models import CouponProjection, DoseHistory
+from services.records.schemas import CorrectionIn
+from services.records.service import Submission, apply_coupon_events, correct_dose
+from shared.db import Databases, UnitOfWork
+from shared.domain.age import AgeBand
+from shared.domain.dose_rules import CouponInvalidReason
+from shared.domain.sex import Sex
+from shared.domain.vaccines import default_rules
+from shared.errors import Conflict, InvalidField
+from shared.events import CouponEvent, CouponEventType, CouponState, DoseEventType
+from tests.integration.services.records.records_support import (
+    CHIYODA,
+    CHIYODA_OFFICE,
+    SAPPORO,
+    TODAY,
+    count,
+    dose,
+    doses_in,
+    events_in,
+    line,
+)
+
+pytestmark = pytest.mark.usefixtures("pg_server")
+Record = Callable[..., Any]
+
+
+def issued(
+    coupon_number: str, *, version: int = 1, sex: str = "F", birth: date | None = date(1950, 4, 2), **state: Any
+) -> CouponEvent:
+    return CouponEvent(
+        type=CouponEventType.ISSUED,
+        municipality=CHIYODA,
+        coupon_number=coupon_number,
+        version=version,
+        state=CouponState(resident_id="A0001", sex=Sex(sex), birth_date=birth, **state),
+    )
+
+
+async def apply(databases: Databases, *events: CouponEvent, shard: str = "s0") -> int:
+    async with databases.shards[shard].sessionmaker() as session, session.begin():
+        return await apply_coupon_events(session, list(events))
+
+
+# --- idempotency ---------------------------------------------------------------------------------------
+
+
+async def test_the_same_key_again_replays_the_first_answer_and_records_nothing_more(
+    record: Record, databases: Databases
+) -> None:
+    [first] = await record(Submission(key="k1", dose=dose("0000000001")))
+    [again] = await record(Submission(key="k1", dose=dose("0000000001")))
+    assert first.accepted is not None and again.accepted == first.accepted
+    assert await count(databases, "s0") == 1
+    assert len(await events_in(databases, "s0")) == 1
+
+
+async def test_the_same_key_with_another_body_is_a_conflict(record: Record, databases: Databases) -> None:
+    await record(Submission(key="k1", dose=dose("0000000001")))
+    [other] = await record(Submission(key="k1", dose=dose("0000000001", lot_number="FA5765")))
+    assert isinstance(other.error, Conflict) and "Idempotency-Key" in other.error.detail
+    assert await count(databases, "s0") == 1
+
+
+async def test_a_key_is_the_callers_across_shards(record: Record, databases: Databases) -> None:
+    """The same key with another municipality's coupon (another shard) is not a second dose."""
+    [first] = await record(Submission(key="k1", dose=dose("0000000001")))
+    [other] = await record(Submission(key="k1", dose=dose("0000000001", municipality=SAPPORO)))
+    assert first.accepted is not None
+    assert isinstance(other.error, Conflict)
+    assert (await count(databases, "s0"), await count(databases, "s1")) == (1, 0)
+
+
+async def test_keys_of_different_callers_do_not_collide(record: Record, databases: Databases) -> None:
+    await record(Submission(key="k1", dose=dose("0000000001")))
+    [office] = await record(Submission(key="k1", dose=dose("0000000002")), principal=CHIYODA_OFFICE)
+    assert office.accepted is not None and office.accepted.status == "unmatched"
+    assert await count(databases, "s0") == 2
+
+
+async def test_a_batch_records_its_good_items_and_reports_each_bad_one_in_order(
+    record: Record, databases: Databases
+) -> None:
+    outcomes = await record(
+        Submission(key="b:1", dose=dose("0000000001"), key_field="doses[0].client_id"),
+        Submission(key="b:2", dose=dose("0000000002", vaccinated_on=date(2030, 1, 1))),
+        Submission(key="b:3", dose=dose("0000000003", municipality=SAPPORO)),
+        Submission(key="b:4", dose=dose("0000000004", vaccine="sputnik")),
+        Submission(key="b:5", dose=dose("0000000005", dose_number=11)),
+    )
+    assert [o.accepted.status if o.accepted else None for o in outcomes] == [
+        "unmatched",
+        None,
+        "unmatched",
+        None,
+        None,
+    ]
+    errors = [o.error for o in outcomes]
+    assert [e.field if isinstance(e, InvalidField) else None for e in errors] == [
+        None,
+        "vaccinated_on",
+        None,
+        "vaccine",
+        "dose_number",
+    ]
+    assert (await count(databases, "s0"), await count(databases, "s1")) == (1, 1)
+
+
+# --- findings ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("earlier", "new", "code"),
+    [
+        ({}, {"coupon": line("0000000001", dose_number=2)}, "coupon_dose_mismatch"),
+        ({"lot_number": "FA5765"}, {"lot_number": "FF2782"}, "duplicate_dose"),
+        ({"dose_number": 2, "vaccinated_on": date(2021, 5, 1)}, {}, "dose_order"),
+        ({}, {"dose_number": 2, "vaccinated_on": date(2021, 6, 10)}, "interval_too_short"),
+        (
+            {"vaccine": "astrazeneca", "lot_number": "PV46672"},
+            {"dose_number": 2, "vaccinated_on": date(2021, 9, 1), "vaccine": "astrazeneca", "lot_number": "PV46672"},
+            "interval_too_long",
+        ),
+        ({}, {"dose_number": 2, "vaccinated_on": date(2021, 6, 22), "lot_number": "12 34"}, "lot_format"),
+    ],
+)
+async def test_each_finding_sends_the_dose_to_review_and_only_the_issuer_reads_its_detail(
+    record: Record, databases: Databases, earlier: dict[str, Any], new: dict[str, Any], code: str
+) -> None:
+    await record(Submission(key="first", dose=dose("0000000001", **earlier)))
+    [clinic] = await record(Submission(key="second", dose=dose("0000000001", **new)))
+    [office] = await record(Submission(key="second", dose=dose("0000000001", **new)), principal=CHIYODA_OFFICE)
+    assert clinic.accepted is not None and clinic.accepted.status == "needs_review"
+    assert code in [f.code for f in clinic.accepted.findings]
+    # The tablet learns which rule, never another record's dates or products.
+    assert all(f.detail is None for f in clinic.accepted.findings)
+    assert "2021" not in " ".join(f.message for f in clinic.accepted.findings)
+    # The issuing municipality sees the specifics, and so does its review queue.
+    assert office.accepted is not None and all(f.detail for f in office.accepted.findings)
+    stored = [d for d in await doses_in(databases, "s0") if d.dose_id == clinic.accepted.dose_id]
+    assert stored and all(f.get("detail") for f in stored[0].findings)
+
+
+async def test_a_dose_after_the_coupon_stopped_being_valid_is_kept_for_review(
+    record: Record, databases: Databases
+) -> None:
+    await apply(
+        databases,
+        issued("0000000001", invalid_from=date(2021, 6, 15), invalid_reason=CouponInvalidReason.MOVED_OUT, version=2),
+    )
+    [before] = await record(Submission(key="a", dose=dose("0000000001", vaccinated_on=date(2021, 6, 1))))
+    [after] = await record(Submission(key="b", dose=dose("0000000001", dose_number=2, vaccinated_on=date(2021, 6, 30))))
+    assert before.accepted is not None and before.accepted.status == "recorded"
+    assert after.accepted is not None and after.accepted.status == "needs_review"
+    assert [f.code for f in after.accepted.findings] == ["coupon_not_valid"]
+
+
+async def test_a_double_scan_answers_with_the_first_dose_and_stores_nothing(
+    record: Record, databases: Databases
+) -> None:
+    [first] = await record(Submission(key="scan-1", dose=dose("0000000001")))
+    [second] = await record(Submission(key="scan-2", dose=dose("0000000001", venue="第二会場")))
+    assert first.accepted is not None and second.accepted is not None
+    assert (second.accepted.status, second.accepted.dose_id) == ("duplicate", first.accepted.dose_id)
+    assert await count(databases, "s0") == 1
+    assert len(await events_in(databases, "s0")) == 1
+    [replayed] = await record(Submission(key="scan-2", dose=dose("0000000001", venue="第二会場")))
+    assert replayed.accepted == second.accepted
+
+
+# --- matching from coupon events -----------------------------------------------------------------------
+
+
+async def test_a_coupon_event_matches_the_unmatched_doses_and_moves_their_counts(
+    record: Record, databases: Databases
+) -> None:
+    [out] = await record(Submission(key="k", dose=dose("0000000001", vaccinated_on=date(2021, 6, 1))))
+    assert out.accepted is not None and out.accepted.status == "unmatched"
+    assert await apply(databases, issued("0000000001", sex="F", birth=date(1950, 4, 2))) == 1
+    [stored] = await doses_in(databases, "s0")
+    assert (stored.status, stored.sex, stored.age_band, stored.resident_id) == (
+        "recorded",
+        "F",
+        AgeBand.SIXTY_FIVE_PLUS.value,
+        "A0001",
+    )
+    recorded, matched = await events_in(databases, "s0")
+    assert matched.type is DoseEventType.MATCHED
+    assert matched.previous_cell == recorded.cell
+    assert matched.cell is not None and (matched.cell.sex, matched.cell.age_band) == ("F", AgeBand.SIXTY_FIVE_PLUS)
+
+
+async def test_a_coupon_event_twice_or_out_of_order_changes_nothing_more(record: Record, databases: Databases) -> None:
+    await record(Submission(key="k", dose=dose("0000000001")))
+    newer = issued("0000000001", version=2, sex="M")
+    older = issued("0000000001", version=1, sex="F")
+    assert await apply(databases, newer) == 1
+    assert await apply(databases, newer) == 0  # the same event again
+    assert await apply(databases, older) == 0  # an older state arriving late
+    [stored] = await doses_in(databases, "s0")
+    assert stored.sex == "M"
+    assert [e.type for e in await events_in(databases, "s0")] == [DoseEventType.RECORDED, DoseEventType.MATCHED]
+    async with databases.shards["s0"].sessionmaker() as session:
+        projection = (await session.execute(select(CouponProjection))).scalar_one()
+    assert (projection.version, projection.sex) == (2, "M")
+
+
+async def test_a_holder_change_recells_matched_doses_with_a_correction_event(
+    record: Record, databases: Databases
+) -> None:
+    await apply(databases, issued("0000000001", birth=None, sex="U"))
+    await record(Submission(key="k", dose=dose("0000000001")))
+    await apply(databases, issued("0000000001", version=2, birth=date(1990, 1, 1), sex="F"))
+    events = await events_in(databases, "s0")
+    assert [e.type for e in events] == [DoseEventType.RECORDED, DoseEventType.CORRECTED]
+    assert events[1].previous_cell is not None and events[1].previous_cell.age_band is AgeBand.UNKNOWN
+    assert events[1].cell is not None and events[1].cell.age_band is AgeBand.UNDER_65
+
+
+# --- corrections and voids ------------------------------------------------------------------------------
+
+
+async def test_a_correction_keeps_the_state_before_and_moves_the_count(record: Record, databases: Databases) -> None:
+    [out] = await record(Submission(key="k", dose=dose("0000000001")))
+    assert out.accepted is not None
+    async with UnitOfWork(databases) as uow:
+        await correct_dose(
+            uow,
+            principal=CHIYODA_OFFICE,
+            municipality_code=CHIYODA,
+            dose_id=out.accepted.dose_id,
+            correction=CorrectionIn(changes={"vaccinated_on": "2021-06-03"}, reason="typo on the tablet"),
+            rules=default_rules(),
+            today=TODAY,
+        )
+    async with UnitOfWork(databases) as uow:
+        voided = await correct_dose(
+            uow,
+            principal=CHIYODA_OFFICE,
+            municipality_code=CHIYODA,
+            dose_id=out.accepted.dose_id,
+            correction=CorrectionIn(void=True, reason="recorded on the wrong coupon"),
+            rules=default_rules(),
+            today=TODAY,
+        )
+    assert voided.voided and voided.version == 3
+    recorded, corrected, void = await events_in(databases, "s0")
+    assert corrected.previous_cell == recorded.cell
+    assert corrected.cell is not None and corrected.cell.date == date(2021, 6, 3)
+    assert (void.type, void.previous_cell, void.cell) == (DoseEventType.VOIDED, corrected.cell, None)
+    async with databases.shards["s0"].sessionmaker() as session:
+        history = list((await session.execute(select(DoseHistory).order_by(DoseHistory.id))).scalars())
+    assert [(h.change, h.version, h.before["vaccinated_on"]) for h in history] == [
+        ("corrected", 1, "2021-06-01"),
+        ("voided", 2, "2021-06-03"),
+    ]
+    async with UnitOfWork(databases) as uow:
+        with pytest.raises(Conflict):
+            await correct_dose(
+                uow,
+                principal=CHIYODA_OFFICE,
+                municipality_code=CHIYODA,
+                dose_id=out.accepted.dose_id,
+                correction=CorrectionIn(changes={"lot_number": "FA5765"}, reason="too late"),
+                rules=default_rules(),
+                today=TODAY,
+            )
