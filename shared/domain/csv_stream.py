@@ -145,6 +145,39 @@ class Column:
     required: bool = False
 
 
+def named_rows(
+    stream: ByteStream, columns: Sequence[Column], chunk_size: int = CHUNK_SIZE
+) -> Iterator[tuple[int, dict[str, str] | list[RowError]]]:
+    """Each data row as ``{column name: raw value}`` (a column the row is too short for is ""), or the
+    errors that kept it from being read. Blank rows are skipped but keep their number, as a spreadsheet
+    shows them. Raises :class:`CsvFileError` when iteration starts on a file without a usable header."""
+    decoder = DetectingDecoder()
+    records = csv_records(stream, decoder, chunk_size)
+    header = next(records, None)
+    if header is None or isinstance(header, RowError) or not any(cell.strip() for cell in header):
+        raise CsvFileError("the file has no header row (row 1 names the columns)")
+    positions = map_header(header, columns)
+    for row_number, record in enumerate(records, start=2):
+        if isinstance(record, RowError):
+            yield row_number, [record]
+            continue
+        if not any(cell.strip() for cell in record):
+            continue
+        values = {name: record[i] if i < len(record) else "" for name, i in positions.items()}
+        if REPLACEMENT in "".join(values.values()):  # one C-level scan: the rare case costs the loop
+            encoding = decoder.encoding or "ASCII"
+            yield (
+                row_number,
+                [
+                    RowError(name, f"holds bytes that are not valid {encoding}")
+                    for name, value in values.items()
+                    if REPLACEMENT in value
+                ],
+            )
+            continue
+        yield row_number, values
+
+
 def _header_key(cell: str) -> str:
     return unicodedata.normalize("NFKC", cell).strip().lower()
 
@@ -173,6 +206,18 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 def has_control_characters(value: str) -> bool:
     """NUL and other control characters (tab and line breaks aside) are never part of a name or address."""
     return _CONTROL.search(value) is not None
+
+
+def text_value(value: str, name: str, limit: int, errors: list[RowError], *, required: bool) -> str:
+    """A free-text value (name, address, venue...), trimmed; its errors appended to ``errors``."""
+    value = value.strip()
+    if required and not value:
+        errors.append(RowError(name, "is required"))
+    elif len(value) > limit:
+        errors.append(RowError(name, f"is longer than {limit} characters"))
+    elif has_control_characters(value):
+        errors.append(RowError(name, "holds control characters"))
+    return value
 
 
 def normalised(value: str) -> str:

@@ -17,18 +17,14 @@ from shared.domain.coupon import coupon_number_problem
 from shared.domain.csv_stream import (
     CHUNK_SIZE,
     EARLIEST_BIRTH_DATE,
-    REPLACEMENT,
     ByteStream,
     Column,
-    CsvFileError,
-    DetectingDecoder,
     Parsed,
     RowError,
-    csv_records,
-    has_control_characters,
-    map_header,
+    named_rows,
     normalised,
     parse_date,
+    text_value,
 )
 from shared.domain.sex import Sex, parse_sex
 
@@ -86,41 +82,18 @@ class _ResidentParser:
         self.coupon_numbers: set[int] = set()
 
     def parse(self, stream: ByteStream, chunk_size: int) -> Iterator[Parsed[ResidentRow]]:
-        decoder = DetectingDecoder()
-        records = csv_records(stream, decoder, chunk_size)
-        header = next(records, None)
-        if header is None or isinstance(header, RowError) or not any(cell.strip() for cell in header):
-            raise CsvFileError("the file has no header row (row 1 names the columns)")
-        positions = map_header(header, COLUMNS)
-        encoding = decoder.encoding or "ASCII"
-        for row_number, record in enumerate(records, start=2):
-            if isinstance(record, RowError):
-                yield row_number, [record]
-                continue
-            if not any(cell.strip() for cell in record):
-                continue  # a blank line: it keeps its row number, a spreadsheet shows it too
-            values = {name: record[i] if i < len(record) else "" for name, i in positions.items()}
-            yield row_number, self._row(values, encoding)
+        for row_number, values in named_rows(stream, COLUMNS, chunk_size):
+            yield row_number, values if isinstance(values, list) else self._row(values)
 
-    def _row(self, values: dict[str, str], encoding: str) -> ResidentRow | list[RowError]:
-        joined = ",".join(values.values())  # one scan of the row for the rare cases, not one per field
-        if REPLACEMENT in joined:
-            return [
-                RowError(name, f"holds bytes that are not valid {encoding}")
-                for name, value in values.items()
-                if REPLACEMENT in value
-            ]
-        controls = has_control_characters(joined)
+    def _row(self, values: dict[str, str]) -> ResidentRow | list[RowError]:
         errors: list[RowError] = []
         resident_id = self._resident_id(normalised(values["resident_id"]), errors)
-        name = _text(values["name"], "name", MAX_NAME, errors, required=True, controls=controls)
-        name_kana = _text(
-            normalised(values["name_kana"]), "name_kana", MAX_NAME_KANA, errors, required=True, controls=controls
-        )
+        name = text_value(values["name"], "name", MAX_NAME, errors, required=True)
+        name_kana = text_value(normalised(values["name_kana"]), "name_kana", MAX_NAME_KANA, errors, required=True)
         birth_date = self._birth_date(normalised(values.get("birth_date", "")), errors)
         sex = _sex(values.get("sex", ""), errors)
         my_number = self._my_number(normalised(values.get("my_number", "")), errors)
-        address = _text(values.get("address", ""), "address", MAX_ADDRESS, errors, required=False, controls=controls)
+        address = text_value(values.get("address", ""), "address", MAX_ADDRESS, errors, required=False)
         coupon_number = self._coupon_number(normalised(values.get("coupon_number", "")), errors)
         if errors:
             return errors
@@ -181,17 +154,6 @@ class _ResidentParser:
         else:
             self.coupon_numbers.add(int(value))
         return value
-
-
-def _text(value: str, name: str, limit: int, errors: list[RowError], *, required: bool, controls: bool) -> str:
-    value = value.strip()
-    if required and not value:
-        errors.append(RowError(name, "is required"))
-    elif len(value) > limit:
-        errors.append(RowError(name, f"is longer than {limit} characters"))
-    elif controls and has_control_characters(value):
-        errors.append(RowError(name, "holds control characters"))
-    return value
 
 
 def _sex(value: str, errors: list[RowError]) -> Sex:
