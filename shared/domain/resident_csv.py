@@ -26,6 +26,7 @@ from shared.domain.csv_stream import (
     parse_date,
     text_value,
 )
+from shared.domain.keyset import KeySet, text_key
 from shared.domain.sex import Sex, parse_sex
 
 COLUMNS = (
@@ -75,11 +76,11 @@ class _ResidentParser:
     def __init__(self, today: date) -> None:
         self.today = today
         # Keys of every earlier row whose key itself was valid, even if the row had other errors: the file
-        # says two different things about that resident, and a person must decide which is true. Numbers
-        # are kept as ints (about 60 bytes each in a set, rather than a str's 70+).
-        self.resident_ids: set[str] = set()
-        self.my_numbers: set[int] = set()
-        self.coupon_numbers: set[int] = set()
+        # says two different things about that resident, and a person must decide which is true. My Numbers
+        # (12 digits) and coupon numbers (10, never all zeros) are their own exact keys.
+        self.resident_ids = KeySet()
+        self.my_numbers = KeySet()
+        self.coupon_numbers = KeySet()
 
     def parse(self, stream: ByteStream, chunk_size: int) -> Iterator[Parsed[ResidentRow]]:
         for row_number, values in named_rows(stream, COLUMNS, chunk_size):
@@ -113,10 +114,8 @@ class _ResidentParser:
             errors.append(RowError("resident_id", "is required"))
         elif RESIDENT_ID.fullmatch(value) is None:
             errors.append(RowError("resident_id", "must be 1-64 letters, digits, '.', '_' or '-'"))
-        elif value in self.resident_ids:
+        elif not self.resident_ids.add(text_key(value)):
             errors.append(RowError("resident_id", f"{value} appears on an earlier row of this file"))
-        else:
-            self.resident_ids.add(value)
         return value
 
     def _birth_date(self, value: str, errors: list[RowError]) -> date | None:
@@ -138,10 +137,8 @@ class _ResidentParser:
             return value
         if problem := my_number_problem(value):
             errors.append(RowError("my_number", f"My Number {problem}"))  # never the number itself
-        elif int(value) in self.my_numbers:
+        elif not self.my_numbers.add(int(value) + 1):  # + 1: 000000000000 is a key too
             errors.append(RowError("my_number", "this My Number appears on an earlier row of this file"))
-        else:
-            self.my_numbers.add(int(value))
         return value
 
     def _coupon_number(self, value: str, errors: list[RowError]) -> str:
@@ -149,10 +146,8 @@ class _ResidentParser:
             return value
         if problem := coupon_number_problem(value):
             errors.append(RowError("coupon_number", f"coupon number {problem}"))
-        elif int(value) in self.coupon_numbers:
+        elif not self.coupon_numbers.add(int(value)):
             errors.append(RowError("coupon_number", f"{value} appears on an earlier row of this file"))
-        else:
-            self.coupon_numbers.add(int(value))
         return value
 
 
