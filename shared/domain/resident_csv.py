@@ -65,8 +65,8 @@ def parse_resident_csv(
 ) -> Iterator[Parsed[ResidentRow]]:
     """``(row_number, ResidentRow)`` or ``(row_number, [RowError, ...])`` for each data row of ``stream``.
 
-    Raises :class:`CsvFileError` before the first row when the file has no header or lacks a required
-    column. ``today`` is Japan's day: a birth date after it is refused. A resident id, My Number or coupon
+    Raises :class:`~shared.domain.csv_stream.CsvFileError` when iteration starts, before any row, if the
+    file has no header or lacks a required column. ``today`` is Japan's day: a birth date after it is refused. A resident id, My Number or coupon
     number already seen on an earlier row is an error on the later row (the earlier one stands).
     """
     return _ResidentParser(today).parse(stream, chunk_size)
