@@ -20,6 +20,7 @@ import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date
+from enum import StrEnum
 from typing import Generic, Protocol, TypeVar
 
 CHUNK_SIZE = 1 << 16
@@ -35,9 +36,9 @@ class ByteStream(Protocol):
     def read(self, size: int, /) -> bytes: ...
 
 
-class Encoding:
+class Encoding(StrEnum):
     UTF8 = "utf-8"
-    CP932 = "cp932"
+    CP932 = "cp932"  # Shift_JIS with the NEC and IBM extensions (髙, 﨑, ①) that 住基 systems write
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +55,7 @@ class DetectingDecoder:
     """An incremental decoder that picks UTF-8 or cp932 from the data itself (see the module docstring)."""
 
     def __init__(self) -> None:
-        self.encoding: str | None = None
+        self.encoding: Encoding | None = None
         self._decoder: codecs.IncrementalDecoder | None = None
         self._pending = b""
         self._at_start = True
@@ -88,7 +89,7 @@ class DetectingDecoder:
         encoding = Encoding.UTF8 if _is_utf8(sample, complete=complete) else Encoding.CP932
         return ascii_part.decode("ascii") + self._choose(encoding).decode(rest, final)
 
-    def _choose(self, encoding: str) -> codecs.IncrementalDecoder:
+    def _choose(self, encoding: Encoding) -> codecs.IncrementalDecoder:
         self.encoding = encoding
         self._pending = b""
         self._decoder = codecs.getincrementaldecoder(encoding)(errors="replace")

@@ -66,8 +66,9 @@ def parse_resident_csv(
     """``(row_number, ResidentRow)`` or ``(row_number, [RowError, ...])`` for each data row of ``stream``.
 
     Raises :class:`~shared.domain.csv_stream.CsvFileError` when iteration starts, before any row, if the
-    file has no header or lacks a required column. ``today`` is Japan's day: a birth date after it is refused. A resident id, My Number or coupon
-    number already seen on an earlier row is an error on the later row (the earlier one stands).
+    file has no header or lacks a required column. ``today`` is Japan's day: a birth date after it is
+    refused. A resident id, My Number or coupon number already seen on an earlier row is an error on the
+    later row (the earlier one stands).
     """
     return _ResidentParser(today).parse(stream, chunk_size)
 
