@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from operator import mul
+
 _MUNICIPALITY_WEIGHTS = (6, 5, 4, 3, 2)
 
 
@@ -39,12 +41,14 @@ def is_valid_municipality_code(code: str) -> bool:
 
 # 個人番号 check digit: Q_n for n = 1..11, P_n counted from the right of the first 11 digits.
 _MY_NUMBER_WEIGHTS = tuple(n + 1 if n <= 6 else n - 5 for n in range(1, 12))
+_ASCII_ZERO_WEIGHT = ord("0") * sum(_MY_NUMBER_WEIGHTS)
 
 
 def my_number_check_digit(first_eleven: str) -> int:
     if len(first_eleven) != 11 or not first_eleven.isascii() or not first_eleven.isdigit():
         raise ValueError("a My Number body is exactly 11 ASCII digits")
-    r = sum(int(p) * q for p, q in zip(reversed(first_eleven), _MY_NUMBER_WEIGHTS, strict=True)) % 11
+    # Over the ASCII codes rather than int() per digit: a resident import checks millions of these.
+    r = (sum(map(mul, first_eleven.encode()[::-1], _MY_NUMBER_WEIGHTS)) - _ASCII_ZERO_WEIGHT) % 11
     return 0 if r <= 1 else 11 - r
 
 
