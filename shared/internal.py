@@ -1,4 +1,8 @@
-"""Service-to-service calls: JSON over HTTP with a short-lived ``service`` token.
+"""Service-to-service calls: JSON over HTTP carrying the caller's own internal token.
+
+There is no service identity: a call made while serving a request forwards that request's internal token
+(:data:`shared.auth.forwarded_authorization`), so the callee sees — and re-checks the scope of — the
+municipality or institution that asked. A call made outside any request carries no token and is refused.
 
 aiohttp, not httpx: these calls sit on the dose hot path, and httpx's pool is the slower one under
 concurrency (PERFORMANCE.md). One session per client keeps connections warm.
@@ -6,32 +10,19 @@ concurrency (PERFORMANCE.md). One session per client keeps connections warm.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import aiohttp
 
-from shared.auth import Role, mint_token
+from shared.auth import forwarded_authorization
 from shared.errors import ServiceUnavailable
-from shared.settings import AuthSettings
 
 
 class InternalClient:
-    def __init__(self, base_url: str, *, auth: AuthSettings, caller: str, timeout: float = 10.0) -> None:
+    def __init__(self, base_url: str, *, timeout: float = 10.0) -> None:
         self._base_url = base_url.rstrip("/")
-        self._auth = auth
-        self._caller = caller
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
-        self._token = ""
-        self._token_expires = 0.0
-
-    def _authorization(self) -> str:
-        now = time.time()
-        if now > self._token_expires - 60:
-            self._token = mint_token(self._auth, role=Role.SERVICE, subject=self._caller, ttl_seconds=600)
-            self._token_expires = now + 600
-        return f"Bearer {self._token}"
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -50,6 +41,8 @@ class InternalClient:
         Internal calls are idempotent by design (look-ups, notices that set a state), so a connection the
         peer dropped is retried once on a fresh one.
         """
+        authorization = forwarded_authorization.get()
+        headers = {"Authorization": authorization} if authorization else {}
         for attempt in (1, 2):
             try:
                 async with self._http().request(
@@ -57,14 +50,14 @@ class InternalClient:
                     self._base_url + path,
                     json=json,
                     params=params,
-                    headers={"Authorization": self._authorization()},
+                    headers=headers,
                 ) as response:
                     return response.status, await response.json(content_type=None)
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
                 if attempt == 2:
-                    raise ServiceUnavailable(f"{self._base_url} did not answer: {type(exc).__name__}") from None
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                raise ServiceUnavailable(f"{self._base_url} did not answer: {type(exc).__name__}") from None
+                    raise ServiceUnavailable("a backing service did not answer") from None
+            except (aiohttp.ClientError, TimeoutError):
+                raise ServiceUnavailable("a backing service did not answer") from None
         raise AssertionError("unreachable")
 
     async def close(self) -> None:

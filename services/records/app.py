@@ -23,7 +23,7 @@ def create_app(settings: RecordsSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         databases = Databases.connect(settings.main_dsn, settings.shard_dsns, pool_size=settings.pool_size)
-        registry = InternalClient(settings.registry_url, auth=settings.auth, caller="records")
+        registry = InternalClient(settings.registry_url)
         publisher = make_publisher(settings.bus)
         app.state.databases = databases
         app.state.holders = CouponHolders(registry, cache_seconds=settings.coupon_cache_seconds)

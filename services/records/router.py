@@ -44,7 +44,6 @@ internal = APIRouter(prefix="/internal/v1", tags=["internal"], include_in_schema
 MunicipalityCode = Annotated[str, Path(pattern=r"^\d{6}$", description="6-digit municipality code")]
 Recorder = Annotated[Principal, require(Role.INSTITUTION, Role.MUNICIPALITY)]
 MunicipalityPrincipal = Annotated[Principal, require(Role.MUNICIPALITY)]
-ServicePrincipal = Annotated[Principal, require(Role.SERVICE)]
 
 
 def _holders(request: Request) -> CouponHolders:
@@ -174,9 +173,11 @@ async def correct_dose(
 async def doses_of_coupon(
     code: MunicipalityCode,
     coupon_number: Annotated[str, Query(pattern=r"^\d{10}$")],
-    _: ServicePrincipal,
+    principal: MunicipalityPrincipal,
     uow: UnitOfWorkDep,
 ) -> DoseSummaryList:
+    # registry forwards the municipality's own token: the scope is checked here again, not assumed.
+    require_own_municipality(principal, code)
     doses = await service.list_doses(uow, municipality_code=code, status=None, coupon_number=coupon_number)
     return DoseSummaryList(
         doses=[
@@ -199,10 +200,11 @@ async def coupon_holder(
     code: MunicipalityCode,
     coupon_number: Annotated[str, Path(pattern=r"^\d{10}$")],
     body: HolderIn,
-    principal: ServicePrincipal,
+    principal: MunicipalityPrincipal,
     uow: UnitOfWorkDep,
     request: Request,
 ) -> dict[str, int]:
+    require_own_municipality(principal, code)
     _holders(request).forget((code, coupon_number))
     changed = await service.apply_holder(
         uow, municipality_code=code, coupon_number=coupon_number, holder=body, by=principal.scope_key

@@ -20,7 +20,7 @@ def create_app(settings: RegistrySettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.databases = Databases.connect(settings.main_dsn, settings.shard_dsns, pool_size=settings.pool_size)
         app.state.vault = MyNumberVault(settings)
-        app.state.records = InternalClient(settings.records_url, auth=settings.auth, caller="registry")
+        app.state.records = InternalClient(settings.records_url)
         try:
             yield
         finally:

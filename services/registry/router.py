@@ -29,7 +29,8 @@ internal = APIRouter(prefix="/internal/v1", tags=["internal"], include_in_schema
 MunicipalityCode = Annotated[str, Path(pattern=r"^\d{6}$", description="6-digit municipality code")]
 ResidentId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
 MunicipalityPrincipal = Annotated[Principal, require(Role.MUNICIPALITY)]
-ServicePrincipal = Annotated[Principal, require(Role.SERVICE)]
+# Dose writers' own token, forwarded by records while it records their dose.
+DoseWriterPrincipal = Annotated[Principal, require(Role.INSTITUTION, Role.MUNICIPALITY)]
 
 
 def _vault(request: Request) -> MyNumberVault:
@@ -84,5 +85,5 @@ async def get_resident(
 
 
 @internal.post("/coupon-lookups", response_model=CouponLookupOut)
-async def lookup_coupons(body: CouponLookupIn, _: ServicePrincipal, uow: UnitOfWorkDep) -> CouponLookupOut:
+async def lookup_coupons(body: CouponLookupIn, _: DoseWriterPrincipal, uow: UnitOfWorkDep) -> CouponLookupOut:
     return CouponLookupOut(results=await service.lookup_coupons(uow, body.coupons))
