@@ -9,7 +9,8 @@ from fastapi import FastAPI
 
 from services.gateway.audit import AuditTrail, FileAnchorStore
 from services.gateway.limits import RateLimiter
-from services.gateway.policy import Upstream
+from services.gateway.openapi import build_openapi
+from services.gateway.policy import TABLE, Upstream
 from services.gateway.proxy import create_transport
 from services.gateway.router import audit_reader, router
 from services.gateway.service import Gateway, Limits
@@ -119,6 +120,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         await app.state.databases.ping()
         await app.state.gateway.check_upstreams(timeout=settings.proxy_connect_timeout_seconds + 1)
 
-    return build_app(
+    app = build_app(
         service="gateway", settings=settings, lifespan=lifespan, routers=[router], ready=ready, behind_gateway=False
     )
+    contract = build_openapi(TABLE)
+    app.openapi = lambda: contract  # type: ignore[method-assign]
+    return app

@@ -16,6 +16,8 @@ from datetime import UTC, date, datetime, time, timedelta
 from urllib.parse import parse_qs, quote
 
 from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
@@ -145,12 +147,9 @@ def audit_reader(databases: Databases) -> Callable[[Inbound, Match, Principal], 
     return read
 
 
-async def jwks(scope: Scope, receive: Receive, send: Send) -> None:
+async def jwks(request: Request) -> Response:
     """``/.well-known/jwks.json``: the identity keys this gateway verifies callers' tokens with."""
-    body = json.dumps(scope["app"].state.identity_keys.keyset.jwks()).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": 200, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    return JSONResponse(request.app.state.identity_keys.keyset.jwks())
 
 
 router = APIRouter()

@@ -13,6 +13,7 @@ from fastapi import FastAPI
 
 from services.gateway.settings import GatewaySettings
 from shared.auth import InternalTokenVerifier, Role
+from shared.dev_keys import DEV_IDENTITY_JWK
 from shared.settings import AuthSettings
 from tests.integration.services.gateway.gateway_fakes import CSV, KNOWN_RESIDENT, FakeUpstream, running_gateway
 
@@ -339,3 +340,10 @@ async def test_header_values_pass_as_utf8_bytes_and_other_bytes_are_400(
     assert bad.json() == {"error": "BadRequest", "detail": "header x-access-purpose is not UTF-8"}
     assert len(bad.headers["x-request-id"]) == 32
     assert len(upstreams["stats"].seen) == before
+
+
+async def test_the_identity_keys_are_published(client: httpx.AsyncClient) -> None:
+    response = await client.get("/.well-known/jwks.json")
+    assert response.status_code == 200
+    assert response.json() == {"keys": [DEV_IDENTITY_JWK]}
+    assert "d" not in response.json()["keys"][0]  # public halves only
