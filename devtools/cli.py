@@ -8,14 +8,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from shared.auth import Role, mint_token
-from shared.settings import AuthSettings
+from shared.auth import Role
 
 
 def _token(args: argparse.Namespace) -> int:
+    from devtools.tokens import identity_token
+
     try:
-        token = mint_token(
-            AuthSettings(),
+        token = identity_token(
             role=Role(args.role),
             subject=args.subject,
             municipality=args.municipality,
@@ -53,12 +53,16 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    token = sub.add_parser("token", help="print a development/test JWT signed with the development key")
+    token = sub.add_parser(
+        "token", help="print a development/test identity token (ES256, the DEVELOPMENT key; production refuses it)"
+    )
     token.add_argument("--role", required=True, choices=[r.value for r in Role if r is not Role.ANONYMOUS])
     token.add_argument("--municipality", help="6-digit municipality code (role municipality)")
     token.add_argument("--institution", help="10-digit medical institution code (role institution)")
     token.add_argument("--subject", help="the token's sub claim (default: the organisation code or role)")
-    token.add_argument("--ttl", type=int, default=None, help="lifetime in seconds")
+    token.add_argument(
+        "--ttl", type=int, default=None, help="lifetime in seconds (default 3600, the gateway's maximum)"
+    )
     token.set_defaults(func=_token)
 
     run = sub.add_parser("run", help="run every service on this machine (Ctrl-C stops)")

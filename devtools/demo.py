@@ -10,8 +10,8 @@ from datetime import date, timedelta
 
 import httpx
 
-from shared.auth import Role, mint_token
-from shared.settings import AuthSettings
+from devtools.tokens import bearer_headers
+from shared.auth import Role
 
 # 札幌市, 千代田区, 大阪市, 福岡市, 那覇市
 MUNICIPALITIES = ("011002", "131016", "271004", "401307", "472018")
@@ -24,13 +24,12 @@ GIVEN_KANA = ("ハナコ", "タロウ", "ヨウコ", "ケンイチ", "ミサキ"
 
 
 def seed_demo(gateway: str) -> None:
-    auth = AuthSettings()
     rng = random.Random(2021)  # fixed: the same demo every time
-    institution = {"Authorization": f"Bearer {mint_token(auth, role=Role.INSTITUTION, institution=INSTITUTION)}"}
+    institution = bearer_headers(Role.INSTITUTION, institution=INSTITUTION)
     with httpx.Client(base_url=gateway, timeout=30) as http:
         doses = []
         for code in MUNICIPALITIES:
-            headers = {"Authorization": f"Bearer {mint_token(auth, role=Role.MUNICIPALITY, municipality=code)}"}
+            headers = bearer_headers(Role.MUNICIPALITY, municipality=code)
             for n in range(RESIDENTS_PER_MUNICIPALITY):
                 coupon_number = f"{int(code[:5]) % 1000:03d}{n:07d}"
                 f, g = rng.randrange(len(FAMILY)), rng.randrange(len(GIVEN))

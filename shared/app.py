@@ -7,7 +7,7 @@ from contextlib import AbstractAsyncContextManager
 
 from fastapi import APIRouter, FastAPI
 
-from shared.auth import TokenVerifier
+from shared.auth import GatewayOnly, InternalTokenVerifier
 from shared.errors import install_error_handlers
 from shared.observability import configure_logging, install_health
 from shared.settings import ServiceSettings
@@ -20,7 +20,9 @@ def build_app(
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]],
     routers: list[APIRouter],
     ready: Callable[[FastAPI], Awaitable[None]],
+    behind_gateway: bool = True,
 ) -> FastAPI:
+    """``behind_gateway``: every request needs the gateway's internal token (all but the gateway itself)."""
     configure_logging(settings.log_level)
     app = FastAPI(
         title=f"VRS {service}",
@@ -30,11 +32,10 @@ def build_app(
         redoc_url=None,
     )
     app.state.settings = settings
-    app.state.auth_settings = settings.auth
-    app.state.token_verifier = TokenVerifier(
-        settings.auth, cache_size=settings.auth.token_cache_size, ttl_seconds=settings.auth.token_cache_seconds
-    )
     install_error_handlers(app)
+    if behind_gateway:
+        app.state.token_verifier = InternalTokenVerifier(settings.auth)
+        app.add_middleware(GatewayOnly, verifier=app.state.token_verifier)
 
     async def check_ready() -> None:
         await ready(app)

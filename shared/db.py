@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from pydantic import AfterValidator
 from sqlalchemy import Column, DateTime, MetaData, String, Table, event, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
@@ -25,6 +26,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def as_utc(value: datetime) -> datetime:
+    """SQLite hands timestamps back without their zone (stored as UTC): put it back, so answers carry an offset."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+# A timestamp read from either database, always with its offset (RFC 3339 ``date-time`` in OpenAPI).
+UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
 
 
 def is_sqlite(url: str) -> bool:

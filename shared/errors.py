@@ -86,6 +86,16 @@ class PayloadTooLarge(VRSError):
     code = "PayloadTooLarge"
 
 
+class TooManyRequests(VRSError):
+    status_code = 429
+    code = "TooManyRequests"
+
+
+class BadGateway(VRSError):
+    status_code = 502
+    code = "BadGateway"
+
+
 class ServiceUnavailable(VRSError):
     status_code = 503
     code = "ServiceUnavailable"
@@ -106,8 +116,10 @@ def resident_not_found() -> NotFound:
 
 
 def error_response(error: VRSError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if isinstance(error, Unauthorized) else None
-    return JSONResponse(error.body(), status_code=error.status_code, headers=headers)
+    headers = {"WWW-Authenticate": "Bearer"} if isinstance(error, Unauthorized) else {}
+    if isinstance(error, TooManyRequests):
+        headers["Retry-After"] = str(error.extra.get("retry_after", 1))
+    return JSONResponse(error.body(), status_code=error.status_code, headers=headers or None)
 
 
 def responses(*errors: type[VRSError]) -> dict[int | str, dict[str, Any]]:

@@ -1,4 +1,9 @@
-"""Service-to-service reads on a caller's behalf: JSON over HTTP, the caller's own credentials forwarded.
+"""Service-to-service reads on a caller's behalf: JSON over HTTP carrying the caller's own internal token.
+
+There is no service identity: a call made while serving a request forwards that request's internal token
+(:data:`shared.auth.forwarded_authorization`), so the callee sees — and re-checks the scope of — the
+municipality or institution that asked. A call made outside any request carries no token and is refused.
+Data flows one way (registry → records → stats) through events; these calls only read.
 
 A service never calls another with authority of its own: what it may read there is exactly what its caller
 may read. Data flows one way (registry → records → stats) through events; these calls only read.
@@ -11,6 +16,7 @@ from typing import Any
 
 import aiohttp
 
+from shared.auth import forwarded_authorization
 from shared.errors import ServiceUnavailable
 
 
@@ -34,15 +40,16 @@ class InternalClient:
         method: str,
         path: str,
         *,
-        authorization: str,
         json: Any = None,
         params: dict[str, str] | None = None,
     ) -> tuple[int, Any]:
         """(status, decoded JSON body). Raises :class:`ServiceUnavailable` when the peer cannot be reached.
 
-        ``authorization`` is the caller's ``Authorization`` header, forwarded. Internal calls are reads, so a
-        connection the peer dropped is retried once on a fresh one.
+        The request being served's internal token is forwarded. Internal calls are reads, so a connection the
+        peer dropped is retried once on a fresh one.
         """
+        authorization = forwarded_authorization.get()
+        headers = {"Authorization": authorization} if authorization else {}
         for attempt in (1, 2):
             try:
                 async with self._http().request(
@@ -50,7 +57,7 @@ class InternalClient:
                     self._base_url + path,
                     json=json,
                     params=params,
-                    headers={"Authorization": authorization},
+                    headers=headers,
                 ) as response:
                     return response.status, await response.json(content_type=None)
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):

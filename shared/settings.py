@@ -1,12 +1,14 @@
 """Settings shared by every service.
 
 Each service has one pydantic-settings class with its own env prefix (``VRS_REGISTRY_``, ...). What every
-service must agree on — the signing key, the event bus — lives in small classes with prefixes of their own
+service must agree on — the gateway's public keys, the event bus — lives in small classes with prefixes of their own
 (``VRS_AUTH_``, ``VRS_BUS_``) so that one Kubernetes secret or config map can feed all four.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -15,14 +17,18 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Environment = Literal["development", "test", "production"]
 
-# Well-known development secret; refused outside development and test.
-DEV_JWT_SECRET = "vrs-dev-secret-do-not-use-in-production-0123456789"  # noqa: S105
+# Kubernetes sets this in every container: how a deployment is recognised (see ServiceSettings).
+DEPLOYMENT_MARKER = "KUBERNETES_SERVICE_HOST"
+
+
+def _dev_gateway_jwks() -> str:
+    from shared.dev_keys import DEV_GATEWAY_JWK, jwks_of
+
+    return json.dumps(jwks_of(DEV_GATEWAY_JWK))
 
 
 def var_dir() -> Path:
     """Where the embedded mode keeps its files (``VRS_VAR_DIR``, default ``./var``)."""
-    import os
-
     return Path(os.environ.get("VRS_VAR_DIR", "var")).resolve()
 
 
@@ -33,26 +39,35 @@ def sqlite_url(relative: str) -> str:
 
 
 class AuthSettings(BaseSettings):
-    """JWT verification, shared by the gateway and every service (``VRS_AUTH_``)."""
+    """How the services verify the gateway's internal tokens (``VRS_AUTH_``); the same in all four.
+
+    Only public keys: no service holds a key that could sign a token it would accept.
+    """
 
     model_config = SettingsConfigDict(env_prefix="VRS_AUTH_", extra="ignore")
 
-    environment: Environment = Field(default="development", validation_alias="VRS_ENVIRONMENT")
-    jwt_secret: str = DEV_JWT_SECRET
-    jwt_algorithm: Literal["HS256", "HS384", "HS512"] = "HS256"
-    jwt_issuer: str = "vrs-dev"
-    jwks_url: str | None = None
-    token_ttl_seconds: int = 3600
-    # Verified tokens remembered by their raw header value (0 turns the cache off), each for at most this long
-    # so that a rotated key takes effect.
+    # The gateway's public keys as a JWKS document; two during a rotation of the gateway's key.
+    gateway_jwks: str = Field(default_factory=_dev_gateway_jwks)
+    internal_issuer: str = "vrs-gateway"
+    internal_audience: str = "vrs-services"
+    # Internal tokens live minutes, not hours: a leaked one is worth little.
+    internal_token_max_seconds: int = Field(default=300, gt=0, le=3600)
+    clock_skew_seconds: int = Field(default=30, ge=0, le=300)
+    # Verified internal tokens remembered by their raw header value (0 turns the cache off).
     token_cache_size: int = Field(default=10_000, ge=0)
-    token_cache_seconds: float = Field(default=60.0, gt=0)
 
     @model_validator(mode="after")
-    def _refuse_default_secret(self) -> AuthSettings:
-        if self.environment == "production" and self.jwt_secret == DEV_JWT_SECRET and not self.jwks_url:
-            raise ValueError("VRS_AUTH_JWT_SECRET must be set in production (the development key is public)")
+    def _keys_parse(self) -> AuthSettings:
+        from shared.auth import Keyset
+
+        if not len(Keyset.from_jwks(self.gateway_jwks)):  # a malformed JWKS stops the service here
+            raise ValueError("VRS_AUTH_GATEWAY_JWKS holds no key")
         return self
+
+    def holds_development_key(self) -> bool:
+        from shared.dev_keys import is_development_jwk
+
+        return any(is_development_jwk(k) for k in json.loads(self.gateway_jwks)["keys"])
 
 
 class BusSettings(BaseSettings):
@@ -77,6 +92,15 @@ class ServiceSettings(BaseSettings):
     environment: Environment = Field(default="development", validation_alias="VRS_ENVIRONMENT")
     log_level: str = "INFO"
     auth: AuthSettings = Field(default_factory=AuthSettings)
+
+    @model_validator(mode="after")
+    def _environment_named_in_a_deployment(self) -> ServiceSettings:
+        # In a deployment the development default would accept development keys: it must be said out loud.
+        if "environment" not in self.model_fields_set and os.environ.get(DEPLOYMENT_MARKER):
+            raise ValueError(f"VRS_ENVIRONMENT must be set in a deployment ({DEPLOYMENT_MARKER} is set)")
+        if self.environment == "production" and self.auth.holds_development_key():
+            raise ValueError("VRS_AUTH_GATEWAY_JWKS holds a development key, refused in production")
+        return self
 
 
 class PublisherSettings(ServiceSettings):

@@ -1,4 +1,5 @@
-"""Builders shared by tests: one place that knows what a typical statistics cell and dose event look like."""
+"""Builders shared by tests: one place that knows what a typical statistics cell and dose event look like, and
+the one way tests authenticate to a service (the gateway's internal token)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,41 @@ from typing import Any
 
 import pytest
 
+from services.gateway.tokens import InternalTokenIssuer
+from shared.auth import Principal, Role
+from shared.dev_keys import DEV_GATEWAY_KID, DEV_GATEWAY_PRIVATE_PEM
 from shared.domain.age import AgeBand
 from shared.events import DoseEvent, DoseEventType, StatsCell
+from shared.settings import AuthSettings
+
+_AUTH = AuthSettings()
+# What the gateway would forward, signed with the development gateway key the services trust in tests.
+_GATEWAY = InternalTokenIssuer(
+    private_pem=DEV_GATEWAY_PRIVATE_PEM,
+    kid=DEV_GATEWAY_KID,
+    issuer=_AUTH.internal_issuer,
+    audience=_AUTH.internal_audience,
+    ttl_seconds=_AUTH.internal_token_max_seconds,
+)
+
+
+def internal_token(
+    role: Role,
+    *,
+    subject: str | None = None,
+    municipality: str | None = None,
+    institution: str | None = None,
+    ttl_seconds: int | None = None,
+) -> str:
+    """A raw internal token for ``role`` (what the gateway puts in ``Authorization`` after ``Bearer``)."""
+    principal = Principal.named(role, subject=subject, municipality=municipality, institution=institution)
+    return _GATEWAY.mint(principal, ttl_seconds=ttl_seconds)
+
+
+def internal_headers(role: Role, **claims: Any) -> dict[str, str]:
+    """``{"Authorization": ...}`` for calling a service in-process as the gateway would forward ``role``."""
+    return {"Authorization": "Bearer " + internal_token(role, **claims)}
+
 
 # The stats tests' ``add_cells`` fixture: change counts as the consumer would.
 AddCells = Callable[[Mapping[StatsCell, int]], Awaitable[None]]

@@ -508,10 +508,10 @@ def dump_logs(log_dir: Path) -> None:
 
 
 def bearer(**claims: Any) -> dict[str, str]:
-    from shared.auth import mint_token
-    from shared.settings import AuthSettings
+    """A development identity token for the gateway (its maximum lifetime: re-mint for runs over an hour)."""
+    from devtools.tokens import identity_token
 
-    return {"Authorization": f"Bearer {mint_token(AuthSettings(), ttl_seconds=3 * 3600, **claims)}"}
+    return {"Authorization": f"Bearer {identity_token(**claims)}"}
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -29,9 +29,9 @@ from fastapi import FastAPI, Request, Response
 from yarl import URL
 
 from devtools.harness import free_port
-from shared.auth import Role, mint_token
+from devtools.tokens import bearer_headers
+from shared.auth import Role
 from shared.migrations import SERVICES_DIR, upgrade
-from shared.settings import AuthSettings
 
 MIGRATIONS = SERVICES_DIR / "gateway" / "migrations" / "main"
 BODY = (
@@ -200,9 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     variants = args.variants.split(",")
 
-    auth = AuthSettings()
     headers = {
-        "Authorization": f"Bearer {mint_token(auth, role=Role.INSTITUTION, institution='1312345678')}",
+        **bearer_headers(Role.INSTITUTION, institution="1312345678"),
         "Content-Type": "application/json",
         "Idempotency-Key": "bench",
     }

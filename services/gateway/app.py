@@ -1,3 +1,5 @@
+"""gateway — authenticates, authorises, limits and forwards; owns nothing but the audit trail."""
+
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
@@ -5,38 +7,112 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from services.gateway.audit import AuditTrail
-from services.gateway.policy import Upstream
+from services.gateway.audit import AuditTrail, FileAnchorStore
+from services.gateway.limits import RateLimiter
+from services.gateway.openapi import build_openapi
+from services.gateway.policy import TABLE, Upstream
 from services.gateway.proxy import create_transport
-from services.gateway.router import router
-from services.gateway.service import Gateway
+from services.gateway.router import audit_reader, router
+from services.gateway.service import Gateway, Limits
 from services.gateway.settings import GatewaySettings
+from services.gateway.tokens import IdentityVerifier, InternalTokenIssuer, JwksSource
 from shared.app import build_app
+from shared.auth import Keyset, TokenRules
 from shared.db import Databases
+from shared.dev_keys import DEV_IDENTITY_JWK, jwks_of
+
+
+def identity_source(settings: GatewaySettings, verifiers: list[IdentityVerifier]) -> JwksSource:
+    def keys_removed(kids: frozenset[str]) -> None:
+        for verifier in verifiers:
+            verifier.keys_removed(kids)
+
+    production = settings.environment == "production"
+    return JwksSource(
+        file=settings.identity_jwks_file,
+        url=settings.identity_jwks_url,
+        # Development and test without a configured JWKS trust the committed development key (vrs token).
+        default=None if production else jwks_of(DEV_IDENTITY_JWK),
+        refuse_development_keys=production,
+        refresh_seconds=settings.jwks_refresh_seconds,
+        max_stale_seconds=settings.jwks_max_stale_seconds,
+        on_keys_removed=keys_removed,
+    )
+
+
+def internal_issuer(settings: GatewaySettings) -> InternalTokenIssuer:
+    issuer = InternalTokenIssuer(
+        private_pem=settings.signing_key,
+        kid=settings.signing_kid,
+        issuer=settings.auth.internal_issuer,
+        audience=settings.auth.internal_audience,
+        ttl_seconds=settings.internal_token_seconds,
+    )
+    # A key the services do not know would make every forwarded request a 401: refuse to start instead.
+    published = Keyset.from_jwks(settings.auth.gateway_jwks).get(settings.signing_kid)
+    if published is None or {k: published.jwk.get(k) for k in ("x", "y")} != {
+        k: issuer.public_jwk[k] for k in ("x", "y")
+    }:
+        raise ValueError("VRS_GATEWAY_SIGNING_KEY's public key is not in VRS_AUTH_GATEWAY_JWKS under its kid")
+    return issuer
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
+    issuer = internal_issuer(settings)  # checked before anything starts
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        verifiers: list[IdentityVerifier] = []
+        app.state.identity_keys = source = identity_source(settings, verifiers)
+        await source.start()  # no usable identity keys → the gateway does not start
+        verifier = IdentityVerifier(
+            source,
+            TokenRules(
+                issuer=settings.identity_issuer,
+                audience=settings.identity_audience,
+                max_lifetime_seconds=settings.token_max_lifetime_seconds,
+                leeway_seconds=settings.clock_skew_seconds,
+            ),
+            cache_size=settings.token_cache_size,
+            cache_seconds=settings.token_cache_seconds,
+        )
+        verifiers.append(verifier)
+        app.state.identity_verifier = verifier
         app.state.databases = Databases.connect(settings.main_dsn, pool_size=settings.pool_size)
         app.state.transport = create_transport(settings)
-        app.state.audit = AuditTrail(app.state.databases)
-        app.state.gateway = Gateway(
-            upstreams={
-                Upstream.REGISTRY: settings.registry_url,
-                Upstream.RECORDS: settings.records_url,
-                Upstream.STATS: settings.stats_url,
-            },
-            transport=app.state.transport,
-            tokens=app.state.token_verifier,
-            audit=app.state.audit,
-            max_body_bytes=settings.max_body_bytes,
+        app.state.audit = AuditTrail(
+            app.state.databases,
+            key=settings.audit_key.encode(),
+            instance=settings.instance_id,
+            anchors=FileAnchorStore(settings.audit_anchor_dir),
+            batch_max=settings.audit_batch_max,
         )
         try:
+            await app.state.audit.start()
+            app.state.gateway = Gateway(
+                upstreams={
+                    Upstream.REGISTRY: settings.registry_url,
+                    Upstream.RECORDS: settings.records_url,
+                    Upstream.STATS: settings.stats_url,
+                },
+                transport=app.state.transport,
+                tokens=verifier,
+                internal_tokens=issuer,
+                audit=app.state.audit,
+                limits=Limits(
+                    json_body_bytes=settings.max_json_body_bytes,
+                    import_body_bytes=settings.max_import_body_bytes,
+                    json_depth=settings.max_json_depth,
+                    per_principal=RateLimiter(rate=settings.rate_per_principal, burst=settings.burst_per_principal),
+                    per_address=RateLimiter(rate=settings.rate_per_address, burst=settings.burst_per_address),
+                ),
+                local={"/api/v1/municipalities/{code}/audit": audit_reader(app.state.databases)},
+            )
             yield
         finally:
+            await app.state.audit.stop()
+            await source.stop()
             await app.state.transport.close()
             await app.state.databases.dispose()
 
@@ -44,4 +120,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         await app.state.databases.ping()
         await app.state.gateway.check_upstreams(timeout=settings.proxy_connect_timeout_seconds + 1)
 
-    return build_app(service="gateway", settings=settings, lifespan=lifespan, routers=[router], ready=ready)
+    app = build_app(
+        service="gateway", settings=settings, lifespan=lifespan, routers=[router], ready=ready, behind_gateway=False
+    )
+    contract = build_openapi(TABLE)
+    app.openapi = lambda: contract  # type: ignore[method-assign]
+    return app

@@ -1,68 +1,107 @@
-"""The audit trail: an append-only, hash-chained log of every access to personal data.
+"""The audit trail: every read or write of personal data, in keyed chains nobody can quietly rewrite.
 
-Each entry stores the hash of the one before it and its own
-``entry_hash = sha256(prev_hash || canonical JSON of the entry)`` (hex; the first entry's ``prev_hash`` is
-64 zeros). Changing, removing or reordering any entry breaks the chain at that entry, which
-:func:`verify_chain` finds. Cutting entries off the *end* leaves a valid, shorter chain: catching that
-needs the head (:func:`chain_head`) copied somewhere the gateway cannot write, which is an operations task.
+**One chain per gateway instance** (``VRS_GATEWAY_INSTANCE_ID``): replicas never race for a chain head, so
+none ever fails a request over it. Entries are numbered from 1 within their chain.
 
-An entry says who (subject, role, organisation), what (method, path template, the path's ids), why
-(purpose), when, the result status and the request id. It never holds a request body, and anything that
-could be a My Number is masked before it is stored.
+**Keyed**: ``mac = HMAC-SHA256(audit key, prev_mac || canonical JSON of the entry)`` (hex; the first
+entry's ``prev_mac`` is 64 zeros). The key is a gateway secret (``VRS_GATEWAY_AUDIT_KEY``) that whoever
+administers the database does not hold: they can delete rows, but cannot change or forge one and re-key the
+rest. Changing, removing or reordering an entry breaks the chain there.
+
+**Anchored**: after each batch the chain's head (last seq and its MAC) is written outside the table by an
+:class:`AnchorStore`. Cutting entries off the end leaves a valid shorter chain in the table, but it no longer
+reaches the anchored head; removing a whole chain leaves an anchor without rows. The default store is a
+file per instance (``VRS_GATEWAY_AUDIT_ANCHOR_DIR``); production mounts that directory from storage the
+database administrator cannot write (see README, "Audit trail").
+
+**Batched**: requests hand their entry to one writer task per process and wait until it is committed and
+anchored before their answer leaves (personal data is never delivered without its record). The writer
+takes everything queued while the previous batch was being written, so batches grow with the load — one
+commit carries hundreds of entries at thousands of requests per second, and one entry at idle, with no
+timer to wait for.
+
+``vrs audit verify`` (:func:`verify_trail`) checks every chain against its anchor.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import hmac
 import json
+import logging
+import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol
 
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.gateway.models import AuditEntry
 from services.gateway.repository import AuditRepository
 from shared import redaction
-from shared.db import Database, Databases, UnitOfWork, utcnow
+from shared.db import Databases, UnitOfWork, utcnow
 
-GENESIS_HASH = "0" * 64
-DEFAULT_PURPOSE = "administration"
-_MAX_PURPOSE = 100
-# Fields of an entry that its hash covers, in no particular order (the canonical form sorts them).
-_HASHED = (
+log = logging.getLogger(__name__)
+
+GENESIS_MAC = "0" * 64
+# Fields of an entry that its MAC covers (the canonical form sorts them).
+_KEYED = (
+    "instance",
     "seq",
     "recorded_at",
     "request_id",
-    "subject",
+    "principal",
     "role",
-    "municipality",
+    "caller_municipality",
     "institution",
-    "method",
-    "path_template",
-    "resource_ids",
-    "purpose",
-    "status",
+    "municipality",
+    "action",
+    "resource",
+    "legal_basis",
+    "outcome",
 )
+
+
+class LegalBasis(StrEnum):
+    """Why personal data was accessed: a fixed list, never free text."""
+
+    # The municipality's own vaccination administration (予防接種法に基づく事務).
+    ADMINISTRATION = "administration"
+    # The person agreed (本人同意).
+    CONSENT = "consent"
+    # My Number Act art. 19 item 16 (番号法第19条第16号): transfer look-ups between municipalities.
+    MY_NUMBER_ACT_19_16 = "my-number-act-19-16"
+
+
+DEFAULT_LEGAL_BASIS = LegalBasis.ADMINISTRATION
+
+
+def legal_basis(stated: object) -> LegalBasis | None:
+    """The basis a caller stated, or None when it is not one of :class:`LegalBasis`."""
+    try:
+        return LegalBasis(stated) if isinstance(stated, str) else None
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True, slots=True)
 class AuditFacts:
-    """What the request handler knows about one access; :class:`AuditTrail` adds the order and the hashes."""
+    """What the request handler knows about one access; the writer adds the order and the MACs."""
 
     request_id: str
-    subject: str
+    principal: str
     role: str
-    municipality: str | None
+    caller_municipality: str | None
     institution: str | None
-    method: str
-    path_template: str
-    resource_ids: Mapping[str, str]
-    purpose: str
-    status: int
+    municipality: str | None
+    action: str
+    resource: str
+    legal_basis: LegalBasis
+    outcome: int
 
 
 def redact_my_numbers(text: str) -> str:
@@ -71,134 +110,274 @@ def redact_my_numbers(text: str) -> str:
     return redaction.redact_my_numbers(text, only_valid=True)
 
 
-def purpose_text(stated: object) -> str:
-    """The stored "why": free text from the caller, so capped and masked like anything else it sends."""
-    if not isinstance(stated, str) or not stated.strip():
-        return DEFAULT_PURPOSE
-    return redact_my_numbers(stated.strip()[:_MAX_PURPOSE])
-
-
 def _utc_text(value: datetime) -> str:
-    # SQLite hands timestamps back without a zone, PostgreSQL in the session's zone: hash one spelling.
+    # SQLite hands timestamps back without a zone, PostgreSQL in the session's zone: key one spelling.
     aware = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
     return aware.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def canonical(fields: Mapping[Any, Any]) -> bytes:
-    """The bytes an entry's hash covers: its fields as JSON with sorted keys and no spaces."""
-    doc = {name: fields[name] for name in _HASHED}
+    """The bytes an entry's MAC covers: its fields as JSON with sorted keys and no spaces."""
+    doc = {name: fields[name] for name in _KEYED}
     doc["recorded_at"] = _utc_text(doc["recorded_at"])
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def chain_hash(prev_hash: str, fields: Mapping[Any, Any]) -> str:
-    return hashlib.sha256(prev_hash.encode("ascii") + canonical(fields)).hexdigest()
+def entry_mac(key: bytes, prev_mac: str, fields: Mapping[Any, Any]) -> str:
+    return hmac.new(key, prev_mac.encode("ascii") + canonical(fields), hashlib.sha256).hexdigest()
+
+
+# --- anchors -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Anchor:
+    seq: int
+    mac: str
+
+
+class AnchorStore(Protocol):
+    async def write(self, instance: str, anchor: Anchor) -> None: ...
+    async def read(self, instance: str) -> Anchor | None: ...
+    async def all(self) -> dict[str, Anchor]: ...
+
+
+class FileAnchorStore:
+    """One small JSON file per instance, replaced atomically and fsynced after every batch."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def _path(self, instance: str) -> Path:
+        return self.directory / f"{instance}.json"
+
+    def _write(self, instance: str, anchor: Anchor) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self._path(instance)
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("w") as f:
+            json.dump({"instance": instance, "seq": anchor.seq, "mac": anchor.mac}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    async def write(self, instance: str, anchor: Anchor) -> None:
+        await asyncio.to_thread(self._write, instance, anchor)
+
+    def _read(self, path: Path) -> Anchor:
+        doc = json.loads(path.read_text())
+        return Anchor(seq=int(doc["seq"]), mac=str(doc["mac"]))
+
+    async def read(self, instance: str) -> Anchor | None:
+        path = self._path(instance)
+        return await asyncio.to_thread(self._read, path) if path.exists() else None
+
+    async def all(self) -> dict[str, Anchor]:
+        if not self.directory.exists():
+            return {}
+        return {p.stem: await asyncio.to_thread(self._read, p) for p in sorted(self.directory.glob("*.json"))}
+
+
+# --- the writer ----------------------------------------------------------------------------------------
+
+
+class AuditChainBroken(RuntimeError):
+    """The table does not reach the anchored head: refuse to append (and so to overwrite the evidence)."""
+
+
+@dataclass(eq=False)
+class _Pending:
+    facts: AuditFacts
+    done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
 class AuditTrail:
-    """Appends entries to the one chain of this gateway process.
+    """Appends this instance's entries in batches; :meth:`append` returns once its entry is stored."""
 
-    Appends are serialised by an ``asyncio.Lock`` held until the entry is committed, so each entry is
-    hashed onto the committed one before it; the head is kept in memory to spare a read per append. Two
-    gateway processes on one database stay correct but slow — the loser of a race on ``seq`` re-reads the
-    head and tries again. Chains partitioned per replica, appended in batches, are a later issue.
-    """
-
-    _ATTEMPTS = 5
-
-    def __init__(self, databases: Databases) -> None:
+    def __init__(
+        self, databases: Databases, *, key: bytes, instance: str, anchors: AnchorStore, batch_max: int = 1000
+    ) -> None:
         self._databases = databases
-        self._lock = asyncio.Lock()
+        self._key = key
+        self.instance = instance
+        self._anchors = anchors
+        self._batch_max = batch_max
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._head: tuple[int, str] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.batches = 0  # for the bench and tests: how many commits carried the entries
 
-    async def append(self, facts: AuditFacts) -> AuditEntry:
-        async with self._lock:
-            for _ in range(self._ATTEMPTS - 1):
-                try:
-                    return await self._append(facts)
-                except IntegrityError:
-                    continue  # another writer took this seq
-            return await self._append(facts)
+    async def start(self) -> None:
+        """Check the table still reaches the anchored head, then start the writer."""
+        await self._load_head(check_anchor=True)
+        self._task = asyncio.create_task(self._write_forever(), name=f"audit-writer-{self.instance}")
 
-    async def _append(self, facts: AuditFacts) -> AuditEntry:
-        try:
-            # The unit of work commits on leaving the block, still under the lock: the next entry is only
-            # hashed onto this one once this one is stored.
-            async with UnitOfWork(self._databases) as uow:
-                repo = AuditRepository(uow.main())
-                if self._head is None:
-                    last = await repo.last()
-                    self._head = (last.seq, last.entry_hash) if last is not None else (0, GENESIS_HASH)
-                seq, prev_hash = self._head
-                fields: dict[str, Any] = {
-                    "seq": seq + 1,
-                    "recorded_at": utcnow(),
-                    # Whatever the caller chose (ids, request id, purpose, token subject) is masked.
-                    "request_id": redact_my_numbers(facts.request_id),
-                    "subject": redact_my_numbers(facts.subject),
-                    "role": facts.role,
-                    "municipality": facts.municipality,
-                    "institution": facts.institution,
-                    "method": facts.method,
-                    "path_template": facts.path_template,
-                    "resource_ids": json.dumps(
-                        {k: redact_my_numbers(v) for k, v in facts.resource_ids.items()},
-                        sort_keys=True,
-                        separators=(",", ":"),
-                        ensure_ascii=False,
-                    ),
-                    "purpose": redact_my_numbers(facts.purpose),
-                    "status": facts.status,
-                }
-                entry = AuditEntry(**fields, prev_hash=prev_hash, entry_hash=chain_hash(prev_hash, fields))
-                repo.add(entry)
-        except BaseException:
-            self._head = None  # unknown whether anything was stored: read the head again next time
-            raise
-        self._head = (entry.seq, entry.entry_hash)
-        return entry
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        while not self._queue.empty():
+            self._queue.get_nowait().done.set_exception(RuntimeError("the audit writer stopped"))
+
+    async def _load_head(self, *, check_anchor: bool) -> tuple[int, str]:
+        async with self._databases.main.sessionmaker() as session:
+            head = await AuditRepository(session).head(self.instance)
+            anchor = await self._anchors.read(self.instance) if check_anchor else None
+            if anchor is not None:
+                row = await AuditRepository(session).entry(self.instance, anchor.seq)
+                if row is None or row["mac"] != anchor.mac:
+                    raise AuditChainBroken(
+                        f"audit chain {self.instance} no longer reaches its anchored head (seq {anchor.seq}): "
+                        "run `vrs audit verify`"
+                    )
+        self._head = head or (0, GENESIS_MAC)
+        return self._head
+
+    async def append(self, facts: AuditFacts) -> None:
+        if self._task is None or self._task.done():
+            raise RuntimeError("the audit writer is not running")
+        pending = _Pending(facts)
+        self._queue.put_nowait(pending)
+        await pending.done
+
+    async def _write_forever(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self._batch_max and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await self._write(batch)
+            except asyncio.CancelledError:
+                for p in batch:
+                    if not p.done.done():
+                        p.done.set_exception(RuntimeError("the audit writer stopped"))
+                raise
+            except Exception as exc:
+                log.error("audit batch of %d not written: %s", len(batch), type(exc).__name__)
+                self._head = None  # unknown whether it was stored: read the head again
+                for p in batch:
+                    if not p.done.done():
+                        p.done.set_exception(exc)
+            else:
+                for p in batch:
+                    if not p.done.done():
+                        p.done.set_result(None)
+
+    async def _write(self, batch: list[_Pending]) -> None:
+        seq, prev = self._head if self._head is not None else await self._load_head(check_anchor=False)
+        now = utcnow()
+        rows = []
+        for p in batch:
+            f = p.facts
+            seq += 1
+            fields: dict[str, Any] = {
+                "instance": self.instance,
+                "seq": seq,
+                "recorded_at": now,
+                # Whatever the caller chose (ids, request id, token subject) is masked.
+                "request_id": redact_my_numbers(f.request_id),
+                "principal": redact_my_numbers(f.principal),
+                "role": f.role,
+                "caller_municipality": f.caller_municipality,
+                "institution": f.institution,
+                "municipality": f.municipality,
+                "action": f.action,
+                "resource": redact_my_numbers(f.resource),
+                "legal_basis": f.legal_basis.value,
+                "outcome": f.outcome,
+            }
+            mac = entry_mac(self._key, prev, fields)
+            rows.append({**fields, "prev_mac": prev, "mac": mac})
+            prev = mac
+        async with UnitOfWork(self._databases) as uow:
+            await AuditRepository(uow.main()).add_many(rows)
+        self._head = (seq, prev)
+        await self._anchors.write(self.instance, Anchor(seq, prev))
+        self.batches += 1
 
 
-async def chain_head(session: AsyncSession) -> tuple[int, str]:
-    """(last seq, its entry_hash): what to copy out of reach to notice a truncated log."""
-    last = await AuditRepository(session).last()
-    return (last.seq, last.entry_hash) if last is not None else (0, GENESIS_HASH)
+# --- verification --------------------------------------------------------------------------------------
 
 
-async def verify_chain(session: AsyncSession, *, page_size: int = 1000) -> int | None:
-    """The first sequence number at which the chain is broken (changed, missing or out of place), or None."""
+@dataclass(frozen=True, slots=True)
+class Problem:
+    instance: str
+    seq: int
+    what: str
+
+    def __str__(self) -> str:
+        return f"chain {self.instance}: {self.what} at seq {self.seq}"
+
+
+async def verify_chain(
+    session: AsyncSession, key: bytes, instance: str, anchor: Anchor | None, *, page_size: int = 1000
+) -> tuple[list[Problem], int]:
+    """(problems, entries checked) for one chain: the first break in it, and whether it reaches its anchor."""
     repo = AuditRepository(session)
-    expected, prev_hash = 1, GENESIS_HASH
-    while rows := await repo.page(after_seq=expected - 1, limit=page_size):
+    expected, prev = 1, GENESIS_MAC
+    reached_anchor = anchor is None
+    while rows := await repo.page(instance=instance, after_seq=expected - 1, limit=page_size):
         for row in rows:
-            if (
-                row["seq"] != expected
-                or row["prev_hash"] != prev_hash
-                or row["entry_hash"] != chain_hash(prev_hash, row)
-            ):
-                return expected
-            prev_hash = row["entry_hash"]
+            if row["seq"] != expected:
+                return [Problem(instance, expected, "entry missing")], expected - 1
+            if row["prev_mac"] != prev or not hmac.compare_digest(row["mac"], entry_mac(key, prev, row)):
+                return [Problem(instance, expected, "entry changed (MAC does not match)")], expected - 1
+            if anchor is not None and row["seq"] == anchor.seq:
+                if row["mac"] != anchor.mac:
+                    return [Problem(instance, expected, "entry differs from the anchored head")], expected
+                reached_anchor = True
+            prev = row["mac"]
             expected += 1
-    return None
+    checked = expected - 1
+    if not reached_anchor:
+        assert anchor is not None
+        return [Problem(instance, checked + 1, f"truncated: the anchored head is seq {anchor.seq}")], checked
+    return [], checked
 
 
-async def _verify_configured() -> int:
-    from services.gateway.settings import GatewaySettings
-
-    database = Database.connect(GatewaySettings().main_dsn, pool_size=1)
-    try:
-        async with database.sessionmaker() as session:
-            broken = await verify_chain(session)
-            seq, entry_hash = await chain_head(session)
-    finally:
-        await database.engine.dispose()
-    if broken is not None:
-        print(f"audit chain BROKEN at seq {broken}")
-        return 1
-    print(f"audit chain intact: {seq} entries, head {entry_hash}")
-    return 0
+async def verify_trail(session: AsyncSession, key: bytes, anchors: AnchorStore) -> tuple[list[Problem], int]:
+    """Every chain in the table or among the anchors: (problems, entries checked)."""
+    anchored = await anchors.all()
+    instances = sorted(set(await AuditRepository(session).instances()) | set(anchored))
+    problems: list[Problem] = []
+    total = 0
+    for instance in instances:
+        found, checked = await verify_chain(session, key, instance, anchored.get(instance))
+        problems += found
+        total += checked
+    return problems, total
 
 
-if __name__ == "__main__":
-    # ``python -m services.gateway.audit``: verify the configured gateway's audit log (exit 1 if broken).
-    raise SystemExit(asyncio.run(_verify_configured()))
+# --- reading -------------------------------------------------------------------------------------------
+
+READ_LIMIT = 1000
+
+
+def entry_out(row: Mapping[Any, Any]) -> dict[str, Any]:
+    """An entry as a municipality reads it (the MACs stay internal)."""
+    return {
+        "instance": row["instance"],
+        "seq": row["seq"],
+        "recorded_at": _utc_text(row["recorded_at"]),
+        "request_id": row["request_id"],
+        "principal": row["principal"],
+        "role": row["role"],
+        "caller_municipality": row["caller_municipality"],
+        "institution": row["institution"],
+        "municipality": row["municipality"],
+        "action": row["action"],
+        "resource": row["resource"],
+        "legal_basis": row["legal_basis"],
+        "outcome": row["outcome"],
+    }
+
+
+async def entries_of_municipality(
+    databases: Databases, code: str, *, since: datetime | None, until: datetime | None
+) -> tuple[list[dict[str, Any]], bool]:
+    """(entries about ``code``'s data or made by it, oldest first; whether more were left off)."""
+    async with databases.main.sessionmaker() as session:
+        rows = await AuditRepository(session).of_municipality(code, since=since, until=until, limit=READ_LIMIT + 1)
+    return [entry_out(r) for r in rows[:READ_LIMIT]], len(rows) > READ_LIMIT

@@ -1,10 +1,10 @@
-"""gateway tables: the audit log, and nothing else."""
+"""gateway tables: the audit trail, and nothing else."""
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, Integer, MetaData, String, Text
+from sqlalchemy import BigInteger, DateTime, Index, Integer, MetaData, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -13,33 +13,39 @@ class MainBase(DeclarativeBase):
 
 
 class AuditEntry(MainBase):
-    """One access to personal data (個人情報へのアクセス記録): who, what, why, when, and how it ended.
+    """One access to personal data (個人情報へのアクセス記録): who, what, on what grounds, when, and how it ended.
 
-    Never a body and never a My Number. ``entry_hash`` chains each entry to the one before (see
-    ``services/gateway/audit.py``); rows are only ever inserted.
+    Never a body and never a My Number. Each gateway instance appends its own chain (``instance``, ``seq``
+    from 1); ``mac`` keys each entry to the one before it (see ``services/gateway/audit.py``). Rows are only
+    ever inserted.
     """
 
-    __tablename__ = "audit_log"
+    __tablename__ = "audit_trail"
+    __table_args__ = (
+        Index("ix_audit_trail_municipality_time", "municipality", "recorded_at"),
+        Index("ix_audit_trail_caller_municipality_time", "caller_municipality", "recorded_at"),
+    )
 
-    # Assigned by the writer, not the database: the chain order is the hash order, and a second writer
-    # that races for the same number fails on the primary key instead of forking the chain.
+    instance: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # Assigned by the instance's writer, not the database: the chain order is the MAC order.
     seq: Mapped[int] = mapped_column(
         BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=False
     )
     recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     request_id: Mapped[str] = mapped_column(Text)
     # who
-    subject: Mapped[str] = mapped_column(Text)
+    principal: Mapped[str] = mapped_column(Text)
     role: Mapped[str] = mapped_column(String(16))
-    municipality: Mapped[str | None] = mapped_column(String(6))
+    caller_municipality: Mapped[str | None] = mapped_column(String(6))
     institution: Mapped[str | None] = mapped_column(String(10))
+    # whose data: the municipality in the path
+    municipality: Mapped[str | None] = mapped_column(String(6))
     # what
-    method: Mapped[str] = mapped_column(String(8))
-    path_template: Mapped[str] = mapped_column(Text)
-    resource_ids: Mapped[str] = mapped_column(Text)  # canonical JSON of the path's ids
-    # why
-    purpose: Mapped[str] = mapped_column(Text)
-    # how it ended
-    status: Mapped[int] = mapped_column(Integer)
-    prev_hash: Mapped[str] = mapped_column(String(64))
-    entry_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    action: Mapped[str] = mapped_column(Text)  # "<METHOD> <path template>"
+    resource: Mapped[str] = mapped_column(Text)  # the path with its ids, My Numbers masked
+    # on what grounds: one of services.gateway.audit.LegalBasis
+    legal_basis: Mapped[str] = mapped_column(String(32))
+    # how it ended: the HTTP status the caller got
+    outcome: Mapped[int] = mapped_column(Integer)
+    prev_mac: Mapped[str] = mapped_column(String(64))
+    mac: Mapped[str] = mapped_column(String(64))

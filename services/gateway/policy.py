@@ -23,6 +23,15 @@ class Upstream(StrEnum):
     REGISTRY = "registry"
     RECORDS = "records"
     STATS = "stats"
+    GATEWAY = "gateway"  # answered by the gateway itself (the audit trail)
+
+
+class Body(Enum):
+    """How large a body a rule accepts (the sizes are settings)."""
+
+    NONE = "none"  # GET and friends: any body is refused
+    JSON = "json"  # VRS_GATEWAY_MAX_JSON_BODY_BYTES
+    IMPORT = "import"  # CSV uploads: VRS_GATEWAY_MAX_IMPORT_BODY_BYTES
 
 
 class Scope(Enum):
@@ -41,13 +50,22 @@ class Rule:
     upstream: Upstream
     roles: frozenset[Role] | None  # None: anyone, anonymous included
     scope: Scope
-    reads_personal_data: bool  # → an audit entry
-    purpose_field: str | None = None  # a JSON body field that states why (the audit's "why")
+    reads_personal_data: bool  # reads or writes an identified person's data → an audit entry
+    purpose_field: str | None = None  # a JSON body field that states the legal basis (the audit's "why")
+    body: Body | None = None  # None: NONE for GET/HEAD/DELETE, IMPORT for POST .../*-imports, else JSON
     params: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         names = tuple(s[1:-1] for s in self.path.split("/") if s.startswith("{") and s.endswith("}"))
         object.__setattr__(self, "params", names)
+        if self.body is None:
+            if self.methods <= {"GET", "HEAD", "DELETE"}:
+                body = Body.NONE
+            elif self.path.rsplit("/", 1)[-1].endswith("-imports"):
+                body = Body.IMPORT
+            else:
+                body = Body.JSON
+            object.__setattr__(self, "body", body)
         if self.scope is not Scope.ANY and "code" not in names:
             raise ValueError(f"{self.path}: a municipality scope needs a {{code}} segment")
 
@@ -67,6 +85,7 @@ def rule(
     *,
     reads_personal_data: bool = False,
     purpose_field: str | None = None,
+    body: Body | None = None,
 ) -> Rule:
     return Rule(
         methods=frozenset(methods.split("|")),
@@ -76,6 +95,7 @@ def rule(
         scope=scope,
         reads_personal_data=reads_personal_data,
         purpose_field=purpose_field,
+        body=body,
     )
 
 
@@ -83,16 +103,16 @@ MUNICIPALITY = (Role.MUNICIPALITY,)
 DOSE_WRITERS = (Role.INSTITUTION, Role.MUNICIPALITY)
 ANYONE = None
 _M = "/api/v1/municipalities/{code}"
-REGISTRY, RECORDS, STATS = Upstream.REGISTRY, Upstream.RECORDS, Upstream.STATS
+REGISTRY, RECORDS, STATS, GATEWAY = Upstream.REGISTRY, Upstream.RECORDS, Upstream.STATS, Upstream.GATEWAY
 OWN, OWN_HIDDEN = Scope.OWN_MUNICIPALITY, Scope.OWN_MUNICIPALITY_HIDDEN
 
-# "Reads personal data" means the answer shows an identified person's record. Dose ingest and resident
-# imports answer with ids and counts only, and stay off the serialised audit chain.
+# "Reads personal data" means the request reads or changes an identified person's record; each such request
+# gets an audit entry (a dose is health data of the coupon's holder, so recording one is audited too).
 POLICY: tuple[Rule, ...] = (
     # registry
     rule("PUT", f"{_M}/residents/{{resident_id}}", REGISTRY, MUNICIPALITY, OWN, reads_personal_data=True),
     rule("GET", f"{_M}/residents/{{resident_id}}", REGISTRY, MUNICIPALITY, OWN_HIDDEN, reads_personal_data=True),
-    rule("POST", f"{_M}/resident-imports", REGISTRY, MUNICIPALITY, OWN),
+    rule("POST", f"{_M}/resident-imports", REGISTRY, MUNICIPALITY, OWN, reads_personal_data=True),
     rule("GET", f"{_M}/resident-imports/{{import_id}}", REGISTRY, MUNICIPALITY, OWN),
     rule("POST", f"{_M}/residents/{{resident_id}}/move-out", REGISTRY, MUNICIPALITY, OWN, reads_personal_data=True),
     rule(
@@ -105,8 +125,8 @@ POLICY: tuple[Rule, ...] = (
         purpose_field="legal_basis",
     ),
     # records
-    rule("POST", "/api/v1/doses", RECORDS, DOSE_WRITERS),
-    rule("POST", "/api/v1/doses/batch", RECORDS, DOSE_WRITERS),
+    rule("POST", "/api/v1/doses", RECORDS, DOSE_WRITERS, reads_personal_data=True),
+    rule("POST", "/api/v1/doses/batch", RECORDS, DOSE_WRITERS, reads_personal_data=True),
     rule("GET", "/api/v1/coupons/{coupon}", RECORDS, DOSE_WRITERS),
     rule("GET", f"{_M}/doses", RECORDS, MUNICIPALITY, OWN, reads_personal_data=True),
     rule("POST", f"{_M}/doses/{{dose_id}}/corrections", RECORDS, MUNICIPALITY, OWN, reads_personal_data=True),
@@ -114,6 +134,8 @@ POLICY: tuple[Rule, ...] = (
     rule("GET", "/api/v1/stats/doses", STATS, ANYONE),
     rule("GET", "/api/v1/opendata/{file}", STATS, ANYONE),
     rule("GET", "/dashboard", STATS, ANYONE),
+    # the gateway itself: a municipality reads the audit entries about its data or made by it
+    rule("GET", f"{_M}/audit", GATEWAY, MUNICIPALITY, OWN),
 )
 
 

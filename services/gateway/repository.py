@@ -1,28 +1,61 @@
-"""All of gateway's SQL: inserting and reading the audit log (never updating or deleting it)."""
+"""All of gateway's SQL: inserting and reading the audit trail (never updating or deleting it)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
 
-from sqlalchemy import RowMapping, select
+from sqlalchemy import RowMapping, Table, insert, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.gateway.models import AuditEntry
+
+_TABLE: Table = AuditEntry.__table__  # type: ignore[assignment]
 
 
 class AuditRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
-    async def last(self) -> AuditEntry | None:
-        stmt = select(AuditEntry).order_by(AuditEntry.seq.desc()).limit(1)
-        return (await self.session.execute(stmt)).scalar_one_or_none()
+    async def head(self, instance: str) -> tuple[int, str] | None:
+        stmt = (
+            select(_TABLE.c.seq, _TABLE.c.mac)
+            .where(_TABLE.c.instance == instance)
+            .order_by(_TABLE.c.seq.desc())
+            .limit(1)
+        )
+        row = (await self.session.execute(stmt)).first()
+        return (int(row[0]), str(row[1])) if row is not None else None
 
-    def add(self, entry: AuditEntry) -> None:
-        self.session.add(entry)
+    async def entry(self, instance: str, seq: int) -> RowMapping | None:
+        stmt = select(_TABLE).where(_TABLE.c.instance == instance, _TABLE.c.seq == seq)
+        return (await self.session.execute(stmt)).mappings().first()
 
-    async def page(self, *, after_seq: int, limit: int) -> Sequence[RowMapping]:
-        """Plain rows, not ORM objects: verifying a long log must not fill the session's identity map."""
-        table = AuditEntry.__table__
-        stmt = select(table).where(table.c.seq > after_seq).order_by(table.c.seq).limit(limit)
+    async def add_many(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        await self.session.execute(insert(_TABLE), [dict(r) for r in rows])
+
+    async def instances(self) -> list[str]:
+        return [str(i) for i in (await self.session.execute(select(_TABLE.c.instance).distinct())).scalars()]
+
+    async def page(self, *, instance: str, after_seq: int, limit: int) -> Sequence[RowMapping]:
+        """Plain rows, not ORM objects: verifying a long trail must not fill the session's identity map."""
+        stmt = (
+            select(_TABLE)
+            .where(_TABLE.c.instance == instance, _TABLE.c.seq > after_seq)
+            .order_by(_TABLE.c.seq)
+            .limit(limit)
+        )
+        return (await self.session.execute(stmt)).mappings().all()
+
+    async def of_municipality(
+        self, code: str, *, since: datetime | None, until: datetime | None, limit: int
+    ) -> Sequence[RowMapping]:
+        """Entries about the municipality's data or made by it, oldest first."""
+        stmt = select(_TABLE).where(or_(_TABLE.c.municipality == code, _TABLE.c.caller_municipality == code))
+        if since is not None:
+            stmt = stmt.where(_TABLE.c.recorded_at >= since)
+        if until is not None:
+            stmt = stmt.where(_TABLE.c.recorded_at < until)
+        stmt = stmt.order_by(_TABLE.c.recorded_at, _TABLE.c.instance, _TABLE.c.seq).limit(limit)
         return (await self.session.execute(stmt)).mappings().all()

@@ -8,17 +8,26 @@ app's 40 µs (in-process, upstream stubbed) — a tenth of the whole per-request
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
-from urllib.parse import quote
+from collections.abc import Awaitable, Callable
+from datetime import UTC, date, datetime, time, timedelta
+from urllib.parse import parse_qs, quote
 
 from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from services.gateway.audit import entries_of_municipality
+from services.gateway.policy import Match
 from services.gateway.proxy import FORWARDED_REQUEST_HEADERS
 from services.gateway.service import Gateway, Inbound, Outcome, error_outcome
-from shared.errors import BadRequest, PayloadTooLarge, VRSError
+from shared.auth import Principal
+from shared.db import Databases
+from shared.errors import BadRequest, InvalidField, PayloadTooLarge, VRSError
 
 # A caller's request id is kept if it is short and plain; it lands in logs and the audit log.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -46,12 +55,14 @@ def inbound(scope: Scope) -> Inbound:
         headers["x-request-id"] = uuid.uuid4().hex
     raw_path: bytes | None = scope.get("raw_path")
     raw = raw_path.split(b"?", 1)[0].decode("latin-1") if raw_path else quote(scope["path"])
+    client = scope.get("client")
     return Inbound(
         method=scope["method"],
         path=scope["path"],
         raw_path=raw,
         query_string=scope["query_string"].decode("latin-1"),
         headers=headers,
+        client=client[0] if client else "unknown",
     )
 
 
@@ -65,6 +76,8 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
         chunk: bytes = message.get("body", b"")
         size += len(chunk)
         if size > limit:
+            if not limit:
+                raise BadRequest("this request takes no body")
             raise PayloadTooLarge(f"the body is larger than {limit} bytes")
         chunks.append(chunk)
         if not message.get("more_body", False):
@@ -103,5 +116,42 @@ async def _respond(send: Send, outcome: Outcome, request_id: str) -> None:
     await send({"type": "http.response.body", "body": outcome.body})
 
 
+def _instant(name: str, value: str | None, *, end: bool) -> datetime | None:
+    """``from``/``to`` as a date (a whole day: ``to`` inclusive) or an ISO date-time (UTC if no zone)."""
+    if not value:
+        return None
+    try:
+        if len(value) == 10:
+            start = datetime.combine(date.fromisoformat(value), time(), tzinfo=UTC)
+            return start + timedelta(days=1) if end else start
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidField(name, "must be YYYY-MM-DD or an ISO 8601 date-time") from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def audit_reader(databases: Databases) -> Callable[[Inbound, Match, Principal], Awaitable[Outcome]]:
+    """``GET /api/v1/municipalities/{code}/audit?from=&to=``: answered by the gateway from its own trail."""
+
+    async def read(inbound: Inbound, match: Match, _: Principal) -> Outcome:
+        query = parse_qs(inbound.query_string)
+        try:
+            since = _instant("from", next(iter(query.get("from", [])), None), end=False)
+            until = _instant("to", next(iter(query.get("to", [])), None), end=True)
+        except VRSError as err:
+            return error_outcome(match, err)
+        entries, more = await entries_of_municipality(databases, match.params["code"], since=since, until=until)
+        body = json.dumps({"entries": entries, "truncated": more}, ensure_ascii=False).encode()
+        return Outcome(match, 200, [(b"content-type", b"application/json")], body)
+
+    return read
+
+
+async def jwks(request: Request) -> Response:
+    """``/.well-known/jwks.json``: the identity keys this gateway verifies callers' tokens with."""
+    return JSONResponse(request.app.state.identity_keys.keyset.jwks())
+
+
 router = APIRouter()
+router.routes.append(Route("/.well-known/jwks.json", jwks, methods=["GET"], include_in_schema=False))
 router.routes.append(Route("/{path:path}", ProxyEndpoint(), methods=_METHODS, include_in_schema=False))

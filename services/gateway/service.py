@@ -1,4 +1,4 @@
-"""The gateway's one pipeline: match the policy, authenticate, authorise, forward, audit."""
+"""The gateway's one pipeline: match the policy, authenticate, limit, authorise, forward, audit."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
-from services.gateway.audit import AuditFacts, AuditTrail, purpose_text
-from services.gateway.policy import TABLE, Match, PolicyTable, Upstream, authorize, no_such_endpoint
+from services.gateway.audit import DEFAULT_LEGAL_BASIS, AuditFacts, AuditTrail, LegalBasis, legal_basis
+from services.gateway.limits import RateLimiter, json_depth_exceeds
+from services.gateway.policy import TABLE, Body, Match, PolicyTable, Upstream, authorize, no_such_endpoint
 from services.gateway.proxy import (
     RawHeaders,
     Transport,
@@ -17,12 +18,24 @@ from services.gateway.proxy import (
     UpstreamUnreachable,
     returned_headers,
 )
-from shared.auth import Principal, Role, TokenVerifier
-from shared.errors import GatewayTimeout, ServiceUnavailable, VRSError, error_response
+from services.gateway.tokens import IdentityVerifier, InternalTokenIssuer
+from shared.auth import Principal, Role
+from shared.errors import (
+    BadGateway,
+    BadRequest,
+    GatewayTimeout,
+    InvalidField,
+    ServiceUnavailable,
+    TooManyRequests,
+    VRSError,
+    error_response,
+)
 
 log = logging.getLogger(__name__)
 
 BodyReader = Callable[[int], Awaitable[bytes]]
+LocalHandler = Callable[["Inbound", Match, Principal], Awaitable["Outcome"]]
+PURPOSE_HEADER = "x-access-purpose"
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +45,7 @@ class Inbound:
     raw_path: str  # as received: what is forwarded, so the upstream decodes it exactly as the gateway did
     query_string: str
     headers: dict[str, str]  # only the forwarded ones, lower-case names, ``x-request-id`` always set
+    client: str = "unknown"  # the peer address: the rate-limit key of anonymous callers
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,23 +64,43 @@ def error_outcome(match: Match | None, error: VRSError) -> Outcome:
     return Outcome(match, error.status_code, headers, bytes(response.body))
 
 
+@dataclass(frozen=True, slots=True)
+class Limits:
+    json_body_bytes: int
+    import_body_bytes: int
+    json_depth: int
+    per_principal: RateLimiter
+    per_address: RateLimiter
+
+
 class Gateway:
     def __init__(
         self,
         *,
         upstreams: Mapping[Upstream, str],
         transport: Transport,
-        tokens: TokenVerifier,
+        tokens: IdentityVerifier,
+        internal_tokens: InternalTokenIssuer,
         audit: AuditTrail,
-        max_body_bytes: int,
+        limits: Limits,
+        local: Mapping[str, LocalHandler] | None = None,
         table: PolicyTable = TABLE,
     ) -> None:
         self._upstreams = {name: url.rstrip("/") for name, url in upstreams.items()}
         self._transport = transport
         self._tokens = tokens
+        self._internal = internal_tokens
         self._audit = audit
-        self._max_body_bytes = max_body_bytes
+        self._limits = limits
+        self._local = dict(local or {})
         self._table = table
+
+    def _body_limit(self, body: Body | None) -> int:
+        if body is Body.IMPORT:
+            return self._limits.import_body_bytes
+        if body is Body.NONE:
+            return 0
+        return self._limits.json_body_bytes
 
     async def handle(self, inbound: Inbound, *, read_body: BodyReader) -> Outcome:
         # An encoded slash is never part of an id; refusing it keeps "what was matched" and "what the
@@ -77,46 +111,85 @@ class Gateway:
         rule = match.rule
         try:
             principal = self._tokens.principal(inbound.headers.get("authorization"))
+            if principal.role is Role.ANONYMOUS:
+                wait = self._limits.per_address.take(inbound.client)
+            else:
+                wait = self._limits.per_principal.take(principal.scope_key)
+            if wait:
+                raise TooManyRequests("too many requests; retry later", retry_after=wait)
         except VRSError as err:
             return error_outcome(match, err)
         try:
             authorize(match, principal)
         except VRSError as err:
             # A known caller's refused attempt on personal data is worth a record too; it carries no data,
-            # so a failing audit log does not change the answer.
+            # so a failing audit trail does not change the answer.
             if rule.reads_personal_data and principal.role is not Role.ANONYMOUS:
                 try:
-                    await self._audit.append(_facts(inbound, match, principal, err.status_code, b""))
+                    facts = _facts(inbound, match, principal, DEFAULT_LEGAL_BASIS, err.status_code)
+                    await self._audit.append(facts)
                 except Exception as exc:
                     log.error("audit entry for a refused request not written: %s", type(exc).__name__)
             return error_outcome(match, err)
         try:
-            body = await read_body(self._max_body_bytes)
+            body = await read_body(self._body_limit(rule.body))
+            if body and rule.body is not Body.IMPORT and json_depth_exceeds(body, self._limits.json_depth):
+                raise BadRequest(f"the JSON body is nested deeper than {self._limits.json_depth} levels")
+            basis = self._legal_basis(inbound, match, body) if rule.reads_personal_data else DEFAULT_LEGAL_BASIS
         except VRSError as err:
             return error_outcome(match, err)
+
+        if rule.upstream is Upstream.GATEWAY:
+            return await self._local[rule.path](inbound, match, principal)
 
         url = self._upstreams[rule.upstream] + inbound.raw_path
         if inbound.query_string:
             url += "?" + inbound.query_string
+        headers = dict(inbound.headers)
+        # The caller's token stays here: the service gets the gateway's word for who is calling.
+        headers["authorization"] = self._internal.authorization(principal)
         try:
-            answer = await self._transport.send(inbound.method, url, inbound.headers, body)
+            answer = await self._transport.send(inbound.method, url, headers, body)
         except UpstreamUnreachable as exc:
             log.warning("%s unreachable for %s %s: %s", rule.upstream, inbound.method, rule.path, exc)
-            outcome = error_outcome(match, ServiceUnavailable(f"{rule.upstream} is unreachable"))
+            outcome = error_outcome(match, BadGateway("the service behind this path is unavailable; retry"))
         except UpstreamTimeout:
             log.warning("%s timed out for %s %s", rule.upstream, inbound.method, rule.path)
-            outcome = error_outcome(match, GatewayTimeout(f"{rule.upstream} did not answer in time"))
+            outcome = error_outcome(match, GatewayTimeout("the service behind this path did not answer in time"))
         else:
             outcome = Outcome(match, answer.status, returned_headers(answer.headers), answer.body)
 
         if rule.reads_personal_data:
-            # Written before the answer leaves: personal data is never delivered without its record.
+            # Stored before the answer leaves: personal data is never delivered without its record.
             try:
-                await self._audit.append(_facts(inbound, match, principal, outcome.status, body))
+                await self._audit.append(_facts(inbound, match, principal, basis, outcome.status))
             except Exception as exc:
                 log.error("audit entry not written, answer withheld: %s", type(exc).__name__)
-                return error_outcome(match, ServiceUnavailable("the audit log is unavailable"))
+                return error_outcome(match, ServiceUnavailable("the audit trail is unavailable; retry"))
         return outcome
+
+    @staticmethod
+    def _legal_basis(inbound: Inbound, match: Match, body: bytes) -> LegalBasis:
+        """The basis the caller states (the rule's body field, else ``X-Access-Purpose``), from the fixed list."""
+        field = match.rule.purpose_field
+        if field is not None:
+            try:
+                doc = json.loads(body) if body else None
+            except (ValueError, RecursionError):
+                doc = None  # the service answers the malformed body itself
+            stated = doc.get(field) if isinstance(doc, dict) else None
+            if stated is not None:
+                basis = legal_basis(stated)
+                if basis is None or basis is LegalBasis.ADMINISTRATION:
+                    raise InvalidField(field, "must be consent or my-number-act-19-16")
+                return basis
+        header = inbound.headers.get(PURPOSE_HEADER)
+        if header is None:
+            return DEFAULT_LEGAL_BASIS
+        basis = legal_basis(header.strip())
+        if basis is None:
+            raise InvalidField("X-Access-Purpose", "must be one of " + ", ".join(b.value for b in LegalBasis))
+        return basis
 
     async def check_upstreams(self, *, timeout: float) -> None:
         """Raise unless every upstream's ``/healthz`` answers 200 within ``timeout`` seconds."""
@@ -134,29 +207,16 @@ class Gateway:
             raise RuntimeError("; ".join(problems))
 
 
-def _facts(inbound: Inbound, match: Match, principal: Principal, status: int, body: bytes) -> AuditFacts:
-    stated: object = None
-    field = match.rule.purpose_field
-    if field is not None and body:
-        # Only the purpose is taken from the body; the body itself (a My Number, for transfer lookups)
-        # is never kept.
-        try:
-            doc = json.loads(body)
-        except ValueError:
-            doc = None
-        if isinstance(doc, dict):
-            stated = doc.get(field)
-    if not isinstance(stated, str) or not stated.strip():
-        stated = inbound.headers.get("x-access-purpose")
+def _facts(inbound: Inbound, match: Match, principal: Principal, basis: LegalBasis, outcome: int) -> AuditFacts:
     return AuditFacts(
         request_id=inbound.headers["x-request-id"],
-        subject=principal.subject,
+        principal=principal.subject,
         role=principal.role.value,
-        municipality=principal.municipality,
+        caller_municipality=principal.municipality,
         institution=principal.institution,
-        method=inbound.method,
-        path_template=match.rule.path,
-        resource_ids=match.params,
-        purpose=purpose_text(stated),
-        status=status,
+        municipality=match.params.get("code", principal.municipality),
+        action=f"{inbound.method} {match.rule.path}",
+        resource=inbound.path,
+        legal_basis=basis,
+        outcome=outcome,
     )

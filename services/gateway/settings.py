@@ -1,11 +1,17 @@
 from __future__ import annotations
 
+import socket
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from shared.settings import ServiceSettings, sqlite_url
+from shared.dev_keys import DEV_AUDIT_KEY, DEV_GATEWAY_KID, DEV_GATEWAY_PRIVATE_PEM, is_development_private_pem
+from shared.settings import ServiceSettings, sqlite_url, var_dir
+
+# HMAC keys shorter than this are refused in production (RFC 2104: at least the hash's output length).
+MIN_AUDIT_KEY_LENGTH = 32
 
 
 class GatewaySettings(ServiceSettings):
@@ -13,22 +19,77 @@ class GatewaySettings(ServiceSettings):
 
     # Holds the audit log only.
     main_dsn: str = Field(default_factory=lambda: sqlite_url("gateway/main.db"))
-    # Audit appends are serialised, so a few connections are plenty.
     pool_size: int = Field(default=5, ge=1)
 
     registry_url: str = "http://127.0.0.1:8001"
     records_url: str = "http://127.0.0.1:8002"
     stats_url: str = "http://127.0.0.1:8003"
 
-    # aiohttp carries five to six times httpx's rate as the proxy's client (services/gateway/bench.py).
+    # --- callers' identity tokens (ES256/RS256 with kid, from the identity provider's JWKS) ---
+    # Exactly one of the two in production; neither in development means the committed development JWKS.
+    identity_jwks_file: Path | None = None
+    identity_jwks_url: str | None = None
+    identity_issuer: str = "vrs-dev"
+    identity_audience: str = "vrs-api"
+    token_max_lifetime_seconds: int = Field(default=3600, ge=60, le=24 * 3600)
+    clock_skew_seconds: int = Field(default=30, ge=0, le=120)
+    jwks_refresh_seconds: float = Field(default=300.0, gt=0)
+    # After this long without a successful refresh the keys are no longer trusted (fail closed).
+    jwks_max_stale_seconds: float = Field(default=3600.0, gt=0)
+    token_cache_size: int = Field(default=10_000, ge=0)
+    token_cache_seconds: float = Field(default=300.0, gt=0)
+
+    # --- internal tokens: the gateway's own ES256 key (a secret); its public half is VRS_AUTH_GATEWAY_JWKS ---
+    signing_key: str = DEV_GATEWAY_PRIVATE_PEM
+    signing_kid: str = DEV_GATEWAY_KID
+    internal_token_seconds: int = Field(default=120, ge=10)
+
+    # --- the audit trail ---
+    # HMAC key of the audit entries: a gateway secret the database administrator does not hold.
+    audit_key: str = DEV_AUDIT_KEY
+    # One chain per instance; in Kubernetes the pod name (a StatefulSet keeps it across restarts).
+    instance_id: str = Field(default_factory=socket.gethostname, pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    # Where each chain's head is anchored after every batch: outside the database (see audit.py).
+    audit_anchor_dir: Path = Field(default_factory=lambda: var_dir() / "gateway" / "audit-anchors")
+    audit_batch_max: int = Field(default=1000, ge=1)
+
+    # --- limits ---
+    # Token buckets: per principal (authenticated) and per client address (anonymous).
+    rate_per_principal: float = Field(default=2000.0, gt=0)
+    burst_per_principal: float = Field(default=4000.0, gt=0)
+    rate_per_address: float = Field(default=50.0, gt=0)
+    burst_per_address: float = Field(default=100.0, gt=0)
+    # JSON bodies are small; CSV imports (resident-imports, dose-imports) get the large limit.
+    max_json_body_bytes: int = Field(default=1024 * 1024, ge=1)
+    max_import_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1)
+    # JSON nested deeper than this is refused before it reaches a service.
+    max_json_depth: int = Field(default=32, ge=2)
+
+    # aiohttp carries five to six times httpx's rate as the proxy's client (devtools/bench/gateway.py).
     proxy_transport: Literal["aiohttp", "httpx"] = "aiohttp"
-    # Kept-alive connections per upstream.
     proxy_pool_size: int = Field(default=100, ge=1)
-    # Connecting takes longer than this → the upstream is unreachable (503).
     proxy_connect_timeout_seconds: float = Field(default=2.0, gt=0)
-    # The whole exchange takes longer than this → 504.
     proxy_timeout_seconds: float = Field(default=30.0, gt=0)
     # Below uvicorn's 5 s idle timeout, so the gateway never reuses a socket the upstream is closing.
     proxy_keepalive_seconds: float = Field(default=4.0, gt=0)
-    # Bodies are buffered, not streamed: dose batches (≤ 1,000 items) and resident CSV imports.
-    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1)
+
+    @model_validator(mode="after")
+    def _production_refuses_development_keys(self) -> GatewaySettings:
+        if self.internal_token_seconds > self.auth.internal_token_max_seconds:
+            raise ValueError("VRS_GATEWAY_INTERNAL_TOKEN_SECONDS exceeds what the services accept")
+        if self.environment != "production":
+            return self
+        problems = []
+        if is_development_private_pem(self.signing_key):
+            problems.append("VRS_GATEWAY_SIGNING_KEY is the development key")
+        if self.audit_key == DEV_AUDIT_KEY:
+            problems.append("VRS_GATEWAY_AUDIT_KEY is the development key")
+        elif len(self.audit_key) < MIN_AUDIT_KEY_LENGTH:
+            problems.append(f"VRS_GATEWAY_AUDIT_KEY is shorter than {MIN_AUDIT_KEY_LENGTH} characters")
+        if (self.identity_jwks_file is None) == (self.identity_jwks_url is None):
+            problems.append("set exactly one of VRS_GATEWAY_IDENTITY_JWKS_FILE and VRS_GATEWAY_IDENTITY_JWKS_URL")
+        if self.identity_jwks_url is not None and not self.identity_jwks_url.startswith("https://"):
+            problems.append("VRS_GATEWAY_IDENTITY_JWKS_URL must be https")
+        if problems:
+            raise ValueError("; ".join(problems) + " (refused with VRS_ENVIRONMENT=production)")
+        return self

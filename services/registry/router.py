@@ -76,6 +76,4 @@ async def get_resident(
 ) -> ResidentWithDoses:
     require_own_municipality(principal, code, deny=resident_not_found())
     resident = await service.get_resident(uow, municipality_code=code, resident_id=resident_id)
-    return await service.resident_with_doses(
-        uow, resident, _records(request), authorization=request.headers.get("authorization", "")
-    )
+    return await service.resident_with_doses(uow, resident, _records(request))

@@ -1,9 +1,10 @@
 from __future__ import annotations
 
-from datetime import date, datetime
+from datetime import date
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from shared.db import UtcDatetime
 from shared.domain.codes import my_number_problem
 from shared.domain.coupon import coupon_number_problem
 from shared.domain.sex import Sex
@@ -56,8 +57,8 @@ class ResidentOut(BaseModel):
     coupon_number: str | None
     moved_to: str | None
     moved_on: date | None
-    created_at: datetime
-    updated_at: datetime
+    created_at: UtcDatetime
+    updated_at: UtcDatetime
 
 
 class ResidentWithDoses(ResidentOut):

@@ -188,11 +188,9 @@ async def get_resident(uow: UnitOfWork, *, municipality_code: str, resident_id: 
     return resident
 
 
-async def resident_with_doses(
-    uow: UnitOfWork, resident: Resident, records: InternalClient, *, authorization: str
-) -> ResidentWithDoses:
+async def resident_with_doses(uow: UnitOfWork, resident: Resident, records: InternalClient) -> ResidentWithDoses:
     """The resident with the doses recorded on any coupon they were issued, read from records as the caller
-    (``authorization`` is the caller's own, forwarded): registry holds no credential of its own for records."""
+    (the caller's internal token is forwarded): registry holds no credential of its own for records."""
     numbers = [
         c.coupon_number
         for c in await CouponRepository(await uow.for_municipality(resident.municipality_code)).of_resident(
@@ -205,7 +203,6 @@ async def resident_with_doses(
             "GET",
             f"/internal/v1/municipalities/{resident.municipality_code}/doses",
             params={"coupon_number": ",".join(numbers)},
-            authorization=authorization,
         )
         if status != 200:
             raise ServiceUnavailable(f"records answered {status} for the resident's doses")

@@ -1,15 +1,15 @@
 from __future__ import annotations
 
-from datetime import datetime
-
 from pydantic import BaseModel, Field
+
+from shared.db import UtcDatetime
 
 # A row's values: date (YYYY-MM-DD), codes and bands as strings, medical_worker a bool, numbers as ints.
 RowValue = str | int | bool
 
 
 class DosesOut(BaseModel):
-    as_of: datetime | None = Field(
+    as_of: UtcDatetime | None = Field(
         description="when the aggregates last changed (the last applied event batch); null before the first"
     )
     rows: list[dict[str, RowValue]] = Field(

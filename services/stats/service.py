@@ -34,7 +34,7 @@ from shared.events import DoseEvent, StatsCell
 log = logging.getLogger(__name__)
 
 # Cuts that show single municipalities are for national users (and services acting for them) only.
-MUNICIPALITY_ROLES = frozenset({Role.NATIONAL, Role.SERVICE})
+MUNICIPALITY_ROLES = frozenset({Role.NATIONAL})
 
 NDJSON_MEDIA_TYPE = "application/x-ndjson"
 CSV_MEDIA_TYPE = "text/csv; charset=utf-8"

@@ -20,10 +20,10 @@ from devtools.harness.kafka import KafkaServer
 from devtools.harness.postgres import PostgresServer
 from devtools.launcher import Stack
 from devtools.stack import SERVICES, TOPICS, postgres_databases, postgres_env, wiring_env
-from shared.auth import Role, mint_token
-from shared.settings import AuthSettings
+from devtools.tokens import bearer_headers
+from shared.auth import Role
 
-CLINIC = {"Authorization": f"Bearer {mint_token(AuthSettings(), role=Role.INSTITUTION, institution='1312345678')}"}
+CLINIC = bearer_headers(Role.INSTITUTION, institution="1312345678")
 DAY = "2021-07-01"
 
 

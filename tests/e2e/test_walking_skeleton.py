@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from devtools.launcher import Stack
-from shared.auth import Role, mint_token
-from shared.settings import AuthSettings
+from devtools.tokens import bearer_headers
+from shared.auth import Role
 
 CHIYODA, SAPPORO = "131016", "011002"
 INSTITUTION = "1312345678"
@@ -22,7 +22,7 @@ _serial = itertools.count(1)
 
 
 def bearer(**claims: Any) -> dict[str, str]:
-    return {"Authorization": f"Bearer {mint_token(AuthSettings(), **claims)}"}
+    return bearer_headers(**claims)
 
 
 MUNI = bearer(role=Role.MUNICIPALITY, municipality=CHIYODA)
@@ -272,3 +272,17 @@ async def test_concurrent_retries_record_one_dose(gw: httpx.AsyncClient) -> None
     await wait_for_count(gw, before + 1, group_by="date", match={"date": day})
     await asyncio.sleep(0.5)
     assert await count_in(gw, group_by="date", match={"date": day}) == before + 1
+
+
+def test_a_direct_call_to_a_service_port_is_refused(stack: Stack) -> None:
+    """Only the gateway's internal token opens a service: a caller's own token, or none, gets 401 everywhere."""
+    paths = {
+        "registry": f"/api/v1/municipalities/{CHIYODA}/residents/anyone",
+        "records": f"/api/v1/municipalities/{CHIYODA}/doses",
+        "stats": "/api/v1/stats/doses",
+    }
+    for service, path in paths.items():
+        for headers in ({}, MUNI, NATIONAL):
+            response = httpx.get(stack.url(service) + path, headers=headers)
+            assert response.status_code == 401, (service, headers, response.text)
+        assert httpx.get(stack.url(service) + "/healthz").status_code == 200

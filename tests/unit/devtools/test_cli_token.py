@@ -1,18 +1,27 @@
-"""`vrs token` prints a token the services accept, and refuses claims they would not."""
+"""`vrs token` prints an identity token the development gateway accepts, and refuses claims it would not."""
 
 from __future__ import annotations
 
 import pytest
 
-from shared.auth import Role, verify_token
+from services.gateway.settings import GatewaySettings
+from shared.auth import Keyset, Role, TokenRules, principal_from_claims, verify_jwt
 from shared.cli import main
-from shared.settings import AuthSettings
+from shared.dev_keys import DEV_IDENTITY_JWK, jwks_of
 
 
 def test_token_for_a_municipality(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["token", "--role", "municipality", "--municipality", "131016"]) == 0
-    principal = verify_token(AuthSettings(), capsys.readouterr().out.strip())
-    assert (principal.role, principal.municipality) == (Role.MUNICIPALITY, "131016")
+    settings = GatewaySettings()
+    rules = TokenRules(
+        issuer=settings.identity_issuer,
+        audience=settings.identity_audience,
+        max_lifetime_seconds=settings.token_max_lifetime_seconds,
+        leeway_seconds=settings.clock_skew_seconds,
+    )
+    claims, kid = verify_jwt(capsys.readouterr().out.strip(), Keyset.from_jwks(jwks_of(DEV_IDENTITY_JWK)), rules)
+    principal = principal_from_claims(claims)
+    assert (principal.role, principal.municipality, kid) == (Role.MUNICIPALITY, "131016", DEV_IDENTITY_JWK["kid"])
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -12,11 +14,11 @@ import pytest
 from fastapi import FastAPI
 
 from devtools.harness import free_port
+from devtools.tokens import bearer_headers
 from services.gateway.settings import GatewaySettings
-from shared.auth import Role, mint_token
+from shared.auth import Role
 from shared.db import Database
 from shared.migrations import upgrade
-from shared.settings import AuthSettings
 from tests.integration.services.gateway.gateway_fakes import MIGRATIONS, FakeUpstream, fake_app, running_gateway, serve
 
 
@@ -39,7 +41,10 @@ async def gateway_dsn(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="session", params=["aiohttp", "httpx"])
 async def gateway(
-    request: pytest.FixtureRequest, upstreams: dict[str, FakeUpstream], gateway_dsn: str
+    request: pytest.FixtureRequest,
+    upstreams: dict[str, FakeUpstream],
+    gateway_dsn: str,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
     """The gateway on each transport, in front of the fake upstreams."""
     settings = GatewaySettings(
@@ -49,9 +54,27 @@ async def gateway(
         stats_url=upstreams["stats"].url,
         proxy_transport=request.param,
         proxy_timeout_seconds=1.0,
+        instance_id=f"gw-{request.param}",
+        audit_anchor_dir=tmp_path_factory.mktemp("anchors"),
     )
     async with running_gateway(settings) as running:
         yield running
+
+
+@pytest.fixture
+def gateway_settings(gateway_dsn: str, tmp_path: Path) -> Callable[..., GatewaySettings]:
+    """``gateway_settings(**overrides)``: settings on the shared test database, with a chain of their own."""
+
+    def make(**overrides: Any) -> GatewaySettings:
+        fields: dict[str, Any] = {
+            "main_dsn": gateway_dsn,
+            "instance_id": f"gw-{uuid.uuid4().hex[:12]}",
+            "audit_anchor_dir": tmp_path / "anchors",
+            **overrides,
+        }
+        return GatewaySettings(**fields)
+
+    return make
 
 
 @pytest.fixture
@@ -67,10 +90,10 @@ def gateway_db(gateway: tuple[FastAPI, httpx.AsyncClient]) -> Database:
 
 @pytest.fixture(scope="session")
 def token() -> Callable[..., dict[str, str]]:
-    """``token(role, municipality=..., institution=...)`` → an Authorization header."""
+    """``token(role, municipality=..., institution=...)`` → a caller's Authorization header (development key)."""
 
     def make(role: Role, **claims: Any) -> dict[str, str]:
-        return {"Authorization": "Bearer " + mint_token(AuthSettings(), role=role, **claims)}
+        return bearer_headers(role, **claims)
 
     return make
 

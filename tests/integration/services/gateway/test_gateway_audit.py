@@ -1,19 +1,29 @@
-"""The audit trail: written for every personal-data access, never holding a My Number, and tamper-evident."""
+"""The audit trail: an entry for every personal-data access, never a My Number, keyed, anchored, batched."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from sqlalchemy import delete, func, select, text, update
+from sqlalchemy import Table, delete, select, text, update
 
-from services.gateway.audit import GENESIS_HASH, AuditFacts, AuditTrail, chain_hash, chain_head, verify_chain
+from services.gateway import cli as gateway_cli
+from services.gateway.audit import (
+    GENESIS_MAC,
+    AuditChainBroken,
+    AuditFacts,
+    AuditTrail,
+    FileAnchorStore,
+    LegalBasis,
+    entry_mac,
+    verify_trail,
+)
 from services.gateway.models import AuditEntry
 from services.gateway.settings import GatewaySettings
 from shared.auth import Role
@@ -23,112 +33,129 @@ from shared.migrations import upgrade
 from tests.integration.services.gateway.gateway_fakes import KNOWN_RESIDENT, MIGRATIONS, FakeUpstream, running_gateway
 
 Token = Callable[..., dict[str, str]]
+Settings = Callable[..., GatewaySettings]
 CHIYODA, SAPPORO, CLINIC = "131016", "011002", "1312345678"
 M = "/api/v1/municipalities"
 MY_NUMBER = "98765432101" + str(my_number_check_digit("98765432101"))
+KEY = b"test-audit-key-of-at-least-32-bytes!"
+TABLE: Table = AuditEntry.__table__  # type: ignore[assignment]
 
 
-async def entries_after(db: Database, seq: int) -> list[AuditEntry]:
+async def rows(db: Database, instance: str) -> list[AuditEntry]:
     async with db.sessionmaker() as session:
-        stmt = select(AuditEntry).where(AuditEntry.seq > seq).order_by(AuditEntry.seq)
+        stmt = select(AuditEntry).where(AuditEntry.instance == instance).order_by(AuditEntry.seq)
         return list((await session.execute(stmt)).scalars())
 
 
-async def last_seq(db: Database) -> int:
-    async with db.sessionmaker() as session:
-        return (await chain_head(session))[0]
-
-
-async def test_personal_data_reads_are_audited_with_who_what_why_and_no_my_number(
-    client: httpx.AsyncClient, gateway_db: Database, token: Token
+async def test_personal_data_accesses_are_audited_with_who_what_why_and_no_my_number(
+    gateway_settings: Settings, upstreams: dict[str, FakeUpstream], token: Token
 ) -> None:
+    settings = gateway_settings(registry_url=upstreams["registry"].url, records_url=upstreams["records"].url)
     chiyoda = token(Role.MUNICIPALITY, municipality=CHIYODA)
-    start = await last_seq(gateway_db)
+    async with running_gateway(settings) as (app, client):
+        read = await client.get(
+            f"{M}/{CHIYODA}/residents/{KNOWN_RESIDENT}",
+            headers={**chiyoda, "X-Access-Purpose": "consent", "X-Request-ID": "req-audit-1"},
+        )
+        lookup = await client.post(
+            f"{M}/{CHIYODA}/transfer-lookups",
+            json={"my_number": MY_NUMBER, "legal_basis": "my-number-act-19-16"},
+            headers=chiyoda,
+        )
+        # A My Number where an id belongs is masked too.
+        odd = await client.get(f"{M}/{CHIYODA}/residents/{MY_NUMBER}", headers=chiyoda)
+        stranger = await client.get(
+            f"{M}/{CHIYODA}/residents/{KNOWN_RESIDENT}", headers=token(Role.MUNICIPALITY, municipality=SAPPORO)
+        )
+        dose = await client.post("/api/v1/doses", json={}, headers=token(Role.INSTITUTION, institution=CLINIC))
+        assert [r.status_code for r in (read, lookup, odd, stranger, dose)] == [200, 404, 404, 404, 200]
+        entries = await rows(app.state.databases.main, settings.instance_id)
 
-    read = await client.get(
-        f"{M}/{CHIYODA}/residents/{KNOWN_RESIDENT}",
-        headers=[
-            *((k.encode(), v.encode()) for k, v in chiyoda.items()),
-            (b"X-Access-Purpose", "接種記録の確認".encode()),
-            (b"X-Request-ID", b"req-audit-1"),
-        ],
-    )
-    lookup = await client.post(
-        f"{M}/{CHIYODA}/transfer-lookups",
-        json={"my_number": MY_NUMBER, "legal_basis": "my-number-act-19-16"},
-        headers={**chiyoda, "X-Access-Purpose": "ignored: the body states the basis"},
-    )
-    # A My Number where an id or a purpose belongs is masked too.
-    odd = await client.get(f"{M}/{CHIYODA}/residents/{MY_NUMBER}", headers={**chiyoda, "X-Access-Purpose": MY_NUMBER})
-    stranger = await client.get(
-        f"{M}/{CHIYODA}/residents/{KNOWN_RESIDENT}", headers=token(Role.MUNICIPALITY, municipality=SAPPORO)
-    )
-    doses = await client.get(f"{M}/{CHIYODA}/doses?status=needs_review", headers=chiyoda)
-    assert [r.status_code for r in (read, lookup, odd, stranger, doses)] == [200, 404, 404, 404, 200]
-
-    entries = await entries_after(gateway_db, start)
-    assert [(e.method, e.path_template, e.status) for e in entries] == [
-        ("GET", f"{M}/{{code}}/residents/{{resident_id}}", 200),
-        ("POST", f"{M}/{{code}}/transfer-lookups", 404),
-        ("GET", f"{M}/{{code}}/residents/{{resident_id}}", 404),
-        ("GET", f"{M}/{{code}}/residents/{{resident_id}}", 404),  # refused by the gateway, recorded all the same
-        ("GET", f"{M}/{{code}}/doses", 200),
+    assert [(e.seq, e.action, e.outcome) for e in entries] == [
+        (1, f"GET {M}/{{code}}/residents/{{resident_id}}", 200),
+        (2, f"POST {M}/{{code}}/transfer-lookups", 404),
+        (3, f"GET {M}/{{code}}/residents/{{resident_id}}", 404),
+        (4, f"GET {M}/{{code}}/residents/{{resident_id}}", 404),  # refused by the gateway, recorded all the same
+        (5, "POST /api/v1/doses", 200),
     ]
     first, second, third, fourth, fifth = entries
-    assert (first.subject, first.role, first.municipality, first.institution) == (
+    assert (first.principal, first.role, first.caller_municipality, first.municipality) == (
         CHIYODA,
         "municipality",
         CHIYODA,
-        None,
+        CHIYODA,
     )
-    assert json.loads(first.resource_ids) == {"code": CHIYODA, "resident_id": KNOWN_RESIDENT}
-    assert first.purpose == "接種記録の確認"
+    assert first.resource == f"{M}/{CHIYODA}/residents/{KNOWN_RESIDENT}"
+    assert first.legal_basis == "consent"
     assert first.request_id == "req-audit-1" == read.headers["x-request-id"]
-    assert second.purpose == "my-number-act-19-16"
-    assert json.loads(second.resource_ids) == {"code": CHIYODA}
-    assert json.loads(third.resource_ids) == {"code": CHIYODA, "resident_id": "********" + MY_NUMBER[-4:]}
-    assert third.purpose == "********" + MY_NUMBER[-4:]
-    assert (fourth.subject, fourth.municipality) == (SAPPORO, SAPPORO)
-    assert fourth.purpose == "administration"
-    assert fifth.request_id == doses.headers["x-request-id"]
+    assert second.legal_basis == "my-number-act-19-16"
+    assert third.resource == f"{M}/{CHIYODA}/residents/********{MY_NUMBER[-4:]}"
+    assert (fourth.principal, fourth.caller_municipality, fourth.municipality) == (SAPPORO, SAPPORO, CHIYODA)
+    assert fourth.legal_basis == "administration"
+    assert (fifth.role, fifth.institution, fifth.municipality) == ("institution", CLINIC, None)
 
-    # No My Number in any column of any row, whatever the spelling.
-    async with gateway_db.sessionmaker() as session:
-        rows = (await session.execute(text("SELECT * FROM audit_log"))).all()
-        assert await verify_chain(session) is None
-    dump = json.dumps([[str(v) for v in row] for row in rows], ensure_ascii=False)
-    assert MY_NUMBER not in dump
-    assert MY_NUMBER[:8] not in dump
+    async with Database.connect(settings.main_dsn, pool_size=1).sessionmaker() as session:
+        dump = json.dumps([[str(v) for v in r] for r in (await session.execute(text("SELECT * FROM audit_trail")))])
+        problems, _ = await verify_trail(
+            session, settings.audit_key.encode(), FileAnchorStore(settings.audit_anchor_dir)
+        )
+    assert problems == []
+    assert MY_NUMBER not in dump and MY_NUMBER[:8] not in dump
+
+
+async def test_the_legal_basis_comes_from_the_fixed_list_or_the_request_is_refused(
+    gateway_settings: Settings, upstreams: dict[str, FakeUpstream], token: Token
+) -> None:
+    settings = gateway_settings(registry_url=upstreams["registry"].url)
+    chiyoda = token(Role.MUNICIPALITY, municipality=CHIYODA)
+    async with running_gateway(settings) as (app, client):
+        before = len(upstreams["registry"].seen)
+        free_text = await client.get(
+            f"{M}/{CHIYODA}/residents/{KNOWN_RESIDENT}", headers={**chiyoda, "X-Access-Purpose": "just looking"}
+        )
+        bad_body = await client.post(
+            f"{M}/{CHIYODA}/transfer-lookups",
+            json={"my_number": MY_NUMBER, "legal_basis": "curiosity"},
+            headers=chiyoda,
+        )
+        assert free_text.status_code == bad_body.status_code == 422
+        assert free_text.json()["errors"] == [
+            {"field": "X-Access-Purpose", "message": "must be one of administration, consent, my-number-act-19-16"}
+        ]
+        assert bad_body.json()["errors"][0]["field"] == "legal_basis"
+        assert len(upstreams["registry"].seen) == before
+        assert await rows(app.state.databases.main, settings.instance_id) == []
+    assert {b.value for b in LegalBasis} == {"administration", "consent", "my-number-act-19-16"}
 
 
 async def test_other_requests_and_unauthenticated_attempts_leave_no_entry(
-    client: httpx.AsyncClient, gateway_db: Database, token: Token
+    gateway_settings: Settings, upstreams: dict[str, FakeUpstream], token: Token
 ) -> None:
-    start = await last_seq(gateway_db)
-    clinic = token(Role.INSTITUTION, institution=CLINIC)
-    chiyoda = token(Role.MUNICIPALITY, municipality=CHIYODA)
-    await client.post("/api/v1/doses", json={"coupon": "x"}, headers=clinic)
-    await client.post("/api/v1/doses/batch", json={"doses": []}, headers=clinic)
-    await client.post(f"{M}/{CHIYODA}/resident-imports", content=b"a,b\r\n", headers=chiyoda)
-    await client.get("/api/v1/stats/doses")
-    await client.get(f"{M}/{CHIYODA}/residents/{KNOWN_RESIDENT}")  # 401: nobody to record
-    await client.get("/internal/v1/anything", headers=chiyoda)
-    assert [(e.method, e.path_template, e.status) for e in await entries_after(gateway_db, start)] == []
+    settings = gateway_settings(registry_url=upstreams["registry"].url, stats_url=upstreams["stats"].url)
+    async with running_gateway(settings) as (app, client):
+        await client.get("/api/v1/stats/doses")
+        await client.get(f"{M}/{CHIYODA}/residents/{KNOWN_RESIDENT}")  # 401: nobody to record
+        await client.get("/internal/v1/anything", headers=token(Role.MUNICIPALITY, municipality=CHIYODA))
+        await client.get(
+            f"{M}/{CHIYODA}/resident-imports/imp-1", headers=token(Role.MUNICIPALITY, municipality=CHIYODA)
+        )
+        assert await rows(app.state.databases.main, settings.instance_id) == []
 
 
 async def test_an_answer_is_withheld_when_its_audit_entry_cannot_be_written(
-    tmp_path: Path, upstreams: dict[str, FakeUpstream], token: Token
+    gateway_settings: Settings, upstreams: dict[str, FakeUpstream], token: Token, tmp_path: Path
 ) -> None:
-    # A database without the audit table: every append fails.
-    settings = GatewaySettings(
-        main_dsn=f"sqlite+aiosqlite:///{tmp_path / 'unmigrated.db'}", registry_url=upstreams["registry"].url
-    )
-    async with running_gateway(settings) as (_, client):
+    dsn = f"sqlite+aiosqlite:///{tmp_path / 'doomed.db'}"
+    await asyncio.to_thread(upgrade, dsn, MIGRATIONS)
+    settings = gateway_settings(main_dsn=dsn, registry_url=upstreams["registry"].url)
+    async with running_gateway(settings) as (app, client):
+        async with app.state.databases.main.sessionmaker() as session, session.begin():
+            await session.execute(text("DROP TABLE audit_trail"))
         response = await client.get(
             f"{M}/{CHIYODA}/residents/{KNOWN_RESIDENT}", headers=token(Role.MUNICIPALITY, municipality=CHIYODA)
         )
         assert response.status_code == 503
-        assert response.json() == {"error": "ServiceUnavailable", "detail": "the audit log is unavailable"}
+        assert response.json() == {"error": "ServiceUnavailable", "detail": "the audit trail is unavailable; retry"}
         # Refusals carry no data: they are answered even so.
         refused = await client.get(
             f"{M}/{CHIYODA}/residents/{KNOWN_RESIDENT}", headers=token(Role.MUNICIPALITY, municipality=SAPPORO)
@@ -136,7 +163,39 @@ async def test_an_answer_is_withheld_when_its_audit_entry_cannot_be_written(
         assert refused.status_code == 404
 
 
-# --- the chain itself, on SQLite and on PostgreSQL ---
+async def test_a_municipality_reads_its_own_entries_and_no_one_elses(
+    gateway_settings: Settings, upstreams: dict[str, FakeUpstream], token: Token
+) -> None:
+    settings = gateway_settings(registry_url=upstreams["registry"].url)
+    chiyoda = token(Role.MUNICIPALITY, municipality=CHIYODA)
+    sapporo = token(Role.MUNICIPALITY, municipality=SAPPORO)
+    async with running_gateway(settings) as (_, client):
+        await client.get(f"{M}/{CHIYODA}/residents/{KNOWN_RESIDENT}", headers=chiyoda)
+        await client.get(f"{M}/{SAPPORO}/residents/r-elsewhere", headers=sapporo)
+        await client.get(f"{M}/{CHIYODA}/residents/{KNOWN_RESIDENT}", headers=sapporo)  # an attempt on Chiyoda
+
+        own = await client.get(f"{M}/{CHIYODA}/audit", headers=chiyoda)
+        assert own.status_code == 200
+        entries = [e for e in own.json()["entries"] if e["instance"] == settings.instance_id]
+        assert [(e["principal"], e["municipality"], e["outcome"]) for e in entries] == [
+            (CHIYODA, CHIYODA, 200),
+            (SAPPORO, CHIYODA, 404),
+        ]
+        assert set(entries[0]) >= {"principal", "role", "action", "resource", "legal_basis", "recorded_at", "outcome"}
+        assert "mac" not in entries[0]
+
+        assert (await client.get(f"{M}/{CHIYODA}/audit", headers=sapporo)).status_code == 403
+        assert (await client.get(f"{M}/{CHIYODA}/audit")).status_code == 401
+        future = await client.get(f"{M}/{CHIYODA}/audit?from=2999-01-01", headers=chiyoda)
+        assert future.json() == {"entries": [], "truncated": False}
+        today = entries[0]["recorded_at"][:10]
+        window = await client.get(f"{M}/{CHIYODA}/audit?from={today}&to={today}", headers=chiyoda)
+        assert len([e for e in window.json()["entries"] if e["instance"] == settings.instance_id]) == 2
+        bad = await client.get(f"{M}/{CHIYODA}/audit?from=yesterday", headers=chiyoda)
+        assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "from"
+
+
+# --- the chains themselves, on SQLite and on PostgreSQL ---
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -154,25 +213,41 @@ async def audit_dbs(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
         await databases.dispose()
 
 
+@pytest.fixture
+def anchors(tmp_path: Path) -> FileAnchorStore:
+    return FileAnchorStore(tmp_path / "anchors")
+
+
 def facts(n: int, **changes: Any) -> AuditFacts:
     base: dict[str, Any] = {
         "request_id": f"req-{n}",
-        "subject": CHIYODA,
+        "principal": CHIYODA,
         "role": "municipality",
-        "municipality": CHIYODA,
+        "caller_municipality": CHIYODA,
         "institution": None,
-        "method": "GET",
-        "path_template": f"{M}/{{code}}/residents/{{resident_id}}",
-        "resource_ids": {"code": CHIYODA, "resident_id": f"r-{n}"},
-        "purpose": "administration",
-        "status": 200,
+        "municipality": CHIYODA,
+        "action": f"GET {M}/{{code}}/residents/{{resident_id}}",
+        "resource": f"{M}/{CHIYODA}/residents/r-{n}",
+        "legal_basis": LegalBasis.ADMINISTRATION,
+        "outcome": 200,
     }
     return AuditFacts(**{**base, **changes})
 
 
-async def verify(databases: Databases) -> int | None:
+@contextlib.asynccontextmanager
+async def trail(databases: Databases, anchors: FileAnchorStore, instance: str = "gw-a") -> AsyncIterator[AuditTrail]:
+    writer = AuditTrail(databases, key=KEY, instance=instance, anchors=anchors)
+    await writer.start()
+    try:
+        yield writer
+    finally:
+        await writer.stop()
+
+
+async def problems_of(databases: Databases, anchors: FileAnchorStore, key: bytes = KEY) -> list[str]:
     async with databases.main.sessionmaker() as session:
-        return await verify_chain(session, page_size=3)  # small pages: the walk crosses page borders
+        found, _ = await verify_trail(session, key, anchors)
+    return [str(p) for p in found]
 
 
 async def execute(databases: Databases, statement: Any) -> None:
@@ -180,110 +255,102 @@ async def execute(databases: Databases, statement: Any) -> None:
         await session.execute(statement)
 
 
-async def test_entries_chain_onto_each_other(audit_dbs: Databases) -> None:
-    trail = AuditTrail(audit_dbs)
-    appended = [await trail.append(facts(n)) for n in range(1, 8)]
-    assert [e.seq for e in appended] == list(range(1, 8))
-    assert appended[0].prev_hash == GENESIS_HASH
-    for before, after in itertools.pairwise(appended):
-        assert after.prev_hash == before.entry_hash
-    stored = await entries_after(audit_dbs.main, 0)
+async def test_entries_are_keyed_onto_each_other_and_anchored(audit_dbs: Databases, anchors: FileAnchorStore) -> None:
+    async with trail(audit_dbs, anchors) as writer:
+        for n in range(1, 8):
+            await writer.append(facts(n))
+    stored = await rows(audit_dbs.main, "gw-a")
+    assert [e.seq for e in stored] == list(range(1, 8))
+    assert stored[0].prev_mac == GENESIS_MAC
+    for before, after in itertools.pairwise(stored):
+        assert after.prev_mac == before.mac
     for entry in stored:
         fields = {c.name: getattr(entry, c.name) for c in AuditEntry.__table__.columns}
-        assert entry.entry_hash == chain_hash(entry.prev_hash, fields)
-    assert await verify(audit_dbs) is None
-    async with audit_dbs.main.sessionmaker() as session:
-        assert await chain_head(session) == (7, appended[-1].entry_hash)
+        assert entry.mac == entry_mac(KEY, entry.prev_mac, fields)
+    anchor = await anchors.read("gw-a")
+    assert anchor is not None and (anchor.seq, anchor.mac) == (7, stored[-1].mac)
+    assert await problems_of(audit_dbs, anchors) == []
+    # Without the key nothing verifies: whoever holds only the database cannot re-key a forgery.
+    assert await problems_of(audit_dbs, anchors, key=b"x" * 32) == [
+        "chain gw-a: entry changed (MAC does not match) at seq 1"
+    ]
 
 
-async def test_an_empty_log_verifies(audit_dbs: Databases) -> None:
-    assert await verify(audit_dbs) is None
+async def test_concurrent_requests_share_batches_and_form_one_chain(
+    audit_dbs: Databases, anchors: FileAnchorStore
+) -> None:
+    async with trail(audit_dbs, anchors) as writer:
+        await asyncio.gather(*(writer.append(facts(n)) for n in range(300)))
+        assert writer.batches < 300 / 5  # many entries per commit under load
+    assert [e.seq for e in await rows(audit_dbs.main, "gw-a")] == list(range(1, 301))
+    assert await problems_of(audit_dbs, anchors) == []
 
 
-async def test_a_new_process_continues_the_same_chain(audit_dbs: Databases) -> None:
+async def test_replicas_write_separate_chains_and_never_fail(audit_dbs: Databases, anchors: FileAnchorStore) -> None:
+    async with trail(audit_dbs, anchors, "gw-a") as a, trail(audit_dbs, anchors, "gw-b") as b:
+        await asyncio.gather(*(w.append(facts(n)) for n in range(100) for w in (a, b)))
+    for instance in ("gw-a", "gw-b"):
+        assert [e.seq for e in await rows(audit_dbs.main, instance)] == list(range(1, 101))
+    assert await problems_of(audit_dbs, anchors) == []
+
+
+async def test_a_restarted_instance_continues_its_chain(audit_dbs: Databases, anchors: FileAnchorStore) -> None:
     for n in range(3):
-        await AuditTrail(audit_dbs).append(facts(n))
-    assert await verify(audit_dbs) is None
-    async with audit_dbs.main.sessionmaker() as session:
-        assert (await chain_head(session))[0] == 3
-
-
-async def test_concurrent_appends_form_one_chain(audit_dbs: Databases) -> None:
-    trail = AuditTrail(audit_dbs)
-    entries = await asyncio.gather(*(trail.append(facts(n)) for n in range(40)))
-    assert sorted(e.seq for e in entries) == list(range(1, 41))
-    assert await verify(audit_dbs) is None
-
-
-async def test_two_writers_on_one_database_stay_one_chain(audit_dbs: Databases) -> None:
-    # Two replicas: each caches the head, and the loser of a race re-reads it instead of forking.
-    first, second = AuditTrail(audit_dbs), AuditTrail(audit_dbs)
-    for n in range(6):
-        await (first if n % 2 else second).append(facts(n))
-    async with audit_dbs.main.sessionmaker() as session:
-        assert await session.scalar(select(func.count()).select_from(AuditEntry)) == 6
-    assert await verify(audit_dbs) is None
+        async with trail(audit_dbs, anchors) as writer:
+            await writer.append(facts(n))
+    assert [e.seq for e in await rows(audit_dbs.main, "gw-a")] == [1, 2, 3]
+    assert await problems_of(audit_dbs, anchors) == []
 
 
 @pytest.mark.parametrize(
     ("column", "value"),
-    [
-        ("purpose", "consent"),
-        ("status", 404),
-        ("subject", SAPPORO),
-        ("resource_ids", '{"code":"131016","resident_id":"r-other"}'),
-        ("request_id", "req-forged"),
-    ],
+    [("principal", "someone-else"), ("outcome", 200 + 1), ("legal_basis", "consent"), ("resource", "/elsewhere")],
 )
-async def test_changing_any_field_of_a_row_is_detected_at_that_row(
-    audit_dbs: Databases, column: str, value: Any
+async def test_a_changed_entry_is_detected_where_it_was(
+    audit_dbs: Databases, anchors: FileAnchorStore, column: str, value: object
 ) -> None:
-    trail = AuditTrail(audit_dbs)
-    for n in range(1, 8):
-        await trail.append(facts(n))
-    await execute(audit_dbs, update(AuditEntry).where(AuditEntry.seq == 5).values({column: value}))
-    assert await verify(audit_dbs) == 5
+    async with trail(audit_dbs, anchors) as writer:
+        for n in range(6):
+            await writer.append(facts(n))
+    await execute(audit_dbs, update(TABLE).where(TABLE.c.seq == 3).values({column: value}))
+    assert await problems_of(audit_dbs, anchors) == ["chain gw-a: entry changed (MAC does not match) at seq 3"]
 
 
-async def test_a_rehashed_forgery_is_detected_at_the_next_row(audit_dbs: Databases) -> None:
-    trail = AuditTrail(audit_dbs)
-    for n in range(1, 8):
-        await trail.append(facts(n))
-    forged = (await entries_after(audit_dbs.main, 3))[0]
-    fields = {c.name: getattr(forged, c.name) for c in AuditEntry.__table__.columns}
-    fields["purpose"] = "consent"
-    await execute(
-        audit_dbs,
-        update(AuditEntry)
-        .where(AuditEntry.seq == 4)
-        .values(purpose="consent", entry_hash=chain_hash(forged.prev_hash, fields)),
-    )
-    assert await verify(audit_dbs) == 5
+async def test_a_deleted_entry_is_detected_where_it_was(audit_dbs: Databases, anchors: FileAnchorStore) -> None:
+    async with trail(audit_dbs, anchors) as writer:
+        for n in range(6):
+            await writer.append(facts(n))
+    await execute(audit_dbs, delete(TABLE).where(TABLE.c.seq == 4))
+    assert await problems_of(audit_dbs, anchors) == ["chain gw-a: entry missing at seq 4"]
 
 
-async def test_a_removed_row_is_detected_where_it_was(audit_dbs: Databases) -> None:
-    trail = AuditTrail(audit_dbs)
-    for n in range(1, 8):
-        await trail.append(facts(n))
-    await execute(audit_dbs, delete(AuditEntry).where(AuditEntry.seq == 3))
-    assert await verify(audit_dbs) == 3
-    await execute(audit_dbs, delete(AuditEntry).where(AuditEntry.seq == 1))
-    assert await verify(audit_dbs) == 1
-
-
-async def test_the_chain_stays_valid_when_an_append_fails_midway(
-    audit_dbs: Databases, monkeypatch: pytest.MonkeyPatch
+async def test_a_truncated_or_emptied_chain_is_detected_and_not_appended_to(
+    audit_dbs: Databases, anchors: FileAnchorStore
 ) -> None:
-    trail = AuditTrail(audit_dbs)
-    await trail.append(facts(1))
+    async with trail(audit_dbs, anchors) as writer:
+        for n in range(6):
+            await writer.append(facts(n))
+    await execute(audit_dbs, delete(TABLE).where(TABLE.c.seq > 4))
+    assert await problems_of(audit_dbs, anchors) == ["chain gw-a: truncated: the anchored head is seq 6 at seq 5"]
+    # Appending would overwrite the evidence (the anchor): the instance refuses to start.
+    with pytest.raises(AuditChainBroken):
+        async with trail(audit_dbs, anchors):
+            pass
+    await execute(audit_dbs, delete(TABLE))
+    assert await problems_of(audit_dbs, anchors) == ["chain gw-a: truncated: the anchored head is seq 6 at seq 1"]
 
-    async def broken_commit(self: object) -> None:
-        raise RuntimeError("disk full")
 
-    with monkeypatch.context() as patch:
-        patch.setattr("shared.db.UnitOfWork.commit", broken_commit)
-        with pytest.raises(RuntimeError):
-            await trail.append(facts(2))
-    await trail.append(facts(3))
-    assert [e.request_id for e in await entries_after(audit_dbs.main, 0)] == ["req-1", "req-3"]
-    assert await verify(audit_dbs) is None
+async def test_vrs_audit_verify(
+    audit_dbs: Databases, anchors: FileAnchorStore, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with trail(audit_dbs, anchors) as writer:
+        for n in range(3):
+            await writer.append(facts(n))
+    monkeypatch.setenv("VRS_GATEWAY_MAIN_DSN", audit_dbs.main.engine.url.render_as_string(hide_password=False))
+    monkeypatch.setenv("VRS_GATEWAY_AUDIT_KEY", KEY.decode())
+    monkeypatch.setenv("VRS_GATEWAY_AUDIT_ANCHOR_DIR", str(anchors.directory))
+    assert await gateway_cli.verify_configured() == 0
+    assert "intact: 3 entries" in capsys.readouterr().out
+    await execute(audit_dbs, delete(TABLE).where(TABLE.c.seq == 3))
+    assert await gateway_cli.verify_configured() == 1
+    assert "BROKEN: chain gw-a: truncated" in capsys.readouterr().out

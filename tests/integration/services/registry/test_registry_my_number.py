@@ -14,9 +14,9 @@ from sqlalchemy import select
 from services.registry.app import create_app
 from services.registry.models import MyNumberDirectoryEntry, Resident
 from services.registry.settings import RegistrySettings
-from shared.auth import Role, mint_token
+from shared.auth import Role
 from shared.migrations import upgrade
-from shared.settings import AuthSettings
+from tests.factories import internal_headers
 
 TREES = Path(__file__).resolve().parents[4] / "services" / "registry" / "migrations"
 MY_NUMBER = "123456789018"
@@ -42,7 +42,7 @@ async def registry(tmp_path: Path) -> AsyncIterator[tuple[FastAPI, httpx.AsyncCl
 
 
 def municipality(code: str = CHIYODA) -> dict[str, str]:
-    return {"Authorization": f"Bearer {mint_token(AuthSettings(), role=Role.MUNICIPALITY, municipality=code)}"}
+    return internal_headers(Role.MUNICIPALITY, municipality=code)
 
 
 async def test_my_number_is_sealed_masked_and_in_the_directory(

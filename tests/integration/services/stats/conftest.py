@@ -14,11 +14,12 @@ from fastapi import FastAPI
 from services.stats.app import create_app
 from services.stats.repository import ConsumerRepository
 from services.stats.settings import StatsSettings
+from shared.auth import Role
 from shared.db import Database
 from shared.events import StatsCell
 from shared.migrations import upgrade
 from shared.settings import BusSettings
-from tests.factories import AddCells
+from tests.factories import AddCells, internal_headers
 
 MIGRATIONS = Path(__file__).resolve().parents[4] / "services" / "stats" / "migrations" / "main"
 
@@ -77,7 +78,10 @@ def database(app: FastAPI) -> Database:
 
 @pytest.fixture
 async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://stats.test") as c:
+    # Every request carries an internal token, as through the gateway; anonymous unless a test says otherwise.
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://stats.test", headers=internal_headers(Role.ANONYMOUS)
+    ) as c:
         yield c
 
 

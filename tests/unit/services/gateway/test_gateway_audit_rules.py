@@ -1,4 +1,4 @@
-"""What goes into an audit entry: no My Number, ever, and one canonical form for its hash."""
+"""What goes into an audit entry: no My Number, a legal basis from the fixed list, one canonical form for its MAC."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from services.gateway.audit import DEFAULT_PURPOSE, canonical, chain_hash, purpose_text, redact_my_numbers
+from services.gateway.audit import LegalBasis, canonical, entry_mac, legal_basis, redact_my_numbers
 from shared.domain.codes import my_number_check_digit
 
 
@@ -40,51 +40,55 @@ def test_redact_my_numbers(text: str, expected: str) -> None:
 @pytest.mark.parametrize(
     ("stated", "expected"),
     [
-        ("consent", "consent"),
-        ("  my-number-act-19-16 ", "my-number-act-19-16"),
-        (None, DEFAULT_PURPOSE),
-        ("", DEFAULT_PURPOSE),
-        ("   ", DEFAULT_PURPOSE),
-        (42, DEFAULT_PURPOSE),
-        (["consent"], DEFAULT_PURPOSE),
-        ("x" * 500, "x" * 100),
-        (f"checking {MY_NUMBER}", f"checking ********{MY_NUMBER[-4:]}"),
+        ("consent", LegalBasis.CONSENT),
+        ("my-number-act-19-16", LegalBasis.MY_NUMBER_ACT_19_16),
+        ("administration", LegalBasis.ADMINISTRATION),
+        ("  consent ", None),  # the fixed list, spelled exactly
+        ("because I wanted to", None),
+        (f"checking {MY_NUMBER}", None),
+        (None, None),
+        (42, None),
+        (["consent"], None),
     ],
 )
-def test_purpose_text(stated: object, expected: str) -> None:
-    assert purpose_text(stated) == expected
+def test_legal_basis_comes_from_a_fixed_list(stated: object, expected: LegalBasis | None) -> None:
+    assert legal_basis(stated) is expected
 
 
+KEY = b"k" * 32
 FIELDS = {
+    "instance": "gw-1",
     "seq": 7,
     "recorded_at": datetime(2026, 11, 24, 1, 2, 3, 456789, tzinfo=UTC),
     "request_id": "req-1",
-    "subject": "131016",
+    "principal": "131016",
     "role": "municipality",
-    "municipality": "131016",
+    "caller_municipality": "131016",
     "institution": None,
-    "method": "GET",
-    "path_template": "/api/v1/municipalities/{code}/residents/{resident_id}",
-    "resource_ids": '{"code":"131016","resident_id":"r-1"}',
-    "purpose": "administration",
-    "status": 200,
+    "municipality": "131016",
+    "action": "GET /api/v1/municipalities/{code}/residents/{resident_id}",
+    "resource": "/api/v1/municipalities/131016/residents/r-1",
+    "legal_basis": "administration",
+    "outcome": 200,
 }
 
 
 def test_canonical_form_is_the_same_however_the_database_returns_the_time() -> None:
     naive_utc = {**FIELDS, "recorded_at": datetime(2026, 11, 24, 1, 2, 3, 456789)}
     in_tokyo = {**FIELDS, "recorded_at": FIELDS["recorded_at"].astimezone(timezone(timedelta(hours=9)))}  # type: ignore[attr-defined]
-    extra = {**FIELDS, "prev_hash": "x", "entry_hash": "y", "id": 1}
+    extra = {**FIELDS, "prev_mac": "x", "mac": "y", "id": 1}
     assert canonical(naive_utc) == canonical(FIELDS) == canonical(in_tokyo) == canonical(extra)
-    assert canonical(FIELDS).startswith(b'{"institution":null,"method":"GET",')
+    assert canonical(FIELDS).startswith(b'{"action":"GET ')
     assert b'"recorded_at":"2026-11-24T01:02:03.456789Z"' in canonical(FIELDS)
 
 
-def test_every_field_and_the_previous_hash_change_the_hash() -> None:
-    base = chain_hash("0" * 64, FIELDS)
-    assert chain_hash("1" + "0" * 63, FIELDS) != base
-    changed = {"seq": 8, "request_id": "req-2", "subject": "x", "role": "national", "municipality": None,
-               "institution": "1312345678", "method": "PUT", "path_template": "/dashboard", "resource_ids": "{}",
-               "purpose": "consent", "status": 404, "recorded_at": datetime(2026, 11, 24, tzinfo=UTC)}  # fmt: skip
+def test_every_field_the_previous_mac_and_the_key_change_the_mac() -> None:
+    base = entry_mac(KEY, "0" * 64, FIELDS)
+    assert entry_mac(KEY, "1" + "0" * 63, FIELDS) != base
+    assert entry_mac(b"j" * 32, "0" * 64, FIELDS) != base
+    changed = {"instance": "gw-2", "seq": 8, "request_id": "req-2", "principal": "x", "role": "national",
+               "caller_municipality": None, "institution": "1312345678", "municipality": None, "action": "PUT /x",
+               "resource": "/dashboard", "legal_basis": "consent", "outcome": 404,
+               "recorded_at": datetime(2026, 11, 24, tzinfo=UTC)}  # fmt: skip
     for name, value in changed.items():
-        assert chain_hash("0" * 64, {**FIELDS, name: value}) != base, name
+        assert entry_mac(KEY, "0" * 64, {**FIELDS, name: value}) != base, name

@@ -7,6 +7,7 @@ import pytest
 from services.gateway.policy import (
     POLICY,
     TABLE,
+    Body,
     PolicyTable,
     Scope,
     Upstream,
@@ -43,6 +44,7 @@ M = "/api/v1/municipalities"
         ("GET", "/api/v1/opendata/summary_by_date.csv", "/api/v1/opendata/{file}", "stats",
          {"file": "summary_by_date.csv"}),
         ("GET", "/dashboard", "/dashboard", "stats", {}),
+        ("GET", f"{M}/131016/audit", f"{M}/{{code}}/audit", "gateway", {"code": "131016"}),
         # An id that spells a literal segment of another rule is still an id.
         ("GET", f"{M}/131016/residents/doses", f"{M}/{{code}}/residents/{{resident_id}}", "registry",
          {"code": "131016", "resident_id": "doses"}),
@@ -86,9 +88,12 @@ def test_anything_else_matches_nothing(method: str, path: str) -> None:
     assert TABLE.match(method, path) is None
 
 
-def test_personal_data_reads_are_audited_and_ingest_is_not() -> None:
+def test_every_read_or_write_of_personal_data_is_audited() -> None:
     audited = {(m, r.path) for r in POLICY if r.reads_personal_data for m in r.methods}
-    assert audited == {
+    assert audited >= {
+        ("POST", "/api/v1/doses"),
+        ("POST", "/api/v1/doses/batch"),
+        ("POST", f"{M}/{{code}}/resident-imports"),
         ("PUT", f"{M}/{{code}}/residents/{{resident_id}}"),
         ("GET", f"{M}/{{code}}/residents/{{resident_id}}"),
         ("POST", f"{M}/{{code}}/residents/{{resident_id}}/move-out"),
@@ -102,7 +107,6 @@ CHIYODA = Principal(role=Role.MUNICIPALITY, subject="131016", municipality="1310
 SAPPORO = Principal(role=Role.MUNICIPALITY, subject="011002", municipality="011002")
 CLINIC = Principal(role=Role.INSTITUTION, subject="1312345678", institution="1312345678")
 NATIONAL = Principal(role=Role.NATIONAL, subject="mhlw")
-SERVICE = Principal(role=Role.SERVICE, subject="records")
 
 OK = None
 UNAUTHORIZED = (Unauthorized, "a bearer token is required")
@@ -130,7 +134,6 @@ def role_refused(role: str) -> tuple[type[VRSError], str]:
         (SAPPORO, "GET", f"{M}/131016/resident-imports/imp-1", NOT_YOURS),
         (CLINIC, "GET", f"{M}/131016/residents/r-1", role_refused("institution")),
         (NATIONAL, "GET", f"{M}/131016/residents/r-1", role_refused("national")),
-        (SERVICE, "GET", f"{M}/131016/residents/r-1", role_refused("service")),
         (ANONYMOUS, "GET", f"{M}/131016/residents/r-1", UNAUTHORIZED),
         (ANONYMOUS, "POST", f"{M}/131016/transfer-lookups", UNAUTHORIZED),
         # records
@@ -149,6 +152,11 @@ def role_refused(role: str) -> tuple[type[VRSError], str]:
         (NATIONAL, "GET", "/api/v1/stats/doses", OK),
         (CHIYODA, "GET", "/api/v1/opendata/prefecture.ndjson", OK),
         (CLINIC, "GET", "/dashboard", OK),
+        # the gateway's own audit trail: a municipality reads its own
+        (CHIYODA, "GET", f"{M}/131016/audit", OK),
+        (SAPPORO, "GET", f"{M}/131016/audit", NOT_YOURS),
+        (NATIONAL, "GET", f"{M}/131016/audit", role_refused("national")),
+        (ANONYMOUS, "GET", f"{M}/131016/audit", UNAUTHORIZED),
     ],
 )
 def test_authorize(principal: Principal, method: str, path: str, expected: tuple[type[VRSError], str] | None) -> None:
@@ -181,3 +189,12 @@ def test_backtracks_from_a_literal_dead_end_to_a_parameter() -> None:
     assert match is not None
     assert match.rule.path == "/a/{x}/d"
     assert match.params == {"x": "b"}
+
+
+def test_body_limits_follow_the_method_and_the_path() -> None:
+    assert {r.path for r in POLICY if r.body is Body.IMPORT} == {f"{M}/{{code}}/resident-imports"}
+    for r in POLICY:
+        if r.methods <= {"GET"}:
+            assert r.body is Body.NONE, r.path
+    assert rule("POST", "/a/dose-imports", Upstream.RECORDS, None).body is Body.IMPORT
+    assert rule("POST", "/a/doses", Upstream.RECORDS, None).body is Body.JSON

@@ -177,12 +177,11 @@ def test_parse_filter_refuses_bad_values(params: dict[str, str], field: str) -> 
 # --- who may cut by municipality --------------------------------------------------------------------------
 
 NATIONAL = Principal(role=Role.NATIONAL, subject="mhlw")
-SERVICE = Principal(role=Role.SERVICE, subject="gateway")
 MUNICIPALITY = Principal(role=Role.MUNICIPALITY, subject="131016", municipality="131016")
 INSTITUTION = Principal(role=Role.INSTITUTION, subject="1312345678", institution="1312345678")
 
 
-@pytest.mark.parametrize("principal", [ANONYMOUS, NATIONAL, SERVICE, MUNICIPALITY, INSTITUTION])
+@pytest.mark.parametrize("principal", [ANONYMOUS, NATIONAL, MUNICIPALITY, INSTITUTION])
 def test_public_cuts_are_for_everyone(principal: Principal) -> None:
     service.authorize_cut(
         principal, group_by=["date", "prefecture", "sex", "age_band"], where=DoseFilter(prefecture="13")
@@ -191,7 +190,7 @@ def test_public_cuts_are_for_everyone(principal: Principal) -> None:
 
 @pytest.mark.parametrize(
     ("principal", "error"),
-    [(ANONYMOUS, Unauthorized), (MUNICIPALITY, Forbidden), (INSTITUTION, Forbidden), (NATIONAL, None), (SERVICE, None)],
+    [(ANONYMOUS, Unauthorized), (MUNICIPALITY, Forbidden), (INSTITUTION, Forbidden), (NATIONAL, None)],
 )
 @pytest.mark.parametrize(
     ("group_by", "where"),

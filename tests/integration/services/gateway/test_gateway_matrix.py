@@ -1,0 +1,97 @@
+"""Every route of the policy table × every role × own/foreign municipality, through the gateway.
+
+The expectations are written out for the contract routes (so a policy change shows up here as a diff), and
+every rule of the table must be covered: a new rule without a row fails ``test_every_rule_is_in_the_matrix``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from services.gateway.policy import POLICY, Upstream
+from shared.auth import Role
+from tests.integration.services.gateway.gateway_fakes import KNOWN_RESIDENT, FakeUpstream
+
+Token = Callable[..., dict[str, str]]
+CHIYODA, SAPPORO, CLINIC = "131016", "011002", "1312345678"
+M = "/api/v1/municipalities/{code}"
+
+# Callers: a municipality on its own code, the same municipality on another's, an institution, national, nobody.
+CALLERS = ("own", "foreign", "institution", "national", "anonymous")
+FWD = "forwarded"  # reaches the service; what it answers is the service's business
+LOCAL = "local"  # answered by the gateway itself (200)
+# Each row: what each caller gets, in CALLERS order.
+MUNI_ONLY = (FWD, 403, 403, 403, 401)
+MUNI_HIDDEN = (FWD, 404, 403, 403, 401)
+DOSE_WRITERS = (FWD, FWD, FWD, 403, 401)
+ANYONE = (FWD, FWD, FWD, FWD, FWD)
+MATRIX: dict[tuple[str, str], tuple[object, ...]] = {
+    ("PUT", f"{M}/residents/{{resident_id}}"): MUNI_ONLY,
+    ("GET", f"{M}/residents/{{resident_id}}"): MUNI_HIDDEN,
+    ("POST", f"{M}/resident-imports"): MUNI_ONLY,
+    ("GET", f"{M}/resident-imports/{{import_id}}"): MUNI_ONLY,
+    ("POST", f"{M}/residents/{{resident_id}}/move-out"): MUNI_ONLY,
+    ("POST", f"{M}/transfer-lookups"): MUNI_HIDDEN,
+    ("POST", "/api/v1/doses"): DOSE_WRITERS,
+    ("POST", "/api/v1/doses/batch"): DOSE_WRITERS,
+    ("GET", f"{M}/doses"): MUNI_ONLY,
+    ("POST", f"{M}/doses/{{dose_id}}/corrections"): MUNI_ONLY,
+    ("GET", "/api/v1/stats/doses"): ANYONE,
+    ("GET", "/api/v1/opendata/{file}"): ANYONE,
+    ("GET", "/dashboard"): ANYONE,
+    ("GET", f"{M}/audit"): (LOCAL, 403, 403, 403, 401),
+}
+
+
+def test_every_rule_is_in_the_matrix() -> None:
+    routes = {(method, r.path) for r in POLICY for method in r.methods}
+    assert routes - MATRIX.keys() == set(), "add the new rules to MATRIX"
+
+
+def concrete(template: str) -> str:
+    """Always Chiyoda's path: the foreign caller is Sapporo asking for it."""
+    path = template.replace("{code}", CHIYODA).replace("{resident_id}", KNOWN_RESIDENT)
+    return re.sub(r"\{[a-z_]+\}", "x-1", path.replace("{file}", "prefecture.ndjson"))
+
+
+def headers_of(caller: str, token: Token) -> dict[str, str]:
+    if caller == "anonymous":
+        return {}
+    claims: dict[str, dict[str, object]] = {
+        "own": {"role": Role.MUNICIPALITY, "municipality": CHIYODA},
+        "foreign": {"role": Role.MUNICIPALITY, "municipality": SAPPORO},
+        "institution": {"role": Role.INSTITUTION, "institution": CLINIC},
+        "national": {"role": Role.NATIONAL},
+    }
+    return token(**claims[caller])
+
+
+BODY = b'{"legal_basis":"consent","my_number":"x"}'
+
+
+@pytest.mark.parametrize(("method", "template"), sorted(MATRIX))
+async def test_route_by_role_by_municipality(
+    client: httpx.AsyncClient, token: Token, upstreams: dict[str, FakeUpstream], method: str, template: str
+) -> None:
+    rule = next(r for r in POLICY if r.path == template and method in r.methods)
+    for caller, expected in zip(CALLERS, MATRIX[(method, template)], strict=True):
+        before = sum(len(u.seen) for u in upstreams.values())
+        response = await client.request(
+            method,
+            concrete(template),
+            content=BODY if method != "GET" else None,
+            headers={**headers_of(caller, token), "Content-Type": "application/json"},
+        )
+        forwarded = sum(len(u.seen) for u in upstreams.values()) - before
+        where = (caller, method, template, response.status_code, response.text[:200])
+        if expected == FWD:
+            assert forwarded == 1, where
+            assert rule.upstream is not Upstream.GATEWAY
+        elif expected == LOCAL:
+            assert (forwarded, response.status_code) == (0, 200), where
+        else:
+            assert (forwarded, response.status_code) == (0, expected), where

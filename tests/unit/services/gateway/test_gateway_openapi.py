@@ -1,0 +1,53 @@
+"""The gateway's OpenAPI document: the services' own schemas, cut to what the policy table routes."""
+
+from __future__ import annotations
+
+import importlib
+
+from fastapi.routing import APIRoute
+
+from services.gateway.openapi import build_openapi
+from services.gateway.policy import TABLE, Upstream
+
+DOC = build_openapi(TABLE)
+
+
+def operations() -> list[tuple[str, str]]:
+    return [(m.upper(), p) for p, item in DOC["paths"].items() for m in item]
+
+
+def test_every_documented_operation_is_routed_by_the_policy_and_nothing_internal_shows() -> None:
+    for method, path in operations():
+        if path == "/.well-known/jwks.json":  # the gateway's own, outside the policy
+            continue
+        assert TABLE.match(method, path.replace("{code}", "131016")) is not None, (method, path)
+        assert not path.startswith("/internal")
+    assert ("GET", "/.well-known/jwks.json") in operations()
+    assert ("GET", "/api/v1/municipalities/{code}/audit") in operations()
+
+
+def test_every_contract_route_a_service_serves_is_documented_from_its_own_schema() -> None:
+    for upstream in (Upstream.REGISTRY, Upstream.RECORDS, Upstream.STATS):
+        router = importlib.import_module(f"services.{upstream.value}.router").router
+        for route in router.routes:
+            assert isinstance(route, APIRoute)
+            for method in route.methods or ():
+                match = TABLE.match(method, route.path)
+                if match is None or match.rule.upstream is not upstream:
+                    continue
+                op = DOC["paths"][route.path][method.lower()]
+                assert op["operationId"] == route.unique_id, (method, route.path)
+
+
+def test_operations_carry_the_gateways_security_and_errors() -> None:
+    resident = DOC["paths"]["/api/v1/municipalities/{code}/residents/{resident_id}"]["get"]
+    assert resident["security"] == [{"bearer": []}]
+    assert {"401", "403", "404", "429", "502", "504"} <= set(resident["responses"])
+    assert "413" not in resident["responses"]  # a GET takes no body
+    stats = DOC["paths"]["/api/v1/stats/doses"]["get"]
+    assert stats["security"] == [{}, {"bearer": []}]  # anyone, token optional
+    dose = DOC["paths"]["/api/v1/doses"]["post"]
+    assert dose["responses"]["422"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ValidationErrorBody"
+    }
+    assert "HTTPValidationError" not in str(DOC["paths"])
