@@ -91,6 +91,19 @@ class StatsRepository:
         )
         return (await self.session.execute(stmt)).all()
 
+    async def people_by_dose(self, *, prefecture: str | None, by_prefecture: bool) -> Sequence[AnyRow]:
+        """Rows of ([prefecture,] dose_number, people, people_65_and_over), net of corrections and voids.
+
+        A cell's count is the number of live doses in it, and each person has at most one live dose of a
+        given number (records refuses a second one), so a sum over dose_number = N is a count of people.
+        """
+        keys: list[Column[Any]] = ([_c.prefecture] if by_prefecture else []) + [_c.dose_number]
+        senior = cast(func.sum(case((_c.age_band == "65-", _c.count), else_=0)), BigInteger)
+        stmt = select(*keys, _TOTAL.label("people"), senior.label("people_65_and_over")).group_by(*keys).order_by(*keys)
+        if prefecture is not None:
+            stmt = stmt.where(_c.prefecture == prefecture)
+        return (await self.session.execute(stmt)).all()
+
     async def prefecture_cells(self, *, chunk_rows: int) -> AsyncIterator[Sequence[AnyRow]]:
         """The open data's cells (municipality and vaccine summed away) in the published order, streamed.
 

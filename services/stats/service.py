@@ -16,6 +16,7 @@ from datetime import UTC, date, datetime
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.stats.population import Denominator, Population
 from services.stats.repository import (
     DIMENSIONS,
     ConsumerRepository,
@@ -23,12 +24,12 @@ from services.stats.repository import (
     DoseFilter,
     StatsRepository,
 )
-from services.stats.schemas import DosesOut, RowValue
+from services.stats.schemas import CoverageOut, CoverageRow, DosesOut, RowValue
 from shared.auth import Principal, Role
 from shared.bus import Message
 from shared.db import Database
 from shared.domain.codes import is_valid_prefecture_code, municipality_code_problem
-from shared.errors import Forbidden, InvalidField, Unauthorized
+from shared.errors import Forbidden, InvalidField, ServiceUnavailable, Unauthorized
 from shared.events import DoseEvent, StatsCell
 
 log = logging.getLogger(__name__)
@@ -231,6 +232,74 @@ async def dose_cut(session: AsyncSession, *, group_by: Sequence[Dimension], wher
         row["count"] = int(values[-1])
         rows.append(row)
     return DosesOut(as_of=as_of, rows=rows)
+
+
+# --- coverage (GET /api/v1/stats/coverage) ------------------------------------------------------------
+
+# The dose numbers every answer carries, given or not: the dashboard's 1回以上 and 2回完了.
+HEADLINE_DOSES = (1, 2)
+
+
+def parse_coverage_query(*, prefecture: str | None, group_by: str | None) -> tuple[str | None, bool]:
+    """(the prefecture asked for or None, whether to answer per prefecture)."""
+    if prefecture == "":
+        prefecture = None
+    if prefecture is not None and not is_valid_prefecture_code(prefecture):
+        raise InvalidField("prefecture", "must be a 2-digit prefecture code 01-47")
+    group = (group_by or "").strip()
+    if group not in ("", "prefecture"):
+        raise InvalidField("group_by", "coverage can only be grouped by 'prefecture' (or not at all)")
+    return prefecture, group == "prefecture" or prefecture is not None
+
+
+def _coverage_row(prefecture: str | None, denominator: Denominator, dose: int, people: int, senior: int) -> CoverageRow:
+    return CoverageRow(
+        prefecture=prefecture,
+        population=denominator.population,
+        population_65_and_over=denominator.population_65_and_over,
+        dose_number=dose,
+        count=people,
+        count_65_and_over=senior,
+        rate=people / denominator.population,
+        rate_65_and_over=senior / denominator.population_65_and_over,
+    )
+
+
+async def coverage(
+    session: AsyncSession,
+    *,
+    population: Population | str,
+    prefecture: str | None,
+    by_prefecture: bool,
+) -> CoverageOut:
+    """接種率 as the real dashboard showed it: people with at least dose N over the population.
+
+    ``population`` is the loaded table, or the reason it could not be loaded (answered as 503).
+
+    "At least dose N" is "has a dose N": nobody gets dose 2 without dose 1 in the records, and counting
+    holders of dose N is how the real dashboard counted 1回以上 and 2回完了.
+    """
+    if isinstance(population, str):  # why the table could not be loaded
+        raise ServiceUnavailable(f"coverage rates are unavailable: {population} (setting VRS_STATS_POPULATION_PATH)")
+    repo = StatsRepository(session)
+    as_of = as_utc(await repo.as_of())
+    counted: dict[tuple[str | None, int], tuple[int, int]] = {}
+    for values in await repo.people_by_dose(prefecture=prefecture, by_prefecture=by_prefecture):
+        key = (values[0], int(values[1])) if by_prefecture else (None, int(values[0]))
+        counted[key] = (int(values[-2]), int(values[-1]))
+    doses = sorted(set(HEADLINE_DOSES) | {dose for (_, dose), (people, _) in counted.items() if people > 0})
+    if prefecture is not None:
+        places: list[tuple[str | None, Denominator]] = [(prefecture, population.by_prefecture[prefecture])]
+    elif by_prefecture:
+        places = list(population.by_prefecture.items())
+    else:
+        places = [(None, population.national)]
+    rows = [
+        _coverage_row(place, denominator, dose, *counted.get((place, dose), (0, 0)))
+        for place, denominator in places
+        for dose in doses
+    ]
+    return CoverageOut(as_of=as_of, rows=rows)
 
 
 # --- open data (the Digital Agency's formats, byte for byte) -------------------------------------------

@@ -1,9 +1,21 @@
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from shared.settings import BusSettings, ServiceSettings, sqlite_url
+
+POPULATION_FILE = "population/prefecture-population-2021-01-01.csv"
+
+
+def _default_population_path() -> Path:
+    # The team's data folder beside the checkout (or VRS_SHARED_DATA), read in place, never copied.
+    override = os.environ.get("VRS_SHARED_DATA")
+    root = Path(override) if override else Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    return root / POPULATION_FILE
 
 
 class StatsSettings(ServiceSettings):
@@ -23,3 +35,5 @@ class StatsSettings(ServiceSettings):
     retry_max_seconds: float = Field(default=30.0, gt=0)
     # Public cuts with fewer doses than this will be suppressed (0 = off); not applied yet.
     small_cell_threshold: int = Field(default=0, ge=0)
+    # The denominators of the coverage rates (see services/stats/population.py).
+    population_path: Path = Field(default_factory=_default_population_path)
