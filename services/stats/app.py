@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from services.stats.consumer import StatsConsumer
+from services.stats.dashboard import load_echarts
 from services.stats.population import Population, PopulationError, load_population
 from services.stats.router import router
 from services.stats.settings import StatsSettings
@@ -31,6 +32,9 @@ def create_app(settings: StatsSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.population = _population(settings)
+        app.state.echarts = load_echarts(settings.echarts_path)
+        if isinstance(app.state.echarts, str):
+            log.warning("dashboard unavailable: %s", app.state.echarts)
         app.state.databases = Databases.connect(settings.main_dsn, pool_size=settings.pool_size)
         consumer: StatsConsumer | None = None
         if settings.run_consumer:

@@ -6,14 +6,14 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import HTMLResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
 
 from services.stats import service
-from services.stats.dashboard import DASHBOARD
+from services.stats.dashboard import DASHBOARD, ECHARTS_ASSET, Script, unavailable_page
 from services.stats.schemas import CoverageOut, DosesOut
 from shared.auth import PrincipalDep
 from shared.db import Database, UnitOfWorkDep
-from shared.errors import Forbidden, InvalidField, ServiceUnavailable, Unauthorized, responses
+from shared.errors import Forbidden, InvalidField, NotFound, ServiceUnavailable, Unauthorized, responses
 
 router = APIRouter(tags=["stats"])
 
@@ -121,5 +121,16 @@ async def summary_by_date_csv(request: Request) -> StreamingResponse:
 
 
 @router.get("/dashboard", response_class=HTMLResponse, summary="The statistics dashboard (Japanese)")
-async def dashboard() -> HTMLResponse:
+async def dashboard(request: Request) -> HTMLResponse:
+    if isinstance(request.app.state.echarts, str):  # without its chart library the page would be empty
+        page = unavailable_page(request.app.state.echarts)
+        return HTMLResponse(page.html, status_code=503, headers=page.headers)
     return HTMLResponse(DASHBOARD.html, headers=DASHBOARD.headers)
+
+
+@router.get("/dashboard/{asset}", include_in_schema=False)
+async def dashboard_asset(request: Request, asset: str) -> Response:
+    script = request.app.state.echarts
+    if asset != ECHARTS_ASSET or not isinstance(script, Script):
+        raise NotFound("no such file")
+    return Response(script.body, media_type="text/javascript; charset=utf-8", headers=script.headers)

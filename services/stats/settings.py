@@ -37,3 +37,7 @@ class StatsSettings(ServiceSettings):
     small_cell_threshold: int = Field(default=0, ge=0)
     # The denominators of the coverage rates (see services/stats/population.py).
     population_path: Path = Field(default_factory=_default_population_path)
+    # The dashboard's chart library, installed from npm by `npm ci --prefix services/stats/web`.
+    echarts_path: Path = Field(
+        default_factory=lambda: Path(__file__).resolve().parent / "web/node_modules/echarts/dist/echarts.min.js"
+    )

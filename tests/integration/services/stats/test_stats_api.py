@@ -258,4 +258,32 @@ async def test_dashboard_is_a_self_contained_japanese_page(client: httpx.AsyncCl
     assert re.sub(r"http://www\.w3\.org/2000/svg", "", html).count("http") == 0
     csp = response.headers["content-security-policy"]
     assert "default-src 'none'" in csp and "connect-src 'self'" in csp
-    assert re.search(r"script-src 'sha256-[A-Za-z0-9+/]+=*'$", csp.split(";")[1].strip())
+    # Scripts from its own origin (the chart library) and its one inline script, nothing else.
+    assert re.search(r"^script-src 'self' 'sha256-[A-Za-z0-9+/]+=*'$", csp.split(";")[1].strip())
+    assert '<script src="/dashboard/echarts.min.js"></script>' in html
+
+
+async def test_the_chart_library_is_served_by_stats(client: httpx.AsyncClient) -> None:
+    response = await client.get("/dashboard/echarts.min.js")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/javascript")
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert b"echarts" in response.content[:4096] and len(response.content) > 500_000
+    assert (await client.get("/dashboard/other.js")).status_code == 404
+
+
+async def test_without_its_chart_library_the_dashboard_says_why(
+    stats_dsn: str, bus: BusSettings, tmp_path: Any
+) -> None:
+    missing = tmp_path / "echarts.min.js"
+    app = create_app(StatsSettings(main_dsn=stats_dsn, bus=bus, run_consumer=False, echarts_path=missing))
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://stats.test") as client,
+    ):
+        response = await client.get("/dashboard")
+        assert response.status_code == 503
+        assert "Apache ECharts" in response.text and str(missing) in response.text and "npm ci" in response.text
+        assert "default-src 'none'" in response.headers["content-security-policy"]
+        assert (await client.get("/dashboard/echarts.min.js")).status_code == 404
+        assert (await client.get(DOSES)).status_code == 200

@@ -258,7 +258,7 @@ def _sha256(text: str) -> str:
 def test_dashboard_csp_allows_exactly_its_inline_script_and_style() -> None:
     page = load_page("<html><style>b{}</style><script>go()</script></html>")
     csp = page.headers["Content-Security-Policy"]
-    assert f"script-src {_sha256('go()')}" in csp
+    assert f"script-src 'self' {_sha256('go()')}" in csp
     assert f"style-src {_sha256('b{}')}" in csp
     assert "default-src 'none'" in DASHBOARD.headers["Content-Security-Policy"]
     with pytest.raises(ValueError, match="script"):
