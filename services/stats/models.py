@@ -52,6 +52,11 @@ processed_events = Table(
     Column("consumer", String(64), primary_key=True),
     Column("event_id", Uuid, primary_key=True),
     Column("processed_at", DateTime(timezone=True), nullable=False),
+    # Where the event was first read: ids are pruned once their partition's committed offset is far past.
+    # Null for ids stored before these columns existed: those are never pruned.
+    Column("event_partition", Integer),
+    Column("event_offset", BigInteger),
+    Index("ix_processed_events_position", "consumer", "event_partition", "event_offset"),
 )
 
 # The next offset to read per partition; only ever written in the transaction that applied the messages.

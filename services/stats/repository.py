@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, Literal, get_args
 
-from sqlalchemy import BigInteger, Column, ColumnElement, Row, case, cast, func, or_, select
+from sqlalchemy import BigInteger, Column, ColumnElement, Row, case, cast, delete, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.stats.models import consumer_offsets, consumer_state, dose_counts, processed_events
@@ -153,15 +153,15 @@ class ConsumerRepository:
         return {int(p): int(o) for p, o in (await self.session.execute(stmt)).all()}
 
     async def claim_events(
-        self, consumer: str, event_ids: Sequence[uuid.UUID], *, processed_at: datetime
+        self, consumer: str, events: Mapping[uuid.UUID, tuple[int, int]], *, processed_at: datetime
     ) -> set[uuid.UUID]:
-        """Record ``event_ids`` as processed; return those that were not already (the ones to apply).
+        """Record the events (id → partition, offset) as processed; return the ids not already (to apply).
 
         ``ON CONFLICT DO NOTHING … RETURNING`` answers that in one statement and stays right when two
         consumers race for the same event: on PostgreSQL the second waits for the first to commit and
         then gets nothing back.
         """
-        if not event_ids:
+        if not events:
             return set()
         stmt = (
             upsert(self.session, processed_events)
@@ -169,8 +169,33 @@ class ConsumerRepository:
             .returning(processed_events.c.event_id)
         )
         # Sorted like the cells below: concurrent consumers then take row locks in one order.
-        params = [{"consumer": consumer, "event_id": e, "processed_at": processed_at} for e in sorted(event_ids)]
+        params = [
+            {
+                "consumer": consumer,
+                "event_id": e,
+                "processed_at": processed_at,
+                "event_partition": events[e][0],
+                "event_offset": events[e][1],
+            }
+            for e in sorted(events)
+        ]
         return set((await self.session.execute(stmt, params)).scalars())
+
+    async def prune_processed(self, consumer: str, below: Mapping[int, int], *, before: datetime) -> int:
+        """Delete ids of ``consumer`` at offsets below ``below[partition]`` and processed before ``before``."""
+        p = processed_events.c
+        deleted = 0
+        for partition, offset in sorted(below.items()):
+            result = await self.session.execute(
+                delete(processed_events).where(
+                    p.consumer == consumer,
+                    p.event_partition == partition,
+                    p.event_offset < offset,
+                    p.processed_at < before,
+                )
+            )
+            deleted += int(getattr(result, "rowcount", 0) or 0)
+        return deleted
 
     async def add_to_counts(self, deltas: Mapping[StatsCell, int]) -> None:
         """``count += delta`` per cell, creating cells on first sight."""
@@ -188,9 +213,15 @@ class ConsumerRepository:
         if not positions:
             return
         stmt = upsert(self.session, consumer_offsets)
+        # Never backwards: a member that read a partition just before losing it to another must not undo
+        # the new owner's progress (processed ids are pruned behind these offsets).
+        forward = case(
+            (stmt.excluded.next_offset > consumer_offsets.c.next_offset, stmt.excluded.next_offset),
+            else_=consumer_offsets.c.next_offset,
+        )
         stmt = stmt.on_conflict_do_update(
             index_elements=["consumer", "topic", "partition"],
-            set_={"next_offset": stmt.excluded.next_offset, "updated_at": stmt.excluded.updated_at},
+            set_={"next_offset": forward, "updated_at": stmt.excluded.updated_at},
         )
         params = [
             {"consumer": consumer, "topic": topic, "partition": p, "next_offset": o, "updated_at": updated_at}

@@ -76,11 +76,14 @@ def fold_deltas(events: Iterable[DoseEvent]) -> dict[StatsCell, int]:
     return {cell: delta for cell, delta in deltas.items() if delta != 0}
 
 
-def decode_messages(messages: Sequence[Message]) -> tuple[list[DoseEvent], int]:
+def decode_messages(
+    messages: Sequence[Message], *, positions: dict[uuid.UUID, tuple[int, int]] | None = None
+) -> tuple[list[DoseEvent], int]:
     """The batch's events, each event id once, and how many messages could not be decoded.
 
     A message that is not a valid event of a known schema version is skipped: waiting for it would stop
     the statistics for good. The payload is never logged (only where it sits and what was wrong).
+    ``positions``, when given, receives each event's (partition, offset) of its first message.
     """
     events: list[DoseEvent] = []
     seen: set[uuid.UUID] = set()
@@ -103,6 +106,8 @@ def decode_messages(messages: Sequence[Message]) -> tuple[list[DoseEvent], int]:
         if event.event_id not in seen:
             seen.add(event.event_id)
             events.append(event)
+            if positions is not None:
+                positions[event.event_id] = (message.partition, message.offset)
     return events, undecodable
 
 
@@ -127,9 +132,10 @@ async def apply_messages(
     Events already processed by ``consumer`` (a relay that published twice, a replay after a crash) are
     recognised by their id and change nothing.
     """
-    events, undecodable = decode_messages(messages)
+    positions: dict[uuid.UUID, tuple[int, int]] = {}
+    events, undecodable = decode_messages(messages, positions=positions)
     repo = ConsumerRepository(session)
-    fresh_ids = await repo.claim_events(consumer, [e.event_id for e in events], processed_at=now)
+    fresh_ids = await repo.claim_events(consumer, positions, processed_at=now)
     applied = [e for e in events if e.event_id in fresh_ids]
     await repo.add_to_counts(fold_deltas(applied))
     outcome = BatchOutcome(
@@ -147,6 +153,25 @@ async def apply_messages(
 
 async def stored_offsets(session: AsyncSession, *, consumer: str, topic: str) -> dict[int, int]:
     return await ConsumerRepository(session).offsets(consumer, topic)
+
+
+async def prune_processed(
+    session: AsyncSession, *, consumer: str, topic: str, keep_offsets: int, keep_since: datetime
+) -> int:
+    """Forget processed event ids no redelivery can still bring; return how many were forgotten.
+
+    An id is needed only to recognise the same event published again. Readers never go back behind their
+    committed offsets (positions only move forward), so a second copy can only come from the relay
+    publishing again, which lands *after* the first copy — within a short time (a relay restart) and a
+    bounded distance. An id is therefore forgotten only when it lies more than ``keep_offsets`` messages
+    behind its partition's committed offset *and* was processed before ``keep_since``: both windows
+    must have passed.
+    """
+    repo = ConsumerRepository(session)
+    committed = await repo.offsets(consumer, topic)
+    return await repo.prune_processed(
+        consumer, {p: o - keep_offsets for p, o in committed.items() if o - keep_offsets > 0}, before=keep_since
+    )
 
 
 # --- cuts of the aggregates (GET /api/v1/stats/doses) ---------------------------------------------------

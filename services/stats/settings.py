@@ -27,8 +27,15 @@ class StatsSettings(ServiceSettings):
     # The name the consumer's positions and processed event ids are stored under. Two deployments that
     # share a database (a rebuild beside the live one) need different names.
     consumer_name: str = Field(default="stats", min_length=1, max_length=64)
-    # Off for API-only replicas: one consumer per database is enough, more only contend for the same rows.
+    # Off for API-only replicas (run consumers with `vrs consume stats` then, as many as there are partitions).
     run_consumer: bool = True
+    # Share the partitions with the other consumers of this name (Kafka consumer group; embedded: a lease).
+    consumer_group: bool = True
+    # Processed event ids are forgotten only when both this many messages behind their partition's committed
+    # offset and older than this (see service.prune_processed); looked at every prune_interval_seconds.
+    processed_keep_offsets: int = Field(default=1_000_000, ge=0)
+    processed_keep_seconds: float = Field(default=7 * 24 * 3600, ge=0)
+    prune_interval_seconds: float = Field(default=300, gt=0)
     poll_max_records: int = Field(default=500, ge=1, le=10_000)
     poll_timeout_seconds: float = Field(default=1.0, gt=0)
     retry_initial_seconds: float = Field(default=0.5, gt=0)

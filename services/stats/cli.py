@@ -1,0 +1,74 @@
+"""stats' ``vrs`` subcommands: ``vrs consume stats`` runs a consumer process without the API.
+
+Run as many as the topic has partitions (more stand by): they share the partitions through the bus's group
+(see :mod:`services.stats.consumer`). Configured like the service (``VRS_STATS_*``, ``VRS_BUS_*``). Give
+the API processes ``VRS_STATS_RUN_CONSUMER=false`` when consumers run on their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import Any
+
+from prometheus_client import start_http_server
+
+from services.stats.consumer import StatsConsumer
+from services.stats.settings import StatsSettings
+from shared.db import Database
+
+log = logging.getLogger(__name__)
+
+
+def _command_group(sub: Any, name: str, help_text: str) -> Any:
+    """The subparsers of ``vrs <name>``, created once: other services may add their own consumer under it."""
+    if name in sub.choices:
+        parser = sub.choices[name]
+        return parser._vrs_subcommands
+    parser = sub.add_parser(name, help=help_text)
+    parser._vrs_subcommands = parser.add_subparsers(required=True, metavar="SERVICE")
+    return parser._vrs_subcommands
+
+
+async def consume(settings: StatsSettings, *, stop: asyncio.Event) -> None:
+    """Apply dose events until ``stop`` is set; then leave the group cleanly (partitions move at once)."""
+    database = Database.connect(settings.main_dsn, pool_size=2)
+    consumer = StatsConsumer.from_settings(database, settings)
+    try:
+        consumer.start()
+        await stop.wait()
+    finally:
+        await consumer.stop()
+        await database.engine.dispose()
+
+
+def _consume(args: argparse.Namespace) -> int:
+    settings = StatsSettings()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.metrics_port:
+        start_http_server(args.metrics_port, addr=args.metrics_host)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(signum, stop.set)
+        log.info(
+            "stats consumer %s starting on %s topic %s", settings.consumer_name, settings.bus.kind, settings.bus.topic
+        )
+        await consume(settings, stop=stop)
+
+    asyncio.run(main())
+    return 0
+
+
+def register(sub: Any) -> None:
+    consumers = _command_group(sub, "consume", "run an event consumer process (no HTTP API)")
+    stats = consumers.add_parser("stats", help="apply dose-events to the statistics; several share the partitions")
+    stats.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port")
+    stats.add_argument("--metrics-host", default="127.0.0.1")
+    stats.set_defaults(func=_consume)
