@@ -190,3 +190,40 @@ async def test_a_member_killed_between_its_database_and_kafka_commits_doubles_no
         assert await processed(database) == 600
     finally:
         await database.engine.dispose()
+
+
+# --- bookkeeping: processed ids pruned behind the offsets; lag on /metrics --------------------------------
+
+
+async def test_processed_ids_are_pruned_only_behind_both_windows(stats_db: Database, bus: BusSettings) -> None:
+    batch = [recorded() for _ in range(20)]  # one municipality: one partition, offsets 0..19
+    await publish(bus, batch)
+    consumer = StatsConsumer(stats_db, bus=bus, poll_timeout=0.1, keep_offsets=5, keep_seconds=3600)
+    await consumer.drain()
+    assert await consumer.prune() == 0  # all processed within the hour: kept
+    consumer.keep_seconds = 0
+    assert await consumer.prune() == 15  # offsets 0..14 are more than 5 behind the committed 20
+    assert await processed(stats_db) == 5
+    # A late duplicate of a recent event is still recognised; the counts stay exact.
+    await publish(bus, [batch[-1]])
+    await consumer.drain()
+    assert await total(stats_db) == 20
+    await consumer.stop()
+
+
+async def test_lag_per_partition_is_on_the_metrics(stats_db: Database, bus: BusSettings) -> None:
+    from prometheus_client import REGISTRY
+
+    await publish(bus, [recorded() for _ in range(10)])
+    consumer = StatsConsumer(stats_db, bus=bus, poll_timeout=0.1, max_records=4, lag_interval=0)
+    await consumer.step(timeout=0.1)
+    (partition,) = [p for p, o in consumer._positions.items() if o]
+
+    def lag() -> float | None:
+        return REGISTRY.get_sample_value("vrs_stats_consumer_lag", {"consumer": "stats", "partition": str(partition)})
+
+    assert lag() == 10  # measured as the first batch was read
+    await consumer.drain()
+    await consumer.step(timeout=0.1)
+    assert lag() == 0
+    await consumer.stop()
