@@ -1,4 +1,5 @@
-"""stats' ``vrs`` subcommands: ``vrs consume stats`` runs a consumer process without the API.
+"""stats' ``vrs`` subcommands: ``vrs consume stats`` runs a consumer process without the API;
+``vrs stats rebuild`` replays the topic into fresh aggregates and swaps them in (see :mod:`services.stats.rebuild`).
 
 Run as many as the topic has partitions (more stand by): they share the partitions through the bus's group
 (see :mod:`services.stats.consumer`). Configured like the service (``VRS_STATS_*``, ``VRS_BUS_*``). Give
@@ -12,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 from typing import Any
 
 from prometheus_client import start_http_server
@@ -66,9 +68,37 @@ def _consume(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rebuild(args: argparse.Namespace) -> int:
+    from services.stats.rebuild import RebuildFailed, rebuild
+
+    settings = StatsSettings()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def main() -> int:
+        database = Database.connect(settings.main_dsn, pool_size=2)
+        try:
+            result = await rebuild(database, settings, idle=args.idle)
+        except RebuildFailed as exc:
+            print(f"vrs stats rebuild: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            await database.engine.dispose()
+        print(f"rebuilt from {result.events_applied} events; swapped in at offsets {result.offsets}")
+        return 0
+
+    return asyncio.run(main())
+
+
 def register(sub: Any) -> None:
     consumers = _command_group(sub, "consume", "run an event consumer process (no HTTP API)")
     stats = consumers.add_parser("stats", help="apply dose-events to the statistics; several share the partitions")
     stats.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port")
     stats.add_argument("--metrics-host", default="127.0.0.1")
     stats.set_defaults(func=_consume)
+
+    commands = sub.add_parser("stats", help="stats operations").add_subparsers(required=True, metavar="COMMAND")
+    rebuild = commands.add_parser("rebuild", help="replay dose-events into fresh aggregates and swap them in")
+    rebuild.add_argument(
+        "--idle", type=float, default=1.0, help="seconds without a new message that count as caught up"
+    )
+    rebuild.set_defaults(func=_rebuild)

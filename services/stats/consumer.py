@@ -26,8 +26,10 @@ from collections.abc import Callable
 from datetime import timedelta
 
 from prometheus_client import Counter, Gauge, Histogram
+from sqlalchemy import Table
 
 from services.stats import service
+from services.stats.models import dose_counts
 from services.stats.service import BatchOutcome
 from services.stats.settings import StatsSettings
 from shared.bus import Message, Source, make_source
@@ -78,6 +80,7 @@ class StatsConsumer:
         prune_interval: float = 300.0,
         keep_offsets: int = 1_000_000,
         keep_seconds: float = 7 * 24 * 3600,
+        counts: Table = dose_counts,
     ) -> None:
         self.database = database
         self.bus = bus
@@ -96,6 +99,7 @@ class StatsConsumer:
         self.prune_interval = prune_interval
         self.keep_offsets = keep_offsets
         self.keep_seconds = keep_seconds
+        self.counts = counts
         self._lag_due = 0.0
         self._prune_due = time.monotonic() + prune_interval
 
@@ -199,7 +203,12 @@ class StatsConsumer:
                 return None
             async with self.database.sessionmaker() as session, session.begin():
                 outcome = await service.apply_messages(
-                    session, consumer=self.name, topic=self.bus.topic, messages=messages, now=utcnow()
+                    session,
+                    consumer=self.name,
+                    topic=self.bus.topic,
+                    messages=messages,
+                    now=utcnow(),
+                    counts=self.counts,
                 )
         except BaseException:
             # Cancellation included: a batch cut off mid-transaction was rolled back, so the source must

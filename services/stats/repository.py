@@ -11,7 +11,22 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, Literal, get_args
 
-from sqlalchemy import BigInteger, Column, ColumnElement, Row, case, cast, delete, func, or_, select
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    ColumnElement,
+    Row,
+    Table,
+    case,
+    cast,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.stats.models import consumer_offsets, consumer_state, dose_counts, processed_events
@@ -141,10 +156,14 @@ class StatsRepository:
 
 
 class ConsumerRepository:
-    """The consumer's writes. Each call is one statement; the caller's transaction holds them together."""
+    """The consumer's writes. Each call is one statement; the caller's transaction holds them together.
 
-    def __init__(self, session: AsyncSession) -> None:
+    ``counts`` is the aggregates table written to: the live one, or a rebuild's shadow.
+    """
+
+    def __init__(self, session: AsyncSession, *, counts: Table = dose_counts) -> None:
         self.session = session
+        self.counts = counts
 
     async def offsets(self, consumer: str, topic: str) -> dict[int, int]:
         stmt = select(consumer_offsets.c.partition, consumer_offsets.c.next_offset).where(
@@ -203,8 +222,10 @@ class ConsumerRepository:
             return
         # One fixed order for every writer, so two consumers touching the same cells cannot deadlock.
         cells = sorted(deltas, key=_cell_sort_key)
-        stmt = upsert(self.session, dose_counts)
-        stmt = stmt.on_conflict_do_update(index_elements=_CELL_KEY, set_={"count": _c.count + stmt.excluded.count})
+        stmt = upsert(self.session, self.counts)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=_CELL_KEY, set_={"count": self.counts.c["count"] + stmt.excluded["count"]}
+        )
         await self.session.execute(stmt, [{**_cell_values(cell), "count": deltas[cell]} for cell in cells])
 
     async def store_offsets(
@@ -255,3 +276,56 @@ def _cell_values(cell: StatsCell) -> dict[str, Any]:
 
 def _cell_sort_key(cell: StatsCell) -> tuple[Any, ...]:
     return tuple(_cell_values(cell).values())
+
+
+class RebuildRepository:
+    """A rebuild's DDL and bookkeeping: a shadow aggregates table filled beside the live one, then swapped in."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    def _dialect(self) -> str:
+        return self.session.get_bind().dialect.name
+
+    async def prepare(self, shadow: Table, consumer: str) -> None:
+        """An empty shadow table and no bookkeeping under ``consumer``: a rebuild starts from offset 0."""
+        connection = await self.session.connection()
+        await connection.run_sync(lambda sync: shadow.drop(sync, checkfirst=True))
+        await connection.run_sync(lambda sync: shadow.create(sync))
+        for table in (processed_events, consumer_offsets, consumer_state):
+            await self.session.execute(delete(table).where(table.c.consumer == consumer))
+
+    async def lock_writers(self) -> None:
+        """Hold off the live consumers until this transaction ends.
+
+        Their batch transaction writes ``processed_events`` first, so they wait here before touching the
+        aggregates, and then find the swapped-in table. (SQLite has one writer at a time anyway.)
+        """
+        if self._dialect() == "postgresql":
+            await self.session.execute(text("LOCK TABLE processed_events IN EXCLUSIVE MODE"))
+
+    async def swap(self, shadow: Table, *, live: str, rebuilt: str, topic: str, now: datetime) -> None:
+        """Replace the live aggregates with the shadow's, and the live consumer's bookkeeping with the rebuild's."""
+        live_name, shadow_name = dose_counts.name, shadow.name
+        statements = [f"DROP TABLE {live_name}", f"ALTER TABLE {shadow_name} RENAME TO {live_name}"]
+        if self._dialect() == "postgresql":
+            statements += [
+                f"ALTER INDEX {shadow_name}_pkey RENAME TO {live_name}_pkey",
+                f"ALTER INDEX ix_{shadow_name}_municipality_date RENAME TO ix_{live_name}_municipality_date",
+            ]
+        else:  # SQLite cannot rename an index
+            statements += [
+                f"DROP INDEX ix_{shadow_name}_municipality_date",
+                f"CREATE INDEX ix_{live_name}_municipality_date ON {live_name} (municipality, date)",
+            ]
+        for statement in statements:
+            await self.session.execute(text(statement))
+        p, o, s = processed_events, consumer_offsets, consumer_state
+        await self.session.execute(delete(p).where(p.c.consumer == live))
+        await self.session.execute(update(p).where(p.c.consumer == rebuilt).values(consumer=live))
+        await self.session.execute(delete(o).where(o.c.consumer == live, o.c.topic == topic))
+        await self.session.execute(update(o).where(o.c.consumer == rebuilt).values(consumer=live))
+        last_event_at = await self.session.scalar(select(s.c.last_event_at).where(s.c.consumer == rebuilt))
+        await self.session.execute(delete(s).where(s.c.consumer.in_((live, rebuilt))))
+        # as_of moves to now: the aggregates changed (if only in their history).
+        await self.session.execute(insert(s).values(consumer=live, last_event_at=last_event_at, updated_at=now))

@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 
 from pydantic import ValidationError
+from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.stats.models import dose_counts
 from services.stats.population import Denominator, Population
 from services.stats.repository import (
     DIMENSIONS,
@@ -125,7 +127,13 @@ def to_utc(moment: datetime) -> datetime:
 
 
 async def apply_messages(
-    session: AsyncSession, *, consumer: str, topic: str, messages: Sequence[Message], now: datetime
+    session: AsyncSession,
+    *,
+    consumer: str,
+    topic: str,
+    messages: Sequence[Message],
+    now: datetime,
+    counts: Table = dose_counts,
 ) -> BatchOutcome:
     """Apply one polled batch inside the caller's transaction: counts, processed ids, offsets, state.
 
@@ -134,7 +142,7 @@ async def apply_messages(
     """
     positions: dict[uuid.UUID, tuple[int, int]] = {}
     events, undecodable = decode_messages(messages, positions=positions)
-    repo = ConsumerRepository(session)
+    repo = ConsumerRepository(session, counts=counts)
     fresh_ids = await repo.claim_events(consumer, positions, processed_at=now)
     applied = [e for e in events if e.event_id in fresh_ids]
     await repo.add_to_counts(fold_deltas(applied))
