@@ -31,6 +31,7 @@ def create_app(settings: StatsSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.settings = settings
         app.state.population = _population(settings)
         app.state.echarts = load_echarts(settings.echarts_path)
         if isinstance(app.state.echarts, str):

@@ -16,7 +16,9 @@ from sqlalchemy import (
     Column,
     ColumnElement,
     Row,
+    Select,
     Table,
+    and_,
     case,
     cast,
     delete,
@@ -52,12 +54,20 @@ _SUM = func.sum(_c.count)
 _TOTAL = cast(_SUM, BigInteger)  # PostgreSQL sums a bigint to numeric
 
 
-def _order_keys(name: Dimension) -> list[ColumnElement[Any]]:
+def _order_keys(name: Dimension, columns: Any = None) -> list[ColumnElement[Any]]:
+    """Sort keys of a dimension, on the counts table or on ``columns`` (a subquery's) of the same names."""
+    if columns is None:
+        if name == "sex":
+            return [_SEX_RANK, _c.sex]
+        if name == "age_band":
+            return [_AGE_RANK, _c.age_band]
+        return [_COLUMNS[name]]
+    column = columns[name]
     if name == "sex":
-        return [_SEX_RANK, _c.sex]
+        return [case({"F": 0, "M": 1, "U": 2}, value=column, else_=3), column]
     if name == "age_band":
-        return [_AGE_RANK, _c.age_band]
-    return [_COLUMNS[name]]
+        return [case({"-64": 0, "65-": 1, "UNK": 2}, value=column, else_=3), column]
+    return [column]
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +115,78 @@ class StatsRepository:
             .order_by(*(key for name in group_by for key in _order_keys(name)))
         )
         return (await self.session.execute(stmt)).all()
+
+    def cut_statement(
+        self,
+        group_by: Sequence[Dimension],
+        where: DoseFilter,
+        *,
+        suppress_below: int = 0,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> Select[Any]:
+        """Rows of (the group_by values..., count), count > 0, sorted by the values; one page of them.
+
+        With ``suppress_below`` (a public fine cut), a count from 1 to ``suppress_below - 1`` comes back as
+        NULL, and so does the smallest other count of a group of cells that adds up to a published total
+        when exactly one cell of that group is small (else the total minus the others would give it away).
+        The group is every cell with the same values but for municipality and vaccine, within a prefecture.
+        A municipality filter is applied only after the decision, so asking for one municipality hides
+        exactly what the grouped cut hides.
+        """
+        if not suppress_below:
+            columns = [_COLUMNS[name] for name in group_by]
+            stmt = (
+                select(*columns, _TOTAL.label("count"))
+                .where(*where.clauses())
+                .group_by(*columns)
+                .having(_SUM > 0)
+                .order_by(*(key for name in group_by for key in _order_keys(name)))
+            )
+            return stmt.limit(limit).offset(offset) if limit is not None else stmt
+        fine_municipality = "municipality" in group_by or where.municipality is not None
+        inner_dims: list[Dimension] = list(group_by)
+        if fine_municipality:
+            inner_dims += [d for d in ("municipality", "prefecture") if d not in inner_dims]
+        inner_where = where
+        if where.municipality is not None:
+            # Decide over the whole prefecture; keep the one municipality asked for afterwards.
+            if where.prefecture not in (None, where.municipality[:2]):
+                inner_where = DoseFilter(date_from=where.date_from, date_to=where.date_to, prefecture="--")
+            else:
+                inner_where = DoseFilter(
+                    date_from=where.date_from, date_to=where.date_to, prefecture=where.municipality[:2]
+                )
+        inner_columns = [_COLUMNS[name] for name in inner_dims]
+        cut = (
+            select(*inner_columns, _TOTAL.label("count"))
+            .where(*inner_where.clauses())
+            .group_by(*inner_columns)
+            .having(_SUM > 0)
+            .cte("cut")
+        )
+        small = case((cut.c["count"] < suppress_below, 1), else_=0)
+        partition = [cut.c[name] for name in inner_dims if name not in ("municipality", "vaccine")]
+        marked = select(
+            cut,
+            small.label("small"),
+            func.sum(small).over(partition_by=partition or None).label("smalls"),
+            func.row_number()
+            .over(partition_by=[*partition, small], order_by=[cut.c["count"], *(cut.c[n] for n in inner_dims)])
+            .label("rank"),
+        ).subquery("marked")
+        m = marked.c
+        hidden = or_(m.small == 1, and_(m.smalls == 1, m.small == 0, m.rank == 1))
+        stmt = select(*(m[name] for name in group_by), case((hidden, None), else_=m["count"]).label("count"))
+        if where.municipality is not None:
+            stmt = stmt.where(m.municipality == where.municipality)
+        stmt = stmt.order_by(*(key for name in group_by for key in _order_keys(name, m)))
+        return stmt.limit(limit).offset(offset) if limit is not None else stmt
+
+    async def stream_rows(self, stmt: Select[Any], *, chunk_rows: int) -> AsyncIterator[Sequence[AnyRow]]:
+        result = await self.session.stream(stmt.execution_options(yield_per=chunk_rows))
+        async for rows in result.partitions(chunk_rows):
+            yield rows
 
     async def people_by_dose(self, *, prefecture: str | None, by_prefecture: bool) -> Sequence[AnyRow]:
         """Rows of ([prefecture,] dose_number, people, people_65_and_over), net of corrections and voids.

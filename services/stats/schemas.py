@@ -12,8 +12,15 @@ class DosesOut(BaseModel):
     as_of: datetime | None = Field(
         description="when the aggregates last changed (the last applied event batch); null before the first"
     )
-    rows: list[dict[str, RowValue]] = Field(
-        description="one object per group: the group_by keys in the order asked, then count; sorted by the keys"
+    rows: list[dict[str, RowValue | None]] = Field(
+        description="one object per group: the group_by keys in the order asked, then count; sorted by the keys. "
+        "count is null where a fine cut hides a small count (callers other than role national)"
+    )
+    next_offset: int | None = Field(
+        default=None, description="present when more rows follow: pass it as offset for the next page"
+    )
+    suppressed: int | None = Field(
+        default=None, description="present on suppressed cuts: how many rows of this page have their count hidden"
     )
 
 

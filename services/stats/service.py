@@ -26,12 +26,12 @@ from services.stats.repository import (
     DoseFilter,
     StatsRepository,
 )
-from services.stats.schemas import CoverageOut, CoverageRow, DosesOut, RowValue
+from services.stats.schemas import CoverageOut, CoverageRow, RowValue
 from shared.auth import Principal, Role
 from shared.bus import Message
 from shared.db import Database
 from shared.domain.codes import is_valid_prefecture_code, municipality_code_problem
-from shared.errors import Forbidden, InvalidField, ServiceUnavailable, Unauthorized
+from shared.errors import InvalidField, ServiceUnavailable
 from shared.events import DoseEvent, StatsCell
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,9 @@ MUNICIPALITY_ROLES = frozenset({Role.NATIONAL, Role.SERVICE})
 NDJSON_MEDIA_TYPE = "application/x-ndjson"
 CSV_MEDIA_TYPE = "text/csv; charset=utf-8"
 SUMMARY_BY_DATE_HEADER = "date,count_first_or_mid_general,count_second_or_full_general\n"
+
+# Rows per chunk of a streamed cut.
+CUT_CHUNK_ROWS = 2000
 
 # Rows per chunk of a streamed open-data file: large enough to keep per-chunk overhead negligible, small
 # enough that the whole table is never held in memory at once.
@@ -232,15 +235,21 @@ def parse_filter(
     return DoseFilter(date_from=start, date_to=end, prefecture=prefecture, municipality=municipality)
 
 
-def authorize_cut(principal: Principal, *, group_by: Sequence[Dimension], where: DoseFilter) -> None:
-    """Public cuts for anyone; anything that singles out a municipality for national users only."""
-    if "municipality" not in group_by and where.municipality is None:
-        return
-    if principal.role in MUNICIPALITY_ROLES:
-        return
-    if principal.role is Role.ANONYMOUS:
-        raise Unauthorized("statistics by municipality need a bearer token of role 'national'")
-    raise Forbidden(f"statistics by municipality are for role 'national', not '{principal.role.value}'")
+# Dimensions finer than the open data, which the Digital Agency publishes at full detail by prefecture
+# (date × prefecture × sex × age band × medical worker × dose number): a cut using either is a fine cut.
+FINE_DIMENSIONS = frozenset({"municipality", "vaccine"})
+
+
+def is_fine_cut(group_by: Sequence[Dimension], where: DoseFilter) -> bool:
+    return bool(FINE_DIMENSIONS & set(group_by)) or where.municipality is not None
+
+
+def suppression_for(principal: Principal, *, group_by: Sequence[Dimension], where: DoseFilter, threshold: int) -> int:
+    """Counts below what are hidden in this caller's answer: 0 (exact) for national users and services, and for
+    every caller on cuts no finer than the open data; ``threshold`` for everyone else on a fine cut."""
+    if principal.role in MUNICIPALITY_ROLES or not is_fine_cut(group_by, where):
+        return 0
+    return threshold
 
 
 def _json_value(value: date | str | int | bool) -> RowValue:
@@ -251,20 +260,54 @@ def as_utc(moment: datetime | None) -> datetime | None:
     return None if moment is None else to_utc(moment)
 
 
-async def dose_cut(session: AsyncSession, *, group_by: Sequence[Dimension], where: DoseFilter) -> DosesOut:
-    repo = StatsRepository(session)
-    # Read as_of before the rows: the rows are then at least as new as the time they claim.
-    as_of = as_utc(await repo.as_of())
-    if not group_by:
-        return DosesOut(as_of=as_of, rows=[{"count": await repo.total(where)}])
-    rows: list[dict[str, RowValue]] = []
-    for values in await repo.grouped_counts(group_by, where):
-        row: dict[str, RowValue] = {
-            name: _json_value(value) for name, value in zip(group_by, values[: len(group_by)], strict=True)
-        }
-        row["count"] = int(values[-1])
-        rows.append(row)
-    return DosesOut(as_of=as_of, rows=rows)
+async def dose_cut(
+    database: Database,
+    *,
+    group_by: Sequence[Dimension],
+    where: DoseFilter,
+    suppress_below: int,
+    limit: int,
+    offset: int,
+) -> AsyncGenerator[bytes, None]:
+    """The JSON answer of ``GET /api/v1/stats/doses``, streamed: ``{"as_of", "rows": [...]}``, then
+    ``"next_offset"`` when more rows follow this page and ``"suppressed"`` (rows whose count is hidden as
+    null) when the cut was suppressed. Rows come from the database in chunks, never all at once."""
+    async with database.sessionmaker() as session:
+        repo = StatsRepository(session)
+        # Read as_of before the rows: the rows are then at least as new as the time they claim.
+        as_of = as_utc(await repo.as_of())
+        yield b'{"as_of":' + json.dumps(as_of.isoformat().replace("+00:00", "Z") if as_of else None).encode()
+        if not group_by and not suppress_below:
+            yield b',"rows":[{"count":' + str(await repo.total(where)).encode() + b"}]}"
+            return
+        stmt = repo.cut_statement(group_by, where, suppress_below=suppress_below, limit=limit + 1, offset=offset)
+        shown = hidden = 0
+        more = False
+        yield b',"rows":['
+        async for rows in repo.stream_rows(stmt, chunk_rows=CUT_CHUNK_ROWS):
+            parts: list[str] = []
+            for values in rows:
+                if shown == limit:
+                    more = True
+                    break
+                row: dict[str, RowValue | None] = {
+                    name: _json_value(value) for name, value in zip(group_by, values[: len(group_by)], strict=True)
+                }
+                count = values[-1]
+                row["count"] = None if count is None else int(count)
+                hidden += count is None
+                parts.append(("," if shown else "") + json.dumps(row, ensure_ascii=False, separators=(",", ":")))
+                shown += 1
+            if parts:
+                yield "".join(parts).encode()
+        if not group_by and shown == 0:
+            yield b'{"count":0}'  # no doses in the municipality asked for
+        tail = "]"
+        if more:
+            tail += f',"next_offset":{offset + limit}'
+        if suppress_below:
+            tail += f',"suppressed":{hidden}'
+        yield (tail + "}").encode()
 
 
 # --- coverage (GET /api/v1/stats/coverage) ------------------------------------------------------------

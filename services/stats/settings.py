@@ -40,8 +40,11 @@ class StatsSettings(ServiceSettings):
     poll_timeout_seconds: float = Field(default=1.0, gt=0)
     retry_initial_seconds: float = Field(default=0.5, gt=0)
     retry_max_seconds: float = Field(default=30.0, gt=0)
-    # Public cuts with fewer doses than this will be suppressed (0 = off); not applied yet.
-    small_cell_threshold: int = Field(default=0, ge=0)
+    # Fine cuts (municipality, vaccine) for callers other than national users hide counts below this
+    # (10: counts 1-9 are suppressed); 0 turns suppression off. See service.suppression_for.
+    small_cell_threshold: int = Field(default=10, ge=0)
+    # Rows per page of GET /api/v1/stats/doses: the default and the most a caller may ask for.
+    max_cut_rows: int = Field(default=50_000, ge=1)
     # The denominators of the coverage rates (see services/stats/population.py).
     population_path: Path = Field(default_factory=_default_population_path)
     # The dashboard's chart library, installed from npm by `npm ci --prefix services/stats/web`.
