@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The dashboard's chart library (Apache ECharts), from services/stats/web's npm lock file.
+ECHARTS := services/stats/web/node_modules/echarts/dist/echarts.min.js
 
 .PHONY: run run-full test lint format bench soak clean
 
@@ -14,13 +16,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' | xargs -I{} sh -c 'echo "$(CURDIR)" > {}/vrs-devtools.pth'
 	@touch $@
 
-run: $(STAMP)  ## all services, embedded (SQLite + event log under var/), demo data
+$(ECHARTS): services/stats/web/package.json services/stats/web/package-lock.json
+	npm ci --prefix services/stats/web --no-audit --no-fund
+	@touch $@
+
+run: $(STAMP) $(ECHARTS)  ## all services, embedded (SQLite + event log under var/), demo data
 	$(BIN)/vrs run
 
-run-full: $(STAMP)  ## the same on local PostgreSQL (2 shards) + Kafka under var/
+run-full: $(STAMP) $(ECHARTS)  ## the same on local PostgreSQL (2 shards) + Kafka under var/
 	$(BIN)/vrs run --full
 
-test: $(STAMP)  ## the whole suite, PostgreSQL + Kafka included (started by the harness)
+test: $(STAMP) $(ECHARTS)  ## the whole suite, PostgreSQL + Kafka included (started by the harness)
 	$(BIN)/pytest
 
 lint: $(STAMP)  ## ruff (format + lint) and mypy --strict
@@ -32,8 +38,8 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: $(STAMP)  ## throughput and lag on PostgreSQL + Kafka; prints numbers
+bench: $(STAMP) $(ECHARTS)  ## throughput and lag on PostgreSQL + Kafka; prints numbers
 	$(BIN)/python -m devtools.bench
 
 clean:
-	rm -rf var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache services/stats/web/node_modules

@@ -82,6 +82,9 @@ class BusSettings(BaseSettings):
     embedded_path: Path = Field(default_factory=lambda: var_dir() / "events" / "log.db")
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     kafka_client_id: str = "vrs"
+    # How long a group member that stopped (killed, hung) keeps its partitions before others take them:
+    # the Kafka consumer group's session timeout, the embedded log's lease.
+    group_session_seconds: float = Field(default=10.0, ge=1)
 
 
 class ServiceSettings(BaseSettings):

@@ -132,8 +132,10 @@ POLICY: tuple[Rule, ...] = (
     rule("POST", f"{_M}/doses/{{dose_id}}/corrections", RECORDS, MUNICIPALITY, OWN, reads_personal_data=True),
     # stats: anyone; stats itself keeps municipality-level cuts for the national role
     rule("GET", "/api/v1/stats/doses", STATS, ANYONE),
+    rule("GET", "/api/v1/stats/coverage", STATS, ANYONE),
     rule("GET", "/api/v1/opendata/{file}", STATS, ANYONE),
     rule("GET", "/dashboard", STATS, ANYONE),
+    rule("GET", "/dashboard/{asset}", STATS, ANYONE),  # the page's script files, served by stats
     # the gateway itself: a municipality reads the audit entries about its data or made by it
     rule("GET", f"{_M}/audit", GATEWAY, MUNICIPALITY, OWN),
 )

@@ -27,23 +27,28 @@ class MainBase(DeclarativeBase):
     metadata = MetaData()
 
 
+def counts_table(name: str, metadata: MetaData) -> Table:
+    """The aggregates' shape, under ``name``: the live table, or a rebuild's shadow beside it."""
+    return Table(
+        name,
+        metadata,
+        Column("date", Date, primary_key=True),  # 接種日
+        Column("prefecture", String(2), primary_key=True),  # of the issuing municipality
+        Column("municipality", String(6), primary_key=True),  # issuing municipality (接種券の発行自治体)
+        Column("sex", String(1), primary_key=True),  # M, F or U
+        Column("age_band", String(3), primary_key=True),  # -64, 65- or UNK
+        Column("medical_worker", Boolean, primary_key=True),  # 医療従事者等
+        Column("dose_number", SmallInteger, primary_key=True),  # 接種回数
+        Column("vaccine", String(32), primary_key=True),  # product code
+        Column("count", BigInteger, nullable=False),
+        # National users cut by municipality; the primary key leads with the date and cannot serve that.
+        Index(f"ix_{name}_municipality_date", "municipality", "date"),
+    )
+
+
 # One row per statistics cell (every dimension of ``shared.events.StatsCell``). Rows are never deleted: a
 # cell that drops to zero stays at zero, and readers only show cells above zero.
-dose_counts = Table(
-    "dose_counts",
-    MainBase.metadata,
-    Column("date", Date, primary_key=True),  # 接種日
-    Column("prefecture", String(2), primary_key=True),  # of the issuing municipality
-    Column("municipality", String(6), primary_key=True),  # issuing municipality (接種券の発行自治体)
-    Column("sex", String(1), primary_key=True),  # M, F or U
-    Column("age_band", String(3), primary_key=True),  # -64, 65- or UNK
-    Column("medical_worker", Boolean, primary_key=True),  # 医療従事者等
-    Column("dose_number", SmallInteger, primary_key=True),  # 接種回数
-    Column("vaccine", String(32), primary_key=True),  # product code
-    Column("count", BigInteger, nullable=False),
-    # National users cut by municipality; the primary key leads with the date and cannot serve that.
-    Index("ix_dose_counts_municipality_date", "municipality", "date"),
-)
+dose_counts = counts_table("dose_counts", MainBase.metadata)
 
 # Which events a consumer has applied: the primary key is what makes a redelivered event a no-op.
 processed_events = Table(
@@ -52,6 +57,11 @@ processed_events = Table(
     Column("consumer", String(64), primary_key=True),
     Column("event_id", Uuid, primary_key=True),
     Column("processed_at", DateTime(timezone=True), nullable=False),
+    # Where the event was first read: ids are pruned once their partition's committed offset is far past.
+    # Null for ids stored before these columns existed: those are never pruned.
+    Column("event_partition", Integer),
+    Column("event_offset", BigInteger),
+    Index("ix_processed_events_position", "consumer", "event_partition", "event_offset"),
 )
 
 # The next offset to read per partition; only ever written in the transaction that applied the messages.

@@ -11,7 +11,24 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, Literal, get_args
 
-from sqlalchemy import BigInteger, Column, ColumnElement, Row, case, cast, func, or_, select
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    ColumnElement,
+    Row,
+    Select,
+    Table,
+    and_,
+    case,
+    cast,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.stats.models import consumer_offsets, consumer_state, dose_counts, processed_events
@@ -37,12 +54,20 @@ _SUM = func.sum(_c.count)
 _TOTAL = cast(_SUM, BigInteger)  # PostgreSQL sums a bigint to numeric
 
 
-def _order_keys(name: Dimension) -> list[ColumnElement[Any]]:
+def _order_keys(name: Dimension, columns: Any = None) -> list[ColumnElement[Any]]:
+    """Sort keys of a dimension, on the counts table or on ``columns`` (a subquery's) of the same names."""
+    if columns is None:
+        if name == "sex":
+            return [_SEX_RANK, _c.sex]
+        if name == "age_band":
+            return [_AGE_RANK, _c.age_band]
+        return [_COLUMNS[name]]
+    column = columns[name]
     if name == "sex":
-        return [_SEX_RANK, _c.sex]
+        return [case({"F": 0, "M": 1, "U": 2}, value=column, else_=3), column]
     if name == "age_band":
-        return [_AGE_RANK, _c.age_band]
-    return [_COLUMNS[name]]
+        return [case({"-64": 0, "65-": 1, "UNK": 2}, value=column, else_=3), column]
+    return [column]
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +116,91 @@ class StatsRepository:
         )
         return (await self.session.execute(stmt)).all()
 
+    def cut_statement(
+        self,
+        group_by: Sequence[Dimension],
+        where: DoseFilter,
+        *,
+        suppress_below: int = 0,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> Select[Any]:
+        """Rows of (the group_by values..., count), count > 0, sorted by the values; one page of them.
+
+        With ``suppress_below`` (a public fine cut), a count from 1 to ``suppress_below - 1`` comes back as
+        NULL, and so does the smallest other count of a group of cells that adds up to a published total
+        when exactly one cell of that group is small (else the total minus the others would give it away).
+        The group is every cell with the same values but for municipality and vaccine, within a prefecture.
+        A municipality filter is applied only after the decision, so asking for one municipality hides
+        exactly what the grouped cut hides.
+        """
+        if not suppress_below:
+            columns = [_COLUMNS[name] for name in group_by]
+            stmt = (
+                select(*columns, _TOTAL.label("count"))
+                .where(*where.clauses())
+                .group_by(*columns)
+                .having(_SUM > 0)
+                .order_by(*(key for name in group_by for key in _order_keys(name)))
+            )
+            return stmt.limit(limit).offset(offset) if limit is not None else stmt
+        fine_municipality = "municipality" in group_by or where.municipality is not None
+        inner_dims: list[Dimension] = list(group_by)
+        if fine_municipality:
+            inner_dims += [d for d in ("municipality", "prefecture") if d not in inner_dims]
+        inner_where = where
+        if where.municipality is not None:
+            # Decide over the whole prefecture; keep the one municipality asked for afterwards.
+            if where.prefecture not in (None, where.municipality[:2]):
+                inner_where = DoseFilter(date_from=where.date_from, date_to=where.date_to, prefecture="--")
+            else:
+                inner_where = DoseFilter(
+                    date_from=where.date_from, date_to=where.date_to, prefecture=where.municipality[:2]
+                )
+        inner_columns = [_COLUMNS[name] for name in inner_dims]
+        cut = (
+            select(*inner_columns, _TOTAL.label("count"))
+            .where(*inner_where.clauses())
+            .group_by(*inner_columns)
+            .having(_SUM > 0)
+            .cte("cut")
+        )
+        small = case((cut.c["count"] < suppress_below, 1), else_=0)
+        partition = [cut.c[name] for name in inner_dims if name not in ("municipality", "vaccine")]
+        marked = select(
+            cut,
+            small.label("small"),
+            func.sum(small).over(partition_by=partition or None).label("smalls"),
+            func.row_number()
+            .over(partition_by=[*partition, small], order_by=[cut.c["count"], *(cut.c[n] for n in inner_dims)])
+            .label("rank"),
+        ).subquery("marked")
+        m = marked.c
+        hidden = or_(m.small == 1, and_(m.smalls == 1, m.small == 0, m.rank == 1))
+        stmt = select(*(m[name] for name in group_by), case((hidden, None), else_=m["count"]).label("count"))
+        if where.municipality is not None:
+            stmt = stmt.where(m.municipality == where.municipality)
+        stmt = stmt.order_by(*(key for name in group_by for key in _order_keys(name, m)))
+        return stmt.limit(limit).offset(offset) if limit is not None else stmt
+
+    async def stream_rows(self, stmt: Select[Any], *, chunk_rows: int) -> AsyncIterator[Sequence[AnyRow]]:
+        result = await self.session.stream(stmt.execution_options(yield_per=chunk_rows))
+        async for rows in result.partitions(chunk_rows):
+            yield rows
+
+    async def people_by_dose(self, *, prefecture: str | None, by_prefecture: bool) -> Sequence[AnyRow]:
+        """Rows of ([prefecture,] dose_number, people, people_65_and_over), net of corrections and voids.
+
+        A cell's count is the number of live doses in it, and each person has at most one live dose of a
+        given number (records refuses a second one), so a sum over dose_number = N is a count of people.
+        """
+        keys: list[Column[Any]] = ([_c.prefecture] if by_prefecture else []) + [_c.dose_number]
+        senior = cast(func.sum(case((_c.age_band == "65-", _c.count), else_=0)), BigInteger)
+        stmt = select(*keys, _TOTAL.label("people"), senior.label("people_65_and_over")).group_by(*keys).order_by(*keys)
+        if prefecture is not None:
+            stmt = stmt.where(_c.prefecture == prefecture)
+        return (await self.session.execute(stmt)).all()
+
     async def prefecture_cells(self, *, chunk_rows: int) -> AsyncIterator[Sequence[AnyRow]]:
         """The open data's cells (municipality and vaccine summed away) in the published order, streamed.
 
@@ -128,10 +238,14 @@ class StatsRepository:
 
 
 class ConsumerRepository:
-    """The consumer's writes. Each call is one statement; the caller's transaction holds them together."""
+    """The consumer's writes. Each call is one statement; the caller's transaction holds them together.
 
-    def __init__(self, session: AsyncSession) -> None:
+    ``counts`` is the aggregates table written to: the live one, or a rebuild's shadow.
+    """
+
+    def __init__(self, session: AsyncSession, *, counts: Table = dose_counts) -> None:
         self.session = session
+        self.counts = counts
 
     async def offsets(self, consumer: str, topic: str) -> dict[int, int]:
         stmt = select(consumer_offsets.c.partition, consumer_offsets.c.next_offset).where(
@@ -140,15 +254,15 @@ class ConsumerRepository:
         return {int(p): int(o) for p, o in (await self.session.execute(stmt)).all()}
 
     async def claim_events(
-        self, consumer: str, event_ids: Sequence[uuid.UUID], *, processed_at: datetime
+        self, consumer: str, events: Mapping[uuid.UUID, tuple[int, int]], *, processed_at: datetime
     ) -> set[uuid.UUID]:
-        """Record ``event_ids`` as processed; return those that were not already (the ones to apply).
+        """Record the events (id → partition, offset) as processed; return the ids not already (to apply).
 
         ``ON CONFLICT DO NOTHING … RETURNING`` answers that in one statement and stays right when two
         consumers race for the same event: on PostgreSQL the second waits for the first to commit and
         then gets nothing back.
         """
-        if not event_ids:
+        if not events:
             return set()
         stmt = (
             upsert(self.session, processed_events)
@@ -156,8 +270,33 @@ class ConsumerRepository:
             .returning(processed_events.c.event_id)
         )
         # Sorted like the cells below: concurrent consumers then take row locks in one order.
-        params = [{"consumer": consumer, "event_id": e, "processed_at": processed_at} for e in sorted(event_ids)]
+        params = [
+            {
+                "consumer": consumer,
+                "event_id": e,
+                "processed_at": processed_at,
+                "event_partition": events[e][0],
+                "event_offset": events[e][1],
+            }
+            for e in sorted(events)
+        ]
         return set((await self.session.execute(stmt, params)).scalars())
+
+    async def prune_processed(self, consumer: str, below: Mapping[int, int], *, before: datetime) -> int:
+        """Delete ids of ``consumer`` at offsets below ``below[partition]`` and processed before ``before``."""
+        p = processed_events.c
+        deleted = 0
+        for partition, offset in sorted(below.items()):
+            result = await self.session.execute(
+                delete(processed_events).where(
+                    p.consumer == consumer,
+                    p.event_partition == partition,
+                    p.event_offset < offset,
+                    p.processed_at < before,
+                )
+            )
+            deleted += int(getattr(result, "rowcount", 0) or 0)
+        return deleted
 
     async def add_to_counts(self, deltas: Mapping[StatsCell, int]) -> None:
         """``count += delta`` per cell, creating cells on first sight."""
@@ -165,8 +304,10 @@ class ConsumerRepository:
             return
         # One fixed order for every writer, so two consumers touching the same cells cannot deadlock.
         cells = sorted(deltas, key=_cell_sort_key)
-        stmt = upsert(self.session, dose_counts)
-        stmt = stmt.on_conflict_do_update(index_elements=_CELL_KEY, set_={"count": _c.count + stmt.excluded.count})
+        stmt = upsert(self.session, self.counts)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=_CELL_KEY, set_={"count": self.counts.c["count"] + stmt.excluded["count"]}
+        )
         await self.session.execute(stmt, [{**_cell_values(cell), "count": deltas[cell]} for cell in cells])
 
     async def store_offsets(
@@ -175,9 +316,15 @@ class ConsumerRepository:
         if not positions:
             return
         stmt = upsert(self.session, consumer_offsets)
+        # Never backwards: a member that read a partition just before losing it to another must not undo
+        # the new owner's progress (processed ids are pruned behind these offsets).
+        forward = case(
+            (stmt.excluded.next_offset > consumer_offsets.c.next_offset, stmt.excluded.next_offset),
+            else_=consumer_offsets.c.next_offset,
+        )
         stmt = stmt.on_conflict_do_update(
             index_elements=["consumer", "topic", "partition"],
-            set_={"next_offset": stmt.excluded.next_offset, "updated_at": stmt.excluded.updated_at},
+            set_={"next_offset": forward, "updated_at": stmt.excluded.updated_at},
         )
         params = [
             {"consumer": consumer, "topic": topic, "partition": p, "next_offset": o, "updated_at": updated_at}
@@ -211,3 +358,56 @@ def _cell_values(cell: StatsCell) -> dict[str, Any]:
 
 def _cell_sort_key(cell: StatsCell) -> tuple[Any, ...]:
     return tuple(_cell_values(cell).values())
+
+
+class RebuildRepository:
+    """A rebuild's DDL and bookkeeping: a shadow aggregates table filled beside the live one, then swapped in."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    def _dialect(self) -> str:
+        return self.session.get_bind().dialect.name
+
+    async def prepare(self, shadow: Table, consumer: str) -> None:
+        """An empty shadow table and no bookkeeping under ``consumer``: a rebuild starts from offset 0."""
+        connection = await self.session.connection()
+        await connection.run_sync(lambda sync: shadow.drop(sync, checkfirst=True))
+        await connection.run_sync(lambda sync: shadow.create(sync))
+        for table in (processed_events, consumer_offsets, consumer_state):
+            await self.session.execute(delete(table).where(table.c.consumer == consumer))
+
+    async def lock_writers(self) -> None:
+        """Hold off the live consumers until this transaction ends.
+
+        Their batch transaction writes ``processed_events`` first, so they wait here before touching the
+        aggregates, and then find the swapped-in table. (SQLite has one writer at a time anyway.)
+        """
+        if self._dialect() == "postgresql":
+            await self.session.execute(text("LOCK TABLE processed_events IN EXCLUSIVE MODE"))
+
+    async def swap(self, shadow: Table, *, live: str, rebuilt: str, topic: str, now: datetime) -> None:
+        """Replace the live aggregates with the shadow's, and the live consumer's bookkeeping with the rebuild's."""
+        live_name, shadow_name = dose_counts.name, shadow.name
+        statements = [f"DROP TABLE {live_name}", f"ALTER TABLE {shadow_name} RENAME TO {live_name}"]
+        if self._dialect() == "postgresql":
+            statements += [
+                f"ALTER INDEX {shadow_name}_pkey RENAME TO {live_name}_pkey",
+                f"ALTER INDEX ix_{shadow_name}_municipality_date RENAME TO ix_{live_name}_municipality_date",
+            ]
+        else:  # SQLite cannot rename an index
+            statements += [
+                f"DROP INDEX ix_{shadow_name}_municipality_date",
+                f"CREATE INDEX ix_{live_name}_municipality_date ON {live_name} (municipality, date)",
+            ]
+        for statement in statements:
+            await self.session.execute(text(statement))
+        p, o, s = processed_events, consumer_offsets, consumer_state
+        await self.session.execute(delete(p).where(p.c.consumer == live))
+        await self.session.execute(update(p).where(p.c.consumer == rebuilt).values(consumer=live))
+        await self.session.execute(delete(o).where(o.c.consumer == live, o.c.topic == topic))
+        await self.session.execute(update(o).where(o.c.consumer == rebuilt).values(consumer=live))
+        last_event_at = await self.session.scalar(select(s.c.last_event_at).where(s.c.consumer == rebuilt))
+        await self.session.execute(delete(s).where(s.c.consumer.in_((live, rebuilt))))
+        # as_of moves to now: the aggregates changed (if only in their history).
+        await self.session.execute(insert(s).values(consumer=live, last_event_at=last_event_at, updated_at=now))

@@ -6,14 +6,15 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import HTMLResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
 
 from services.stats import service
-from services.stats.dashboard import DASHBOARD
+from services.stats.dashboard import DASHBOARD, ECHARTS_ASSET, Script, unavailable_page
 from services.stats.schemas import DosesOut
+from services.stats.settings import StatsSettings
 from shared.auth import PrincipalDep
-from shared.db import Database, UnitOfWorkDep
-from shared.errors import Forbidden, InvalidField, Unauthorized, responses
+from shared.db import Database
+from shared.errors import InvalidField, NotFound, Unauthorized, responses
 
 router = APIRouter(tags=["stats"])
 
@@ -37,25 +38,39 @@ def _database(request: Request) -> Database:
 @router.get(
     "/api/v1/stats/doses",
     response_model=DosesOut,
-    responses=responses(Unauthorized, Forbidden, InvalidField),
+    responses=responses(Unauthorized, InvalidField),
     summary="Doses by any combination of dimensions",
 )
 async def get_doses(
+    request: Request,
     principal: PrincipalDep,
-    uow: UnitOfWorkDep,
     group_by: GroupBy = None,
     date_from: Annotated[DateParam, Query(alias="from")] = None,
     date_to: Annotated[DateParam, Query(alias="to")] = None,
     prefecture: Annotated[str | None, Query(max_length=2, description="2-digit prefecture code")] = None,
-    municipality: Annotated[
-        str | None, Query(max_length=6, description="6-digit municipality code (role national)")
-    ] = None,
-) -> DosesOut:
-    """Anyone may cut by every dimension but ``municipality``; that one (grouping or filter) needs role national."""
+    municipality: Annotated[str | None, Query(max_length=6, description="6-digit municipality code")] = None,
+    limit: Annotated[int | None, Query(ge=1, description="rows per page (default and most: 50,000)")] = None,
+    offset: Annotated[int, Query(ge=0, description="rows to skip: the next_offset of the previous page")] = 0,
+) -> StreamingResponse:
+    """Anyone may cut by every dimension. Cuts finer than the open data (by municipality or vaccine) hide
+    counts 1-9 — and what would reveal them — as null, except for role national."""
+    settings: StatsSettings = request.app.state.settings
     dimensions = service.parse_group_by(group_by)
     where = service.parse_filter(date_from=date_from, date_to=date_to, prefecture=prefecture, municipality=municipality)
-    service.authorize_cut(principal, group_by=dimensions, where=where)
-    return await service.dose_cut(uow.main(), group_by=dimensions, where=where)
+    if limit is not None and limit > settings.max_cut_rows:
+        raise InvalidField("limit", f"must be at most {settings.max_cut_rows}")
+    suppress = service.suppression_for(
+        principal, group_by=dimensions, where=where, threshold=settings.small_cell_threshold
+    )
+    chunks = service.dose_cut(
+        _database(request),
+        group_by=dimensions,
+        where=where,
+        suppress_below=suppress,
+        limit=limit or settings.max_cut_rows,
+        offset=offset,
+    )
+    return await _streamed(chunks, media_type="application/json")
 
 
 async def _streamed(chunks: AsyncGenerator[bytes, None], *, media_type: str) -> StreamingResponse:
@@ -98,5 +113,16 @@ async def summary_by_date_csv(request: Request) -> StreamingResponse:
 
 
 @router.get("/dashboard", response_class=HTMLResponse, summary="The statistics dashboard (Japanese)")
-async def dashboard() -> HTMLResponse:
+async def dashboard(request: Request) -> HTMLResponse:
+    if isinstance(request.app.state.echarts, str):  # without its chart library the page would be empty
+        page = unavailable_page(request.app.state.echarts)
+        return HTMLResponse(page.html, status_code=503, headers=page.headers)
     return HTMLResponse(DASHBOARD.html, headers=DASHBOARD.headers)
+
+
+@router.get("/dashboard/{asset}", include_in_schema=False)
+async def dashboard_asset(request: Request, asset: str) -> Response:
+    script = request.app.state.echarts
+    if asset != ECHARTS_ASSET or not isinstance(script, Script):
+        raise NotFound("no such file")
+    return Response(script.body, media_type="text/javascript; charset=utf-8", headers=script.headers)

@@ -14,8 +14,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 
 from pydantic import ValidationError
+from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.stats.models import dose_counts
+from services.stats.population import Denominator, Population
 from services.stats.repository import (
     DIMENSIONS,
     ConsumerRepository,
@@ -23,12 +26,12 @@ from services.stats.repository import (
     DoseFilter,
     StatsRepository,
 )
-from services.stats.schemas import DosesOut, RowValue
+from services.stats.schemas import CoverageOut, CoverageRow, RowValue
 from shared.auth import Principal, Role
 from shared.bus import Message
 from shared.db import Database
 from shared.domain.codes import is_valid_prefecture_code, municipality_code_problem
-from shared.errors import Forbidden, InvalidField, Unauthorized
+from shared.errors import InvalidField, ServiceUnavailable
 from shared.events import DoseEvent, StatsCell
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,9 @@ MUNICIPALITY_ROLES = frozenset({Role.NATIONAL})
 NDJSON_MEDIA_TYPE = "application/x-ndjson"
 CSV_MEDIA_TYPE = "text/csv; charset=utf-8"
 SUMMARY_BY_DATE_HEADER = "date,count_first_or_mid_general,count_second_or_full_general\n"
+
+# Rows per chunk of a streamed cut.
+CUT_CHUNK_ROWS = 2000
 
 # Rows per chunk of a streamed open-data file: large enough to keep per-chunk overhead negligible, small
 # enough that the whole table is never held in memory at once.
@@ -75,11 +81,14 @@ def fold_deltas(events: Iterable[DoseEvent]) -> dict[StatsCell, int]:
     return {cell: delta for cell, delta in deltas.items() if delta != 0}
 
 
-def decode_messages(messages: Sequence[Message]) -> tuple[list[DoseEvent], int]:
+def decode_messages(
+    messages: Sequence[Message], *, positions: dict[uuid.UUID, tuple[int, int]] | None = None
+) -> tuple[list[DoseEvent], int]:
     """The batch's events, each event id once, and how many messages could not be decoded.
 
     A message that is not a valid event of a known schema version is skipped: waiting for it would stop
     the statistics for good. The payload is never logged (only where it sits and what was wrong).
+    ``positions``, when given, receives each event's (partition, offset) of its first message.
     """
     events: list[DoseEvent] = []
     seen: set[uuid.UUID] = set()
@@ -102,6 +111,8 @@ def decode_messages(messages: Sequence[Message]) -> tuple[list[DoseEvent], int]:
         if event.event_id not in seen:
             seen.add(event.event_id)
             events.append(event)
+            if positions is not None:
+                positions[event.event_id] = (message.partition, message.offset)
     return events, undecodable
 
 
@@ -119,16 +130,23 @@ def to_utc(moment: datetime) -> datetime:
 
 
 async def apply_messages(
-    session: AsyncSession, *, consumer: str, topic: str, messages: Sequence[Message], now: datetime
+    session: AsyncSession,
+    *,
+    consumer: str,
+    topic: str,
+    messages: Sequence[Message],
+    now: datetime,
+    counts: Table = dose_counts,
 ) -> BatchOutcome:
     """Apply one polled batch inside the caller's transaction: counts, processed ids, offsets, state.
 
     Events already processed by ``consumer`` (a relay that published twice, a replay after a crash) are
     recognised by their id and change nothing.
     """
-    events, undecodable = decode_messages(messages)
-    repo = ConsumerRepository(session)
-    fresh_ids = await repo.claim_events(consumer, [e.event_id for e in events], processed_at=now)
+    positions: dict[uuid.UUID, tuple[int, int]] = {}
+    events, undecodable = decode_messages(messages, positions=positions)
+    repo = ConsumerRepository(session, counts=counts)
+    fresh_ids = await repo.claim_events(consumer, positions, processed_at=now)
     applied = [e for e in events if e.event_id in fresh_ids]
     await repo.add_to_counts(fold_deltas(applied))
     outcome = BatchOutcome(
@@ -146,6 +164,25 @@ async def apply_messages(
 
 async def stored_offsets(session: AsyncSession, *, consumer: str, topic: str) -> dict[int, int]:
     return await ConsumerRepository(session).offsets(consumer, topic)
+
+
+async def prune_processed(
+    session: AsyncSession, *, consumer: str, topic: str, keep_offsets: int, keep_since: datetime
+) -> int:
+    """Forget processed event ids no redelivery can still bring; return how many were forgotten.
+
+    An id is needed only to recognise the same event published again. Readers never go back behind their
+    committed offsets (positions only move forward), so a second copy can only come from the relay
+    publishing again, which lands *after* the first copy — within a short time (a relay restart) and a
+    bounded distance. An id is therefore forgotten only when it lies more than ``keep_offsets`` messages
+    behind its partition's committed offset *and* was processed before ``keep_since``: both windows
+    must have passed.
+    """
+    repo = ConsumerRepository(session)
+    committed = await repo.offsets(consumer, topic)
+    return await repo.prune_processed(
+        consumer, {p: o - keep_offsets for p, o in committed.items() if o - keep_offsets > 0}, before=keep_since
+    )
 
 
 # --- cuts of the aggregates (GET /api/v1/stats/doses) ---------------------------------------------------
@@ -198,15 +235,21 @@ def parse_filter(
     return DoseFilter(date_from=start, date_to=end, prefecture=prefecture, municipality=municipality)
 
 
-def authorize_cut(principal: Principal, *, group_by: Sequence[Dimension], where: DoseFilter) -> None:
-    """Public cuts for anyone; anything that singles out a municipality for national users only."""
-    if "municipality" not in group_by and where.municipality is None:
-        return
-    if principal.role in MUNICIPALITY_ROLES:
-        return
-    if principal.role is Role.ANONYMOUS:
-        raise Unauthorized("statistics by municipality need a bearer token of role 'national'")
-    raise Forbidden(f"statistics by municipality are for role 'national', not '{principal.role.value}'")
+# Dimensions finer than the open data, which the Digital Agency publishes at full detail by prefecture
+# (date × prefecture × sex × age band × medical worker × dose number): a cut using either is a fine cut.
+FINE_DIMENSIONS = frozenset({"municipality", "vaccine"})
+
+
+def is_fine_cut(group_by: Sequence[Dimension], where: DoseFilter) -> bool:
+    return bool(FINE_DIMENSIONS & set(group_by)) or where.municipality is not None
+
+
+def suppression_for(principal: Principal, *, group_by: Sequence[Dimension], where: DoseFilter, threshold: int) -> int:
+    """Counts below what are hidden in this caller's answer: 0 (exact) for national users and services, and for
+    every caller on cuts no finer than the open data; ``threshold`` for everyone else on a fine cut."""
+    if principal.role in MUNICIPALITY_ROLES or not is_fine_cut(group_by, where):
+        return 0
+    return threshold
 
 
 def _json_value(value: date | str | int | bool) -> RowValue:
@@ -217,20 +260,122 @@ def as_utc(moment: datetime | None) -> datetime | None:
     return None if moment is None else to_utc(moment)
 
 
-async def dose_cut(session: AsyncSession, *, group_by: Sequence[Dimension], where: DoseFilter) -> DosesOut:
+async def dose_cut(
+    database: Database,
+    *,
+    group_by: Sequence[Dimension],
+    where: DoseFilter,
+    suppress_below: int,
+    limit: int,
+    offset: int,
+) -> AsyncGenerator[bytes, None]:
+    """The JSON answer of ``GET /api/v1/stats/doses``, streamed: ``{"as_of", "rows": [...]}``, then
+    ``"next_offset"`` when more rows follow this page and ``"suppressed"`` (rows whose count is hidden as
+    null) when the cut was suppressed. Rows come from the database in chunks, never all at once."""
+    async with database.sessionmaker() as session:
+        repo = StatsRepository(session)
+        # Read as_of before the rows: the rows are then at least as new as the time they claim.
+        as_of = as_utc(await repo.as_of())
+        yield b'{"as_of":' + json.dumps(as_of.isoformat().replace("+00:00", "Z") if as_of else None).encode()
+        if not group_by and not suppress_below:
+            yield b',"rows":[{"count":' + str(await repo.total(where)).encode() + b"}]}"
+            return
+        stmt = repo.cut_statement(group_by, where, suppress_below=suppress_below, limit=limit + 1, offset=offset)
+        shown = hidden = 0
+        more = False
+        yield b',"rows":['
+        async for rows in repo.stream_rows(stmt, chunk_rows=CUT_CHUNK_ROWS):
+            parts: list[str] = []
+            for values in rows:
+                if shown == limit:
+                    more = True
+                    break
+                row: dict[str, RowValue | None] = {
+                    name: _json_value(value) for name, value in zip(group_by, values[: len(group_by)], strict=True)
+                }
+                count = values[-1]
+                row["count"] = None if count is None else int(count)
+                hidden += count is None
+                parts.append(("," if shown else "") + json.dumps(row, ensure_ascii=False, separators=(",", ":")))
+                shown += 1
+            if parts:
+                yield "".join(parts).encode()
+        if not group_by and shown == 0:
+            yield b'{"count":0}'  # no doses in the municipality asked for
+        tail = "]"
+        if more:
+            tail += f',"next_offset":{offset + limit}'
+        if suppress_below:
+            tail += f',"suppressed":{hidden}'
+        yield (tail + "}").encode()
+
+
+# --- coverage (GET /api/v1/stats/coverage) ------------------------------------------------------------
+
+# The dose numbers every answer carries, given or not: the dashboard's 1回以上 and 2回完了.
+HEADLINE_DOSES = (1, 2)
+
+
+def parse_coverage_query(*, prefecture: str | None, group_by: str | None) -> tuple[str | None, bool]:
+    """(the prefecture asked for or None, whether to answer per prefecture)."""
+    if prefecture == "":
+        prefecture = None
+    if prefecture is not None and not is_valid_prefecture_code(prefecture):
+        raise InvalidField("prefecture", "must be a 2-digit prefecture code 01-47")
+    group = (group_by or "").strip()
+    if group not in ("", "prefecture"):
+        raise InvalidField("group_by", "coverage can only be grouped by 'prefecture' (or not at all)")
+    return prefecture, group == "prefecture" or prefecture is not None
+
+
+def _coverage_row(prefecture: str | None, denominator: Denominator, dose: int, people: int, senior: int) -> CoverageRow:
+    return CoverageRow(
+        prefecture=prefecture,
+        population=denominator.population,
+        population_65_and_over=denominator.population_65_and_over,
+        dose_number=dose,
+        count=people,
+        count_65_and_over=senior,
+        rate=people / denominator.population,
+        rate_65_and_over=senior / denominator.population_65_and_over,
+    )
+
+
+async def coverage(
+    session: AsyncSession,
+    *,
+    population: Population | str,
+    prefecture: str | None,
+    by_prefecture: bool,
+) -> CoverageOut:
+    """接種率 as the real dashboard showed it: people with at least dose N over the population.
+
+    ``population`` is the loaded table, or the reason it could not be loaded (answered as 503).
+
+    "At least dose N" is "has a dose N": nobody gets dose 2 without dose 1 in the records, and counting
+    holders of dose N is how the real dashboard counted 1回以上 and 2回完了.
+    """
+    if isinstance(population, str):  # why the table could not be loaded
+        raise ServiceUnavailable(f"coverage rates are unavailable: {population} (setting VRS_STATS_POPULATION_PATH)")
     repo = StatsRepository(session)
-    # Read as_of before the rows: the rows are then at least as new as the time they claim.
     as_of = as_utc(await repo.as_of())
-    if not group_by:
-        return DosesOut(as_of=as_of, rows=[{"count": await repo.total(where)}])
-    rows: list[dict[str, RowValue]] = []
-    for values in await repo.grouped_counts(group_by, where):
-        row: dict[str, RowValue] = {
-            name: _json_value(value) for name, value in zip(group_by, values[: len(group_by)], strict=True)
-        }
-        row["count"] = int(values[-1])
-        rows.append(row)
-    return DosesOut(as_of=as_of, rows=rows)
+    counted: dict[tuple[str | None, int], tuple[int, int]] = {}
+    for values in await repo.people_by_dose(prefecture=prefecture, by_prefecture=by_prefecture):
+        key = (values[0], int(values[1])) if by_prefecture else (None, int(values[0]))
+        counted[key] = (int(values[-2]), int(values[-1]))
+    doses = sorted(set(HEADLINE_DOSES) | {dose for (_, dose), (people, _) in counted.items() if people > 0})
+    if prefecture is not None:
+        places: list[tuple[str | None, Denominator]] = [(prefecture, population.by_prefecture[prefecture])]
+    elif by_prefecture:
+        places = list(population.by_prefecture.items())
+    else:
+        places = [(None, population.national)]
+    rows = [
+        _coverage_row(place, denominator, dose, *counted.get((place, dose), (0, 0)))
+        for place, denominator in places
+        for dose in doses
+    ]
+    return CoverageOut(as_of=as_of, rows=rows)
 
 
 # --- open data (the Digital Agency's formats, byte for byte) -------------------------------------------

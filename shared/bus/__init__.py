@@ -6,13 +6,21 @@
 Both are at-least-once: a publisher may deliver a message twice and a consumer sees each message at least
 once. Consumers therefore keep their own positions (in the same transaction as their effects) and tell the
 source where to start; the bus never decides on their behalf what has been processed.
+
+A source either reads the partitions it is told (:meth:`Source.assign`) or, after :meth:`Source.join`,
+shares them with the other members of a group: on Kafka a consumer group (partitions rebalance as members
+join and leave), in the embedded log a lease on the whole topic (one member reads, the others stand by and
+take over when it stops renewing). Either way, partitions a member is given arrive paused: the member
+learns of them from :meth:`Source.take_assignment`, reads its own positions and starts them with
+:meth:`Source.assign`. What the bus itself remembers (:meth:`Source.commit`) is only a lag signal for
+operators, never where reading resumes.
 """
 
 from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from shared.settings import BusSettings
@@ -32,6 +40,15 @@ class Message:
     value: bytes
 
 
+@dataclass
+class Assignment:
+    """A change of a group member's partitions since it last asked."""
+
+    owned: set[int] = field(default_factory=set)  # every partition the member now holds
+    added: set[int] = field(default_factory=set)  # given since; paused until positioned with assign()
+    revoked: set[int] = field(default_factory=set)  # taken away since; drop what was read from them
+
+
 class Publisher(Protocol):
     async def publish(self, messages: Sequence[OutgoingMessage]) -> None:
         """Return only once every message is durably stored by the bus, in order per key."""
@@ -44,7 +61,22 @@ class Source(Protocol):
         """The topic's partitions (creating the topic if the bus allows it)."""
 
     async def assign(self, positions: dict[int, int]) -> None:
-        """Read these partitions, each from the given offset (the next offset to process)."""
+        """Read these partitions, each from the given offset (the next offset to process).
+
+        After :meth:`join`, only partitions the group gave this member, which start reading here.
+        """
+
+    async def join(self, group: str) -> None:
+        """Share the topic's partitions with the other sources that join ``group``."""
+
+    def take_assignment(self) -> Assignment | None:
+        """The change of partitions since the last call (group members only); None when there was none."""
+
+    async def commit(self, positions: dict[int, int]) -> None:
+        """Tell the bus how far this group got — for lag monitoring only, after the consumer's own commit."""
+
+    async def end_offsets(self) -> dict[int, int]:
+        """Per partition this source reads, the offset the next published message will get."""
 
     async def poll(self, *, max_records: int, timeout: float) -> list[Message]:
         """The next messages, in offset order per partition; an empty list after ``timeout`` seconds."""

@@ -6,9 +6,11 @@ does not stop the service, the next call simply tries again.
 
 - :class:`KafkaPublisher`: an idempotent producer (``acks=all``); :meth:`~KafkaPublisher.publish` returns
   only once the broker has acknowledged every message, and raises otherwise so the caller keeps them.
-- :class:`KafkaSource`: a consumer with manual partition assignment and no consumer group. The consumer
-  keeps its offsets in its own database and hands them to :meth:`~KafkaSource.assign`; nothing is
-  committed to Kafka. A stored offset that the topic no longer has is an error, never a silent skip.
+- :class:`KafkaSource`: a consumer with manual partition assignment, or after :meth:`~KafkaSource.join`
+  a member of a consumer group. Either way the consumer keeps its offsets in its own database and hands
+  them to :meth:`~KafkaSource.assign`; in a group, partitions given by a rebalance are paused until then,
+  and what is committed to Kafka (:meth:`~KafkaSource.commit`) only shows the group's lag to operators.
+  A stored offset that the topic no longer has is an error, never a silent skip.
 """
 
 from __future__ import annotations
@@ -20,10 +22,17 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import (
+    ConsumerRebalanceListener,
+    KafkaAdminClient,
+    KafkaConsumer,
+    KafkaProducer,
+    OffsetAndMetadata,
+    TopicPartition,
+)
 from kafka.errors import TopicAlreadyExistsError, for_code
 
-from shared.bus import Message, OutgoingMessage
+from shared.bus import Assignment, Message, OutgoingMessage
 from shared.settings import BusSettings
 
 log = logging.getLogger(__name__)
@@ -137,19 +146,94 @@ class KafkaSource:
         self._client_id = f"{settings.kafka_client_id}-{consumer}"
         self._consumer: Any = None
         self._lock = threading.Lock()  # the KafkaConsumer is used by one thread at a time
+        self._group: str | None = None
+        self._owned: set[int] = set()
+        self._pending: Assignment | None = None
 
     def _get_consumer(self) -> Any:
         if self._consumer is None:
+            session_ms = int(self._settings.group_session_seconds * 1000)
             self._consumer = KafkaConsumer(
                 bootstrap_servers=self._settings.kafka_bootstrap_servers,
                 client_id=self._client_id,
-                group_id=None,
+                group_id=self._group,
                 enable_auto_commit=False,
-                auto_offset_reset="none",  # an offset the topic does not have raises OffsetOutOfRangeError
+                # An offset the topic does not have raises OffsetOutOfRangeError. In a group, a partition's
+                # position until the member seeks it is irrelevant (it is paused): "earliest" avoids an
+                # error for a partition the group never committed.
+                auto_offset_reset="none" if self._group is None else "earliest",
                 allow_auto_create_topics=False,
                 bootstrap_timeout_ms=CONNECT_TIMEOUT * 1000,
+                session_timeout_ms=session_ms,
+                heartbeat_interval_ms=max(1000, session_ms // 3),
             )
+            if self._group is not None:
+                self._consumer.subscribe([self._topic], listener=_Rebalance(self))
         return self._consumer
+
+    # Called by kafka-python inside poll(), on the thread that holds the lock.
+    def _revoked(self, partitions: set[int]) -> None:
+        pending = self._pending or Assignment()
+        self._owned -= partitions
+        pending.owned = set(self._owned)
+        pending.added -= partitions
+        pending.revoked |= partitions
+        self._pending = pending
+
+    def _assigned(self, partitions: set[int]) -> None:
+        if partitions:
+            self._consumer.pause(*(TopicPartition(self._topic, p) for p in partitions))
+        pending = self._pending or Assignment()
+        self._owned |= partitions
+        pending.owned = set(self._owned)
+        pending.added |= partitions
+        self._pending = pending
+
+    async def join(self, group: str) -> None:
+        if self._consumer is not None:
+            raise RuntimeError("join() must come before the source is used")
+        # The topic must exist before the group's first assignment, or the member gets no partitions until
+        # its metadata next refreshes (minutes).
+        await self.partitions()
+        self._group = group
+        await asyncio.to_thread(self._locked_get)
+
+    def _locked_get(self) -> None:
+        with self._lock:
+            self._get_consumer()
+
+    def take_assignment(self) -> Assignment | None:
+        with self._lock:
+            pending, self._pending = self._pending, None
+        return pending
+
+    def _commit(self, positions: dict[int, int]) -> None:
+        with self._lock:
+            if self._consumer is None:
+                return
+            offsets = {
+                TopicPartition(self._topic, p): OffsetAndMetadata(o, "", -1)
+                for p, o in positions.items()
+                if p in self._owned
+            }
+            if offsets:
+                self._consumer.commit(offsets)
+
+    async def commit(self, positions: dict[int, int]) -> None:
+        if self._group is not None and positions:
+            await asyncio.to_thread(self._commit, dict(positions))
+
+    def _end_offsets(self) -> dict[int, int]:
+        with self._lock:
+            consumer = self._get_consumer()
+            tps = [TopicPartition(self._topic, p) for p in sorted(consumer_partitions(consumer))]
+            if not tps:
+                return {}
+            ends = consumer.end_offsets(tps, timeout_ms=REQUEST_TIMEOUT * 1000)
+        return {tp.partition: int(o) for tp, o in ends.items()}
+
+    async def end_offsets(self) -> dict[int, int]:
+        return await asyncio.to_thread(self._end_offsets)
 
     async def partitions(self) -> list[int]:
         s = self._settings
@@ -160,6 +244,14 @@ class KafkaSource:
     def _assign(self, positions: dict[int, int]) -> None:
         with self._lock:
             consumer = self._get_consumer()
+            if self._group is not None:
+                # Only what the group still gives this member (a rebalance may have come in between).
+                mine = {p: TopicPartition(self._topic, p) for p in sorted(positions) if p in self._owned}
+                for p, tp in mine.items():
+                    consumer.seek(tp, positions[p])
+                if mine:
+                    consumer.resume(*mine.values())
+                return
             assignment = {p: TopicPartition(self._topic, p) for p in sorted(positions)}
             consumer.assign(list(assignment.values()))
             for p, tp in assignment.items():
@@ -190,3 +282,19 @@ class KafkaSource:
 
     async def close(self) -> None:
         await asyncio.to_thread(self._close)
+
+
+def consumer_partitions(consumer: Any) -> set[int]:
+    """The partitions a KafkaConsumer reads now (its group assignment or manual assignment)."""
+    return {tp.partition for tp in consumer.assignment()}
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, source: KafkaSource) -> None:
+        self._source = source
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        self._source._revoked({tp.partition for tp in revoked})
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        self._source._assigned({tp.partition for tp in assigned})

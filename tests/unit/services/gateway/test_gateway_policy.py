@@ -39,6 +39,8 @@ M = "/api/v1/municipalities"
         ("POST", f"{M}/131016/doses/d-1/corrections", f"{M}/{{code}}/doses/{{dose_id}}/corrections", "records",
          {"code": "131016", "dose_id": "d-1"}),
         ("GET", "/api/v1/stats/doses", "/api/v1/stats/doses", "stats", {}),
+        ("GET", "/api/v1/stats/coverage", "/api/v1/stats/coverage", "stats", {}),
+        ("GET", "/dashboard/echarts.min.js", "/dashboard/{asset}", "stats", {"asset": "echarts.min.js"}),
         ("GET", "/api/v1/opendata/prefecture.ndjson", "/api/v1/opendata/{file}", "stats",
          {"file": "prefecture.ndjson"}),
         ("GET", "/api/v1/opendata/summary_by_date.csv", "/api/v1/opendata/{file}", "stats",

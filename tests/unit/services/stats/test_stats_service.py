@@ -19,7 +19,7 @@ from services.stats.settings import StatsSettings
 from shared.auth import ANONYMOUS, Principal, Role
 from shared.bus import Message
 from shared.domain.age import AgeBand
-from shared.errors import Forbidden, InvalidField, Unauthorized
+from shared.errors import InvalidField
 from shared.events import DoseEvent, DoseEventType, StatsCell
 from tests.factories import cell
 
@@ -182,29 +182,28 @@ INSTITUTION = Principal(role=Role.INSTITUTION, subject="1312345678", institution
 
 
 @pytest.mark.parametrize("principal", [ANONYMOUS, NATIONAL, MUNICIPALITY, INSTITUTION])
-def test_public_cuts_are_for_everyone(principal: Principal) -> None:
-    service.authorize_cut(
-        principal, group_by=["date", "prefecture", "sex", "age_band"], where=DoseFilter(prefecture="13")
-    )
+def test_cuts_no_finer_than_the_open_data_are_exact_for_everyone(principal: Principal) -> None:
+    group_by: list[Any] = ["date", "prefecture", "sex", "age_band", "medical_worker", "dose_number"]
+    assert service.suppression_for(principal, group_by=group_by, where=DoseFilter(prefecture="13"), threshold=10) == 0
 
 
 @pytest.mark.parametrize(
-    ("principal", "error"),
-    [(ANONYMOUS, Unauthorized), (MUNICIPALITY, Forbidden), (INSTITUTION, Forbidden), (NATIONAL, None)],
+    ("principal", "hidden_below"),
+    [(ANONYMOUS, 10), (MUNICIPALITY, 10), (INSTITUTION, 10), (NATIONAL, 0)],
 )
 @pytest.mark.parametrize(
     ("group_by", "where"),
-    [(["municipality"], DoseFilter()), (["date"], DoseFilter(municipality="131016"))],
-    ids=["grouped", "filtered"],
+    [
+        (["municipality"], DoseFilter()),
+        (["date"], DoseFilter(municipality="131016")),
+        (["prefecture", "vaccine"], DoseFilter()),
+    ],
+    ids=["by-municipality", "one-municipality", "by-vaccine"],
 )
-def test_municipality_cuts(
-    principal: Principal, error: type[Exception] | None, group_by: list[Any], where: DoseFilter
+def test_fine_cuts_are_suppressed_except_for_national_users(
+    principal: Principal, hidden_below: int, group_by: list[Any], where: DoseFilter
 ) -> None:
-    if error is None:
-        service.authorize_cut(principal, group_by=group_by, where=where)
-    else:
-        with pytest.raises(error):
-            service.authorize_cut(principal, group_by=group_by, where=where)
+    assert service.suppression_for(principal, group_by=group_by, where=where, threshold=10) == hidden_below
 
 
 # --- open-data lines --------------------------------------------------------------------------------------
@@ -257,7 +256,7 @@ def _sha256(text: str) -> str:
 def test_dashboard_csp_allows_exactly_its_inline_script_and_style() -> None:
     page = load_page("<html><style>b{}</style><script>go()</script></html>")
     csp = page.headers["Content-Security-Policy"]
-    assert f"script-src {_sha256('go()')}" in csp
+    assert f"script-src 'self' {_sha256('go()')}" in csp
     assert f"style-src {_sha256('b{}')}" in csp
     assert "default-src 'none'" in DASHBOARD.headers["Content-Security-Policy"]
     with pytest.raises(ValueError, match="script"):
@@ -274,5 +273,5 @@ def test_settings_read_their_prefix(monkeypatch: pytest.MonkeyPatch, tmp_path: A
     assert settings.run_consumer is False
     assert settings.poll_max_records == 50
     assert settings.consumer_name == "stats"
-    assert settings.small_cell_threshold == 0
+    assert settings.small_cell_threshold == 10
     assert settings.bus.topic == "other-events"

@@ -1,0 +1,84 @@
+"""stats' ``vrs`` subcommands: ``vrs consume stats`` runs a consumer process without the API;
+``vrs stats rebuild`` replays the topic into fresh aggregates and swaps them in (see :mod:`services.stats.rebuild`).
+
+Run as many as the topic has partitions (more stand by): they share the partitions through the bus's group
+(see :mod:`services.stats.consumer`). Configured like the service (``VRS_STATS_*``, ``VRS_BUS_*``). Give
+the API processes ``VRS_STATS_RUN_CONSUMER=false`` when consumers run on their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from typing import Any
+
+from services.stats.consumer import StatsConsumer
+from services.stats.settings import StatsSettings
+from shared.db import Database
+
+log = logging.getLogger(__name__)
+
+
+async def run_consumer(settings: StatsSettings, *, stop: asyncio.Event) -> None:
+    """Apply dose events until ``stop`` is set; then leave the group cleanly (partitions move at once)."""
+    database = Database.connect(settings.main_dsn, pool_size=2)
+    consumer = StatsConsumer.from_settings(database, settings)
+    try:
+        consumer.start()
+        await stop.wait()
+    finally:
+        await consumer.stop()
+        await database.engine.dispose()
+
+
+def consume() -> None:
+    """``vrs consume stats``: apply dose events without the API; several processes share the partitions."""
+    settings = StatsSettings()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(signum, stop.set)
+        log.info(
+            "stats consumer %s starting on %s topic %s", settings.consumer_name, settings.bus.kind, settings.bus.topic
+        )
+        await run_consumer(settings, stop=stop)
+
+    asyncio.run(main())
+
+
+def _rebuild(args: argparse.Namespace) -> int:
+    from services.stats.rebuild import RebuildFailed, rebuild
+
+    settings = StatsSettings()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def main() -> int:
+        database = Database.connect(settings.main_dsn, pool_size=2)
+        try:
+            result = await rebuild(database, settings, idle=args.idle)
+        except RebuildFailed as exc:
+            print(f"vrs stats rebuild: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            await database.engine.dispose()
+        print(f"rebuilt from {result.events_applied} events; swapped in at offsets {result.offsets}")
+        return 0
+
+    return asyncio.run(main())
+
+
+def register(sub: Any) -> None:
+    commands = sub.add_parser("stats", help="stats operations").add_subparsers(required=True, metavar="COMMAND")
+    rebuild = commands.add_parser("rebuild", help="replay dose-events into fresh aggregates and swap them in")
+    rebuild.add_argument(
+        "--idle", type=float, default=1.0, help="seconds without a new message that count as caught up"
+    )
+    rebuild.set_defaults(func=_rebuild)
