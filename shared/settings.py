@@ -67,6 +67,12 @@ class BusSettings(BaseSettings):
     embedded_path: Path = Field(default_factory=lambda: var_dir() / "events" / "log.db")
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     kafka_client_id: str = "vrs"
+    # "SSL": TLS to the brokers, and a client certificate when certfile/keyfile are set (a Strimzi KafkaUser
+    # with tls authentication; PEM files mounted from its secret, the CA from the cluster's CA secret).
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL"] = "PLAINTEXT"
+    kafka_ssl_cafile: str | None = None
+    kafka_ssl_certfile: str | None = None
+    kafka_ssl_keyfile: str | None = None
 
 
 class ServiceSettings(BaseSettings):
