@@ -20,8 +20,9 @@ def build_app(
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]],
     routers: list[APIRouter],
     ready: Callable[[FastAPI], Awaitable[None]],
+    collect_metrics: Callable[[FastAPI], Awaitable[None]] | None = None,
 ) -> FastAPI:
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, service)
     app = FastAPI(
         title=f"VRS {service}",
         version="1",
@@ -39,7 +40,11 @@ def build_app(
     async def check_ready() -> None:
         await ready(app)
 
-    install_health(app, service=service, ready=check_ready)
+    async def collect() -> None:
+        if collect_metrics is not None:
+            await collect_metrics(app)
+
+    install_health(app, service=service, ready=check_ready, collect=collect)
     for router in routers:
         app.include_router(router)
     return app

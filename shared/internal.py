@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 
 from shared.errors import ServiceUnavailable
+from shared.observability import REQUEST_ID
 
 
 class InternalClient:
@@ -19,6 +20,14 @@ class InternalClient:
         self._base_url = base_url.rstrip("/")
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
+
+    @staticmethod
+    def _headers(authorization: str) -> dict[str, str]:
+        headers = {"Authorization": authorization}
+        # The caller's request id goes along, so one request's log lines can be followed across services.
+        if (request_id := REQUEST_ID.get()) is not None:
+            headers["X-Request-ID"] = request_id
+        return headers
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -50,7 +59,7 @@ class InternalClient:
                     self._base_url + path,
                     json=json,
                     params=params,
-                    headers={"Authorization": authorization},
+                    headers=self._headers(authorization),
                 ) as response:
                     return response.status, await response.json(content_type=None)
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
