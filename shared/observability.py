@@ -57,6 +57,8 @@ COLLECT_FAILURES = Counter("vrs_metrics_collect_failures_total", "Scrape-time sa
 def observe_outbox(service: str, shard: str, *, backlog: int, oldest: datetime | None) -> None:
     """Record one shard's outbox: how many events wait, and since when the oldest has waited."""
     OUTBOX_BACKLOG.labels(service, shard).set(backlog)
+    if oldest is not None and oldest.tzinfo is None:  # SQLite hands datetimes back naive; they are UTC
+        oldest = oldest.replace(tzinfo=UTC)
     age = 0.0 if oldest is None else max(0.0, (datetime.now(UTC) - oldest).total_seconds())
     OUTBOX_OLDEST_AGE.labels(service, shard).set(age)
 

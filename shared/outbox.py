@@ -44,6 +44,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.bus import OutgoingMessage, Publisher, make_publisher
 from shared.db import Database, Databases, utcnow
+from shared.observability import observe_outbox
 from shared.settings import PublisherSettings
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,15 @@ class OutboxRepository:
             await self.session.execute(select(func.count(), func.min(t.c.created_at)).where(t.c.published_at.is_(None)))
         ).one()
         return int(count), oldest
+
+
+async def sample_backlog(service: str, databases: Databases, table: Table) -> None:
+    """Every shard's backlog and the age of its oldest waiting event, for /metrics at scrape time
+    (``build_app(collect_metrics=...)``): true whichever process runs the relay."""
+    for name, db in databases.shards.items():
+        async with db.sessionmaker() as session:
+            count, oldest = await OutboxRepository(session, table).backlog()
+        observe_outbox(service, name, backlog=count, oldest=oldest)
 
 
 class OutboxRelay:
