@@ -22,8 +22,8 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from services.launcher import Stack
-from services.stack import BY_NAME, SERVICES
+from devtools.launcher import Stack
+from devtools.stack import BY_NAME, SERVICES
 from shared.auth import Role
 from shared.domain.codes import my_number_check_digit
 from tests.e2e.test_walking_skeleton import (
