@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest, start_http_server
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.redaction import redact_my_numbers
@@ -52,6 +52,12 @@ EVENT_AGE = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 24 * 3600, 7 * 24 * 3600),
 )
 COLLECT_FAILURES = Counter("vrs_metrics_collect_failures_total", "Scrape-time samplers that failed", ["service"])
+
+
+def serve_metrics(port: int | None) -> None:
+    """For a worker process (no HTTP server of its own): Prometheus' text on ``port``, from a thread."""
+    if port is not None:
+        start_http_server(port)
 
 
 def observe_outbox(service: str, shard: str, *, backlog: int, oldest: datetime | None) -> None:

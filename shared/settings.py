@@ -83,6 +83,9 @@ class ServiceSettings(BaseSettings):
     environment: Environment = Field(default="development", validation_alias="VRS_ENVIRONMENT")
     log_level: str = "INFO"
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    # Worker processes (relays, consumers) have no HTTP server: they serve /metrics on this port when set.
+    # The API processes serve /metrics on their own port and ignore it.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
 
 
 class PublisherSettings(ServiceSettings):

@@ -22,6 +22,7 @@ from shared.observability import (
     observe_consumer_lag,
     observe_event_ages,
     observe_outbox,
+    serve_metrics,
 )
 
 MY_NUMBER_FORMS = ["123456789018", "1234 5678 9018", "1234-5678-9018"]
@@ -147,3 +148,13 @@ def test_outbox_and_consumer_helpers() -> None:
 
     observe_event_ages("unit", "t", [datetime.now(UTC) - timedelta(seconds=2)])
     assert REGISTRY.get_sample_value("vrs_consumer_event_age_seconds_count", {"consumer": "unit", "topic": "t"}) == 1
+
+
+def test_a_worker_serves_its_metrics_on_the_configured_port() -> None:
+    from devtools.harness import free_port
+
+    port = free_port()
+    serve_metrics(port)
+    serve_metrics(None)  # not configured: nothing is started
+    response = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+    assert response.status_code == 200 and "vrs_outbox_backlog_events" in response.text
