@@ -158,6 +158,8 @@ async def test_no_name_or_my_number_in_logs_errors_metrics_or_events(stack: Stac
         assert metrics.status_code == 200
         if service.name == "records":  # sampled from the shards at scrape time
             assert 'vrs_outbox_backlog_events{service="records",shard="s0"}' in metrics.text
+        if service.name == "stats":  # the bus's end offsets against the positions stats stored
+            assert 'vrs_consumer_lag_events{consumer="stats"' in metrics.text
         scanner.scan(f"/metrics of {service.name}", metrics.text)
     logs = sorted(stack.log_dir.glob("*.log"))
     assert {p.stem for p in logs} >= {s.name for s in SERVICES}
