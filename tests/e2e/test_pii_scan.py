@@ -210,21 +210,23 @@ def bus_payloads(stack: Stack) -> Iterable[tuple[str, str]]:
         return
     from kafka import KafkaConsumer, TopicPartition
 
-    topic = stack.env.get("VRS_BUS_TOPIC", "dose-events")
+    # Every topic the stack was configured with (dose events, and coupon events where there are).
+    topics = {v for k, v in stack.env.items() if k.startswith("VRS_BUS_") and k.endswith("TOPIC")}
     consumer = KafkaConsumer(
         bootstrap_servers=stack.env["VRS_BUS_KAFKA_BOOTSTRAP_SERVERS"], group_id=None, enable_auto_commit=False
     )
     try:
-        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        partitions = [
+            TopicPartition(t, p) for t in sorted(topics) for p in sorted(consumer.partitions_for_topic(t) or [])
+        ]
+        assert partitions, f"no partitions for {topics}"
         consumer.assign(partitions)
         consumer.seek_to_beginning(*partitions)
         ends = consumer.end_offsets(partitions)
         while any(consumer.position(tp) < ends[tp] for tp in partitions):
             for tp, records in consumer.poll(timeout_ms=2000).items():
                 for record in records:
-                    yield (
-                        f"{topic}[{tp.partition}]@{record.offset}",
-                        (record.value or b"").decode("utf-8", errors="replace"),
-                    )
+                    value = (record.value or b"").decode("utf-8", errors="replace")
+                    yield f"{tp.topic}[{tp.partition}]@{record.offset}", value
     finally:
         consumer.close()
