@@ -60,6 +60,13 @@ def serve_metrics(port: int | None) -> None:
         start_http_server(port)
 
 
+def setup_worker(*, service: str, log_level: str, metrics_port: int | None) -> None:
+    """What a worker process (``vrs relay …``, ``vrs consume …``) does first: the same JSON log lines as the
+    API processes, and its metrics on ``metrics_port`` (``VRS_<SERVICE>_METRICS_PORT``)."""
+    configure_logging(log_level, service)
+    serve_metrics(metrics_port)
+
+
 def observe_outbox(service: str, shard: str, *, backlog: int, oldest: datetime | None) -> None:
     """Record one shard's outbox: how many events wait, and since when the oldest has waited."""
     OUTBOX_BACKLOG.labels(service, shard).set(backlog)

@@ -23,6 +23,7 @@ from shared.observability import (
     observe_event_ages,
     observe_outbox,
     serve_metrics,
+    setup_worker,
 )
 
 MY_NUMBER_FORMS = ["123456789018", "1234 5678 9018", "1234-5678-9018"]
@@ -150,11 +151,19 @@ def test_outbox_and_consumer_helpers() -> None:
     assert REGISTRY.get_sample_value("vrs_consumer_event_age_seconds_count", {"consumer": "unit", "topic": "t"}) == 1
 
 
-def test_a_worker_serves_its_metrics_on_the_configured_port() -> None:
+def test_a_worker_logs_json_and_serves_its_metrics_on_the_configured_port() -> None:
     from devtools.harness import free_port
 
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
     port = free_port()
-    serve_metrics(port)
-    serve_metrics(None)  # not configured: nothing is started
-    response = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
-    assert response.status_code == 200 and "vrs_outbox_backlog_events" in response.text
+    try:
+        setup_worker(service="records-relay", log_level="INFO", metrics_port=port)
+        serve_metrics(None)  # not configured: nothing is started
+        (handler,) = root.handlers
+        assert isinstance(handler.formatter, JsonFormatter) and handler.formatter.service == "records-relay"
+        response = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+        assert response.status_code == 200 and "vrs_outbox_backlog_events" in response.text
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
