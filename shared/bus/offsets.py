@@ -8,12 +8,15 @@ request, which the topic's Describe ACL allows); the embedded log with one index
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from shared.observability import observe_consumer_lag
 from shared.settings import BusSettings
+
+log = logging.getLogger(__name__)
 
 
 async def end_offsets(settings: BusSettings, topic: str) -> dict[int, int]:
@@ -29,6 +32,24 @@ async def report_lag(
     """Set ``vrs_consumer_lag_events`` for every partition of ``topic``, from the consumer's stored positions."""
     ends = await end_offsets(settings, topic)
     observe_consumer_lag(consumer, topic, positions=await positions(), ends=ends)
+
+
+async def report_lag_forever(
+    settings: BusSettings,
+    topic: str,
+    consumer: str,
+    positions: Callable[[], Awaitable[dict[int, int]]],
+    *,
+    interval: float = 15.0,
+) -> None:
+    """For a consumer's worker process (no scrape-time hook there): :func:`report_lag` every ``interval``
+    seconds until cancelled. A failed sample is logged and the gauges keep their last values."""
+    while True:
+        try:
+            await report_lag(settings, topic, consumer, positions)
+        except Exception as exc:
+            log.warning("consumer lag of %s on %s not sampled (%s)", consumer, topic, type(exc).__name__)
+        await asyncio.sleep(interval)
 
 
 def _embedded_end_offsets(path: Path, topic: str) -> dict[int, int]:

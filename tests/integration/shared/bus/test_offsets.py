@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -12,7 +14,7 @@ from prometheus_client import REGISTRY
 from shared.bus import OutgoingMessage
 from shared.bus.embedded import EmbeddedLog
 from shared.bus.kafka import KafkaPublisher
-from shared.bus.offsets import end_offsets, report_lag
+from shared.bus.offsets import end_offsets, report_lag, report_lag_forever
 from shared.settings import BusSettings
 
 KEYS = ["131016", "011002", "271004", "401307", "472018", "131016", "131016"]
@@ -56,3 +58,27 @@ async def test_kafka(kafka_server: Any) -> None:
         kind="kafka", topic=topic, partitions=3, kafka_bootstrap_servers=kafka_server.bootstrap_servers
     )
     await _publish_and_count(settings, KafkaPublisher(settings))
+
+
+async def test_a_worker_reports_lag_until_cancelled(tmp_path: Path) -> None:
+    settings = BusSettings(embedded_path=tmp_path / "log.db", topic="w", partitions=2)
+    log = EmbeddedLog(settings)
+    await log.publish([OutgoingMessage(key=k, value=b"{}") for k in KEYS])
+    await log.close()
+    sampled = asyncio.Event()
+
+    async def positions() -> dict[int, int]:
+        sampled.set()
+        return {}
+
+    task = asyncio.create_task(report_lag_forever(settings, "w", "worker", positions, interval=0.01))
+    await asyncio.wait_for(sampled.wait(), timeout=5)
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    total = sum(
+        REGISTRY.get_sample_value("vrs_consumer_lag_events", {"consumer": "worker", "topic": "w", "partition": p}) or 0
+        for p in ("0", "1")
+    )
+    assert total == len(KEYS)
