@@ -21,9 +21,10 @@ def build_app(
     routers: list[APIRouter],
     ready: Callable[[FastAPI], Awaitable[None]],
     behind_gateway: bool = True,
+    collect_metrics: Callable[[FastAPI], Awaitable[None]] | None = None,
 ) -> FastAPI:
     """``behind_gateway``: every request needs the gateway's internal token (all but the gateway itself)."""
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, service)
     app = FastAPI(
         title=f"VRS {service}",
         version="1",
@@ -40,7 +41,11 @@ def build_app(
     async def check_ready() -> None:
         await ready(app)
 
-    install_health(app, service=service, ready=check_ready)
+    async def collect() -> None:
+        if collect_metrics is not None:
+            await collect_metrics(app)
+
+    install_health(app, service=service, ready=check_ready, collect=collect)
     for router in routers:
         app.include_router(router)
     return app

@@ -18,6 +18,7 @@ import aiohttp
 
 from shared.auth import forwarded_authorization
 from shared.errors import ServiceUnavailable
+from shared.observability import REQUEST_ID
 
 
 class InternalClient:
@@ -25,6 +26,14 @@ class InternalClient:
         self._base_url = base_url.rstrip("/")
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
+
+    @staticmethod
+    def _headers(authorization: str | None) -> dict[str, str]:
+        headers = {"Authorization": authorization} if authorization else {}
+        # The caller's request id goes along, so one request's log lines can be followed across services.
+        if (request_id := REQUEST_ID.get()) is not None:
+            headers["X-Request-ID"] = request_id
+        return headers
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -48,8 +57,7 @@ class InternalClient:
         The request being served's internal token is forwarded. Internal calls are reads, so a connection the
         peer dropped is retried once on a fresh one.
         """
-        authorization = forwarded_authorization.get()
-        headers = {"Authorization": authorization} if authorization else {}
+        headers = self._headers(forwarded_authorization.get())
         for attempt in (1, 2):
             try:
                 async with self._http().request(

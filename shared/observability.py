@@ -1,14 +1,25 @@
-"""Health, readiness, Prometheus metrics and PII-free logging, the same in every service."""
+"""Health, readiness, Prometheus metrics and PII-free logging, the same in every service.
+
+Logs are one JSON object per line (time, level, logger, message, service, request_id, and traceback when
+there is one), My Numbers masked in the message and the traceback alike. The request id is the gateway's
+``X-Request-ID``, carried to every service and kept in a context variable for the request's duration.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import json
 import logging
+import re
 import time
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest, start_http_server
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.redaction import redact_my_numbers
@@ -21,9 +32,66 @@ LATENCY = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 
+# Outbox and consumer health, shared by every service that has an outbox or consumes a topic. Backlog and
+# age are sampled when /metrics is scraped (see ``install_health(collect=...)``), so they are true at scrape
+# time whichever replica runs the relay.
+OUTBOX_BACKLOG = Gauge("vrs_outbox_backlog_events", "Outbox events not yet published", ["service", "shard"])
+OUTBOX_OLDEST_AGE = Gauge(
+    "vrs_outbox_oldest_unpublished_seconds",
+    "Age of the oldest unpublished outbox event (0: none)",
+    ["service", "shard"],
+)
+CONSUMER_LAG = Gauge(
+    "vrs_consumer_lag_events", "Events on the bus not yet applied by the consumer", ["consumer", "topic", "partition"]
+)
+EVENT_AGE = Histogram(
+    "vrs_consumer_event_age_seconds",
+    "From an event's occurred_at to the commit that applied it",
+    ["consumer", "topic"],
+    # Seconds when live; hours or days while a replay catches up.
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 24 * 3600, 7 * 24 * 3600),
+)
+COLLECT_FAILURES = Counter("vrs_metrics_collect_failures_total", "Scrape-time samplers that failed", ["service"])
+
+
+def serve_metrics(port: int | None) -> None:
+    """For a worker process (no HTTP server of its own): Prometheus' text on ``port``, from a thread."""
+    if port is not None:
+        start_http_server(port)
+
+
+def setup_worker(*, service: str, log_level: str, metrics_port: int | None) -> None:
+    """What a worker process (``vrs relay …``, ``vrs consume …``) does first: the same JSON log lines as the
+    API processes, and its metrics on ``metrics_port`` (``VRS_<SERVICE>_METRICS_PORT``)."""
+    configure_logging(log_level, service)
+    serve_metrics(metrics_port)
+
+
+def observe_outbox(service: str, shard: str, *, backlog: int, oldest: datetime | None) -> None:
+    """Record one shard's outbox: how many events wait, and since when the oldest has waited."""
+    OUTBOX_BACKLOG.labels(service, shard).set(backlog)
+    if oldest is not None and oldest.tzinfo is None:  # SQLite hands datetimes back naive; they are UTC
+        oldest = oldest.replace(tzinfo=UTC)
+    age = 0.0 if oldest is None else max(0.0, (datetime.now(UTC) - oldest).total_seconds())
+    OUTBOX_OLDEST_AGE.labels(service, shard).set(age)
+
+
+def observe_consumer_lag(consumer: str, topic: str, *, positions: dict[int, int], ends: dict[int, int]) -> None:
+    """Lag per partition: the bus's end offset minus the next offset the consumer will apply."""
+    for partition, end in ends.items():
+        CONSUMER_LAG.labels(consumer, topic, str(partition)).set(max(0, end - positions.get(partition, 0)))
+
+
+def observe_event_ages(consumer: str, topic: str, occurred: Sequence[datetime]) -> None:
+    now = datetime.now(UTC)
+    histogram = EVENT_AGE.labels(consumer, topic)
+    for at in occurred:
+        histogram.observe(max(0.0, (now - at).total_seconds()))
+
 
 class RedactMyNumber(logging.Filter):
-    """Masks anything that looks like a My Number in a record's message (:mod:`shared.redaction`)."""
+    """Masks anything that looks like a My Number in a record's message (:mod:`shared.redaction`), before any
+    handler or formatter sees the record."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -33,16 +101,41 @@ class RedactMyNumber(logging.Filter):
         return True
 
 
-class RedactingFormatter(logging.Formatter):
-    """Redacts the whole formatted line, traceback included: an exception's text may quote its input."""
+# The request being served: its id (X-Request-ID, as the gateway set it) for every log line it causes.
+REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("vrs_request_id", default=None)
+# A caller's request id is kept if it is short and plain; anything else is replaced.
+REQUEST_ID_FORMAT = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; the traceback is masked like the message (an exception's text can quote
+    its input)."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self.service = service
 
     def format(self, record: logging.LogRecord) -> str:
-        return redact_my_numbers(super().format(record))
+        entry: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": redact_my_numbers(record.getMessage()),
+            "service": self.service,
+            "request_id": REQUEST_ID.get(),
+        }
+        if record.exc_info:
+            entry["traceback"] = redact_my_numbers(self.formatException(record.exc_info))
+        elif record.exc_text:
+            entry["traceback"] = redact_my_numbers(record.exc_text)
+        if record.stack_info:
+            entry["stack"] = redact_my_numbers(self.formatStack(record.stack_info))
+        return json.dumps(entry, ensure_ascii=False, default=str)
 
 
-def configure_logging(level: str) -> None:
+def configure_logging(level: str, service: str = "vrs") -> None:
     handler = logging.StreamHandler()
-    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.setFormatter(JsonFormatter(service))
     handler.addFilter(RedactMyNumber())
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -83,14 +176,58 @@ class MetricsMiddleware:
             LATENCY.labels(self.service, method, route).observe(time.perf_counter() - start)
 
 
+class RequestIdMiddleware:
+    """Pure ASGI: the request's ``X-Request-ID`` (or a new one) in :data:`REQUEST_ID` while it is served,
+    in the scope's headers for the app (the gateway forwards it upstream), and on the response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = [(k, v) for k, v in scope["headers"] if k != b"x-request-id"]
+        given = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"").decode("latin-1")
+        request_id = given if REQUEST_ID_FORMAT.fullmatch(given) else uuid.uuid4().hex
+        scope = {**scope, "headers": [*headers, (b"x-request-id", request_id.encode())]}
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                names = {k.lower() for k, _ in message.get("headers", [])}
+                if b"x-request-id" not in names:
+                    message = {
+                        **message,
+                        "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())],
+                    }
+            await send(message)
+
+        token = REQUEST_ID.set(request_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            REQUEST_ID.reset(token)
+
+
 def _route_template(scope: Scope) -> str:
     # Set by the router on the scope it was given; the template keeps resident ids out of label values.
     route = scope.get("route")
     return str(getattr(route, "path", "unmatched"))
 
 
-def install_health(app: FastAPI, *, service: str, ready: Callable[[], Awaitable[None]]) -> None:
-    """``/healthz`` (the process answers), ``/readyz`` (its dependencies answer) and ``/metrics``."""
+def install_health(
+    app: FastAPI,
+    *,
+    service: str,
+    ready: Callable[[], Awaitable[None]],
+    collect: Callable[[], Awaitable[None]] | None = None,
+    collect_timeout: float = 2.0,
+) -> None:
+    """``/healthz`` (the process answers), ``/readyz`` (its dependencies answer) and ``/metrics``.
+
+    ``collect`` samples gauges that are read from the databases (outbox backlog...) just before a scrape; if
+    it fails or takes longer than ``collect_timeout`` the scrape still answers, with the previous values.
+    """
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
@@ -106,6 +243,14 @@ def install_health(app: FastAPI, *, service: str, ready: Callable[[], Awaitable[
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
+        if collect is not None:
+            try:
+                await asyncio.wait_for(collect(), timeout=collect_timeout)
+            except Exception as exc:
+                COLLECT_FAILURES.labels(service).inc()
+                logging.getLogger(__name__).warning("metrics sampling failed (%s)", type(exc).__name__)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(MetricsMiddleware, service=service)
+    # Added last, so it runs first: the request id is set before anything else logs.
+    app.add_middleware(RequestIdMiddleware)

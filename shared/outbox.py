@@ -20,7 +20,7 @@ import logging
 import signal
 import time
 from collections.abc import AsyncIterator, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from prometheus_client import Counter, Gauge
@@ -44,6 +44,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.bus import OutgoingMessage, Publisher, make_publisher
 from shared.db import Database, Databases, utcnow
+from shared.observability import observe_outbox
 from shared.settings import PublisherSettings
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,18 @@ class OutboxRepository:
         count, oldest = (
             await self.session.execute(select(func.count(), func.min(t.c.created_at)).where(t.c.published_at.is_(None)))
         ).one()
+        if oldest is not None and oldest.tzinfo is None:  # SQLite keeps no zone; we write UTC
+            oldest = oldest.replace(tzinfo=UTC)
         return int(count), oldest
+
+
+async def sample_backlog(service: str, databases: Databases, table: Table) -> None:
+    """Every shard's backlog and the age of its oldest waiting event, for /metrics at scrape time
+    (``build_app(collect_metrics=...)``): true whichever process runs the relay."""
+    for name, db in databases.shards.items():
+        async with db.sessionmaker() as session:
+            count, oldest = await OutboxRepository(session, table).backlog()
+        observe_outbox(service, name, backlog=count, oldest=oldest)
 
 
 class OutboxRelay:

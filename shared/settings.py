@@ -85,6 +85,12 @@ class BusSettings(BaseSettings):
     # How long a group member that stopped (killed, hung) keeps its partitions before others take them:
     # the Kafka consumer group's session timeout, the embedded log's lease.
     group_session_seconds: float = Field(default=10.0, ge=1)
+    # "SSL": TLS to the brokers, and a client certificate when certfile/keyfile are set (a Strimzi KafkaUser
+    # with tls authentication; PEM files mounted from its secret, the CA from the cluster's CA secret).
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL"] = "PLAINTEXT"
+    kafka_ssl_cafile: str | None = None
+    kafka_ssl_certfile: str | None = None
+    kafka_ssl_keyfile: str | None = None
 
 
 class ServiceSettings(BaseSettings):
@@ -95,6 +101,9 @@ class ServiceSettings(BaseSettings):
     environment: Environment = Field(default="development", validation_alias="VRS_ENVIRONMENT")
     log_level: str = "INFO"
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    # Worker processes (relays, consumers) have no HTTP server: they serve /metrics on this port when set.
+    # The API processes serve /metrics on their own port and ignore it.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
 
     @model_validator(mode="after")
     def _environment_named_in_a_deployment(self) -> ServiceSettings:

@@ -13,7 +13,7 @@ from services.records.router import internal, router
 from services.records.settings import RecordsSettings
 from shared.app import build_app
 from shared.db import Databases
-from shared.outbox import relay_in_background
+from shared.outbox import relay_in_background, sample_backlog
 
 
 def create_app(settings: RecordsSettings | None = None) -> FastAPI:
@@ -40,4 +40,14 @@ def create_app(settings: RecordsSettings | None = None) -> FastAPI:
     async def ready(app: FastAPI) -> None:
         await app.state.databases.ping()
 
-    return build_app(service="records", settings=settings, lifespan=lifespan, routers=[router, internal], ready=ready)
+    async def collect_metrics(app: FastAPI) -> None:
+        await sample_backlog("records", app.state.databases, outbox)
+
+    return build_app(
+        service="records",
+        settings=settings,
+        lifespan=lifespan,
+        routers=[router, internal],
+        ready=ready,
+        collect_metrics=collect_metrics,
+    )

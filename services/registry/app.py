@@ -14,7 +14,7 @@ from services.registry.settings import RegistrySettings
 from shared.app import build_app
 from shared.db import Databases
 from shared.internal import InternalClient
-from shared.outbox import relay_in_background
+from shared.outbox import relay_in_background, sample_backlog
 
 
 def create_app(settings: RegistrySettings | None = None) -> FastAPI:
@@ -37,4 +37,14 @@ def create_app(settings: RegistrySettings | None = None) -> FastAPI:
     async def ready(app: FastAPI) -> None:
         await app.state.databases.ping()
 
-    return build_app(service="registry", settings=settings, lifespan=lifespan, routers=[router], ready=ready)
+    async def collect_metrics(app: FastAPI) -> None:
+        await sample_backlog("registry", app.state.databases, outbox)
+
+    return build_app(
+        service="registry",
+        settings=settings,
+        lifespan=lifespan,
+        routers=[router],
+        ready=ready,
+        collect_metrics=collect_metrics,
+    )

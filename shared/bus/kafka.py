@@ -47,6 +47,18 @@ DELIVERY_TIMEOUT = 30
 TOPIC_CONFIGS = {"retention.ms": "-1", "retention.bytes": "-1"}
 
 
+def security_options(settings: BusSettings) -> dict[str, Any]:
+    """kafka-python's connection security options from the settings (the same for every client)."""
+    options: dict[str, Any] = {"security_protocol": settings.kafka_security_protocol}
+    if settings.kafka_security_protocol == "SSL":
+        options.update(
+            ssl_cafile=settings.kafka_ssl_cafile,
+            ssl_certfile=settings.kafka_ssl_certfile,
+            ssl_keyfile=settings.kafka_ssl_keyfile,
+        )
+    return options
+
+
 def ensure_topic(
     bootstrap_servers: str,
     topic: str,
@@ -54,6 +66,7 @@ def ensure_topic(
     *,
     client_id: str = "vrs-admin",
     timeout: float = 30,
+    security: dict[str, Any] | None = None,
 ) -> list[int]:
     """Create ``topic`` with ``partitions`` partitions unless it exists; return its partition ids once every
     partition has a leader. An existing topic keeps its partition count, as in Kafka generally."""
@@ -62,6 +75,7 @@ def ensure_topic(
         client_id=client_id,
         bootstrap_timeout_ms=CONNECT_TIMEOUT * 1000,
         request_timeout_ms=REQUEST_TIMEOUT * 1000,
+        **(security or {}),
     )
     try:
         result = admin.create_topics(
@@ -90,8 +104,15 @@ class KafkaPublisher:
     def _get_producer(self) -> Any:
         if self._producer is None:
             s = self._settings
-            ensure_topic(s.kafka_bootstrap_servers, self._topic, s.partitions, client_id=f"{s.kafka_client_id}-admin")
+            ensure_topic(
+                s.kafka_bootstrap_servers,
+                self._topic,
+                s.partitions,
+                client_id=f"{s.kafka_client_id}-admin",
+                security=security_options(s),
+            )
             self._producer = KafkaProducer(
+                **security_options(s),
                 bootstrap_servers=s.kafka_bootstrap_servers,
                 client_id=f"{s.kafka_client_id}-publisher",
                 enable_idempotence=True,
@@ -154,6 +175,7 @@ class KafkaSource:
         if self._consumer is None:
             session_ms = int(self._settings.group_session_seconds * 1000)
             self._consumer = KafkaConsumer(
+                **security_options(self._settings),
                 bootstrap_servers=self._settings.kafka_bootstrap_servers,
                 client_id=self._client_id,
                 group_id=self._group,
@@ -238,7 +260,12 @@ class KafkaSource:
     async def partitions(self) -> list[int]:
         s = self._settings
         return await asyncio.to_thread(
-            ensure_topic, s.kafka_bootstrap_servers, self._topic, s.partitions, client_id=f"{self._client_id}-admin"
+            ensure_topic,
+            s.kafka_bootstrap_servers,
+            self._topic,
+            s.partitions,
+            client_id=f"{self._client_id}-admin",
+            security=security_options(s),
         )
 
     def _assign(self, positions: dict[int, int]) -> None:

@@ -106,3 +106,17 @@ async def test_purge_drops_only_old_published_events(databases: Databases, tmp_p
     async with databases.shards["s0"].sessionmaker() as session:
         rows = (await session.execute(outbox.select())).all()
     assert len(rows) == 2
+
+
+async def test_backlog_counts_what_waits_and_since_when(databases: Databases, tmp_path: Path) -> None:
+    """What /metrics reports as vrs_outbox_backlog_events and vrs_outbox_oldest_unpublished_seconds."""
+    async with databases.shards["s0"].sessionmaker() as session:
+        assert await OutboxRepository(session, outbox).backlog() == (0, None)
+    events = await write_outbox(databases, 4)
+    async with databases.shards["s0"].sessionmaker() as session:
+        count, oldest = await OutboxRepository(session, outbox).backlog()
+    assert count == 4 and oldest == min(e.occurred_at for e in events)
+    log = EmbeddedLog(BusSettings(embedded_path=tmp_path / "log.db", partitions=3))
+    await OutboxRelay(databases, log, outbox, topic="dose-events", batch_size=10, idle_seconds=0.05).drain()
+    async with databases.shards["s0"].sessionmaker() as session:
+        assert await OutboxRepository(session, outbox).backlog() == (0, None)

@@ -27,7 +27,7 @@ def test_twelve_digit_runs_are_redacted(msg: str, args: tuple[object, ...], expe
 
 
 def test_a_traceback_quoting_a_my_number_is_redacted_too() -> None:
-    from shared.observability import RedactingFormatter
+    from shared.observability import JsonFormatter
 
     try:
         raise ValueError("bad input 1234-5678-9018")
@@ -35,6 +35,6 @@ def test_a_traceback_quoting_a_my_number_is_redacted_too() -> None:
         import sys
 
         record = logging.LogRecord("t", logging.ERROR, __file__, 1, "failed", None, sys.exc_info())
-    line = RedactingFormatter("%(message)s").format(record)
+    line = JsonFormatter("t").format(record)
     assert "Traceback" in line and "********9018" in line
     assert "1234-5678-9018" not in line and "5678" not in line

@@ -1,0 +1,90 @@
+"""How far a topic's partitions reach — for the consumer-lag metric, never on a consumer's own path.
+
+A consumer keeps its positions in its database; the lag of a partition is its end offset here minus that
+position (:func:`report_lag`). Kafka answers with a short-lived client (a metadata and a ListOffsets
+request, which the topic's Describe ACL allows); the embedded log with one indexed query per partition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from shared.observability import observe_consumer_lag
+from shared.settings import BusSettings
+
+log = logging.getLogger(__name__)
+
+
+async def end_offsets(settings: BusSettings, topic: str) -> dict[int, int]:
+    """The next offset each partition of ``topic`` will be written at (0 for an empty partition)."""
+    if settings.kind == "kafka":
+        return await asyncio.to_thread(_kafka_end_offsets, settings, topic)
+    return await asyncio.to_thread(_embedded_end_offsets, Path(settings.embedded_path), topic)
+
+
+async def report_lag(
+    settings: BusSettings, topic: str, consumer: str, positions: Callable[[], Awaitable[dict[int, int]]]
+) -> None:
+    """Set ``vrs_consumer_lag_events`` for every partition of ``topic``, from the consumer's stored positions."""
+    ends = await end_offsets(settings, topic)
+    observe_consumer_lag(consumer, topic, positions=await positions(), ends=ends)
+
+
+async def report_lag_forever(
+    settings: BusSettings,
+    topic: str,
+    consumer: str,
+    positions: Callable[[], Awaitable[dict[int, int]]],
+    *,
+    interval: float = 15.0,
+) -> None:
+    """For a consumer's worker process (no scrape-time hook there): :func:`report_lag` every ``interval``
+    seconds until cancelled. A failed sample is logged and the gauges keep their last values."""
+    while True:
+        try:
+            await report_lag(settings, topic, consumer, positions)
+        except Exception as exc:
+            log.warning("consumer lag of %s on %s not sampled (%s)", consumer, topic, type(exc).__name__)
+        await asyncio.sleep(interval)
+
+
+def _embedded_end_offsets(path: Path, topic: str) -> dict[int, int]:
+    if not path.exists():
+        return {}
+    conn = sqlite3.connect(path, timeout=5)
+    try:
+        row = conn.execute("SELECT partitions FROM topics WHERE topic = ?", (topic,)).fetchone()
+        ends = {}
+        for partition in range(int(row[0]) if row else 0):
+            (last,) = conn.execute(
+                "SELECT MAX(offset) FROM log WHERE topic = ? AND partition = ?", (topic, partition)
+            ).fetchone()
+            ends[partition] = 0 if last is None else int(last) + 1
+        return ends
+    finally:
+        conn.close()
+
+
+def _kafka_end_offsets(settings: BusSettings, topic: str) -> dict[int, int]:
+    from kafka import KafkaConsumer, TopicPartition
+
+    from shared.bus.kafka import CONNECT_TIMEOUT, REQUEST_TIMEOUT, security_options
+
+    consumer = KafkaConsumer(
+        **security_options(settings),
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        client_id=f"{settings.kafka_client_id}-lag",
+        group_id=None,
+        enable_auto_commit=False,
+        bootstrap_timeout_ms=CONNECT_TIMEOUT * 1000,
+        request_timeout_ms=REQUEST_TIMEOUT * 1000,
+    )
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        return {tp.partition: int(offset) for tp, offset in consumer.end_offsets(partitions).items()}
+    finally:
+        consumer.close(autocommit=False)
