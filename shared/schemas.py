@@ -6,6 +6,8 @@ from datetime import date
 
 from pydantic import BaseModel
 
+from shared.domain.dose_rules import DoseStatus
+
 
 class DoseSummary(BaseModel):
     """A dose as registry shows it beside a resident (records' internal read, on the caller's behalf)."""
@@ -17,7 +19,7 @@ class DoseSummary(BaseModel):
     vaccinated_on: date
     vaccine: str
     lot_number: str
-    status: str
+    status: DoseStatus
     voided: bool
     version: int
 

@@ -5,6 +5,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from shared.domain.dose_rules import DoseStatus
+
 
 class DoseIn(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
@@ -81,7 +83,7 @@ class DoseOut(BaseModel):
     venue: str | None
     doctor: str | None
     medical_worker: bool
-    status: str
+    status: DoseStatus
     findings: list[FindingOut]
     matched: bool
     voided: bool
