@@ -41,5 +41,8 @@ format: $(STAMP)
 bench: $(STAMP) $(ECHARTS)  ## throughput and lag on PostgreSQL + Kafka; prints numbers
 	$(BIN)/python -m devtools.bench
 
+soak: $(STAMP)  ## mixed load with injected faults on PostgreSQL + Kafka, then reconcile; prints a table
+	$(BIN)/python -m devtools.soak
+
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache services/stats/web/node_modules

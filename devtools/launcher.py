@@ -92,6 +92,17 @@ class Stack:
         self._pid_file(name).parent.mkdir(parents=True, exist_ok=True)
         self._pid_file(name).write_text(str(self.processes[name].pid))
 
+    def start_worker(self, name: str, *args: str) -> None:
+        """A ``vrs`` worker process (``relay records``, ``consume stats``, ...) named ``name``."""
+        log = (self.log_dir / f"{name}.log").open("ab")
+        self.processes[name] = subprocess.Popen(
+            [sys.executable, "-m", "shared.cli", *args],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
     def wait_healthy(self, name: str, *, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         url = f"http://127.0.0.1:{self.ports[name]}/healthz"
@@ -121,8 +132,11 @@ class Stack:
             process.wait()
 
     def stop(self) -> None:
-        for spec in reversed(SERVICES):
-            self.stop_service(spec.name)
+        services = [spec.name for spec in SERVICES]
+        for name in [n for n in self.processes if n not in services]:  # workers first
+            self.stop_service(name)
+        for name in reversed(services):
+            self.stop_service(name)
 
     def exited(self) -> list[str]:
         return [name for name, p in self.processes.items() if p.poll() is not None]
