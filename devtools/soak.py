@@ -377,14 +377,14 @@ def fault_plan() -> list[tuple[str, Callable[[System], None]]]:
 
     return [
         ("kill -9 records-relay", kill_and_restart("records-relay")),
+        ("power loss", power_loss),
         ("kill -9 stats-consumer", kill_and_restart("stats-consumer")),
         ("kill -9 records", kill_and_restart("records")),
+        ("Kafka down 30 s", kafka_down),
         ("kill -9 records-consumer", kill_and_restart("records-consumer")),
+        ("PostgreSQL restart", postgres_restart),
         ("kill -9 registry", kill_and_restart("registry")),
         ("kill -9 registry-relay", kill_and_restart("registry-relay")),
-        ("Kafka down 30 s", kafka_down),
-        ("PostgreSQL restart", postgres_restart),
-        ("power loss", power_loss),
     ]
 
 
@@ -499,8 +499,10 @@ async def soak(system: System, args: argparse.Namespace) -> int:
         load: list[Awaitable[None]] = [single_doses(client, coupons) for _ in range(args.clients)]
         load += [batches(client, coupons), bad_input(client), corrections(client), resident_changes(client, coupons)]
         tasks = [asyncio.ensure_future(t) for t in load]
-        injector = asyncio.ensure_future(inject_faults(system, stop, args.minutes * 60 / 10, faults))
-        say(f"load for {args.minutes} min with faults every {args.minutes * 6:.0f}s ...")
+        # Faults take time of their own (Kafka's outage 30 s and more): spaced so that all of them fit.
+        every = max(5.0, (args.minutes * 60 - 120) / (len(fault_plan()) + 1))
+        injector = asyncio.ensure_future(inject_faults(system, stop, every, faults))
+        say(f"load for {args.minutes} min, a fault {every:.0f}s after the last one recovered ...")
         await asyncio.sleep(args.minutes * 60)
         stop.set()
         say("stopping the load (requests in flight are retried until answered) ...")

@@ -409,8 +409,14 @@ async def apply_coupon_events(session: Any, events: Sequence[CouponEvent]) -> in
     """
     projection, doses = ProjectionRepository(session), DoseRepository(session)
     outbox_repo = OutboxRepository(session, outbox)
+    # Only the newest state of each coupon in the batch matters: its doses follow that state.
+    newest: dict[CouponKey, CouponEvent] = {}
+    for event in events:
+        key = (event.municipality, event.coupon_number)
+        if key not in newest or newest[key].version < event.version:
+            newest[key] = event
     changed = 0
-    for event in sorted(events, key=lambda e: (e.municipality, e.coupon_number, e.version)):
+    for _, event in sorted(newest.items()):
         coupon = await projection.get(event.municipality, event.coupon_number, for_update=True)
         if coupon is not None and coupon.version >= event.version:
             continue

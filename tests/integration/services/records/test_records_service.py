@@ -217,6 +217,17 @@ async def test_a_coupon_event_twice_or_out_of_order_changes_nothing_more(record:
     assert (projection.version, projection.sex) == (2, "M")
 
 
+async def test_several_events_of_one_new_coupon_in_one_batch_leave_its_newest_state(
+    record: Record, databases: Databases
+) -> None:
+    """A consumer's batch often holds a coupon's issue and its next change (found by make soak)."""
+    await record(Submission(key="k", dose=dose("0000000001")))
+    assert await apply(databases, issued("0000000001", version=2, sex="M"), issued("0000000001", version=1)) == 1
+    [stored] = await doses_in(databases, "s0")
+    assert (stored.status, stored.sex) == ("recorded", "M")
+    assert [e.type for e in await events_in(databases, "s0")] == [DoseEventType.RECORDED, DoseEventType.MATCHED]
+
+
 async def test_a_holder_change_recells_matched_doses_with_a_correction_event(
     record: Record, databases: Databases
 ) -> None:
