@@ -215,3 +215,13 @@ class IdempotentConsumer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self._reset()
+
+
+def stored_positions(consumer: IdempotentConsumer) -> Callable[[], Awaitable[dict[int, int]]]:
+    """The offsets ``consumer`` committed with its effects, read fresh each call (for the lag metric)."""
+
+    async def positions() -> dict[int, int]:
+        async with consumer.database.sessionmaker() as session:
+            return await Bookkeeping(session, consumer.tables).offsets(consumer.name, consumer.topic)
+
+    return positions

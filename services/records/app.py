@@ -12,6 +12,8 @@ from services.records.models import outbox
 from services.records.router import internal, router
 from services.records.settings import RecordsSettings
 from shared.app import build_app
+from shared.bus.offsets import report_lag
+from shared.consumer import stored_positions
 from shared.db import Databases
 from shared.outbox import relay_in_background, sample_backlog
 
@@ -27,6 +29,7 @@ def create_app(settings: RecordsSettings | None = None) -> FastAPI:
             async with relay_in_background(settings, databases, outbox, topic=settings.bus.topic) as relay:
                 app.state.relay = relay
                 consumers = coupon_consumers(settings, databases, relay=relay) if settings.run_consumer else []
+                app.state.consumers = consumers
                 for consumer in consumers:
                     consumer.start()
                 try:
@@ -42,6 +45,9 @@ def create_app(settings: RecordsSettings | None = None) -> FastAPI:
 
     async def collect_metrics(app: FastAPI) -> None:
         await sample_backlog("records", app.state.databases, outbox)
+        # Where the coupon consumers run in this process (the embedded default): their lag, per shard.
+        for shard, consumer in zip(app.state.databases.shards, app.state.consumers, strict=False):
+            await report_lag(settings.bus, consumer.topic, f"{consumer.name}-{shard}", stored_positions(consumer))
 
     return build_app(
         service="records",

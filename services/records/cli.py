@@ -8,13 +8,17 @@ import signal
 from services.records.consumer import coupon_consumers
 from services.records.models import outbox
 from services.records.settings import RecordsSettings
+from shared.bus.offsets import report_lag_forever
+from shared.consumer import stored_positions
 from shared.db import Databases
+from shared.observability import setup_worker
 from shared.outbox import run_relay_process
 
 
 def relay() -> None:
     """``vrs relay records``: publish records' outbox to ``dose-events``."""
     settings = RecordsSettings()
+    setup_worker(service="records-relay", log_level=settings.log_level, metrics_port=settings.metrics_port)
     asyncio.run(run_relay_process(settings, outbox, topic=settings.bus.topic))
 
 
@@ -25,11 +29,18 @@ async def _consume(settings: RecordsSettings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     consumers = coupon_consumers(settings, databases)
+    # One consumer per shard, each with its own positions: lag is reported per shard.
+    lag = [
+        asyncio.create_task(report_lag_forever(settings.bus, c.topic, f"{c.name}-{shard}", stored_positions(c)))
+        for shard, c in zip(databases.shards, consumers, strict=True)
+    ]
     try:
         for consumer in consumers:
             consumer.start()
         await stop.wait()
     finally:
+        for task in lag:
+            task.cancel()
         for consumer in consumers:
             await consumer.stop()
         await databases.dispose()
@@ -37,4 +48,6 @@ async def _consume(settings: RecordsSettings) -> None:
 
 def consume() -> None:
     """``vrs consume records``: apply ``coupon-events`` to the coupon projection of every shard."""
-    asyncio.run(_consume(RecordsSettings()))
+    settings = RecordsSettings()
+    setup_worker(service="records-coupon-consumer", log_level=settings.log_level, metrics_port=settings.metrics_port)
+    asyncio.run(_consume(settings))

@@ -19,6 +19,7 @@ from typing import Any
 from services.stats.consumer import StatsConsumer
 from services.stats.settings import StatsSettings
 from shared.db import Database
+from shared.observability import setup_worker
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,8 @@ async def run_consumer(settings: StatsSettings, *, stop: asyncio.Event) -> None:
 def consume() -> None:
     """``vrs consume stats``: apply dose events without the API; several processes share the partitions."""
     settings = StatsSettings()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # JSON log lines like the API processes', and /metrics on VRS_STATS_METRICS_PORT (no HTTP server here).
+    setup_worker(service="stats-consumer", log_level=settings.log_level, metrics_port=settings.metrics_port)
 
     async def main() -> None:
         stop = asyncio.Event()

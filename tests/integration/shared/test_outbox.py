@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
-from datetime import date, timedelta
+from datetime import UTC, date, timedelta
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
 from services.records.models import outbox
 from shared.bus import OutgoingMessage
@@ -16,7 +17,7 @@ from shared.bus.embedded import EmbeddedLog
 from shared.db import Databases, utcnow
 from shared.events import DoseEvent
 from shared.migrations import upgrade
-from shared.outbox import OutboxRelay, OutboxRepository
+from shared.outbox import OutboxRelay, OutboxRepository, sample_backlog
 from shared.settings import BusSettings
 from tests.factories import recorded
 
@@ -110,13 +111,21 @@ async def test_purge_drops_only_old_published_events(databases: Databases, tmp_p
 
 async def test_backlog_counts_what_waits_and_since_when(databases: Databases, tmp_path: Path) -> None:
     """What /metrics reports as vrs_outbox_backlog_events and vrs_outbox_oldest_unpublished_seconds."""
-    async with databases.shards["s0"].sessionmaker() as session:
-        assert await OutboxRepository(session, outbox).backlog() == (0, None)
+
+    def sample(name: str) -> float | None:
+        return REGISTRY.get_sample_value(name, {"service": "test-backlog", "shard": "s0"})
+
+    await sample_backlog("test-backlog", databases, outbox)
+    assert sample("vrs_outbox_backlog_events") == 0 and sample("vrs_outbox_oldest_unpublished_seconds") == 0
     events = await write_outbox(databases, 4)
     async with databases.shards["s0"].sessionmaker() as session:
         count, oldest = await OutboxRepository(session, outbox).backlog()
-    assert count == 4 and oldest == min(e.occurred_at for e in events)
+    assert count == 4 and oldest is not None
+    assert oldest.replace(tzinfo=oldest.tzinfo or UTC) == min(e.occurred_at for e in events)
+    await sample_backlog("test-backlog", databases, outbox)
+    age = sample("vrs_outbox_oldest_unpublished_seconds")
+    assert sample("vrs_outbox_backlog_events") == 4 and age is not None and 0 <= age < 60
     log = EmbeddedLog(BusSettings(embedded_path=tmp_path / "log.db", partitions=3))
     await OutboxRelay(databases, log, outbox, topic="dose-events", batch_size=10, idle_seconds=0.05).drain()
-    async with databases.shards["s0"].sessionmaker() as session:
-        assert await OutboxRepository(session, outbox).backlog() == (0, None)
+    await sample_backlog("test-backlog", databases, outbox)
+    assert sample("vrs_outbox_backlog_events") == 0 and sample("vrs_outbox_oldest_unpublished_seconds") == 0
