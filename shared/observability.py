@@ -134,10 +134,14 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str, service: str = "vrs") -> None:
+    """JSON lines on stderr for the whole process, labelled with the first service configured in it: an app
+    built on the side later (the gateway builds the services' apps for their OpenAPI) does not relabel it."""
+    root = logging.getLogger()
+    if any(isinstance(h.formatter, JsonFormatter) for h in root.handlers):
+        return
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter(service))
     handler.addFilter(RedactMyNumber())
-    root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):

@@ -33,6 +33,7 @@ KUBERNETES_KINDS = [
     ("", "v1", "Service"),
     ("", "v1", "ServiceAccount"),
     ("apps", "v1", "Deployment"),
+    ("apps", "v1", "StatefulSet"),
     ("batch", "v1", "Job"),
     ("autoscaling", "v2", "HorizontalPodAutoscaler"),
     ("policy", "v1", "PodDisruptionBudget"),

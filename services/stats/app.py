@@ -6,14 +6,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from services.stats import service
 from services.stats.consumer import StatsConsumer
 from services.stats.dashboard import load_echarts
 from services.stats.population import Population, PopulationError, load_population
 from services.stats.router import router
 from services.stats.settings import StatsSettings
 from shared.app import build_app
-from shared.bus.offsets import report_lag
 from shared.db import Databases
 
 log = logging.getLogger(__name__)
@@ -54,22 +52,4 @@ def create_app(settings: StatsSettings | None = None) -> FastAPI:
     async def ready(app: FastAPI) -> None:
         await app.state.databases.ping()
 
-    async def collect_metrics(app: FastAPI) -> None:
-        # Only where the consumer runs: an API-only replica need not reach the bus at all.
-        if app.state.consumer is None:
-            return
-
-        async def positions() -> dict[int, int]:
-            async with app.state.databases.main.sessionmaker() as session:
-                return await service.stored_offsets(session, consumer=settings.consumer_name, topic=settings.bus.topic)
-
-        await report_lag(settings.bus, settings.bus.topic, settings.consumer_name, positions)
-
-    return build_app(
-        service="stats",
-        settings=settings,
-        lifespan=lifespan,
-        routers=[router],
-        ready=ready,
-        collect_metrics=collect_metrics,
-    )
+    return build_app(service="stats", settings=settings, lifespan=lifespan, routers=[router], ready=ready)

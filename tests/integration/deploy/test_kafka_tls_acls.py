@@ -202,11 +202,38 @@ async def _read(server: TlsKafkaServer, user: str, topic: str) -> list[bytes]:
         await source.close()
 
 
+async def _read_in_group(server: TlsKafkaServer, user: str, topic: str, group: str) -> list[bytes]:
+    """As the stats consumer reads: a member of ``group``, positioned where it is told, committing offsets."""
+    source = KafkaSource(_bus(server, user, topic), consumer=user)
+    try:
+        await source.join(group)
+        values: list[bytes] = []
+        for _ in range(30):
+            messages = await source.poll(max_records=100, timeout=1.0)
+            change = source.take_assignment()
+            if change is not None and change.added & change.owned:
+                await source.assign(dict.fromkeys(change.added & change.owned, 0))
+                continue
+            values += [m.value for m in messages]
+            if values:
+                await source.commit({m.partition: m.offset + 1 for m in messages})
+                return values
+        return values
+    finally:
+        await source.close()
+
+
 async def test_each_worker_does_its_job_over_tls(tls_kafka: TlsKafkaServer) -> None:
     await _publish(tls_kafka, "records-relay", "dose-events", "131016")
     await _publish(tls_kafka, "registry-relay", "coupon-events", "131016")
-    assert b"from records-relay" in await _read(tls_kafka, "stats-consumer", "dose-events")
+    assert b"from records-relay" in await _read_in_group(tls_kafka, "stats-consumer", "dose-events", "stats")
     assert b"from registry-relay" in await _read(tls_kafka, "records-coupon-consumer", "coupon-events")
+
+
+async def test_a_group_is_only_its_consumers(tls_kafka: TlsKafkaServer) -> None:
+    """No one but the stats consumers joins the group "stats", even with a topic it may read."""
+    with pytest.raises(KafkaClientError, match="Authorization"):
+        await _read_in_group(tls_kafka, "records-coupon-consumer", "coupon-events", "stats")
 
 
 @pytest.mark.parametrize(

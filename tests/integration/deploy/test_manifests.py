@@ -31,7 +31,7 @@ SCHEMA_LOCATIONS = [
     f"{SCHEMAS}/kubernetes/{{{{ .ResourceKind }}}}{{{{ .KindSuffix }}}}.json",
     f"{SCHEMAS}/crds/{{{{ .Group }}}}/{{{{ .ResourceKind }}}}_{{{{ .ResourceAPIVersion }}}}.json",
 ]
-WORKLOAD_KINDS = {"Deployment", "Job"}
+WORKLOAD_KINDS = {"Deployment", "StatefulSet", "Job"}
 _URL_PASSWORD = re.compile(r"://[^:/@\s]+:([^@\s]+)@")
 
 
@@ -188,9 +188,10 @@ def test_the_promised_objects_are_there(overlay: str, rendered: dict[str, str]) 
         names.setdefault(o["kind"], set()).add(o["metadata"]["name"])
     apis = {"registry", "records", "stats", "gateway"}
     workers = {"registry-relay", "records-relay", "records-coupon-consumer", "stats-consumer"}
-    assert names["Deployment"] == apis | workers
+    assert names["Deployment"] | names["StatefulSet"] == apis | workers
+    assert names["StatefulSet"] == {"gateway"}  # one audit chain per stable pod name, its anchor on its volume
     assert apis <= names["HorizontalPodAutoscaler"] and apis <= names["PodDisruptionBudget"]
-    assert names["Service"] == apis
+    assert names["Service"] == apis | {"gateway-pods"}
     assert names["Job"] == {"vrs-migrate"}
     assert names["KafkaTopic"] == {"dose-events", "coupon-events"}
     assert names["KafkaUser"] == workers
@@ -203,7 +204,7 @@ def test_the_promised_objects_are_there(overlay: str, rendered: dict[str, str]) 
             for container in _containers(o):
                 assert container["securityContext"]["readOnlyRootFilesystem"] is True
                 assert container["resources"]["requests"] and container["resources"]["limits"]
-        if o["kind"] == "Deployment" and o["metadata"]["name"] in apis:
+        if o["kind"] in ("Deployment", "StatefulSet") and o["metadata"]["name"] in apis:
             container = o["spec"]["template"]["spec"]["containers"][0]
             assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
             assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"

@@ -18,6 +18,7 @@ from shared.observability import (
     REQUEST_ID,
     JsonFormatter,
     RedactMyNumber,
+    configure_logging,
     install_health,
     observe_consumer_lag,
     observe_event_ages,
@@ -158,12 +159,27 @@ def test_a_worker_logs_json_and_serves_its_metrics_on_the_configured_port() -> N
     handlers, level = root.handlers[:], root.level
     port = free_port()
     try:
+        root.handlers[:] = []  # a fresh process
         setup_worker(service="records-relay", log_level="INFO", metrics_port=port)
         serve_metrics(None)  # not configured: nothing is started
         (handler,) = root.handlers
         assert isinstance(handler.formatter, JsonFormatter) and handler.formatter.service == "records-relay"
         response = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
         assert response.status_code == 200 and "vrs_outbox_backlog_events" in response.text
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+def test_the_first_service_configured_labels_the_process() -> None:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        root.handlers[:] = []
+        configure_logging("INFO", "gateway")
+        configure_logging("INFO", "stats")  # e.g. the gateway building stats' app for its OpenAPI
+        (handler,) = root.handlers
+        assert isinstance(handler.formatter, JsonFormatter) and handler.formatter.service == "gateway"
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
