@@ -92,7 +92,7 @@ def plan(country: Country) -> dict[str, str]:
         ),
         "records shards": f"max(2, {rate:,.0f} / {DOSES_PER_SHARD_PER_S}) = {shards}",
         "registry shards": f"{shards}: {registry_gb / shards:,.0f} GB of residents each",
-        "stats consumer (one process, one database)": (
+        "stats consumers into one stats database": (
             f"{rate * EVENTS_PER_DOSE:,.0f} events/s to apply (not measured by make bench)"
         ),
         "connections per records shard": (
