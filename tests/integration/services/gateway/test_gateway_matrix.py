@@ -38,11 +38,14 @@ MATRIX: dict[tuple[str, str], tuple[object, ...]] = {
     ("POST", f"{M}/transfer-lookups"): MUNI_HIDDEN,
     ("POST", "/api/v1/doses"): DOSE_WRITERS,
     ("POST", "/api/v1/doses/batch"): DOSE_WRITERS,
+    ("GET", "/api/v1/coupons/{coupon}"): DOSE_WRITERS,
     ("GET", f"{M}/doses"): MUNI_ONLY,
     ("POST", f"{M}/doses/{{dose_id}}/corrections"): MUNI_ONLY,
     ("GET", "/api/v1/stats/doses"): ANYONE,
     ("GET", "/api/v1/opendata/{file}"): ANYONE,
+    ("GET", "/api/v1/stats/coverage"): ANYONE,
     ("GET", "/dashboard"): ANYONE,
+    ("GET", "/dashboard/{asset}"): ANYONE,
     ("GET", f"{M}/audit"): (LOCAL, 403, 403, 403, 401),
 }
 
