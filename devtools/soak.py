@@ -388,8 +388,25 @@ def fault_plan() -> list[tuple[str, Callable[[System], None]]]:
     ]
 
 
-async def inject_faults(system: System, stop: asyncio.Event, every: float, faults: list[Fault]) -> None:
-    for name, run in itertools.cycle(fault_plan()):
+def chosen_faults(only: str | None) -> list[tuple[str, Callable[[System], None]]]:
+    plan = fault_plan()
+    if not only:
+        return plan
+    wanted = [w.strip() for w in only.split(",")]
+    chosen = [(name, run) for name, run in plan if any(w in name for w in wanted)]
+    if not chosen:
+        raise SystemExit(f"--faults {only!r} names none of: {', '.join(n for n, _ in plan)}")
+    return chosen
+
+
+async def inject_faults(
+    system: System,
+    stop: asyncio.Event,
+    every: float,
+    faults: list[Fault],
+    plan: list[tuple[str, Callable[[System], None]]],
+) -> None:
+    for name, run in itertools.cycle(plan):
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=every)
         if stop.is_set():
@@ -500,8 +517,9 @@ async def soak(system: System, args: argparse.Namespace) -> int:
         load += [batches(client, coupons), bad_input(client), corrections(client), resident_changes(client, coupons)]
         tasks = [asyncio.ensure_future(t) for t in load]
         # Faults take time of their own (Kafka's outage 30 s and more): spaced so that all of them fit.
-        every = max(5.0, (args.minutes * 60 - 120) / (len(fault_plan()) + 1))
-        injector = asyncio.ensure_future(inject_faults(system, stop, every, faults))
+        plan = chosen_faults(args.faults)
+        every = max(5.0, (args.minutes * 60 - 120) / (len(plan) + 1))
+        injector = asyncio.ensure_future(inject_faults(system, stop, every, faults, plan))
         say(f"load for {args.minutes} min, a fault {every:.0f}s after the last one recovered ...")
         await asyncio.sleep(args.minutes * 60)
         stop.set()
@@ -553,6 +571,10 @@ def report(system: System, ledger: Ledger, faults: list[Fault], drain_seconds: f
     ]
     width = max(len(k) for k, _ in rows)
     print("\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows), flush=True)
+    for when, what in late[:20]:
+        before = [f for f in faults if f.ended <= when]
+        since = f"{when - before[-1].ended:.1f}s after {before[-1].name} recovered" if before else "before any fault"
+        print(f"  outside a fault window: {what} at {when - _T0:.1f}s, {since}", flush=True)
     ok = lost + under + extra + over == 0 and written == applied and projection_ok and not late
     print(f"\nsoak {'PASSED' if ok else 'FAILED'}", flush=True)
     return 0 if ok else 1
@@ -566,6 +588,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--minutes", type=float, default=float(env("VRS_SOAK_MINUTES", "10")))
     parser.add_argument("--clients", type=int, default=8, help="concurrent single-dose tablets")
     parser.add_argument("--seed", type=int, default=2021)
+    parser.add_argument("--faults", help="only these faults (comma-separated parts of their names)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, data)")
     return parser.parse_args(argv)
 
