@@ -24,7 +24,15 @@ from PIL import Image
 from pyzbar import pyzbar
 
 from devtools.launcher import Stack
-from tests.e2e.test_walking_skeleton import CHIYODA, CLINIC, MUNI, OTHER_MUNI, dose_body, new_coupon_number
+from tests.e2e.test_walking_skeleton import (
+    CHIYODA,
+    CLINIC,
+    MUNI,
+    OTHER_MUNI,
+    dose_body,
+    new_coupon_number,
+    wait_until_records_knows,
+)
 
 
 @pytest.fixture
@@ -53,6 +61,7 @@ async def test_issue_verify_revoke_and_export_through_the_gateway(gw: httpx.Asyn
     resident = {"name": "鈴木 一郎", "name_kana": "スズキ イチロウ", "birth_date": "1948-11-03", "sex": "M"}
     r = await gw.put(resident_path, json={**resident, "coupon_number": coupon}, headers=MUNI)
     assert r.status_code == 201, r.text
+    await wait_until_records_knows(gw, coupon)  # the resident reaches records through coupon-events
     dose_ids = []
     for n, day in ((1, "2021-06-01"), (2, "2021-06-22")):
         headers = {**CLINIC, "Idempotency-Key": str(uuid.uuid4())}
