@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 
 import pytest
 from jwcrypto import jwk
@@ -15,6 +16,13 @@ PROD_KEYS = {
     "my_number_active_key": "k1",
     "my_number_hash_key": base64.b64encode(b"h" * 32).decode(),
 }
+
+
+@pytest.fixture(autouse=True)
+def _production_gateway_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Production also refuses the development gateway key that services verify internal tokens with.
+    key = jwk.JWK.generate(kty="EC", crv="P-256", kid="gw-prod", alg="ES256", use="sig")
+    monkeypatch.setenv("VRS_AUTH_GATEWAY_JWKS", json.dumps({"keys": [key.export_public(as_dict=True)]}))
 
 
 def production(**changes: object) -> RegistrySettings:
