@@ -8,6 +8,8 @@ RUN npm ci --no-audit --no-fund
 
 FROM python:3.11-slim
 WORKDIR /app
+# The font registry embeds in the PDF 接種証明書 (VRS_REGISTRY_CERTIFICATE_FONT).
+RUN apt-get update && apt-get install -y --no-install-recommends fonts-ipaexfont && rm -rf /var/lib/apt/lists/*
 COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY services ./services

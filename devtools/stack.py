@@ -39,6 +39,8 @@ def wiring_env(ports: dict[str, int], host: str = "127.0.0.1") -> dict[str, str]
         "VRS_GATEWAY_REGISTRY_URL": url["registry"],
         "VRS_GATEWAY_RECORDS_URL": url["records"],
         "VRS_GATEWAY_STATS_URL": url["stats"],
+        # Cards name the gateway's public address as their issuer; verifiers fetch its keys there.
+        "VRS_REGISTRY_SHC_ISSUER": f"{url['gateway']}/issuer",
     }
 
 

@@ -20,8 +20,9 @@ class DoseSummary(BaseModel):
     vaccine: str
     lot_number: str
     status: DoseStatus
+    venue: str | None = None  # 接種会場名: a certificate shows it as the performer
     voided: bool
-    version: int
+    version: int  # changes with every correction: a certificate showing an older version is stale
 
 
 class DoseSummaryList(BaseModel):

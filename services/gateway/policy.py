@@ -124,6 +124,19 @@ POLICY: tuple[Rule, ...] = (
         reads_personal_data=True,
         purpose_field="legal_basis",
     ),
+    rule(
+        "POST",
+        f"{_M}/residents/{{resident_id}}/certificates",
+        REGISTRY,
+        MUNICIPALITY,
+        OWN_HIDDEN,
+        reads_personal_data=True,
+    ),
+    rule("GET", f"{_M}/residents/{{resident_id}}/fhir", REGISTRY, MUNICIPALITY, OWN_HIDDEN, reads_personal_data=True),
+    # certificates: anyone may check a card (its holder shows it) and read the issuer's keys and revocations
+    rule("POST", "/api/v1/certificates/verify", REGISTRY, ANYONE),
+    rule("GET", "/issuer/.well-known/jwks.json", REGISTRY, ANYONE),
+    rule("GET", "/issuer/.well-known/crl/{file}", REGISTRY, ANYONE),
     # records
     rule("POST", "/api/v1/doses", RECORDS, DOSE_WRITERS, reads_personal_data=True),
     rule("POST", "/api/v1/doses/batch", RECORDS, DOSE_WRITERS, reads_personal_data=True),

@@ -192,6 +192,7 @@ async def doses_of_coupons(
                 vaccine=d.vaccine,
                 lot_number=d.lot_number,
                 status=d.status,
+                venue=d.venue,
                 voided=d.voided,
                 version=d.version,
             )

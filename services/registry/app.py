@@ -7,9 +7,10 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from services.registry.certificates import Issuer
 from services.registry.crypto import MyNumberVault
 from services.registry.models import outbox
-from services.registry.router import router
+from services.registry.router import public, router
 from services.registry.settings import RegistrySettings
 from shared.app import build_app
 from shared.db import Databases
@@ -25,6 +26,7 @@ def create_app(settings: RegistrySettings | None = None) -> FastAPI:
         databases = Databases.connect(settings.main_dsn, settings.shard_dsns, pool_size=settings.pool_size)
         app.state.databases = databases
         app.state.vault = MyNumberVault(settings)
+        app.state.issuer = Issuer.from_settings(settings)
         app.state.records = InternalClient(settings.records_url)
         try:
             async with relay_in_background(settings, databases, outbox, topic=settings.bus.coupon_topic) as relay:
@@ -44,7 +46,7 @@ def create_app(settings: RegistrySettings | None = None) -> FastAPI:
         service="registry",
         settings=settings,
         lifespan=lifespan,
-        routers=[router],
+        routers=[router, public],
         ready=ready,
         collect_metrics=collect_metrics,
     )

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from datetime import date, datetime
+from typing import Any
 
-from sqlalchemy import Date, DateTime, Index, Integer, LargeBinary, MetaData, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Date, DateTime, Index, Integer, LargeBinary, MetaData, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from shared.db import shard_assignments_table
@@ -82,3 +83,30 @@ class Coupon(ShardBase):
 
 # Coupon events written with the change they describe; the relay publishes them to ``coupon-events``.
 outbox = outbox_table(ShardBase.metadata)
+
+
+class IssuedCertificate(MainBase):
+    """A 接種証明書 / SMART Health Card issued, and the dose versions it shows.
+
+    In the main database, not a shard: a verifier holds only the card's ``rid`` and the revocation list is
+    one per signing key, both across every municipality. No name is stored here.
+    """
+
+    __tablename__ = "issued_certificates"
+    __table_args__ = (
+        Index("ix_issued_certificates_resident", "municipality_code", "resident_id"),
+        Index("ix_issued_certificates_revoked", "kid", "revoked_at"),
+    )
+
+    certificate_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    municipality_code: Mapped[str] = mapped_column(String(6))
+    resident_id: Mapped[str] = mapped_column(String(64))
+    kid: Mapped[str] = mapped_column(String(64))  # the signing key's thumbprint
+    rid: Mapped[str] = mapped_column(String(24), unique=True)
+    # [{"dose_id", "version"}, ...] in card order: a card is stale once records' doses differ from this.
+    doses: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    # SHA-256 of the name and birth date on the card: correcting either also makes the card stale.
+    subject_digest: Mapped[str] = mapped_column(String(64))
+    issued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))  # the card's nbf
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_reason: Mapped[str | None] = mapped_column(String(200))

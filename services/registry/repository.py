@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.registry.models import Coupon, MyNumberDirectoryEntry, Resident, outbox
+from services.registry.models import Coupon, IssuedCertificate, MyNumberDirectoryEntry, Resident, outbox
 from shared.db import upsert, utcnow
 from shared.outbox import OutboxEvent, OutboxRepository
 
@@ -90,3 +91,53 @@ class DirectoryRepository:
         entry = await self.session.get(MyNumberDirectoryEntry, (my_number_hash, municipality_code))
         if entry is not None:
             await self.session.delete(entry)
+
+
+class CertificateRepository:
+    """Issued certificates, in registry's main database."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def current_of(self, municipality_code: str, resident_id: str) -> list[IssuedCertificate]:
+        """The resident's certificates not revoked yet, locked: issuing and revoking for one resident serialise."""
+        stmt = (
+            select(IssuedCertificate)
+            .where(
+                IssuedCertificate.municipality_code == municipality_code,
+                IssuedCertificate.resident_id == resident_id,
+                IssuedCertificate.revoked_at.is_(None),
+            )
+            .order_by(IssuedCertificate.issued_at)
+            .with_for_update()
+        )
+        return list((await self.session.execute(stmt)).scalars())
+
+    async def by_rid(self, rid: str) -> IssuedCertificate | None:
+        stmt = select(IssuedCertificate).where(IssuedCertificate.rid == rid)
+        return (await self.session.execute(stmt)).scalar_one_or_none()
+
+    def add(self, certificate: IssuedCertificate) -> None:
+        self.session.add(certificate)
+
+    async def revoke(self, certificate_ids: Sequence[str], *, at: datetime, reason: str) -> None:
+        if not certificate_ids:
+            return
+        stmt = (
+            update(IssuedCertificate)
+            .where(IssuedCertificate.certificate_id.in_(certificate_ids), IssuedCertificate.revoked_at.is_(None))
+            .values(revoked_at=at, revoked_reason=reason)
+        )
+        await self.session.execute(stmt)
+
+    async def revoked_rids(self, kid: str) -> list[str]:
+        stmt = (
+            select(IssuedCertificate.rid)
+            .where(IssuedCertificate.kid == kid, IssuedCertificate.revoked_at.is_not(None))
+            .order_by(IssuedCertificate.revoked_at, IssuedCertificate.rid)
+        )
+        return list((await self.session.execute(stmt)).scalars())
+
+    async def revoked_count(self, kid: str) -> int:
+        stmt = select(func.count()).where(IssuedCertificate.kid == kid, IssuedCertificate.revoked_at.is_not(None))
+        return int((await self.session.execute(stmt)).scalar_one())

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from datetime import date
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -63,3 +64,27 @@ class ResidentOut(BaseModel):
 
 class ResidentWithDoses(ResidentOut):
     doses: list[DoseSummary]
+
+
+class CertificateIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["pdf", "shc"] = Field(description="pdf: the printable 接種証明書; shc: a SMART Health Card")
+
+
+class CardOut(BaseModel):
+    certificate_id: str
+    shc: str = Field(description='the card as its QR code carries it: "shc:/" and digits')
+    qr_png: str = Field(description="the QR code, a PNG, base64-encoded")
+
+
+class VerifyIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    shc: str = Field(min_length=6, max_length=20_000, pattern=r"^shc:/\d+$")
+
+
+class VerifyOut(BaseModel):
+    valid: bool
+    reasons: list[str] = Field(description="why the card is not valid; empty when it is")
+    claims: dict[str, Any] = Field(description="what the card says: issuer, name, birth date, immunizations")

@@ -1,15 +1,29 @@
 from __future__ import annotations
 
 import base64
+from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from services.registry.shc import IssuerKey
 from shared.settings import PublisherSettings, sqlite_url
 
 # Public development keys (32 bytes each, base64). Refused in production.
 DEV_MY_NUMBER_KEY = base64.b64encode(b"vrs-dev-my-number-aes-key-32byte").decode()
 DEV_MY_NUMBER_HASH_KEY = base64.b64encode(b"vrs-dev-my-number-hmac-key-32byt").decode()
+# The development SMART Health Card issuer key (ES256) and rid secret: public, so refused in production.
+DEV_SHC_PRIVATE_KEY = """-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgQ31Nnn3i36K2ciZV
+BBAFrItXRXZi663LnRDwt+TcTXWhRANCAASY+PObDc6Z7qJJbm9XqYD/TDvkZ4O4
+8wvU8YeHu/UMZqHPt3T1NuZ85iqQ/CP0et7x2gL7/wsCU69E7vYsytXQ
+-----END PRIVATE KEY-----
+"""
+DEV_SHC_RID_SECRET = base64.b64encode(b"vrs-dev-shc-revocation-id-secret").decode()
+# The path the gateway routes to registry's issuer documents (jwks.json, crl/): the issuer URL ends with it.
+SHC_ISSUER_PATH = "/issuer"
+_PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 class RegistrySettings(PublisherSettings):
@@ -28,6 +42,20 @@ class RegistrySettings(PublisherSettings):
     my_number_active_key: str = "dev1"
     # HMAC-SHA256 key of the directory's keyed hash (rotating it means rebuilding the directory).
     my_number_hash_key: str = DEV_MY_NUMBER_HASH_KEY
+    # SMART Health Cards: ``iss`` of every card (the gateway's public URL + /issuer; https in production), the
+    # ES256 signing key (PEM or a private JWK), the HMAC secret that derives revocation ids (base64, 32 bytes).
+    shc_issuer: str = "http://127.0.0.1:8000" + SHC_ISSUER_PATH
+    shc_private_key: str = Field(default=DEV_SHC_PRIVATE_KEY, repr=False)
+    shc_rid_secret: str = Field(default=DEV_SHC_RID_SECRET, repr=False)
+    # Public keys of signing keys no longer in use (JSON list of JWKs or PEMs): cards they signed stay
+    # verifiable, listed in jwks.json with their revocation lists, as the spec asks during a rollover.
+    shc_retired_public_keys: list[str] = Field(default_factory=list)
+    # The paper certificate's font (embedded) and the municipality master its issuer's name comes from
+    # (the team's data folder, read in place; without it the code is printed).
+    certificate_font: Path = Path("/usr/share/fonts/opentype/ipaexfont-gothic/ipaexg.ttf")
+    municipalities_csv: Path | None = (
+        _PROJECT_ROOT.parent / "shared" / "data" / "municipalities" / "localgovjp-utf8.csv"
+    )
 
     @model_validator(mode="after")
     def _check_keys(self) -> RegistrySettings:
@@ -40,6 +68,29 @@ class RegistrySettings(PublisherSettings):
             DEV_MY_NUMBER_KEY in self.my_number_keys.values() or self.my_number_hash_key == DEV_MY_NUMBER_HASH_KEY
         ):
             raise ValueError("development My Number keys are refused in production")
+        self._check_shc()
         if not self.shard_dsns:
             raise ValueError("VRS_REGISTRY_SHARD_DSNS needs at least one shard")
         return self
+
+    def _check_shc(self) -> None:
+        issuer = urlsplit(self.shc_issuer)
+        if not issuer.scheme or not issuer.netloc or issuer.path != SHC_ISSUER_PATH:
+            raise ValueError(f"VRS_REGISTRY_SHC_ISSUER must be an absolute URL whose path is {SHC_ISSUER_PATH}")
+        try:
+            key = IssuerKey.load(self.shc_private_key)
+        except ValueError as exc:
+            raise ValueError(f"VRS_REGISTRY_SHC_PRIVATE_KEY: {exc}") from None
+        for i, retired in enumerate(self.shc_retired_public_keys):
+            try:
+                IssuerKey.load_public(retired)
+            except (ValueError, KeyError) as exc:
+                raise ValueError(f"VRS_REGISTRY_SHC_RETIRED_PUBLIC_KEYS[{i}]: {exc}") from None
+        if len(base64.b64decode(self.shc_rid_secret)) != 32:
+            raise ValueError("VRS_REGISTRY_SHC_RID_SECRET must be 32 bytes, base64-encoded")
+        if self.environment == "production":
+            # Compared by thumbprint: the same public key given as a JWK is still the development key.
+            if key.kid == IssuerKey.load(DEV_SHC_PRIVATE_KEY).kid or self.shc_rid_secret == DEV_SHC_RID_SECRET:
+                raise ValueError("the development SMART Health Card key and rid secret are refused in production")
+            if issuer.scheme != "https":
+                raise ValueError("VRS_REGISTRY_SHC_ISSUER must be https in production (verifiers fetch its keys)")

@@ -1,0 +1,148 @@
+"""The paper 接種証明書: one A4 page, Japanese with the English terms beside them, the card's QR on it.
+
+The font is embedded (a subset of a TrueType font from Debian, IPAex Gothic by default), so the page
+prints the same everywhere and its text can be extracted.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date
+from functools import cache
+from pathlib import Path
+
+from reportlab.lib import colors
+from reportlab.lib.pagesizes import A4
+from reportlab.lib.units import mm
+from reportlab.lib.utils import ImageReader
+from reportlab.pdfbase import pdfmetrics
+from reportlab.pdfbase.ttfonts import TTFont
+from reportlab.pdfgen.canvas import Canvas
+from reportlab.platypus import Table, TableStyle
+
+from services.registry.fhir import VACCINES, Dose
+from services.registry.qr import qr_image
+from shared.domain.vaccines import default_rules
+
+FONT = "VRSCertificateFont"
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateView:
+    certificate_id: str
+    name: str
+    name_kana: str
+    birth_date: date | None
+    municipality_name: str
+    issued_on: date
+    doses: Sequence[Dose]
+    shc: str
+
+
+@cache
+def _register_font(path: Path) -> str:
+    name = f"{FONT}-{path.stem}"
+    pdfmetrics.registerFont(TTFont(name, str(path)))
+    return name
+
+
+def _product(code: str) -> str:
+    products = default_rules().products
+    japanese = products[code].label if code in products else code
+    english = VACCINES[code].english if code in VACCINES else code
+    return f"{japanese} / {english}"
+
+
+def render(view: CertificateView, *, font_path: Path) -> bytes:
+    font = _register_font(font_path)
+    buffer = io.BytesIO()
+    width, height = A4
+    # The initial font too, or the page would reference a Helvetica that is not embedded.
+    # invariant: no creation time or random document id, so the same certificate is the same file.
+    canvas = Canvas(buffer, pagesize=A4, pageCompression=1, initialFontName=font, initialFontSize=10, invariant=True)
+    canvas.setTitle(f"接種証明書 Vaccination Certificate {view.certificate_id}")
+    canvas.setAuthor(view.municipality_name)
+
+    canvas.setFont(font, 20)
+    canvas.drawCentredString(width / 2, height - 30 * mm, "新型コロナウイルス感染症 予防接種証明書")
+    canvas.setFont(font, 13)
+    canvas.drawCentredString(width / 2, height - 38 * mm, "Vaccination Certificate of COVID-19")
+
+    person = Table(
+        [
+            ["氏名 / Name", view.name],
+            ["氏名カナ / Name (kana)", view.name_kana],
+            ["生年月日 / Date of birth", view.birth_date.isoformat() if view.birth_date else "不明 / Unknown"],
+        ],
+        colWidths=[62 * mm, 108 * mm],
+    )
+    person.setStyle(_style(font, header=False))
+    _place(canvas, person, 20 * mm, height - 48 * mm)
+
+    rows = [["回数 / Dose", "接種日 / Date", "ワクチン / Vaccine", "ロット番号 / Lot"]]
+    rows += [
+        [f"{d.dose_number}回目 / No. {d.dose_number}", d.vaccinated_on.isoformat(), _product(d.vaccine), d.lot_number]
+        for d in view.doses
+    ]
+    doses = Table(rows, colWidths=[30 * mm, 28 * mm, 82 * mm, 30 * mm])
+    doses.setStyle(_style(font, header=True, size=8.5))
+    _, dose_height = doses.wrap(0, 0)
+    doses_top = height - 78 * mm
+    _place(canvas, doses, 20 * mm, doses_top)
+
+    issuer = Table(
+        [
+            ["発行自治体 / Issuing municipality", view.municipality_name],
+            ["発行年月日 / Date of issue", view.issued_on.isoformat()],
+            ["証明書番号 / Certificate ID", view.certificate_id],
+        ],
+        colWidths=[62 * mm, 108 * mm],
+    )
+    issuer.setStyle(_style(font, header=False))
+    issuer_top = doses_top - dose_height - 8 * mm
+    _place(canvas, issuer, 20 * mm, issuer_top)
+
+    qr_size = 70 * mm
+    qr_top = issuer_top - 30 * mm
+    canvas.drawImage(
+        ImageReader(qr_image(view.shc, box_size=8)),
+        (width - qr_size) / 2,
+        qr_top - qr_size,
+        qr_size,
+        qr_size,
+    )
+    canvas.setFont(font, 9)
+    canvas.drawCentredString(
+        width / 2,
+        qr_top - qr_size - 5 * mm,
+        "SMART Health Card — 検証アプリで読み取れます / Scan with any SMART Health Card verifier",
+    )
+    canvas.drawCentredString(
+        width / 2,
+        20 * mm,
+        "上記のとおり予防接種を受けたことを証明します。 / This is to certify that the above person was vaccinated.",
+    )
+    canvas.showPage()
+    canvas.save()
+    return buffer.getvalue()
+
+
+def _style(font: str, *, header: bool, size: float = 10) -> TableStyle:
+    commands: list[tuple[object, ...]] = [
+        ("FONT", (0, 0), (-1, -1), font, size),
+        ("GRID", (0, 0), (-1, -1), 0.5, colors.grey),
+        ("VALIGN", (0, 0), (-1, -1), "MIDDLE"),
+        ("BOTTOMPADDING", (0, 0), (-1, -1), 5),
+    ]
+    if header:
+        commands.append(("BACKGROUND", (0, 0), (-1, 0), colors.HexColor("#e8eef7")))
+    else:
+        commands.append(("BACKGROUND", (0, 0), (0, -1), colors.HexColor("#e8eef7")))
+    return TableStyle(commands)
+
+
+def _place(canvas: Canvas, table: Table, x: float, top: float) -> None:
+    _, h = table.wrap(0, 0)
+    table.drawOn(canvas, x, top - h)
