@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from services.registry.crypto import MyNumberVault
+from services.registry.importer import ResidentImporter
 from services.registry.models import outbox
 from services.registry.router import router
 from services.registry.settings import RegistrySettings
@@ -29,7 +30,18 @@ def create_app(settings: RegistrySettings | None = None) -> FastAPI:
         try:
             async with relay_in_background(settings, databases, outbox, topic=settings.bus.coupon_topic) as relay:
                 app.state.relay = relay
-                yield
+                app.state.importer = ResidentImporter(
+                    databases,
+                    app.state.vault,
+                    batch_size=settings.import_batch_size,
+                    on_commit=(lambda shards: relay.wake(*shards)) if relay is not None else None,
+                )
+                if settings.run_imports:
+                    await app.state.importer.resume()
+                try:
+                    yield
+                finally:
+                    await app.state.importer.close()
         finally:
             await app.state.records.close()
             await databases.dispose()

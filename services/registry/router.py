@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Request, Response, status
+from fastapi import APIRouter, Path, Query, Request, Response, status
 
-from services.registry import service
+from services.registry import importer, service
 from services.registry.crypto import MyNumberVault
-from services.registry.schemas import ResidentIn, ResidentOut, ResidentWithDoses
+from services.registry.schemas import ImportAccepted, ImportStatus, ResidentIn, ResidentOut, ResidentWithDoses
 from shared.auth import Principal, Role, require, require_own_municipality
 from shared.db import UnitOfWorkDep
 from shared.errors import (
@@ -56,7 +56,12 @@ async def put_resident(
 ) -> ResidentOut:
     require_own_municipality(principal, code)
     resident, created = await service.put_resident(
-        uow, _vault(request), municipality_code=code, resident_id=resident_id, data=body
+        uow,
+        _vault(request),
+        municipality_code=code,
+        resident_id=resident_id,
+        data=body,
+        changed_by=principal.scope_key,
     )
     response.status_code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
     return service.to_out(resident)
@@ -77,3 +82,47 @@ async def get_resident(
     require_own_municipality(principal, code, deny=resident_not_found())
     resident = await service.get_resident(uow, municipality_code=code, resident_id=resident_id)
     return await service.resident_with_doses(uow, resident, _records(request))
+
+
+
+@router.post(
+    "/resident-imports",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=ImportAccepted,
+    responses=responses(Unauthorized, Forbidden),
+    openapi_extra={"requestBody": {"content": {"text/csv": {"schema": {"type": "string", "format": "binary"}}}}},
+)
+async def post_resident_import(
+    code: MunicipalityCode, principal: MunicipalityPrincipal, uow: UnitOfWorkDep, request: Request
+) -> ImportAccepted:
+    """Store the CSV (UTF-8, UTF-8 with BOM, or Shift_JIS) and import it in the background; the same file
+    again answers with the same ``import_id`` and changes nothing."""
+    require_own_municipality(principal, code)
+    file, sha256, size = await importer.spool(request.stream())
+    with file:
+        import_id, new = await importer.submit(
+            uow, municipality_code=code, submitted_by=principal.scope_key, file=file, sha256=sha256, size=size
+        )
+    runner: importer.ResidentImporter = request.app.state.importer
+    if new:
+        uow.after_commit(lambda: runner.start(import_id))
+    return ImportAccepted(import_id=import_id)
+
+
+@router.get(
+    "/resident-imports/{import_id}",
+    response_model=ImportStatus,
+    responses=responses(Unauthorized, Forbidden, NotFound),
+)
+async def get_resident_import(
+    code: MunicipalityCode,
+    import_id: Annotated[str, Path(max_length=36)],
+    principal: MunicipalityPrincipal,
+    uow: UnitOfWorkDep,
+    errors_after_row: Annotated[int, Query(ge=0, description="page through errors: the last row seen")] = 0,
+    errors_limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
+) -> ImportStatus:
+    require_own_municipality(principal, code)
+    return await importer.status(
+        uow, municipality_code=code, import_id=import_id, errors_after_row=errors_after_row, errors_limit=errors_limit
+    )

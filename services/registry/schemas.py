@@ -63,3 +63,27 @@ class ResidentOut(BaseModel):
 
 class ResidentWithDoses(ResidentOut):
     doses: list[DoseSummary]
+
+
+class ImportAccepted(BaseModel):
+    import_id: str
+
+
+class ImportRowError(BaseModel):
+    row: int = Field(description="the file's row; the header is row 1, so the first resident is row 2")
+    field: str
+    message: str
+
+
+class ImportStatus(BaseModel):
+    import_id: str
+    status: str = Field(description="running or done")
+    rows_total: int = Field(description="data rows read so far (all of them once done)")
+    rows_ok: int
+    rows_failed: int
+    errors: list[ImportRowError]
+    errors_more: bool = Field(description="more errors follow: ask again with errors_after_row")
+    bytes_total: int
+    bytes_done: int
+    created_at: datetime
+    finished_at: datetime | None

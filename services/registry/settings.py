@@ -28,6 +28,9 @@ class RegistrySettings(PublisherSettings):
     my_number_active_key: str = "dev1"
     # HMAC-SHA256 key of the directory's keyed hash (rotating it means rebuilding the directory).
     my_number_hash_key: str = DEV_MY_NUMBER_HASH_KEY
+    # Resident CSV imports: rows per transaction, and whether this replica resumes unfinished imports at start.
+    import_batch_size: int = Field(default=1000, ge=1, le=5000)
+    run_imports: bool = True
 
     @model_validator(mode="after")
     def _check_keys(self) -> RegistrySettings:
