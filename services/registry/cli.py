@@ -1,8 +1,17 @@
-"""registry's ``vrs`` subcommands."""
+"""registry's ``vrs`` subcommands: ``vrs residents import`` and the ``relay`` worker."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
 
 from services.registry.models import outbox
 from services.registry.settings import RegistrySettings
@@ -15,3 +24,63 @@ def relay() -> None:
     settings = RegistrySettings()
     setup_worker(service="registry-relay", log_level=settings.log_level, metrics_port=settings.metrics_port)
     asyncio.run(run_relay_process(settings, outbox, topic=settings.bus.coupon_topic))
+
+
+def register(subparsers: Any) -> None:
+    residents = subparsers.add_parser("residents", help="municipal residents (registry)")
+    sub = residents.add_subparsers(required=True, metavar="ACTION")
+    imp = sub.add_parser("import", help="import a resident CSV (住基 export) through the gateway, with progress")
+    imp.add_argument("file", type=Path)
+    imp.add_argument("--municipality", required=True, help="6-digit municipality code")
+    imp.add_argument("--gateway", default=os.environ.get("VRS_GATEWAY", "http://127.0.0.1:8000"))
+    imp.add_argument("--token", default=os.environ.get("VRS_TOKEN"), help="bearer token (default: $VRS_TOKEN)")
+    imp.add_argument("--poll", type=float, default=0.5, help="seconds between status checks")
+    imp.set_defaults(func=_import)
+
+
+def _chunks(path: Path, size: int = 1 << 20) -> Iterator[bytes]:
+    with path.open("rb") as file:
+        while piece := file.read(size):
+            yield piece
+
+
+def _bar(done: int, total: int, status: dict[str, Any], width: int = 30) -> str:
+    share = done / total if total else 1.0
+    filled = int(share * width)
+    return (
+        f"\r[{'#' * filled}{'.' * (width - filled)}] {share:6.1%}  "
+        f"rows {status.get('rows_total', 0):,} ok {status.get('rows_ok', 0):,} failed {status.get('rows_failed', 0):,}"
+    )
+
+
+def _import(args: argparse.Namespace) -> int:
+    if not args.token:
+        print("a token is needed: --token or $VRS_TOKEN (e.g. from `vrs token --role municipality`)", file=sys.stderr)
+        return 2
+    base = f"{args.gateway.rstrip('/')}/api/v1/municipalities/{args.municipality}/resident-imports"
+    headers = {"Authorization": f"Bearer {args.token}"}
+    with httpx.Client(timeout=httpx.Timeout(60.0, read=600.0)) as client:
+        r = client.post(base, content=_chunks(args.file), headers=headers | {"Content-Type": "text/csv"})
+        if r.status_code != 202:
+            print(f"upload refused: {r.status_code} {r.text}", file=sys.stderr)
+            return 1
+        import_id = r.json()["import_id"]
+        print(f"import {import_id}", file=sys.stderr)
+        started = time.monotonic()
+        while True:
+            s = client.get(f"{base}/{import_id}", headers=headers, params={"errors_limit": 100_000})
+            if s.status_code != 200:
+                print(f"\nstatus check failed: {s.status_code} {s.text}", file=sys.stderr)
+                return 1
+            status = s.json()
+            print(_bar(status["bytes_done"], status["bytes_total"], status), end="", file=sys.stderr, flush=True)
+            if status["status"] != "running":
+                break
+            time.sleep(args.poll)
+    elapsed = time.monotonic() - started
+    print(f"\n{status['status']} in {elapsed:.1f}s", file=sys.stderr)
+    for e in status["errors"]:
+        print(f"row {e['row']}: {e['field']}: {e['message']}")
+    if status["errors_more"]:
+        print("(more errors: page with ?errors_after_row=)", file=sys.stderr)
+    return 0 if not status["rows_failed"] and not status["errors"] else 1

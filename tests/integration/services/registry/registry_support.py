@@ -4,7 +4,7 @@ municipalities pinned to different shards, and the app served in-process (lifesp
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,7 +62,8 @@ class Registry:
             f"/api/v1/municipalities/{code}/resident-imports/{import_id}", headers=auth(code)
         )
         assert status.status_code == 200, status.text
-        return {"import_id": import_id} | status.json()
+        body: dict[str, Any] = status.json()
+        return {"import_id": import_id} | body
 
     async def residents(self, code: str = CHIYODA) -> list[Resident]:
         async with self.databases.shards[SHARD_OF[code]].sessionmaker() as session:
@@ -105,7 +106,7 @@ async def migrated_registry(make_database: Callable[..., str], **overrides: Any)
     return RegistrySettings(main_dsn=main, shard_dsns={"s0": s0, "s1": s1}, pool_size=5, run_relay=False, **overrides)
 
 
-async def serve(settings: RegistrySettings) -> AsyncIterator[Registry]:
+async def serve(settings: RegistrySettings) -> AsyncGenerator[Registry, None]:
     app = create_app(settings)
     async with (
         app.router.lifespan_context(app),

@@ -4,7 +4,7 @@ a second My Number, and an import resumed after a crash."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from sqlalchemy import select, update
 
@@ -163,7 +163,7 @@ async def test_a_crash_mid_import_resumes_from_the_last_committed_batch(registry
     rows[13] = "R013,,ナマエ,19700101,1,,,"  # a bad row after the crash point
     data = csv_of(*rows)
 
-    served: AsyncIterator[Registry] = serve(registry_settings)
+    served: AsyncGenerator[Registry, None] = serve(registry_settings)
     registry = await anext(served)
     importer = registry.importer
     original = importer._write
