@@ -8,7 +8,14 @@ from fastapi import APIRouter, Path, Query, Request, Response, status
 
 from services.registry import importer, service
 from services.registry.crypto import MyNumberVault
-from services.registry.schemas import ImportAccepted, ImportStatus, ResidentIn, ResidentOut, ResidentWithDoses
+from services.registry.schemas import (
+    ImportAccepted,
+    ImportStatus,
+    MoveOutIn,
+    ResidentIn,
+    ResidentOut,
+    ResidentWithDoses,
+)
 from shared.auth import Principal, Role, require, require_own_municipality
 from shared.db import UnitOfWorkDep
 from shared.errors import (
@@ -126,3 +133,28 @@ async def get_resident_import(
     return await importer.status(
         uow, municipality_code=code, import_id=import_id, errors_after_row=errors_after_row, errors_limit=errors_limit
     )
+
+
+@router.post(
+    "/residents/{resident_id}/move-out",
+    response_model=ResidentOut,
+    responses=responses(Unauthorized, NotFound, InvalidField),
+)
+async def move_out(
+    code: MunicipalityCode,
+    resident_id: ResidentId,
+    body: MoveOutIn,
+    principal: MunicipalityPrincipal,
+    uow: UnitOfWorkDep,
+) -> ResidentOut:
+    """転出: the record stays; its coupons are valid up to and including the moving day."""
+    require_own_municipality(principal, code, deny=resident_not_found())
+    resident = await service.move_out(
+        uow,
+        municipality_code=code,
+        resident_id=resident_id,
+        moved_to=body.moved_to,
+        moved_on=body.moved_on,
+        changed_by=principal.scope_key,
+    )
+    return service.to_out(resident)

@@ -1,14 +1,18 @@
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, timedelta
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared.db import UtcDatetime
-from shared.domain.codes import my_number_problem
+from shared.domain.codes import municipality_code_problem, my_number_problem
 from shared.domain.coupon import coupon_number_problem
+from shared.domain.japan_time import japan_today
 from shared.domain.sex import Sex
 from shared.schemas import DoseSummary
+
+MOVE_NOTICE_DAYS = 14
+EARLIEST_MOVE = date(2021, 2, 17)  # vaccination began: an earlier move changes no coupon
 
 
 class ResidentIn(BaseModel):
@@ -55,6 +59,9 @@ class ResidentOut(BaseModel):
     my_number: str | None = Field(description="masked: only the last four digits are shown")
     address: str | None
     coupon_number: str | None
+    coupon_line: str | None = Field(
+        default=None, description="the 18-digit line printed on the coupon (券種 1, 回数 0: not tied to one dose)"
+    )
     moved_to: str | None
     moved_on: date | None
     created_at: UtcDatetime
@@ -85,5 +92,31 @@ class ImportStatus(BaseModel):
     errors_more: bool = Field(description="more errors follow: ask again with errors_after_row")
     bytes_total: int
     bytes_done: int
-    created_at: datetime
-    finished_at: datetime | None
+    created_at: UtcDatetime
+    finished_at: UtcDatetime | None
+
+
+class MoveOutIn(BaseModel):
+    """転出: where the resident moved and the moving day (the last day their coupons are valid here)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    moved_to: str = Field(pattern=r"^\d{6}$", description="the new municipality's 6-digit code")
+    moved_on: date
+
+    @field_validator("moved_to")
+    @classmethod
+    def _moved_to(cls, value: str) -> str:
+        if problem := municipality_code_problem(value):
+            raise ValueError(f"municipality code {problem}")
+        return value
+
+    @field_validator("moved_on")
+    @classmethod
+    def _moved_on(cls, value: date) -> date:
+        # A 転出届 may be filed up to 14 days before the move.
+        if value > japan_today() + timedelta(days=MOVE_NOTICE_DAYS):
+            raise ValueError(f"moving day is more than {MOVE_NOTICE_DAYS} days ahead")
+        if value < EARLIEST_MOVE:
+            raise ValueError(f"moving day is before {EARLIEST_MOVE}")
+        return value

@@ -22,16 +22,28 @@ from services.registry.repository import CouponRepository, DirectoryRepository, 
 from services.registry.schemas import ResidentIn, ResidentOut, ResidentWithDoses
 from shared.db import UnitOfWork, utcnow
 from shared.domain.codes import mask_my_number
+from shared.domain.coupon import compose_coupon_line
 from shared.domain.csv_stream import RowError
 from shared.domain.japan_time import japan_today
 from shared.domain.resident_csv import ResidentRow
 from shared.domain.sex import Sex
-from shared.errors import Conflict, ServiceUnavailable, resident_not_found
+from shared.errors import Conflict, InvalidField, ServiceUnavailable, resident_not_found
 from shared.events import CouponEvent, CouponEventType, CouponInvalidReason, CouponState
 from shared.internal import InternalClient
 from shared.schemas import DoseSummary
 
 log = logging.getLogger(__name__)
+
+
+COUPON_KIND = 1  # 券種 as printed on the coupons registry issues
+
+
+def coupon_line(municipality_code: str, coupon_number: str | None) -> str | None:
+    if coupon_number is None:
+        return None
+    return compose_coupon_line(
+        kind=COUPON_KIND, dose_number=0, municipality_code=municipality_code, coupon_number=coupon_number
+    )
 
 
 def to_out(resident: Resident) -> ResidentOut:
@@ -45,6 +57,7 @@ def to_out(resident: Resident) -> ResidentOut:
         my_number=mask_my_number(resident.my_number_last4) if resident.my_number_last4 else None,
         address=resident.address,
         coupon_number=resident.coupon_number,
+        coupon_line=coupon_line(resident.municipality_code, resident.coupon_number),
         moved_to=resident.moved_to,
         moved_on=resident.moved_on,
         created_at=resident.created_at,
@@ -469,3 +482,27 @@ async def _plan_import_coupons(
         touched += [c for n, c in rows.items() if c.version != before.get(n)]
     await coupons.upsert_rows(touched)
     return events
+
+
+async def move_out(
+    uow: UnitOfWork, *, municipality_code: str, resident_id: str, moved_to: str, moved_on: date, changed_by: str
+) -> Resident:
+    """転出: keep the record, note where and when, and end every coupon's validity with the moving day
+    (``coupon.invalidated``, reason ``moved_out``). The same request again changes nothing."""
+    if moved_to == municipality_code:
+        raise InvalidField("moved_to", "is this municipality: a move within it is an address change (PUT)")
+    session = await uow.for_municipality(municipality_code)
+    residents = ResidentRepository(session)
+    resident = await residents.get(municipality_code, resident_id, for_update=True)
+    if resident is None:
+        raise resident_not_found()
+    before = snapshot(resident)
+    if (resident.moved_to, resident.moved_on) != (moved_to, moved_on):
+        now = utcnow()
+        resident.moved_to, resident.moved_on = moved_to, moved_on
+        resident.version += 1
+        resident.updated_at = now
+        residents.add_history([history_row(resident, before, changed_by=changed_by, at=now)])
+        await residents.flush()
+    await announce_coupons(CouponRepository(session), resident, today=japan_today())
+    return resident
