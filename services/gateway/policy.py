@@ -124,6 +124,17 @@ POLICY: tuple[Rule, ...] = (
         reads_personal_data=True,
         purpose_field="legal_basis",
     ),
+    # A batch has a legal basis per item: the audit takes them from X-Access-Purpose, which registry
+    # requires to name every one the batch uses.
+    rule(
+        "POST",
+        f"{_M}/transfer-lookups/batch",
+        REGISTRY,
+        MUNICIPALITY,
+        OWN_HIDDEN,
+        reads_personal_data=True,
+        purpose_field="legal_basis",
+    ),
     # records
     rule("POST", "/api/v1/doses", RECORDS, DOSE_WRITERS, reads_personal_data=True),
     rule("POST", "/api/v1/doses/batch", RECORDS, DOSE_WRITERS, reads_personal_data=True),

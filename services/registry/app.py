@@ -25,6 +25,7 @@ def create_app(settings: RegistrySettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         databases = Databases.connect(settings.main_dsn, settings.shard_dsns, pool_size=settings.pool_size)
         app.state.databases = databases
+        app.state.settings = settings
         app.state.vault = MyNumberVault(settings)
         app.state.records = InternalClient(settings.records_url)
         try:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, delete, insert, select, update
+from sqlalchemy import Table, delete, insert, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.registry.models import (
@@ -77,6 +77,17 @@ class ResidentRepository:
         )
         return {row.resident_id: dict(row._mapping) for row in await self.session.execute(stmt)}
 
+    async def present(self, municipality_code: str, resident_ids: Sequence[str]) -> set[str]:
+        """Those of ``resident_ids`` registered here and not moved out."""
+        if not resident_ids:
+            return set()
+        stmt = select(_residents.c.resident_id).where(
+            _residents.c.municipality_code == municipality_code,
+            _residents.c.resident_id.in_(resident_ids),
+            _residents.c.moved_on.is_(None),
+        )
+        return set((await self.session.execute(stmt)).scalars())
+
     async def upsert_many(self, rows: Sequence[dict[str, Any]]) -> None:
         """Insert or replace whole resident rows (one statement, executed for all rows in one go)."""
         stmt = upsert(self.session, _residents)
@@ -124,6 +135,18 @@ class CouponRepository:
         )
         return [dict(row._mapping) for row in await self.session.execute(stmt)]
 
+    async def numbers_of(self, residents: Sequence[tuple[str, str]]) -> dict[tuple[str, str], list[str]]:
+        """(municipality, resident id) → every coupon number it was issued, in one query."""
+        if not residents:
+            return {}
+        stmt = select(_coupons.c.municipality_code, _coupons.c.resident_id, _coupons.c.coupon_number).where(
+            tuple_(_coupons.c.municipality_code, _coupons.c.resident_id).in_(residents)
+        )
+        found: dict[tuple[str, str], list[str]] = {}
+        for municipality, resident, number in await self.session.execute(stmt):
+            found.setdefault((municipality, resident), []).append(number)
+        return found
+
     async def issued_to(self, municipality_code: str, numbers: Sequence[str]) -> dict[str, str]:
         """coupon number → the resident it was issued to, for those of ``numbers`` ever issued."""
         if not numbers:
@@ -166,6 +189,15 @@ class DirectoryRepository:
             _directory.c.municipality_code == municipality_code, _directory.c.my_number_hash.in_(hashes)
         )
         return {bytes(h): resident for h, resident in await self.session.execute(stmt)}
+
+    async def entries(self, hashes: Sequence[bytes]) -> list[tuple[bytes, str, str]]:
+        """(hash, municipality, resident id) of every municipality these numbers are or were registered in."""
+        if not hashes:
+            return []
+        stmt = select(_directory.c.my_number_hash, _directory.c.municipality_code, _directory.c.resident_id).where(
+            _directory.c.my_number_hash.in_(hashes)
+        )
+        return [(bytes(h), m, r) for h, m, r in await self.session.execute(stmt)]
 
     async def claim(self, entries: Sequence[tuple[bytes, str]], municipality_code: str) -> bool:
         """Point each hash at its resident unless another resident of the municipality holds it; False if

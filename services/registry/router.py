@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Request, Response, status
+from fastapi import APIRouter, Header, Path, Query, Request, Response, status
 
 from services.registry import importer, service
 from services.registry.crypto import MyNumberVault
@@ -15,6 +15,11 @@ from services.registry.schemas import (
     ResidentIn,
     ResidentOut,
     ResidentWithDoses,
+    TransferLookupBatchIn,
+    TransferLookupBatchOut,
+    TransferLookupIn,
+    TransferLookupOut,
+    TransferLookupResult,
 )
 from shared.auth import Principal, Role, require, require_own_municipality
 from shared.db import UnitOfWorkDep
@@ -158,3 +163,73 @@ async def move_out(
         changed_by=principal.scope_key,
     )
     return service.to_out(resident)
+
+
+def _grant_key(request: Request) -> str:
+    key: str = request.app.state.settings.transfer_grant_private_key
+    return key
+
+
+@router.post(
+    "/transfer-lookups",
+    response_model=TransferLookupOut,
+    responses=responses(Unauthorized, InvalidField, ServiceUnavailable),
+)
+async def transfer_lookup(
+    code: MunicipalityCode,
+    body: TransferLookupIn,
+    principal: MunicipalityPrincipal,
+    uow: UnitOfWorkDep,
+    request: Request,
+) -> TransferLookupOut:
+    """Earlier doses, under other municipalities, of a person now registered here; anyone else: no doses."""
+    require_own_municipality(principal, code, deny=resident_not_found())
+    (doses,) = await service.transfer_lookups(
+        uow,
+        _vault(request),
+        _records(request),
+        caller=code,
+        lookups=[(body.my_number, body.legal_basis)],
+        authorization=request.headers.get("authorization", ""),
+        grant_key=_grant_key(request),
+    )
+    return TransferLookupOut(doses=doses)
+
+
+@router.post(
+    "/transfer-lookups/batch",
+    response_model=TransferLookupBatchOut,
+    responses=responses(Unauthorized, InvalidField, ServiceUnavailable),
+)
+async def transfer_lookup_batch(
+    code: MunicipalityCode,
+    body: TransferLookupBatchIn,
+    principal: MunicipalityPrincipal,
+    uow: UnitOfWorkDep,
+    request: Request,
+    access_purpose: Annotated[str | None, Header(alias="X-Access-Purpose")] = None,
+) -> TransferLookupBatchOut:
+    """Up to 1,000 lookups in one answer, in the order asked. The gateway audits the batch with the legal
+    bases the ``X-Access-Purpose`` header names (comma-separated), so it must name every one used."""
+    require_own_municipality(principal, code, deny=resident_not_found())
+    stated = {part.strip() for part in (access_purpose or "").split(",") if part.strip()}
+    used = {item.legal_basis for item in body.lookups}
+    if not used <= stated:
+        raise InvalidField(
+            "X-Access-Purpose", f"must name every legal basis of the batch ({', '.join(sorted(used))}) for the audit"
+        )
+    answers = await service.transfer_lookups(
+        uow,
+        _vault(request),
+        _records(request),
+        caller=code,
+        lookups=[(item.my_number, item.legal_basis) for item in body.lookups],
+        authorization=request.headers.get("authorization", ""),
+        grant_key=_grant_key(request),
+    )
+    return TransferLookupBatchOut(
+        results=[
+            TransferLookupResult(client_id=item.client_id, doses=doses)
+            for item, doses in zip(body.lookups, answers, strict=True)
+        ]
+    )

@@ -9,6 +9,7 @@ from shared.domain.codes import municipality_code_problem, my_number_problem
 from shared.domain.coupon import coupon_number_problem
 from shared.domain.japan_time import japan_today
 from shared.domain.sex import Sex
+from shared.grants import LegalBasis
 from shared.schemas import DoseSummary
 
 MOVE_NOTICE_DAYS = 14
@@ -120,3 +121,47 @@ class MoveOutIn(BaseModel):
         if value < EARLIEST_MOVE:
             raise ValueError(f"moving day is before {EARLIEST_MOVE}")
         return value
+
+
+class TransferLookupIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    my_number: str = Field(repr=False)
+    legal_basis: LegalBasis = Field(description="consent (本人同意) or my-number-act-19-16 (番号法第19条第16号)")
+
+    @field_validator("my_number")
+    @classmethod
+    def _my_number(cls, value: str) -> str:
+        if problem := my_number_problem(value):
+            raise ValueError(f"My Number {problem}")
+        return value
+
+
+class TransferLookupItem(TransferLookupIn):
+    client_id: str = Field(min_length=1, max_length=64)
+
+
+class TransferLookupBatchIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    lookups: list[TransferLookupItem] = Field(min_length=1, max_length=1000)
+
+
+class TransferDose(BaseModel):
+    municipality: str
+    dose_number: int
+    vaccinated_on: date
+    vaccine: str
+    lot_number: str
+
+
+class TransferLookupOut(BaseModel):
+    doses: list[TransferDose]
+
+
+class TransferLookupResult(TransferLookupOut):
+    client_id: str
+
+
+class TransferLookupBatchOut(BaseModel):
+    results: list[TransferLookupResult]

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from services.registry.crypto import MyNumberVault
 from services.registry.models import Coupon, Resident
 from services.registry.repository import CouponRepository, DirectoryRepository, ResidentRepository
-from services.registry.schemas import ResidentIn, ResidentOut, ResidentWithDoses
+from services.registry.schemas import ResidentIn, ResidentOut, ResidentWithDoses, TransferDose
 from shared.db import UnitOfWork, utcnow
 from shared.domain.codes import mask_my_number
 from shared.domain.coupon import compose_coupon_line
@@ -29,6 +29,7 @@ from shared.domain.resident_csv import ResidentRow
 from shared.domain.sex import Sex
 from shared.errors import Conflict, InvalidField, ServiceUnavailable, resident_not_found
 from shared.events import CouponEvent, CouponEventType, CouponInvalidReason, CouponState
+from shared.grants import TransferGrant, sign_grant
 from shared.internal import InternalClient
 from shared.schemas import DoseSummary
 
@@ -506,3 +507,86 @@ async def move_out(
         await residents.flush()
     await announce_coupons(CouponRepository(session), resident, today=japan_today())
     return resident
+
+
+# --- transfer lookups --------------------------------------------------------------------------------------
+
+
+async def transfer_lookups(
+    uow: UnitOfWork,
+    vault: MyNumberVault,
+    records: InternalClient,
+    *,
+    caller: str,
+    lookups: Sequence[tuple[str, str]],
+    authorization: str,
+    grant_key: str,
+) -> list[list[TransferDose]]:
+    """For each (My Number, legal basis): the doses recorded under the other municipalities the person is
+    or was registered in — only if they are now registered (not moved out) in ``caller``; otherwise no
+    doses, exactly as for a number nobody registered. One directory query, one query per shard, one
+    records call carrying one signed grant per municipality (see :mod:`shared.grants`)."""
+    hashes = [vault.keyed_hash(number) for number, _ in lookups]
+    entries = await DirectoryRepository(uow.main()).entries(hashes)
+    here = {h: r for h, m, r in entries if m == caller}
+    present = await ResidentRepository(await uow.for_municipality(caller)).present(caller, list(set(here.values())))
+    eligible = {h for h, r in here.items() if r in present}
+    elsewhere: dict[bytes, list[tuple[str, str]]] = {}
+    for h, municipality, resident in entries:
+        if h in eligible and municipality != caller:
+            elsewhere.setdefault(h, []).append((municipality, resident))
+    by_shard: dict[str, list[tuple[str, str]]] = {}
+    for pairs in elsewhere.values():
+        for municipality, resident in pairs:
+            by_shard.setdefault(await uow.databases.shard_of(municipality), []).append((municipality, resident))
+    coupons: dict[tuple[str, str], list[str]] = {}
+    for shard, pairs in sorted(by_shard.items()):
+        coupons |= await CouponRepository(uow.shard(shard)).numbers_of(sorted(set(pairs)))
+
+    wanted: dict[str, set[str]] = {}
+    bases: dict[str, set[str]] = {}
+    for i, h in enumerate(hashes):
+        for municipality, resident in elsewhere.get(h, []):
+            wanted.setdefault(municipality, set()).update(coupons.get((municipality, resident), []))
+            bases.setdefault(municipality, set()).add(lookups[i][1])
+    grants = [
+        sign_grant(
+            grant_key,
+            TransferGrant(
+                caller=caller,
+                legal_basis=sorted(bases[m]),
+                municipality=m,
+                coupons=sorted(numbers),
+            ),
+        )
+        for m, numbers in sorted(wanted.items())
+        if numbers
+    ]
+    found: dict[tuple[str, str], list[TransferDose]] = {}
+    if grants:
+        status, body = await records.request(
+            "POST", "/internal/v1/transfer-doses", json={"grants": grants}, authorization=authorization
+        )
+        if status != 200:
+            raise ServiceUnavailable(f"records answered {status} for a transfer lookup")
+        for d in body["doses"]:
+            dose = DoseSummary.model_validate(d)
+            found.setdefault((dose.municipality, dose.coupon_number), []).append(
+                TransferDose(
+                    municipality=dose.municipality,
+                    dose_number=dose.dose_number,
+                    vaccinated_on=dose.vaccinated_on,
+                    vaccine=dose.vaccine,
+                    lot_number=dose.lot_number,
+                )
+            )
+    answers = []
+    for h in hashes:
+        doses = [
+            dose
+            for municipality, resident in elsewhere.get(h, [])
+            for number in coupons.get((municipality, resident), [])
+            for dose in found.get((municipality, number), [])
+        ]
+        answers.append(sorted(doses, key=lambda d: (d.vaccinated_on, d.dose_number)))
+    return answers

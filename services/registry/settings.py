@@ -5,6 +5,7 @@ import base64
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from shared.grants import DEV_PRIVATE_KEY
 from shared.settings import PublisherSettings, sqlite_url
 
 # Public development keys (32 bytes each, base64). Refused in production.
@@ -29,6 +30,8 @@ class RegistrySettings(PublisherSettings):
     # HMAC-SHA256 key of the directory's keyed hash (rotating it means rebuilding the directory).
     my_number_hash_key: str = DEV_MY_NUMBER_HASH_KEY
     # Resident CSV imports: rows per transaction, and whether this replica resumes unfinished imports at start.
+    # ES256 private key (PEM) signing transfer-lookup grants; records holds the public half.
+    transfer_grant_private_key: str = DEV_PRIVATE_KEY
     import_batch_size: int = Field(default=1000, ge=1, le=5000)
     run_imports: bool = True
 
@@ -43,6 +46,8 @@ class RegistrySettings(PublisherSettings):
             DEV_MY_NUMBER_KEY in self.my_number_keys.values() or self.my_number_hash_key == DEV_MY_NUMBER_HASH_KEY
         ):
             raise ValueError("development My Number keys are refused in production")
+        if self.environment == "production" and self.transfer_grant_private_key == DEV_PRIVATE_KEY:
+            raise ValueError("the development transfer-grant key is refused in production")
         if not self.shard_dsns:
             raise ValueError("VRS_REGISTRY_SHARD_DSNS needs at least one shard")
         return self
