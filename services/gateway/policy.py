@@ -116,6 +116,9 @@ POLICY: tuple[Rule, ...] = (
     rule("GET", f"{_M}/resident-imports/{{import_id}}", REGISTRY, MUNICIPALITY, OWN),
     rule("POST", f"{_M}/residents/{{resident_id}}/move-out", REGISTRY, MUNICIPALITY, OWN, reads_personal_data=True),
     rule(
+        "POST", f"{_M}/residents/{{resident_id}}/coupon-reissue", REGISTRY, MUNICIPALITY, OWN, reads_personal_data=True
+    ),
+    rule(
         "POST",
         f"{_M}/transfer-lookups",
         REGISTRY,

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Header, Path, Query, Request, Response, status
 from services.registry import importer, service
 from services.registry.crypto import MyNumberVault
 from services.registry.schemas import (
+    CouponReissueIn,
     ImportAccepted,
     ImportStatus,
     MoveOutIn,
@@ -233,3 +234,28 @@ async def transfer_lookup_batch(
             for item, doses in zip(body.lookups, answers, strict=True)
         ]
     )
+
+
+@router.post(
+    "/residents/{resident_id}/coupon-reissue",
+    response_model=ResidentOut,
+    responses=responses(Unauthorized, NotFound, Conflict, InvalidField),
+)
+async def coupon_reissue(
+    code: MunicipalityCode,
+    resident_id: ResidentId,
+    body: CouponReissueIn,
+    principal: MunicipalityPrincipal,
+    uow: UnitOfWorkDep,
+) -> ResidentOut:
+    """再発行: a new coupon number for a lost coupon; the old one is invalid from today."""
+    require_own_municipality(principal, code, deny=resident_not_found())
+    resident = await service.reissue_coupon(
+        uow,
+        municipality_code=code,
+        resident_id=resident_id,
+        replaces=body.replaces,
+        coupon_number=body.coupon_number,
+        changed_by=principal.scope_key,
+    )
+    return service.to_out(resident)

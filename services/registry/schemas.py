@@ -12,6 +12,7 @@ from shared.domain.sex import Sex
 from shared.grants import LegalBasis
 from shared.schemas import DoseSummary
 
+AUTO = "auto"  # coupon_number: let registry allocate one
 MOVE_NOTICE_DAYS = 14
 EARLIEST_MOVE = date(2021, 2, 17)  # vaccination began: an earlier move changes no coupon
 
@@ -25,7 +26,9 @@ class ResidentIn(BaseModel):
     sex: Sex
     my_number: str | None = Field(default=None, repr=False)
     address: str | None = Field(default=None, max_length=300)
-    coupon_number: str | None = None
+    coupon_number: str | None = Field(
+        default=None, description='10 digits, or "auto": registry allocates one unless the resident already has one'
+    )
 
     @field_validator("my_number")
     @classmethod
@@ -38,7 +41,7 @@ class ResidentIn(BaseModel):
     @field_validator("coupon_number")
     @classmethod
     def _coupon_number(cls, value: str | None) -> str | None:
-        if value is not None and (problem := coupon_number_problem(value)):
+        if value is not None and value != AUTO and (problem := coupon_number_problem(value)):
             raise ValueError(f"coupon number {problem}")
         return value
 
@@ -165,3 +168,20 @@ class TransferLookupResult(TransferLookupOut):
 
 class TransferLookupBatchOut(BaseModel):
     results: list[TransferLookupResult]
+
+
+class CouponReissueIn(BaseModel):
+    """A lost coupon: a new number replaces ``replaces``, which is invalid from today. Naming the number
+    being replaced makes a retry harmless: once it is replaced, the same request changes nothing."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    replaces: str = Field(pattern=r"^\d{10}$")
+    coupon_number: str | None = Field(default=None, description="the new number; allocated when absent")
+
+    @field_validator("coupon_number")
+    @classmethod
+    def _coupon_number(cls, value: str | None) -> str | None:
+        if value is not None and (problem := coupon_number_problem(value)):
+            raise ValueError(f"coupon number {problem}")
+        return value

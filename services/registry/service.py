@@ -8,6 +8,7 @@ Registry never calls records to tell it anything; it only reads from records on 
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -19,10 +20,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from services.registry.crypto import MyNumberVault
 from services.registry.models import Coupon, Resident
 from services.registry.repository import CouponRepository, DirectoryRepository, ResidentRepository
-from services.registry.schemas import ResidentIn, ResidentOut, ResidentWithDoses, TransferDose
+from services.registry.schemas import AUTO, ResidentIn, ResidentOut, ResidentWithDoses, TransferDose
 from shared.db import UnitOfWork, utcnow
 from shared.domain.codes import mask_my_number
-from shared.domain.coupon import compose_coupon_line
+from shared.domain.coupon import candidate_coupon_numbers, compose_coupon_line
 from shared.domain.csv_stream import RowError
 from shared.domain.japan_time import japan_today
 from shared.domain.resident_csv import ResidentRow
@@ -99,6 +100,9 @@ async def put_resident(
         if holder != resident_id:
             raise Conflict(f"my_number: {my_number_taken(holder)}")
 
+    if data.coupon_number == AUTO:
+        number = resident.coupon_number or await allocate_coupon_number(coupons, municipality_code)
+        data = data.model_copy(update={"coupon_number": number})
     if data.coupon_number is not None and data.coupon_number != resident.coupon_number:
         # Issued numbers are never handed to somebody else, not even after they stopped being valid.
         issued = await coupons.get(municipality_code, data.coupon_number, for_update=True)
@@ -590,3 +594,52 @@ async def transfer_lookups(
         ]
         answers.append(sorted(doses, key=lambda d: (d.vaccinated_on, d.dose_number)))
     return answers
+
+
+async def allocate_coupon_number(coupons: CouponRepository, municipality_code: str) -> str:
+    """A random 10-digit number never issued in the municipality (unguessable, so a reservation site cannot
+    enumerate coupons); the coupons table's key settles a race between two allocations."""
+    for number in candidate_coupon_numbers(secrets.randbelow):
+        if not await coupons.issued_to(municipality_code, [number]):
+            return number
+    raise AssertionError("unreachable")
+
+
+async def reissue_coupon(
+    uow: UnitOfWork,
+    *,
+    municipality_code: str,
+    resident_id: str,
+    replaces: str,
+    coupon_number: str | None,
+    changed_by: str,
+) -> Resident:
+    """A lost coupon (再発行): the resident gets a new number; the old one is invalid from today
+    (``coupon.invalidated``, reason ``reissued``) and the new one is issued (``coupon.issued``)."""
+    session = await uow.for_municipality(municipality_code)
+    residents, coupons = ResidentRepository(session), CouponRepository(session)
+    resident = await residents.get(municipality_code, resident_id, for_update=True)
+    if resident is None:
+        raise resident_not_found()
+    if resident.coupon_number != replaces:
+        held = {c.coupon_number for c in await coupons.of_resident(municipality_code, resident_id)}
+        if replaces in held:
+            return resident  # already replaced: a retry
+        raise InvalidField("replaces", "is not a coupon number of this resident")
+    if resident.moved_on is not None:
+        raise Conflict("the resident moved out: the new municipality issues their coupon")
+    if coupon_number is None:
+        coupon_number = await allocate_coupon_number(coupons, municipality_code)
+    elif await coupons.issued_to(municipality_code, [coupon_number]):
+        raise Conflict("coupon_number: this coupon number was already issued")
+    before, now = snapshot(resident), utcnow()
+    resident.coupon_number = coupon_number
+    resident.version += 1
+    resident.updated_at = now
+    residents.add_history([history_row(resident, before, changed_by=changed_by, at=now)])
+    try:
+        await residents.flush()
+    except IntegrityError:
+        raise Conflict("resident changed concurrently; retry the request") from None
+    await announce_coupons(coupons, resident, today=japan_today())
+    return resident

@@ -78,3 +78,33 @@ async def test_move_out_refuses_bad_input_and_hides_other_municipalities(registr
     foreign = await move(registry, SAPPORO, "S1", {"moved_to": CHIYODA, "moved_on": "2021-08-31"}, token_of=CHIYODA)
     assert unknown.status_code == foreign.status_code == 404 and unknown.json() == foreign.json()
     assert len(await registry.events(SAPPORO)) == 1
+
+
+async def test_a_lost_coupon_is_reissued_once_and_auto_allocates_a_number(registry: Registry) -> None:
+    created = await put(registry, CHIYODA, "A1", coupon_number="auto")
+    first = created["coupon_number"]
+    assert len(first) == 10 and first.isdigit() and created["coupon_line"] == f"10{CHIYODA}{first}"
+    again = await put(registry, CHIYODA, "A1", coupon_number="auto")  # keeps the number it has
+    assert again["coupon_number"] == first
+
+    url = f"/api/v1/municipalities/{CHIYODA}/residents/A1/coupon-reissue"
+    r = await registry.client.post(url, json={"replaces": first}, headers=auth(CHIYODA))
+    assert r.status_code == 200, r.text
+    second = r.json()["coupon_number"]
+    assert second != first and len(second) == 10
+    retry = await registry.client.post(url, json={"replaces": first}, headers=auth(CHIYODA))
+    assert retry.status_code == 200 and retry.json()["coupon_number"] == second
+    wrong = await registry.client.post(url, json={"replaces": "9999999999"}, headers=auth(CHIYODA))
+    assert wrong.status_code == 422 and wrong.json()["errors"][0]["field"] == "replaces"
+
+    latest = {e.coupon_number: e for e in await registry.events(CHIYODA)}
+    assert latest[first].type is CouponEventType.INVALIDATED and latest[first].state.invalid_reason == "reissued"
+    assert latest[second].type is CouponEventType.ISSUED and latest[second].version == 1
+    assert len(await registry.events(CHIYODA)) == 3
+    # The old number stays the resident's: nobody else can be given it.
+    r = await registry.client.put(
+        f"/api/v1/municipalities/{CHIYODA}/residents/A2", json=PERSON | {"coupon_number": first}, headers=auth(CHIYODA)
+    )
+    assert r.status_code == 409
+    history = await registry.history("A1", CHIYODA)
+    assert history[-1].changes == {"coupon_number": {"before": first, "after": second}}
