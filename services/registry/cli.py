@@ -13,8 +13,12 @@ from typing import Any
 
 import httpx
 
+from services.registry import service
+from services.registry.crypto import MyNumberVault
 from services.registry.models import outbox
+from services.registry.repository import ResidentRepository
 from services.registry.settings import RegistrySettings
+from shared.db import Databases
 from shared.observability import setup_worker
 from shared.outbox import run_relay_process
 
@@ -36,6 +40,49 @@ def register(subparsers: Any) -> None:
     imp.add_argument("--token", default=os.environ.get("VRS_TOKEN"), help="bearer token (default: $VRS_TOKEN)")
     imp.add_argument("--poll", type=float, default=0.5, help="seconds between status checks")
     imp.set_defaults(func=_import)
+
+    keys = subparsers.add_parser("keys", help="My Number encryption keys (registry)")
+    keys_sub = keys.add_subparsers(required=True, metavar="ACTION")
+    rotate = keys_sub.add_parser(
+        "rotate", help="re-seal every My Number under the active key, in batches, while the service runs"
+    )
+    rotate.add_argument("--batch-size", type=int, default=500)
+    rotate.set_defaults(func=lambda args: asyncio.run(_rotate(args.batch_size)))
+    status = keys_sub.add_parser("status", help="how many My Numbers each key id seals, per shard")
+    status.set_defaults(func=lambda _: asyncio.run(_key_status()))
+
+
+async def _rotate(batch_size: int) -> int:
+    settings = RegistrySettings()
+    vault = MyNumberVault(settings)
+    databases = Databases.connect(settings.main_dsn, settings.shard_dsns, pool_size=2)
+    try:
+        for name, db in sorted(databases.shards.items()):
+            total = 0
+            while True:
+                async with db.sessionmaker() as session, session.begin():
+                    done = await service.rotate_keys_batch(session, vault, limit=batch_size)
+                if not done:
+                    break
+                total += done
+                print(f"\rshard {name}: {total:,} re-sealed under {vault.active_key}", end="", file=sys.stderr)
+            print(f"\rshard {name}: {total:,} re-sealed under {vault.active_key} — done", file=sys.stderr)
+    finally:
+        await databases.dispose()
+    return 0
+
+
+async def _key_status() -> int:
+    settings = RegistrySettings()
+    databases = Databases.connect(settings.main_dsn, settings.shard_dsns, pool_size=2)
+    try:
+        for name, db in sorted(databases.shards.items()):
+            async with db.sessionmaker() as session:
+                counts = await ResidentRepository(session).key_counts()
+            print(name, " ".join(f"{kid}={n}" for kid, n in sorted(counts.items())) or "-")
+    finally:
+        await databases.dispose()
+    return 0
 
 
 def _chunks(path: Path, size: int = 1 << 20) -> Iterator[bytes]:

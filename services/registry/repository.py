@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ARRAY, Table, any_, bindparam, delete, insert, select, text, tuple_, update
+from sqlalchemy import ARRAY, Table, any_, bindparam, delete, func, insert, select, text, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.registry.models import (
@@ -170,6 +170,38 @@ class ResidentRepository:
 
     async def flush(self) -> None:
         await self.session.flush()
+
+    async def sealed_under_other_keys(self, active_key: str, limit: int) -> list[Any]:
+        """Residents whose My Number is sealed under another key than ``active_key``, locked; rows another
+        rotation (or a request) holds are skipped, not waited for."""
+        stmt = (
+            select(_residents.c.municipality_code, _residents.c.resident_id, _residents.c.my_number_key_id)
+            .add_columns(_residents.c.my_number_ciphertext)
+            .where(_residents.c.my_number_key_id.is_not(None), _residents.c.my_number_key_id != active_key)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        return list(await self.session.execute(stmt))
+
+    async def reseal(self, rows: Sequence[dict[str, Any]]) -> None:
+        stmt = (
+            update(_residents)
+            .where(
+                _residents.c.municipality_code == bindparam("m"),
+                _residents.c.resident_id == bindparam("r"),
+                _residents.c.my_number_key_id == bindparam("old"),
+            )
+            .values(my_number_key_id=bindparam("kid"), my_number_ciphertext=bindparam("blob"))
+        )
+        await self.session.execute(stmt, list(rows))
+
+    async def key_counts(self) -> dict[str, int]:
+        stmt = (
+            select(_residents.c.my_number_key_id, func.count())
+            .where(_residents.c.my_number_key_id.is_not(None))
+            .group_by(_residents.c.my_number_key_id)
+        )
+        return {kid: int(n) for kid, n in await self.session.execute(stmt)}
 
 
 class CouponRepository:

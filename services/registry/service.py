@@ -643,3 +643,17 @@ async def reissue_coupon(
         raise Conflict("resident changed concurrently; retry the request") from None
     await announce_coupons(coupons, resident, today=japan_today())
     return resident
+
+
+async def rotate_keys_batch(session: AsyncSession, vault: MyNumberVault, *, limit: int) -> int:
+    """Re-seal up to ``limit`` My Numbers of one shard under the active key; how many were re-sealed (0:
+    this shard is done). Resumable by construction: each batch looks for what is still under an old key."""
+    residents = ResidentRepository(session)
+    rows = await residents.sealed_under_other_keys(vault.active_key, limit)
+    updates = []
+    for municipality_code, resident_id, key_id, blob in rows:
+        kid, sealed = vault.reseal(key_id, bytes(blob), context=f"{municipality_code}/{resident_id}")
+        updates.append({"m": municipality_code, "r": resident_id, "old": key_id, "kid": kid, "blob": sealed})
+    if updates:
+        await residents.reseal(updates)
+    return len(updates)

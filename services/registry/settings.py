@@ -42,6 +42,12 @@ class RegistrySettings(PublisherSettings):
         for kid, key in self.my_number_keys.items():
             if len(base64.b64decode(key)) != 32:
                 raise ValueError(f"My Number key {kid!r} must be 32 bytes, base64-encoded")
+        hash_key = base64.b64decode(self.my_number_hash_key)
+        if len(hash_key) < 32:
+            raise ValueError("VRS_REGISTRY_MY_NUMBER_HASH_KEY must be at least 32 bytes, base64-encoded")
+        if any(base64.b64decode(key) == hash_key for key in self.my_number_keys.values()):
+            # One secret for two jobs: whoever holds the encryption key could also rebuild the directory.
+            raise ValueError("the My Number HMAC key must differ from every encryption key")
         if self.environment == "production" and (
             DEV_MY_NUMBER_KEY in self.my_number_keys.values() or self.my_number_hash_key == DEV_MY_NUMBER_HASH_KEY
         ):
