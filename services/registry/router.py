@@ -97,7 +97,6 @@ async def get_resident(
     return await service.resident_with_doses(uow, resident, _records(request))
 
 
-
 @router.post(
     "/resident-imports",
     status_code=status.HTTP_202_ACCEPTED,
@@ -191,7 +190,6 @@ async def transfer_lookup(
         _records(request),
         caller=code,
         lookups=[(body.my_number, body.legal_basis)],
-        authorization=request.headers.get("authorization", ""),
         grant_key=_grant_key(request),
     )
     return TransferLookupOut(doses=doses)
@@ -225,7 +223,6 @@ async def transfer_lookup_batch(
         _records(request),
         caller=code,
         lookups=[(item.my_number, item.legal_basis) for item in body.lookups],
-        authorization=request.headers.get("authorization", ""),
         grant_key=_grant_key(request),
     )
     return TransferLookupBatchOut(

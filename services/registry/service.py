@@ -523,13 +523,13 @@ async def transfer_lookups(
     *,
     caller: str,
     lookups: Sequence[tuple[str, str]],
-    authorization: str,
     grant_key: str,
 ) -> list[list[TransferDose]]:
     """For each (My Number, legal basis): the doses recorded under the other municipalities the person is
     or was registered in — only if they are now registered (not moved out) in ``caller``; otherwise no
     doses, exactly as for a number nobody registered. One directory query, one query per shard, one
-    records call carrying one signed grant per municipality (see :mod:`shared.grants`)."""
+    records call (as the caller: its internal token is forwarded) carrying one signed grant per municipality
+    (see :mod:`shared.grants`)."""
     hashes = [vault.keyed_hash(number) for number, _ in lookups]
     entries = await DirectoryRepository(uow.main()).entries(hashes)
     here = {h: r for h, m, r in entries if m == caller}
@@ -568,9 +568,7 @@ async def transfer_lookups(
     ]
     found: dict[tuple[str, str], list[TransferDose]] = {}
     if grants:
-        status, body = await records.request(
-            "POST", "/internal/v1/transfer-doses", json={"grants": grants}, authorization=authorization
-        )
+        status, body = await records.request("POST", "/internal/v1/transfer-doses", json={"grants": grants})
         if status != 200:
             raise ServiceUnavailable(f"records answered {status} for a transfer lookup")
         for d in body["doses"]:

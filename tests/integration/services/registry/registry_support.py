@@ -16,11 +16,11 @@ from services.registry.app import create_app
 from services.registry.importer import ResidentImporter
 from services.registry.models import Coupon, Resident, ResidentHistory, outbox, shard_assignments
 from services.registry.settings import RegistrySettings
-from shared.auth import Role, mint_token
+from shared.auth import Role
 from shared.db import Databases, utcnow
 from shared.events import CouponEvent
 from shared.migrations import SERVICES_DIR, upgrade
-from shared.settings import AuthSettings
+from tests.factories import internal_headers
 
 TREES = SERVICES_DIR / "registry" / "migrations"
 CHIYODA, SAPPORO = "131016", "011002"  # pinned to shards s0 and s1
@@ -29,7 +29,7 @@ HEADER = "個別宛名番号,氏名,氏名カナ,生年月日,性別,個人番�
 
 
 def auth(code: str = CHIYODA) -> dict[str, str]:
-    return {"Authorization": f"Bearer {mint_token(AuthSettings(), role=Role.MUNICIPALITY, municipality=code)}"}
+    return internal_headers(Role.MUNICIPALITY, municipality=code)
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -11,8 +12,10 @@ import pytest
 from services.registry.crypto import MyNumberVault
 from services.registry.service import rotate_keys_batch
 from services.registry.settings import DEV_MY_NUMBER_HASH_KEY, DEV_MY_NUMBER_KEY, RegistrySettings
+from shared.dev_keys import jwks_of
 from tests.integration.services.registry.registry_support import CHIYODA, SAPPORO, migrated_registry, serve
 from tests.integration.services.registry.test_registry_imports import csv_of, my_number
+from tests.unit.services.gateway.test_gateway_tokens import ec_key
 
 NEW_KEY = base64.b64encode(b"k2-rotation-test-key-32-bytes!!!").decode()
 
@@ -64,7 +67,11 @@ async def test_rotation_reseals_in_batches_and_resumes(make_database: Callable[.
         ({"my_number_keys": {"k2": base64.b64encode(b"x" * 16).decode()}}, "32 bytes"),
     ],
 )
-def test_production_refuses_weak_or_shared_keys(changes: dict[str, object], message: str) -> None:
+def test_production_refuses_weak_or_shared_keys(
+    changes: dict[str, object], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, public = ec_key("gw-prod")
+    monkeypatch.setenv("VRS_AUTH_GATEWAY_JWKS", json.dumps(jwks_of(public)))
     good: dict[str, Any] = {
         "VRS_ENVIRONMENT": "production",
         "my_number_keys": {"k2": NEW_KEY},

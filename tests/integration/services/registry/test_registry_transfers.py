@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import date
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 from cryptography.hazmat.primitives import serialization
@@ -151,32 +152,28 @@ async def test_records_shows_transfer_doses_only_to_the_caller_a_registry_grant_
 ) -> None:
     registry, record = stack
     await record(Submission("k1", dose("0000000001", municipality=SAPPORO)))
-    records = registry.app.state.records
+    records = httpx.AsyncClient(base_url=registry.settings.records_url)
     grant = TransferGrant(caller=CHIYODA, legal_basis=["consent"], municipality=SAPPORO, coupons=["0000000001"])
     token = sign_grant(DEV_PRIVATE_KEY, grant)
     path = "/internal/v1/transfer-doses"
-    status, body = await records.request(
-        "POST", path, json={"grants": [token]}, authorization=auth(CHIYODA)["Authorization"]
-    )
+    r = await records.post(path, json={"grants": [token]}, headers=auth(CHIYODA))
+    status, body = r.status_code, r.json()
     assert status == 200 and len(body["doses"]) == 1
     # The same grant in another municipality's hands, or a grant signed by anyone but registry: refused.
-    status, _ = await records.request(
-        "POST", path, json={"grants": [token]}, authorization=auth(OSAKA)["Authorization"]
-    )
+    r = await records.post(path, json={"grants": [token]}, headers=auth(OSAKA))
+    status, _ = r.status_code, r.json()
     assert status == 403
     forged_key = ec.generate_private_key(ec.SECP256R1()).private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     forged = sign_grant(forged_key.decode(), grant)
-    status, _ = await records.request(
-        "POST", path, json={"grants": [forged]}, authorization=auth(CHIYODA)["Authorization"]
-    )
+    r = await records.post(path, json={"grants": [forged]}, headers=auth(CHIYODA))
+    status, _ = r.status_code, r.json()
     assert status == 403
     # Without a grant, the caller's token reads only its own municipality.
-    status, _ = await records.request(
-        "GET",
-        f"/internal/v1/municipalities/{SAPPORO}/doses",
-        params={"coupon_number": "0000000001"},
-        authorization=auth(CHIYODA)["Authorization"],
+    r = await records.get(
+        f"/internal/v1/municipalities/{SAPPORO}/doses", params={"coupon_number": "0000000001"}, headers=auth(CHIYODA)
     )
+    status = r.status_code
     assert status == 403
+    await records.aclose()
