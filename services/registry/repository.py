@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ARRAY, Table, any_, bindparam, delete, func, insert, select, text, tuple_, update
+from sqlalchemy import ARRAY, Table, bindparam, delete, func, insert, select, text, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.registry.models import (
@@ -29,10 +29,12 @@ def _is_postgres(session: AsyncSession) -> bool:
 
 
 def _one_of(session: AsyncSession, column: Any, values: Sequence[Any]) -> Any:
-    """``column IN values``; on PostgreSQL ``= ANY(:array)``: one bind parameter instead of a thousand, which
-    SQLAlchemy would render one by one for every batch (60 ms for 1,000 values)."""
+    """``column IN values``. On PostgreSQL ``IN (SELECT unnest(:array))``: one bind parameter instead of a
+    thousand (SQLAlchemy renders them one by one, 60 ms a batch), and a semi-join the planner can hash —
+    ``= ANY(:array)`` becomes a filter comparing every row with every value when a freshly loaded table has
+    no statistics yet (0.4 s a batch on 3,000 rows)."""
     if _is_postgres(session):
-        return column == any_(bindparam(None, list(values), type_=ARRAY(column.type)))
+        return column.in_(select(func.unnest(bindparam(None, list(values), type_=ARRAY(column.type)))))
     return column.in_(values)
 
 
