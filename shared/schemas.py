@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import date
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from shared.domain.dose_rules import DoseStatus
 
@@ -27,3 +27,9 @@ class DoseSummary(BaseModel):
 
 class DoseSummaryList(BaseModel):
     doses: list[DoseSummary]
+
+
+class TransferDosesIn(BaseModel):
+    """registry → records on a transfer lookup: one signed grant per municipality the person lived in."""
+
+    grants: list[str] = Field(min_length=1, max_length=1000)

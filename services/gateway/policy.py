@@ -116,6 +116,9 @@ POLICY: tuple[Rule, ...] = (
     rule("GET", f"{_M}/resident-imports/{{import_id}}", REGISTRY, MUNICIPALITY, OWN),
     rule("POST", f"{_M}/residents/{{resident_id}}/move-out", REGISTRY, MUNICIPALITY, OWN, reads_personal_data=True),
     rule(
+        "POST", f"{_M}/residents/{{resident_id}}/coupon-reissue", REGISTRY, MUNICIPALITY, OWN, reads_personal_data=True
+    ),
+    rule(
         "POST",
         f"{_M}/transfer-lookups",
         REGISTRY,
@@ -137,6 +140,17 @@ POLICY: tuple[Rule, ...] = (
     rule("POST", "/api/v1/certificates/verify", REGISTRY, ANYONE),
     rule("GET", "/issuer/.well-known/jwks.json", REGISTRY, ANYONE),
     rule("GET", "/issuer/.well-known/crl/{file}", REGISTRY, ANYONE),
+    # A batch has a legal basis per item: the audit takes them from X-Access-Purpose, which registry
+    # requires to name every one the batch uses.
+    rule(
+        "POST",
+        f"{_M}/transfer-lookups/batch",
+        REGISTRY,
+        MUNICIPALITY,
+        OWN_HIDDEN,
+        reads_personal_data=True,
+        purpose_field="legal_basis",
+    ),
     # records
     rule("POST", "/api/v1/doses", RECORDS, DOSE_WRITERS, reads_personal_data=True),
     rule("POST", "/api/v1/doses/batch", RECORDS, DOSE_WRITERS, reads_personal_data=True),

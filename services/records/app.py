@@ -25,6 +25,7 @@ def create_app(settings: RecordsSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         databases = Databases.connect(settings.main_dsn, settings.shard_dsns, pool_size=settings.pool_size)
         app.state.databases = databases
+        app.state.settings = settings
         try:
             async with relay_in_background(settings, databases, outbox, topic=settings.bus.topic) as relay:
                 app.state.relay = relay

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Path, Query, Response, status
+from fastapi import APIRouter, Header, Path, Query, Request, Response, status
 
 from services.records import service
+from services.records.models import Dose
 from services.records.schemas import (
     BatchItemResult,
     CorrectionIn,
@@ -34,7 +35,8 @@ from shared.errors import (
     Unauthorized,
     responses,
 )
-from shared.schemas import DoseSummary, DoseSummaryList
+from shared.grants import InvalidGrant, verify_grant
+from shared.schemas import DoseSummary, DoseSummaryList, TransferDosesIn
 
 router = APIRouter(prefix="/api/v1", tags=["doses"])
 internal = APIRouter(prefix="/internal/v1", tags=["internal"], include_in_schema=False)
@@ -181,21 +183,35 @@ async def doses_of_coupons(
     caller's own token is forwarded, so the same municipality scope holds here."""
     require_own_municipality(principal, code)
     doses = await service.list_doses(uow, municipality_code=code, status=None, coupon_numbers=coupon_number.split(","))
-    return DoseSummaryList(
-        doses=[
-            DoseSummary(
-                dose_id=d.dose_id,
-                municipality=d.municipality_code,
-                coupon_number=d.coupon_number,
-                dose_number=d.dose_number,
-                vaccinated_on=d.vaccinated_on,
-                vaccine=d.vaccine,
-                lot_number=d.lot_number,
-                status=d.status,
-                venue=d.venue,
-                voided=d.voided,
-                version=d.version,
-            )
-            for d in doses
-        ]
+    return DoseSummaryList(doses=[_summary(d) for d in doses])
+
+
+def _summary(d: Dose) -> DoseSummary:
+    return DoseSummary(
+        dose_id=d.dose_id,
+        municipality=d.municipality_code,
+        coupon_number=d.coupon_number,
+        dose_number=d.dose_number,
+        vaccinated_on=d.vaccinated_on,
+        vaccine=d.vaccine,
+        lot_number=d.lot_number,
+        status=d.status,
+        venue=d.venue,
+        voided=d.voided,
+        version=d.version,
     )
+
+
+@internal.post("/transfer-doses", response_model=DoseSummaryList)
+async def transfer_doses(
+    body: TransferDosesIn, principal: MunicipalityPrincipal, uow: UnitOfWorkDep, request: Request
+) -> DoseSummaryList:
+    """Doses another municipality recorded, for a transfer lookup: only the coupons each registry-signed
+    grant names, and only for the municipality the grant is made out to — whose own token is forwarded."""
+    public_key: str = request.app.state.settings.transfer_grant_public_key
+    try:
+        grants = [verify_grant(public_key, g, caller=str(principal.municipality)) for g in body.grants]
+    except InvalidGrant as exc:
+        raise Forbidden(str(exc)) from None
+    doses = await service.transfer_doses(uow, [(g.municipality, g.coupons) for g in grants])
+    return DoseSummaryList(doses=[_summary(d) for d in doses if not d.voided])

@@ -363,6 +363,18 @@ async def list_doses(
     return await repo.of_municipality(municipality_code, status=status, limit=limit)
 
 
+async def transfer_doses(uow: UnitOfWork, wanted: Sequence[tuple[str, Sequence[str]]]) -> list[Dose]:
+    """Doses of (municipality, coupon numbers) pairs a transfer grant named: one query per shard."""
+    by_shard: dict[str, list[tuple[str, str]]] = {}
+    for municipality_code, numbers in wanted:
+        shard = await uow.databases.shard_of(municipality_code)
+        by_shard.setdefault(shard, []).extend((municipality_code, n) for n in numbers)
+    doses: list[Dose] = []
+    for shard, pairs in sorted(by_shard.items()):
+        doses += await DoseRepository(uow.shard(shard)).of_coupons(pairs)
+    return doses
+
+
 def _snapshot(dose: Dose) -> dict[str, Any]:
     return to_out(dose).model_dump(mode="json") | {"sex": dose.sex, "age_band": dose.age_band}
 

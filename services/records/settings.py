@@ -1,8 +1,9 @@
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from shared.grants import DEV_PUBLIC_KEY
 from shared.settings import PublisherSettings, sqlite_url
 
 
@@ -22,3 +23,11 @@ class RecordsSettings(PublisherSettings):
     poll_max_records: int = Field(default=500, ge=1, le=10_000)
     poll_timeout_seconds: float = Field(default=1.0, gt=0)
     max_batch_doses: int = 1000
+    # ES256 public key (PEM) of registry's transfer-lookup grants (see shared/grants.py).
+    transfer_grant_public_key: str = DEV_PUBLIC_KEY
+
+    @model_validator(mode="after")
+    def _check_grant_key(self) -> RecordsSettings:
+        if self.environment == "production" and self.transfer_grant_public_key == DEV_PUBLIC_KEY:
+            raise ValueError("the development transfer-grant key is refused in production")
+        return self

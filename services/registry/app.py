@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from services.registry.certificates import Issuer
 from services.registry.crypto import MyNumberVault
+from services.registry.importer import ResidentImporter
 from services.registry.models import outbox
 from services.registry.router import public, router
 from services.registry.settings import RegistrySettings
@@ -25,13 +26,25 @@ def create_app(settings: RegistrySettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         databases = Databases.connect(settings.main_dsn, settings.shard_dsns, pool_size=settings.pool_size)
         app.state.databases = databases
+        app.state.settings = settings
         app.state.vault = MyNumberVault(settings)
         app.state.issuer = Issuer.from_settings(settings)
         app.state.records = InternalClient(settings.records_url)
         try:
             async with relay_in_background(settings, databases, outbox, topic=settings.bus.coupon_topic) as relay:
                 app.state.relay = relay
-                yield
+                app.state.importer = ResidentImporter(
+                    databases,
+                    app.state.vault,
+                    batch_size=settings.import_batch_size,
+                    on_commit=(lambda shards: relay.wake(*shards)) if relay is not None else None,
+                )
+                if settings.run_imports:
+                    await app.state.importer.resume()
+                try:
+                    yield
+                finally:
+                    await app.state.importer.close()
         finally:
             await app.state.records.close()
             await databases.dispose()

@@ -1,11 +1,24 @@
-"""registry's ``vrs`` subcommands."""
+"""registry's ``vrs`` subcommands: ``vrs residents import`` and the ``relay`` worker."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
+import httpx
+
+from services.registry import service
+from services.registry.crypto import MyNumberVault
 from services.registry.models import outbox
+from services.registry.repository import ResidentRepository
 from services.registry.settings import RegistrySettings
+from shared.db import Databases
 from shared.observability import setup_worker
 from shared.outbox import run_relay_process
 
@@ -15,3 +28,106 @@ def relay() -> None:
     settings = RegistrySettings()
     setup_worker(service="registry-relay", log_level=settings.log_level, metrics_port=settings.metrics_port)
     asyncio.run(run_relay_process(settings, outbox, topic=settings.bus.coupon_topic))
+
+
+def register(subparsers: Any) -> None:
+    residents = subparsers.add_parser("residents", help="municipal residents (registry)")
+    sub = residents.add_subparsers(required=True, metavar="ACTION")
+    imp = sub.add_parser("import", help="import a resident CSV (住基 export) through the gateway, with progress")
+    imp.add_argument("file", type=Path)
+    imp.add_argument("--municipality", required=True, help="6-digit municipality code")
+    imp.add_argument("--gateway", default=os.environ.get("VRS_GATEWAY", "http://127.0.0.1:8000"))
+    imp.add_argument("--token", default=os.environ.get("VRS_TOKEN"), help="bearer token (default: $VRS_TOKEN)")
+    imp.add_argument("--poll", type=float, default=0.5, help="seconds between status checks")
+    imp.set_defaults(func=_import)
+
+    keys = subparsers.add_parser("keys", help="My Number encryption keys (registry)")
+    keys_sub = keys.add_subparsers(required=True, metavar="ACTION")
+    rotate = keys_sub.add_parser(
+        "rotate", help="re-seal every My Number under the active key, in batches, while the service runs"
+    )
+    rotate.add_argument("--batch-size", type=int, default=500)
+    rotate.set_defaults(func=lambda args: asyncio.run(_rotate(args.batch_size)))
+    status = keys_sub.add_parser("status", help="how many My Numbers each key id seals, per shard")
+    status.set_defaults(func=lambda _: asyncio.run(_key_status()))
+
+
+async def _rotate(batch_size: int) -> int:
+    settings = RegistrySettings()
+    vault = MyNumberVault(settings)
+    databases = Databases.connect(settings.main_dsn, settings.shard_dsns, pool_size=2)
+    try:
+        for name, db in sorted(databases.shards.items()):
+            total = 0
+            while True:
+                async with db.sessionmaker() as session, session.begin():
+                    done = await service.rotate_keys_batch(session, vault, limit=batch_size)
+                if not done:
+                    break
+                total += done
+                print(f"\rshard {name}: {total:,} re-sealed under {vault.active_key}", end="", file=sys.stderr)
+            print(f"\rshard {name}: {total:,} re-sealed under {vault.active_key} — done", file=sys.stderr)
+    finally:
+        await databases.dispose()
+    return 0
+
+
+async def _key_status() -> int:
+    settings = RegistrySettings()
+    databases = Databases.connect(settings.main_dsn, settings.shard_dsns, pool_size=2)
+    try:
+        for name, db in sorted(databases.shards.items()):
+            async with db.sessionmaker() as session:
+                counts = await ResidentRepository(session).key_counts()
+            print(name, " ".join(f"{kid}={n}" for kid, n in sorted(counts.items())) or "-")
+    finally:
+        await databases.dispose()
+    return 0
+
+
+def _chunks(path: Path, size: int = 1 << 20) -> Iterator[bytes]:
+    with path.open("rb") as file:
+        while piece := file.read(size):
+            yield piece
+
+
+def _bar(done: int, total: int, status: dict[str, Any], width: int = 30) -> str:
+    share = done / total if total else 1.0
+    filled = int(share * width)
+    return (
+        f"\r[{'#' * filled}{'.' * (width - filled)}] {share:6.1%}  "
+        f"rows {status.get('rows_total', 0):,} ok {status.get('rows_ok', 0):,} failed {status.get('rows_failed', 0):,}"
+    )
+
+
+def _import(args: argparse.Namespace) -> int:
+    if not args.token:
+        print("a token is needed: --token or $VRS_TOKEN (e.g. from `vrs token --role municipality`)", file=sys.stderr)
+        return 2
+    base = f"{args.gateway.rstrip('/')}/api/v1/municipalities/{args.municipality}/resident-imports"
+    headers = {"Authorization": f"Bearer {args.token}"}
+    with httpx.Client(timeout=httpx.Timeout(60.0, read=600.0)) as client:
+        r = client.post(base, content=_chunks(args.file), headers=headers | {"Content-Type": "text/csv"})
+        if r.status_code != 202:
+            print(f"upload refused: {r.status_code} {r.text}", file=sys.stderr)
+            return 1
+        import_id = r.json()["import_id"]
+        print(f"import {import_id}", file=sys.stderr)
+        started = time.monotonic()
+        while True:
+            s = client.get(f"{base}/{import_id}", headers=headers, params={"errors_limit": 100_000})
+            if s.status_code != 200:
+                print(f"\nstatus check failed: {s.status_code} {s.text}", file=sys.stderr)
+                return 1
+            status = s.json()
+            print(_bar(status["bytes_done"], status["bytes_total"], status), end="", file=sys.stderr, flush=True)
+            if status["status"] != "running":
+                break
+            time.sleep(args.poll)
+    elapsed = time.monotonic() - started
+    print(f"\n{status['status']} in {elapsed:.1f}s", file=sys.stderr)
+    for e in status["errors"]:
+        print(f"row {e['row']}: {e['field']}: {e['message']}")
+    if status["errors_more"]:
+        print("(more errors: page with ?errors_after_row=)", file=sys.stderr)
+    return 0 if not status["rows_failed"] and not status["errors"] else 1

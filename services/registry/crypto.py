@@ -45,5 +45,15 @@ class MyNumberVault:
             last4=my_number[-4:],
         )
 
+    @property
+    def active_key(self) -> str:
+        return self._active
+
+    def reseal(self, key_id: str, blob: bytes, *, context: str) -> tuple[str, bytes]:
+        """(active key id, ciphertext under it) for a number sealed under ``key_id``; the hash is unchanged."""
+        nonce = os.urandom(12)
+        plain = self._keys[key_id].decrypt(blob[:12], blob[12:], context.encode())
+        return self._active, nonce + self._keys[self._active].encrypt(nonce, plain, context.encode())
+
     def open(self, key_id: str, blob: bytes, *, context: str) -> str:
         return self._keys[key_id].decrypt(blob[:12], blob[12:], context.encode()).decode()

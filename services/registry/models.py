@@ -5,7 +5,19 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Date, DateTime, Index, Integer, LargeBinary, MetaData, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Date,
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from shared.db import shard_assignments_table
@@ -32,6 +44,57 @@ class MyNumberDirectoryEntry(MainBase):
     municipality_code: Mapped[str] = mapped_column(String(6), primary_key=True)
     resident_id: Mapped[str] = mapped_column(String(64))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ResidentImport(MainBase):
+    """One uploaded resident CSV and how far its import got; keyed for re-sends by (municipality, sha256).
+
+    The file itself is in ``resident_import_chunks`` before the upload is answered, so an import survives a
+    crash: a restarted registry resumes it after ``last_row``, the last row of the last committed batch.
+    """
+
+    __tablename__ = "resident_imports"
+    __table_args__ = (
+        UniqueConstraint("municipality_code", "sha256", name="uq_resident_imports_file"),
+        Index("ix_resident_imports_status", "status"),
+    )
+
+    import_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    municipality_code: Mapped[str] = mapped_column(String(6))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(16))  # running, done
+    submitted_by: Mapped[str] = mapped_column(String(128))  # the principal's scope key
+    rows_total: Mapped[int] = mapped_column(Integer, default=0)
+    rows_ok: Mapped[int] = mapped_column(Integer, default=0)
+    rows_failed: Mapped[int] = mapped_column(Integer, default=0)
+    last_row: Mapped[int] = mapped_column(Integer, default=1)  # every row up to this one is done (1: the header)
+    bytes_done: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ResidentImportChunk(MainBase):
+    """The uploaded file, in order, in pieces small enough for one statement each."""
+
+    __tablename__ = "resident_import_chunks"
+
+    import_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class ResidentImportError(MainBase):
+    """A bad row of an import: written with the progress of the batch it was met in."""
+
+    __tablename__ = "resident_import_errors"
+
+    import_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    row: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)  # a row may have several errors
+    field: Mapped[str] = mapped_column(String(32))
+    message: Mapped[str] = mapped_column(Text)
 
 
 class Resident(ShardBase):
@@ -79,6 +142,20 @@ class Coupon(ShardBase):
     version: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ResidentHistory(ShardBase):
+    """Who changed what of a resident, and when: one row per version. ``changes`` maps a field to
+    ``{"before", "after"}``; the My Number appears only as ``{"changed": true, "last4": ...}``."""
+
+    __tablename__ = "resident_history"
+
+    municipality_code: Mapped[str] = mapped_column(String(6), primary_key=True)
+    resident_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    changed_by: Mapped[str] = mapped_column(String(128))
+    changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    changes: Mapped[dict[str, object]] = mapped_column(JSON)
 
 
 # Coupon events written with the change they describe; the relay publishes them to ``coupon-events``.

@@ -2,15 +2,100 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import ARRAY, Table, bindparam, delete, func, insert, select, text, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.registry.models import Coupon, IssuedCertificate, MyNumberDirectoryEntry, Resident, outbox
+from services.registry.models import (
+    Coupon,
+    IssuedCertificate,
+    MyNumberDirectoryEntry,
+    Resident,
+    ResidentHistory,
+    ResidentImport,
+    ResidentImportChunk,
+    ResidentImportError,
+    outbox,
+)
 from shared.db import upsert, utcnow
 from shared.outbox import OutboxEvent, OutboxRepository
+
+
+def _is_postgres(session: AsyncSession) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def _one_of(session: AsyncSession, column: Any, values: Sequence[Any]) -> Any:
+    """``column IN values``. On PostgreSQL ``IN (SELECT unnest(:array))``: one bind parameter instead of a
+    thousand (SQLAlchemy renders them one by one, 60 ms a batch), and a semi-join the planner can hash —
+    ``= ANY(:array)`` becomes a filter comparing every row with every value when a freshly loaded table has
+    no statistics yet (0.4 s a batch on 3,000 rows)."""
+    if _is_postgres(session):
+        return column.in_(select(func.unnest(bindparam(None, list(values), type_=ARRAY(column.type)))))
+    return column.in_(values)
+
+
+async def _bulk_upsert(
+    session: AsyncSession,
+    table: Table,
+    rows: Sequence[dict[str, Any]],
+    *,
+    keys: Sequence[str],
+    update: Sequence[str],
+    where: str | None = None,
+) -> None:
+    """Insert or update ``rows`` of ``table`` in one go: on PostgreSQL ``COPY`` into a temporary staging table
+    and one ``INSERT … SELECT … ON CONFLICT``, in the session's transaction; elsewhere an executemany."""
+    if not rows:
+        return
+    columns = [c.name for c in table.columns]
+    if not _is_postgres(session):
+        stmt = upsert(session, table)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=list(keys),
+            set_={name: stmt.excluded[name] for name in update},
+            where=text(where.replace("EXCLUDED.", "excluded.")) if where else None,
+        )
+        await session.execute(stmt, list(rows))
+        return
+    raw = await _driver(session)
+    stage = f"stage_{table.name}"
+    await raw.execute(
+        f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {table.name} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+    )
+    await raw.copy_records_to_table(
+        stage, records=[tuple(_copyable(r[c]) for c in columns) for r in rows], columns=columns
+    )
+    names = ", ".join(columns)
+    assignments = ", ".join(f"{c} = EXCLUDED.{c}" for c in update)
+    condition = f" WHERE {where}" if where else ""
+    await raw.execute(
+        f"INSERT INTO {table.name} ({names}) SELECT {names} FROM {stage} "
+        f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {assignments}{condition}; TRUNCATE {stage}"
+    )
+
+
+async def _driver(session: AsyncSession) -> Any:
+    """The asyncpg connection under the session, inside the session's transaction."""
+    raw = (await (await session.connection()).get_raw_connection()).driver_connection
+    assert raw is not None
+    return raw
+
+
+def _copyable(value: Any) -> Any:
+    return json.dumps(value) if isinstance(value, dict) else value
+
+
+_residents: Table = Resident.__table__  # type: ignore[assignment]
+_coupons: Table = Coupon.__table__  # type: ignore[assignment]
+_directory: Table = MyNumberDirectoryEntry.__table__  # type: ignore[assignment]
+_history: Table = ResidentHistory.__table__  # type: ignore[assignment]
+_import_chunks: Table = ResidentImportChunk.__table__  # type: ignore[assignment]
+_import_errors: Table = ResidentImportError.__table__  # type: ignore[assignment]
 
 
 class ResidentRepository:
@@ -34,8 +119,92 @@ class ResidentRepository:
     def add(self, resident: Resident) -> None:
         self.session.add(resident)
 
+    def add_history(self, rows: Sequence[dict[str, Any]]) -> None:
+        for row in rows:
+            self.session.add(ResidentHistory(**row))
+
+    async def insert_history(self, rows: Sequence[dict[str, Any]]) -> None:
+        if rows and _is_postgres(self.session):
+            raw = await _driver(self.session)
+            columns = [c.name for c in _history.columns]
+            records = [tuple(_copyable(r[c]) for c in columns) for r in rows]
+            await raw.copy_records_to_table(_history.name, records=records, columns=columns)
+        elif rows:
+            await self.session.execute(insert(_history), list(rows))
+
+    async def history(self, municipality_code: str, resident_id: str) -> list[ResidentHistory]:
+        stmt = (
+            select(ResidentHistory)
+            .where(ResidentHistory.municipality_code == municipality_code, ResidentHistory.resident_id == resident_id)
+            .order_by(ResidentHistory.version)
+        )
+        return list((await self.session.execute(stmt)).scalars())
+
+    async def states(self, municipality_code: str, resident_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The stored columns of these residents, locked for the batch that is about to change them."""
+        if not resident_ids:
+            return {}
+        stmt = (
+            select(_residents)
+            .where(
+                _residents.c.municipality_code == municipality_code,
+                _one_of(self.session, _residents.c.resident_id, resident_ids),
+            )
+            .with_for_update()
+        )
+        return {row.resident_id: dict(row._mapping) for row in await self.session.execute(stmt)}
+
+    async def present(self, municipality_code: str, resident_ids: Sequence[str]) -> set[str]:
+        """Those of ``resident_ids`` registered here and not moved out."""
+        if not resident_ids:
+            return set()
+        stmt = select(_residents.c.resident_id).where(
+            _residents.c.municipality_code == municipality_code,
+            _one_of(self.session, _residents.c.resident_id, resident_ids),
+            _residents.c.moved_on.is_(None),
+        )
+        return set((await self.session.execute(stmt)).scalars())
+
+    async def upsert_many(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Insert or replace whole resident rows in one go."""
+        keep = {"municipality_code", "resident_id", "created_at"}
+        update = [c.name for c in _residents.columns if c.name not in keep]
+        await _bulk_upsert(self.session, _residents, rows, keys=["municipality_code", "resident_id"], update=update)
+
     async def flush(self) -> None:
         await self.session.flush()
+
+    async def sealed_under_other_keys(self, active_key: str, limit: int) -> list[Any]:
+        """Residents whose My Number is sealed under another key than ``active_key``, locked; rows another
+        rotation (or a request) holds are skipped, not waited for."""
+        stmt = (
+            select(_residents.c.municipality_code, _residents.c.resident_id, _residents.c.my_number_key_id)
+            .add_columns(_residents.c.my_number_ciphertext)
+            .where(_residents.c.my_number_key_id.is_not(None), _residents.c.my_number_key_id != active_key)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        return list(await self.session.execute(stmt))
+
+    async def reseal(self, rows: Sequence[dict[str, Any]]) -> None:
+        stmt = (
+            update(_residents)
+            .where(
+                _residents.c.municipality_code == bindparam("m"),
+                _residents.c.resident_id == bindparam("r"),
+                _residents.c.my_number_key_id == bindparam("old"),
+            )
+            .values(my_number_key_id=bindparam("kid"), my_number_ciphertext=bindparam("blob"))
+        )
+        await self.session.execute(stmt, list(rows))
+
+    async def key_counts(self) -> dict[str, int]:
+        stmt = (
+            select(_residents.c.my_number_key_id, func.count())
+            .where(_residents.c.my_number_key_id.is_not(None))
+            .group_by(_residents.c.my_number_key_id)
+        )
+        return {kid: int(n) for kid, n in await self.session.execute(stmt)}
 
 
 class CouponRepository:
@@ -62,6 +231,44 @@ class CouponRepository:
             stmt = stmt.with_for_update()
         return list((await self.session.execute(stmt)).scalars())
 
+    async def rows_of_residents(self, municipality_code: str, resident_ids: Sequence[str]) -> list[dict[str, Any]]:
+        """Every coupon of these residents as plain rows (an import plans them without the ORM), locked."""
+        stmt = (
+            select(_coupons)
+            .where(
+                _coupons.c.municipality_code == municipality_code,
+                _one_of(self.session, _coupons.c.resident_id, resident_ids),
+            )
+            .with_for_update()
+        )
+        return [dict(row._mapping) for row in await self.session.execute(stmt)]
+
+    async def numbers_of(self, residents: Sequence[tuple[str, str]]) -> dict[tuple[str, str], list[str]]:
+        """(municipality, resident id) → every coupon number it was issued, in one query."""
+        if not residents:
+            return {}
+        stmt = select(_coupons.c.municipality_code, _coupons.c.resident_id, _coupons.c.coupon_number).where(
+            tuple_(_coupons.c.municipality_code, _coupons.c.resident_id).in_(residents)
+        )
+        found: dict[tuple[str, str], list[str]] = {}
+        for municipality, resident, number in await self.session.execute(stmt):
+            found.setdefault((municipality, resident), []).append(number)
+        return found
+
+    async def issued_to(self, municipality_code: str, numbers: Sequence[str]) -> dict[str, str]:
+        """coupon number → the resident it was issued to, for those of ``numbers`` ever issued."""
+        if not numbers:
+            return {}
+        stmt = select(_coupons.c.coupon_number, _coupons.c.resident_id).where(
+            _coupons.c.municipality_code == municipality_code, _one_of(self.session, _coupons.c.coupon_number, numbers)
+        )
+        return {number: resident for number, resident in await self.session.execute(stmt)}
+
+    async def upsert_rows(self, rows: Sequence[Any]) -> None:
+        values = [{c.name: getattr(r, c.name) for c in _coupons.columns} for r in rows]
+        update = ["sex", "birth_date", "invalid_from", "invalid_reason", "version", "updated_at"]
+        await _bulk_upsert(self.session, _coupons, values, keys=["municipality_code", "coupon_number"], update=update)
+
     def add(self, coupon: Coupon) -> None:
         self.session.add(coupon)
 
@@ -73,19 +280,54 @@ class DirectoryRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
+    async def holders(self, municipality_code: str, hashes: Sequence[bytes]) -> dict[bytes, str]:
+        """keyed hash → the resident of ``municipality_code`` registered with it, for those registered."""
+        if not hashes:
+            return {}
+        stmt = select(_directory.c.my_number_hash, _directory.c.resident_id).where(
+            _directory.c.municipality_code == municipality_code,
+            _one_of(self.session, _directory.c.my_number_hash, hashes),
+        )
+        return {bytes(h): resident for h, resident in await self.session.execute(stmt)}
+
+    async def entries(self, hashes: Sequence[bytes]) -> list[tuple[bytes, str, str]]:
+        """(hash, municipality, resident id) of every municipality these numbers are or were registered in."""
+        if not hashes:
+            return []
+        stmt = select(_directory.c.my_number_hash, _directory.c.municipality_code, _directory.c.resident_id).where(
+            _one_of(self.session, _directory.c.my_number_hash, hashes)
+        )
+        return [(bytes(h), m, r) for h, m, r in await self.session.execute(stmt)]
+
+    async def claim(self, entries: Sequence[tuple[bytes, str]], municipality_code: str) -> bool:
+        """Point each hash at its resident unless another resident of the municipality holds it; False if
+        one was held (nothing is repointed: the existing entry wins)."""
+        now = utcnow()
+        rows = [
+            {"my_number_hash": h, "municipality_code": municipality_code, "resident_id": r, "updated_at": now}
+            for h, r in entries
+        ]
+        await _bulk_upsert(
+            self.session,
+            _directory,
+            rows,
+            keys=["my_number_hash", "municipality_code"],
+            update=["updated_at"],
+            where=f"{_directory.name}.resident_id = EXCLUDED.resident_id",
+        )
+        held = await self.holders(municipality_code, [h for h, _ in entries])
+        return all(held.get(h) == r for h, r in entries)
+
+    async def remove_many(self, hashes: Sequence[bytes], municipality_code: str) -> None:
+        await self.session.execute(
+            delete(_directory).where(
+                _directory.c.municipality_code == municipality_code,
+                _one_of(self.session, _directory.c.my_number_hash, hashes),
+            )
+        )
+
     async def put(self, my_number_hash: bytes, municipality_code: str, resident_id: str) -> None:
-        table = MyNumberDirectoryEntry.__table__
-        stmt = upsert(self.session, table).values(
-            my_number_hash=my_number_hash,
-            municipality_code=municipality_code,
-            resident_id=resident_id,
-            updated_at=utcnow(),
-        )
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["my_number_hash", "municipality_code"],
-            set_={"resident_id": stmt.excluded.resident_id, "updated_at": stmt.excluded.updated_at},
-        )
-        await self.session.execute(stmt)
+        await self.claim([(my_number_hash, resident_id)], municipality_code)
 
     async def remove(self, my_number_hash: bytes, municipality_code: str) -> None:
         entry = await self.session.get(MyNumberDirectoryEntry, (my_number_hash, municipality_code))
@@ -141,3 +383,65 @@ class CertificateRepository:
     async def revoked_count(self, kid: str) -> int:
         stmt = select(func.count()).where(IssuedCertificate.kid == kid, IssuedCertificate.revoked_at.is_not(None))
         return int((await self.session.execute(stmt)).scalar_one())
+
+
+class ImportRepository:
+    """resident imports in the main database: the file, the progress, the row errors."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def by_file(self, municipality_code: str, sha256: str) -> ResidentImport | None:
+        stmt = select(ResidentImport).where(
+            ResidentImport.municipality_code == municipality_code, ResidentImport.sha256 == sha256
+        )
+        return (await self.session.execute(stmt)).scalar_one_or_none()
+
+    async def get(self, import_id: str, *, for_update: bool = False) -> ResidentImport | None:
+        stmt = select(ResidentImport).where(ResidentImport.import_id == import_id)
+        if for_update:
+            stmt = stmt.with_for_update()
+        return (await self.session.execute(stmt)).scalar_one_or_none()
+
+    def add(self, entry: ResidentImport) -> None:
+        self.session.add(entry)
+
+    async def add_chunk(self, import_id: str, seq: int, data: bytes) -> None:
+        await self.session.execute(insert(_import_chunks).values(import_id=import_id, seq=seq, data=data))
+
+    async def chunk(self, import_id: str, seq: int) -> bytes | None:
+        stmt = select(ResidentImportChunk.data).where(
+            ResidentImportChunk.import_id == import_id, ResidentImportChunk.seq == seq
+        )
+        data = (await self.session.execute(stmt)).scalar_one_or_none()
+        return None if data is None else bytes(data)
+
+    async def drop_chunks(self, import_id: str) -> None:
+        await self.session.execute(delete(ResidentImportChunk).where(ResidentImportChunk.import_id == import_id))
+
+    async def unfinished(self) -> list[str]:
+        stmt = (
+            select(ResidentImport.import_id)
+            .where(ResidentImport.status == "running")
+            .order_by(ResidentImport.created_at)
+        )
+        return list((await self.session.execute(stmt)).scalars())
+
+    async def add_errors(self, import_id: str, errors: Sequence[tuple[int, int, str, str]]) -> None:
+        if errors:
+            rows = [{"import_id": import_id, "row": r, "seq": s, "field": f, "message": m} for r, s, f, m in errors]
+            await self.session.execute(insert(_import_errors), rows)
+
+    async def errors(self, import_id: str, *, after_row: int, limit: int) -> list[ResidentImportError]:
+        stmt = (
+            select(ResidentImportError)
+            .where(ResidentImportError.import_id == import_id, ResidentImportError.row > after_row)
+            .order_by(ResidentImportError.row, ResidentImportError.seq)
+            .limit(limit)
+        )
+        return list((await self.session.execute(stmt)).scalars())
+
+    async def advance(self, import_id: str, *, values: dict[str, Any], at: datetime) -> None:
+        await self.session.execute(
+            update(ResidentImport).where(ResidentImport.import_id == import_id).values(**values, updated_at=at)
+        )

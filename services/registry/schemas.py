@@ -1,15 +1,21 @@
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared.db import UtcDatetime
-from shared.domain.codes import my_number_problem
+from shared.domain.codes import municipality_code_problem, my_number_problem
 from shared.domain.coupon import coupon_number_problem
+from shared.domain.japan_time import japan_today
 from shared.domain.sex import Sex
+from shared.grants import LegalBasis
 from shared.schemas import DoseSummary
+
+AUTO = "auto"  # coupon_number: let registry allocate one
+MOVE_NOTICE_DAYS = 14
+EARLIEST_MOVE = date(2021, 2, 17)  # vaccination began: an earlier move changes no coupon
 
 
 class ResidentIn(BaseModel):
@@ -21,7 +27,9 @@ class ResidentIn(BaseModel):
     sex: Sex
     my_number: str | None = Field(default=None, repr=False)
     address: str | None = Field(default=None, max_length=300)
-    coupon_number: str | None = None
+    coupon_number: str | None = Field(
+        default=None, description='10 digits, or "auto": registry allocates one unless the resident already has one'
+    )
 
     @field_validator("my_number")
     @classmethod
@@ -34,7 +42,7 @@ class ResidentIn(BaseModel):
     @field_validator("coupon_number")
     @classmethod
     def _coupon_number(cls, value: str | None) -> str | None:
-        if value is not None and (problem := coupon_number_problem(value)):
+        if value is not None and value != AUTO and (problem := coupon_number_problem(value)):
             raise ValueError(f"coupon number {problem}")
         return value
 
@@ -56,6 +64,9 @@ class ResidentOut(BaseModel):
     my_number: str | None = Field(description="masked: only the last four digits are shown")
     address: str | None
     coupon_number: str | None
+    coupon_line: str | None = Field(
+        default=None, description="the 18-digit line printed on the coupon (券種 1, 回数 0: not tied to one dose)"
+    )
     moved_to: str | None
     moved_on: date | None
     created_at: UtcDatetime
@@ -88,3 +99,114 @@ class VerifyOut(BaseModel):
     valid: bool
     reasons: list[str] = Field(description="why the card is not valid; empty when it is")
     claims: dict[str, Any] = Field(description="what the card says: issuer, name, birth date, immunizations")
+
+
+class ImportAccepted(BaseModel):
+    import_id: str
+
+
+class ImportRowError(BaseModel):
+    row: int = Field(description="the file's row; the header is row 1, so the first resident is row 2")
+    field: str
+    message: str
+
+
+class ImportStatus(BaseModel):
+    import_id: str
+    status: str = Field(description="running or done")
+    rows_total: int = Field(description="data rows read so far (all of them once done)")
+    rows_ok: int
+    rows_failed: int
+    errors: list[ImportRowError]
+    errors_more: bool = Field(description="more errors follow: ask again with errors_after_row")
+    bytes_total: int
+    bytes_done: int
+    created_at: UtcDatetime
+    finished_at: UtcDatetime | None
+
+
+class MoveOutIn(BaseModel):
+    """転出: where the resident moved and the moving day (the last day their coupons are valid here)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    moved_to: str = Field(pattern=r"^\d{6}$", description="the new municipality's 6-digit code")
+    moved_on: date
+
+    @field_validator("moved_to")
+    @classmethod
+    def _moved_to(cls, value: str) -> str:
+        if problem := municipality_code_problem(value):
+            raise ValueError(f"municipality code {problem}")
+        return value
+
+    @field_validator("moved_on")
+    @classmethod
+    def _moved_on(cls, value: date) -> date:
+        # A 転出届 may be filed up to 14 days before the move.
+        if value > japan_today() + timedelta(days=MOVE_NOTICE_DAYS):
+            raise ValueError(f"moving day is more than {MOVE_NOTICE_DAYS} days ahead")
+        if value < EARLIEST_MOVE:
+            raise ValueError(f"moving day is before {EARLIEST_MOVE}")
+        return value
+
+
+class TransferLookupIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    my_number: str = Field(repr=False)
+    legal_basis: LegalBasis = Field(description="consent (本人同意) or my-number-act-19-16 (番号法第19条第16号)")
+
+    @field_validator("my_number")
+    @classmethod
+    def _my_number(cls, value: str) -> str:
+        if problem := my_number_problem(value):
+            raise ValueError(f"My Number {problem}")
+        return value
+
+
+class TransferLookupItem(TransferLookupIn):
+    client_id: str = Field(min_length=1, max_length=64)
+
+
+class TransferLookupBatchIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    lookups: list[TransferLookupItem] = Field(min_length=1, max_length=1000)
+
+
+class TransferDose(BaseModel):
+    municipality: str
+    dose_number: int
+    vaccinated_on: date
+    vaccine: str
+    lot_number: str
+
+
+class TransferLookupOut(BaseModel):
+    doses: list[TransferDose]
+
+
+class TransferLookupResult(TransferLookupOut):
+    client_id: str
+
+
+class TransferLookupBatchOut(BaseModel):
+    results: list[TransferLookupResult]
+
+
+class CouponReissueIn(BaseModel):
+    """A lost coupon: a new number replaces ``replaces``, which is invalid from today. Naming the number
+    being replaced makes a retry harmless: once it is replaced, the same request changes nothing."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    replaces: str = Field(pattern=r"^\d{10}$")
+    coupon_number: str | None = Field(default=None, description="the new number; allocated when absent")
+
+    @field_validator("coupon_number")
+    @classmethod
+    def _coupon_number(cls, value: str | None) -> str | None:
+        if value is not None and (problem := coupon_number_problem(value)):
+            raise ValueError(f"coupon number {problem}")
+        return value

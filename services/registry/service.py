@@ -8,25 +8,44 @@ Registry never calls records to tell it anything; it only reads from records on 
 from __future__ import annotations
 
 import logging
-from datetime import date
-from typing import Any
+import secrets
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any, Protocol
 
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.registry.crypto import MyNumberVault
 from services.registry.models import Coupon, Resident
 from services.registry.repository import CouponRepository, DirectoryRepository, ResidentRepository
-from services.registry.schemas import ResidentIn, ResidentOut, ResidentWithDoses
+from services.registry.schemas import AUTO, ResidentIn, ResidentOut, ResidentWithDoses, TransferDose
 from shared.db import UnitOfWork, utcnow
 from shared.domain.codes import mask_my_number
+from shared.domain.coupon import candidate_coupon_numbers, compose_coupon_line
+from shared.domain.csv_stream import RowError
 from shared.domain.japan_time import japan_today
+from shared.domain.resident_csv import ResidentRow
 from shared.domain.sex import Sex
-from shared.errors import Conflict, ServiceUnavailable, resident_not_found
+from shared.errors import Conflict, InvalidField, ServiceUnavailable, resident_not_found
 from shared.events import CouponEvent, CouponEventType, CouponInvalidReason, CouponState
+from shared.grants import TransferGrant, sign_grant
 from shared.internal import InternalClient
 from shared.schemas import DoseSummary
 
 log = logging.getLogger(__name__)
+
+
+COUPON_KIND = 1  # 券種 as printed on the coupons registry issues
+
+
+def coupon_line(municipality_code: str, coupon_number: str | None) -> str | None:
+    if coupon_number is None:
+        return None
+    return compose_coupon_line(
+        kind=COUPON_KIND, dose_number=0, municipality_code=municipality_code, coupon_number=coupon_number
+    )
 
 
 def to_out(resident: Resident) -> ResidentOut:
@@ -40,6 +59,7 @@ def to_out(resident: Resident) -> ResidentOut:
         my_number=mask_my_number(resident.my_number_last4) if resident.my_number_last4 else None,
         address=resident.address,
         coupon_number=resident.coupon_number,
+        coupon_line=coupon_line(resident.municipality_code, resident.coupon_number),
         moved_to=resident.moved_to,
         moved_on=resident.moved_on,
         created_at=resident.created_at,
@@ -47,8 +67,18 @@ def to_out(resident: Resident) -> ResidentOut:
     )
 
 
+def my_number_taken(other_resident_id: str) -> str:
+    return f"this My Number is registered to another resident of this municipality ({other_resident_id})"
+
+
 async def put_resident(
-    uow: UnitOfWork, vault: MyNumberVault, *, municipality_code: str, resident_id: str, data: ResidentIn
+    uow: UnitOfWork,
+    vault: MyNumberVault,
+    *,
+    municipality_code: str,
+    resident_id: str,
+    data: ResidentIn,
+    changed_by: str = "unknown",
 ) -> tuple[Resident, bool]:
     """Create or replace a resident; returns (resident, created). Repeating the same PUT changes nothing."""
     session = await uow.for_municipality(municipality_code)
@@ -60,8 +90,19 @@ async def put_resident(
     if resident is None:
         resident = Resident(municipality_code=municipality_code, resident_id=resident_id, created_at=now, version=0)
         residents.add(resident)
+    before = None if created else snapshot(resident)
     old_hash = resident.my_number_hash
+    if data.my_number is not None:
+        # One person, one resident per municipality: a second id for the same number is a mistake to fix
+        # at the source, not a reason to repoint the directory.
+        holders = await directory.holders(municipality_code, [vault.keyed_hash(data.my_number)])
+        holder = next(iter(holders.values()), resident_id)
+        if holder != resident_id:
+            raise Conflict(f"my_number: {my_number_taken(holder)}")
 
+    if data.coupon_number == AUTO:
+        number = resident.coupon_number or await allocate_coupon_number(coupons, municipality_code)
+        data = data.model_copy(update={"coupon_number": number})
     if data.coupon_number is not None and data.coupon_number != resident.coupon_number:
         # Issued numbers are never handed to somebody else, not even after they stopped being valid.
         issued = await coupons.get(municipality_code, data.coupon_number, for_update=True)
@@ -84,6 +125,7 @@ async def put_resident(
     if changed or created:
         resident.updated_at = now
         resident.version = (resident.version or 0) + 1
+        residents.add_history([history_row(resident, before, changed_by=changed_by, at=now)])
     try:
         await residents.flush()
     except IntegrityError:
@@ -92,17 +134,110 @@ async def put_resident(
 
     if old_hash is not None and old_hash != resident.my_number_hash:
         await directory.remove(old_hash, municipality_code)
-    if resident.my_number_hash is not None:
-        await directory.put(resident.my_number_hash, municipality_code, resident_id)
+    if resident.my_number_hash is not None and not await directory.claim(
+        [(resident.my_number_hash, resident_id)], municipality_code
+    ):
+        raise Conflict("my_number: another resident was just registered with this My Number; retry")
     await announce_coupons(coupons, resident, today=japan_today())
     return resident, created
 
 
-def _desired_state(coupon: Coupon, resident: Resident, *, today: date) -> CouponState:
+# What a resident's history records; the My Number only as "changed" and its last four digits.
+TRACKED = ("name", "name_kana", "birth_date", "sex", "address", "coupon_number", "moved_to", "moved_on")
+
+
+def snapshot(resident: Any) -> dict[str, Any]:
+    """The tracked fields of ``resident`` (an ORM row or a mapping), plus the My Number's hash and last 4."""
+    get: Callable[[str], Any] = (
+        resident.get if isinstance(resident, Mapping) else lambda name: getattr(resident, name, None)
+    )
+    values = {name: get(name) for name in TRACKED}
+    values["my_number_hash"], values["my_number_last4"] = get("my_number_hash"), get("my_number_last4")
+    return values
+
+
+def history_changes(before: Mapping[str, Any] | None, after: Mapping[str, Any]) -> dict[str, Any]:
+    """``{field: {"before", "after"}}`` for each tracked field that differs; JSON-ready."""
+
+    def shown(value: Any) -> Any:
+        return value.isoformat() if isinstance(value, date) else value
+
+    changes: dict[str, Any] = {}
+    for name in TRACKED:
+        old, new = (before or {}).get(name), after.get(name)
+        if old != new:
+            changes[name] = {"before": shown(old), "after": shown(new)}
+    if (before or {}).get("my_number_hash") != after.get("my_number_hash"):
+        changes["my_number"] = {"changed": True, "last4": after.get("my_number_last4")}
+    return changes
+
+
+def history_row(resident: Any, before: Mapping[str, Any] | None, *, changed_by: str, at: datetime) -> dict[str, Any]:
+    get: Callable[[str], Any] = resident.get if isinstance(resident, Mapping) else lambda name: getattr(resident, name)
+    return {
+        "municipality_code": get("municipality_code"),
+        "resident_id": get("resident_id"),
+        "version": get("version"),
+        "changed_by": changed_by,
+        "changed_at": at,
+        "changes": history_changes(before, snapshot(resident)),
+    }
+
+
+class CouponLike(Protocol):
+    """What coupon planning reads and writes: a ``Coupon`` row or an import's :class:`CouponRow`."""
+
+    municipality_code: str
+    coupon_number: str
+    resident_id: str
+    sex: str
+    birth_date: date | None
+    invalid_from: date | None
+    invalid_reason: str | None
+    version: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class HolderLike(Protocol):
+    @property
+    def municipality_code(self) -> str: ...
+    @property
+    def resident_id(self) -> str: ...
+    @property
+    def sex(self) -> str: ...
+    @property
+    def birth_date(self) -> date | None: ...
+    @property
+    def coupon_number(self) -> str | None: ...
+    @property
+    def moved_on(self) -> date | None: ...
+
+
+@dataclass(slots=True)
+class CouponRow:
+    municipality_code: str
+    coupon_number: str
+    resident_id: str
+    version: int
+    created_at: datetime
+    updated_at: datetime
+    sex: str = "U"
+    birth_date: date | None = None
+    invalid_from: date | None = None
+    invalid_reason: str | None = None
+
+
+def _desired_state(coupon: CouponLike, resident: HolderLike, *, today: date) -> CouponState:
     """What records should know of ``coupon`` now: its holder's cell attributes and its validity."""
-    if coupon.coupon_number == resident.coupon_number:
+    if resident.moved_on is not None and (
+        coupon.invalid_from is None or coupon.invalid_reason == CouponInvalidReason.MOVED_OUT.value
+    ):
+        # 転出: every coupon still valid ends with the moving day (records keeps that day valid).
+        invalid_from, reason = resident.moved_on, CouponInvalidReason.MOVED_OUT
+    elif coupon.coupon_number == resident.coupon_number:
         invalid_from, reason = None, None
-    elif coupon.invalid_from is not None:
+    elif coupon.invalid_from is not None and coupon.invalid_reason != CouponInvalidReason.MOVED_OUT.value:
         invalid_from, reason = coupon.invalid_from, CouponInvalidReason(str(coupon.invalid_reason))
     else:  # replaced by a new number, or withdrawn without one
         invalid_from = today
@@ -116,48 +251,65 @@ def _desired_state(coupon: Coupon, resident: Resident, *, today: date) -> Coupon
     )
 
 
-def _event_type(coupon: Coupon, state: CouponState) -> CouponEventType:
+def _event_type(coupon: CouponLike, state: CouponState) -> CouponEventType:
     if coupon.version == 0 or (coupon.invalid_from is not None and state.invalid_from is None):
         return CouponEventType.ISSUED
-    if coupon.invalid_from is None and state.invalid_from is not None:
+    if state.invalid_from is not None and coupon.invalid_from != state.invalid_from:
         return CouponEventType.INVALIDATED
     return CouponEventType.HOLDER_CHANGED
 
 
-async def announce_coupons(coupons: CouponRepository, resident: Resident, *, today: date) -> list[CouponEvent]:
-    """Bring every coupon of ``resident`` to the state its record implies, with an event for each change.
+def plan_coupons(
+    rows: dict[str, Any], resident: HolderLike, *, today: date, now: datetime, new: Callable[[str], CouponLike]
+) -> list[CouponEvent]:
+    """Bring ``rows`` (every coupon of ``resident`` by number; ``new(number)`` makes a missing one) to the
+    state the resident's record implies, in place; one event for each coupon whose announced state changes.
 
     Idempotent: a coupon whose announced state already matches gets no event, so repeating a PUT (or an
     import row) publishes nothing. Old coupons follow the holder's sex and birth date too: doses recorded on
     them belong to the same person and must move to the same statistics cell.
     """
-    municipality, now = resident.municipality_code, utcnow()
-    rows = {c.coupon_number: c for c in await coupons.of_resident(municipality, resident.resident_id, for_update=True)}
+    municipality = resident.municipality_code
     if resident.coupon_number is not None and resident.coupon_number not in rows:
-        fresh = Coupon(
-            municipality_code=municipality,
-            coupon_number=resident.coupon_number,
-            resident_id=resident.resident_id,
-            version=0,
-            created_at=now,
-        )
-        coupons.add(fresh)
-        rows[resident.coupon_number] = fresh
+        rows[resident.coupon_number] = new(resident.coupon_number)
     events = []
     for number, coupon in sorted(rows.items()):
         state = _desired_state(coupon, resident, today=today)
         announced = (coupon.sex, coupon.birth_date, coupon.invalid_from, coupon.invalid_reason)
-        if coupon.version and announced == (state.sex, state.birth_date, state.invalid_from, state.invalid_reason):
+        reason = state.invalid_reason.value if state.invalid_reason else None
+        if coupon.version and announced == (state.sex.value, state.birth_date, state.invalid_from, reason):
             continue
         kind = _event_type(coupon, state)
         coupon.sex, coupon.birth_date = state.sex.value, state.birth_date
-        coupon.invalid_from = state.invalid_from
-        coupon.invalid_reason = state.invalid_reason.value if state.invalid_reason else None
+        coupon.invalid_from, coupon.invalid_reason = state.invalid_from, reason
         coupon.version += 1
         coupon.updated_at = now
         events.append(
             CouponEvent(type=kind, municipality=municipality, coupon_number=number, version=coupon.version, state=state)
         )
+    return events
+
+
+async def announce_coupons(coupons: CouponRepository, resident: Resident, *, today: date) -> list[CouponEvent]:
+    """Bring every coupon of ``resident`` to the state its record implies (see :func:`plan_coupons`), with
+    the coupon events written to the outbox in the caller's transaction."""
+    municipality, now = resident.municipality_code, utcnow()
+
+    def new(number: str) -> Coupon:
+        fresh = Coupon(
+            municipality_code=municipality,
+            coupon_number=number,
+            resident_id=resident.resident_id,
+            version=0,
+            created_at=now,
+        )
+        coupons.add(fresh)
+        return fresh
+
+    rows: dict[str, Any] = {
+        c.coupon_number: c for c in await coupons.of_resident(municipality, resident.resident_id, for_update=True)
+    }
+    events = plan_coupons(rows, resident, today=today, now=now, new=new)
     await coupons.announce(events)
     return events
 
@@ -208,3 +360,298 @@ async def resident_with_doses(uow: UnitOfWork, resident: Resident, records: Inte
             raise ServiceUnavailable(f"records answered {status} for the resident's doses")
         doses = [DoseSummary.model_validate(d) for d in body["doses"]]
     return ResidentWithDoses(**to_out(resident).model_dump(), doses=doses)
+
+
+# --- bulk import -------------------------------------------------------------------------------------------
+
+_RESIDENT_FIELDS = ("name", "name_kana", "birth_date", "sex", "address", "coupon_number")
+
+
+@dataclass(slots=True)
+class _Holder:
+    municipality_code: str
+    resident_id: str
+    sex: str
+    birth_date: date | None
+    coupon_number: str | None
+    moved_on: date | None
+
+
+@dataclass(slots=True)
+class BatchResult:
+    ok: int
+    errors: list[tuple[int, list[RowError]]]
+    changed: int
+
+
+async def import_rows(
+    shard: AsyncSession,
+    main: AsyncSession,
+    vault: MyNumberVault,
+    *,
+    municipality_code: str,
+    rows: Sequence[tuple[int, ResidentRow]],
+    changed_by: str,
+    today: date,
+) -> BatchResult:
+    """Upsert a batch of parsed resident rows exactly as the ``PUT`` would, in a few multi-row statements.
+
+    A row that repeats what is stored changes nothing (no version, no history, no event). A row whose My
+    Number another resident of the municipality holds, or whose coupon number was issued to another
+    resident, is a row error; the rest of the batch is stored. Nothing is committed here.
+    """
+    residents, coupons, directory = ResidentRepository(shard), CouponRepository(shard), DirectoryRepository(main)
+    now = utcnow()
+    existing = await residents.states(municipality_code, [r.resident_id for _, r in rows])
+    hashes = {n: vault.keyed_hash(r.my_number) for n, r in rows if r.my_number is not None}
+    holders = await directory.holders(municipality_code, list(hashes.values()))
+    issued = await coupons.issued_to(municipality_code, [r.coupon_number for _, r in rows if r.coupon_number])
+
+    errors: list[tuple[int, list[RowError]]] = []
+    upserts: list[dict[str, Any]] = []
+    history: list[dict[str, Any]] = []
+    claims: list[tuple[bytes, str]] = []
+    released: list[bytes] = []
+    ok = 0
+    for n, row in rows:
+        problems = []
+        h = hashes.get(n)
+        if h is not None and holders.get(h, row.resident_id) != row.resident_id:
+            problems.append(RowError("my_number", my_number_taken(holders[h])))
+        if row.coupon_number and issued.get(row.coupon_number, row.resident_id) != row.resident_id:
+            problems.append(RowError("coupon_number", "this coupon number was issued to another resident"))
+        if problems:
+            errors.append((n, problems))
+            continue
+        ok += 1
+        before = existing.get(row.resident_id)
+        after: dict[str, Any] = {name: getattr(row, name) for name in _RESIDENT_FIELDS}
+        after["sex"] = row.sex.value
+        if h is None:
+            after |= {"my_number_key_id": None, "my_number_ciphertext": None, "my_number_hash": None}
+            after["my_number_last4"] = None
+        elif before is not None and before["my_number_hash"] == h:
+            after |= {k: before[k] for k in ("my_number_key_id", "my_number_ciphertext", "my_number_hash")}
+            after["my_number_last4"] = before["my_number_last4"]
+        else:
+            sealed = vault.seal(str(row.my_number), context=f"{municipality_code}/{row.resident_id}")
+            after |= {"my_number_key_id": sealed.key_id, "my_number_ciphertext": sealed.ciphertext}
+            after |= {"my_number_hash": sealed.keyed_hash, "my_number_last4": sealed.last4}
+        if before is not None and all(before[k] == after[k] for k in after if k != "my_number_ciphertext"):
+            continue  # the same as stored: the same file twice changes nothing
+        after |= {"municipality_code": municipality_code, "resident_id": row.resident_id, "updated_at": now}
+        after["version"] = (before["version"] if before else 0) + 1
+        after["created_at"] = before["created_at"] if before else now
+        after["moved_to"] = before["moved_to"] if before else None
+        after["moved_on"] = before["moved_on"] if before else None
+        upserts.append(after)
+        history.append(history_row(after, before, changed_by=changed_by, at=now))
+        if before is not None and before["my_number_hash"] not in (None, h):
+            released.append(before["my_number_hash"])
+        if h is not None:
+            claims.append((h, row.resident_id))
+
+    if upserts:
+        await residents.upsert_many(upserts)
+        await residents.insert_history(history)
+        events = await _plan_import_coupons(coupons, municipality_code, upserts, today=today, now=now)
+        await coupons.announce(events)
+    if released:
+        await directory.remove_many(released, municipality_code)
+    if claims and not await directory.claim(claims, municipality_code):
+        # Another writer registered one of these numbers between our read and write: redo the batch.
+        raise Conflict("my_number: a My Number of this batch was just registered to another resident")
+    return BatchResult(ok=ok, errors=errors, changed=len(upserts))
+
+
+async def _plan_import_coupons(
+    coupons: CouponRepository, municipality_code: str, residents: list[dict[str, Any]], *, today: date, now: datetime
+) -> list[CouponEvent]:
+    by_resident: dict[str, dict[str, Any]] = {r["resident_id"]: {} for r in residents}
+    for values in await coupons.rows_of_residents(municipality_code, list(by_resident)):
+        c = CouponRow(**values)
+        by_resident[c.resident_id][c.coupon_number] = c
+    events: list[CouponEvent] = []
+    touched: list[CouponRow] = []
+    for r in residents:
+        rows = by_resident[r["resident_id"]]
+        before = {n: c.version for n, c in rows.items()}
+        holder = _Holder(
+            municipality_code, r["resident_id"], r["sex"], r["birth_date"], r["coupon_number"], r["moved_on"]
+        )
+
+        def new(number: str, resident_id: str = r["resident_id"]) -> CouponRow:
+            return CouponRow(municipality_code, number, resident_id, version=0, created_at=now, updated_at=now)
+
+        events += plan_coupons(rows, holder, today=today, now=now, new=new)
+        touched += [c for n, c in rows.items() if c.version != before.get(n)]
+    await coupons.upsert_rows(touched)
+    return events
+
+
+async def move_out(
+    uow: UnitOfWork, *, municipality_code: str, resident_id: str, moved_to: str, moved_on: date, changed_by: str
+) -> Resident:
+    """転出: keep the record, note where and when, and end every coupon's validity with the moving day
+    (``coupon.invalidated``, reason ``moved_out``). The same request again changes nothing."""
+    if moved_to == municipality_code:
+        raise InvalidField("moved_to", "is this municipality: a move within it is an address change (PUT)")
+    session = await uow.for_municipality(municipality_code)
+    residents = ResidentRepository(session)
+    resident = await residents.get(municipality_code, resident_id, for_update=True)
+    if resident is None:
+        raise resident_not_found()
+    before = snapshot(resident)
+    if (resident.moved_to, resident.moved_on) != (moved_to, moved_on):
+        now = utcnow()
+        resident.moved_to, resident.moved_on = moved_to, moved_on
+        resident.version += 1
+        resident.updated_at = now
+        residents.add_history([history_row(resident, before, changed_by=changed_by, at=now)])
+        await residents.flush()
+    await announce_coupons(CouponRepository(session), resident, today=japan_today())
+    return resident
+
+
+# --- transfer lookups --------------------------------------------------------------------------------------
+
+
+async def transfer_lookups(
+    uow: UnitOfWork,
+    vault: MyNumberVault,
+    records: InternalClient,
+    *,
+    caller: str,
+    lookups: Sequence[tuple[str, str]],
+    grant_key: str,
+) -> list[list[TransferDose]]:
+    """For each (My Number, legal basis): the doses recorded under the other municipalities the person is
+    or was registered in — only if they are now registered (not moved out) in ``caller``; otherwise no
+    doses, exactly as for a number nobody registered. One directory query, one query per shard, one
+    records call (as the caller: its internal token is forwarded) carrying one signed grant per municipality
+    (see :mod:`shared.grants`)."""
+    hashes = [vault.keyed_hash(number) for number, _ in lookups]
+    entries = await DirectoryRepository(uow.main()).entries(hashes)
+    here = {h: r for h, m, r in entries if m == caller}
+    present = await ResidentRepository(await uow.for_municipality(caller)).present(caller, list(set(here.values())))
+    eligible = {h for h, r in here.items() if r in present}
+    elsewhere: dict[bytes, list[tuple[str, str]]] = {}
+    for h, municipality, resident in entries:
+        if h in eligible and municipality != caller:
+            elsewhere.setdefault(h, []).append((municipality, resident))
+    by_shard: dict[str, list[tuple[str, str]]] = {}
+    for pairs in elsewhere.values():
+        for municipality, resident in pairs:
+            by_shard.setdefault(await uow.databases.shard_of(municipality), []).append((municipality, resident))
+    coupons: dict[tuple[str, str], list[str]] = {}
+    for shard, pairs in sorted(by_shard.items()):
+        coupons |= await CouponRepository(uow.shard(shard)).numbers_of(sorted(set(pairs)))
+
+    wanted: dict[str, set[str]] = {}
+    bases: dict[str, set[str]] = {}
+    for i, h in enumerate(hashes):
+        for municipality, resident in elsewhere.get(h, []):
+            wanted.setdefault(municipality, set()).update(coupons.get((municipality, resident), []))
+            bases.setdefault(municipality, set()).add(lookups[i][1])
+    grants = [
+        sign_grant(
+            grant_key,
+            TransferGrant(
+                caller=caller,
+                legal_basis=sorted(bases[m]),
+                municipality=m,
+                coupons=sorted(numbers),
+            ),
+        )
+        for m, numbers in sorted(wanted.items())
+        if numbers
+    ]
+    found: dict[tuple[str, str], list[TransferDose]] = {}
+    if grants:
+        status, body = await records.request("POST", "/internal/v1/transfer-doses", json={"grants": grants})
+        if status != 200:
+            raise ServiceUnavailable(f"records answered {status} for a transfer lookup")
+        for d in body["doses"]:
+            dose = DoseSummary.model_validate(d)
+            found.setdefault((dose.municipality, dose.coupon_number), []).append(
+                TransferDose(
+                    municipality=dose.municipality,
+                    dose_number=dose.dose_number,
+                    vaccinated_on=dose.vaccinated_on,
+                    vaccine=dose.vaccine,
+                    lot_number=dose.lot_number,
+                )
+            )
+    answers = []
+    for h in hashes:
+        doses = [
+            dose
+            for municipality, resident in elsewhere.get(h, [])
+            for number in coupons.get((municipality, resident), [])
+            for dose in found.get((municipality, number), [])
+        ]
+        answers.append(sorted(doses, key=lambda d: (d.vaccinated_on, d.dose_number)))
+    return answers
+
+
+async def allocate_coupon_number(coupons: CouponRepository, municipality_code: str) -> str:
+    """A random 10-digit number never issued in the municipality (unguessable, so a reservation site cannot
+    enumerate coupons); the coupons table's key settles a race between two allocations."""
+    for number in candidate_coupon_numbers(secrets.randbelow):
+        if not await coupons.issued_to(municipality_code, [number]):
+            return number
+    raise AssertionError("unreachable")
+
+
+async def reissue_coupon(
+    uow: UnitOfWork,
+    *,
+    municipality_code: str,
+    resident_id: str,
+    replaces: str,
+    coupon_number: str | None,
+    changed_by: str,
+) -> Resident:
+    """A lost coupon (再発行): the resident gets a new number; the old one is invalid from today
+    (``coupon.invalidated``, reason ``reissued``) and the new one is issued (``coupon.issued``)."""
+    session = await uow.for_municipality(municipality_code)
+    residents, coupons = ResidentRepository(session), CouponRepository(session)
+    resident = await residents.get(municipality_code, resident_id, for_update=True)
+    if resident is None:
+        raise resident_not_found()
+    if resident.coupon_number != replaces:
+        held = {c.coupon_number for c in await coupons.of_resident(municipality_code, resident_id)}
+        if replaces in held:
+            return resident  # already replaced: a retry
+        raise InvalidField("replaces", "is not a coupon number of this resident")
+    if resident.moved_on is not None:
+        raise Conflict("the resident moved out: the new municipality issues their coupon")
+    if coupon_number is None:
+        coupon_number = await allocate_coupon_number(coupons, municipality_code)
+    elif await coupons.issued_to(municipality_code, [coupon_number]):
+        raise Conflict("coupon_number: this coupon number was already issued")
+    before, now = snapshot(resident), utcnow()
+    resident.coupon_number = coupon_number
+    resident.version += 1
+    resident.updated_at = now
+    residents.add_history([history_row(resident, before, changed_by=changed_by, at=now)])
+    try:
+        await residents.flush()
+    except IntegrityError:
+        raise Conflict("resident changed concurrently; retry the request") from None
+    await announce_coupons(coupons, resident, today=japan_today())
+    return resident
+
+
+async def rotate_keys_batch(session: AsyncSession, vault: MyNumberVault, *, limit: int) -> int:
+    """Re-seal up to ``limit`` My Numbers of one shard under the active key; how many were re-sealed (0:
+    this shard is done). Resumable by construction: each batch looks for what is still under an old key."""
+    residents = ResidentRepository(session)
+    rows = await residents.sealed_under_other_keys(vault.active_key, limit)
+    updates = []
+    for municipality_code, resident_id, key_id, blob in rows:
+        kid, sealed = vault.reseal(key_id, bytes(blob), context=f"{municipality_code}/{resident_id}")
+        updates.append({"m": municipality_code, "r": resident_id, "old": key_id, "kid": kid, "blob": sealed})
+    if updates:
+        await residents.reseal(updates)
+    return len(updates)

@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.registry.shc import IssuerKey
+from shared.grants import DEV_PRIVATE_KEY
 from shared.settings import PublisherSettings, sqlite_url
 
 # Public development keys (32 bytes each, base64). Refused in production.
@@ -56,6 +57,11 @@ class RegistrySettings(PublisherSettings):
     municipalities_csv: Path | None = (
         _PROJECT_ROOT.parent / "shared" / "data" / "municipalities" / "localgovjp-utf8.csv"
     )
+    # Resident CSV imports: rows per transaction, and whether this replica resumes unfinished imports at start.
+    # ES256 private key (PEM) signing transfer-lookup grants; records holds the public half.
+    transfer_grant_private_key: str = DEV_PRIVATE_KEY
+    import_batch_size: int = Field(default=1000, ge=1, le=5000)
+    run_imports: bool = True
 
     @model_validator(mode="after")
     def _check_keys(self) -> RegistrySettings:
@@ -64,11 +70,19 @@ class RegistrySettings(PublisherSettings):
         for kid, key in self.my_number_keys.items():
             if len(base64.b64decode(key)) != 32:
                 raise ValueError(f"My Number key {kid!r} must be 32 bytes, base64-encoded")
+        hash_key = base64.b64decode(self.my_number_hash_key)
+        if len(hash_key) < 32:
+            raise ValueError("VRS_REGISTRY_MY_NUMBER_HASH_KEY must be at least 32 bytes, base64-encoded")
+        if any(base64.b64decode(key) == hash_key for key in self.my_number_keys.values()):
+            # One secret for two jobs: whoever holds the encryption key could also rebuild the directory.
+            raise ValueError("the My Number HMAC key must differ from every encryption key")
         if self.environment == "production" and (
             DEV_MY_NUMBER_KEY in self.my_number_keys.values() or self.my_number_hash_key == DEV_MY_NUMBER_HASH_KEY
         ):
             raise ValueError("development My Number keys are refused in production")
         self._check_shc()
+        if self.environment == "production" and self.transfer_grant_private_key == DEV_PRIVATE_KEY:
+            raise ValueError("the development transfer-grant key is refused in production")
         if not self.shard_dsns:
             raise ValueError("VRS_REGISTRY_SHARD_DSNS needs at least one shard")
         return self

@@ -36,6 +36,8 @@ MATRIX: dict[tuple[str, str], tuple[object, ...]] = {
     ("GET", f"{M}/resident-imports/{{import_id}}"): MUNI_ONLY,
     ("POST", f"{M}/residents/{{resident_id}}/move-out"): MUNI_ONLY,
     ("POST", f"{M}/transfer-lookups"): MUNI_HIDDEN,
+    ("POST", f"{M}/transfer-lookups/batch"): MUNI_HIDDEN,
+    ("POST", f"{M}/residents/{{resident_id}}/coupon-reissue"): MUNI_ONLY,
     ("POST", "/api/v1/doses"): DOSE_WRITERS,
     ("POST", "/api/v1/doses/batch"): DOSE_WRITERS,
     ("GET", "/api/v1/coupons/{coupon}"): DOSE_WRITERS,

@@ -34,6 +34,9 @@ def production(**changes: object) -> RegistrySettings:
         .export_to_pem(private_key=True, password=None)
         .decode(),
         "shc_rid_secret": SECRET,
+        "transfer_grant_private_key": jwk.JWK.generate(kty="EC", crv="P-256")
+        .export_to_pem(private_key=True, password=None)
+        .decode(),
     }
     fields.update(changes)
     return RegistrySettings.model_validate(fields)

@@ -1,7 +1,7 @@
 """issued certificates (接種証明書 / SMART Health Cards) and their revocation
 
-Revision ID: 20261125_11
-Revises: 20261124_01
+Revision ID: 20261125_02
+Revises: 20261125_01
 Create Date: 2026-11-25 16:00:00
 """
 
@@ -11,8 +11,8 @@ import sqlalchemy as sa
 from alembic import op
 
 
-revision: str = '20261125_11'
-down_revision: str | None = '20261124_01'
+revision: str = '20261125_02'
+down_revision: str | None = '20261125_01'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

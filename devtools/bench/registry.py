@@ -1,0 +1,277 @@
+"""``make bench`` registry part, on PostgreSQL with 2 shards (the harness; no Kafka: the relay is off and the
+coupon events wait in the outbox, which the import writes all the same).
+
+1. Import of a generated 住基-style cp932 CSV of ``--residents`` rows (default 1,000,000) through registry's
+   own importer (validation, AES-GCM sealing, keyed hash, directory, coupons + events, history), in
+   residents/s, beside a raw ``COPY`` of the same file into a table of text columns in the same run.
+2. Transfer lookups, single and batch of 1,000, p50/p99: registry in-process, records served over HTTP.
+3. records' coupon projection look-up (``ProjectionRepository.get``) p50/p99 at 10k and at 1M coupons.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import random
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncpg  # type: ignore[import-untyped]
+import httpx
+import uvicorn
+
+from devtools.bench.core import percentile, say
+from devtools.harness import free_port
+from devtools.harness.postgres import PostgresServer
+from services.gateway.tokens import InternalTokenIssuer
+from services.records.app import create_app as create_records
+from services.records.models import shard_assignments as records_shards
+from services.records.repository import ProjectionRepository
+from services.records.settings import RecordsSettings
+from services.registry.app import create_app as create_registry
+from services.registry.models import shard_assignments as registry_shards
+from services.registry.settings import RegistrySettings
+from shared.auth import Principal, Role
+from shared.db import Databases, utcnow
+from shared.dev_keys import DEV_GATEWAY_KID, DEV_GATEWAY_PRIVATE_PEM
+from shared.domain.codes import my_number_check_digit
+from shared.migrations import SERVICES_DIR, upgrade
+from shared.settings import AuthSettings
+
+CHIYODA, SAPPORO = "131016", "011002"  # shards s0 and s1
+HEADER = "個別宛名番号,氏名,氏名カナ,生年月日,性別,個人番号,住所,券番号\r\n"
+
+
+def my_number(n: int) -> str:
+    first = f"{n:011d}"
+    return first + str(my_number_check_digit(first))
+
+
+def generate(path: Path, residents: int, *, offset: int = 0, id_prefix: str = "", coupon_base: int = 0) -> None:
+    """Resident ``offset + i`` has My Number ``my_number(10**9 + offset + i)`` in every file, so two files
+    with the same offset describe the same people (a move); ids and coupon numbers are the municipality's."""
+    with path.open("w", encoding="cp932", newline="") as f:
+        f.write(HEADER)
+        for i in range(residents):
+            n = offset + i
+            f.write(
+                f"{id_prefix}{n:09d},山田 太郎{i % 100},ヤマダ タロウ,{1930 + i % 80}{1 + i % 12:02d}{1 + i % 28:02d},"
+                f"{1 + i % 2},{my_number(10**9 + n)},東京都千代田区千代田1-{i % 100},{coupon_base + n + 1:010d}\r\n"
+            )
+
+
+def headers(code: str) -> dict[str, str]:
+    auth = AuthSettings()
+    issuer = InternalTokenIssuer(
+        private_pem=DEV_GATEWAY_PRIVATE_PEM,
+        kid=DEV_GATEWAY_KID,
+        issuer=auth.internal_issuer,
+        audience=auth.internal_audience,
+        ttl_seconds=auth.internal_token_max_seconds,
+    )
+    principal = Principal.named(Role.MUNICIPALITY, municipality=code)
+    return {"Authorization": "Bearer " + issuer.mint(principal)}
+
+
+async def migrated(pg: PostgresServer, service: str, shard_map: Any) -> tuple[str, dict[str, str]]:
+    names = {"main": f"{service}_main", "s0": f"{service}_s0", "s1": f"{service}_s1"}
+    for name in names.values():
+        pg.create_database(name)
+    trees = SERVICES_DIR / service / "migrations"
+    await asyncio.to_thread(upgrade, pg.dsn(names["main"]), trees / "main")
+    for shard in ("s0", "s1"):
+        await asyncio.to_thread(upgrade, pg.dsn(names[shard]), trees / "shard")
+    dbs = Databases.connect(pg.dsn(names["main"]), {}, pool_size=1)
+    async with dbs.main.sessionmaker() as session, session.begin():
+        await session.execute(
+            shard_map.insert(),
+            [
+                {"municipality_code": c, "shard": s, "assigned_at": utcnow()}
+                for c, s in ((CHIYODA, "s0"), (SAPPORO, "s1"))
+            ],
+        )
+    await dbs.dispose()
+    return pg.dsn(names["main"]), {s: pg.dsn(names[s]) for s in ("s0", "s1")}
+
+
+def _p50_p99(seconds: list[float], digits: int = 0) -> str:
+    return f"p50 {percentile(seconds, 0.5) * 1000:.{digits}f} ms, p99 {percentile(seconds, 0.99) * 1000:.{digits}f} ms"
+
+
+def cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def bench_import(client: httpx.AsyncClient, app: Any, path: Path, code: str) -> tuple[float, int]:
+    t0, c0 = time.monotonic(), cpu()
+    url = f"/api/v1/municipalities/{code}/resident-imports"
+    data = await asyncio.to_thread(path.read_bytes)
+    r = await client.post(url, content=data, headers=headers(code) | {"Content-Type": "text/csv"})
+    import_id = r.json()["import_id"]
+    await app.state.importer.wait(import_id)
+    seconds, cpu_seconds = time.monotonic() - t0, cpu() - c0
+    status = (await client.get(f"{url}/{import_id}", headers=headers(code))).json()
+    say(
+        f"import: {status['rows_ok']:,} ok, {status['rows_failed']:,} failed in {seconds:.1f}s "
+        f"(registry CPU {cpu_seconds:.1f}s)"
+    )
+    return seconds, int(status["rows_ok"])
+
+
+async def bench_copy(dsn: str, path: Path) -> float:
+    conn = await asyncpg.connect(dsn.replace("postgresql+asyncpg", "postgresql"))
+    try:
+        await conn.execute(
+            "CREATE TABLE raw_residents (resident_id text, name text, name_kana text, birth_date text, sex text,"
+            " my_number text, address text, coupon_number text)"
+        )
+        t0 = time.monotonic()
+        with path.open("rb") as f:
+            await conn.copy_to_table("raw_residents", source=f, format="csv", header=True, encoding="SJIS")
+        return time.monotonic() - t0
+    finally:
+        await conn.close()
+
+
+async def bench_lookups(client: httpx.AsyncClient, people: int, rounds: int) -> None:
+    url = f"/api/v1/municipalities/{CHIYODA}/transfer-lookups"
+    rng = random.Random(7)
+    single = []
+    for _ in range(rounds):
+        number = my_number(10**9 + 5_000_000 + rng.randrange(people))
+        t = time.monotonic()
+        r = await client.post(url, json={"my_number": number, "legal_basis": "consent"}, headers=headers(CHIYODA))
+        single.append(time.monotonic() - t)
+        assert r.status_code == 200, r.text
+    say(f"transfer lookup, single: {_p50_p99(single)}")
+    batch = []
+    for _ in range(max(3, rounds // 20)):
+        items = [
+            {
+                "client_id": str(i),
+                "my_number": my_number(10**9 + 5_000_000 + rng.randrange(people)),
+                "legal_basis": "consent",
+            }
+            for i in range(1000)
+        ]
+        t = time.monotonic()
+        r = await client.post(
+            f"{url}/batch", json={"lookups": items}, headers=headers(CHIYODA) | {"X-Access-Purpose": "consent"}
+        )
+        batch.append(time.monotonic() - t)
+        assert r.status_code == 200, r.text
+    say(f"transfer lookup, batch of 1,000: {_p50_p99(batch)}")
+
+
+async def bench_projection(records_dbs: Databases, sizes: list[int]) -> None:
+    dsn = records_dbs.shards["s0"].url.replace("postgresql+asyncpg", "postgresql")
+    loaded = 0
+    for size in sizes:
+        conn = await asyncpg.connect(dsn)
+        now = utcnow()
+        await conn.copy_records_to_table(
+            "coupons",
+            records=((CHIYODA, f"{n + 1:010d}", f"r{n}", "F", None, None, None, 1, now) for n in range(loaded, size)),
+            columns=[
+                "municipality_code",
+                "coupon_number",
+                "resident_id",
+                "sex",
+                "birth_date",
+                "invalid_from",
+                "invalid_reason",
+                "version",
+                "updated_at",
+            ],
+        )
+        await conn.execute("ANALYZE coupons")
+        await conn.close()
+        loaded = size
+        rng, times = random.Random(size), []
+        async with records_dbs.shards["s0"].sessionmaker() as session:
+            repo = ProjectionRepository(session)
+            for _ in range(2000):
+                number = f"{rng.randrange(size) + 1:010d}"
+                t = time.monotonic()
+                assert await repo.get(CHIYODA, number) is not None
+                times.append(time.monotonic() - t)
+        say(f"projection look-up at {size:,} coupons: {_p50_p99(times, digits=2)}")
+
+
+async def run(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="vrs-bench-registry-") as tmp_name, contextlib.ExitStack() as cleanup:
+        tmp = Path(tmp_name)
+        pg = PostgresServer(tmp / "postgres", free_port(), log_path=tmp / "postgres.log")
+        pg.start()
+        cleanup.callback(pg.stop)
+        csv_path = tmp / "juki.csv"
+        say(f"generating {args.residents:,} residents (cp932)")
+        await asyncio.to_thread(generate, csv_path, args.residents)
+        registry_main, registry_shard_dsns = await migrated(pg, "registry", registry_shards)
+        records_main, records_shard_dsns = await migrated(pg, "records", records_shards)
+
+        port = free_port()
+        records_settings = RecordsSettings(
+            main_dsn=records_main, shard_dsns=records_shard_dsns, run_relay=False, run_consumer=False, pool_size=5
+        )
+        server = uvicorn.Server(uvicorn.Config(create_records(records_settings), port=port, log_level="warning"))
+        server_task = asyncio.create_task(server.serve())
+        while not server.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
+            await asyncio.sleep(0.05)
+        settings = RegistrySettings(
+            main_dsn=registry_main,
+            shard_dsns=registry_shard_dsns,
+            run_relay=False,
+            records_url=f"http://127.0.0.1:{port}",
+        )
+        app = create_registry(settings)
+        try:
+            async with (
+                app.router.lifespan_context(app),
+                httpx.AsyncClient(
+                    transport=httpx.ASGITransport(app), base_url="http://registry", timeout=600
+                ) as client,
+            ):
+                seconds, ok = await bench_import(client, app, csv_path, CHIYODA)
+                copy_seconds = await bench_copy(registry_shard_dsns["s0"], csv_path)
+                rate, copy_rate = ok / seconds, args.residents / copy_seconds
+                say(f"raw COPY of the same file: {copy_seconds:.1f}s")
+                print(
+                    f"registry import: {rate:,.0f} residents/s; raw COPY {copy_rate:,.0f} rows/s; "
+                    f"import is {rate / copy_rate:.0%} of COPY",
+                    flush=True,
+                )
+                # Movers: people of Sapporo (shard s1) now registered in Chiyoda, for the look-ups.
+                movers = min(args.movers, args.residents)
+                movers_csv, arrived_csv = tmp / "movers.csv", tmp / "movers-chiyoda.csv"
+                await asyncio.to_thread(generate, movers_csv, movers, offset=5_000_000)
+                await asyncio.to_thread(
+                    generate, arrived_csv, movers, offset=5_000_000, id_prefix="C", coupon_base=8_000_000_000
+                )
+                await bench_import(client, app, movers_csv, SAPPORO)
+                await bench_import(client, app, arrived_csv, CHIYODA)
+                await bench_lookups(client, movers, args.lookups)
+            records_dbs = Databases.connect(records_main, records_shard_dsns, pool_size=2)
+            try:
+                await bench_projection(records_dbs, [10_000, args.projection])
+            finally:
+                await records_dbs.dispose()
+        finally:
+            server.should_exit = True
+            await server_task
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench registry")
+    parser.add_argument("--residents", type=int, default=1_000_000)
+    parser.add_argument("--movers", type=int, default=20_000)
+    parser.add_argument("--lookups", type=int, default=200)
+    parser.add_argument("--projection", type=int, default=1_000_000)
+    args = parser.parse_args(argv or [])
+    return asyncio.run(run(args))
