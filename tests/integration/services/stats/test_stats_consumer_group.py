@@ -70,11 +70,19 @@ async def test_two_group_members_share_the_work_and_one_takes_over_when_the_othe
     stats_db: Database, any_bus: BusSettings
 ) -> None:
     bus = any_bus.model_copy(update={"group_session_seconds": 6.0})
-    first = StatsConsumer(stats_db, bus=bus, group="stats", poll_timeout=0.2, max_records=50, retry_initial=0.05)
-    second = StatsConsumer(stats_db, bus=bus, group="stats", poll_timeout=0.2, max_records=50, retry_initial=0.05)
+    group = f"stats-{uuid.uuid4().hex[:8]}"  # the broker is shared by the session's tests
+    first = StatsConsumer(stats_db, bus=bus, group=group, poll_timeout=0.2, max_records=50, retry_initial=0.05)
+    second = StatsConsumer(stats_db, bus=bus, group=group, poll_timeout=0.2, max_records=50, retry_initial=0.05)
     first.start()
     second.start()
     try:
+        # Both in the group before the load, or the first could read everything while the second joins.
+        deadline = time.monotonic() + 30
+        while sum(map(len, (first._positions, second._positions))) < 3 or (
+            bus.kind == "kafka" and not (first._positions and second._positions)
+        ):
+            assert time.monotonic() < deadline, "the group never settled"
+            await asyncio.sleep(0.1)
         await publish(bus, events(120))
         await wait_total(stats_db, 120)
         held = [set(first._positions), set(second._positions)]
