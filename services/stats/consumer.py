@@ -25,6 +25,7 @@ from services.stats.settings import StatsSettings
 from shared.bus import Message, Source, make_source
 from shared.consumer import IdempotentConsumer
 from shared.db import Database, utcnow
+from shared.observability import observe_event_ages
 from shared.settings import BusSettings
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,7 @@ class StatsConsumer(IdempotentConsumer):
         for event in outcome.applied:
             EVENTS_APPLIED.labels(event.type.value).inc()
             EVENT_LAG.observe(max(0.0, (committed_at - service.to_utc(event.occurred_at)).total_seconds()))
+        observe_event_ages(self.name, self.topic, [service.to_utc(e.occurred_at) for e in outcome.applied])
         if outcome.duplicates:
             EVENTS_DUPLICATE.inc(outcome.duplicates)
         if outcome.undecodable:
