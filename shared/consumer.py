@@ -189,11 +189,13 @@ class IdempotentConsumer:
         retry_max: float = 30.0,
         on_commit: Callable[[int], None] | None = None,
         group: str | None = None,
+        lag_interval: float = 5.0,
         prune_interval: float = 300.0,
         keep_offsets: int = 1_000_000,
         keep_seconds: float = 7 * 24 * 3600,
         on_error: Callable[[], None] | None = None,
         on_positions: Callable[[dict[int, int], set[int]], None] | None = None,
+        on_lag: Callable[[int, int], None] | None = None,
     ) -> None:
         self.database = database
         self._on_commit = on_commit
@@ -210,13 +212,16 @@ class IdempotentConsumer:
         self._task: asyncio.Task[None] | None = None
         # ``group``: share the partitions with the other members of this group on the bus.
         self.group = group
+        self.lag_interval = lag_interval
         self.prune_interval = prune_interval
         self.keep_offsets = keep_offsets
         self.keep_seconds = keep_seconds
         self._on_error = on_error
         self._on_positions = on_positions
+        self._on_lag = on_lag
         # The partitions held and their committed next offsets.
         self.positions: dict[int, int] = {}
+        self._lag_due = 0.0
         self._prune_due = time.monotonic() + prune_interval
 
     async def _open(self) -> Source:
@@ -291,7 +296,7 @@ class IdempotentConsumer:
             )
             if self.group is not None:
                 messages = await self._rebalanced(source, messages)
-            await self._housekeeping()
+            await self._housekeeping(source)
             if not messages:
                 return None
             positions = next_offsets(messages)
@@ -318,9 +323,19 @@ class IdempotentConsumer:
         except Exception:
             log.warning("committing offsets to the bus (lag signal) failed", exc_info=True)
 
-    async def _housekeeping(self) -> None:
-        """Now and then: prune the processed ids far behind the offsets."""
+    async def _housekeeping(self, source: Source) -> None:
+        """Now and then: the lag per partition held, and pruning the processed ids far behind the offsets."""
         now = time.monotonic()
+        if self._on_lag is not None and now >= self._lag_due:
+            self._lag_due = now + self.lag_interval
+            try:
+                ends = await source.end_offsets()
+            except Exception:
+                log.warning("reading the bus's end offsets failed", exc_info=True)
+            else:
+                for partition, offset in self.positions.items():
+                    if partition in ends:
+                        self._on_lag(partition, max(0, ends[partition] - offset))
         if now >= self._prune_due:
             self._prune_due = now + self.prune_interval
             await self.prune()

@@ -42,6 +42,11 @@ EVENT_LAG = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 24 * 3600, 7 * 24 * 3600),
 )
 NEXT_OFFSET = Gauge("vrs_stats_consumer_next_offset", "Next offset to read, as committed", ["consumer", "partition"])
+CONSUMER_LAG = Gauge(
+    "vrs_stats_consumer_lag",
+    "Messages on the partition not applied yet (end offset minus committed), for the partitions this process holds",
+    ["consumer", "partition"],
+)
 
 SourceFactory = Callable[[BusSettings, str], Source]
 
@@ -63,6 +68,7 @@ class StatsConsumer(IdempotentConsumer):
         retry_max: float = 30.0,
         source_factory: SourceFactory = _default_source,
         group: str | None = None,
+        lag_interval: float = 5.0,
         prune_interval: float = 300.0,
         keep_offsets: int = 1_000_000,
         keep_seconds: float = 7 * 24 * 3600,
@@ -83,11 +89,13 @@ class StatsConsumer(IdempotentConsumer):
             retry_initial=retry_initial,
             retry_max=retry_max,
             group=group,
+            lag_interval=lag_interval,
             prune_interval=prune_interval,
             keep_offsets=keep_offsets,
             keep_seconds=keep_seconds,
             on_error=CONSUMER_ERRORS.inc,
             on_positions=self._positions_metrics,
+            on_lag=lambda partition, lag: CONSUMER_LAG.labels(self.name, str(partition)).set(lag),
         )
 
     @classmethod
@@ -134,7 +142,8 @@ class StatsConsumer(IdempotentConsumer):
 
     def _positions_metrics(self, positions: dict[int, int], dropped: set[int]) -> None:
         for partition in dropped:
-            with contextlib.suppress(KeyError):
-                NEXT_OFFSET.remove(self.name, str(partition))
+            for gauge in (NEXT_OFFSET, CONSUMER_LAG):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(self.name, str(partition))
         for partition, offset in positions.items():
             NEXT_OFFSET.labels(self.name, str(partition)).set(offset)

@@ -75,6 +75,9 @@ class Source(Protocol):
     async def commit(self, positions: dict[int, int]) -> None:
         """Tell the bus how far this group got — for lag monitoring only, after the consumer's own commit."""
 
+    async def end_offsets(self) -> dict[int, int]:
+        """Per partition this source reads, the offset the next published message will get."""
+
     async def poll(self, *, max_records: int, timeout: float) -> list[Message]:
         """The next messages, in offset order per partition; an empty list after ``timeout`` seconds."""
 

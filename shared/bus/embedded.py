@@ -135,7 +135,20 @@ class EmbeddedLog:
         return pending
 
     async def commit(self, positions: dict[int, int]) -> None:
-        """Nothing to do: the lag metric (shared.bus.offsets) compares the log's ends with the stored positions."""
+        """Nothing to do: the lag metric compares :meth:`end_offsets` with the consumer's own positions."""
+
+    async def end_offsets(self) -> dict[int, int]:
+        def ends() -> dict[int, int]:
+            with self._lock:
+                conn = self._connect()
+                assert self._partitions is not None
+                rows = conn.execute(
+                    "SELECT partition, MAX(offset) + 1 FROM log WHERE topic = ? GROUP BY partition", (self._topic,)
+                ).fetchall()
+                found = {int(p): int(o) for p, o in rows}
+                return {p: found.get(p, 0) for p in range(self._partitions)}
+
+        return await asyncio.to_thread(ends)
 
     def _check_lease(self, conn: sqlite3.Connection) -> None:
         """Renew (holder) or try to take (others) the group's lease; note a change for take_assignment()."""

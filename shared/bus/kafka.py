@@ -245,6 +245,18 @@ class KafkaSource:
         if self._group is not None and positions:
             await asyncio.to_thread(self._commit, dict(positions))
 
+    def _end_offsets(self) -> dict[int, int]:
+        with self._lock:
+            consumer = self._get_consumer()
+            tps = [TopicPartition(self._topic, p) for p in sorted(consumer_partitions(consumer))]
+            if not tps:
+                return {}
+            ends = consumer.end_offsets(tps, timeout_ms=REQUEST_TIMEOUT * 1000)
+        return {tp.partition: int(o) for tp, o in ends.items()}
+
+    async def end_offsets(self) -> dict[int, int]:
+        return await asyncio.to_thread(self._end_offsets)
+
     async def partitions(self) -> list[int]:
         s = self._settings
         return await asyncio.to_thread(
@@ -297,6 +309,11 @@ class KafkaSource:
 
     async def close(self) -> None:
         await asyncio.to_thread(self._close)
+
+
+def consumer_partitions(consumer: Any) -> set[int]:
+    """The partitions a KafkaConsumer reads now (its group assignment or manual assignment)."""
+    return {tp.partition for tp in consumer.assignment()}
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -200,7 +200,7 @@ async def test_a_member_killed_between_its_database_and_kafka_commits_doubles_no
         await database.engine.dispose()
 
 
-# --- bookkeeping: processed ids pruned behind the offsets --------------------------------
+# --- bookkeeping: processed ids pruned behind the offsets; lag on /metrics --------------------------------
 
 
 async def test_processed_ids_are_pruned_only_behind_both_windows(stats_db: Database, bus: BusSettings) -> None:
@@ -216,4 +216,22 @@ async def test_processed_ids_are_pruned_only_behind_both_windows(stats_db: Datab
     await publish(bus, [batch[-1]])
     await consumer.drain()
     assert await total(stats_db) == 20
+    await consumer.stop()
+
+
+async def test_lag_per_partition_is_on_the_metrics(stats_db: Database, bus: BusSettings) -> None:
+    from prometheus_client import REGISTRY
+
+    await publish(bus, [recorded() for _ in range(10)])
+    consumer = StatsConsumer(stats_db, bus=bus, poll_timeout=0.1, max_records=4, lag_interval=0)
+    await consumer.step(timeout=0.1)
+    (partition,) = [p for p, o in consumer.positions.items() if o]
+
+    def lag() -> float | None:
+        return REGISTRY.get_sample_value("vrs_stats_consumer_lag", {"consumer": "stats", "partition": str(partition)})
+
+    assert lag() == 10  # measured as the first batch was read
+    await consumer.drain()
+    await consumer.step(timeout=0.1)
+    assert lag() == 0
     await consumer.stop()
