@@ -8,6 +8,18 @@ loses an event nor applies one twice, and a redelivered event is recognised by i
 The tables live in the consumer's own database (:func:`consumer_tables`); what an event *does* is the
 handler's business (:data:`Handler`): it decodes the messages, claims their event ids with
 :meth:`Bookkeeping.claim` and applies the new ones, all in the session it is given.
+
+Several processes can share a topic's partitions: with ``group`` set, the source joins a group on the bus (a
+Kafka consumer group; the embedded log's lease) and each member applies the partitions it is given,
+positioned at the offsets the database holds — a partition moving between members resumes exactly where the
+last database commit left it. Offsets only move forward, so a member that applied a batch just before
+losing its partitions cannot undo the new owner's progress. After each database commit the offsets are
+also committed to the bus, only so that operators see the group's lag there; a member killed between the
+two commits leaves the bus's offsets behind, which costs nothing because they are never read back.
+
+Processed ids do not pile up for ever when the tables keep where each event was read
+(``consumer_tables(..., positions=True)``): :meth:`IdempotentConsumer.prune` forgets those far behind the
+committed offsets and old enough that no redelivery can still bring them (see :meth:`Bookkeeping.prune`).
 """
 
 from __future__ import annotations
@@ -15,11 +27,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from sqlalchemy import BigInteger, Column, DateTime, Integer, MetaData, String, Table, Uuid, select
+from sqlalchemy import BigInteger, Column, DateTime, Index, Integer, MetaData, String, Table, Uuid, case, delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.bus import Message, Source
@@ -30,16 +43,31 @@ log = logging.getLogger(__name__)
 # Applies one batch in the given session; returns how many events took effect (repeats excluded).
 Handler = Callable[[AsyncSession, Sequence[Message]], Awaitable[int]]
 SourceFactory = Callable[[], Source]
+# Event id → (partition, offset) of the message it was first read from.
+Positions = Mapping[uuid.UUID, tuple[int, int]]
 
 
-def consumer_tables(metadata: MetaData) -> tuple[Table, Table]:
-    """``processed_events`` and ``consumer_offsets``, created by the consuming service's migrations."""
+def consumer_tables(metadata: MetaData, *, positions: bool = False) -> tuple[Table, Table]:
+    """``processed_events`` and ``consumer_offsets``, created by the consuming service's migrations.
+
+    With ``positions``, each processed id also keeps where it was read, which lets old ids be pruned.
+    """
+    position_columns: list[Column[int] | Index] = (
+        [
+            Column("event_partition", Integer),
+            Column("event_offset", BigInteger),
+            Index("ix_processed_events_position", "consumer", "event_partition", "event_offset"),
+        ]
+        if positions
+        else []
+    )
     processed = Table(
         "processed_events",
         metadata,
         Column("consumer", String(64), primary_key=True),
         Column("event_id", Uuid, primary_key=True),
         Column("processed_at", DateTime(timezone=True), nullable=False),
+        *position_columns,
     )
     offsets = Table(
         "consumer_offsets",
@@ -59,14 +87,20 @@ class Bookkeeping:
     def __init__(self, session: AsyncSession, tables: tuple[Table, Table]) -> None:
         self.session = session
         self.processed, self.offsets_table = tables
+        self.has_positions = "event_offset" in self.processed.c
 
     async def offsets(self, consumer: str, topic: str) -> dict[int, int]:
         t = self.offsets_table
         stmt = select(t.c.partition, t.c.next_offset).where(t.c.consumer == consumer, t.c.topic == topic)
         return {int(p): int(o) for p, o in (await self.session.execute(stmt)).all()}
 
-    async def claim(self, consumer: str, event_ids: Sequence[uuid.UUID], *, at: datetime) -> set[uuid.UUID]:
-        """Record ``event_ids`` as processed; return those that were not already (the ones to apply)."""
+    async def claim(self, consumer: str, event_ids: Sequence[uuid.UUID] | Positions, *, at: datetime) -> set[uuid.UUID]:
+        """Record the events as processed; return the ids that were not already (the ones to apply).
+
+        Give a mapping id → (partition, offset) to keep where each was read (tables with positions).
+        ``ON CONFLICT DO NOTHING … RETURNING`` answers in one statement and stays right when two consumers
+        race for the same event: on PostgreSQL the second waits for the first to commit and gets nothing.
+        """
         if not event_ids:
             return set()
         t = self.processed
@@ -75,22 +109,60 @@ class Bookkeeping:
             .on_conflict_do_nothing(index_elements=["consumer", "event_id"])
             .returning(t.c.event_id)
         )
-        params = [{"consumer": consumer, "event_id": e, "processed_at": at} for e in sorted(set(event_ids))]
+        where = event_ids if isinstance(event_ids, Mapping) else {}
+        # Sorted: concurrent consumers then take row locks in one order.
+        params = []
+        for e in sorted(set(event_ids)):
+            row: dict[str, object] = {"consumer": consumer, "event_id": e, "processed_at": at}
+            if self.has_positions:
+                row["event_partition"], row["event_offset"] = where.get(e, (None, None))
+            params.append(row)
         return set((await self.session.execute(stmt, params)).scalars())
 
     async def store_offsets(self, consumer: str, topic: str, positions: Mapping[int, int], *, at: datetime) -> None:
+        """Store the next offsets, never moving one backwards (a member that lost a partition meanwhile)."""
         if not positions:
             return
-        stmt = upsert(self.session, self.offsets_table)
+        t = self.offsets_table
+        stmt = upsert(self.session, t)
+        forward = case((stmt.excluded.next_offset > t.c.next_offset, stmt.excluded.next_offset), else_=t.c.next_offset)
         stmt = stmt.on_conflict_do_update(
             index_elements=["consumer", "topic", "partition"],
-            set_={"next_offset": stmt.excluded.next_offset, "updated_at": stmt.excluded.updated_at},
+            set_={"next_offset": forward, "updated_at": stmt.excluded.updated_at},
         )
         params = [
             {"consumer": consumer, "topic": topic, "partition": p, "next_offset": o, "updated_at": at}
             for p, o in sorted(positions.items())
         ]
         await self.session.execute(stmt, params)
+
+    async def prune(self, consumer: str, topic: str, *, keep_offsets: int, before: datetime) -> int:
+        """Forget processed ids no redelivery can still bring; return how many.
+
+        An id is needed only to recognise the same event published again. Readers never go back behind
+        their committed offsets (offsets only move forward), so a second copy can only come from a
+        publisher sending it again, which lands *after* the first copy — within a short time (a relay's
+        restart) and a bounded distance. An id is therefore forgotten only when it lies more than
+        ``keep_offsets`` messages behind its partition's committed offset *and* was processed before
+        ``before``: both windows must have passed. Ids without a position are kept.
+        """
+        if not self.has_positions:
+            return 0
+        p = self.processed.c
+        deleted = 0
+        for partition, offset in sorted((await self.offsets(consumer, topic)).items()):
+            if offset - keep_offsets <= 0:
+                continue
+            result = await self.session.execute(
+                delete(self.processed).where(
+                    p.consumer == consumer,
+                    p.event_partition == partition,
+                    p.event_offset < offset - keep_offsets,
+                    p.processed_at < before,
+                )
+            )
+            deleted += int(getattr(result, "rowcount", 0) or 0)
+        return deleted
 
 
 def next_offsets(messages: Sequence[Message]) -> dict[int, int]:
@@ -116,6 +188,14 @@ class IdempotentConsumer:
         retry_initial: float = 0.5,
         retry_max: float = 30.0,
         on_commit: Callable[[int], None] | None = None,
+        group: str | None = None,
+        lag_interval: float = 5.0,
+        prune_interval: float = 300.0,
+        keep_offsets: int = 1_000_000,
+        keep_seconds: float = 7 * 24 * 3600,
+        on_error: Callable[[], None] | None = None,
+        on_positions: Callable[[dict[int, int], set[int]], None] | None = None,
+        on_lag: Callable[[int, int], None] | None = None,
     ) -> None:
         self.database = database
         self._on_commit = on_commit
@@ -130,23 +210,73 @@ class IdempotentConsumer:
         self._handler = handler
         self._source: Source | None = None
         self._task: asyncio.Task[None] | None = None
+        # ``group``: share the partitions with the other members of this group on the bus.
+        self.group = group
+        self.lag_interval = lag_interval
+        self.prune_interval = prune_interval
+        self.keep_offsets = keep_offsets
+        self.keep_seconds = keep_seconds
+        self._on_error = on_error
+        self._on_positions = on_positions
+        self._on_lag = on_lag
+        # The partitions held and their committed next offsets.
+        self.positions: dict[int, int] = {}
+        self._lag_due = 0.0
+        self._prune_due = time.monotonic() + prune_interval
 
     async def _open(self) -> Source:
-        """A source positioned at the offsets committed with the effects (0 for a partition never read)."""
+        """A source positioned at the offsets committed with the effects (0 for a partition never read).
+
+        In a group the source starts with no partitions; they come (paused) with the group's assignment.
+        """
         if self._source is not None:
             return self._source
         source = self._source_factory()
         try:
-            partitions = await source.partitions()
-            async with self.database.sessionmaker() as session:
-                stored = await Bookkeeping(session, self.tables).offsets(self.name, self.topic)
-            await source.assign({p: stored.get(p, 0) for p in partitions})
+            if self.group is not None:
+                await source.join(self.group)
+                positions: dict[int, int] = {}
+            else:
+                positions = await self._stored(await source.partitions())
+                await source.assign(positions)
         except BaseException:
             with contextlib.suppress(Exception):
                 await source.close()
             raise
+        self._hold(positions)
         self._source = source
         return source
+
+    async def _stored(self, partitions: list[int] | set[int]) -> dict[int, int]:
+        async with self.database.sessionmaker() as session:
+            stored = await Bookkeeping(session, self.tables).offsets(self.name, self.topic)
+        return {p: stored.get(p, 0) for p in sorted(partitions)}
+
+    def _hold(self, positions: dict[int, int]) -> None:
+        dropped = set(self.positions) - set(positions)
+        self.positions = dict(positions)
+        if self._on_positions is not None:
+            self._on_positions(dict(positions), dropped)
+
+    async def _rebalanced(self, source: Source, messages: list[Message]) -> list[Message]:
+        """Take in a change of the group's assignment; return the messages still this member's to apply."""
+        change = source.take_assignment()
+        if change is None:
+            return messages
+        kept = {p: o for p, o in self.positions.items() if p in change.owned and p not in change.added}
+        fresh = await self._stored(change.added & change.owned)
+        await source.assign(fresh)
+        self._hold({**kept, **fresh})
+        log.info(
+            "consumer %s (%s) now holds partitions %s (given %s, taken %s)",
+            self.name,
+            self.topic,
+            sorted(self.positions),
+            sorted(change.added),
+            sorted(change.revoked),
+        )
+        # Anything read from a partition given just now or taken away is left to its (new) owner.
+        return [m for m in messages if m.partition in kept]
 
     async def _reset(self) -> None:
         """Forget the source: its position may be ahead of what the database committed."""
@@ -164,24 +294,71 @@ class IdempotentConsumer:
             messages = await source.poll(
                 max_records=self.max_records, timeout=self.poll_timeout if timeout is None else timeout
             )
+            if self.group is not None:
+                messages = await self._rebalanced(source, messages)
+            await self._housekeeping(source)
             if not messages:
                 return None
+            positions = next_offsets(messages)
             async with self.database.sessionmaker() as session, session.begin():
                 applied = await self._handler(session, messages)
-                await Bookkeeping(session, self.tables).store_offsets(
-                    self.name, self.topic, next_offsets(messages), at=utcnow()
-                )
+                await Bookkeeping(session, self.tables).store_offsets(self.name, self.topic, positions, at=utcnow())
         except BaseException:
             # Cancellation included: a batch cut off mid-transaction was rolled back, so the source must not
             # go on from where it had read to.
             await asyncio.shield(self._reset())
             raise
+        self._hold({**self.positions, **{p: max(o, self.positions.get(p, 0)) for p, o in positions.items()}})
         if self._on_commit is not None and applied:
             self._on_commit(applied)
+        await self._signal_lag(source, positions)
         return applied
 
+    async def _signal_lag(self, source: Source, positions: dict[int, int]) -> None:
+        """Commit to the bus what the database already holds: monitoring only, so a failure is just logged."""
+        if self.group is None or not positions:
+            return
+        try:
+            await source.commit(positions)
+        except Exception:
+            log.warning("committing offsets to the bus (lag signal) failed", exc_info=True)
+
+    async def _housekeeping(self, source: Source) -> None:
+        """Now and then: the lag per partition held, and pruning the processed ids far behind the offsets."""
+        now = time.monotonic()
+        if self._on_lag is not None and now >= self._lag_due:
+            self._lag_due = now + self.lag_interval
+            try:
+                ends = await source.end_offsets()
+            except Exception:
+                log.warning("reading the bus's end offsets failed", exc_info=True)
+            else:
+                for partition, offset in self.positions.items():
+                    if partition in ends:
+                        self._on_lag(partition, max(0, ends[partition] - offset))
+        if now >= self._prune_due:
+            self._prune_due = now + self.prune_interval
+            await self.prune()
+
+    async def prune(self) -> int:
+        """Forget processed ids no redelivery can bring any more (see :meth:`Bookkeeping.prune`)."""
+        async with self.database.sessionmaker() as session, session.begin():
+            pruned = await Bookkeeping(session, self.tables).prune(
+                self.name,
+                self.topic,
+                keep_offsets=self.keep_offsets,
+                before=utcnow() - timedelta(seconds=self.keep_seconds),
+            )
+        if pruned:
+            log.info("consumer %s (%s) forgot %d processed event ids", self.name, self.topic, pruned)
+        return pruned
+
     async def drain(self, *, idle: float = 0.0) -> int:
-        """Apply batches until a poll brings nothing within ``idle`` seconds; return the events applied."""
+        """Apply batches until a poll brings nothing within ``idle`` seconds; return the events applied.
+
+        On Kafka give ``idle`` a second or so: a poll without waiting may come back empty while messages
+        are still being fetched.
+        """
         applied = 0
         while (n := await self.step(timeout=idle)) is not None:
             applied += n
@@ -195,6 +372,8 @@ class IdempotentConsumer:
                 try:
                     await self.step()
                 except Exception:
+                    if self._on_error is not None:
+                        self._on_error()
                     log.exception("consumer %s (%s) batch failed; retrying in %.1fs", self.name, self.topic, delay)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, self.retry_max)
@@ -212,9 +391,17 @@ class IdempotentConsumer:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # stop() itself was cancelled, not just the consumer
         await self._reset()
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
 
 
 def stored_positions(consumer: IdempotentConsumer) -> Callable[[], Awaitable[dict[int, int]]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-AREAS = ("records", "gateway", "registry")
+AREAS = ("records", "gateway", "registry", "stats")
 
 
 def main(argv: list[str] | None = None) -> int:

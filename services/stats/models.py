@@ -13,14 +13,14 @@ from sqlalchemy import (
     Date,
     DateTime,
     Index,
-    Integer,
     MetaData,
     SmallInteger,
     String,
     Table,
-    Uuid,
 )
 from sqlalchemy.orm import DeclarativeBase
+
+from shared.consumer import consumer_tables
 
 
 class MainBase(DeclarativeBase):
@@ -50,30 +50,11 @@ def counts_table(name: str, metadata: MetaData) -> Table:
 # cell that drops to zero stays at zero, and readers only show cells above zero.
 dose_counts = counts_table("dose_counts", MainBase.metadata)
 
-# Which events a consumer has applied: the primary key is what makes a redelivered event a no-op.
-processed_events = Table(
-    "processed_events",
-    MainBase.metadata,
-    Column("consumer", String(64), primary_key=True),
-    Column("event_id", Uuid, primary_key=True),
-    Column("processed_at", DateTime(timezone=True), nullable=False),
-    # Where the event was first read: ids are pruned once their partition's committed offset is far past.
-    # Null for ids stored before these columns existed: those are never pruned.
-    Column("event_partition", Integer),
-    Column("event_offset", BigInteger),
-    Index("ix_processed_events_position", "consumer", "event_partition", "event_offset"),
-)
-
-# The next offset to read per partition; only ever written in the transaction that applied the messages.
-consumer_offsets = Table(
-    "consumer_offsets",
-    MainBase.metadata,
-    Column("consumer", String(64), primary_key=True),
-    Column("topic", String(249), primary_key=True),  # 249: Kafka's longest topic name
-    Column("partition", Integer, primary_key=True),
-    Column("next_offset", BigInteger, nullable=False),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
-)
+# Which events a consumer has applied (the primary key makes a redelivered event a no-op; where each was
+# read lets old ids be pruned) and the next offset per partition, only ever written in the transaction that
+# applied the messages: the project's idempotent consumer's bookkeeping (shared.consumer).
+consumer_bookkeeping = consumer_tables(MainBase.metadata, positions=True)
+processed_events, consumer_offsets = consumer_bookkeeping
 
 # When the aggregates last changed (the API's ``as_of``) and the newest event time seen.
 consumer_state = Table(

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from sqlalchemy import MetaData
 
 from services.stats.consumer import StatsConsumer
-from services.stats.models import counts_table, dose_counts
-from services.stats.repository import ConsumerRepository, RebuildRepository
+from services.stats.models import consumer_bookkeeping, counts_table, dose_counts
+from services.stats.repository import RebuildRepository
 from services.stats.settings import StatsSettings
+from shared.consumer import Bookkeeping
 from shared.db import Database, utcnow
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ async def rebuild(
             async with database.sessionmaker() as session, session.begin():
                 rebuilds = RebuildRepository(session)
                 await rebuilds.lock_writers()
-                consumers = ConsumerRepository(session)
+                consumers = Bookkeeping(session, consumer_bookkeeping)
                 ahead = await consumers.offsets(live, topic)
                 mine = await consumers.offsets(name, topic)
                 behind = {p: o for p, o in ahead.items() if mine.get(p, 0) < o}

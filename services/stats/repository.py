@@ -5,7 +5,6 @@ Queries are built from the whitelist below: a caller names dimensions, never col
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -238,7 +237,9 @@ class StatsRepository:
 
 
 class ConsumerRepository:
-    """The consumer's writes. Each call is one statement; the caller's transaction holds them together.
+    """The consumer's writes to the aggregates (its bookkeeping is :class:`shared.consumer.Bookkeeping`'s).
+
+    Each call is one statement; the caller's transaction holds them together.
 
     ``counts`` is the aggregates table written to: the live one, or a rebuild's shadow.
     """
@@ -246,57 +247,6 @@ class ConsumerRepository:
     def __init__(self, session: AsyncSession, *, counts: Table = dose_counts) -> None:
         self.session = session
         self.counts = counts
-
-    async def offsets(self, consumer: str, topic: str) -> dict[int, int]:
-        stmt = select(consumer_offsets.c.partition, consumer_offsets.c.next_offset).where(
-            consumer_offsets.c.consumer == consumer, consumer_offsets.c.topic == topic
-        )
-        return {int(p): int(o) for p, o in (await self.session.execute(stmt)).all()}
-
-    async def claim_events(
-        self, consumer: str, events: Mapping[uuid.UUID, tuple[int, int]], *, processed_at: datetime
-    ) -> set[uuid.UUID]:
-        """Record the events (id → partition, offset) as processed; return the ids not already (to apply).
-
-        ``ON CONFLICT DO NOTHING … RETURNING`` answers that in one statement and stays right when two
-        consumers race for the same event: on PostgreSQL the second waits for the first to commit and
-        then gets nothing back.
-        """
-        if not events:
-            return set()
-        stmt = (
-            upsert(self.session, processed_events)
-            .on_conflict_do_nothing(index_elements=["consumer", "event_id"])
-            .returning(processed_events.c.event_id)
-        )
-        # Sorted like the cells below: concurrent consumers then take row locks in one order.
-        params = [
-            {
-                "consumer": consumer,
-                "event_id": e,
-                "processed_at": processed_at,
-                "event_partition": events[e][0],
-                "event_offset": events[e][1],
-            }
-            for e in sorted(events)
-        ]
-        return set((await self.session.execute(stmt, params)).scalars())
-
-    async def prune_processed(self, consumer: str, below: Mapping[int, int], *, before: datetime) -> int:
-        """Delete ids of ``consumer`` at offsets below ``below[partition]`` and processed before ``before``."""
-        p = processed_events.c
-        deleted = 0
-        for partition, offset in sorted(below.items()):
-            result = await self.session.execute(
-                delete(processed_events).where(
-                    p.consumer == consumer,
-                    p.event_partition == partition,
-                    p.event_offset < offset,
-                    p.processed_at < before,
-                )
-            )
-            deleted += int(getattr(result, "rowcount", 0) or 0)
-        return deleted
 
     async def add_to_counts(self, deltas: Mapping[StatsCell, int]) -> None:
         """``count += delta`` per cell, creating cells on first sight."""
@@ -309,28 +259,6 @@ class ConsumerRepository:
             index_elements=_CELL_KEY, set_={"count": self.counts.c["count"] + stmt.excluded["count"]}
         )
         await self.session.execute(stmt, [{**_cell_values(cell), "count": deltas[cell]} for cell in cells])
-
-    async def store_offsets(
-        self, consumer: str, topic: str, positions: Mapping[int, int], *, updated_at: datetime
-    ) -> None:
-        if not positions:
-            return
-        stmt = upsert(self.session, consumer_offsets)
-        # Never backwards: a member that read a partition just before losing it to another must not undo
-        # the new owner's progress (processed ids are pruned behind these offsets).
-        forward = case(
-            (stmt.excluded.next_offset > consumer_offsets.c.next_offset, stmt.excluded.next_offset),
-            else_=consumer_offsets.c.next_offset,
-        )
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["consumer", "topic", "partition"],
-            set_={"next_offset": forward, "updated_at": stmt.excluded.updated_at},
-        )
-        params = [
-            {"consumer": consumer, "topic": topic, "partition": p, "next_offset": o, "updated_at": updated_at}
-            for p, o in sorted(positions.items())
-        ]
-        await self.session.execute(stmt, params)
 
     async def store_state(self, consumer: str, *, last_event_at: datetime, updated_at: datetime) -> None:
         stmt = upsert(self.session, consumer_state).values(

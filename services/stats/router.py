@@ -10,11 +10,11 @@ from fastapi.responses import HTMLResponse, Response, StreamingResponse
 
 from services.stats import service
 from services.stats.dashboard import DASHBOARD, ECHARTS_ASSET, Script, unavailable_page
-from services.stats.schemas import DosesOut
+from services.stats.schemas import CoverageOut, DosesOut
 from services.stats.settings import StatsSettings
 from shared.auth import PrincipalDep
-from shared.db import Database
-from shared.errors import InvalidField, NotFound, Unauthorized, responses
+from shared.db import Database, UnitOfWorkDep
+from shared.errors import InvalidField, NotFound, ServiceUnavailable, Unauthorized, responses
 
 router = APIRouter(tags=["stats"])
 
@@ -71,6 +71,29 @@ async def get_doses(
         offset=offset,
     )
     return await _streamed(chunks, media_type="application/json")
+
+
+@router.get(
+    "/api/v1/stats/coverage",
+    response_model=CoverageOut,
+    responses=responses(InvalidField, ServiceUnavailable),
+    summary="接種率: people with at least dose N over the population, nationally or by prefecture",
+)
+async def get_coverage(
+    request: Request,
+    uow: UnitOfWorkDep,
+    prefecture: Annotated[
+        str | None, Query(max_length=2, description="2-digit prefecture code; absent: national")
+    ] = None,
+    group_by: Annotated[
+        str | None, Query(max_length=20, description="'prefecture' for one set of rows per prefecture")
+    ] = None,
+) -> CoverageOut:
+    """Public: prefecture-level and national figures only."""
+    place, by_prefecture = service.parse_coverage_query(prefecture=prefecture, group_by=group_by)
+    return await service.coverage(
+        uow.main(), population=request.app.state.population, prefecture=place, by_prefecture=by_prefecture
+    )
 
 
 async def _streamed(chunks: AsyncGenerator[bytes, None], *, media_type: str) -> StreamingResponse:

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.stats.models import dose_counts
+from services.stats.models import consumer_bookkeeping, dose_counts
 from services.stats.population import Denominator, Population
 from services.stats.repository import (
     DIMENSIONS,
@@ -29,6 +29,7 @@ from services.stats.repository import (
 from services.stats.schemas import CoverageOut, CoverageRow, RowValue
 from shared.auth import Principal, Role
 from shared.bus import Message
+from shared.consumer import Bookkeeping
 from shared.db import Database
 from shared.domain.codes import is_valid_prefecture_code, municipality_code_problem
 from shared.errors import InvalidField, ServiceUnavailable
@@ -63,7 +64,6 @@ class BatchOutcome:
     applied: list[DoseEvent] = field(default_factory=list)
     duplicates: int = 0
     undecodable: int = 0
-    next_offsets: dict[int, int] = field(default_factory=dict)
 
 
 def fold_deltas(events: Iterable[DoseEvent]) -> dict[StatsCell, int]:
@@ -116,14 +116,6 @@ def decode_messages(
     return events, undecodable
 
 
-def next_offsets(messages: Sequence[Message]) -> dict[int, int]:
-    """Per partition, the offset after the last message of the batch: where to resume."""
-    positions: dict[int, int] = {}
-    for message in messages:
-        positions[message.partition] = max(positions.get(message.partition, 0), message.offset + 1)
-    return positions
-
-
 def to_utc(moment: datetime) -> datetime:
     # A producer that sent a naive time meant UTC; SQLite keeps no offset, so store UTC throughout.
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
@@ -138,51 +130,30 @@ async def apply_messages(
     now: datetime,
     counts: Table = dose_counts,
 ) -> BatchOutcome:
-    """Apply one polled batch inside the caller's transaction: counts, processed ids, offsets, state.
+    """Apply one polled batch inside the caller's transaction: processed ids, counts, state (the loop stores
+    the offsets in the same transaction).
 
     Events already processed by ``consumer`` (a relay that published twice, a replay after a crash) are
     recognised by their id and change nothing.
     """
     positions: dict[uuid.UUID, tuple[int, int]] = {}
     events, undecodable = decode_messages(messages, positions=positions)
-    repo = ConsumerRepository(session, counts=counts)
-    fresh_ids = await repo.claim_events(consumer, positions, processed_at=now)
+    fresh_ids = await Bookkeeping(session, consumer_bookkeeping).claim(consumer, positions, at=now)
     applied = [e for e in events if e.event_id in fresh_ids]
+    repo = ConsumerRepository(session, counts=counts)
     await repo.add_to_counts(fold_deltas(applied))
-    outcome = BatchOutcome(
+    if applied:
+        await repo.store_state(consumer, last_event_at=max(to_utc(e.occurred_at) for e in applied), updated_at=now)
+    return BatchOutcome(
         applied=applied,
         # Counted per message: a batch that carries one event twice has one duplicate too.
         duplicates=len(messages) - undecodable - len(applied),
         undecodable=undecodable,
-        next_offsets=next_offsets(messages),
     )
-    await repo.store_offsets(consumer, topic, outcome.next_offsets, updated_at=now)
-    if applied:
-        await repo.store_state(consumer, last_event_at=max(to_utc(e.occurred_at) for e in applied), updated_at=now)
-    return outcome
 
 
 async def stored_offsets(session: AsyncSession, *, consumer: str, topic: str) -> dict[int, int]:
-    return await ConsumerRepository(session).offsets(consumer, topic)
-
-
-async def prune_processed(
-    session: AsyncSession, *, consumer: str, topic: str, keep_offsets: int, keep_since: datetime
-) -> int:
-    """Forget processed event ids no redelivery can still bring; return how many were forgotten.
-
-    An id is needed only to recognise the same event published again. Readers never go back behind their
-    committed offsets (positions only move forward), so a second copy can only come from the relay
-    publishing again, which lands *after* the first copy — within a short time (a relay restart) and a
-    bounded distance. An id is therefore forgotten only when it lies more than ``keep_offsets`` messages
-    behind its partition's committed offset *and* was processed before ``keep_since``: both windows
-    must have passed.
-    """
-    repo = ConsumerRepository(session)
-    committed = await repo.offsets(consumer, topic)
-    return await repo.prune_processed(
-        consumer, {p: o - keep_offsets for p, o in committed.items() if o - keep_offsets > 0}, before=keep_since
-    )
+    return await Bookkeeping(session, consumer_bookkeeping).offsets(consumer, topic)
 
 
 # --- cuts of the aggregates (GET /api/v1/stats/doses) ---------------------------------------------------

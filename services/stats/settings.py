@@ -32,7 +32,7 @@ class StatsSettings(ServiceSettings):
     # Share the partitions with the other consumers of this name (Kafka consumer group; embedded: a lease).
     consumer_group: bool = True
     # Processed event ids are forgotten only when both this many messages behind their partition's committed
-    # offset and older than this (see service.prune_processed); looked at every prune_interval_seconds.
+    # offset and older than this (see shared.consumer.Bookkeeping.prune); looked at every prune_interval_seconds.
     processed_keep_offsets: int = Field(default=1_000_000, ge=0)
     processed_keep_seconds: float = Field(default=7 * 24 * 3600, ge=0)
     prune_interval_seconds: float = Field(default=300, gt=0)

@@ -266,7 +266,11 @@ async def test_without_its_chart_library_the_dashboard_says_why(
     app = create_app(StatsSettings(main_dsn=stats_dsn, bus=bus, run_consumer=False, echarts_path=missing))
     async with (
         app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://stats.test") as client,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://stats.test",
+            headers=internal_headers(Role.ANONYMOUS),
+        ) as client,
     ):
         response = await client.get("/dashboard")
         assert response.status_code == 503

@@ -70,14 +70,22 @@ async def test_two_group_members_share_the_work_and_one_takes_over_when_the_othe
     stats_db: Database, any_bus: BusSettings
 ) -> None:
     bus = any_bus.model_copy(update={"group_session_seconds": 6.0})
-    first = StatsConsumer(stats_db, bus=bus, group="stats", poll_timeout=0.2, max_records=50, retry_initial=0.05)
-    second = StatsConsumer(stats_db, bus=bus, group="stats", poll_timeout=0.2, max_records=50, retry_initial=0.05)
+    group = f"stats-{uuid.uuid4().hex[:8]}"  # the broker is shared by the session's tests
+    first = StatsConsumer(stats_db, bus=bus, group=group, poll_timeout=0.2, max_records=50, retry_initial=0.05)
+    second = StatsConsumer(stats_db, bus=bus, group=group, poll_timeout=0.2, max_records=50, retry_initial=0.05)
     first.start()
     second.start()
     try:
+        # Both in the group before the load, or the first could read everything while the second joins.
+        deadline = time.monotonic() + 30
+        while sum(map(len, (first.positions, second.positions))) < 3 or (
+            bus.kind == "kafka" and not (first.positions and second.positions)
+        ):
+            assert time.monotonic() < deadline, "the group never settled"
+            await asyncio.sleep(0.1)
         await publish(bus, events(120))
         await wait_total(stats_db, 120)
-        held = [set(first._positions), set(second._positions)]
+        held = [set(first.positions), set(second.positions)]
         if bus.kind == "kafka":
             # Three partitions between two members: both got some, none twice.
             assert held[0] and held[1] and not held[0] & held[1] and held[0] | held[1] == {0, 1, 2}
@@ -89,7 +97,7 @@ async def test_two_group_members_share_the_work_and_one_takes_over_when_the_othe
         await leaving.stop()
         await publish(bus, events(60))
         await wait_total(stats_db, 180)
-        assert set(staying._positions) == {0, 1, 2}
+        assert set(staying.positions) == {0, 1, 2}
         assert await processed(stats_db) == 180
     finally:
         await first.stop()
@@ -217,7 +225,7 @@ async def test_lag_per_partition_is_on_the_metrics(stats_db: Database, bus: BusS
     await publish(bus, [recorded() for _ in range(10)])
     consumer = StatsConsumer(stats_db, bus=bus, poll_timeout=0.1, max_records=4, lag_interval=0)
     await consumer.step(timeout=0.1)
-    (partition,) = [p for p, o in consumer._positions.items() if o]
+    (partition,) = [p for p, o in consumer.positions.items() if o]
 
     def lag() -> float | None:
         return REGISTRY.get_sample_value("vrs_stats_consumer_lag", {"consumer": "stats", "partition": str(partition)})

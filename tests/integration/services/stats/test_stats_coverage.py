@@ -15,10 +15,11 @@ from services.stats.app import create_app
 from services.stats.consumer import StatsConsumer
 from services.stats.population import load_population
 from services.stats.settings import POPULATION_FILE, StatsSettings
+from shared.auth import Role
 from shared.domain.age import AgeBand
 from shared.events import DoseEvent, DoseEventType, StatsCell
 from shared.settings import BusSettings
-from tests.factories import cell, team_data
+from tests.factories import cell, internal_headers, team_data
 from tests.integration.services.stats.test_stats_consumer import publish
 
 COVERAGE = "/api/v1/stats/coverage"
@@ -36,7 +37,11 @@ async def coverage_app(stats_dsn: str, bus: BusSettings) -> AsyncIterator[FastAP
 
 @pytest.fixture
 async def client(coverage_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=coverage_app), base_url="http://stats.test") as c:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=coverage_app),
+        base_url="http://stats.test",
+        headers=internal_headers(Role.ANONYMOUS),
+    ) as c:
         yield c
 
 
@@ -156,7 +161,11 @@ async def test_without_the_population_table_coverage_says_why(stats_dsn: str, bu
     application = create_app(StatsSettings(main_dsn=stats_dsn, bus=bus, run_consumer=False, population_path=missing))
     async with (
         application.router.lifespan_context(application),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=application), base_url="http://stats.test") as c,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=application),
+            base_url="http://stats.test",
+            headers=internal_headers(Role.ANONYMOUS),
+        ) as c,
     ):
         response = await c.get(COVERAGE)
         assert response.status_code == 503

@@ -18,6 +18,7 @@ from services.stats.repository import DIMENSIONS, DoseFilter
 from services.stats.settings import StatsSettings
 from shared.auth import ANONYMOUS, Principal, Role
 from shared.bus import Message
+from shared.consumer import next_offsets
 from shared.domain.age import AgeBand
 from shared.errors import InvalidField
 from shared.events import DoseEvent, DoseEventType, StatsCell
@@ -113,7 +114,7 @@ def test_decode_skips_garbage_and_repeats_without_logging_payloads(caplog: pytes
     assert undecodable == 3
     assert "partition 0 offset 1" in caplog.text
     assert "123456789018" not in caplog.text and "not json" not in caplog.text
-    assert service.next_offsets(batch) == {0: 5, 1: 1}
+    assert next_offsets(batch) == {0: 5, 1: 1}
 
 
 # --- parameters -------------------------------------------------------------------------------------------
