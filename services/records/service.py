@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from services.records.models import CouponProjection, Dose, DoseHistory, IdempotencyKey, outbox
+from services.records.models import CouponProjection, Dose, DoseHistory, outbox
 from services.records.repository import (
     ClaimRepository,
     DoseRepository,
@@ -110,22 +110,8 @@ def _earlier(doses: Sequence[Dose], *, excluding: str | None = None) -> list[Ear
     ]
 
 
-def _on_file(doses: Sequence[Dose]) -> list[DoseOnFile]:
-    return [
-        DoseOnFile(
-            dose_id=d.dose_id,
-            coupon_line=d.coupon_line,
-            dose_number=d.dose_number,
-            vaccinated_on=d.vaccinated_on,
-            vaccine=d.vaccine,
-            lot_number=d.lot_number,
-            voided=d.voided,
-        )
-        for d in doses
-    ]
-
-
-def validity_of(coupon: CouponProjection | None) -> CouponValidity | None:
+def validity_of(coupon: Any) -> CouponValidity | None:
+    """The coupon's end of validity from its projection (an ORM object or a row), None while valid."""
     if coupon is None or coupon.invalid_from is None or coupon.invalid_reason is None:
         return None
     reason = CouponInvalidReason(coupon.invalid_reason)
@@ -165,47 +151,71 @@ async def record_doses(
     rules: VaccineRules,
     today: date,
 ) -> list[Outcome]:
-    """Record doses; one outcome per submission, in order. A repeated key replays the first answer."""
+    """Record doses; one outcome per submission, in order. A repeated key replays the first answer.
+
+    The whole batch costs one statement per step, whatever its size: the claim of its keys (main database),
+    then per shard: the coupons' locks, the keys already answered, the coupons' holders, their doses on
+    file, and one insert each of keys, doses and outbox events.
+    """
     outcomes = [Outcome() for _ in submissions]
-    admissible: list[tuple[int, Submission, CouponLine]] = []
+    admissible: list[_Item] = []
     for i, sub in enumerate(submissions):
+        facts = _facts(sub.dose)
         try:
-            admissible.append((i, sub, check_admissible(_facts(sub.dose), today=today, rules=rules)))
+            coupon = check_admissible(facts, today=today, rules=rules)
         except DoseRejected as exc:
             outcomes[i].error = InvalidField(exc.field, exc.message)
+            continue
+        admissible.append(_Item(i, sub, facts, coupon, request_hash(sub.dose)))
     if not admissible:
         return outcomes
 
-    by_shard: dict[str, list[tuple[int, Submission, CouponLine]]] = defaultdict(list)
+    by_shard: dict[str, list[_Item]] = defaultdict(list)
     for item in admissible:
-        by_shard[await uow.databases.shard_of(item[2].municipality_code)].append(item)
+        by_shard[await uow.databases.shard_of(item.coupon.municipality_code)].append(item)
     now = utcnow()
     # Keys are the caller's, not a shard's: claimed once in the main database, whatever the coupon.
-    hashes = {sub.key: request_hash(sub.dose) for _, sub, _ in admissible}
-    claims = await ClaimRepository(uow.main()).claim(
+    claims = await ClaimRepository(uow.databases.main).claim(
         [
-            {"scope": principal.scope_key, "key": sub.key, "request_hash": hashes[sub.key], "shard": shard}
+            {"scope": principal.scope_key, "key": item.sub.key, "request_hash": item.hash, "shard": shard}
             | {"created_at": now}
             for shard, items in by_shard.items()
-            for _, sub, _ in items
+            for item in items
         ]
     )
     for shard, items in by_shard.items():
         valid = []
-        for i, sub, coupon in items:
-            if claims[sub.key].request_hash != hashes[sub.key]:
-                outcomes[i].error = Conflict(f"{sub.key_field}: was already used for a different dose")
+        for item in items:
+            if claims[item.sub.key] != item.hash:
+                outcomes[item.index].error = _key_conflict(item.sub)
             else:
-                valid.append((i, sub, coupon))
+                valid.append(item)
         if valid:
             await _record_in_shard(uow, shard, valid, outcomes, principal=principal, rules=rules, now=now)
     return outcomes
 
 
+@dataclass(frozen=True, slots=True)
+class _Item:
+    index: int  # the submission's place in the request
+    sub: Submission
+    facts: DoseFacts
+    coupon: CouponLine
+    hash: str
+
+    @property
+    def coupon_key(self) -> CouponKey:
+        return (self.coupon.municipality_code, self.coupon.coupon_number)
+
+
+def _key_conflict(sub: Submission) -> Conflict:
+    return Conflict(f"{sub.key_field}: was already used for a different dose")
+
+
 async def _record_in_shard(
     uow: UnitOfWork,
     shard: str,
-    items: Sequence[tuple[int, Submission, CouponLine]],
+    items: Sequence[_Item],
     outcomes: list[Outcome],
     *,
     principal: Principal,
@@ -214,118 +224,160 @@ async def _record_in_shard(
 ) -> None:
     session = uow.shard(shard)
     doses, keys = DoseRepository(session), IdempotencyRepository(session)
+    coupon_keys = sorted({item.coupon_key for item in items})
+    # Before anything is read: a concurrent request for one of these coupons waits here until we commit.
+    await doses.lock_coupons(coupon_keys)
     # Answer repeats first: a retry must not change anything.
-    stored = await keys.get_many(principal.scope_key, [sub.key for _, sub, _ in items])
+    stored = await keys.answers(principal.scope_key, [item.sub.key for item in items])
     fresh = []
-    for i, sub, coupon in items:
-        if sub.key in stored:
-            outcomes[i] = _replay(stored[sub.key], sub)
+    for item in items:
+        if item.sub.key in stored:
+            outcomes[item.index] = _replay(stored[item.sub.key], item)
         else:
-            fresh.append((i, sub, coupon))
+            fresh.append(item)
     if not fresh:
         return
-    coupon_keys = sorted({(c.municipality_code, c.coupon_number) for _, _, c in fresh})
-    holders = await ProjectionRepository(session).get_many(coupon_keys)
-    on_file: dict[CouponKey, list[Dose]] = defaultdict(list)
-    for d in await doses.of_coupons(coupon_keys):
-        on_file[(d.municipality_code, d.coupon_number)].append(d)
-
-    prepared: list[tuple[int, Submission, Dose | None, DoseAccepted]] = []
-    for i, sub, coupon in fresh:
-        coupon_key = (coupon.municipality_code, coupon.coupon_number)
-        duplicate_of = find_exact_duplicate(_facts(sub.dose), _on_file(on_file[coupon_key]))
-        if duplicate_of is not None:  # a double scan: answer with the first dose, store and count nothing
-            prepared.append((i, sub, None, DoseAccepted(dose_id=duplicate_of, status="duplicate", findings=[])))
-            continue
-        holder = holders.get(coupon_key)
-        findings = review_findings(
-            _facts(sub.dose), coupon, _earlier(on_file[coupon_key]), rules=rules, validity=validity_of(holder)
-        )
-        status = decide_status(findings, matched=holder is not None)
-        dose = _new_dose(sub.dose, coupon, holder, status, findings, rules=rules, by=principal.scope_key, now=now)
-        on_file[coupon_key].append(dose)  # a batch may carry dose 1 and dose 2 of one person
-        shown = _shown(findings, with_detail=_may_see_detail(principal, coupon.municipality_code))
-        prepared.append((i, sub, dose, DoseAccepted(dose_id=dose.dose_id, status=status.value, findings=shown)))
-
-    claimed = await keys.claim(
-        [
-            IdempotencyKey(
-                scope=principal.scope_key,
-                key=sub.key,
-                request_hash=request_hash(sub.dose),
-                dose_id=accepted.dose_id,
-                response=accepted.model_dump(mode="json"),
-                created_at=now,
+    coupon_keys = sorted({item.coupon_key for item in fresh})
+    holders = await ProjectionRepository(session).holders(coupon_keys)
+    on_file: dict[CouponKey, list[DoseOnFile]] = defaultdict(list)
+    for stored_dose in await doses.live_of_coupons(coupon_keys):
+        on_file[(stored_dose.municipality_code, stored_dose.coupon_number)].append(
+            DoseOnFile(
+                dose_id=stored_dose.dose_id,
+                coupon_line=stored_dose.coupon_line,
+                dose_number=stored_dose.dose_number,
+                vaccinated_on=stored_dose.vaccinated_on,
+                vaccine=stored_dose.vaccine,
+                lot_number=stored_dose.lot_number,
             )
-            for _, sub, _, accepted in prepared
-        ]
-    )
-    recorded: list[Dose] = []
-    for i, sub, new, accepted in prepared:
-        if sub.key not in claimed:  # the same key arrived concurrently and won
-            winner = await keys.get(principal.scope_key, sub.key)
-            assert winner is not None
-            outcomes[i] = _replay(winner, sub)
+        )
+
+    key_rows: list[dict[str, Any]] = []
+    dose_rows: list[dict[str, Any]] = []
+    answers: list[tuple[_Item, DoseAccepted]] = []
+    for item in fresh:
+        earlier = on_file[item.coupon_key]
+        duplicate_of = find_exact_duplicate(item.facts, earlier)
+        if duplicate_of is not None:  # a double scan: answer with the first dose, store and count nothing
+            accepted = DoseAccepted(dose_id=duplicate_of, status="duplicate", findings=[])
+        else:
+            holder = holders.get(item.coupon_key)
+            findings = review_findings(
+                item.facts,
+                item.coupon,
+                [EarlierDose(d.dose_number, d.vaccinated_on, d.vaccine) for d in earlier],
+                rules=rules,
+                validity=validity_of(holder),
+            )
+            status = decide_status(findings, matched=holder is not None)
+            row = _new_dose(item, holder, status, findings, rules=rules, by=principal.scope_key, now=now)
+            dose_rows.append(row)
+            earlier.append(  # a batch may carry dose 1 and dose 2 of one person
+                DoseOnFile(
+                    dose_id=row["dose_id"],
+                    coupon_line=row["coupon_line"],
+                    dose_number=row["dose_number"],
+                    vaccinated_on=row["vaccinated_on"],
+                    vaccine=row["vaccine"],
+                    lot_number=row["lot_number"],
+                )
+            )
+            shown = _shown(findings, with_detail=_may_see_detail(principal, item.coupon.municipality_code))
+            accepted = DoseAccepted(dose_id=row["dose_id"], status=status.value, findings=shown)
+        answers.append((item, accepted))
+        key_rows.append(
+            {
+                "scope": principal.scope_key,
+                "key": item.sub.key,
+                "request_hash": item.hash,
+                "dose_id": accepted.dose_id,
+                "response": accepted.model_dump(mode="json"),
+                "created_at": now,
+            }
+        )
+
+    claimed = await keys.claim(key_rows)
+    recorded = {row["dose_id"] for row in dose_rows}
+    for item, accepted in answers:
+        if item.sub.key in claimed:
+            outcomes[item.index] = Outcome(accepted=accepted)
             continue
-        outcomes[i] = Outcome(accepted=accepted)
-        if new is not None:
-            doses.add(new)
-            recorded.append(new)
+        # The same key arrived concurrently and won (only where the coupon lock is a no-op: SQLite).
+        recorded.discard(accepted.dose_id)
+        winner = await keys.get(principal.scope_key, item.sub.key)
+        assert winner is not None
+        outcomes[item.index] = _replay((winner.request_hash, winner.response), item)
+    kept = [row for row in dose_rows if row["dose_id"] in recorded]
+    await doses.insert_many(kept)
     await OutboxRepository(session, outbox).add(
         [
             DoseEvent(
                 type=DoseEventType.RECORDED,
-                dose_id=uuid.UUID(d.dose_id),
-                municipality=d.municipality_code,
-                cell=cell_of(d),
+                dose_id=uuid.UUID(row["dose_id"]),
+                municipality=row["municipality_code"],
+                cell=_cell(row),
                 previous_cell=None,
             )
-            for d in recorded
+            for row in kept
         ]
     )
 
 
-def _replay(stored: IdempotencyKey, sub: Submission) -> Outcome:
-    if stored.request_hash != request_hash(sub.dose):
-        return Outcome(error=Conflict(f"{sub.key_field}: was already used for a different dose"))
-    return Outcome(accepted=DoseAccepted.model_validate(stored.response))
+def _replay(stored: tuple[str, dict[str, Any]], item: _Item) -> Outcome:
+    request_hash_, response = stored
+    if request_hash_ != item.hash:
+        return Outcome(error=_key_conflict(item.sub))
+    return Outcome(accepted=DoseAccepted.model_validate(response))
+
+
+def _cell(row: dict[str, Any]) -> StatsCell:
+    return StatsCell(
+        date=row["vaccinated_on"],
+        prefecture=row["municipality_code"][:2],
+        municipality=row["municipality_code"],
+        sex=row["sex"],
+        age_band=row["age_band"],
+        medical_worker=row["medical_worker"],
+        dose_number=row["dose_number"],
+        vaccine=row["vaccine"],
+    )
 
 
 def _new_dose(
-    dose: DoseIn,
-    coupon: CouponLine,
-    holder: CouponProjection | None,
+    item: _Item,
+    holder: Any,
     status: DoseStatus,
     findings: Sequence[Finding],
     *,
     rules: VaccineRules,
     by: str,
     now: datetime,
-) -> Dose:
-    return Dose(
-        dose_id=str(uuid.uuid4()),
-        municipality_code=coupon.municipality_code,
-        coupon_number=coupon.coupon_number,
-        coupon_line=str(coupon),
-        dose_number=dose.dose_number,
-        vaccinated_on=dose.vaccinated_on,
-        vaccine=dose.vaccine,
-        lot_number=dose.lot_number,
-        venue=dose.venue,
-        doctor=dose.doctor,
-        medical_worker=dose.medical_worker,
-        status=status.value,
-        findings=[f.as_dict(with_detail=True) for f in findings],
-        rules_version=rules.version,
-        resident_id=holder.resident_id if holder else None,
-        sex=holder.sex if holder else "U",
-        age_band=age_band(holder.birth_date if holder else None, dose.vaccinated_on).value,
-        voided=False,
-        recorded_by=by,
-        recorded_at=now,
-        updated_at=now,
-        version=1,
-    )
+) -> dict[str, Any]:
+    dose, coupon = item.sub.dose, item.coupon
+    return {
+        "dose_id": str(uuid.uuid4()),
+        "municipality_code": coupon.municipality_code,
+        "coupon_number": coupon.coupon_number,
+        "coupon_line": str(coupon),
+        "dose_number": dose.dose_number,
+        "vaccinated_on": dose.vaccinated_on,
+        "vaccine": dose.vaccine,
+        "lot_number": dose.lot_number,
+        "venue": dose.venue,
+        "doctor": dose.doctor,
+        "medical_worker": dose.medical_worker,
+        "status": status.value,
+        "findings": [f.as_dict(with_detail=True) for f in findings],
+        "rules_version": rules.version,
+        "resident_id": holder.resident_id if holder else None,
+        "sex": holder.sex if holder else "U",
+        "age_band": age_band(holder.birth_date if holder else None, dose.vaccinated_on).value,
+        "voided": False,
+        "recorded_by": by,
+        "recorded_at": now,
+        "updated_at": now,
+        "version": 1,
+    }
 
 
 def to_out(dose: Dose) -> DoseOut:
