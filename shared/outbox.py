@@ -84,6 +84,16 @@ def outbox_table(metadata: MetaData) -> Table:
     )
 
 
+def outbox_row(event: OutboxEvent) -> dict[str, Any]:
+    """An event as the outbox stores it (for a repository that writes its outbox rows with other rows)."""
+    return {
+        "event_id": str(event.event_id),
+        "key": event.key,
+        "payload": event.to_bytes(),
+        "created_at": event.occurred_at,
+    }
+
+
 class OutboxRepository:
     def __init__(self, session: AsyncSession, table: Table) -> None:
         self.session = session
@@ -93,11 +103,7 @@ class OutboxRepository:
         """Write ``events`` in one statement, in the caller's transaction."""
         if not events:
             return
-        rows = [
-            {"event_id": str(e.event_id), "key": e.key, "payload": e.to_bytes(), "created_at": e.occurred_at}
-            for e in events
-        ]
-        await self.session.execute(insert(self.table), rows)
+        await self.session.execute(insert(self.table), [outbox_row(e) for e in events])
 
     async def claim_unpublished(self, limit: int) -> list[Any]:
         """The oldest unpublished events, locked; another relay skips them instead of waiting."""

@@ -3,15 +3,32 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Row, Table, bindparam, insert, select, text, tuple_
+from sqlalchemy import (
+    JSON,
+    Date,
+    DateTime,
+    Integer,
+    String,
+    Table,
+    bindparam,
+    cast,
+    insert,
+    literal,
+    null,
+    select,
+    text,
+    tuple_,
+    union_all,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.records.models import CouponProjection, Dose, DoseHistory, IdempotencyClaim, IdempotencyKey
-from shared.db import Database, upsert
+from services.records.models import CouponProjection, Dose, DoseHistory, IdempotencyClaim, IdempotencyKey, outbox
+from shared.db import Database
 
 _doses: Table = Dose.__table__  # type: ignore[assignment]
 _keys: Table = IdempotencyKey.__table__  # type: ignore[assignment]
@@ -27,6 +44,67 @@ def coupon_lock_key(municipality_code: str, coupon_number: str) -> int:
     """A coupon's advisory-lock key: a signed 64-bit hash (two coupons sharing one only wait on each other)."""
     digest = hashlib.blake2b(f"records-coupon:{municipality_code}:{coupon_number}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
+
+
+_ON_FILE_COLUMNS: tuple[tuple[str, Any], ...] = (
+    ("key", String()),
+    ("request_hash", String()),
+    ("response", JSON()),
+    ("municipality_code", String()),
+    ("coupon_number", String()),
+    ("resident_id", String()),
+    ("sex", String()),
+    ("birth_date", Date()),
+    ("invalid_from", Date()),
+    ("invalid_reason", String()),
+    ("dose_id", String()),
+    ("coupon_line", String()),
+    ("dose_number", Integer()),
+    ("vaccinated_on", Date()),
+    ("vaccine", String()),
+    ("lot_number", String()),
+    ("recorded_at", DateTime(timezone=True)),
+)
+_HOLDER_COLUMNS = (
+    "municipality_code", "coupon_number", "resident_id", "sex", "birth_date", "invalid_from", "invalid_reason",
+)  # fmt: skip
+_DOSE_COLUMNS = (
+    "municipality_code", "coupon_number", "dose_id", "coupon_line", "dose_number", "vaccinated_on", "vaccine",
+    "lot_number", "recorded_at",
+)  # fmt: skip
+_DOSE_ORDER = ("dose_number", "vaccinated_on", "recorded_at")
+
+_WRITE_COLUMNS = {
+    "k": [c.name for c in _keys.c],
+    "d": [c.name for c in _doses.c],
+    "o": ["event_id", "key", "payload", "created_at"],
+}
+
+
+def _pg_array_type(column: Any) -> str:
+    if isinstance(column.type, JSON):
+        return "text[]"  # sent as JSON text, cast back per value
+    return f"{column.type.compile(dialect=postgresql.dialect())}[]"  # type: ignore[no-untyped-call]
+
+
+def _pg_value(column: Any, value: Any) -> Any:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")) if isinstance(column.type, JSON) else value
+
+
+def _unnest_insert(prefix: str, table: Table) -> str:
+    names = _WRITE_COLUMNS[prefix]
+    columns = {c.name: c for c in table.c}
+    arrays = ", ".join(f"CAST(:{prefix}_{n} AS {_pg_array_type(columns[n])})" for n in names)
+    values = ", ".join(f"{n}::json" if isinstance(columns[n].type, JSON) else n for n in names)
+    return (
+        f"INSERT INTO {table.name} ({', '.join(names)}) SELECT {values} FROM unnest({arrays}) AS t({', '.join(names)})"
+    )
+
+
+_RECORD_PG = text(
+    f"WITH new_doses AS ({_unnest_insert('d', _doses)}), new_events AS ({_unnest_insert('o', outbox)}) "
+    + _unnest_insert("k", _keys)
+)
 
 
 def _dialect_insert(dialect: str, table: Table) -> Any:
@@ -80,57 +158,73 @@ class DoseRepository:
         keys = sorted({coupon_lock_key(m, c) for m, c in coupons})
         await self.session.execute(_LOCK_COUPONS, {"keys": keys})
 
-    async def live_of_coupons(self, coupons: Sequence[tuple[str, str]]) -> list[Row[Any]]:
-        """What the rules compare a new dose with: the coupons' doses not voided, oldest first (Core rows)."""
-        if not coupons:
-            return []
-        d = _doses
-        stmt = (
-            select(
-                d.c.dose_id, d.c.municipality_code, d.c.coupon_number, d.c.coupon_line, d.c.dose_number,
-                d.c.vaccinated_on, d.c.vaccine, d.c.lot_number,
-            )
-            .where(tuple_(d.c.municipality_code, d.c.coupon_number).in_(coupons), d.c.voided.is_(False))
-            .order_by(d.c.dose_number, d.c.vaccinated_on, d.c.recorded_at)
-        )  # fmt: skip
-        return list(await self.session.execute(stmt))
+    async def on_file(
+        self, scope: str, keys: Sequence[str], coupons: Sequence[tuple[str, str]]
+    ) -> tuple[dict[str, tuple[str, Any]], dict[tuple[str, str], Any], list[Any]]:
+        """Everything the dose path reads, in one statement (one round trip whatever the batch size):
 
-    async def insert_many(self, rows: Sequence[dict[str, Any]]) -> None:
-        """New doses, one statement."""
-        if rows:
-            await self.session.execute(insert(_doses), list(rows))
+        - ``key → (request hash, answer)`` of the keys already answered;
+        - ``(municipality, coupon) → holder`` from the coupon projection;
+        - the coupons' doses not voided, oldest first.
+        """
+        k, c, d = _keys, _coupons, _doses
+
+        def row(kind: int, **columns: Any) -> Any:
+            return select(
+                literal(kind).label("kind"),
+                *(columns.get(name, cast(null(), type_)).label(name) for name, type_ in _ON_FILE_COLUMNS),
+            )
+
+        in_coupons = tuple_(c.c.municipality_code, c.c.coupon_number).in_(coupons)
+        stmt = union_all(
+            row(0, key=k.c.key, request_hash=k.c.request_hash, response=k.c.response).where(
+                k.c.scope == scope, k.c.key.in_(keys)
+            ),
+            row(1, **{name: c.c[name] for name in _HOLDER_COLUMNS}).where(in_coupons),
+            row(2, **{name: d.c[name] for name in _DOSE_COLUMNS}).where(
+                tuple_(d.c.municipality_code, d.c.coupon_number).in_(coupons), d.c.voided.is_(False)
+            ),
+        )
+        stmt = stmt.order_by(stmt.selected_columns.kind, *(stmt.selected_columns[n] for n in _DOSE_ORDER))
+        answers: dict[str, tuple[str, Any]] = {}
+        holders: dict[tuple[str, str], Any] = {}
+        doses: list[Any] = []
+        for r in await self.session.execute(stmt):
+            if r.kind == 0:
+                answers[r.key] = (r.request_hash, r.response)
+            elif r.kind == 1:
+                holders[(r.municipality_code, r.coupon_number)] = r
+            else:
+                doses.append(r)
+        return answers, holders, doses
+
+    async def record(
+        self, keys: Sequence[dict[str, Any]], doses: Sequence[dict[str, Any]], events: Sequence[dict[str, Any]]
+    ) -> None:
+        """Store the answers, the new doses and their outbox events.
+
+        On PostgreSQL one statement (each table fed by ``unnest`` of one array per column, so its text and
+        plan are the same whatever the batch size); elsewhere one statement per table. The keys are plain
+        inserts: under the coupon locks no one else can have answered them since :meth:`on_file`, so a
+        duplicate key is a bug and fails the whole transaction rather than being skipped.
+        """
+        if self.session.get_bind().dialect.name == "postgresql":
+            params: dict[str, Any] = {}
+            for prefix, table, rows in (("k", _keys, keys), ("d", _doses, doses), ("o", outbox, events)):
+                for column in table.c:
+                    if column.name in _WRITE_COLUMNS[prefix]:
+                        params[f"{prefix}_{column.name}"] = [_pg_value(column, r[column.name]) for r in rows]
+            await self.session.execute(_RECORD_PG, params)
+            return
+        for table, rows in ((_keys, keys), (_doses, doses), (outbox, events)):
+            if rows:
+                await self.session.execute(insert(table), list(rows))
 
     def add(self, dose: Dose) -> None:
         self.session.add(dose)
 
     def add_history(self, entry: DoseHistory) -> None:
         self.session.add(entry)
-
-
-class IdempotencyRepository:
-    """The answers given, per caller and key, beside the doses they recorded (shard-local)."""
-
-    def __init__(self, session: AsyncSession) -> None:
-        self.session = session
-
-    async def get(self, scope: str, key: str) -> IdempotencyKey | None:
-        return await self.session.get(IdempotencyKey, (scope, key), populate_existing=True)
-
-    async def answers(self, scope: str, keys: Sequence[str]) -> dict[str, tuple[str, dict[str, Any]]]:
-        """``key → (request hash, answer)`` of the keys already answered; one statement."""
-        t = _keys
-        stmt = select(t.c.key, t.c.request_hash, t.c.response).where(t.c.scope == scope, t.c.key.in_(keys))
-        return {row.key: (row.request_hash, row.response) for row in await self.session.execute(stmt)}
-
-    async def claim(self, rows: Sequence[dict[str, Any]]) -> set[str]:
-        """Insert the keys in one statement; returns those that were new. A concurrent claim of the same key
-        waits here on PostgreSQL until the other transaction ends, so the loser then replays the winner."""
-        if not rows:
-            return set()
-        stmt = (
-            upsert(self.session, _keys).on_conflict_do_nothing(index_elements=["scope", "key"]).returning(_keys.c.key)
-        )
-        return set((await self.session.execute(stmt.values(list(rows)))).scalars())
 
 
 class ClaimRepository:
@@ -179,17 +273,6 @@ class ProjectionRepository:
             tuple_(CouponProjection.municipality_code, CouponProjection.coupon_number).in_(sorted(set(coupons)))
         )
         return {(c.municipality_code, c.coupon_number): c for c in (await self.session.execute(stmt)).scalars()}
-
-    async def holders(self, coupons: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Any]:
-        """What the dose path needs of these coupons' projection (Core rows, no ORM objects)."""
-        if not coupons:
-            return {}
-        c = _coupons
-        stmt = select(
-            c.c.municipality_code, c.c.coupon_number, c.c.resident_id, c.c.sex, c.c.birth_date, c.c.invalid_from,
-            c.c.invalid_reason,
-        ).where(tuple_(c.c.municipality_code, c.c.coupon_number).in_(coupons))  # fmt: skip
-        return {(r.municipality_code, r.coupon_number): r for r in await self.session.execute(stmt)}
 
     async def get(
         self, municipality_code: str, coupon_number: str, *, for_update: bool = False

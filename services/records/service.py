@@ -25,7 +25,6 @@ from services.records.models import CouponProjection, Dose, DoseHistory, outbox
 from services.records.repository import (
     ClaimRepository,
     DoseRepository,
-    IdempotencyRepository,
     ProjectionRepository,
 )
 from services.records.schemas import CorrectionIn, CouponStatusOut, DoseAccepted, DoseIn, DoseOut, FindingOut
@@ -50,7 +49,7 @@ from shared.domain.dose_rules import (
 from shared.domain.vaccines import VaccineRules
 from shared.errors import Conflict, InvalidField, NotFound, VRSError
 from shared.events import CouponEvent, DoseEvent, DoseEventType, StatsCell
-from shared.outbox import OutboxRepository
+from shared.outbox import OutboxRepository, outbox_row
 
 CouponKey = tuple[str, str]  # (issuing municipality, coupon number)
 
@@ -223,12 +222,14 @@ async def _record_in_shard(
     now: datetime,
 ) -> None:
     session = uow.shard(shard)
-    doses, keys = DoseRepository(session), IdempotencyRepository(session)
+    doses = DoseRepository(session)
     coupon_keys = sorted({item.coupon_key for item in items})
     # Before anything is read: a concurrent request for one of these coupons waits here until we commit.
     await doses.lock_coupons(coupon_keys)
+    stored, holders, on_file_rows = await doses.on_file(
+        principal.scope_key, [item.sub.key for item in items], coupon_keys
+    )
     # Answer repeats first: a retry must not change anything.
-    stored = await keys.answers(principal.scope_key, [item.sub.key for item in items])
     fresh = []
     for item in items:
         if item.sub.key in stored:
@@ -237,10 +238,8 @@ async def _record_in_shard(
             fresh.append(item)
     if not fresh:
         return
-    coupon_keys = sorted({item.coupon_key for item in fresh})
-    holders = await ProjectionRepository(session).holders(coupon_keys)
     on_file: dict[CouponKey, list[DoseOnFile]] = defaultdict(list)
-    for stored_dose in await doses.live_of_coupons(coupon_keys):
+    for stored_dose in on_file_rows:
         on_file[(stored_dose.municipality_code, stored_dose.coupon_number)].append(
             DoseOnFile(
                 dose_id=stored_dose.dose_id,
@@ -296,31 +295,19 @@ async def _record_in_shard(
             }
         )
 
-    claimed = await keys.claim(key_rows)
-    recorded = {row["dose_id"] for row in dose_rows}
+    events = [
+        DoseEvent(
+            type=DoseEventType.RECORDED,
+            dose_id=uuid.UUID(row["dose_id"]),
+            municipality=row["municipality_code"],
+            cell=_cell(row),
+            previous_cell=None,
+        )
+        for row in dose_rows
+    ]
+    await doses.record(key_rows, dose_rows, [outbox_row(e) for e in events])
     for item, accepted in answers:
-        if item.sub.key in claimed:
-            outcomes[item.index] = Outcome(accepted=accepted)
-            continue
-        # The same key arrived concurrently and won (only where the coupon lock is a no-op: SQLite).
-        recorded.discard(accepted.dose_id)
-        winner = await keys.get(principal.scope_key, item.sub.key)
-        assert winner is not None
-        outcomes[item.index] = _replay((winner.request_hash, winner.response), item)
-    kept = [row for row in dose_rows if row["dose_id"] in recorded]
-    await doses.insert_many(kept)
-    await OutboxRepository(session, outbox).add(
-        [
-            DoseEvent(
-                type=DoseEventType.RECORDED,
-                dose_id=uuid.UUID(row["dose_id"]),
-                municipality=row["municipality_code"],
-                cell=_cell(row),
-                previous_cell=None,
-            )
-            for row in kept
-        ]
-    )
+        outcomes[item.index] = Outcome(accepted=accepted)
 
 
 def _replay(stored: tuple[str, dict[str, Any]], item: _Item) -> Outcome:
