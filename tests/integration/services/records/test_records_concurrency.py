@@ -1,0 +1,70 @@
+"""Two tablets recording the same dose of one coupon at the same moment, under different keys, on real
+PostgreSQL: the per-coupon lock (taken before the doses on file are read) lets at most one be ``recorded``."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Callable
+from datetime import date
+from typing import Any
+
+import pytest
+
+from services.records.service import Submission, apply_coupon_events
+from shared.auth import Principal, Role
+from shared.db import Databases
+from shared.domain.sex import Sex
+from shared.events import CouponEvent, CouponEventType, CouponState
+from tests.integration.services.records.records_support import CHIYODA, count, dose, events_in
+
+pytestmark = pytest.mark.usefixtures("pg_server")
+Record = Callable[..., Any]
+ROUNDS = 15
+OTHER_CLINIC = Principal(role=Role.INSTITUTION, subject="tablet-9", institution="1319999999")
+
+
+async def registered(databases: Databases, numbers: list[str]) -> None:
+    events = [
+        CouponEvent(
+            type=CouponEventType.ISSUED,
+            municipality=CHIYODA,
+            coupon_number=n,
+            version=1,
+            state=CouponState(resident_id=f"R{n}", sex=Sex("F"), birth_date=date(1960, 1, 1)),
+        )
+        for n in numbers
+    ]
+    async with databases.shards["s0"].sessionmaker() as session, session.begin():
+        await apply_coupon_events(session, events)
+
+
+@pytest.mark.parametrize(
+    ("second", "loser"),
+    [
+        ({}, "duplicate"),  # the same dose scanned at two desks
+        ({"vaccinated_on": date(2021, 6, 2), "lot_number": "FA5765"}, "needs_review"),  # dose 1 twice
+    ],
+)
+async def test_the_same_dose_under_two_keys_at_once_is_recorded_once(
+    record: Record, databases: Databases, second: dict[str, Any], loser: str
+) -> None:
+    numbers = [f"{n:010d}" for n in range(1, ROUNDS + 1)]
+    await registered(databases, numbers)
+    # Two callers, so that nothing but the coupon is shared: not the key, not the caller's claims.
+    pairs = [
+        (
+            record(Submission(key=f"a-{n}", dose=dose(n))),
+            record(Submission(key=f"b-{n}", dose=dose(n, **second)), principal=OTHER_CLINIC),
+        )
+        for n in numbers
+    ]
+    results = await asyncio.gather(*(asyncio.gather(a, b) for a, b in pairs))
+    for [a], [b] in results:
+        assert a.accepted is not None and b.accepted is not None
+        assert sorted([a.accepted.status, b.accepted.status]) == sorted(["recorded", loser])
+    statuses = Counter(o.accepted.status for pair in results for [o] in pair if o.accepted)
+    assert statuses == {"recorded": ROUNDS, loser: ROUNDS}
+    stored = ROUNDS if loser == "duplicate" else 2 * ROUNDS
+    assert await count(databases, "s0") == stored
+    assert len(await events_in(databases, "s0")) == stored
