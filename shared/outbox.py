@@ -52,6 +52,23 @@ log = logging.getLogger(__name__)
 PUBLISHED = Counter("vrs_outbox_published_total", "Outbox events published", ["topic", "shard"])
 FAILURES = Counter("vrs_outbox_publish_failures_total", "Failed outbox publish attempts", ["topic", "shard"])
 LAST_BATCH = Gauge("vrs_outbox_last_batch_size", "Size of the last published outbox batch", ["topic", "shard"])
+BACKLOG = Gauge("vrs_outbox_backlog", "Outbox events not yet published", ["topic", "shard"])
+OLDEST_AGE = Gauge(
+    "vrs_outbox_oldest_age_seconds", "Age of the oldest outbox event not yet published (0: none)", ["topic", "shard"]
+)
+# The channel a trigger on ``outbox`` notifies on commit (PostgreSQL): a relay LISTENs on it in every shard.
+NOTIFY_CHANNEL = "outbox"
+NOTIFY_TRIGGER_SQL = (
+    f"""
+    CREATE OR REPLACE FUNCTION outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_notify('{NOTIFY_CHANNEL}', '');
+        RETURN NULL;
+    END $$
+    """,
+    "CREATE TRIGGER outbox_notify AFTER INSERT ON outbox FOR EACH STATEMENT EXECUTE FUNCTION outbox_notify()",
+)
+DROP_NOTIFY_TRIGGER_SQL = ("DROP TRIGGER IF EXISTS outbox_notify ON outbox", "DROP FUNCTION IF EXISTS outbox_notify()")
 
 
 class OutboxEvent(Protocol):
@@ -172,6 +189,61 @@ class OutboxRelay:
         self._next_purge = 0.0
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
+        self._next_backlog = 0.0
+
+    async def update_backlog(self) -> None:
+        """Set the backlog gauges of every shard (an unreachable shard keeps its last value)."""
+        now = utcnow()
+        for name, db in self._databases.shards.items():
+            try:
+                async with db.sessionmaker() as session:
+                    count, oldest = await OutboxRepository(session, self._table).backlog()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("outbox backlog of shard %s unknown (%s)", name, type(exc).__name__)
+                continue
+            BACKLOG.labels(self._topic, name).set(count)
+            OLDEST_AGE.labels(self._topic, name).set(0 if oldest is None else (now - _aware(oldest)).total_seconds())
+
+    async def listen(self) -> None:
+        """Wake on every commit to a PostgreSQL shard's outbox, whichever process wrote it (``LISTEN``).
+
+        One dedicated asyncpg connection per shard; a lost one is re-opened, and the idle look every
+        ``idle_seconds`` covers the gap. SQLite shards are woken in-process only (see :meth:`wake`).
+        """
+        listeners = [
+            asyncio.create_task(self._listen(name, db), name=f"outbox-listen-{name}")
+            for name, db in self._databases.shards.items()
+            if db.engine.dialect.name == "postgresql"
+        ]
+        try:
+            await asyncio.gather(*listeners)
+        finally:
+            for task in listeners:
+                task.cancel()
+
+    async def _listen(self, name: str, db: Database) -> None:
+        import asyncpg  # type: ignore[import-untyped]
+
+        dsn = db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        while True:
+            conn = None
+            try:
+                conn = await asyncpg.connect(dsn)
+                lost = asyncio.Event()
+                conn.add_termination_listener(lambda _conn, done=lost: done.set())
+                await conn.add_listener(NOTIFY_CHANNEL, lambda *_: self.wake(name))
+                self.wake(name)  # what was committed while nobody listened
+                await lost.wait()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("outbox LISTEN on shard %s failed (%s); retrying", name, type(exc).__name__)
+            finally:
+                if conn is not None and not conn.is_closed():
+                    await conn.close()
+            await asyncio.sleep(1.0)
 
     def wake(self, *shards: str) -> None:
         """Events were committed in ``shards`` (all shards when none are named)."""
@@ -205,9 +277,21 @@ class OutboxRelay:
                 await OutboxRepository(session, self._table).purge_published(utcnow() - self._retention)
 
     async def run(self) -> None:
+        listener = asyncio.create_task(self.listen(), name=f"outbox-listen-{self._topic}")
+        try:
+            await self._run()
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+
+    async def _run(self) -> None:
         backoff = 0.5
         due = set(self._databases.shards)
         while True:
+            if time.monotonic() >= self._next_backlog:
+                self._next_backlog = time.monotonic() + 1.0
+                await self.update_backlog()
             if time.monotonic() >= self._next_purge:
                 self._next_purge = time.monotonic() + 600
                 try:
@@ -246,6 +330,26 @@ class OutboxRelay:
             due, self._dirty = self._dirty, set()
 
 
+async def watch_backlog(databases: Databases, table: Table, *, topic: str, every: float = 5.0) -> None:
+    """Keep the backlog gauges of a process that does not run the relay itself current."""
+    relay = OutboxRelay(databases, _NoPublisher(), table, topic=topic, batch_size=1, idle_seconds=every)
+    while True:
+        await relay.update_backlog()
+        await asyncio.sleep(every)
+
+
+class _NoPublisher:
+    async def publish(self, messages: Sequence[OutgoingMessage]) -> None:
+        raise RuntimeError("this process does not publish")
+
+    async def close(self) -> None:
+        return None
+
+
+def _aware(at: datetime) -> datetime:
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)  # SQLite gives naive datetimes back
+
+
 @contextlib.asynccontextmanager
 async def relay_in_background(
     settings: PublisherSettings, databases: Databases, table: Table, *, topic: str
@@ -256,7 +360,14 @@ async def relay_in_background(
     it committed to.
     """
     if not settings.run_relay:
-        yield None
+        # The relay runs elsewhere; this process still shows the backlog on its /metrics.
+        watcher = asyncio.create_task(watch_backlog(databases, table, topic=topic), name=f"outbox-backlog-{topic}")
+        try:
+            yield None
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
         return
     publisher = make_publisher(settings.bus, topic=topic)
     relay = OutboxRelay(

@@ -74,6 +74,34 @@ _DOSE_COLUMNS = (
 )  # fmt: skip
 _DOSE_ORDER = ("dose_number", "vaccinated_on", "recorded_at")
 
+
+def _on_file_statement() -> Any:
+    """Built once: the statement and its cache key are reused by every request (bound lists expand)."""
+    k, c, d = _keys, _coupons, _doses
+
+    def row(kind: int, **columns: Any) -> Any:
+        return select(
+            literal(kind).label("kind"),
+            *(columns.get(name, cast(null(), type_)).label(name) for name, type_ in _ON_FILE_COLUMNS),
+        )
+
+    coupons: Any = bindparam("coupons", expanding=True)
+    stmt = union_all(
+        row(0, key=k.c.key, request_hash=k.c.request_hash, response=k.c.response).where(
+            k.c.scope == bindparam("scope"), k.c.key.in_(bindparam("keys", expanding=True))
+        ),
+        row(1, **{name: c.c[name] for name in _HOLDER_COLUMNS}).where(
+            tuple_(c.c.municipality_code, c.c.coupon_number).in_(coupons)
+        ),
+        row(2, **{name: d.c[name] for name in _DOSE_COLUMNS}).where(
+            tuple_(d.c.municipality_code, d.c.coupon_number).in_(coupons), d.c.voided.is_(False)
+        ),
+    )
+    return stmt.order_by(stmt.selected_columns.kind, *(stmt.selected_columns[n] for n in _DOSE_ORDER))
+
+
+_ON_FILE = _on_file_statement()
+
 _WRITE_COLUMNS = {
     "k": [c.name for c in _keys.c],
     "d": [c.name for c in _doses.c],
@@ -109,6 +137,15 @@ _RECORD_PG = text(
 
 def _dialect_insert(dialect: str, table: Table) -> Any:
     return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+
+
+# Built once per dialect; executed with one parameter set per key (one multi-row INSERT on the wire).
+_CLAIM = {
+    postgres: _dialect_insert("postgresql" if postgres else "sqlite", _claims)
+    .on_conflict_do_nothing(index_elements=["scope", "key"])
+    .returning(_claims.c.key, _claims.c.request_hash)
+    for postgres in (False, True)
+}
 
 
 class DoseRepository:
@@ -167,29 +204,11 @@ class DoseRepository:
         - ``(municipality, coupon) → holder`` from the coupon projection;
         - the coupons' doses not voided, oldest first.
         """
-        k, c, d = _keys, _coupons, _doses
-
-        def row(kind: int, **columns: Any) -> Any:
-            return select(
-                literal(kind).label("kind"),
-                *(columns.get(name, cast(null(), type_)).label(name) for name, type_ in _ON_FILE_COLUMNS),
-            )
-
-        in_coupons = tuple_(c.c.municipality_code, c.c.coupon_number).in_(coupons)
-        stmt = union_all(
-            row(0, key=k.c.key, request_hash=k.c.request_hash, response=k.c.response).where(
-                k.c.scope == scope, k.c.key.in_(keys)
-            ),
-            row(1, **{name: c.c[name] for name in _HOLDER_COLUMNS}).where(in_coupons),
-            row(2, **{name: d.c[name] for name in _DOSE_COLUMNS}).where(
-                tuple_(d.c.municipality_code, d.c.coupon_number).in_(coupons), d.c.voided.is_(False)
-            ),
-        )
-        stmt = stmt.order_by(stmt.selected_columns.kind, *(stmt.selected_columns[n] for n in _DOSE_ORDER))
+        params = {"scope": scope, "keys": list(keys), "coupons": list(coupons)}
         answers: dict[str, tuple[str, Any]] = {}
         holders: dict[tuple[str, str], Any] = {}
         doses: list[Any] = []
-        for r in await self.session.execute(stmt):
+        for r in await self.session.execute(_ON_FILE, params):
             if r.kind == 0:
                 answers[r.key] = (r.request_hash, r.response)
             elif r.kind == 1:
@@ -248,11 +267,8 @@ class ClaimRepository:
         ordered = sorted(rows, key=lambda r: str(r["key"]))
         async with self.database.engine.connect() as conn:
             conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-            insert_stmt = _dialect_insert(conn.dialect.name, t).values(ordered)
-            stmt = insert_stmt.on_conflict_do_nothing(index_elements=["scope", "key"]).returning(
-                t.c.key, t.c.request_hash
-            )
-            claimed = {row.key: row.request_hash for row in await conn.execute(stmt)}
+            claim = _CLAIM[conn.dialect.name == "postgresql"]
+            claimed = {row.key: row.request_hash for row in await conn.execute(claim, ordered)}
             missing = [r["key"] for r in rows if r["key"] not in claimed]
             if missing:
                 found = select(t.c.key, t.c.request_hash).where(t.c.scope == rows[0]["scope"], t.c.key.in_(missing))
