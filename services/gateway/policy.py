@@ -154,6 +154,8 @@ POLICY: tuple[Rule, ...] = (
     # records
     rule("POST", "/api/v1/doses", RECORDS, DOSE_WRITERS, reads_personal_data=True),
     rule("POST", "/api/v1/doses/batch", RECORDS, DOSE_WRITERS, reads_personal_data=True),
+    rule("POST", "/api/v1/dose-imports", RECORDS, DOSE_WRITERS, reads_personal_data=True),
+    rule("GET", "/api/v1/dose-imports/{import_id}", RECORDS, DOSE_WRITERS),
     rule("GET", "/api/v1/coupons/{coupon}", RECORDS, DOSE_WRITERS),
     rule("GET", f"{_M}/doses", RECORDS, MUNICIPALITY, OWN, reads_personal_data=True),
     rule("POST", f"{_M}/doses/{{dose_id}}/corrections", RECORDS, MUNICIPALITY, OWN, reads_personal_data=True),

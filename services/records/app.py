@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from services.records.consumer import coupon_consumers
+from services.records.imports import ImportWorker
 from services.records.models import outbox
 from services.records.router import internal, router
 from services.records.settings import RecordsSettings
 from shared.app import build_app
 from shared.bus.offsets import report_lag
 from shared.consumer import stored_positions
-from shared.db import Databases
-from shared.outbox import relay_in_background, sample_backlog
+from shared.db import Databases, UnitOfWork
+from shared.outbox import OutboxRelay, relay_in_background, sample_backlog
+
+
+def _wake_relay(relay: OutboxRelay) -> Callable[[UnitOfWork], None]:
+    def hook(uow: UnitOfWork) -> None:
+        uow.after_commit(lambda: relay.wake(*uow.touched_shards))
+
+    return hook
 
 
 def create_app(settings: RecordsSettings | None = None) -> FastAPI:
@@ -33,9 +43,21 @@ def create_app(settings: RecordsSettings | None = None) -> FastAPI:
                 app.state.consumers = consumers
                 for consumer in consumers:
                     consumer.start()
+                imports = None
+                if settings.run_imports:
+                    app.state.imports = ImportWorker(
+                        databases,
+                        chunk_rows=settings.import_chunk_rows,
+                        after_commit=None if relay is None else _wake_relay(relay),
+                    )
+                    imports = asyncio.create_task(app.state.imports.run(), name="dose-imports")
                 try:
                     yield
                 finally:
+                    if imports is not None:
+                        imports.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await imports
                     for consumer in consumers:
                         await consumer.stop()
         finally:

@@ -1,9 +1,17 @@
-"""records' ``vrs`` worker processes."""
+"""records' ``vrs`` commands: the worker processes, and ``vrs doses import`` for a site's dose CSV."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import os
 import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
 
 from services.records.consumer import coupon_consumers
 from services.records.models import outbox
@@ -51,3 +59,49 @@ def consume() -> None:
     settings = RecordsSettings()
     setup_worker(service="records-coupon-consumer", log_level=settings.log_level, metrics_port=settings.metrics_port)
     asyncio.run(_consume(settings))
+
+
+def _bar(done: int, total: int, width: int = 30) -> str:
+    filled = width * done // total if total else 0
+    return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
+
+
+def _import_file(args: argparse.Namespace) -> int:
+    """Upload the file, then follow the import until it is done, drawing a progress bar on stderr."""
+    token = args.token or os.environ.get("VRS_TOKEN")
+    if not token:
+        print("vrs doses import: give --token or set VRS_TOKEN (role institution or municipality)", file=sys.stderr)
+        return 2
+    headers = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=args.gateway, headers=headers, timeout=60) as client:
+        response = client.post(
+            "/api/v1/dose-imports", content=Path(args.file).read_bytes(), headers={"Content-Type": "text/csv"}
+        )
+        if response.status_code != 202:
+            print(f"vrs doses import: {response.status_code} {response.text}", file=sys.stderr)
+            return 1
+        import_id = response.json()["import_id"]
+        print(f"import {import_id}", file=sys.stderr)
+        while True:
+            state: dict[str, Any] = client.get(f"/api/v1/dose-imports/{import_id}").raise_for_status().json()
+            done = state["rows_ok"] + state["rows_failed"]
+            print(f"\r{_bar(done, state['rows_total'])} {state['status']}", end="", file=sys.stderr, flush=True)
+            if state["status"] in ("done", "failed"):
+                break
+            time.sleep(args.poll)
+    print(file=sys.stderr)
+    for error in state["errors"]:
+        print(f"row {error['row']}: {error['field']}: {error['message']}")
+    print(f"{state['rows_ok']} rows recorded, {state['rows_failed']} failed", file=sys.stderr)
+    return 0 if state["status"] == "done" and not state["rows_failed"] else 1
+
+
+def register(sub: Any) -> None:
+    doses = sub.add_parser("doses", help="dose records")
+    commands = doses.add_subparsers(required=True, metavar="COMMAND")
+    upload = commands.add_parser("import", help="upload a dose CSV and follow its import (progress bar on stderr)")
+    upload.add_argument("file", help="CSV: client_id,coupon,dose_number,vaccinated_on,vaccine,lot_number,...")
+    upload.add_argument("--gateway", default=os.environ.get("VRS_GATEWAY", "http://127.0.0.1:8000"))
+    upload.add_argument("--token", help="a bearer token (default: $VRS_TOKEN)")
+    upload.add_argument("--poll", type=float, default=0.5, help="seconds between status checks")
+    upload.set_defaults(func=_import_file)

@@ -13,6 +13,7 @@ from sqlalchemy import (
     DateTime,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -50,6 +51,29 @@ class IdempotencyClaim(MainBase):
     request_hash: Mapped[str] = mapped_column(String(64))
     shard: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class DoseImport(MainBase):
+    """A dose CSV uploaded for background processing: the file itself (stored before the 202, so a restart
+    resumes it), who sent it, and how far it got. Rows go through the batch path in chunks; ``next_row`` is
+    the first data row not yet recorded, and a chunk replayed after a crash only replays its keys' answers."""
+
+    __tablename__ = "dose_imports"
+    __table_args__ = (Index("ix_dose_imports_unfinished", "finished_at", "lease_until"),)
+
+    import_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    scope: Mapped[str] = mapped_column(String(80))  # the principal's scope key: only it may read the status
+    principal: Mapped[dict[str, Any]] = mapped_column(JSON)  # recorded as this principal, as a batch would be
+    content: Mapped[bytes] = mapped_column(LargeBinary)
+    status: Mapped[str] = mapped_column(String(16))  # queued, processing, done, failed
+    next_row: Mapped[int] = mapped_column(Integer)  # file row number (the header is row 1)
+    rows_total: Mapped[int] = mapped_column(Integer)
+    rows_ok: Mapped[int] = mapped_column(Integer)
+    rows_failed: Mapped[int] = mapped_column(Integer)
+    errors: Mapped[list[dict[str, Any]]] = mapped_column(JSON)  # [{"row","field","message"}], the first 1,000
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # a worker is on it until then
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Dose(ShardBase):

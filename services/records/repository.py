@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -19,15 +20,25 @@ from sqlalchemy import (
     insert,
     literal,
     null,
+    or_,
     select,
     text,
     tuple_,
     union_all,
+    update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.records.models import CouponProjection, Dose, DoseHistory, IdempotencyClaim, IdempotencyKey, outbox
+from services.records.models import (
+    CouponProjection,
+    Dose,
+    DoseHistory,
+    DoseImport,
+    IdempotencyClaim,
+    IdempotencyKey,
+    outbox,
+)
 from shared.db import Database
 
 _doses: Table = Dose.__table__  # type: ignore[assignment]
@@ -302,3 +313,36 @@ class ProjectionRepository:
 
     def add(self, coupon: CouponProjection) -> None:
         self.session.add(coupon)
+
+
+class ImportRepository:
+    """Dose CSV imports (main database)."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    def add(self, entry: DoseImport) -> None:
+        self.session.add(entry)
+
+    async def get(self, import_id: str, *, for_update: bool = False) -> DoseImport | None:
+        stmt = select(DoseImport).where(DoseImport.import_id == import_id)
+        if for_update:
+            stmt = stmt.with_for_update()
+        return (await self.session.execute(stmt.execution_options(populate_existing=True))).scalar_one_or_none()
+
+    async def take_next(self, *, now: datetime, lease: timedelta) -> str | None:
+        """Lease the oldest unfinished import nobody is working on (or whose worker stopped renewing)."""
+        t = DoseImport
+        stmt = (
+            select(t.import_id)
+            .where(t.finished_at.is_(None), or_(t.lease_until.is_(None), t.lease_until < now))
+            .order_by(t.created_at)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        )
+        import_id = (await self.session.execute(stmt)).scalar_one_or_none()
+        if import_id is not None:
+            await self.session.execute(
+                update(DoseImport).where(t.import_id == import_id).values(lease_until=now + lease)
+            )
+        return import_id

@@ -18,8 +18,12 @@ from services.records.schemas import (
     DoseIn,
     DoseList,
     DoseOut,
+    ImportAccepted,
+    ImportRowError,
+    ImportStatusOut,
     ItemError,
 )
+from services.records.settings import RecordsSettings
 from shared.auth import Principal, Role, require, require_own_municipality
 from shared.db import UnitOfWorkDep
 from shared.domain.dose_rules import DoseStatus
@@ -31,6 +35,7 @@ from shared.errors import (
     Forbidden,
     InvalidField,
     NotFound,
+    PayloadTooLarge,
     ServiceUnavailable,
     Unauthorized,
     responses,
@@ -112,6 +117,52 @@ async def record_dose_batch(body: DoseBatchIn, principal: Recorder, uow: UnitOfW
                 BatchItemResult(client_id=item.client_id, status="rejected", error=ItemError(**outcome.error.body()))
             )
     return DoseBatchOut(results=results)
+
+
+@router.post(
+    "/dose-imports",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=ImportAccepted,
+    responses=responses(BadRequest, Unauthorized, Forbidden, InvalidField, PayloadTooLarge),
+    openapi_extra={"requestBody": {"content": {"text/csv": {"schema": {"type": "string"}}}, "required": True}},
+)
+async def start_dose_import(request: Request, principal: Recorder, uow: UnitOfWorkDep) -> ImportAccepted:
+    """Upload a day's doses as CSV (UTF-8 or Shift_JIS; columns ``client_id, coupon, dose_number,
+    vaccinated_on, vaccine, lot_number, venue, doctor, medical_worker``). The file is stored before the 202;
+    rows are recorded in the background through the batch path, each row's ``client_id`` its idempotency key."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type not in ("text/csv", "application/octet-stream"):
+        raise BadRequest("the body must be a CSV file (Content-Type: text/csv)")
+    settings: RecordsSettings = request.app.state.settings
+    content = bytearray()
+    async for chunk in request.stream():
+        content += chunk
+        if len(content) > settings.max_import_bytes:
+            raise PayloadTooLarge(f"the file is larger than {settings.max_import_bytes} bytes; split it")
+    import_id = await service.start_import(uow, principal=principal, content=bytes(content))
+    worker = getattr(request.app.state, "imports", None)
+    if worker is not None:
+        uow.after_commit(worker.wake)
+    return ImportAccepted(import_id=import_id)
+
+
+@router.get(
+    "/dose-imports/{import_id}",
+    response_model=ImportStatusOut,
+    responses=responses(Unauthorized, Forbidden, NotFound),
+)
+async def dose_import_status(
+    import_id: Annotated[str, Path(max_length=36)], principal: Recorder, uow: UnitOfWorkDep
+) -> ImportStatusOut:
+    """How far an import got, with each failed row's number, field and reason (only for whoever sent it)."""
+    entry = await service.import_status(uow, principal=principal, import_id=import_id)
+    return ImportStatusOut(
+        status=entry.status,
+        rows_total=entry.rows_total,
+        rows_ok=entry.rows_ok,
+        rows_failed=entry.rows_failed,
+        errors=[ImportRowError.model_validate(e) for e in entry.errors],
+    )
 
 
 @router.get(

@@ -114,3 +114,21 @@ class CouponStatusOut(BaseModel):
     coupon: str = Field(description="the 18-digit line as given")
     registered: bool = Field(description="records knows the resident who holds it (doses will be matched)")
     valid: bool = Field(description="not reissued, moved out or voided as of today")
+
+
+class ImportAccepted(BaseModel):
+    import_id: str
+
+
+class ImportRowError(BaseModel):
+    row: int = Field(description="the file's row number (the header is row 1)")
+    field: str
+    message: str
+
+
+class ImportStatusOut(BaseModel):
+    status: Literal["queued", "processing", "done", "failed"]
+    rows_total: int = Field(description="data rows in the file (0 until processing starts)")
+    rows_ok: int = Field(description="rows recorded (or answered as before: a row sent again is not a new dose)")
+    rows_failed: int
+    errors: list[ImportRowError] = Field(description="the first 1,000 row errors, in file order")

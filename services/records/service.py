@@ -11,6 +11,7 @@ projection does not know yet is ``unmatched`` and moves to its holder's cell whe
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import uuid
 from collections import defaultdict
@@ -21,10 +22,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from services.records.models import CouponProjection, Dose, DoseHistory, outbox
+from services.records.models import CouponProjection, Dose, DoseHistory, DoseImport, outbox
 from services.records.repository import (
     ClaimRepository,
     DoseRepository,
+    ImportRepository,
     ProjectionRepository,
 )
 from services.records.schemas import CorrectionIn, CouponStatusOut, DoseAccepted, DoseIn, DoseOut, FindingOut
@@ -32,6 +34,8 @@ from shared.auth import Principal, Role
 from shared.db import UnitOfWork, utcnow
 from shared.domain.age import AgeBand, age_band
 from shared.domain.coupon import CouponLine, CouponLineError, parse_coupon_line
+from shared.domain.csv_stream import CsvFileError, Parsed
+from shared.domain.dose_csv import DoseRow, parse_dose_csv
 from shared.domain.dose_rules import (
     CouponInvalidReason,
     CouponValidity,
@@ -609,3 +613,134 @@ async def _apply_changes(
     dose.findings = [f.as_dict(with_detail=True) for f in findings]
     dose.rules_version = rules.version
     dose.status = decide_status(findings, matched=dose.resident_id is not None).value
+
+
+# --- dose CSV imports ----------------------------------------------------------------------------------
+
+MAX_IMPORT_ERRORS = 1000  # kept per import; rows_failed counts them all
+
+
+def import_not_found() -> NotFound:
+    return NotFound("import not found")
+
+
+async def start_import(uow: UnitOfWork, *, principal: Principal, content: bytes) -> str:
+    """Store the file and queue it; the rows are recorded in the background (:func:`record_import_rows`).
+
+    A file that cannot be read at all (no header, a required column missing) is refused now, with nothing
+    stored; a bad row is that row's error in the import's results.
+    """
+    try:
+        next(parse_dose_csv(io.BytesIO(content)), None)
+    except CsvFileError as exc:
+        raise InvalidField("file", str(exc)) from None
+    now = utcnow()
+    entry = DoseImport(
+        import_id=str(uuid.uuid4()),
+        scope=principal.scope_key,
+        principal={
+            "role": principal.role.value,
+            "subject": principal.subject,
+            "municipality": principal.municipality,
+            "institution": principal.institution,
+        },
+        content=content,
+        status="queued",
+        next_row=2,
+        rows_total=0,
+        rows_ok=0,
+        rows_failed=0,
+        errors=[],
+        lease_until=None,
+        created_at=now,
+        finished_at=None,
+    )
+    ImportRepository(uow.main()).add(entry)
+    return str(entry.import_id)
+
+
+async def import_status(uow: UnitOfWork, *, principal: Principal, import_id: str) -> DoseImport:
+    """The import as its sender sees it; anyone else gets what an unknown id gets."""
+    entry = await ImportRepository(uow.main()).get(import_id)
+    if entry is None or entry.scope != principal.scope_key or entry.principal.get("subject") != principal.subject:
+        raise import_not_found()
+    return entry
+
+
+def import_principal(entry: DoseImport) -> Principal:
+    doc = entry.principal
+    return Principal(
+        role=Role(doc["role"]),
+        subject=doc["subject"],
+        municipality=doc.get("municipality"),
+        institution=doc.get("institution"),
+    )
+
+
+async def record_import_rows(
+    uow: UnitOfWork,
+    *,
+    import_id: str,
+    rows: Sequence[Parsed[DoseRow]],
+    rows_total: int,
+    done: bool,
+    rules: VaccineRules,
+    today: date,
+) -> DoseImport | None:
+    """Record one chunk of an import's rows through the batch path, and its progress in the same unit of work.
+
+    Progress commits after the doses (the shards commit first), so a crash in between replays the chunk,
+    whose keys then replay their first answers: rows are never recorded or counted twice.
+    """
+    entry = await ImportRepository(uow.main()).get(import_id, for_update=True)
+    if entry is None or entry.finished_at is not None:
+        return entry
+    failed: list[dict[str, Any]] = []
+    submissions: list[tuple[int, Submission]] = []
+    for row_number, parsed in rows:
+        if isinstance(parsed, list):
+            failed += [{"row": row_number, "field": e.field, "message": e.message} for e in parsed]
+            entry.rows_failed += 1
+            continue
+        try:
+            dose = DoseIn.model_validate(
+                {
+                    "coupon": parsed.coupon,
+                    "dose_number": parsed.dose_number,
+                    "vaccinated_on": parsed.vaccinated_on,
+                    "vaccine": parsed.vaccine,
+                    "lot_number": parsed.lot_number,
+                    "venue": parsed.venue,
+                    "doctor": parsed.doctor,
+                    "medical_worker": parsed.medical_worker,
+                }
+            )
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            failed.append({"row": row_number, "field": ".".join(str(p) for p in first["loc"]), "message": first["msg"]})
+            entry.rows_failed += 1
+            continue
+        # The same key space as a batch item's client_id: a row sent again by batch (or the file again) is
+        # the same dose, answered as first.
+        submissions.append((row_number, Submission(key=f"batch:{parsed.client_id}", dose=dose, key_field="client_id")))
+    outcomes = await record_doses(
+        uow, principal=import_principal(entry), submissions=[s for _, s in submissions], rules=rules, today=today
+    )
+    for (row_number, _), outcome in zip(submissions, outcomes, strict=True):
+        if outcome.error is None:
+            entry.rows_ok += 1
+            continue
+        entry.rows_failed += 1
+        error = outcome.error
+        field = error.field if isinstance(error, InvalidField) else "client_id"
+        message = error.message if isinstance(error, InvalidField) else error.detail.partition(": ")[2] or error.detail
+        failed.append({"row": row_number, "field": field, "message": message})
+    if failed and len(entry.errors) < MAX_IMPORT_ERRORS:
+        entry.errors = [*entry.errors, *failed][:MAX_IMPORT_ERRORS]
+    if rows:
+        entry.next_row = rows[-1][0] + 1
+    entry.rows_total = rows_total
+    entry.status = "done" if done else "processing"
+    if done:
+        entry.finished_at = entry.lease_until = utcnow()
+    return entry

@@ -23,6 +23,10 @@ class RecordsSettings(PublisherSettings):
     poll_max_records: int = Field(default=500, ge=1, le=10_000)
     poll_timeout_seconds: float = Field(default=1.0, gt=0)
     max_batch_doses: int = 1000
+    # Dose CSV imports: processed in the API process (each replica leases whole imports), in chunks of rows.
+    run_imports: bool = True
+    import_chunk_rows: int = Field(default=1000, ge=1, le=1000)
+    max_import_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
     # ES256 public key (PEM) of registry's transfer-lookup grants (see shared/grants.py).
     transfer_grant_public_key: str = DEV_PUBLIC_KEY
 
