@@ -1,7 +1,9 @@
 """The ceiling ``devtools.bench`` compares VRS with (PERFORMANCE.md): the least a dose POST can cost here.
 
 One FastAPI process, a pydantic body, one asyncpg ``INSERT ... RETURNING`` per request on a pool of 20 — no
-gateway, no registry lookup, no outbox. It answers on VRS's own path, so a gateway can front it too.
+gateway, no registry lookup, no outbox. ``/api/v1/doses/batch`` is the batch ceiling: the items validated, one
+multi-row ``INSERT`` (``unnest`` of one array per column) per request, ids returned. It answers on VRS's own
+path, so a gateway can front it too.
 Run by the bench as ``uvicorn devtools.bench.baseline:app`` with ``VRS_BENCH_BASELINE_DSN`` set.
 """
 
@@ -87,3 +89,40 @@ async def record_dose(body: DoseIn, request: Request) -> dict[str, Any]:
         body.medical_worker,
     )
     return {"dose_id": str(row["id"]), "status": "recorded", "findings": []}
+
+
+_INSERT_MANY = (
+    "INSERT INTO doses (coupon, dose_number, vaccinated_on, vaccine, lot_number, venue, doctor, medical_worker)"
+    " SELECT * FROM unnest($1::text[], $2::int[], $3::date[], $4::text[], $5::text[], $6::text[], $7::text[],"
+    " $8::bool[]) RETURNING id"
+)
+
+
+class BatchItem(DoseIn):
+    client_id: str = Field(min_length=1, max_length=100)
+
+
+class BatchIn(BaseModel):
+    doses: list[BatchItem] = Field(min_length=1, max_length=1000)
+
+
+@app.post("/api/v1/doses/batch")
+async def record_batch(body: BatchIn, request: Request) -> dict[str, Any]:
+    items = body.doses
+    rows = await request.app.state.pool.fetch(
+        _INSERT_MANY,
+        [d.coupon for d in items],
+        [d.dose_number for d in items],
+        [d.vaccinated_on for d in items],
+        [d.vaccine for d in items],
+        [d.lot_number for d in items],
+        [d.venue for d in items],
+        [d.doctor for d in items],
+        [d.medical_worker for d in items],
+    )
+    return {
+        "results": [
+            {"client_id": d.client_id, "dose_id": str(row["id"]), "status": "recorded", "findings": []}
+            for d, row in zip(items, rows, strict=True)
+        ]
+    }

@@ -43,7 +43,7 @@ LOAD_FIRST_DAY = date(2021, 3, 1)
 LOAD_DAYS = 306  # up to 2021-12-31
 PROBE_FIRST_DAY = date(2021, 3, 1)
 # Coupon numbers are "<phase digit><9-digit serial>": unique across the run without any bookkeeping.
-PHASE_SINGLE, PHASE_BATCH, PHASE_PROBE, PHASE_BASELINE, PHASE_RESIDENT = 1, 2, 3, 4, 9
+PHASE_SINGLE, PHASE_BATCH, PHASE_PROBE, PHASE_BASELINE, PHASE_CSV, PHASE_FIXED, PHASE_RESIDENT = 1, 2, 3, 4, 5, 6, 9
 # Upper bound of what one generator can drive: bodies beyond it are built on the fly (and counted).
 PREBUILD_RATE = 6000
 DOSE_PATH = "/api/v1/doses"
@@ -91,7 +91,10 @@ class LoadSpec:
     # (municipality, coupon number) of registered residents: each is used once, released evenly over the
     # run (whatever its rate), so 'recorded' and 'unmatched' doses are mixed from start to end.
     matched: tuple[tuple[str, str], ...] = ()
-    batch_size: int = 500
+    batch_size: int = 1000
+    # Open loop: requests are sent at this fixed rate (per second) whatever the answers' pace, and latency is
+    # measured from when each was due, so a stall shows in the percentiles. 0: closed loop, ``concurrency``.
+    rate: float = 0.0
 
     def single_body(self, i: int) -> bytes:
         """The ``i``-th dose for a coupon nobody holds (yet): accepted as 'unmatched'."""
@@ -216,19 +219,32 @@ async def _loadgen(spec: LoadSpec, conn: Connection) -> LoadResult:
                 result.items_in_window += accepted
                 result.latencies.append(done - sent)
 
+        async def send(i: int, sent: float) -> None:
+            body, headers = body_of(i)
+            result.requests += 1
+            try:
+                async with session.post(spec.url, data=body, headers=headers) as response:
+                    payload = await response.read()
+                    status = response.status
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                status, payload = -1, f"{type(exc).__name__}: {exc}".encode()
+            account(status, payload, sent, time.monotonic())
+
         async def worker() -> None:
             while time.monotonic() < window_end:
-                i = next(counter)
-                body, headers = body_of(i)
-                result.requests += 1
-                sent = time.monotonic()
-                try:
-                    async with session.post(spec.url, data=body, headers=headers) as response:
-                        payload = await response.read()
-                        status = response.status
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    status, payload = -1, f"{type(exc).__name__}: {exc}".encode()
-                account(status, payload, sent, time.monotonic())
+                await send(next(counter), time.monotonic())
+
+        async def paced() -> None:
+            in_flight: set[asyncio.Task[None]] = set()
+            for i in itertools.count():
+                due = start + i / spec.rate
+                if due >= window_end:
+                    break
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+                task = asyncio.create_task(send(next(counter), due))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+            await asyncio.gather(*in_flight)
 
         async def cpu_meter() -> None:
             await asyncio.sleep(max(0.0, window_start - time.monotonic()))
@@ -236,7 +252,8 @@ async def _loadgen(spec: LoadSpec, conn: Connection) -> LoadResult:
             await asyncio.sleep(max(0.0, window_end - time.monotonic()))
             result.cpu_seconds = _cpu_time() - before
 
-        await asyncio.gather(cpu_meter(), *(worker() for _ in range(spec.concurrency)))
+        senders = [paced()] if spec.rate else [worker() for _ in range(spec.concurrency)]
+        await asyncio.gather(cpu_meter(), *senders)
     return result
 
 
@@ -659,6 +676,60 @@ async def seed_residents(
     if problems:
         raise RuntimeError(f"seeding residents failed: {dict(problems)}")
     return [(code, number) for code, number, _ in people], count / elapsed
+
+
+CSV_HEADER = "client_id,coupon,dose_number,vaccinated_on,vaccine,lot_number,venue,doctor,medical_worker\n"
+
+
+def dose_csv(tag: str, rows: int) -> bytes:
+    """A mass vaccination site's day: ``rows`` doses of coupons nobody holds yet, as ``vrs doses import`` sends."""
+    lines = [CSV_HEADER]
+    for i in range(rows):
+        d = dose_doc(MUNICIPALITIES[i % len(MUNICIPALITIES)], coupon_number(PHASE_CSV, i),
+                     LOAD_FIRST_DAY + timedelta(days=i % LOAD_DAYS), i)  # fmt: skip
+        lines.append(f"{tag}-csv-{i},{d['coupon']},1,{d['vaccinated_on']},{d['vaccine']},{d['lot_number']},"
+                     f"{d['venue']},,false\n")  # fmt: skip
+    return "".join(lines).encode()
+
+
+@dataclass
+class CsvImport:
+    rows: int = 0
+    rows_ok: int = 0
+    rows_failed: int = 0
+    seconds: float = 0.0  # POST sent → GET says done
+    error: str = ""
+
+    @property
+    def rate(self) -> float:
+        return self.rows_ok / self.seconds if self.seconds else 0.0
+
+
+async def import_csv(session: aiohttp.ClientSession, gateway: str, tag: str, rows: int) -> CsvImport:
+    """Upload a dose CSV through the gateway and follow it until done."""
+    from shared.auth import Role
+
+    clinic = bearer(role=Role.INSTITUTION, institution=INSTITUTION)
+    body = dose_csv(tag, rows)
+    result = CsvImport(rows=rows)
+    started = time.monotonic()
+    headers = {**clinic, "Content-Type": "text/csv"}
+    async with session.post(gateway + "/api/v1/dose-imports", data=body, headers=headers) as response:
+        if response.status != 202:
+            result.error = f"POST {response.status} {(await response.read())[:200]!r}"
+            return result
+        import_id = (await response.json())["import_id"]
+    while True:
+        async with session.get(f"{gateway}/api/v1/dose-imports/{import_id}", headers=clinic) as response:
+            state = await response.json()
+        if state.get("status") in ("done", "failed") or time.monotonic() - started > 600:
+            break
+        await asyncio.sleep(0.05)
+    result.seconds = time.monotonic() - started
+    result.rows_ok, result.rows_failed = state.get("rows_ok", 0), state.get("rows_failed", 0)
+    if state.get("status") != "done":
+        result.error = f"import ended as {state}"
+    return result
 
 
 async def stats_total(session: aiohttp.ClientSession, gateway: str) -> int:

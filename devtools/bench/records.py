@@ -7,14 +7,20 @@ starts the four services as ``make run-full`` does, seeds residents through the 
   accepted→visible lag sampled alongside;
 - the ceiling of PERFORMANCE.md in the same run with the same load generator: a bare FastAPI + asyncpg
   ``INSERT ... RETURNING`` (``devtools.bench.baseline``), directly and behind a second gateway;
-- ``POST /api/v1/doses/batch`` (500 per request, 8 clients);
+- ``POST /api/v1/doses/batch`` (1,000 per request), beside the baseline's own batch endpoint (one multi-row
+  ``INSERT`` per request) as its ceiling;
+- a dose CSV import (``POST /api/v1/dose-imports``, followed until done), beside the same batch ceiling;
+- an open-loop run at 80% of the single-dose rate just measured, printing its p99 (latency from when each
+  request was due, so queueing shows);
 - accepted→visible lag on an idle system: a dose's 201 until ``GET /api/v1/stats/doses`` counts it.
+
+After every load the public statistics must count exactly the doses accepted (printed as "backlog ...").
 
 The load generator runs in a process of its own (aiohttp, one session, pre-built bodies); its CPU use is
 printed with everyone else's, so a generator that became the bottleneck shows. A program that prints
 numbers, not a test: every non-2xx answer is counted and printed, never dropped.
 
-    python -m devtools.bench records [--duration 12] [--warmup 2] [--probes 200] [--keep]
+    python -m devtools.bench records [--duration 12] [--warmup 2] [--probes 200] [--csv-rows 20000] [--keep]
 """
 
 from __future__ import annotations
@@ -44,8 +50,10 @@ from devtools.bench.core import (
     INSTITUTION,
     PHASE_BASELINE,
     PHASE_BATCH,
+    PHASE_FIXED,
     PHASE_SINGLE,
     CpuMeter,
+    CsvImport,
     Drain,
     Lags,
     LoadResult,
@@ -54,6 +62,7 @@ from devtools.bench.core import (
     System,
     bearer,
     dump_logs,
+    import_csv,
     percentile,
     run_load,
     say,
@@ -85,6 +94,13 @@ class Report:
     baseline_cpu: CpuMeter | None = None
     proxied: LoadResult | None = None
     proxied_cpu: CpuMeter | None = None
+    batch_baseline: LoadResult | None = None
+    batch_baseline_cpu: CpuMeter | None = None
+    csv: CsvImport | None = None
+    drain_csv: Drain | None = None
+    fixed: LoadResult | None = None
+    fixed_cpu: CpuMeter | None = None
+    drain_fixed: Drain | None = None
 
 
 def load_line(label: str, result: LoadResult | None) -> str:
@@ -142,11 +158,38 @@ def render(report: Report, args: argparse.Namespace) -> str:
             f"errors {batch.errors} ({batch.errors * args.batch_size} doses), {batch.items_rejected} items rejected"
         )
         lines += details(batch, report.batch_cpu)
+    ceiling = report.batch_baseline
+    if ceiling is not None:
+        lines.append(
+            f"{'batch ceiling (baseline, direct)':<34} {ceiling.item_rate:8.0f} doses/s  errors {ceiling.errors}"
+        )
+        lines += details(ceiling, report.batch_baseline_cpu)
+        if batch is not None and ceiling.item_rate:
+            lines.append(f"{'ratio VRS batch / batch ceiling':<34} {batch.item_rate / ceiling.item_rate:.2f}")
+    csv = report.csv
+    if csv is not None:
+        lines.append(
+            f"{'CSV import via gateway':<34} {csv.rate:8.0f} doses/s  ({csv.rows_ok} of {csv.rows} rows in "
+            f"{csv.seconds:.1f} s, {csv.rows_failed} failed){'  ERROR ' + csv.error if csv.error else ''}"
+        )
+        if ceiling is not None and ceiling.item_rate:
+            lines.append(f"{'ratio CSV import / batch ceiling':<34} {csv.rate / ceiling.item_rate:.2f}")
+    fixed = report.fixed
+    if fixed is not None:
+        ms = [v * 1000 for v in fixed.latencies]
+        lines.append(
+            f"{f'fixed rate {args.fixed_share:.0%} of max via gateway':<34} {fixed.rate:8.0f} req/s  "
+            f"(asked {report.single.rate * args.fixed_share if report.single else 0:.0f}/s)  "
+            f"p50 {percentile(ms, 0.5):6.1f} ms  p99 {percentile(ms, 0.99):6.1f} ms  errors {fixed.errors}"
+        )
+        lines += details(fixed, report.fixed_cpu)
     lines += [
         f"{'accepted→visible lag (idle)':<34} {report.lag_idle.describe()}",
         f"{'accepted→visible lag (under load)':<34} {report.lag_load.describe()}",
         f"{'backlog after single-dose load':<34} {report.drain_single.describe() if report.drain_single else '-'}",
         f"{'backlog after batch load':<34} {report.drain_batch.describe() if report.drain_batch else '-'}",
+        f"{'backlog after CSV import':<34} {report.drain_csv.describe() if report.drain_csv else '-'}",
+        f"{'backlog after fixed-rate load':<34} {report.drain_fixed.describe() if report.drain_fixed else '-'}",
         f"{'residents seeded (PUT via gateway)':<34} {report.seeded} at {report.seed_rate:.0f}/s",
         f"(lag: 201 received → first GET /api/v1/stats/doses showing the dose; polled every {args.poll_ms:g} ms "
         f"idle, {args.load_poll_ms:g} ms under load)",
@@ -156,6 +199,8 @@ def render(report: Report, args: argparse.Namespace) -> str:
         "baseline": report.baseline_cpu,
         "gateway+baseline": report.proxied_cpu,
         "batch": report.batch_cpu,
+        "batch ceiling": report.batch_baseline_cpu,
+        "fixed-rate": report.fixed_cpu,
     }
     for phase, meter in meters.items():
         if meter is not None and meter.others > 0.25:
@@ -216,6 +261,18 @@ async def measure(system: System, args: argparse.Namespace, cleanup: contextlib.
             )  # fmt: skip
             say(f"  {report.proxied.rate:.0f} req/s")
             proxy.stop()
+            await wait_quiet(args.quiet_cores, args.quiet_wait)
+            say("load: baseline batch (the batch ceiling) ...")
+            report.batch_baseline_cpu = CpuMeter({"baseline": lambda: [baseline_proc.pid], "postgres": system.pg_pids})
+            report.batch_baseline = await run_load(
+                LoadSpec(
+                    name="batch-baseline", url=f"http://127.0.0.1:{system.baseline_port}{DOSE_PATH}/batch",
+                    kind="batch", phase=PHASE_BASELINE, tag=f"{tag}-bbase", concurrency=args.batch_clients,
+                    warmup=args.warmup, duration=args.batch_duration, headers=clinic, batch_size=args.batch_size,
+                ),
+                report.batch_baseline_cpu,
+            )  # fmt: skip
+            say(f"  {report.batch_baseline.item_rate:.0f} doses/s")
             baseline_proc.terminate()
 
         prober = Prober(session, gateway, tag)
@@ -265,6 +322,33 @@ async def measure(system: System, args: argparse.Namespace, cleanup: contextlib.
         report.drain_batch = await wait_drained(session, gateway, expected)
         say(f"  backlog: {report.drain_batch.describe()}")
 
+        if args.csv_rows:
+            await wait_quiet(args.quiet_cores, args.quiet_wait)
+            say(f"CSV import of {args.csv_rows} rows through the gateway ...")
+            report.csv = await import_csv(session, gateway, tag, args.csv_rows)
+            say(f"  {report.csv.rate:.0f} doses/s {report.csv.error}")
+            expected += report.csv.rows_ok
+            report.drain_csv = await wait_drained(session, gateway, expected)
+            say(f"  backlog: {report.drain_csv.describe()}")
+
+        rate = report.single.rate * args.fixed_share
+        if rate >= 1:
+            await wait_quiet(args.quiet_cores, args.quiet_wait)
+            say(f"load: fixed rate {rate:.0f} doses/s ({args.fixed_share:.0%} of the single-dose max) ...")
+            report.fixed_cpu = CpuMeter(dict(vrs_groups))
+            report.fixed = await run_load(
+                LoadSpec(
+                    name="fixed", url=gateway + DOSE_PATH, kind="single", phase=PHASE_FIXED, tag=f"{tag}-fixed",
+                    concurrency=max(64, args.concurrency), warmup=args.warmup, duration=args.duration,
+                    headers=clinic, rate=rate,
+                ),
+                report.fixed_cpu,
+            )  # fmt: skip
+            say(f"  {report.fixed.rate:.0f} req/s")
+            expected += report.fixed.accepted_total
+            report.drain_fixed = await wait_drained(session, gateway, expected)
+            say(f"  backlog: {report.drain_fixed.describe()}")
+
 
 def server_versions(system: System) -> tuple[str, str]:
     from devtools.harness.kafka import KAFKA_VERSION
@@ -292,7 +376,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--poll-ms", type=float, default=2.0, help="stats polling interval of idle lag probes")
     parser.add_argument("--load-poll-ms", type=float, default=20.0, help="the same under load (it adds load)")
     parser.add_argument("--residents", type=int, default=int(env("VRS_BENCH_RESIDENTS", "500")))
-    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--csv-rows", type=int, default=int(env("VRS_BENCH_CSV_ROWS", "20000")), help="0: skip")
+    parser.add_argument("--fixed-share", type=float, default=0.8, help="the open-loop run's share of the max rate")
     parser.add_argument("--batch-clients", type=int, default=8)
     parser.add_argument("--batch-duration", type=float, default=float(env("VRS_BENCH_BATCH_DURATION", "10")))
     parser.add_argument(
