@@ -126,8 +126,8 @@ def _pg_array_type(column: Any) -> str:
     return f"{column.type.compile(dialect=postgresql.dialect())}[]"  # type: ignore[no-untyped-call]
 
 
-def _pg_value(column: Any, value: Any) -> Any:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")) if isinstance(column.type, JSON) else value
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def _unnest_insert(prefix: str, table: Table) -> str:
@@ -140,6 +140,10 @@ def _unnest_insert(prefix: str, table: Table) -> str:
     )
 
 
+_WRITE_JSON = {
+    prefix: [(name, isinstance(table.c[name].type, JSON)) for name in _WRITE_COLUMNS[prefix]]
+    for prefix, table in (("k", _keys), ("d", _doses), ("o", outbox))
+}
 _RECORD_PG = text(
     f"WITH new_doses AS ({_unnest_insert('d', _doses)}), new_events AS ({_unnest_insert('o', outbox)}) "
     + _unnest_insert("k", _keys)
@@ -240,10 +244,10 @@ class DoseRepository:
         """
         if self.session.get_bind().dialect.name == "postgresql":
             params: dict[str, Any] = {}
-            for prefix, table, rows in (("k", _keys, keys), ("d", _doses, doses), ("o", outbox, events)):
-                for column in table.c:
-                    if column.name in _WRITE_COLUMNS[prefix]:
-                        params[f"{prefix}_{column.name}"] = [_pg_value(column, r[column.name]) for r in rows]
+            for prefix, rows in (("k", keys), ("d", doses), ("o", events)):
+                for name, is_json in _WRITE_JSON[prefix]:
+                    values = [r[name] for r in rows]
+                    params[f"{prefix}_{name}"] = [_json(v) for v in values] if is_json else values
             await self.session.execute(_RECORD_PG, params)
             return
         for table, rows in ((_keys, keys), (_doses, doses), (outbox, events)):
