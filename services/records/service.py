@@ -50,6 +50,7 @@ from shared.domain.dose_rules import (
     find_exact_duplicate,
     review_findings,
 )
+from shared.domain.sex import Sex
 from shared.domain.vaccines import VaccineRules
 from shared.errors import Conflict, InvalidField, NotFound, VRSError
 from shared.events import CouponEvent, DoseEvent, DoseEventType, StatsCell
@@ -299,8 +300,9 @@ async def _record_in_shard(
             }
         )
 
+    # Built without re-validation: every field comes from a dose the rules just accepted.
     events = [
-        DoseEvent(
+        DoseEvent.model_construct(
             type=DoseEventType.RECORDED,
             dose_id=uuid.UUID(row["dose_id"]),
             municipality=row["municipality_code"],
@@ -322,12 +324,12 @@ def _replay(stored: tuple[str, dict[str, Any]], item: _Item) -> Outcome:
 
 
 def _cell(row: dict[str, Any]) -> StatsCell:
-    return StatsCell(
+    return StatsCell.model_construct(
         date=row["vaccinated_on"],
         prefecture=row["municipality_code"][:2],
         municipality=row["municipality_code"],
-        sex=row["sex"],
-        age_band=row["age_band"],
+        sex=Sex(row["sex"]),
+        age_band=AgeBand(row["age_band"]),
         medical_worker=row["medical_worker"],
         dose_number=row["dose_number"],
         vaccine=row["vaccine"],
