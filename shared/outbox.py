@@ -52,10 +52,6 @@ log = logging.getLogger(__name__)
 PUBLISHED = Counter("vrs_outbox_published_total", "Outbox events published", ["topic", "shard"])
 FAILURES = Counter("vrs_outbox_publish_failures_total", "Failed outbox publish attempts", ["topic", "shard"])
 LAST_BATCH = Gauge("vrs_outbox_last_batch_size", "Size of the last published outbox batch", ["topic", "shard"])
-BACKLOG = Gauge("vrs_outbox_backlog", "Outbox events not yet published", ["topic", "shard"])
-OLDEST_AGE = Gauge(
-    "vrs_outbox_oldest_age_seconds", "Age of the oldest outbox event not yet published (0: none)", ["topic", "shard"]
-)
 # The channel a trigger on ``outbox`` notifies on commit (PostgreSQL): a relay LISTENs on it in every shard.
 NOTIFY_CHANNEL = "outbox"
 NOTIFY_TRIGGER_SQL = (
@@ -189,22 +185,6 @@ class OutboxRelay:
         self._next_purge = 0.0
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
-        self._next_backlog = 0.0
-
-    async def update_backlog(self) -> None:
-        """Set the backlog gauges of every shard (an unreachable shard keeps its last value)."""
-        now = utcnow()
-        for name, db in self._databases.shards.items():
-            try:
-                async with db.sessionmaker() as session:
-                    count, oldest = await OutboxRepository(session, self._table).backlog()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("outbox backlog of shard %s unknown (%s)", name, type(exc).__name__)
-                continue
-            BACKLOG.labels(self._topic, name).set(count)
-            OLDEST_AGE.labels(self._topic, name).set(0 if oldest is None else (now - _aware(oldest)).total_seconds())
 
     async def listen(self) -> None:
         """Wake on every commit to a PostgreSQL shard's outbox, whichever process wrote it (``LISTEN``).
@@ -289,9 +269,6 @@ class OutboxRelay:
         backoff = 0.5
         due = set(self._databases.shards)
         while True:
-            if time.monotonic() >= self._next_backlog:
-                self._next_backlog = time.monotonic() + 1.0
-                await self.update_backlog()
             if time.monotonic() >= self._next_purge:
                 self._next_purge = time.monotonic() + 600
                 try:
@@ -330,26 +307,6 @@ class OutboxRelay:
             due, self._dirty = self._dirty, set()
 
 
-async def watch_backlog(databases: Databases, table: Table, *, topic: str, every: float = 5.0) -> None:
-    """Keep the backlog gauges of a process that does not run the relay itself current."""
-    relay = OutboxRelay(databases, _NoPublisher(), table, topic=topic, batch_size=1, idle_seconds=every)
-    while True:
-        await relay.update_backlog()
-        await asyncio.sleep(every)
-
-
-class _NoPublisher:
-    async def publish(self, messages: Sequence[OutgoingMessage]) -> None:
-        raise RuntimeError("this process does not publish")
-
-    async def close(self) -> None:
-        return None
-
-
-def _aware(at: datetime) -> datetime:
-    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)  # SQLite gives naive datetimes back
-
-
 @contextlib.asynccontextmanager
 async def relay_in_background(
     settings: PublisherSettings, databases: Databases, table: Table, *, topic: str
@@ -360,14 +317,7 @@ async def relay_in_background(
     it committed to.
     """
     if not settings.run_relay:
-        # The relay runs elsewhere; this process still shows the backlog on its /metrics.
-        watcher = asyncio.create_task(watch_backlog(databases, table, topic=topic), name=f"outbox-backlog-{topic}")
-        try:
-            yield None
-        finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+        yield None
         return
     publisher = make_publisher(settings.bus, topic=topic)
     relay = OutboxRelay(

@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 
 from devtools.launcher import Stack
-from shared.auth import Role, mint_token
+from devtools.tokens import identity_token
+from shared.auth import Role
 from shared.domain.coupon import compose_coupon_line
-from shared.settings import AuthSettings
 
 INSTITUTION = "1312345678"
 
@@ -33,7 +33,7 @@ def test_vrs_doses_import_uploads_and_follows_the_file(stack: Stack, tmp_path: P
     csv = tmp_path / "doses.csv"
     csv.write_text("client_id,coupon,dose_number,vaccinated_on,vaccine,lot_number,venue,doctor,medical_worker\n"
                    + "\n".join(rows) + "\n", encoding="utf-8")  # fmt: skip
-    token = mint_token(AuthSettings(), role=Role.INSTITUTION, institution=INSTITUTION)
+    token = identity_token(role=Role.INSTITUTION, institution=INSTITUTION)
     result = subprocess.run(
         [sys.executable, "-m", "shared.cli", "doses", "import", str(csv), "--gateway", stack.url(), "--token", token],
         capture_output=True,
@@ -46,7 +46,7 @@ def test_vrs_doses_import_uploads_and_follows_the_file(stack: Stack, tmp_path: P
     assert "40 rows recorded, 1 failed" in result.stderr
     assert "[##############################] 41/41 done" in result.stderr
     import_id = result.stderr.split("import ", 1)[1].split()[0]
-    other = mint_token(AuthSettings(), role=Role.INSTITUTION, institution="1319999999")
+    other = identity_token(role=Role.INSTITUTION, institution="1319999999")
     with httpx.Client(base_url=stack.url(), timeout=30) as gw:
         mine = gw.get(f"/api/v1/dose-imports/{import_id}", headers={"Authorization": f"Bearer {token}"})
         theirs = gw.get(f"/api/v1/dose-imports/{import_id}", headers={"Authorization": f"Bearer {other}"})
