@@ -40,6 +40,8 @@ MATRIX: dict[tuple[str, str], tuple[object, ...]] = {
     ("POST", f"{M}/residents/{{resident_id}}/coupon-reissue"): MUNI_ONLY,
     ("POST", "/api/v1/doses"): DOSE_WRITERS,
     ("POST", "/api/v1/doses/batch"): DOSE_WRITERS,
+    ("POST", "/api/v1/dose-imports"): DOSE_WRITERS,
+    ("GET", "/api/v1/dose-imports/{import_id}"): DOSE_WRITERS,
     ("GET", "/api/v1/coupons/{coupon}"): DOSE_WRITERS,
     ("GET", f"{M}/doses"): MUNI_ONLY,
     ("POST", f"{M}/doses/{{dose_id}}/corrections"): MUNI_ONLY,
