@@ -15,12 +15,12 @@ from services.records.schemas import (
     DoseAccepted,
     DoseBatchIn,
     DoseBatchOut,
+    DoseImportRowError,
+    DoseImportStatusOut,
     DoseIn,
     DoseList,
     DoseOut,
     ImportAccepted,
-    ImportRowError,
-    ImportStatusOut,
     ItemError,
 )
 from services.records.settings import RecordsSettings
@@ -148,20 +148,20 @@ async def start_dose_import(request: Request, principal: Recorder, uow: UnitOfWo
 
 @router.get(
     "/dose-imports/{import_id}",
-    response_model=ImportStatusOut,
+    response_model=DoseImportStatusOut,
     responses=responses(Unauthorized, Forbidden, NotFound),
 )
 async def dose_import_status(
     import_id: Annotated[str, Path(max_length=36)], principal: Recorder, uow: UnitOfWorkDep
-) -> ImportStatusOut:
+) -> DoseImportStatusOut:
     """How far an import got, with each failed row's number, field and reason (only for whoever sent it)."""
     entry = await service.import_status(uow, principal=principal, import_id=import_id)
-    return ImportStatusOut(
+    return DoseImportStatusOut(
         status=entry.status,
         rows_total=entry.rows_total,
         rows_ok=entry.rows_ok,
         rows_failed=entry.rows_failed,
-        errors=[ImportRowError.model_validate(e) for e in entry.errors],
+        errors=[DoseImportRowError.model_validate(e) for e in entry.errors],
     )
 
 

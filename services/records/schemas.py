@@ -120,15 +120,15 @@ class ImportAccepted(BaseModel):
     import_id: str
 
 
-class ImportRowError(BaseModel):
+class DoseImportRowError(BaseModel):
     row: int = Field(description="the file's row number (the header is row 1)")
     field: str
     message: str
 
 
-class ImportStatusOut(BaseModel):
+class DoseImportStatusOut(BaseModel):
     status: Literal["queued", "processing", "done", "failed"]
     rows_total: int = Field(description="data rows in the file (0 until processing starts)")
     rows_ok: int = Field(description="rows recorded (or answered as before: a row sent again is not a new dose)")
     rows_failed: int
-    errors: list[ImportRowError] = Field(description="the first 1,000 row errors, in file order")
+    errors: list[DoseImportRowError] = Field(description="the first 1,000 row errors, in file order")
