@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import importlib
+import logging
+from pathlib import Path
 
 from fastapi.routing import APIRoute
 
+from services.gateway.app import create_app
 from services.gateway.openapi import build_openapi
 from services.gateway.policy import TABLE, Upstream
+from services.gateway.settings import GatewaySettings
+from shared.observability import JsonFormatter
 
 DOC = build_openapi(TABLE)
 
@@ -53,3 +58,10 @@ def test_operations_carry_the_gateways_security_and_errors() -> None:
         "$ref": "#/components/schemas/ValidationErrorBody"
     }
     assert "HTTPValidationError" not in str(DOC["paths"])
+
+
+def test_building_the_contract_leaves_the_gateways_own_log_lines(tmp_path: Path) -> None:
+    # The services' apps are built in the gateway's process; their logging set-up must not stay behind.
+    create_app(GatewaySettings(main_dsn=f"sqlite+aiosqlite:///{tmp_path / 'g.db'}", audit_anchor_dir=tmp_path))
+    formatter = logging.getLogger().handlers[0].formatter
+    assert isinstance(formatter, JsonFormatter) and formatter.service == "gateway"
