@@ -49,15 +49,17 @@ async def services(tmp_path: Path) -> AsyncIterator[dict[str, httpx.AsyncClient]
     stats_main, _ = await migrated(tmp_path, "stats", shards=False)
     apps: dict[str, FastAPI] = {
         "registry": registry_app(
-            RegistrySettings(main_dsn=registry_main, shard_dsns=registry_shards, records_url="http://127.0.0.1:9")
+            RegistrySettings(
+                main_dsn=registry_main,
+                shard_dsns=registry_shards,
+                bus=bus,
+                run_relay=False,
+                records_url="http://127.0.0.1:9",
+            )
         ),
         "records": records_app(
             RecordsSettings(
-                main_dsn=records_main,
-                shard_dsns=records_shards,
-                bus=bus,
-                run_relay=False,
-                registry_url="http://127.0.0.1:9",
+                main_dsn=records_main, shard_dsns=records_shards, bus=bus, run_relay=False, run_consumer=False
             )
         ),
         "stats": stats_app(StatsSettings(main_dsn=stats_main, bus=bus, run_consumer=False)),
