@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import httpx
@@ -41,7 +41,7 @@ async def registry(tmp_path: Path) -> AsyncIterator[tuple[FastAPI, httpx.AsyncCl
         yield app, client, tmp_path
 
 
-def municipality(code: str = CHIYODA) -> dict[str, str]:
+def municipality(code: str = CHIYODA) -> Mapping[str, str]:
     return internal_headers(Role.MUNICIPALITY, municipality=code)
 
 
