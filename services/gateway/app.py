@@ -120,11 +120,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         await app.state.databases.ping()
         await app.state.gateway.check_upstreams(timeout=settings.proxy_connect_timeout_seconds + 1)
 
-    # Built first: building the services' apps configures logging as theirs, and the gateway's own
-    # build_app below sets it back to the gateway's.
-    contract = build_openapi(TABLE)
+    # The gateway's app first: the process's log lines carry the first service configured in it, and
+    # building the services' apps for their OpenAPI comes after.
     app = build_app(
         service="gateway", settings=settings, lifespan=lifespan, routers=[router], ready=ready, behind_gateway=False
     )
+    contract = build_openapi(TABLE)
     app.openapi = lambda: contract  # type: ignore[method-assign]
     return app

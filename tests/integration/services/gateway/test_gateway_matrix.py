@@ -46,8 +46,6 @@ MATRIX: dict[tuple[str, str], tuple[object, ...]] = {
     ("GET", f"{M}/doses"): MUNI_ONLY,
     ("POST", f"{M}/doses/{{dose_id}}/corrections"): MUNI_ONLY,
     ("GET", "/api/v1/stats/doses"): ANYONE,
-    ("GET", "/api/v1/stats/coverage"): ANYONE,
-    ("GET", "/dashboard/{asset}"): ANYONE,
     ("GET", "/api/v1/opendata/{file}"): ANYONE,
     ("GET", "/api/v1/stats/coverage"): ANYONE,
     ("GET", "/dashboard"): ANYONE,

@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import uuid
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,7 +126,7 @@ async def registry(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Fak
         yield client, records
 
 
-def muni(code: str = CHIYODA) -> dict[str, str]:
+def muni(code: str = CHIYODA) -> Mapping[str, str]:
     return internal_headers(Role.MUNICIPALITY, municipality=code)
 
 

@@ -6,6 +6,7 @@ import importlib
 import logging
 from pathlib import Path
 
+import pytest
 from fastapi.routing import APIRoute
 
 from services.gateway.app import create_app
@@ -60,8 +61,11 @@ def test_operations_carry_the_gateways_security_and_errors() -> None:
     assert "HTTPValidationError" not in str(DOC["paths"])
 
 
-def test_building_the_contract_leaves_the_gateways_own_log_lines(tmp_path: Path) -> None:
-    # The services' apps are built in the gateway's process; their logging set-up must not stay behind.
+def test_building_the_contract_leaves_the_gateways_own_log_lines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The services' apps are built in the gateway's process; their labels must not end up on its log lines.
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # a fresh process
     create_app(GatewaySettings(main_dsn=f"sqlite+aiosqlite:///{tmp_path / 'g.db'}", audit_anchor_dir=tmp_path))
     formatter = logging.getLogger().handlers[0].formatter
     assert isinstance(formatter, JsonFormatter) and formatter.service == "gateway"
