@@ -64,10 +64,16 @@ class InternalHeaders(Mapping[str, str]):
     def __len__(self) -> int:
         return 1
 
+    def __or__(self, other: Mapping[str, str]) -> dict[str, str]:
+        return {**self, **other}
+
+    def __ror__(self, other: Mapping[str, str]) -> dict[str, str]:
+        return {**other, **self}
+
 
 def internal_headers(
     role: Role, *, subject: str | None = None, municipality: str | None = None, institution: str | None = None
-) -> Mapping[str, str]:
+) -> InternalHeaders:
     """``{"Authorization": ...}`` for calling a service in-process as the gateway would forward ``role``."""
     return InternalHeaders(Principal.named(role, subject=subject, municipality=municipality, institution=institution))
 
