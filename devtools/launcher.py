@@ -219,8 +219,7 @@ def print_banner(services: Stack, *, full: bool, var: Path) -> None:
 VRS is running — {mode}; data in {var}
   Dashboard     {gw}/dashboard
   API           {gw}/api/v1/...   (health: {gw}/healthz)
-  Services      registry {services.url("registry")}/docs · records {services.url("records")}/docs · \
-stats {services.url("stats")}/docs
+  API docs      {gw}/docs   (OpenAPI: {gw}/openapi.json; the services answer only the gateway)
   Logs          {var / "log"}
 
 Get a token (development key):

@@ -3,7 +3,6 @@
 There is no service identity: a call made while serving a request forwards that request's internal token
 (:data:`shared.auth.forwarded_authorization`), so the callee sees — and re-checks the scope of — the
 municipality or institution that asked. A call made outside any request carries no token and is refused.
-Data flows one way (registry → records → stats) through events; these calls only read.
 
 A service never calls another with authority of its own: what it may read there is exactly what its caller
 may read. Data flows one way (registry → records → stats) through events; these calls only read.

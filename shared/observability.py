@@ -89,6 +89,10 @@ def observe_event_ages(consumer: str, topic: str, occurred: Sequence[datetime]) 
         histogram.observe(max(0.0, (now - at).total_seconds()))
 
 
+class NotReady(Exception):
+    """A readiness failure whose message is ours to show (``/readyz`` shows only the kind of any other)."""
+
+
 class RedactMyNumber(logging.Filter):
     """Masks anything that looks like a My Number in a record's message (:mod:`shared.redaction`), before any
     handler or formatter sees the record."""
@@ -242,7 +246,10 @@ def install_health(
         try:
             await ready()
         except Exception as exc:
-            return JSONResponse({"error": "NotReady", "detail": f"{type(exc).__name__}: {exc}"}, status_code=503)
+            # A driver's message may name hosts and ports: it goes to the log, the answer names only the kind.
+            logging.getLogger(__name__).warning("not ready: %s: %s", type(exc).__name__, exc)
+            detail = str(exc) if isinstance(exc, NotReady) else type(exc).__name__
+            return JSONResponse({"error": "NotReady", "detail": detail}, status_code=503)
         return JSONResponse({"status": "ready", "service": service})
 
     @app.get("/metrics", include_in_schema=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -43,9 +43,39 @@ def internal_token(
     return _GATEWAY.mint(principal, ttl_seconds=ttl_seconds)
 
 
-def internal_headers(role: Role, **claims: Any) -> dict[str, str]:
+class InternalHeaders(Mapping[str, str]):
+    """``{"Authorization": "Bearer <internal token>"}`` that never goes stale.
+
+    Internal tokens live minutes; headers made once at import would expire in a long test run. The token is
+    taken from the issuer on every read, which reuses one per caller for half its life.
+    """
+
+    def __init__(self, principal: Principal) -> None:
+        self._principal = principal
+
+    def __getitem__(self, key: str) -> str:
+        if key != "Authorization":
+            raise KeyError(key)
+        return _GATEWAY.authorization(self._principal)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(("Authorization",))
+
+    def __len__(self) -> int:
+        return 1
+
+    def __or__(self, other: Mapping[str, str]) -> dict[str, str]:
+        return {**self, **other}
+
+    def __ror__(self, other: Mapping[str, str]) -> dict[str, str]:
+        return {**other, **self}
+
+
+def internal_headers(
+    role: Role, *, subject: str | None = None, municipality: str | None = None, institution: str | None = None
+) -> InternalHeaders:
     """``{"Authorization": ...}`` for calling a service in-process as the gateway would forward ``role``."""
-    return {"Authorization": "Bearer " + internal_token(role, **claims)}
+    return InternalHeaders(Principal.named(role, subject=subject, municipality=municipality, institution=institution))
 
 
 # The stats tests' ``add_cells`` fixture: change counts as the consumer would.

@@ -1,12 +1,17 @@
-"""Gateway overhead, measured: ``python -m devtools.bench gateway [--seconds 10] [--connections 32]``.
+"""Gateway overhead, measured: ``python -m devtools.bench gateway [--seconds 8] [--connections 32]``.
 
-Starts a trivial upstream (FastAPI, one small JSON answer) and, one after another, gateways in front of it
-on each transport, all as uvicorn processes (uvloop, httptools) like ``vrs run``; drives each with the same
-closed-loop load from this process; prints requests/s and latency percentiles. The load generator shares
-the machine's cores with the servers, so compare the rows of one run, not numbers across machines.
+Starts a trivial upstream (FastAPI, one small JSON answer per route) and a gateway in front of it, both as
+uvicorn processes (uvloop, httptools) like ``vrs run``; the gateway runs in full: identity tokens verified
+(cached), the policy, the internal token, and the audit trail (SQLite, batched, anchored) for personal-data
+routes. The load comes from this process over raw keep-alive connections:
 
-The request is the hot path: ``POST /api/v1/doses`` with an institution token and a small JSON body,
-which the gateway forwards without an audit entry.
+- **max rate**: closed loop, ``--connections`` connections, each sending again as soon as its answer is in;
+- **fixed rate**: open loop at ``--rate`` requests/s spread over the connections; latency is measured from the
+  moment each request was *due*, so a stall is not hidden (no coordinated omission).
+
+Routes: ``POST /api/v1/doses`` (institution; audited: a dose is health data) and
+``GET /api/v1/municipalities/{code}/residents/{id}`` (municipality; an audited read of personal data).
+The load generator shares the machine's cores with the servers: compare the rows of one run.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -39,6 +45,10 @@ BODY = (
     b'"vaccine":"pfizer","lot_number":"EY1234"}'
 )
 ANSWER = b'{"dose_id":"d-0000000001","status":"recorded","findings":[]}'
+RESIDENT = b'{"resident_id":"r-1","name":"x","doses":[]}'
+DOSE_PATH = "/api/v1/doses"
+READ_PATH = "/api/v1/municipalities/131016/residents/r-1"
+STATS_PATH = "/api/v1/stats/doses"
 
 
 def upstream_app() -> FastAPI:
@@ -54,15 +64,24 @@ def upstream_app() -> FastAPI:
         await request.body()
         return Response(ANSWER, status_code=201, media_type="application/json")
 
+    @app.get("/api/v1/stats/doses")
+    async def stats() -> Response:
+        return Response(b'{"as_of":null,"rows":[{"count":0}]}', status_code=200, media_type="application/json")
+
+    @app.get("/api/v1/municipalities/{code}/residents/{resident_id}")
+    async def resident(code: str, resident_id: str) -> Response:
+        return Response(RESIDENT, status_code=200, media_type="application/json")
+
     return app
 
 
 @contextlib.contextmanager
-def uvicorn_process(target: str, port: int, env: dict[str, str]) -> Iterator[None]:
+def uvicorn_process(target: str, port: int, env: dict[str, str], *, workers: int = 1) -> Iterator[None]:
     process = subprocess.Popen(
         [
             sys.executable, "-m", "uvicorn", target, "--factory", "--host", "127.0.0.1", "--port", str(port),
             "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning",
+            "--workers", str(workers),
         ],
         env=env,
     )  # fmt: skip
@@ -114,20 +133,37 @@ class _Connection(asyncio.Protocol):
     a client library would spend more CPU per request than the gateway under test.
     """
 
-    def __init__(self, request: bytes, result: Result, measure_from: float, stop: float) -> None:
+    def __init__(
+        self, request: bytes, result: Result, measure_from: float, stop: float, *, expect: int, interval: float = 0.0
+    ) -> None:
         self.request, self.result, self.measure_from, self.stop = request, result, measure_from, stop
+        self.expect = expect
+        # 0: closed loop. Otherwise the next request is due ``interval`` after the previous one was due,
+        # and its latency counts from then (open loop, no coordinated omission).
+        self.interval = interval
         self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.buffer = b""
         self.sent_at = 0.0
+        self.due = 0.0
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass, but quacks alike
-        self._send()
+        self.due = time.perf_counter() + (random.random() * self.interval)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        delay = self.due - time.perf_counter()
+        if self.interval and delay > 0:
+            asyncio.get_running_loop().call_later(delay, self._send)
+        else:
+            self._send()
 
     def _send(self) -> None:
         assert self.transport is not None
         self.sent_at = time.perf_counter()
+        if not self.interval:
+            self.due = self.sent_at
         self.transport.write(self.request)
 
     def data_received(self, data: bytes) -> None:
@@ -145,42 +181,66 @@ class _Connection(asyncio.Protocol):
             now = time.perf_counter()
             if self.sent_at >= self.measure_from:
                 self.result.requests += 1
-                self.result.errors += status != 201
-                self.result.latencies.append(now - self.sent_at)
+                self.result.errors += status != self.expect
+                self.result.latencies.append(now - self.due)
             if now >= self.stop:
                 assert self.transport is not None
                 self.transport.close()
                 return
-            self._send()
+            self.due += self.interval
+            self._schedule()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.finished.done():
             self.finished.set_result(None)
 
 
-async def _load(url: str, headers: dict[str, str], *, connections: int, seconds: float, warmup: float) -> Result:
-    parsed = URL(url)
+@dataclass(frozen=True)
+class Target:
+    method: str
+    url: str
+    headers: dict[str, str]
+    expect: int
+    body: bytes = b""
+
+
+async def _load(target: Target, *, connections: int, seconds: float, warmup: float, rate: float = 0.0) -> Result:
+    parsed = URL(target.url)
     host, port = parsed.host or "127.0.0.1", parsed.port or 80
+    length = f"Content-Length: {len(target.body)}\r\n" if target.body else ""
     request = (
-        f"POST {parsed.raw_path_qs} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: {len(BODY)}\r\n"
-        + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        f"{target.method} {parsed.raw_path_qs} HTTP/1.1\r\nHost: {host}:{port}\r\n{length}"
+        + "".join(f"{k}: {v}\r\n" for k, v in target.headers.items())
         + "\r\n"
-    ).encode() + BODY
+    ).encode() + target.body
+    interval = connections / rate if rate else 0.0
     result = Result(0, 0, seconds, [])
     measure_from = time.perf_counter() + warmup
     stop = measure_from + seconds
     loop = asyncio.get_running_loop()
     protocols = []
     for _ in range(connections):
-        _, protocol = await loop.create_connection(lambda: _Connection(request, result, measure_from, stop), host, port)
+        _, protocol = await loop.create_connection(
+            lambda: _Connection(request, result, measure_from, stop, expect=target.expect, interval=interval),
+            host,
+            port,
+        )
         protocols.append(protocol)
     await asyncio.gather(*(p.finished for p in protocols))
     return result
 
 
-def run_load(url: str, headers: dict[str, str], *, connections: int, seconds: float) -> Result:
+def run_load(target: Target, *, connections: int, seconds: float, rate: float = 0.0) -> Result:
     # uvloop, like the servers: the load generator must not be the slowest process.
-    return uvloop.run(_load(url, headers, connections=connections, seconds=seconds, warmup=min(2.0, seconds / 5)))
+    return uvloop.run(_load(target, connections=connections, seconds=seconds, warmup=min(2.0, seconds / 4), rate=rate))
+
+
+def audit_entries(dsn: str) -> int:
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(dsn.removeprefix("sqlite+aiosqlite:///"))) as db:
+        count: int = db.execute("SELECT count(*) FROM audit_trail").fetchone()[0]
+    return count
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,69 +249,82 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=1, help="cycle through the variants this often; medians")
+    parser.add_argument("--rate", type=float, default=1000.0, help="the fixed rate of the latency comparison")
+    parser.add_argument("--transport", default="aiohttp", choices=["aiohttp", "httpx"])
     parser.add_argument(
-        "--variants",
-        default="direct,aiohttp,aiohttp-no-token-cache,httpx",
-        help="comma-separated: direct, aiohttp, aiohttp-no-token-cache, httpx",
+        "--gateway-workers", type=int, default=1, help="uvicorn workers of the gateway (each its own audit chain)"
     )
     args = parser.parse_args(argv)
-    variants = args.variants.split(",")
 
-    headers = {
+    dose_headers = {
         **bearer_headers(Role.INSTITUTION, institution="1312345678"),
         "Content-Type": "application/json",
         "Idempotency-Key": "bench",
     }
+    read_headers = bearer_headers(Role.MUNICIPALITY, municipality="131016")
     upstream_port, gateway_port = free_port(), free_port()
-    results: dict[str, list[Result]] = {v: [] for v in variants}
+    rows: list[tuple[str, Result]] = []
     with tempfile.TemporaryDirectory(prefix="vrs-gateway-bench-") as var:
         env = {**os.environ, "VRS_VAR_DIR": var, "VRS_ENVIRONMENT": "development"}
         dsn = f"sqlite+aiosqlite:///{var}/gateway.db"
         upgrade(dsn, MIGRATIONS)
-        upstream_url = f"http://127.0.0.1:{upstream_port}"
+        upstream = f"http://127.0.0.1:{upstream_port}"
+        gateway = f"http://127.0.0.1:{gateway_port}"
         gateway_env = {
             **env,
             "VRS_GATEWAY_MAIN_DSN": dsn,
-            "VRS_GATEWAY_REGISTRY_URL": upstream_url,
-            "VRS_GATEWAY_RECORDS_URL": upstream_url,
-            "VRS_GATEWAY_STATS_URL": upstream_url,
+            "VRS_GATEWAY_REGISTRY_URL": upstream,
+            "VRS_GATEWAY_RECORDS_URL": upstream,
+            "VRS_GATEWAY_STATS_URL": upstream,
             "VRS_GATEWAY_LOG_LEVEL": "WARNING",
+            "VRS_GATEWAY_PROXY_TRANSPORT": args.transport,
+            # The bench is one caller at full speed: its own rate limit must not be what is measured.
+            "VRS_GATEWAY_RATE_PER_PRINCIPAL": "1000000",
+            "VRS_GATEWAY_BURST_PER_PRINCIPAL": "1000000",
         }
-        with uvicorn_process("devtools.bench.gateway:upstream_app", upstream_port, env):
-            # Interleaved rounds: a neighbour's burst of load hits every variant alike.
-            for _ in range(args.rounds):
-                for variant in variants:
-                    if variant == "direct":
-                        url = f"{upstream_url}/api/v1/doses"
-                        results[variant].append(
-                            run_load(url, headers, connections=args.connections, seconds=args.seconds)
-                        )
-                        continue
-                    transport, _, option = variant.partition("-")
-                    extra = {"VRS_GATEWAY_PROXY_TRANSPORT": transport}
-                    if option == "no-token-cache":
-                        extra["VRS_GATEWAY_TOKEN_CACHE_SIZE"] = "0"  # noqa: S105 - a size, not a secret
-                    with uvicorn_process("services.gateway.app:create_app", gateway_port, {**gateway_env, **extra}):
-                        url = f"http://127.0.0.1:{gateway_port}/api/v1/doses"
-                        results[variant].append(
-                            run_load(url, headers, connections=args.connections, seconds=args.seconds)
-                        )
+        direct_dose = Target("POST", upstream + DOSE_PATH, dose_headers, 201, BODY)
+        gateway_dose = Target("POST", gateway + DOSE_PATH, dose_headers, 201, BODY)
+        direct_read = Target("GET", upstream + READ_PATH, read_headers, 200)
+        gateway_read = Target("GET", gateway + READ_PATH, read_headers, 200)
+        load = {"connections": args.connections, "seconds": args.seconds}
+        with (
+            uvicorn_process("devtools.bench.gateway:upstream_app", upstream_port, env),
+            uvicorn_process("services.gateway.app:create_app", gateway_port, gateway_env, workers=args.gateway_workers),
+        ):
+            before = audit_entries(dsn)
+            rows.append(("dose, direct, max", run_load(direct_dose, **load)))
+            rows.append(("dose, gateway, max", run_load(gateway_dose, **load)))
+            rows.append(("read, direct, max", run_load(direct_read, **load)))
+            rows.append(("read, gateway, max", run_load(gateway_read, **load)))
+            # Not personal data: the same pipeline without the audit trail, to show what the audit costs.
+            stats = Target("GET", gateway + STATS_PATH, read_headers, 200)
+            rows.append(("stats, gateway, max", run_load(stats, **load)))
+            fixed = {"connections": max(8, args.connections // 2), "seconds": args.seconds, "rate": args.rate}
+            rows.append((f"dose, direct, {args.rate:.0f}/s", run_load(direct_dose, **fixed)))
+            rows.append((f"dose, gateway, {args.rate:.0f}/s", run_load(gateway_dose, **fixed)))
+            rows.append((f"read, direct, {args.rate:.0f}/s", run_load(direct_read, **fixed)))
+            rows.append((f"read, gateway, {args.rate:.0f}/s", run_load(gateway_read, **fixed)))
+            audited = audit_entries(dsn) - before
 
-    def median(runs: list[Result]) -> Result:
-        return sorted(runs, key=lambda r: r.rate)[len(runs) // 2]
-
-    direct = median(results["direct"]) if results.get("direct") else None
-    print(f"{'variant':<24}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}{'of direct':>11}")
-    for name, runs in results.items():
-        result = median(runs)
-        share = f"{result.rate / direct.rate:.0%}" if direct and direct.requests else ""
+    load1, load5, _ = os.getloadavg()
+    print(f"gateway workers: {args.gateway_workers}; load average while measuring {load1:.1f} / {load5:.1f}")
+    print(f"{'load':<26}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
+    for name, r in rows:
+        print(f"{name:<26}{r.rate:>10.0f}{r.percentile(0.5):>9.2f}{r.percentile(0.99):>9.2f}{r.errors:>8}")
+    by = dict(rows)
+    share = by["dose, gateway, max"].rate / by["dose, direct, max"].rate
+    fixed_rows = [(k.split(",")[0], by[f"{k.split(',')[0]}, gateway, {args.rate:.0f}/s"]) for k in ("dose,", "read,")]
+    print(f"audit entries written during the run: {audited:,} (every gateway request above is audited)")
+    print(f"dose route, gateway max / direct max: {share:.0%} (target >= 70%)")
+    for route, _ in fixed_rows:
+        g, d = by[f"{route}, gateway, {args.rate:.0f}/s"], by[f"{route}, direct, {args.rate:.0f}/s"]
         print(
-            f"{name:<24}{result.rate:>10.0f}{result.percentile(0.5):>10.1f}{result.percentile(0.99):>10.1f}"
-            f"{result.errors:>8}{share:>11}"
+            f"{route} route at {args.rate:.0f}/s: added p50 {g.percentile(0.5) - d.percentile(0.5):.2f} ms, "
+            f"added p99 {g.percentile(0.99) - d.percentile(0.99):.2f} ms (target <= 2 ms)"
         )
+    print(f"audited reads through the gateway: {by['read, gateway, max'].rate:,.0f}/s (target >= 5,000)")
     return 0
 
 

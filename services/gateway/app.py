@@ -120,6 +120,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         await app.state.databases.ping()
         await app.state.gateway.check_upstreams(timeout=settings.proxy_connect_timeout_seconds + 1)
 
+    # The gateway's app first: the process's log lines carry the first service configured in it, and
+    # building the services' apps for their OpenAPI comes after.
     app = build_app(
         service="gateway", settings=settings, lifespan=lifespan, routers=[router], ready=ready, behind_gateway=False
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -32,8 +32,8 @@ class AuditRepository:
         stmt = select(_TABLE).where(_TABLE.c.instance == instance, _TABLE.c.seq == seq)
         return (await self.session.execute(stmt)).mappings().first()
 
-    async def add_many(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        await self.session.execute(insert(_TABLE), [dict(r) for r in rows])
+    async def add_many(self, rows: list[dict[str, Any]]) -> None:
+        await self.session.execute(insert(_TABLE), rows)
 
     async def instances(self) -> list[str]:
         return [str(i) for i in (await self.session.execute(select(_TABLE.c.instance).distinct())).scalars()]

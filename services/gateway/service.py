@@ -30,6 +30,7 @@ from shared.errors import (
     VRSError,
     error_response,
 )
+from shared.observability import NotReady
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,7 @@ class Gateway:
 
         problems = [p for p in await asyncio.gather(*(check(n, b) for n, b in self._upstreams.items())) if p]
         if problems:
-            raise RuntimeError("; ".join(problems))
+            raise NotReady("; ".join(problems))
 
 
 def _facts(inbound: Inbound, match: Match, principal: Principal, basis: LegalBasis, outcome: int) -> AuditFacts:

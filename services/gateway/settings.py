@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 from typing import Literal
@@ -47,8 +48,11 @@ class GatewaySettings(ServiceSettings):
     # --- the audit trail ---
     # HMAC key of the audit entries: a gateway secret the database administrator does not hold.
     audit_key: str = DEV_AUDIT_KEY
-    # One chain per instance; in Kubernetes the pod name (a StatefulSet keeps it across restarts).
-    instance_id: str = Field(default_factory=socket.gethostname, pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    # One chain per gateway process: the host (the pod's name in Kubernetes) and the process id, so that
+    # replicas and uvicorn workers never share a chain. A restart starts a new chain; old ones stay verifiable.
+    instance_id: str = Field(
+        default_factory=lambda: f"{socket.gethostname()[:50]}-{os.getpid()}", pattern=r"^[A-Za-z0-9._-]{1,64}$"
+    )
     # Where each chain's head is anchored after every batch: outside the database (see audit.py).
     audit_anchor_dir: Path = Field(default_factory=lambda: var_dir() / "gateway" / "audit-anchors")
     audit_batch_max: int = Field(default=1000, ge=1)

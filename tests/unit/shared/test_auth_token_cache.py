@@ -10,7 +10,7 @@ import shared.auth as auth_module
 from shared.auth import ANONYMOUS, InternalTokenVerifier, Principal, Role, TokenCache
 from shared.errors import Unauthorized
 from shared.settings import AuthSettings
-from tests.factories import internal_token
+from tests.factories import internal_headers, internal_token
 
 AUTH = AuthSettings()
 CHIYODA = Principal(role=Role.MUNICIPALITY, subject="131016", municipality="131016")
@@ -101,3 +101,11 @@ def test_size_zero_turns_the_cache_off() -> None:
     cache = TokenCache(size=0, ttl_seconds=60)
     cache.put("a", CHIYODA, exp=time.time() + 60, kid="k", now=time.time())
     assert len(cache) == 0
+
+
+def test_the_test_helpers_headers_outlive_any_one_internal_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Made once, as a module constant would be; a subject of its own, as the issuer's cache is shared.
+    headers = internal_headers(Role.NATIONAL, subject="clock-test")
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + 10 * AUTH.internal_token_max_seconds)
+    assert InternalTokenVerifier(AUTH).principal(headers["Authorization"]).role is Role.NATIONAL

@@ -13,6 +13,7 @@ from fastapi import FastAPI
 
 from services.gateway.settings import GatewaySettings
 from shared.auth import InternalTokenVerifier, Role
+from shared.db import Databases
 from shared.dev_keys import DEV_IDENTITY_JWK
 from shared.settings import AuthSettings
 from tests.integration.services.gateway.gateway_fakes import CSV, KNOWN_RESIDENT, FakeUpstream, running_gateway
@@ -284,8 +285,20 @@ async def test_502_with_a_generic_body_when_the_upstream_is_down(
         assert "x-request-id" in response.headers
         ready = await client.get("/readyz")
         assert ready.status_code == 503
-        assert "records" in ready.json()["detail"]
-        assert "registry" not in ready.json()["detail"]
+        assert ready.json()["detail"] == "records: UpstreamUnreachable"  # which one, never its address
+
+
+async def test_readiness_names_the_failing_dependency_but_not_its_message(
+    gateway_settings: Settings, upstreams: dict[str, FakeUpstream], tmp_path: Any
+) -> None:
+    settings = gateway_settings(stats_url=upstreams["stats"].url)
+    async with running_gateway(settings) as (app, client):
+        await app.state.databases.dispose()
+        (tmp_path / "gone").mkdir()
+        app.state.databases = Databases.connect(f"sqlite+aiosqlite:///{tmp_path / 'gone' / 'x' / 'y.db'}")
+        ready = await client.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json() == {"error": "NotReady", "detail": "OperationalError"}
 
 
 @pytest.mark.parametrize("transport", ["aiohttp", "httpx"])

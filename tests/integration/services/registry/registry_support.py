@@ -20,7 +20,7 @@ from shared.auth import Role
 from shared.db import Databases, utcnow
 from shared.events import CouponEvent
 from shared.migrations import SERVICES_DIR, upgrade
-from tests.factories import internal_headers
+from tests.factories import InternalHeaders, internal_headers
 
 TREES = SERVICES_DIR / "registry" / "migrations"
 CHIYODA, SAPPORO = "131016", "011002"  # pinned to shards s0 and s1
@@ -28,7 +28,7 @@ SHARD_OF = {CHIYODA: "s0", SAPPORO: "s1"}
 HEADER = "個別宛名番号,氏名,氏名カナ,生年月日,性別,個人番号,住所,券番号\n"
 
 
-def auth(code: str = CHIYODA) -> dict[str, str]:
+def auth(code: str = CHIYODA) -> InternalHeaders:
     return internal_headers(Role.MUNICIPALITY, municipality=code)
 
 

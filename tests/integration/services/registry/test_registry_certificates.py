@@ -39,7 +39,7 @@ from services.registry.app import create_app
 from services.registry.settings import RegistrySettings
 from shared.auth import Role, forwarded_authorization, principal_from_claims
 from shared.migrations import upgrade
-from tests.factories import internal_headers
+from tests.factories import InternalHeaders, internal_headers
 
 TREES = Path(__file__).resolve().parents[4] / "services" / "registry" / "migrations"
 CHIYODA, SAPPORO = "131016", "011002"
@@ -126,7 +126,7 @@ async def registry(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Fak
         yield client, records
 
 
-def muni(code: str = CHIYODA) -> dict[str, str]:
+def muni(code: str = CHIYODA) -> InternalHeaders:
     return internal_headers(Role.MUNICIPALITY, municipality=code)
 
 

@@ -16,7 +16,7 @@ from services.registry.models import MyNumberDirectoryEntry, Resident
 from services.registry.settings import RegistrySettings
 from shared.auth import Role
 from shared.migrations import upgrade
-from tests.factories import internal_headers
+from tests.factories import InternalHeaders, internal_headers
 
 TREES = Path(__file__).resolve().parents[4] / "services" / "registry" / "migrations"
 MY_NUMBER = "123456789018"
@@ -41,7 +41,7 @@ async def registry(tmp_path: Path) -> AsyncIterator[tuple[FastAPI, httpx.AsyncCl
         yield app, client, tmp_path
 
 
-def municipality(code: str = CHIYODA) -> dict[str, str]:
+def municipality(code: str = CHIYODA) -> InternalHeaders:
     return internal_headers(Role.MUNICIPALITY, municipality=code)
 
 

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import importlib
+import logging
+from pathlib import Path
 
+import pytest
 from fastapi.routing import APIRoute
 
+from services.gateway.app import create_app
 from services.gateway.openapi import build_openapi
 from services.gateway.policy import TABLE, Upstream
+from services.gateway.settings import GatewaySettings
+from shared.observability import JsonFormatter
 
 DOC = build_openapi(TABLE)
 
@@ -53,3 +59,13 @@ def test_operations_carry_the_gateways_security_and_errors() -> None:
         "$ref": "#/components/schemas/ValidationErrorBody"
     }
     assert "HTTPValidationError" not in str(DOC["paths"])
+
+
+def test_building_the_contract_leaves_the_gateways_own_log_lines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The services' apps are built in the gateway's process; their labels must not end up on its log lines.
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # a fresh process
+    create_app(GatewaySettings(main_dsn=f"sqlite+aiosqlite:///{tmp_path / 'g.db'}", audit_anchor_dir=tmp_path))
+    formatter = logging.getLogger().handlers[0].formatter
+    assert isinstance(formatter, JsonFormatter) and formatter.service == "gateway"
