@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from jwcrypto import jwk
 
 from services.registry.crypto import MyNumberVault
 from services.registry.service import rotate_keys_batch
@@ -78,6 +79,12 @@ def test_production_refuses_weak_or_shared_keys(
         "my_number_active_key": "k2",
         "my_number_hash_key": base64.b64encode(b"h" * 32).decode(),
         "transfer_grant_private_key": "-----BEGIN PRIVATE KEY-----\nnot-the-dev-key\n-----END PRIVATE KEY-----\n",
+        # The card issuer's own production key and secret (the certificates' checks, not under test here).
+        "shc_issuer": "https://vrs.example.jp/issuer",
+        "shc_private_key": jwk.JWK.generate(kty="EC", crv="P-256")
+        .export_to_pem(private_key=True, password=None)
+        .decode(),
+        "shc_rid_secret": base64.b64encode(b"r" * 32).decode(),
     }
     RegistrySettings(**good)  # the good configuration is accepted
     with pytest.raises(ValueError, match=message):
