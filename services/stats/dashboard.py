@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import html
 import re
 from dataclasses import dataclass
 from importlib.resources import files
@@ -75,15 +74,16 @@ def load_echarts(path: Path) -> Script | str:
     return Script(body=body, headers={**SECURITY_HEADERS, "Cache-Control": "public, max-age=86400"})
 
 
-def unavailable_page(problem: str) -> Page:
-    """Shown instead of the dashboard when its chart library is missing: the reason, in both languages."""
-    text = html.escape(problem)
+def unavailable_page() -> Page:
+    """Shown instead of the dashboard when its chart library is missing. The server's own paths stay in its log
+    (the app logs the reason at start); the page says only what an operator does about it."""
     body = (
         '<!doctype html><html lang="ja"><head><meta charset="utf-8"><title>ダッシュボードを表示できません | VRS</title>'
         "<style>body{font-family:sans-serif;margin:2rem;max-width:50rem}code{background:#eee}</style></head><body>"
         "<h1>ダッシュボードを表示できません</h1>"
         "<p>グラフ描画ライブラリ（Apache ECharts）がサーバーに見つかりません。管理者にお問い合わせください。</p>"
-        f"<p>The dashboard's chart library is missing: <code>{text}</code></p>"
+        "<p>The dashboard's chart library (Apache ECharts) is missing on the server: install it with "
+        "<code>npm ci --prefix services/stats/web</code> or set <code>VRS_STATS_ECHARTS_PATH</code>.</p>"
         '<p>統計データ自体は <a href="/api/v1/stats/doses">/api/v1/stats/doses</a> で取得できます。</p>'
         "</body></html>"
     )

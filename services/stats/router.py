@@ -138,7 +138,7 @@ async def summary_by_date_csv(request: Request) -> StreamingResponse:
 @router.get("/dashboard", response_class=HTMLResponse, summary="The statistics dashboard (Japanese)")
 async def dashboard(request: Request) -> HTMLResponse:
     if isinstance(request.app.state.echarts, str):  # without its chart library the page would be empty
-        page = unavailable_page(request.app.state.echarts)
+        page = unavailable_page()
         return HTMLResponse(page.html, status_code=503, headers=page.headers)
     return HTMLResponse(DASHBOARD.html, headers=DASHBOARD.headers)
 

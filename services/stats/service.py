@@ -327,7 +327,10 @@ async def coverage(
     holders of dose N is how the real dashboard counted 1回以上 and 2回完了.
     """
     if isinstance(population, str):  # why the table could not be loaded
-        raise ServiceUnavailable(f"coverage rates are unavailable: {population} (setting VRS_STATS_POPULATION_PATH)")
+        # The reason (a path on the server) is in the log since start; the caller learns which setting.
+        raise ServiceUnavailable(
+            "coverage rates are unavailable: the population table (VRS_STATS_POPULATION_PATH) is missing or invalid"
+        )
     repo = StatsRepository(session)
     as_of = as_utc(await repo.as_of())
     counted: dict[tuple[str | None, int], tuple[int, int]] = {}
