@@ -24,15 +24,13 @@ import contextlib
 import itertools
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -40,7 +38,7 @@ from typing import Any
 
 import aiohttp
 
-from devtools.harness import free_port
+from devtools.harness import free_port, scratch_directory
 from devtools.harness.kafka import KafkaServer
 from devtools.harness.postgres import PostgresServer
 from devtools.launcher import Stack
@@ -593,21 +591,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-@contextlib.contextmanager
-def temporary_directory(keep: bool) -> Iterator[Path]:
-    tmp = Path(tempfile.mkdtemp(prefix="vrs-soak-"))
-    try:
-        yield tmp
-    except BaseException:
-        keep = True
-        raise
-    finally:
-        if keep:
-            say(f"logs and data kept in {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _terminate(signum: int, _: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -615,7 +598,7 @@ def _terminate(signum: int, _: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
-    with temporary_directory(args.keep) as tmp, contextlib.ExitStack() as cleanup:
+    with scratch_directory("vrs-soak-", keep=args.keep, say=say) as tmp, contextlib.ExitStack() as cleanup:
         system = start_system(tmp, cleanup)
         return asyncio.run(soak(system, args))
 

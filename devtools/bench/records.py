@@ -29,18 +29,17 @@ import argparse
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import aiohttp
+
+from devtools.harness import scratch_directory
 
 if TYPE_CHECKING:
     pass
@@ -395,30 +394,12 @@ def _terminate(signum: int, _: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-@contextlib.contextmanager
-def _temporary_directory(keep: bool) -> Iterator[Path]:
-    tmp = Path(tempfile.mkdtemp(prefix="vrs-bench-"))
-    keep_it = keep
-    try:
-        yield tmp
-    except KeyboardInterrupt:
-        raise
-    except BaseException:
-        keep_it = True  # the logs say what went wrong
-        raise
-    finally:
-        if keep_it:
-            say(f"logs and data kept in {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
     report = Report()
     try:
-        with _temporary_directory(args.keep) as tmp, contextlib.ExitStack() as cleanup:
+        with scratch_directory("vrs-bench-", keep=args.keep, say=say) as tmp, contextlib.ExitStack() as cleanup:
             system = start_system(tmp, cleanup)
             report.postgres, report.kafka = server_versions(system)
             try:

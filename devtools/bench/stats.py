@@ -22,13 +22,10 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -36,6 +33,7 @@ from pathlib import Path
 import aiohttp
 
 from devtools.bench.core import INSTITUTION, Lags, Prober, System, bearer, dump_logs, percentile, say, start_system
+from devtools.harness import scratch_directory
 
 OPENDATA = "opendata/prefecture-2021-07-15.ndjson"
 BIRTH = {"-64": "1980-04-01", "65-": "1940-04-01"}  # 41 and 81 on any day of 2021
@@ -309,18 +307,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-@contextlib.contextmanager
-def _temporary_directory(keep: bool) -> Iterator[Path]:
-    tmp = Path(tempfile.mkdtemp(prefix="vrs-bench-stats-"))
-    try:
-        yield tmp
-    finally:
-        if keep:
-            say(f"logs and data kept in {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _terminate(signum: int, _: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -329,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        with _temporary_directory(args.keep) as tmp, contextlib.ExitStack() as cleanup:
+        with scratch_directory("vrs-bench-stats-", keep=args.keep, say=say) as tmp, contextlib.ExitStack() as cleanup:
             system = start_system(tmp, cleanup)
             try:
                 asyncio.run(measure(system, args))

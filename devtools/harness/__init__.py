@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -66,4 +69,32 @@ def tail(path: Path, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-__all__ = ["PROJECT_ROOT", "free_port", "kill_quietly", "pid_alive", "tail", "wait_for_exit"]
+@contextlib.contextmanager
+def scratch_directory(prefix: str, *, keep: bool, say: Callable[[str], None] = print) -> Iterator[Path]:
+    """A temporary directory for a bench or soak run, removed afterwards unless ``keep`` — or the run failed
+    (other than by Ctrl-C), when its logs say what went wrong."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    keep_it = keep
+    try:
+        yield tmp
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
+        keep_it = True
+        raise
+    finally:
+        if keep_it:
+            say(f"logs and data kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+__all__ = [
+    "PROJECT_ROOT",
+    "free_port",
+    "kill_quietly",
+    "pid_alive",
+    "scratch_directory",
+    "tail",
+    "wait_for_exit",
+]
