@@ -14,20 +14,13 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NoReturn
 
 import pytest
 
 from devtools.harness import free_port
 from devtools.harness.kafka import KafkaError, KafkaServer, fetch_jars, missing_prerequisites
 from devtools.harness.postgres import PostgresServer, find_pg_bindir
-
-
-def unavailable(reason: str) -> NoReturn:
-    """Skip a test whose server cannot run here; fail it on CI."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason} (CI=true: every test must run)", pytrace=False)
-    pytest.skip(reason)
+from tests.factories import unavailable
 
 
 @pytest.fixture(scope="session")

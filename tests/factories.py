@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -105,6 +105,13 @@ def recorded(new: StatsCell | None = None, **changes: Any) -> DoseEvent:
     )
 
 
+def unavailable(reason: str) -> NoReturn:
+    """Skip a test whose server, tool or package cannot be had here; fail it on CI, where every test must run."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI=true: every test must run)", pytrace=False)
+    pytest.skip(reason)
+
+
 def team_data(relative: str) -> Path:
     """A file of the team folder's ``data/`` (``VRS_SHARED_DATA``, default ``../shared/data``), read in place.
 
@@ -114,8 +121,5 @@ def team_data(relative: str) -> Path:
     root = Path(override) if override else Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
     path = root / relative
     if not path.is_file():
-        reason = f"{path} not found (set VRS_SHARED_DATA to the team folder's data/)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason}; CI=true: every test must run", pytrace=False)
-        pytest.skip(reason)
+        unavailable(f"{path} not found (set VRS_SHARED_DATA to the team folder's data/)")
     return path

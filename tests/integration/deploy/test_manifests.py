@@ -21,7 +21,7 @@ import yaml
 from pydantic_settings import BaseSettings
 
 from shared.settings import AuthSettings, BusSettings
-from tests.conftest import unavailable
+from tests.factories import unavailable
 
 ROOT = Path(__file__).resolve().parents[3]
 K8S = ROOT / "deploy" / "k8s"
