@@ -24,6 +24,7 @@ import contextlib
 import itertools
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,6 +32,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -40,7 +42,7 @@ import aiohttp
 
 from devtools.harness import free_port, scratch_directory
 from devtools.harness.kafka import KafkaServer
-from devtools.harness.postgres import PostgresServer
+from devtools.harness.postgres import PostgresServer, WalStream, restore_cluster
 from devtools.launcher import Stack
 from devtools.stack import SERVICES, SHARDS, TOPICS, postgres_databases, postgres_env, wiring_env
 from devtools.tokens import bearer_headers
@@ -72,6 +74,12 @@ class System:
     pg: PostgresServer
     kafka: KafkaServer
     stack: Stack
+    # Databases in a cluster of their own (the rest are on ``pg``), with their WAL streamed to a backup.
+    placement: dict[str, PostgresServer] = field(default_factory=dict)
+    streams: dict[str, WalStream] = field(default_factory=dict)
+
+    def server(self, database: str) -> PostgresServer:
+        return self.placement.get(database, self.pg)
 
     def start_all(self) -> None:
         for spec in SERVICES:
@@ -101,23 +109,65 @@ class System:
             self.restart(name)
         return dead
 
+    def lose_cluster(self, database: str) -> None:
+        """The disk of ``database``'s own cluster is gone: the server dies and its data directory with it."""
+        server = self.placement[database]
+        server.kill()
+        self.streams[database].wait_exit()
+        shutil.rmtree(server.data_dir)
+
+    def restore_clusters(self, base_backups: dict[str, Path]) -> None:
+        """Each database's cluster again, fresh (new directory, new port) from its base backup and its WAL
+        stream; then the services and workers that use them are pointed at them and restarted."""
+        for database, base_backup in base_backups.items():
+            lost, fresh = self.placement[database], self.tmp / f"postgres-{database}-restored"
+            self.placement[database] = restore_cluster(
+                base_backup, self.streams[database].directory, fresh, free_port(), log_path=self.tmp / "log" / fresh.name
+            )
+            say(f"{database}: restored from {base_backup.name} on port {self.server(database).port} (was {lost.port})")
+        self.stack.env.update(
+            postgres_env(lambda name: self.server(name).dsn(name), kafka_bootstrap=self.kafka.bootstrap_servers)
+        )
+        owners = {database.partition("_")[0] for database in base_backups}
+        users = [name for name in self.stack.processes if name in owners or WORKERS.get(name, ("", ""))[1] in owners]
+        for name in users:
+            self.kill9(name)
+        for name in users:
+            self.restart(name)
+
     def sql(self, database: str, query: str) -> list[list[str]]:
-        out = self.pg.execute(query, database=database)
+        out = self.server(database).execute(query, database=database)
         return [line.split("|") for line in out.splitlines() if line]
 
 
-def start_system(tmp: Path, cleanup: contextlib.ExitStack) -> System:
+def start_system(tmp: Path, cleanup: contextlib.ExitStack, *, streamed: tuple[str, ...] = ()) -> System:
+    """The whole system under ``tmp``; each database named in ``streamed`` gets a PostgreSQL cluster of its
+    own whose WAL is streamed synchronously to ``tmp/<database>-wal`` (the backup's object store)."""
     logs = tmp / "log"
     logs.mkdir(parents=True, exist_ok=True)
     pg = PostgresServer(tmp / "postgres", free_port(), log_path=logs / "postgres.log")
     kafka = KafkaServer(tmp / "kafka", free_port(), free_port(), log_path=logs / "kafka.log")
+    placement = {
+        name: PostgresServer(
+            tmp / f"postgres-{name}", free_port(), log_path=logs / f"postgres-{name}.log", settings=WalStream.server_settings()
+        )
+        for name in streamed
+    }
+    streams = {name: WalStream(server, tmp / f"{name}-wal") for name, server in placement.items()}
     cleanup.callback(pg.stop)
     cleanup.callback(kafka.stop)
     say("starting PostgreSQL and Kafka ...")
-    pg.start()
-    kafka.start()
+    with ThreadPoolExecutor(1) as background:
+        kafka_started = background.submit(kafka.start)  # a JVM's start: overlap it with PostgreSQL's
+        pg.start()
+        for name, server in placement.items():
+            cleanup.callback(streams[name].stop)
+            cleanup.callback(server.stop)
+            server.start()
+            streams[name].start()
+        kafka_started.result()
     for name in postgres_databases():
-        pg.create_database(name)
+        placement.get(name, pg).create_database(name)
     for topic, partitions in TOPICS.items():
         kafka.create_topic(topic, partitions)
     ports = {spec.name: free_port() for spec in SERVICES}
@@ -125,7 +175,7 @@ def start_system(tmp: Path, cleanup: contextlib.ExitStack) -> System:
         **os.environ,
         "VRS_VAR_DIR": str(tmp / "var"),
         "VRS_ENVIRONMENT": "test",
-        **postgres_env(pg.dsn, kafka_bootstrap=kafka.bootstrap_servers),
+        **postgres_env(lambda name: placement.get(name, pg).dsn(name), kafka_bootstrap=kafka.bootstrap_servers),
         **wiring_env(ports),
         # Production's shape: relays and consumers are processes of their own.
         "VRS_REGISTRY_RUN_RELAY": "false",
@@ -137,7 +187,7 @@ def start_system(tmp: Path, cleanup: contextlib.ExitStack) -> System:
     subprocess.run([sys.executable, "-m", "shared.cli", "migrate"], env=env, check=True)
     stack = Stack(env=env, ports=ports, log_dir=logs)
     cleanup.callback(stack.stop)
-    system = System(tmp=tmp, pg=pg, kafka=kafka, stack=stack)
+    system = System(tmp=tmp, pg=pg, kafka=kafka, stack=stack, placement=placement, streams=streams)
     say("starting the services and their relays and consumers ...")
     system.start_all()
     return system

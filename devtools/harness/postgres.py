@@ -19,6 +19,7 @@ import signal
 import stat
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from devtools.harness import kill_quietly, pid_alive, tail, wait_for_exit
@@ -58,10 +59,14 @@ def find_pg_bindir() -> Path | None:
 class PostgresServer:
     """One PostgreSQL cluster in ``data_dir`` serving on ``127.0.0.1:port``."""
 
-    def __init__(self, data_dir: Path, port: int, log_path: Path | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, port: int, log_path: Path | None = None, *, settings: dict[str, str] | None = None
+    ) -> None:
         self.data_dir = Path(data_dir).absolute()
         self.port = port
         self.log_path = Path(log_path).absolute() if log_path else self.data_dir / "postgres.log"
+        # More postgresql.conf settings (values as written in the file, strings quoted).
+        self.settings = dict(settings or {})
         self._bindir: Path | None = None
 
     # -- public API ----------------------------------------------------------------------------------
@@ -162,6 +167,43 @@ class PostgresServer:
             raise PostgresError(f"psql failed on {database}: {result.stderr.strip()}")
         return result.stdout.strip()
 
+    def base_backup(self, target: Path) -> None:
+        """A physical copy of the running cluster into the empty directory ``target`` (``pg_basebackup``,
+        plain format, with the WAL that makes it consistent): what a nightly backup to object storage holds."""
+        target = Path(target).absolute()
+        self._prepare_parent(target)
+        self._make_owned_dir(target)
+        result = self._run_as_owner(
+            [
+                self._bin("pg_basebackup"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-U",
+                SUPERUSER,
+                "-D",
+                target,
+                "--format=plain",
+                "--wal-method=stream",
+                "--checkpoint=fast",
+                "--no-password",
+            ]
+        )
+        if result.returncode != 0:
+            raise PostgresError(f"pg_basebackup of {self.data_dir} failed:\n{result.stdout}")
+
+    def in_recovery(self) -> bool:
+        return self.execute("SELECT pg_is_in_recovery()") == "t"
+
+    def wait_promoted(self, timeout: float = 120) -> None:
+        """Until a cluster started in archive recovery has replayed its WAL and accepts writes."""
+        deadline = time.monotonic() + timeout
+        while self.in_recovery():
+            if time.monotonic() > deadline:
+                raise PostgresError(f"{self.data_dir} still in recovery after {timeout:.0f} s:\n{tail(self.log_path)}")
+            time.sleep(0.1)
+
     def dsn(self, database: str) -> str:
         return f"postgresql+asyncpg://{SUPERUSER}@127.0.0.1:{self.port}/{database}"
 
@@ -220,6 +262,7 @@ class PostgresServer:
             "fsync": "on",
             "synchronous_commit": "on",
             "full_page_writes": "on",
+            **self.settings,
         }
         conf = self.data_dir / "vrs.conf"
         conf.write_text("".join(f"{key} = {value}\n" for key, value in settings.items()))
@@ -336,6 +379,116 @@ class PostgresServer:
         self._chown(self.log_path)
 
 
+class WalStream:
+    """``pg_receivewal`` writing ``server``'s WAL into ``directory`` as a *synchronous* standby: a commit is
+    acknowledged only once its WAL is on disk there, so a cluster restored from a base backup and this
+    directory holds every transaction a client saw committed — even when the server's own disk is lost.
+
+    The server must list the stream in ``synchronous_standby_names``: start it with
+    ``settings=WalStream.server_settings()`` and start the stream before anything commits (commits wait for
+    it). Completed segments have their WAL file names; the one being written ends in ``.partial``.
+    """
+
+    NAME = "vrs_wal_archive"
+
+    def __init__(self, server: PostgresServer, directory: Path) -> None:
+        self.server = server
+        self.directory = Path(directory).absolute()
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def server_settings(cls) -> dict[str, str]:
+        return {"synchronous_standby_names": f"'{cls.NAME}'", "wal_level": "replica"}
+
+    def start(self, timeout: float = 30) -> None:
+        server = self.server
+        server._prepare_parent(self.directory)
+        server._make_owned_dir(self.directory)
+        connection = ["-h", "127.0.0.1", "-p", str(server.port), "-U", SUPERUSER, "--no-password"]
+        # A slot keeps the server from recycling WAL the stream has not received (after a disconnection).
+        result = server._run_as_owner(
+            [server._bin("pg_receivewal"), *connection, "--slot", self.NAME, "--create-slot", "--if-not-exists"]
+        )
+        if result.returncode != 0:
+            raise PostgresError(f"creating the replication slot failed:\n{result.stdout}")
+        argv = [
+            str(server._bin("pg_receivewal")),
+            "-D",
+            str(self.directory),
+            "--slot",
+            self.NAME,
+            "--synchronous",
+            "--no-loop",
+            "-d",
+            f"host=127.0.0.1 port={server.port} user={SUPERUSER} application_name={self.NAME}",
+        ]
+        if server._as_root():
+            argv = ["runuser", "-u", SYSTEM_USER, "--", *argv]
+        log = (self.directory.parent / f"{self.directory.name}.log").open("ab")
+        self._proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd="/", env=_clean_env()
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        query = f"SELECT sync_state FROM pg_stat_replication WHERE application_name = '{self.NAME}'"
+        while server.execute(query) != "sync":
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                raise PostgresError(f"pg_receivewal did not become the synchronous standby of {server.data_dir}")
+            time.sleep(0.1)
+
+    def wait_exit(self, timeout: float = 30) -> None:
+        """Until the stream has ended (it does once its server is gone: ``--no-loop``)."""
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.stop()
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def restore_cluster(
+    base_backup: Path, wal_archive: Path, data_dir: Path, port: int, log_path: Path | None = None
+) -> PostgresServer:
+    """A new cluster in ``data_dir`` from a base backup and the WAL streamed since: archive recovery to the
+    end of the WAL (the last transaction committed), then promotion. Started; returns once it takes writes.
+
+    The segment that was still being written (``.partial``) goes into the new ``pg_wal``: recovery reads it
+    there once the archive has no more complete segments — the way Barman recovers a ``receive-wal`` stream.
+    """
+    data_dir, wal_archive = Path(data_dir).absolute(), Path(wal_archive).absolute()
+    if data_dir.exists():
+        raise PostgresError(f"{data_dir} exists: restore into a fresh directory")
+    server = PostgresServer(
+        data_dir,
+        port,
+        log_path,
+        settings={
+            "restore_command": f"'cp \"{wal_archive}/%f\" \"%p\"'",
+            "recovery_target_timeline": "'latest'",
+        },
+    )
+    server._prepare_parent(data_dir)
+    shutil.copytree(base_backup, data_dir, symlinks=True)
+    for partial in sorted(wal_archive.glob("*.partial")):
+        shutil.copyfile(partial, data_dir / "pg_wal" / partial.name.removesuffix(".partial"))
+    (data_dir / "recovery.signal").touch()
+    if server._as_root():
+        for path in [data_dir, *data_dir.rglob("*")]:
+            shutil.chown(path, SYSTEM_USER, SYSTEM_USER)
+    server.start()
+    server.wait_promoted()
+    return server
+
+
 def _make_traversable(directory: Path) -> None:
     """Add ``o+x`` to ``directory`` and every directory above it, so the postgres user can reach below
     (its own directories excepted: PostgreSQL insists on 0700 for the data directory)."""
@@ -351,4 +504,4 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("PG")}
 
 
-__all__ = ["PostgresError", "PostgresServer", "find_pg_bindir"]
+__all__ = ["PostgresError", "PostgresServer", "WalStream", "find_pg_bindir", "restore_cluster"]
