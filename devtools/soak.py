@@ -122,7 +122,11 @@ class System:
         for database, base_backup in base_backups.items():
             lost, fresh = self.placement[database], self.tmp / f"postgres-{database}-restored"
             self.placement[database] = restore_cluster(
-                base_backup, self.streams[database].directory, fresh, free_port(), log_path=self.tmp / "log" / fresh.name
+                base_backup,
+                self.streams[database].directory,
+                fresh,
+                free_port(),
+                log_path=self.tmp / "log" / fresh.name,
             )
             say(f"{database}: restored from {base_backup.name} on port {self.server(database).port} (was {lost.port})")
         self.stack.env.update(
@@ -149,7 +153,10 @@ def start_system(tmp: Path, cleanup: contextlib.ExitStack, *, streamed: tuple[st
     kafka = KafkaServer(tmp / "kafka", free_port(), free_port(), log_path=logs / "kafka.log")
     placement = {
         name: PostgresServer(
-            tmp / f"postgres-{name}", free_port(), log_path=logs / f"postgres-{name}.log", settings=WalStream.server_settings()
+            tmp / f"postgres-{name}",
+            free_port(),
+            log_path=logs / f"postgres-{name}.log",
+            settings=WalStream.server_settings(),
         )
         for name in streamed
     }

@@ -472,7 +472,7 @@ def restore_cluster(
         port,
         log_path,
         settings={
-            "restore_command": f"'cp \"{wal_archive}/%f\" \"%p\"'",
+            "restore_command": f'\'cp "{wal_archive}/%f" "%p"\'',
             "recovery_target_timeline": "'latest'",
         },
     )

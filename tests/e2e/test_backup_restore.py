@@ -18,6 +18,7 @@ import contextlib
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import aiohttp
@@ -46,6 +47,11 @@ async def run_load(client: Client, people: list[Coupon]) -> list[asyncio.Future[
     return [asyncio.ensure_future(task) for task in load]
 
 
+def stop_servers(system: System) -> None:
+    for server in system.placement.values():
+        server.stop()
+
+
 def stats_rebuild(system: System) -> str:
     result = subprocess.run(
         [sys.executable, "-m", "shared.cli", "stats", "rebuild"],
@@ -62,7 +68,7 @@ def stats_rebuild(system: System) -> str:
 async def test_a_lost_shard_is_restored_into_a_fresh_cluster_and_nothing_is_lost(server_dir: Path) -> None:
     with contextlib.ExitStack() as cleanup:
         system = await asyncio.to_thread(soak.start_system, server_dir, cleanup, streamed=LOST)
-        cleanup.callback(lambda: [server.stop() for server in system.placement.values()])
+        cleanup.callback(stop_servers, system)  # the restored clusters (start_system stops the others)
         ledger, stop = Ledger(), asyncio.Event()
         people = coupons()
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
@@ -106,5 +112,5 @@ async def test_a_lost_shard_is_restored_into_a_fresh_cluster_and_nothing_is_lost
         print(
             f"\n{len(told)} live doses ({on_lost} on the lost shard, {len(only_in_wal)} of them only in the WAL "
             f"at the loss); {ledger.resident_changes} resident changes; restore {restore_seconds:.1f} s; "
-            f"{rebuilt.strip()}; drained in {drain_seconds:.1f} s"
+            f"{rebuilt.strip()}; drained in {drain_seconds:.1f} s; retried: {Counter(w for _, w in ledger.failures)}"
         )

@@ -243,3 +243,34 @@ def test_every_command_is_one_the_image_has(rendered: dict[str, str]) -> None:
         else:
             module, factory = command[1].split(":")
             assert callable(getattr(importlib.import_module(module), factory)), command
+
+
+RESTORE = ROOT / "deploy" / "restore"
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in RESTORE.glob("*.yaml")))
+def test_restore_example_is_valid(example: str, kubeconform: str) -> None:
+    text = (RESTORE / example).read_text()
+    result = _validate(kubeconform, text)
+    assert result.returncode == 0 and "Valid: 1," in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in RESTORE.glob("*.yaml")))
+def test_restore_example_is_the_live_cluster_bootstrapped_from_its_backups(
+    example: str, rendered: dict[str, str]
+) -> None:
+    """What a restore must not change (instances, replication, TLS, sizes) is what prod runs; it reads the
+    lost cluster's archive and writes a new one."""
+    [restore] = _objects((RESTORE / example).read_text())
+    live = next(
+        o for o in _objects(rendered["prod"]) if o["kind"] == "Cluster" and o["metadata"] == restore["metadata"]
+    )
+    spec, live_spec = dict(restore["spec"]), dict(live["spec"])
+    recovery, sources = spec.pop("bootstrap")["recovery"], spec.pop("externalClusters")
+    assert live_spec.pop("bootstrap")["initdb"] == {k: recovery[k] for k in ("database", "owner")}
+    [source] = [s for s in sources if s["name"] == recovery["source"]]
+    store, live_store = spec["backup"]["barmanObjectStore"], live_spec["backup"]["barmanObjectStore"]
+    assert source["barmanObjectStore"]["serverName"] == live["metadata"]["name"]
+    assert source["barmanObjectStore"]["destinationPath"] == live_store["destinationPath"]
+    assert store.pop("serverName") != live["metadata"]["name"]
+    assert spec == live_spec
