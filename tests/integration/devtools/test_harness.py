@@ -4,6 +4,7 @@ and that take over what a killed earlier run left behind."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -19,7 +20,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from devtools.harness import PROJECT_ROOT, free_port, pid_alive
 from devtools.harness.kafka import KafkaServer
-from devtools.harness.postgres import PostgresServer
+from devtools.harness.postgres import PostgresError, PostgresServer, WalStream, restore_cluster
 
 
 def run_and_get_killed(code: str) -> None:
@@ -77,12 +78,46 @@ def test_postgres_keeps_committed_data_through_stop_and_sigkill(pg_bindir: Path,
         server.stop()
 
 
+def test_postgres_restores_a_lost_cluster_from_a_base_backup_and_its_wal_stream(
+    pg_bindir: Path, server_dir: Path
+) -> None:
+    """What a client saw committed after the base backup exists only in the streamed WAL: a restore has it,
+    the still-open segment included; a cluster's synchronous commits wait for the stream."""
+    server = PostgresServer(server_dir / "pg", free_port(), settings=WalStream.server_settings())
+    stream = WalStream(server, server_dir / "wal")
+    server.start()
+    try:
+        stream.start()
+        server.create_database("d")
+        server.execute("CREATE TABLE t (i int PRIMARY KEY)", "d")
+        server.execute("INSERT INTO t SELECT generate_series(1, 100)", "d")
+        server.base_backup(server_dir / "base")
+        for i in range(101, 121):  # one commit each, acknowledged only once the stream has flushed it
+            server.execute(f"INSERT INTO t VALUES ({i})", "d")
+        assert server.execute("SELECT sync_state FROM pg_stat_replication") == "sync"
+    finally:
+        server.kill()
+        stream.wait_exit()
+    shutil.rmtree(server.data_dir)
+    assert list((server_dir / "wal").glob("*.partial")), "the open segment is streamed too"
+
+    restored = restore_cluster(server_dir / "base", server_dir / "wal", server_dir / "restored", free_port())
+    try:
+        assert restored.execute("SELECT count(*), max(i) FROM t", "d") == "120|120"
+        restored.execute("INSERT INTO t VALUES (121)", "d")  # promoted: it takes writes
+        assert restored.port != server.port
+    finally:
+        restored.stop()
+    with pytest.raises(PostgresError, match="fresh directory"):
+        restore_cluster(server_dir / "base", server_dir / "wal", server_dir / "restored", free_port())
+
+
 def test_postgres_takes_over_a_server_left_by_a_killed_run(pg_bindir: Path, server_dir: Path) -> None:
     data, port = server_dir / "data", free_port()
     run_and_get_killed(
         f"""
         from pathlib import Path
-        from devtools.harness.postgres import PostgresServer
+        from devtools.harness.postgres import PostgresError, PostgresServer, WalStream, restore_cluster
         server = PostgresServer(Path({str(data)!r}), {port})
         server.start()
         server.create_database("left")
