@@ -190,6 +190,15 @@ class DoseRepository:
             stmt = stmt.with_for_update()
         return list((await self.session.execute(stmt)).scalars())
 
+    async def versions(self, doses: Sequence[tuple[str, str]]) -> list[tuple[str, int, str, bool]]:
+        """(dose id, version, status, voided) of these (municipality, dose id) pairs: columns only, by key."""
+        if not doses:
+            return []
+        stmt = select(Dose.dose_id, Dose.version, Dose.status, Dose.voided).where(
+            tuple_(Dose.municipality_code, Dose.dose_id).in_(doses)
+        )
+        return [(r.dose_id, r.version, r.status, r.voided) for r in await self.session.execute(stmt)]
+
     async def of_municipality(self, municipality_code: str, *, status: str | None, limit: int) -> list[Dose]:
         stmt = select(Dose).where(Dose.municipality_code == municipality_code)
         if status is not None:
