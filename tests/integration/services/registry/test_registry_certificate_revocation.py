@@ -28,6 +28,7 @@ from services.records.settings import RecordsSettings
 from services.registry import certificates
 from shared.auth import Role
 from shared.db import Databases
+from shared.errors import ServiceUnavailable
 from shared.grants import DEV_PRIVATE_KEY, CertifiedDoses, DoseVersionGrant, TransferGrant, sign_grant
 from shared.internal import InternalClient
 from tests.factories import internal_headers
@@ -241,9 +242,7 @@ async def test_records_answers_only_what_a_fresh_registry_grant_names(stack: Sta
         r = await stack.records.post(path, json={"grant": bad, "dose_ids": [mine]})
         assert r.status_code == 403 and r.json()["detail"].startswith("grant:"), r.text
     # The grant opens this one path only: every other internal read still needs the gateway's token.
-    r = await stack.records.get(
-        f"/internal/v1/municipalities/{CHIYODA}/doses", params={"coupon_number": "0000000005"}
-    )
+    r = await stack.records.get(f"/internal/v1/municipalities/{CHIYODA}/doses", params={"coupon_number": "0000000005"})
     assert r.status_code == 401
     r = await stack.records.post(path, json={"grant": token, "dose_ids": []})
     assert r.status_code == 422 and "dose_ids" in r.text
@@ -259,7 +258,7 @@ async def test_records_unreachable_is_said_not_hidden(stack: Stack) -> None:
         result = await verify(stack, card)
         assert result["valid"] is False and result["reasons"] == [certificates.UNCHECKED]
         assert result["claims"]["name"] == "山田 花子"  # what the card says is still shown
-        with pytest.raises(certificates.ServiceUnavailable):
+        with pytest.raises(ServiceUnavailable):
             await certificates.sweep(stack.registry.databases, app.state.records, stack.issuer, batch_size=10)
     finally:
         await app.state.records.close()
