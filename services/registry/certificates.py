@@ -34,7 +34,7 @@ from services.registry.settings import RegistrySettings
 from shared.db import Databases, UnitOfWork, utcnow
 from shared.domain.dose_rules import DoseStatus
 from shared.errors import Conflict, NotFound, ServiceUnavailable
-from shared.grants import CertifiedDoses, DoseVersionGrant, sign_grant
+from shared.grants import DoseVersionGrant, sign_grant
 from shared.internal import InternalClient
 from shared.schemas import DoseSummary, DoseVersion, DoseVersionList
 
@@ -326,11 +326,14 @@ async def dose_changes(records: InternalClient, issuer: Issuer, certificates: Se
     shown = [(cid, municipality, doses) for cid, municipality, doses in certificates if doses]
     if not shown:
         return {}
-    grant = DoseVersionGrant(
-        certificates=[
-            CertifiedDoses(certificate=cid, municipality=m, doses=[d["dose_id"] for d in doses])
-            for cid, m, doses in shown
-        ]
+    # One validation for the whole grant (a sweep names hundreds of certificates).
+    grant = DoseVersionGrant.model_validate(
+        {
+            "certificates": [
+                {"certificate": cid, "municipality": m, "doses": [d["dose_id"] for d in doses]}
+                for cid, m, doses in shown
+            ]
+        }
     )
     dose_ids = sorted(grant.dose_ids())
     status, body = await records.request(
