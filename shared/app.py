@@ -22,8 +22,10 @@ def build_app(
     ready: Callable[[FastAPI], Awaitable[None]],
     behind_gateway: bool = True,
     collect_metrics: Callable[[FastAPI], Awaitable[None]] | None = None,
+    grant_only_paths: frozenset[str] = frozenset(),
 ) -> FastAPI:
-    """``behind_gateway``: every request needs the gateway's internal token (all but the gateway itself)."""
+    """``behind_gateway``: every request needs the gateway's internal token (all but the gateway itself),
+    except on ``grant_only_paths``, whose endpoints require a registry-signed grant instead."""
     configure_logging(settings.log_level, service)
     app = FastAPI(
         title=f"VRS {service}",
@@ -36,7 +38,7 @@ def build_app(
     install_error_handlers(app)
     if behind_gateway:
         app.state.token_verifier = InternalTokenVerifier(settings.auth)
-        app.add_middleware(GatewayOnly, verifier=app.state.token_verifier)
+        app.add_middleware(GatewayOnly, verifier=app.state.token_verifier, grant_only_paths=grant_only_paths)
 
     async def check_ready() -> None:
         await ready(app)

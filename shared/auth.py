@@ -328,12 +328,16 @@ UNAUTHENTICATED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 class GatewayOnly:
     """ASGI middleware of every service: no valid internal token, no answer (401), whatever the path."""
 
-    def __init__(self, app: ASGIApp, *, verifier: InternalTokenVerifier) -> None:
+    def __init__(
+        self, app: ASGIApp, *, verifier: InternalTokenVerifier, grant_only_paths: frozenset[str] = frozenset()
+    ) -> None:
         self.app = app
         self.verifier = verifier
+        # Paths whose endpoint checks a registry-signed grant instead (shared/grants.py): asked with no caller.
+        self.open_paths = UNAUTHENTICATED_PATHS | grant_only_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in UNAUTHENTICATED_PATHS:
+        if scope["type"] != "http" or scope["path"] in self.open_paths:
             await self.app(scope, receive, send)
             return
         authorization = None

@@ -2,10 +2,13 @@
 
 There is no service identity: a call made while serving a request forwards that request's internal token
 (:data:`shared.auth.forwarded_authorization`), so the callee sees — and re-checks the scope of — the
-municipality or institution that asked. A call made outside any request carries no token and is refused.
+municipality or institution that asked. A call made outside any request carries no token and is refused —
+except on the few paths whose authority is a registry-signed grant in the body instead (shared/grants.py:
+records' dose-version check, which registry's revocation sweep makes with no caller).
 
 A service never calls another with authority of its own: what it may read there is exactly what its caller
-may read. Data flows one way (registry → records → stats) through events; these calls only read.
+may read, or what a narrow, seconds-long grant names. Data flows one way (registry → records → stats) through
+events; these calls only read.
 aiohttp, not httpx: its pool is the faster one under concurrency (PERFORMANCE.md).
 """
 

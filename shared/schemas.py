@@ -33,3 +33,24 @@ class TransferDosesIn(BaseModel):
     """registry → records on a transfer lookup: one signed grant per municipality the person lived in."""
 
     grants: list[str] = Field(min_length=1, max_length=1000)
+
+
+class DoseVersionsIn(BaseModel):
+    """registry → records on a certificate check: a dose-version grant, and the dose ids asked about (each
+    must be named in the grant)."""
+
+    grant: str = Field(min_length=1, max_length=500_000)
+    dose_ids: list[str] = Field(min_length=1, max_length=50_000)
+
+
+class DoseVersion(BaseModel):
+    """Where a certified dose stands now: enough to tell whether a card still shows it, nothing about anyone."""
+
+    dose_id: str
+    version: int
+    status: DoseStatus
+    voided: bool
+
+
+class DoseVersionList(BaseModel):
+    doses: list[DoseVersion]  # a dose id records does not hold (in the municipality the grant names) is absent

@@ -6,6 +6,10 @@ coupon events wait in the outbox, which the import writes all the same).
    residents/s, beside a raw ``COPY`` of the same file into a table of text columns in the same run.
 2. Transfer lookups, single and batch of 1,000, p50/p99: registry in-process, records served over HTTP.
 3. records' coupon projection look-up (``ProjectionRepository.get``) p50/p99 at 10k and at 1M coupons.
+4. The certificate revocation sweep over ``--certificates`` issued cards (default 100,000, two doses each, 1%
+   with a dose since voided in records): a pass in cards/s, its records calls, and a pass with nothing changed.
+
+``--only sweep`` runs part 4 alone.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import random
 import resource
 import tempfile
@@ -32,6 +37,7 @@ from services.records.app import create_app as create_records
 from services.records.models import shard_assignments as records_shards
 from services.records.repository import ProjectionRepository
 from services.records.settings import RecordsSettings
+from services.registry import certificates
 from services.registry.app import create_app as create_registry
 from services.registry.models import shard_assignments as registry_shards
 from services.registry.settings import RegistrySettings
@@ -39,6 +45,7 @@ from shared.auth import Principal, Role
 from shared.db import Databases, utcnow
 from shared.dev_keys import DEV_GATEWAY_KID, DEV_GATEWAY_PRIVATE_PEM
 from shared.domain.codes import my_number_check_digit
+from shared.internal import InternalClient
 from shared.migrations import SERVICES_DIR, upgrade
 from shared.settings import AuthSettings
 
@@ -203,6 +210,69 @@ async def bench_projection(records_dbs: Databases, sizes: list[int]) -> None:
         say(f"projection look-up at {size:,} coupons: {_p50_p99(times, digits=2)}")
 
 
+class _CountingClient(InternalClient):
+    calls = 0
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+        self.calls += 1
+        return await super().request(method, path, **kwargs)
+
+
+async def bench_sweep(app: Any, records_shard: str, registry_main: str, count: int) -> None:
+    """``count`` cards of two doses each, the doses in records' shard s0; every 100th card's second dose voided."""
+    now = utcnow()
+    dose_columns = [
+        "dose_id", "municipality_code", "coupon_number", "coupon_line", "dose_number", "vaccinated_on", "vaccine",
+        "lot_number", "venue", "doctor", "medical_worker", "status", "findings", "rules_version", "resident_id",
+        "sex", "age_band", "voided", "recorded_by", "recorded_at", "updated_at", "version",
+    ]  # fmt: skip
+    day = now.date()
+
+    def doses() -> Any:
+        for n in range(count):
+            for k in (1, 2):
+                voided = k == 2 and n % 100 == 0
+                yield (
+                    f"d{n}-{k}", CHIYODA, f"{n:010d}", "x", k, day, "pfizer", "EY0583", None, None, False,
+                    "recorded", "[]", "bench", f"r{n}", "F", "65-", voided, "bench", now, now, 2 if voided else 1,
+                )  # fmt: skip
+
+    def cards() -> Any:
+        for n in range(count):
+            shown = [{"dose_id": f"d{n}-{k}", "version": 1} for k in (1, 2)]
+            yield (f"c{n:08d}", CHIYODA, f"r{n}", "bench", f"rid{n}", json.dumps(shown), "0" * 64, now, None, None)
+
+    conn = await asyncpg.connect(records_shard.replace("postgresql+asyncpg", "postgresql"))
+    await conn.copy_records_to_table("doses", records=doses(), columns=dose_columns)
+    await conn.execute("ANALYZE doses")
+    await conn.close()
+    conn = await asyncpg.connect(registry_main.replace("postgresql+asyncpg", "postgresql"))
+    await conn.copy_records_to_table(
+        "issued_certificates",
+        records=cards(),
+        columns=[
+            "certificate_id", "municipality_code", "resident_id", "kid", "rid", "doses", "subject_digest",
+            "issued_at", "revoked_at", "revoked_reason",
+        ],
+    )  # fmt: skip
+    await conn.execute("ANALYZE issued_certificates")
+    await conn.close()
+    records = _CountingClient(app.state.settings.records_url)
+    try:
+        for label in ("a pass with 1% of cards stale", "a pass with nothing changed"):
+            records.calls, started, cpu_before = 0, time.monotonic(), cpu()
+            done = await certificates.sweep(app.state.databases, records, app.state.issuer, batch_size=500)
+            seconds, cpu_seconds = time.monotonic() - started, cpu() - cpu_before
+            print(
+                f"certificate sweep, {label}: {done.checked:,} cards in {seconds:.1f}s "
+                f"({done.checked / seconds:,.0f} cards/s; {records.calls} records calls; {done.revoked:,} revoked; "
+                f"registry+records CPU {cpu_seconds:.1f}s)",
+                flush=True,
+            )
+    finally:
+        await records.close()
+
+
 async def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="vrs-bench-registry-") as tmp_name, contextlib.ExitStack() as cleanup:
         tmp = Path(tmp_name)
@@ -210,8 +280,9 @@ async def run(args: argparse.Namespace) -> int:
         pg.start()
         cleanup.callback(pg.stop)
         csv_path = tmp / "juki.csv"
-        say(f"generating {args.residents:,} residents (cp932)")
-        await asyncio.to_thread(generate, csv_path, args.residents)
+        if args.only != "sweep":
+            say(f"generating {args.residents:,} residents (cp932)")
+            await asyncio.to_thread(generate, csv_path, args.residents)
         registry_main, registry_shard_dsns = await migrated(pg, "registry", registry_shards)
         records_main, records_shard_dsns = await migrated(pg, "records", records_shards)
 
@@ -228,6 +299,7 @@ async def run(args: argparse.Namespace) -> int:
             shard_dsns=registry_shard_dsns,
             run_relay=False,
             records_url=f"http://127.0.0.1:{port}",
+            certificate_sweep_seconds=0,  # part 4 drives its passes
         )
         app = create_registry(settings)
         try:
@@ -237,6 +309,10 @@ async def run(args: argparse.Namespace) -> int:
                     transport=httpx.ASGITransport(app), base_url="http://registry", timeout=600
                 ) as client,
             ):
+                if args.certificates:
+                    await bench_sweep(app, records_shard_dsns["s0"], registry_main, args.certificates)
+                if args.only == "sweep":
+                    return 0
                 seconds, ok = await bench_import(client, app, csv_path, CHIYODA)
                 copy_seconds = await bench_copy(registry_shard_dsns["s0"], csv_path)
                 rate, copy_rate = ok / seconds, args.residents / copy_seconds
@@ -273,5 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--movers", type=int, default=20_000)
     parser.add_argument("--lookups", type=int, default=200)
     parser.add_argument("--projection", type=int, default=1_000_000)
+    parser.add_argument("--certificates", type=int, default=100_000, help="cards for the sweep (0: no sweep part)")
+    parser.add_argument("--only", choices=["sweep"], help="run one part alone")
     args = parser.parse_args(argv or [])
     return asyncio.run(run(args))

@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from services.records.consumer import coupon_consumers
 from services.records.imports import ImportWorker
 from services.records.models import outbox
-from services.records.router import internal, router
+from services.records.router import GRANT_ONLY_PATHS, internal, router
 from services.records.settings import RecordsSettings
 from shared.app import build_app
 from shared.bus.offsets import report_lag
@@ -79,4 +79,5 @@ def create_app(settings: RecordsSettings | None = None) -> FastAPI:
         routers=[router, internal],
         ready=ready,
         collect_metrics=collect_metrics,
+        grant_only_paths=GRANT_ONLY_PATHS,
     )

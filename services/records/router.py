@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response, status
+from fastapi.responses import JSONResponse
 
 from services.records import service
 from services.records.models import Dose
@@ -40,11 +41,20 @@ from shared.errors import (
     Unauthorized,
     responses,
 )
-from shared.grants import InvalidGrant, verify_grant
-from shared.schemas import DoseSummary, DoseSummaryList, TransferDosesIn
+from shared.grants import DoseVersionGrant, InvalidGrant, open_grant, verify_grant
+from shared.schemas import (
+    DoseSummary,
+    DoseSummaryList,
+    DoseVersionList,
+    DoseVersionsIn,
+    TransferDosesIn,
+)
 
 router = APIRouter(prefix="/api/v1", tags=["doses"])
 internal = APIRouter(prefix="/internal/v1", tags=["internal"], include_in_schema=False)
+# Authorised by the registry-signed grant in the body, not by a caller's token: registry asks it for an
+# anonymous verifier, and from its background sweep, where there is no caller (see shared/grants.py).
+GRANT_ONLY_PATHS = frozenset({"/internal/v1/dose-versions"})
 
 MunicipalityCode = Annotated[str, Path(pattern=r"^\d{6}$", description="6-digit municipality code")]
 Recorder = Annotated[Principal, require(Role.INSTITUTION, Role.MUNICIPALITY)]
@@ -266,3 +276,20 @@ async def transfer_doses(
         raise Forbidden(str(exc)) from None
     doses = await service.transfer_doses(uow, [(g.municipality, g.coupons) for g in grants])
     return DoseSummaryList(doses=[_summary(d) for d in doses if not d.voided])
+
+
+@internal.post("/dose-versions", response_model=DoseVersionList, responses=responses(Forbidden))
+async def dose_versions(body: DoseVersionsIn, uow: UnitOfWorkDep, request: Request) -> Response:
+    """Version, status and voided flag of doses registry certified, for revoking the cards that show a dose
+    since voided or corrected: only the dose ids the registry-signed grant names, nothing about the person."""
+    public_key: str = request.app.state.settings.transfer_grant_public_key
+    try:
+        grant = open_grant(public_key, body.grant, DoseVersionGrant)
+    except InvalidGrant as exc:
+        raise Forbidden(f"grant: {exc}") from None
+    named = grant.dose_ids()
+    if not set(body.dose_ids) <= named.keys():
+        raise Forbidden("dose_ids: the grant does not name every dose asked about")
+    found = await service.dose_versions(uow, {d: named[d] for d in body.dose_ids})
+    # Plain JSON in DoseVersionList's shape: a model per dose cost more than the query (sweeps ask for 1,000s).
+    return JSONResponse({"doses": [{"dose_id": d, "version": v, "status": s, "voided": x} for d, v, s, x in found]})

@@ -15,7 +15,7 @@ import io
 import json
 import uuid
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
@@ -418,6 +418,19 @@ async def transfer_doses(uow: UnitOfWork, wanted: Sequence[tuple[str, Sequence[s
     for shard, pairs in sorted(by_shard.items()):
         doses += await DoseRepository(uow.shard(shard)).of_coupons(pairs)
     return doses
+
+
+async def dose_versions(uow: UnitOfWork, wanted: Mapping[str, str]) -> list[tuple[str, int, str, bool]]:
+    """(dose id, version, status, voided) of the doses a dose-version grant named (dose id → municipality):
+    one query per shard."""
+    by_shard: dict[str, list[tuple[str, str]]] = {}
+    for dose_id, municipality_code in wanted.items():
+        shard = await uow.databases.shard_of(municipality_code)
+        by_shard.setdefault(shard, []).append((municipality_code, dose_id))
+    found: list[tuple[str, int, str, bool]] = []
+    for shard, pairs in sorted(by_shard.items()):
+        found += await DoseRepository(uow.shard(shard)).versions(pairs)
+    return found
 
 
 def _snapshot(dose: Dose) -> dict[str, Any]:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from services.registry.certificates import Issuer
+from services.registry.certificates import Issuer, sweep_forever
 from services.registry.crypto import MyNumberVault
 from services.registry.importer import ResidentImporter
 from services.registry.models import outbox
@@ -41,9 +43,25 @@ def create_app(settings: RegistrySettings | None = None) -> FastAPI:
                 )
                 if settings.run_imports:
                     await app.state.importer.resume()
+                sweeper = None
+                if settings.certificate_sweep_seconds > 0:
+                    sweeper = asyncio.create_task(
+                        sweep_forever(
+                            databases,
+                            app.state.records,
+                            app.state.issuer,
+                            interval=settings.certificate_sweep_seconds,
+                            batch_size=settings.certificate_sweep_batch,
+                        ),
+                        name="certificate-sweep",
+                    )
                 try:
                     yield
                 finally:
+                    if sweeper is not None:
+                        sweeper.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await sweeper
                     await app.state.importer.close()
         finally:
             await app.state.records.close()

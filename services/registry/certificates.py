@@ -2,8 +2,13 @@
 
 Registry issues them because only registry may see names; the doses come from records through the same read
 as the resident's page. A card is *stale* once records' doses (or the resident's name or birth date) differ
-from what it shows; a stale card is revoked — its ``rid`` joins the revocation list — when the municipality
-issues the next one or when anyone presents it to our verifier. Nothing is pushed from records to registry.
+from what it shows; a stale card is revoked — its ``rid`` joins the revocation list — for good.
+
+Nothing is pushed from records to registry, so registry asks: whenever anyone (no login needed) presents a
+card to our verifier, and in a background sweep over every card not revoked yet, registry signs a
+dose-version grant naming exactly the cards' dose ids (shared/grants.py) and records answers each dose's
+current version, status and voided flag. The municipality issuing a card or reading the resident also
+revokes what no longer matches.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,15 +31,24 @@ from services.registry.municipalities import municipality_name
 from services.registry.qr import qr_png
 from services.registry.repository import CertificateRepository
 from services.registry.settings import RegistrySettings
-from shared.auth import Principal, Role
-from shared.db import UnitOfWork, utcnow
+from shared.db import Databases, UnitOfWork, utcnow
 from shared.domain.dose_rules import DoseStatus
 from shared.errors import Conflict, NotFound, ServiceUnavailable
+from shared.grants import DoseVersionGrant, sign_grant
 from shared.internal import InternalClient
-from shared.schemas import DoseSummary
+from shared.schemas import DoseSummary, DoseVersion, DoseVersionList
+
+log = logging.getLogger(__name__)
 
 STALE = "doses, name or birth date changed since issue"
 GONE = "the resident is no longer registered"
+DOSE_VOIDED = "a dose on the card was voided in the records"
+DOSE_CORRECTED = "a dose on the card was corrected in the records"
+DOSE_MISSING = "a dose on the card is no longer in the records"
+UNCHECKED = (
+    "revocation: could not be checked — the records service did not answer, so whether a dose on the card "
+    "was voided or corrected is unknown; try again"
+)
 
 
 @dataclass(frozen=True)
@@ -46,6 +61,7 @@ class Issuer:
     rid_secret: bytes
     font: Path
     municipalities_csv: Path | None
+    grant_key: str  # ES256 private key (PEM) of registry's grants: signs the dose-version checks
 
     def verifying_keys(self) -> dict[str, shc.IssuerKey]:
         return {k.kid: k for k in (*self.retired, self.key)}
@@ -59,6 +75,7 @@ class Issuer:
             rid_secret=base64.b64decode(settings.shc_rid_secret),
             font=settings.certificate_font,
             municipalities_csv=settings.municipalities_csv,
+            grant_key=settings.transfer_grant_private_key,
         )
 
 
@@ -224,14 +241,12 @@ class Verification:
     claims: dict[str, Any]
 
 
-async def verify(
-    uow: UnitOfWork, records: InternalClient, issuer: Issuer, *, card: str, caller: Principal
-) -> Verification:
+async def verify(uow: UnitOfWork, records: InternalClient, issuer: Issuer, *, card: str) -> Verification:
     """Every check a verifier makes: format, key, signature, issuer, dates, then revocation.
 
-    Revocation is what registry has recorded, brought up to date with what it may read for this caller: the
-    resident's name and birth date always (registry's own), the doses only when the caller is the issuing
-    municipality (records answers registry only on a caller's behalf).
+    Revocation is checked live for a card not revoked yet, whoever asks: the resident's name and birth date
+    (registry's own), and the card's doses with records through a dose-version grant. If records cannot be
+    reached the card is *not* called valid: the answer says revocation could not be checked.
     """
     try:
         jws = shc.from_numeric(card)
@@ -249,7 +264,10 @@ async def verify(
         return Verification(valid=False, reasons=["revocation: this issuer has no record of the card"], claims=claims)
     claims["certificate_id"] = cert.certificate_id
     if cert.revoked_at is None:
-        await _revoke_if_stale(uow, records, cert, caller=caller)
+        try:
+            await _revoke_if_stale(uow, records, issuer, cert)
+        except ServiceUnavailable:
+            return Verification(valid=False, reasons=[UNCHECKED], claims=claims)
     if cert.revoked_at is not None:
         when = cert.revoked_at.replace(microsecond=0).isoformat()
         return Verification(valid=False, reasons=[f"revoked: {cert.revoked_reason} (revoked {when})"], claims=claims)
@@ -279,24 +297,118 @@ def _static_checks(jws: str, opened: shc.OpenedCard, issuer: Issuer) -> list[str
     return reasons
 
 
-async def _revoke_if_stale(
-    uow: UnitOfWork, records: InternalClient, cert: IssuedCertificate, *, caller: Principal
-) -> None:
+async def _revoke_if_stale(uow: UnitOfWork, records: InternalClient, issuer: Issuer, cert: IssuedCertificate) -> None:
+    """Raises :class:`ServiceUnavailable` when records cannot say where the card's doses stand."""
     try:
         resident = await service.get_resident(
             uow, municipality_code=cert.municipality_code, resident_id=cert.resident_id
         )
     except NotFound:
-        stale, reason = True, GONE
+        reason: str | None = GONE
     else:
-        stale, reason = cert.subject_digest != _subject_digest(resident), STALE
-        if not stale and caller.role is Role.MUNICIPALITY and caller.municipality == cert.municipality_code:
-            read = await service.resident_with_doses(uow, resident, records)
-            stale = cert.doses != _snapshot(read.doses)
-    if stale:
+        reason = STALE if cert.subject_digest != _subject_digest(resident) else None
+    if reason is None:
+        changed = await dose_changes(records, issuer, [(cert.certificate_id, cert.municipality_code, cert.doses)])
+        reason = changed.get(cert.certificate_id)
+    if reason is not None:
         now = utcnow()
         await CertificateRepository(uow.main()).revoke([cert.certificate_id], at=now, reason=reason)
         cert.revoked_at, cert.revoked_reason = now, reason
+
+
+Certified = tuple[str, str, list[dict[str, Any]]]  # (certificate id, municipality, [{"dose_id", "version"}])
+
+
+async def dose_changes(records: InternalClient, issuer: Issuer, certificates: Sequence[Certified]) -> dict[str, str]:
+    """certificate id → why it must be revoked, for those of ``certificates`` showing a dose that records
+    has since voided, corrected or no longer holds. One records call, under one grant naming exactly these
+    certificates' dose ids. Raises :class:`ServiceUnavailable` if records does not answer."""
+    shown = [(cid, municipality, doses) for cid, municipality, doses in certificates if doses]
+    if not shown:
+        return {}
+    # One validation for the whole grant (a sweep names hundreds of certificates).
+    grant = DoseVersionGrant.model_validate(
+        {
+            "certificates": [
+                {"certificate": cid, "municipality": m, "doses": [d["dose_id"] for d in doses]}
+                for cid, m, doses in shown
+            ]
+        }
+    )
+    dose_ids = sorted(grant.dose_ids())
+    status, body = await records.request(
+        "POST",
+        "/internal/v1/dose-versions",
+        json={"grant": sign_grant(issuer.grant_key, grant), "dose_ids": dose_ids},
+    )
+    if status != 200:
+        raise ServiceUnavailable(f"records answered {status} to a certificate check")
+    now = {d.dose_id: d for d in DoseVersionList.model_validate(body).doses}
+    changed: dict[str, str] = {}
+    for cid, _, doses in shown:
+        found = {_change(d["version"], now.get(d["dose_id"])) for d in doses} - {None}
+        if found:
+            changed[cid] = next(r for r in (DOSE_VOIDED, DOSE_MISSING, DOSE_CORRECTED) if r in found)
+    return changed
+
+
+def _change(shown_version: int, current: DoseVersion | None) -> str | None:
+    if current is None:
+        return DOSE_MISSING
+    if current.voided:
+        return DOSE_VOIDED
+    if current.version != shown_version or current.status != DoseStatus.RECORDED:
+        return DOSE_CORRECTED
+    return None
+
+
+@dataclass
+class SweepPass:
+    checked: int = 0
+    revoked: int = 0
+    skipped: bool = False  # another replica holds the sweep
+
+
+async def sweep(databases: Databases, records: InternalClient, issuer: Issuer, *, batch_size: int) -> SweepPass:
+    """One pass over every certificate not revoked yet, in pages of ``batch_size``: one records call per page,
+    revocations committed per page. Raises :class:`ServiceUnavailable` (pass abandoned, what was committed
+    stays) if records does not answer."""
+    result = SweepPass()
+    async with databases.main.sessionmaker() as lock, lock.begin():
+        if not await CertificateRepository(lock).take_sweep_lock():
+            result.skipped = True
+            return result
+        after = ""
+        while True:
+            async with databases.main.sessionmaker() as session:
+                page = await CertificateRepository(session).unrevoked_after(after, limit=batch_size)
+            if not page:
+                return result
+            changed = await dose_changes(records, issuer, page)
+            result.checked += len(page)
+            if changed:
+                async with databases.main.sessionmaker() as session, session.begin():
+                    repo, at = CertificateRepository(session), utcnow()
+                    for reason in sorted(set(changed.values())):
+                        await repo.revoke([c for c, r in changed.items() if r == reason], at=at, reason=reason)
+                result.revoked += len(changed)
+            after = page[-1][0]
+
+
+async def sweep_forever(
+    databases: Databases, records: InternalClient, issuer: Issuer, *, interval: float, batch_size: int
+) -> None:
+    """The background sweep: a pass, then ``interval`` seconds' rest (passes never overlap), for good."""
+    while True:
+        try:
+            done = await sweep(databases, records, issuer, batch_size=batch_size)
+            if done.revoked:
+                log.info("certificate sweep: %d checked, %d revoked", done.checked, done.revoked)
+        except ServiceUnavailable:
+            log.warning("certificate sweep: records did not answer; retrying in %.0fs", interval)
+        except Exception:
+            log.exception("certificate sweep failed; retrying in %.0fs", interval)
+        await asyncio.sleep(interval)
 
 
 def _claims(opened: shc.OpenedCard) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""registry's ``vrs`` subcommands: ``vrs residents import`` and the ``relay`` worker."""
+"""registry's ``vrs`` subcommands: ``vrs residents import``, ``vrs keys``, ``vrs certificates sweep`` and the
+``relay`` worker."""
 
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ from typing import Any
 
 import httpx
 
-from services.registry import service
+from services.registry import certificates, service
 from services.registry.crypto import MyNumberVault
 from services.registry.models import outbox
 from services.registry.repository import ResidentRepository
 from services.registry.settings import RegistrySettings
 from shared.db import Databases
+from shared.errors import ServiceUnavailable
+from shared.internal import InternalClient
 from shared.observability import setup_worker
 from shared.outbox import run_relay_process
 
@@ -51,6 +54,14 @@ def register(subparsers: Any) -> None:
     status = keys_sub.add_parser("status", help="how many My Numbers each key id seals, per shard")
     status.set_defaults(func=lambda _: asyncio.run(_key_status()))
 
+    certs = subparsers.add_parser("certificates", help="issued certificates and their revocation (registry)")
+    certs_sub = certs.add_subparsers(required=True, metavar="ACTION")
+    sweep = certs_sub.add_parser(
+        "sweep", help="revoke the cards showing a dose records has since voided or corrected (the API's sweep)"
+    )
+    sweep.add_argument("--once", action="store_true", help="one pass, print what it did, exit")
+    sweep.set_defaults(func=lambda args: asyncio.run(_sweep(once=args.once)))
+
 
 async def _rotate(batch_size: int) -> int:
     settings = RegistrySettings()
@@ -68,6 +79,30 @@ async def _rotate(batch_size: int) -> int:
                 print(f"\rshard {name}: {total:,} re-sealed under {vault.active_key}", end="", file=sys.stderr)
             print(f"\rshard {name}: {total:,} re-sealed under {vault.active_key} — done", file=sys.stderr)
     finally:
+        await databases.dispose()
+    return 0
+
+
+async def _sweep(*, once: bool) -> int:
+    """What the registry API runs every ``VRS_REGISTRY_CERTIFICATE_SWEEP_SECONDS``, on demand or as a worker
+    of its own (then set the API's interval to 0)."""
+    settings = RegistrySettings()
+    databases = Databases.connect(settings.main_dsn, settings.shard_dsns, pool_size=2)
+    records = InternalClient(settings.records_url)
+    issuer = certificates.Issuer.from_settings(settings)
+    batch = settings.certificate_sweep_batch
+    try:
+        if not once:
+            interval = settings.certificate_sweep_seconds or 30.0
+            await certificates.sweep_forever(databases, records, issuer, interval=interval, batch_size=batch)
+        try:
+            done = await certificates.sweep(databases, records, issuer, batch_size=batch)
+        except ServiceUnavailable as exc:
+            print(f"records did not answer: {exc}", file=sys.stderr)
+            return 1
+        print("another replica is sweeping" if done.skipped else f"checked {done.checked}, revoked {done.revoked}")
+    finally:
+        await records.close()
         await databases.dispose()
     return 0
 

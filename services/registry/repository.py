@@ -335,6 +335,10 @@ class DirectoryRepository:
             await self.session.delete(entry)
 
 
+# Arbitrary but fixed: the advisory lock key of the certificate revocation sweep ("VRSCERTS" in ASCII).
+_SWEEP_LOCK = 0x5652534345525453
+
+
 class CertificateRepository:
     """Issued certificates, in registry's main database."""
 
@@ -371,6 +375,24 @@ class CertificateRepository:
             .values(revoked_at=at, revoked_reason=reason)
         )
         await self.session.execute(stmt)
+
+    async def unrevoked_after(self, after: str, *, limit: int) -> list[tuple[str, str, list[dict[str, Any]]]]:
+        """(certificate id, municipality, doses shown) of certificates not revoked, by id after ``after``:
+        the sweep's keyset pages, columns only."""
+        stmt = (
+            select(IssuedCertificate.certificate_id, IssuedCertificate.municipality_code, IssuedCertificate.doses)
+            .where(IssuedCertificate.revoked_at.is_(None), IssuedCertificate.certificate_id > after)
+            .order_by(IssuedCertificate.certificate_id)
+            .limit(limit)
+        )
+        return [(r.certificate_id, r.municipality_code, r.doses) for r in await self.session.execute(stmt)]
+
+    async def take_sweep_lock(self) -> bool:
+        """Whether this transaction may run the revocation sweep: on PostgreSQL a transaction-scoped advisory
+        lock, so that of several registry replicas one sweeps at a time; SQLite is one process anyway."""
+        if not _is_postgres(self.session):
+            return True
+        return bool(await self.session.scalar(select(func.pg_try_advisory_xact_lock(_SWEEP_LOCK))))
 
     async def revoked_rids(self, kid: str) -> list[str]:
         stmt = (

@@ -57,11 +57,16 @@ class RegistrySettings(PublisherSettings):
     municipalities_csv: Path | None = (
         _PROJECT_ROOT.parent / "shared" / "data" / "municipalities" / "localgovjp-utf8.csv"
     )
-    # Resident CSV imports: rows per transaction, and whether this replica resumes unfinished imports at start.
-    # ES256 private key (PEM) signing transfer-lookup grants; records holds the public half.
+    # ES256 private key (PEM) signing registry's grants — transfer lookups and certificate checks (see
+    # shared/grants.py); records holds the public half.
     transfer_grant_private_key: str = DEV_PRIVATE_KEY
+    # Resident CSV imports: rows per transaction, and whether this replica resumes unfinished imports at start.
     import_batch_size: int = Field(default=1000, ge=1, le=5000)
     run_imports: bool = True
+    # The certificate revocation sweep in the API process: seconds between passes (0: no sweep here), and
+    # certificates per records call. Replicas take turns (an advisory lock), so every replica may run it.
+    certificate_sweep_seconds: float = Field(default=30.0, ge=0)
+    certificate_sweep_batch: int = Field(default=500, ge=1, le=1000)
 
     @model_validator(mode="after")
     def _check_keys(self) -> RegistrySettings:
