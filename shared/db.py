@@ -2,16 +2,19 @@
 
 A service has one *main* database and, if it is sharded by municipality, several *shard* databases. The
 main database of a sharded service holds the shard map (municipality code → shard name); a municipality is
-assigned once, on first sight, and stays until an operator moves it (rewriting one row, after copying its
-data), so adding a shard never reshuffles existing municipalities.
+assigned once, on first sight, and stays until an operator moves it (``vrs shards move``, see
+:mod:`shared.shardmove`), so adding a shard never reshuffles existing municipalities. Each process keeps the
+map in memory for ``SHARD_MAP_TTL_SECONDS`` at most: a move waits longer than that before it deletes the rows
+it copied, and a write that reaches the old shard meanwhile is refused there (a fence) and forgets the entry.
 
 The same code runs on PostgreSQL (asyncpg) and, in the embedded default, on SQLite (aiosqlite).
 """
 
 from __future__ import annotations
 
+import time
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -78,6 +81,9 @@ def shard_assignments_table(metadata: MetaData) -> Table:
     )
 
 
+# How long a process trusts its copy of the shard map (a shard move waits longer before deleting what it moved).
+SHARD_MAP_TTL_SECONDS = 2.0
+
 _shard_map_metadata = MetaData()
 _shard_assignments = shard_assignments_table(_shard_map_metadata)
 
@@ -102,7 +108,9 @@ class Database:
 class Databases:
     main: Database
     shards: dict[str, Database] = field(default_factory=dict)
-    _assignments: dict[str, str] = field(default_factory=dict)
+    # municipality → (shard, monotonic time it was read)
+    _assignments: dict[str, tuple[str, float]] = field(default_factory=dict)
+    shard_map_ttl: float = SHARD_MAP_TTL_SECONDS
 
     @classmethod
     def connect(cls, main_url: str, shard_urls: dict[str, str] | None = None, *, pool_size: int = 20) -> Databases:
@@ -116,33 +124,45 @@ class Databases:
         return names[zlib.crc32(municipality_code.encode()) % len(names)]
 
     async def shard_of(self, municipality_code: str) -> str:
-        """The shard that holds ``municipality_code``, assigning one on first sight."""
+        """The shard that holds ``municipality_code``, assigning one on first sight (cached for ``shard_map_ttl``)."""
         cached = self._assignments.get(municipality_code)
-        if cached is not None:
-            return cached
+        if cached is not None and time.monotonic() - cached[1] < self.shard_map_ttl:
+            return cached[0]
+        return (await self.current_shards([municipality_code]))[municipality_code]
+
+    async def current_shards(self, municipality_codes: Iterable[str]) -> dict[str, str]:
+        """The shards of ``municipality_codes`` as the main database has them now (one query; no cache)."""
+        codes = sorted(set(municipality_codes))
+        if not codes:
+            return {}
+        t = _shard_assignments
         async with self.main.sessionmaker() as session, session.begin():
-            shard = await session.scalar(
-                select(_shard_assignments.c.shard).where(_shard_assignments.c.municipality_code == municipality_code)
-            )
-            if shard is None:
+            stmt = select(t.c.municipality_code, t.c.shard).where(t.c.municipality_code.in_(codes))
+            found = {str(c): str(s) for c, s in (await session.execute(stmt)).all()}
+            missing = [c for c in codes if c not in found]
+            if missing:
                 await session.execute(
-                    upsert(session, _shard_assignments)
+                    upsert(session, t)
                     .values(
-                        municipality_code=municipality_code,
-                        shard=self.default_shard(municipality_code),
-                        assigned_at=utcnow(),
+                        [
+                            {"municipality_code": c, "shard": self.default_shard(c), "assigned_at": utcnow()}
+                            for c in missing
+                        ]
                     )
                     .on_conflict_do_nothing(index_elements=["municipality_code"])
                 )
-                shard = await session.scalar(
-                    select(_shard_assignments.c.shard).where(
-                        _shard_assignments.c.municipality_code == municipality_code
-                    )
-                )
-        if shard not in self.shards:
-            raise RuntimeError(f"municipality {municipality_code} is mapped to unknown shard {shard!r}")
-        self._assignments[municipality_code] = str(shard)
-        return str(shard)
+                stmt = select(t.c.municipality_code, t.c.shard).where(t.c.municipality_code.in_(missing))
+                found |= {str(c): str(s) for c, s in (await session.execute(stmt)).all()}
+        now = time.monotonic()
+        for code, shard in found.items():
+            if shard not in self.shards:
+                raise RuntimeError(f"municipality {code} is mapped to unknown shard {shard!r}")
+            self._assignments[code] = (shard, now)
+        return found
+
+    def forget(self, municipality_code: str) -> None:
+        """Drop the cached shard of ``municipality_code`` (it was found moving): the next use reads the map."""
+        self._assignments.pop(municipality_code, None)
 
     async def ping(self) -> None:
         await self.main.ping()

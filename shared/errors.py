@@ -7,14 +7,19 @@ errors appear in OpenAPI.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from shared.shardmove import fenced_municipality
+
+log = logging.getLogger(__name__)
 
 
 class ErrorBody(BaseModel):
@@ -117,7 +122,7 @@ def resident_not_found() -> NotFound:
 
 def error_response(error: VRSError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if isinstance(error, Unauthorized) else {}
-    if isinstance(error, TooManyRequests):
+    if isinstance(error, (TooManyRequests, ServiceUnavailable)) and "retry_after" in error.extra:
         headers["Retry-After"] = str(error.extra.get("retry_after", 1))
     return JSONResponse(error.body(), status_code=error.status_code, headers=headers or None)
 
@@ -161,7 +166,25 @@ def install_error_handlers(app: FastAPI) -> None:
             )
         return JSONResponse({"error": "InternalError", "detail": "internal error"}, status_code=500)
 
+    async def database_error(request: Request, exc: Exception) -> JSONResponse:
+        moving = fenced_municipality(exc)
+        if moving is None:
+            log.error("unhandled database error", exc_info=exc)
+            return await unexpected(request, exc)
+        # The municipality's shard refused the write: it is being moved (shared/shardmove.py). Forget the cached
+        # shard so that the retry, after the move, goes to the new one.
+        databases = getattr(request.app.state, "databases", None)
+        if databases is not None and moving:
+            databases.forget(moving)
+        return error_response(
+            ServiceUnavailable(
+                "this municipality's records are being moved between database shards; retry in a second",
+                retry_after=1,
+            )
+        )
+
     app.add_exception_handler(VRSError, vrs_error)
     app.add_exception_handler(Exception, unexpected)
+    app.add_exception_handler(DBAPIError, database_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)

@@ -13,14 +13,16 @@ from typing import Any
 
 import httpx
 
-from services.records.consumer import coupon_consumers
-from services.records.models import outbox
+from services.records.consumer import coupon_consumers, wait_caught_up
+from services.records.models import outbox, shard_assignments, shard_moves
+from services.records.repository import MOVABLE_TABLES
 from services.records.settings import RecordsSettings
 from shared.bus.offsets import report_lag_forever
 from shared.consumer import stored_positions
 from shared.db import Databases
 from shared.observability import setup_worker
 from shared.outbox import run_relay_process
+from shared.shardmove import MoveSpec
 
 
 def relay() -> None:
@@ -105,3 +107,17 @@ def register(sub: Any) -> None:
     upload.add_argument("--token", help="a bearer token (default: $VRS_TOKEN)")
     upload.add_argument("--poll", type=float, default=0.5, help="seconds between status checks")
     upload.set_defaults(func=_import_file)
+
+
+def shard_mover() -> MoveSpec:
+    """What ``vrs shards move`` moves of records; before its fence, its coupon consumers catch up."""
+    settings = RecordsSettings()
+    databases = Databases.connect(settings.main_dsn, settings.shard_dsns, pool_size=2)
+    return MoveSpec(
+        "records",
+        databases,
+        MOVABLE_TABLES,
+        shard_moves,
+        shard_assignments,
+        before_fence=lambda: wait_caught_up(settings, databases),
+    )

@@ -9,7 +9,9 @@ changes), so reading them twice costs little and keeps each shard exactly-once o
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Sequence
 
 from pydantic import ValidationError
@@ -23,22 +25,24 @@ from shared.consumer import Bookkeeping, Handler, IdempotentConsumer
 from shared.db import Databases, utcnow
 from shared.events import CouponEvent
 from shared.outbox import OutboxRelay
+from shared.shardmove import ShardMoveError
 
 log = logging.getLogger(__name__)
 
 
 def coupon_event_handler(databases: Databases, shard: str, *, name: str) -> Handler:
     async def handle(session: AsyncSession, messages: Sequence[Message]) -> int:
-        mine: list[CouponEvent] = []
+        events: list[CouponEvent] = []
         for message in messages:
             try:
-                event = CouponEvent.from_bytes(message.value)
+                events.append(CouponEvent.from_bytes(message.value))
             except ValidationError:
                 # Never blocks the partition: a message no version of us can read is logged and passed.
                 log.error("undecodable coupon event at partition %s offset %s", message.partition, message.offset)
-                continue
-            if await databases.shard_of(event.municipality) == shard:
-                mine.append(event)
+        # The map as it is now, not a cached copy: right after a shard move (shared/shardmove.py) the new shard
+        # must take the municipality's next event, which cannot have been published before the move ended.
+        shards = await databases.current_shards(e.municipality for e in events)
+        mine = [e for e in events if shards[e.municipality] == shard]
         new = await Bookkeeping(session, consumer_bookkeeping).claim(name, [e.event_id for e in mine], at=utcnow())
         return await service.apply_coupon_events(session, [e for e in mine if e.event_id in new])
 
@@ -68,3 +72,33 @@ def coupon_consumers(
             )
         )
     return consumers
+
+
+async def wait_caught_up(settings: RecordsSettings, databases: Databases, *, timeout: float = 60.0) -> None:
+    """Until every shard's coupon consumer has applied everything on ``coupon-events`` now (a shard move waits
+    here, with registry's events for the moving municipality held back, so none is in flight while records'
+    rows move). Raises :class:`ShardMoveError` after ``timeout`` seconds (are the consumers running?)."""
+    topic = settings.bus.coupon_topic
+    source = make_source(settings.bus, consumer=f"{settings.consumer_name}-shard-move", topic=topic)
+    try:
+        await source.assign(dict.fromkeys(await source.partitions(), 0))
+        ends = await source.end_offsets()
+    finally:
+        await source.close()
+    deadline = time.monotonic() + timeout
+    while True:
+        behind: dict[str, int] = {}
+        for shard, database in sorted(databases.shards.items()):
+            async with database.sessionmaker() as session:
+                stored = await Bookkeeping(session, consumer_bookkeeping).offsets(settings.consumer_name, topic)
+            missing = sum(max(0, end - stored.get(p, 0)) for p, end in ends.items())
+            if missing:
+                behind[shard] = missing
+        if not behind:
+            return
+        if time.monotonic() > deadline:
+            raise ShardMoveError(
+                f"records' coupon consumers are behind {topic} ({behind} events) after {timeout:.0f}s: "
+                "are they running (`vrs consume records` or VRS_RECORDS_RUN_CONSUMER)?"
+            )
+        await asyncio.sleep(0.1)

@@ -41,6 +41,7 @@ from services.records.models import (
     outbox,
 )
 from shared.db import Database
+from shared.shardmove import MovableTable
 
 _doses: Table = Dose.__table__  # type: ignore[assignment]
 _keys: Table = IdempotencyKey.__table__  # type: ignore[assignment]
@@ -369,3 +370,15 @@ class ImportRepository:
                 update(DoseImport).where(t.import_id == import_id).values(lease_until=now + lease)
             )
         return import_id
+
+
+_OF_DOSES = "dose_id IN (SELECT dose_id FROM doses WHERE municipality_code = $1)"
+# What a shard move (``vrs shards move``, shared/shardmove.py) carries of a municipality, in copy order (doses
+# before the rows found through them); ``$1`` is its code. Unpublished dose events move with it.
+MOVABLE_TABLES = (
+    MovableTable(Dose.__table__, "municipality_code = $1"),  # type: ignore[arg-type]
+    MovableTable(IdempotencyKey.__table__, _OF_DOSES),  # type: ignore[arg-type]
+    MovableTable(DoseHistory.__table__, _OF_DOSES, skip=("id",), order_by="id"),  # type: ignore[arg-type]
+    MovableTable(CouponProjection.__table__, "municipality_code = $1"),  # type: ignore[arg-type]
+    MovableTable(outbox, "key = $1", copy_where="key = $1 AND published_at IS NULL", skip=("id",), order_by="id"),
+)

@@ -16,14 +16,15 @@ import httpx
 
 from services.registry import certificates, service
 from services.registry.crypto import MyNumberVault
-from services.registry.models import outbox
-from services.registry.repository import ResidentRepository
+from services.registry.models import outbox, shard_assignments, shard_moves
+from services.registry.repository import MOVABLE_TABLES, ResidentRepository
 from services.registry.settings import RegistrySettings
 from shared.db import Databases
 from shared.errors import ServiceUnavailable
 from shared.internal import InternalClient
 from shared.observability import setup_worker
 from shared.outbox import run_relay_process
+from shared.shardmove import MoveSpec
 
 
 def relay() -> None:
@@ -166,3 +167,10 @@ def _import(args: argparse.Namespace) -> int:
     if status["errors_more"]:
         print("(more errors: page with ?errors_after_row=)", file=sys.stderr)
     return 0 if not status["rows_failed"] and not status["errors"] else 1
+
+
+def shard_mover() -> MoveSpec:
+    """What ``vrs shards move`` moves of registry (fenced first, released last: its events feed records)."""
+    settings = RegistrySettings()
+    databases = Databases.connect(settings.main_dsn, settings.shard_dsns, pool_size=2)
+    return MoveSpec("registry", databases, MOVABLE_TABLES, shard_moves, shard_assignments)

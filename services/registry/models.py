@@ -22,6 +22,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from shared.db import shard_assignments_table
 from shared.outbox import outbox_table
+from shared.shardmove import shard_fences_table, shard_moves_table
 
 
 class MainBase(DeclarativeBase):
@@ -33,6 +34,9 @@ class ShardBase(DeclarativeBase):
 
 
 shard_assignments = shard_assignments_table(MainBase.metadata)
+# Shard moves (``vrs shards move``): their progress in the main database, their fences in every shard.
+shard_moves = shard_moves_table(MainBase.metadata)
+shard_fences = shard_fences_table(ShardBase.metadata)
 
 
 class MyNumberDirectoryEntry(MainBase):

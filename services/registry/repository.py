@@ -23,6 +23,7 @@ from services.registry.models import (
 )
 from shared.db import upsert, utcnow
 from shared.outbox import OutboxEvent, OutboxRepository
+from shared.shardmove import MovableTable
 
 
 def _is_postgres(session: AsyncSession) -> bool:
@@ -467,3 +468,13 @@ class ImportRepository:
         await self.session.execute(
             update(ResidentImport).where(ResidentImport.import_id == import_id).values(**values, updated_at=at)
         )
+
+
+# What a shard move (``vrs shards move``, shared/shardmove.py) carries of a municipality, in copy order; ``$1`` is
+# its code. Unpublished coupon events move with it (published ones are history, on the topic).
+MOVABLE_TABLES = (
+    MovableTable(Resident.__table__, "municipality_code = $1"),  # type: ignore[arg-type]
+    MovableTable(Coupon.__table__, "municipality_code = $1"),  # type: ignore[arg-type]
+    MovableTable(ResidentHistory.__table__, "municipality_code = $1"),  # type: ignore[arg-type]
+    MovableTable(outbox, "key = $1", copy_where="key = $1 AND published_at IS NULL", skip=("id",), order_by="id"),
+)

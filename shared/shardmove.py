@@ -1,0 +1,424 @@
+"""Moving one municipality's rows to another shard while the service keeps serving (``vrs shards move``).
+
+Each sharded service declares what belongs to a municipality (:class:`MovableTable`: a table and the SQL that
+selects the municipality's rows) in a :class:`MoveSpec`; this module does the rest the same way for all:
+
+1. **Fence** (source and target shard): one transaction takes ``SHARE`` locks on the declared tables — it waits
+   for the write transactions in flight, of every municipality, to end (milliseconds) — and inserts the
+   municipality into ``shard_fences``. From its commit on, a statement-level trigger on every table with a
+   municipality column refuses any write of the municipality's rows in that shard (SQLSTATE ``VR503``, which
+   the services answer as ``503`` + ``Retry-After``), and the outbox relay skips its unpublished events.
+   Other municipalities are not affected. The relay's claims in flight are waited for (``FOR UPDATE``).
+2. **Copy and flip**: the source is read in one ``REPEATABLE READ`` snapshot (``COPY … TO STDOUT`` binary,
+   spooled to a temporary file), written to the target in one transaction (rows of an earlier attempt
+   deleted first, then ``COPY … FROM STDIN``), and each table's row count and checksum (``hashtextextended``
+   of every copied row) compared before the target commits. Then one main-database transaction points the
+   shard map at the target and records the move as flipped, and the target's fence is lifted: writes resume
+   on the target. Unpublished outbox rows are moved (in their order), so each is relayed once, by the
+   target's relay; published ones stay behind and are deleted with the rest.
+3. **Clean**: once every process's cached shard map has expired (``SHARD_MAP_TTL_SECONDS`` plus a margin —
+   until then a stale process may still read the frozen source rows, and its writes are refused there), the
+   source rows are deleted. The source's fence row stays: a stale writer is refused, forgets its cached
+   entry and finds the new shard when it retries.
+
+Every step is recorded in ``shard_moves`` (main database) and is safe to repeat, so an interrupted move is
+resumed by running the same command again. The write pause — fence to flip — is stored with the move.
+Shard moves need PostgreSQL; the embedded SQLite mode has no fences.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, Column, DateTime, Float, MetaData, String, Table, select, update
+
+from shared.db import SHARD_MAP_TTL_SECONDS, Database, Databases, is_sqlite, upsert, utcnow
+
+log = logging.getLogger(__name__)
+
+FENCE_SQLSTATE = "VR503"
+# Set (transaction-local) by the mover itself, whose copies and deletes the fence must let through.
+BYPASS_SQL = "SET LOCAL vrs.shard_move = 'on'"
+# How much longer than the cache's lifetime the mover waits before deleting the source rows.
+CLEAN_MARGIN_SECONDS = 1.0
+
+
+def shard_fences_table(metadata: MetaData) -> Table:
+    """Municipalities whose rows this shard must not change: moving in or out (or moved away)."""
+    return Table(
+        "shard_fences",
+        metadata,
+        Column("municipality_code", String(6), primary_key=True),
+        Column("moving_to", String(64), nullable=False),
+        Column("fenced_at", DateTime(timezone=True), nullable=False),
+    )
+
+
+def shard_moves_table(metadata: MetaData) -> Table:
+    """One row per municipality moved (the last move): where from, where to, how far, what it cost."""
+    return Table(
+        "shard_moves",
+        metadata,
+        Column("municipality_code", String(6), primary_key=True),
+        Column("from_shard", String(64), nullable=False),
+        Column("to_shard", String(64), nullable=False),
+        Column("state", String(16), nullable=False),  # fencing, fenced, flipped, done
+        Column("started_at", DateTime(timezone=True), nullable=False),
+        Column("fenced_at", DateTime(timezone=True)),
+        Column("flipped_at", DateTime(timezone=True)),
+        Column("finished_at", DateTime(timezone=True)),
+        Column("pause_seconds", Float),  # fence committed → flip committed
+        Column("rows", JSON),  # table → rows moved
+    )
+
+
+FENCE_FUNCTION_SQL = f"""
+CREATE OR REPLACE FUNCTION shard_fence_check() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    fenced text;
+BEGIN
+    -- The common case costs one look at an empty table.
+    IF NOT EXISTS (SELECT 1 FROM shard_fences) OR current_setting('vrs.shard_move', true) = 'on' THEN
+        RETURN NULL;
+    END IF;
+    EXECUTE format(
+        'SELECT f.municipality_code FROM changed c JOIN shard_fences f ON f.municipality_code = c.%I LIMIT 1',
+        TG_ARGV[0]
+    ) INTO fenced;
+    IF fenced IS NOT NULL THEN
+        RAISE EXCEPTION 'municipality % is moving to another shard; retry shortly', fenced
+            USING ERRCODE = '{FENCE_SQLSTATE}', DETAIL = fenced;
+    END IF;
+    RETURN NULL;
+END $$
+"""
+
+
+def fence_trigger_sql(tables: Sequence[tuple[str, str, Sequence[str]]]) -> list[str]:
+    """DDL for a migration: the check function and, per (table, municipality column, events), its triggers."""
+    statements = [FENCE_FUNCTION_SQL]
+    for table, column, events in tables:
+        for op in events:
+            transition = "OLD" if op == "DELETE" else "NEW"
+            statements.append(
+                f"CREATE TRIGGER shard_fence_{op.lower()} AFTER {op} ON {table} "
+                f"REFERENCING {transition} TABLE AS changed FOR EACH STATEMENT "
+                f"EXECUTE FUNCTION shard_fence_check('{column}')"
+            )
+    return statements
+
+
+def drop_fence_trigger_sql(tables: Sequence[tuple[str, str, Sequence[str]]]) -> list[str]:
+    drops = [f"DROP TRIGGER IF EXISTS shard_fence_{op.lower()} ON {t}" for t, _, events in tables for op in events]
+    return [*drops, "DROP FUNCTION IF EXISTS shard_fence_check()"]
+
+
+def fenced_municipality(exc: BaseException) -> str | None:
+    """The municipality a write was refused for because it is moving, if that is what ``exc`` is."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if getattr(e, "sqlstate", None) == FENCE_SQLSTATE or getattr(e, "pgcode", None) == FENCE_SQLSTATE:
+            detail = getattr(e, "detail", None)
+            return str(detail) if detail else ""
+        todo += [getattr(e, "orig", None), e.__cause__, e.__context__]
+    return None
+
+
+@dataclass(frozen=True)
+class MovableTable:
+    """A shard table holding a municipality's rows. ``where`` selects them (``$1`` is the code); ``copy_where``
+    narrows what is copied (the rest is only deleted); ``skip`` names generated columns the target fills."""
+
+    table: Table
+    where: str
+    copy_where: str | None = None
+    skip: tuple[str, ...] = ()
+    order_by: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.table.name
+
+    @property
+    def columns(self) -> list[str]:
+        return [c.name for c in self.table.columns if c.name not in self.skip]
+
+    @property
+    def selection(self) -> str:
+        return self.copy_where or self.where
+
+
+@dataclass
+class MoveSpec:
+    """What one service moves: its databases, its tables (in copy order; deleted in reverse), its bookkeeping.
+
+    ``before_fence`` runs before this service's fence (records waits there for its consumers to catch up).
+    """
+
+    service: str
+    databases: Databases
+    tables: Sequence[MovableTable]
+    moves: Table
+    assignments: Table
+    outbox: str | None = "outbox"
+    before_fence: Callable[[], Awaitable[None]] | None = None
+    rows: dict[str, int] = field(default_factory=dict)
+
+
+class ShardMoveError(RuntimeError):
+    pass
+
+
+@asynccontextmanager
+async def _transaction(db: Database, *, isolation: str = "read_committed") -> AsyncIterator[Any]:
+    """An asyncpg connection inside one transaction (SQLAlchemy's own transaction handling off)."""
+    async with db.engine.connect() as conn:
+        conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+        raw: Any = (await conn.get_raw_connection()).driver_connection
+        async with raw.transaction(isolation=isolation):
+            yield raw
+
+
+async def _read_move(spec: MoveSpec, code: str) -> dict[str, Any] | None:
+    async with spec.databases.main.sessionmaker() as session:
+        row = (await session.execute(select(spec.moves).where(spec.moves.c.municipality_code == code))).first()
+    return None if row is None else dict(row._mapping)
+
+
+async def _set_move(spec: MoveSpec, code: str, **values: Any) -> None:
+    async with spec.databases.main.sessionmaker() as session, session.begin():
+        await session.execute(update(spec.moves).where(spec.moves.c.municipality_code == code).values(**values))
+
+
+async def plan(spec: MoveSpec, code: str, to: str) -> dict[str, Any] | None:
+    """Start (or find the unfinished) move of ``code`` to ``to``; None when it is already there."""
+    if is_sqlite(spec.databases.main.url):
+        raise ShardMoveError("shard moves need PostgreSQL (the embedded SQLite mode has no fences)")
+    if to not in spec.databases.shards:
+        raise ShardMoveError(
+            f"{spec.service}: no shard named {to!r} (configured: {', '.join(sorted(spec.databases.shards))})"
+        )
+    move = await _read_move(spec, code)
+    if move is not None and move["state"] != "done":
+        if move["to_shard"] != to:
+            raise ShardMoveError(
+                f"{spec.service}: municipality {code} is being moved to {move['to_shard']}; "
+                "run that move to its end first"
+            )
+        return move
+    current = (await spec.databases.current_shards([code]))[code]
+    if current == to:
+        return None
+    now = utcnow()
+    row = {
+        "municipality_code": code,
+        "from_shard": current,
+        "to_shard": to,
+        "state": "fencing",
+        "started_at": now,
+        "fenced_at": None,
+        "flipped_at": None,
+        "finished_at": None,
+        "pause_seconds": None,
+        "rows": None,
+    }
+    async with spec.databases.main.sessionmaker() as session, session.begin():
+        stmt = upsert(session, spec.moves).values(row)
+        await session.execute(stmt.on_conflict_do_update(index_elements=["municipality_code"], set_=row))
+    return row
+
+
+async def _fence_shard(spec: MoveSpec, db: Database, code: str, to: str) -> None:
+    names = ", ".join(t.name for t in spec.tables)
+    async with _transaction(db) as raw:
+        await raw.execute("SET LOCAL lock_timeout = '10s'")
+        # Waits for the writes in flight (any municipality): after the commit every new one sees the fence.
+        await raw.execute(f"LOCK TABLE {names} IN SHARE MODE")
+        await raw.execute(
+            "INSERT INTO shard_fences (municipality_code, moving_to, fenced_at) VALUES ($1, $2, now()) "
+            "ON CONFLICT (municipality_code) DO UPDATE SET moving_to = EXCLUDED.moving_to, fenced_at = now()",
+            code,
+            to,
+        )
+
+
+async def fence(spec: MoveSpec, move: dict[str, Any]) -> None:
+    code, source, target = move["municipality_code"], move["from_shard"], move["to_shard"]
+    if move["state"] != "fencing":
+        return
+    if spec.before_fence is not None:
+        await spec.before_fence()
+    for name in (source, target):
+        await _fence_shard(spec, spec.databases.shards[name], code, target)
+    if spec.outbox is not None:
+        # A relay that claimed some of these events before the fence publishes them; wait for it to finish.
+        async with _transaction(spec.databases.shards[source]) as raw:
+            await raw.execute(f"SELECT 1 FROM {spec.outbox} WHERE key = $1 AND published_at IS NULL FOR UPDATE", code)
+    move["state"], move["fenced_at"] = "fenced", utcnow()
+    await _set_move(spec, code, state="fenced", fenced_at=move["fenced_at"])
+    log.info("%s: %s fenced on %s and %s", spec.service, code, source, target)
+
+
+def _checksum_sql(table: MovableTable) -> str:
+    row = ", ".join(f'"{c}"' for c in table.columns)
+    return (
+        f"SELECT count(*), coalesce(sum(hashtextextended(ROW({row})::text, 0)::numeric), 0)::text "
+        f"FROM {table.name} WHERE {table.selection}"
+    )
+
+
+async def copy(spec: MoveSpec, move: dict[str, Any]) -> dict[str, int] | None:
+    """Copy a fenced municipality's rows to the target, verified; the rows per table (None: not fenced)."""
+    code, source, target = move["municipality_code"], move["from_shard"], move["to_shard"]
+    if move["state"] != "fenced":
+        return None
+    with tempfile.TemporaryDirectory(prefix="vrs-shard-move-") as spool:
+        expected: dict[str, tuple[int, str]] = {}
+        # One snapshot for every table: the rows, their counts and checksums agree with each other.
+        async with _transaction(spec.databases.shards[source], isolation="repeatable_read") as raw:
+            await raw.execute("SET LOCAL TimeZone = 'UTC'")
+            for t in spec.tables:
+                cols = ", ".join(f'"{c}"' for c in t.columns)
+                order = f" ORDER BY {t.order_by}" if t.order_by else ""
+                query = f"SELECT {cols} FROM {t.name} WHERE {t.selection}{order}"
+                await raw.copy_from_query(query, code, output=f"{spool}/{t.name}", format="binary")
+                n, digest = await raw.fetchrow(_checksum_sql(t), code)
+                expected[t.name] = (int(n), str(digest))
+        async with _transaction(spec.databases.shards[target]) as raw:
+            await raw.execute(BYPASS_SQL)
+            await raw.execute("SET LOCAL TimeZone = 'UTC'")
+            for t in reversed(spec.tables):  # rows of an interrupted attempt, dependents first
+                await raw.execute(f"DELETE FROM {t.name} WHERE {t.where}", code)
+            for t in spec.tables:
+                await raw.copy_to_table(t.name, source=f"{spool}/{t.name}", columns=t.columns, format="binary")
+                n, digest = await raw.fetchrow(_checksum_sql(t), code)
+                if (int(n), str(digest)) != expected[t.name]:
+                    raise ShardMoveError(
+                        f"{spec.service}: {t.name} of {code} differs after the copy "
+                        f"({n} rows on {target}, {expected[t.name][0]} on {source}); nothing was switched"
+                    )
+    return {name: n for name, (n, _) in expected.items()}
+
+
+async def flip(spec: MoveSpec, move: dict[str, Any], rows: dict[str, int] | None) -> None:
+    """Point the shard map at the copied rows and lift the target's fence: the municipality's writes resume."""
+    code, target = move["municipality_code"], move["to_shard"]
+    if move["state"] == "fenced":
+        assert rows is not None, "flip() after copy()"
+        flipped = utcnow()
+        pause = (flipped - move["fenced_at"]).total_seconds()
+        async with spec.databases.main.sessionmaker() as session, session.begin():
+            a = spec.assignments
+            await session.execute(
+                update(a).where(a.c.municipality_code == code).values(shard=target, assigned_at=flipped)
+            )
+            await session.execute(
+                update(spec.moves)
+                .where(spec.moves.c.municipality_code == code)
+                .values(state="flipped", flipped_at=flipped, rows=rows, pause_seconds=pause)
+            )
+        move |= {"state": "flipped", "flipped_at": flipped, "rows": rows, "pause_seconds": pause}
+        log.info("%s: %s now on %s (%s)", spec.service, code, target, rows)
+    if move["state"] == "flipped":
+        async with _transaction(spec.databases.shards[target]) as raw:
+            await raw.execute("DELETE FROM shard_fences WHERE municipality_code = $1", code)
+        spec.databases.forget(code)
+        # Writes resume now: the pause is fence to here (for a resumed move, including the interruption).
+        move["pause_seconds"] = (utcnow() - move["fenced_at"]).total_seconds()
+        await _set_move(spec, code, pause_seconds=move["pause_seconds"])
+
+
+async def copy_and_flip(spec: MoveSpec, move: dict[str, Any]) -> None:
+    await flip(spec, move, await copy(spec, move))
+
+
+async def clean(spec: MoveSpec, move: dict[str, Any], *, grace_seconds: float) -> None:
+    """After the caches expired: delete the source rows (the source keeps its fence) and close the move."""
+    code, source = move["municipality_code"], move["from_shard"]
+    if move["state"] != "flipped":
+        return
+    flipped_at: datetime = move["flipped_at"]
+    wait = grace_seconds - (utcnow() - flipped_at).total_seconds()
+    if wait > 0:
+        await asyncio.sleep(wait)
+    async with _transaction(spec.databases.shards[source]) as raw:
+        await raw.execute(BYPASS_SQL)
+        for t in reversed(spec.tables):
+            await raw.execute(f"DELETE FROM {t.name} WHERE {t.where}", code)
+    move |= {"state": "done", "finished_at": utcnow()}
+    await _set_move(spec, code, state="done", finished_at=move["finished_at"])
+    log.info("%s: %s deleted from %s", spec.service, code, source)
+
+
+async def abort(spec: MoveSpec, move: dict[str, Any]) -> None:
+    """Lift the fences of a move that has not flipped yet, and forget it."""
+    if move["state"] not in ("fencing", "fenced"):
+        raise ShardMoveError(f"{spec.service}: the move of {move['municipality_code']} is past its flip")
+    for name in (move["from_shard"], move["to_shard"]):
+        async with _transaction(spec.databases.shards[name]) as raw:
+            await raw.execute("DELETE FROM shard_fences WHERE municipality_code = $1", move["municipality_code"])
+    async with spec.databases.main.sessionmaker() as session, session.begin():
+        await session.execute(spec.moves.delete().where(spec.moves.c.municipality_code == move["municipality_code"]))
+
+
+async def move_municipality(
+    specs: Sequence[MoveSpec],
+    code: str,
+    to: str,
+    *,
+    grace_seconds: float = SHARD_MAP_TTL_SECONDS + CLEAN_MARGIN_SECONDS,
+    progress: Callable[[str], None] = lambda _: None,
+) -> dict[str, dict[str, Any]]:
+    """Move ``code`` to shard ``to`` in every service of ``specs``; returns each service's move record.
+
+    Services are fenced in the order given and flipped in the reverse order: a service whose events another
+    consumes (registry) is fenced first and released last, so nothing it publishes for the municipality
+    reaches the consumer (records) while the consumer's rows are moving.
+    """
+    moves: dict[str, dict[str, Any]] = {}
+    for spec in specs:
+        move = await plan(spec, code, to)
+        if move is not None:
+            moves[spec.service] = move
+    active = [s for s in specs if s.service in moves]
+    started = time.monotonic()
+    # Each service's copy starts as soon as it is fenced and runs beside the next service's fence and copy.
+    copies: dict[str, asyncio.Task[dict[str, int] | None]] = {}
+    try:
+        for spec in active:
+            await fence(spec, moves[spec.service])
+            progress(f"{spec.service}: fenced {code}")
+            copies[spec.service] = asyncio.create_task(copy(spec, moves[spec.service]))
+    except BaseException:
+        # Nothing switched yet: give the municipality its writes back rather than leave it fenced.
+        for task in copies.values():
+            task.cancel()
+        await asyncio.gather(*copies.values(), return_exceptions=True)
+        for spec in reversed(active):
+            if moves[spec.service]["state"] in ("fencing", "fenced"):
+                await abort(spec, moves[spec.service])
+        raise
+    for spec in reversed(active):
+        await flip(spec, moves[spec.service], await copies[spec.service])
+        progress(
+            f"{spec.service}: {code} on {to}, write pause {moves[spec.service]['pause_seconds']:.3f}s, "
+            f"rows {moves[spec.service]['rows']}"
+        )
+    for spec in active:
+        await clean(spec, moves[spec.service], grace_seconds=grace_seconds)
+        progress(f"{spec.service}: {code} deleted from {moves[spec.service]['from_shard']}")
+    log.info("moved %s to %s in %.2fs", code, to, time.monotonic() - started)
+    return moves

@@ -1,0 +1,253 @@
+"""``vrs shards move`` on real PostgreSQL, registry and records with two shards each: a municipality moves
+from s0 to s1 while residents are written and doses recorded for it and for a municipality on the other
+shard, through the services' apps; nothing is lost or doubled, the other municipality never waits, and an
+interrupted move is finished by running it again."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import func, select, text
+
+from services.records.app import create_app as create_records
+from services.records.consumer import wait_caught_up
+from services.records.models import Dose, IdempotencyKey
+from services.records.models import shard_assignments as records_assignments
+from services.records.models import shard_moves as records_moves
+from services.records.repository import MOVABLE_TABLES as RECORDS_TABLES
+from services.records.settings import RecordsSettings
+from services.registry.models import Coupon, Resident, outbox, shard_assignments, shard_moves
+from services.registry.repository import MOVABLE_TABLES as REGISTRY_TABLES
+from shared.auth import Role
+from shared.db import Databases
+from shared.events import CouponEvent
+from shared.settings import BusSettings
+from shared.shardmove import MoveSpec, ShardMoveError, copy_and_flip, fence, move_municipality, plan
+from tests.factories import internal_headers
+from tests.integration.services.records.records_support import dose, records_databases
+from tests.integration.services.registry.registry_support import CHIYODA, SAPPORO, Registry, migrated_registry, serve
+
+pytestmark = pytest.mark.usefixtures("pg_server")
+PERSON = {"name": "山田 花子", "name_kana": "ヤマダ ハナコ", "birth_date": "1950-04-02", "sex": "F"}
+CLINIC = internal_headers(Role.INSTITUTION, institution="1312345678")
+
+
+@dataclass
+class Stack:
+    registry: Registry
+    records: httpx.AsyncClient
+    records_dbs: Databases
+    records_settings: RecordsSettings
+    movers: list[MoveSpec] = field(default_factory=list)
+
+
+@pytest.fixture
+async def stack(make_database: Callable[..., str], tmp_path: Path) -> AsyncIterator[Stack]:
+    bus = BusSettings(embedded_path=tmp_path / "log.db")
+    async for records_dbs in records_databases(make_database):
+        records_settings = RecordsSettings(
+            main_dsn=records_dbs.main.url,
+            shard_dsns={n: db.url for n, db in records_dbs.shards.items()},
+            run_relay=False,
+            run_consumer=False,
+            run_imports=False,
+            pool_size=5,
+            bus=bus,
+        )
+        app = create_records(records_settings)
+        settings = await migrated_registry(make_database)
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://records") as records,
+        ):
+            async for registry in serve(settings):
+                # The mover's own connections, as `vrs shards move` in a process of its own would have.
+                registry_dbs = Databases.connect(settings.main_dsn, settings.shard_dsns, pool_size=2)
+                mover_records = Databases.connect(records_dbs.main.url, records_settings.shard_dsns, pool_size=2)
+                movers = [
+                    MoveSpec("registry", registry_dbs, REGISTRY_TABLES, shard_moves, shard_assignments),
+                    MoveSpec(
+                        "records",
+                        mover_records,
+                        RECORDS_TABLES,
+                        records_moves,
+                        records_assignments,
+                        before_fence=functools.partial(wait_caught_up, records_settings, mover_records, timeout=5),
+                    ),
+                ]
+                try:
+                    yield Stack(registry, records, records_dbs, records_settings, movers)
+                finally:
+                    await registry_dbs.dispose()
+                    await mover_records.dispose()
+
+
+async def put_resident(stack: Stack, code: str, resident_id: str, coupon: str) -> httpx.Response:
+    return await stack.registry.client.put(
+        f"/api/v1/municipalities/{code}/residents/{resident_id}",
+        json=PERSON | {"coupon_number": coupon},
+        headers=internal_headers(Role.MUNICIPALITY, municipality=code),
+    )
+
+
+async def record_dose(stack: Stack, code: str, key: str, coupon: str) -> httpx.Response:
+    body = dose(coupon, municipality=code).model_dump(mode="json")
+    return await stack.records.post("/api/v1/doses", json=body, headers=CLINIC | {"Idempotency-Key": key})
+
+
+async def rows(databases: Databases, shard: str, table: Any, code: str) -> int:
+    column = table.c.municipality_code if "municipality_code" in table.c else table.c.key
+    async with databases.shards[shard].sessionmaker() as session:
+        return int(await session.scalar(select(func.count()).select_from(table).where(column == code)) or 0)
+
+
+def writer(stack: Stack, kind: str, code: str) -> Callable[[int], Awaitable[httpx.Response]]:
+    """The i-th write of a kind for a municipality: a resident with coupon i+1, or a dose on coupon i+1."""
+
+    def send(i: int) -> Awaitable[httpx.Response]:
+        if kind == "resident":
+            return put_resident(stack, code, f"R{i:04d}", f"{i + 1:010d}")
+        return record_dose(stack, code, f"{code}-k{i:04d}", f"{i + 1:010d}")
+
+    return send
+
+
+@dataclass
+class Load:
+    """Writes as a client makes them: on a 503 it waits the Retry-After and sends the same request again."""
+
+    acknowledged: dict[str, list[str]] = field(default_factory=dict)  # kind:code → ids acknowledged
+    refused: dict[str, int] = field(default_factory=dict)  # kind:code → 503s met
+    longest_wait: dict[str, float] = field(default_factory=dict)  # kind:code → longest time to an answer
+
+    async def run(
+        self, kind: str, code: str, send: Callable[[int], Awaitable[httpx.Response]], stop: asyncio.Event
+    ) -> None:
+        name, i = f"{kind}:{code}", 0
+        self.acknowledged[name], self.refused[name], self.longest_wait[name] = [], 0, 0.0
+        while not stop.is_set():
+            started = time.monotonic()
+            while True:
+                r = await send(i)
+                if r.status_code != 503:
+                    break
+                assert r.headers["Retry-After"] == "1", r.text
+                self.refused[name] += 1
+                await asyncio.sleep(0.05)
+            assert r.status_code in (200, 201), r.text
+            self.longest_wait[name] = max(self.longest_wait[name], time.monotonic() - started)
+            self.acknowledged[name].append(f"{i:04d}")
+            i += 1
+
+
+async def test_a_municipality_moves_to_another_shard_under_load_losing_and_doubling_nothing(stack: Stack) -> None:
+    # Two municipalities on different shards, in both services.
+    assert {c: await stack.registry.databases.shard_of(c) for c in (CHIYODA, SAPPORO)} == {CHIYODA: "s0", SAPPORO: "s1"}
+    assert {c: await stack.records_dbs.shard_of(c) for c in (CHIYODA, SAPPORO)} == {CHIYODA: "s0", SAPPORO: "s1"}
+
+    load, stop = Load(), asyncio.Event()
+    writers = [
+        asyncio.create_task(load.run(kind, code, writer(stack, kind, code), stop))
+        for kind in ("resident", "dose")
+        for code in (CHIYODA, SAPPORO)
+    ]
+    await asyncio.sleep(1.0)
+    lines: list[str] = []
+    moves = await move_municipality(stack.movers, CHIYODA, "s1", grace_seconds=2.5, progress=lines.append)
+    await asyncio.sleep(1.0)  # writes go on after the move, now to the new shard
+    stop.set()
+    await asyncio.gather(*writers)
+
+    print("\n".join(lines))
+    print({k: len(v) for k, v in load.acknowledged.items()}, "503s:", load.refused, "longest:", load.longest_wait)
+    assert {m["state"] for m in moves.values()} == {"done"}
+    for service in ("registry", "records"):
+        assert moves[service]["pause_seconds"] < 5.0
+    # The other municipality never noticed; the moving one was refused for a moment, then served again.
+    assert load.refused[f"resident:{SAPPORO}"] == load.refused[f"dose:{SAPPORO}"] == 0
+    assert load.refused[f"resident:{CHIYODA}"] > 0 or load.refused[f"dose:{CHIYODA}"] > 0
+    for name, ids in load.acknowledged.items():
+        assert len(ids) > 5, (name, ids)
+
+    registry_dbs, records_dbs = stack.registry.databases, stack.records_dbs
+    # Registry: every acknowledged resident exactly once, on s1 only; one coupon (and one event) each.
+    residents = load.acknowledged[f"resident:{CHIYODA}"]
+    async with registry_dbs.shards["s1"].sessionmaker() as session:
+        stored = (
+            await session.execute(select(Resident.resident_id).where(Resident.municipality_code == CHIYODA))
+        ).scalars()
+        assert sorted(stored) == [f"R{i}" for i in residents]
+        payloads = (await session.execute(select(outbox.c.payload).order_by(outbox.c.id))).scalars()
+        events = [e for e in map(CouponEvent.from_bytes, payloads) if e.municipality == CHIYODA]
+    assert len(events) == len({e.event_id for e in events}) == len(residents)
+    assert sorted(e.coupon_number for e in events) == [f"{int(i) + 1:010d}" for i in residents]
+    for table in (Resident.__table__, Coupon.__table__, outbox):
+        assert await rows(registry_dbs, "s0", table, CHIYODA) == 0
+    assert await rows(registry_dbs, "s1", Coupon.__table__, CHIYODA) == len(residents)
+
+    # records: every acknowledged dose exactly once on s1, with its key; nothing left on s0.
+    doses = load.acknowledged[f"dose:{CHIYODA}"]
+    async with records_dbs.shards["s1"].sessionmaker() as session:
+        coupons = (await session.execute(select(Dose.coupon_number).where(Dose.municipality_code == CHIYODA))).scalars()
+        assert sorted(coupons) == [f"{int(i) + 1:010d}" for i in doses]
+        keys = (
+            await session.execute(select(IdempotencyKey.key).where(IdempotencyKey.key.like(f"{CHIYODA}-%")))
+        ).scalars()
+        assert sorted(keys) == [f"{CHIYODA}-k{i}" for i in doses]
+    assert await rows(records_dbs, "s0", Dose.__table__, CHIYODA) == 0
+    # A retried request (the same key) after the move replays its answer: no second dose.
+    again = await record_dose(stack, CHIYODA, f"{CHIYODA}-k0000", f"{1:010d}")
+    assert again.status_code == 201 and await rows(records_dbs, "s1", Dose.__table__, CHIYODA) == len(doses)
+    # Reads come from the new shard.
+    listed = await stack.records.get(
+        f"/api/v1/municipalities/{CHIYODA}/doses", headers=internal_headers(Role.MUNICIPALITY, municipality=CHIYODA)
+    )
+    assert listed.status_code == 200 and len(listed.json()["doses"]) == len(doses)
+    assert await registry_dbs.shard_of(CHIYODA) == "s1"
+
+
+async def test_an_interrupted_move_is_refused_writes_meanwhile_and_finishes_when_run_again(stack: Stack) -> None:
+    for i in range(3):
+        assert (await put_resident(stack, CHIYODA, f"R{i}", f"{i + 1:010d}")).status_code == 201
+        assert (await record_dose(stack, CHIYODA, f"k{i}", f"{i + 1:010d}")).status_code == 201
+    records_mover = stack.movers[1]
+    # Interrupted after records flipped, before registry copied anything.
+    moves = {s.service: await plan(s, CHIYODA, "s1") for s in stack.movers}
+    for spec in stack.movers:
+        move = moves[spec.service]
+        assert move is not None
+        await fence(spec, move)
+    await copy_and_flip(records_mover, moves["records"])  # type: ignore[arg-type]
+
+    # Meanwhile the municipality's registry writes are refused (503), reads still served, others unaffected.
+    refused = await put_resident(stack, CHIYODA, "R9", "0000000009")
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+    assert "being moved" in refused.json()["detail"]
+    assert (await put_resident(stack, SAPPORO, "S1", "0000000001")).status_code == 201
+    assert await rows(stack.registry.databases, "s0", Resident.__table__, CHIYODA) == 3
+    # Another target for an unfinished move is refused.
+    with pytest.raises(ShardMoveError, match="being moved to s1"):
+        await move_municipality(stack.movers, CHIYODA, "s0")
+
+    finished = await move_municipality(stack.movers, CHIYODA, "s1", grace_seconds=0.5)
+    assert {m["state"] for m in finished.values()} == {"done"}
+    assert await rows(stack.registry.databases, "s1", Resident.__table__, CHIYODA) == 3
+    assert await rows(stack.registry.databases, "s0", Resident.__table__, CHIYODA) == 0
+    assert await rows(stack.records_dbs, "s1", Dose.__table__, CHIYODA) == 3
+    assert await rows(stack.records_dbs, "s0", Dose.__table__, CHIYODA) == 0
+    # The write refused during the move goes through now (the stale cached shard is forgotten on refusal).
+    assert (await put_resident(stack, CHIYODA, "R9", "0000000009")).status_code == 201
+    assert await rows(stack.registry.databases, "s1", Resident.__table__, CHIYODA) == 4
+    # And moving back works the same way (the old fence on s0 is lifted when it becomes the target).
+    back = await move_municipality(stack.movers, CHIYODA, "s0", grace_seconds=0.5)
+    assert back["registry"]["rows"]["residents"] == 4 and back["records"]["rows"]["doses"] == 3
+    async with stack.registry.databases.shards["s0"].sessionmaker() as session:
+        assert (await session.execute(text("SELECT count(*) FROM shard_fences"))).scalar() == 0
