@@ -9,6 +9,10 @@ coupon events wait in the outbox, which the import writes all the same).
 4. The certificate revocation sweep over ``--certificates`` issued cards (default 100,000, two doses each, 1%
    with a dose since voided in records): a pass in cards/s, its records calls, and a pass with nothing changed.
 
+5. ``vrs shards move`` of the imported municipality (registry's residents, coupons, history, outbox; records'
+   rows of it, the sweep's doses included) from s0 to s1: the write pause per service and the whole move's
+   time (``--no-move`` skips it).
+
 ``--only sweep`` runs part 4 alone.
 """
 
@@ -35,19 +39,24 @@ from devtools.harness.postgres import PostgresServer
 from services.gateway.tokens import InternalTokenIssuer
 from services.records.app import create_app as create_records
 from services.records.models import shard_assignments as records_shards
+from services.records.models import shard_moves as records_moves
+from services.records.repository import MOVABLE_TABLES as RECORDS_TABLES
 from services.records.repository import ProjectionRepository
 from services.records.settings import RecordsSettings
 from services.registry import certificates
 from services.registry.app import create_app as create_registry
 from services.registry.models import shard_assignments as registry_shards
+from services.registry.models import shard_moves as registry_moves
+from services.registry.repository import MOVABLE_TABLES as REGISTRY_TABLES
 from services.registry.settings import RegistrySettings
 from shared.auth import Principal, Role
-from shared.db import Databases, utcnow
+from shared.db import SHARD_MAP_TTL_SECONDS, Databases, utcnow
 from shared.dev_keys import DEV_GATEWAY_KID, DEV_GATEWAY_PRIVATE_PEM
 from shared.domain.codes import my_number_check_digit
 from shared.internal import InternalClient
 from shared.migrations import SERVICES_DIR, upgrade
 from shared.settings import AuthSettings
+from shared.shardmove import CLEAN_MARGIN_SECONDS, MoveSpec, move_municipality
 
 CHIYODA, SAPPORO = "131016", "011002"  # shards s0 and s1
 HEADER = "個別宛名番号,氏名,氏名カナ,生年月日,性別,個人番号,住所,券番号\r\n"
@@ -273,6 +282,31 @@ async def bench_sweep(app: Any, records_shard: str, registry_main: str, count: i
         await records.close()
 
 
+async def bench_move(registry: tuple[str, dict[str, str]], records: tuple[str, dict[str, str]]) -> None:
+    """Move Chiyoda (everything imported above) from s0 to s1, as ``vrs shards move`` does."""
+    specs = [
+        MoveSpec(
+            "registry", Databases.connect(*registry, pool_size=2), REGISTRY_TABLES, registry_moves, registry_shards
+        ),
+        MoveSpec("records", Databases.connect(*records, pool_size=2), RECORDS_TABLES, records_moves, records_shards),
+    ]
+    try:
+        t0 = time.monotonic()
+        moves = await move_municipality(specs, CHIYODA, "s1", progress=say)
+        total = time.monotonic() - t0
+    finally:
+        for spec in specs:
+            await spec.databases.dispose()
+    for service, move in moves.items():
+        rows = sum(move["rows"].values())
+        print(
+            f"shard move {service}: {rows:,} rows, write pause {move['pause_seconds']:.2f}s "
+            f"(whole move {total:.1f}s, including the {SHARD_MAP_TTL_SECONDS + CLEAN_MARGIN_SECONDS:.0f}s wait "
+            "before deleting the source)",
+            flush=True,
+        )
+
+
 async def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="vrs-bench-registry-") as tmp_name, contextlib.ExitStack() as cleanup:
         tmp = Path(tmp_name)
@@ -332,6 +366,8 @@ async def run(args: argparse.Namespace) -> int:
                 await bench_import(client, app, movers_csv, SAPPORO)
                 await bench_import(client, app, arrived_csv, CHIYODA)
                 await bench_lookups(client, movers, args.lookups)
+            if args.move:
+                await bench_move((registry_main, registry_shard_dsns), (records_main, records_shard_dsns))
             records_dbs = Databases.connect(records_main, records_shard_dsns, pool_size=2)
             try:
                 await bench_projection(records_dbs, [10_000, args.projection])
@@ -351,5 +387,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--projection", type=int, default=1_000_000)
     parser.add_argument("--certificates", type=int, default=100_000, help="cards for the sweep (0: no sweep part)")
     parser.add_argument("--only", choices=["sweep"], help="run one part alone")
+    parser.add_argument("--no-move", dest="move", action="store_false", help="skip the shard move")
     args = parser.parse_args(argv or [])
     return asyncio.run(run(args))

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ARRAY, Table, bindparam, delete, func, insert, select, text, tuple_, update
+from sqlalchemy import ARRAY, Table, bindparam, delete, exists, func, insert, select, text, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.registry.models import (
@@ -20,6 +20,7 @@ from services.registry.models import (
     ResidentImportChunk,
     ResidentImportError,
     outbox,
+    shard_fences,
 )
 from shared.db import upsert, utcnow
 from shared.outbox import OutboxEvent, OutboxRepository
@@ -177,11 +178,13 @@ class ResidentRepository:
 
     async def sealed_under_other_keys(self, active_key: str, limit: int) -> list[Any]:
         """Residents whose My Number is sealed under another key than ``active_key``, locked; rows another
-        rotation (or a request) holds are skipped, not waited for."""
+        rotation (or a request) holds are skipped, not waited for, and so are municipalities moving between
+        shards (their rows may not change there; a later run re-seals them where they landed)."""
         stmt = (
             select(_residents.c.municipality_code, _residents.c.resident_id, _residents.c.my_number_key_id)
             .add_columns(_residents.c.my_number_ciphertext)
             .where(_residents.c.my_number_key_id.is_not(None), _residents.c.my_number_key_id != active_key)
+            .where(~exists().where(shard_fences.c.municipality_code == _residents.c.municipality_code))
             .limit(limit)
             .with_for_update(skip_locked=True)
         )
