@@ -7,7 +7,6 @@ key id, the last four digits (for masking) and the keyed hash (for the directory
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import os
 from dataclasses import dataclass
@@ -32,16 +31,18 @@ class MyNumberVault:
         self._hash_key = base64.b64decode(settings.my_number_hash_key)
 
     def keyed_hash(self, my_number: str) -> bytes:
-        return hmac.new(self._hash_key, my_number.encode(), hashlib.sha256).digest()
+        # hmac.digest: OpenSSL's one-shot HMAC, several times faster than building an hmac object per number.
+        return hmac.digest(self._hash_key, my_number.encode(), "sha256")
 
-    def seal(self, my_number: str, *, context: str) -> SealedMyNumber:
-        """``context`` (the resident's key) is bound as associated data: a ciphertext cannot be moved."""
+    def seal(self, my_number: str, *, context: str, keyed_hash: bytes | None = None) -> SealedMyNumber:
+        """``context`` (the resident's key) is bound as associated data: a ciphertext cannot be moved.
+        ``keyed_hash``: this number's, if the caller computed it already."""
         nonce = os.urandom(12)
         ciphertext = self._keys[self._active].encrypt(nonce, my_number.encode(), context.encode())
         return SealedMyNumber(
             key_id=self._active,
             ciphertext=nonce + ciphertext,
-            keyed_hash=self.keyed_hash(my_number),
+            keyed_hash=self.keyed_hash(my_number) if keyed_hash is None else keyed_hash,
             last4=my_number[-4:],
         )
 

@@ -198,15 +198,26 @@ class ResidentImporter:
             reader = _CountingReader(local)
             parsed = parse_resident_csv(reader, today=japan_today())
             groups = batches(parsed, self._batch_size)
-            while True:
-                try:
-                    batch = await asyncio.to_thread(next, groups, None)
-                except CsvFileError as exc:
-                    await self._finish(entry, file_error=str(exc))
-                    return
-                if batch is None:
-                    break
-                await self._write(entry, batch, bytes_done=reader.position)
+            # The next batch is parsed (in a thread) while this one is written: parsing overlaps the database.
+            pending = asyncio.ensure_future(asyncio.to_thread(next, groups, None))
+            try:
+                while True:
+                    try:
+                        batch = await pending
+                    except CsvFileError as exc:
+                        await self._finish(entry, file_error=str(exc))
+                        return
+                    if batch is None:
+                        break
+                    bytes_done = reader.position
+                    pending = asyncio.ensure_future(asyncio.to_thread(next, groups, None))
+                    await self._write(entry, batch, bytes_done=bytes_done)
+            finally:
+                # Never leave the parser thread reading a file about to be closed.
+                if not pending.done():
+                    await asyncio.wait([pending])
+                if not pending.cancelled():
+                    pending.exception()  # retrieved: an error here was the write's, reported by it
         await self._finish(entry, file_error=None)
 
     async def _copy_file(self, import_id: str, local: IO[bytes]) -> None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
+from operator import attrgetter, itemgetter
 from typing import Any
 
-from sqlalchemy import ARRAY, Table, bindparam, delete, exists, func, insert, select, text, tuple_, update
+from pydantic_core import to_json
+from sqlalchemy import ARRAY, JSON, Table, bindparam, delete, exists, func, insert, select, text, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.registry.models import (
@@ -44,15 +45,16 @@ def _one_of(session: AsyncSession, column: Any, values: Sequence[Any]) -> Any:
 async def _bulk_upsert(
     session: AsyncSession,
     table: Table,
-    rows: Sequence[dict[str, Any]],
+    records: Sequence[tuple[Any, ...]],
     *,
     keys: Sequence[str],
     update: Sequence[str],
     where: str | None = None,
 ) -> None:
-    """Insert or update ``rows`` of ``table`` in one go: on PostgreSQL ``COPY`` into a temporary staging table
-    and one ``INSERT … SELECT … ON CONFLICT``, in the session's transaction; elsewhere an executemany."""
-    if not rows:
+    """Insert or update ``records`` (tuples in ``table.columns`` order) in one go: on PostgreSQL ``COPY`` into a
+    temporary staging table and one ``INSERT … SELECT … ON CONFLICT``, in the session's transaction; elsewhere
+    an executemany."""
+    if not records:
         return
     columns = [c.name for c in table.columns]
     if not _is_postgres(session):
@@ -62,16 +64,14 @@ async def _bulk_upsert(
             set_={name: stmt.excluded[name] for name in update},
             where=text(where.replace("EXCLUDED.", "excluded.")) if where else None,
         )
-        await session.execute(stmt, list(rows))
+        await session.execute(stmt, [dict(zip(columns, r, strict=True)) for r in records])
         return
     raw = await _driver(session)
     stage = f"stage_{table.name}"
     await raw.execute(
         f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {table.name} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
     )
-    await raw.copy_records_to_table(
-        stage, records=[tuple(_copyable(r[c]) for c in columns) for r in rows], columns=columns
-    )
+    await raw.copy_records_to_table(stage, records=_copyable(table, records), columns=columns)
     names = ", ".join(columns)
     assignments = ", ".join(f"{c} = EXCLUDED.{c}" for c in update)
     condition = f" WHERE {where}" if where else ""
@@ -88,8 +88,24 @@ async def _driver(session: AsyncSession) -> Any:
     return raw
 
 
-def _copyable(value: Any) -> Any:
-    return json.dumps(value) if isinstance(value, dict) else value
+def _copyable(table: Table, records: Sequence[tuple[Any, ...]]) -> Sequence[tuple[Any, ...]]:
+    """``records`` as ``COPY`` takes them: JSON columns as text (asyncpg sends ``json`` as text)."""
+    json_at = [i for i, c in enumerate(table.columns) if isinstance(c.type, JSON)]
+    if not json_at:
+        return records
+    out = []
+    for record in records:
+        values = list(record)
+        for i in json_at:
+            values[i] = to_json(values[i]).decode()
+        out.append(tuple(values))
+    return out
+
+
+def _tuples(table: Table, rows: Sequence[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
+    """Mappings as tuples in ``table.columns`` order (C-speed ``itemgetter``, no per-row Python loop)."""
+    get = itemgetter(*[c.name for c in table.columns])
+    return list(map(get, rows))
 
 
 _residents: Table = Resident.__table__  # type: ignore[assignment]
@@ -129,7 +145,7 @@ class ResidentRepository:
         if rows and _is_postgres(self.session):
             raw = await _driver(self.session)
             columns = [c.name for c in _history.columns]
-            records = [tuple(_copyable(r[c]) for c in columns) for r in rows]
+            records = _copyable(_history, _tuples(_history, rows))
             await raw.copy_records_to_table(_history.name, records=records, columns=columns)
         elif rows:
             await self.session.execute(insert(_history), list(rows))
@@ -171,7 +187,8 @@ class ResidentRepository:
         """Insert or replace whole resident rows in one go."""
         keep = {"municipality_code", "resident_id", "created_at"}
         update = [c.name for c in _residents.columns if c.name not in keep]
-        await _bulk_upsert(self.session, _residents, rows, keys=["municipality_code", "resident_id"], update=update)
+        records = _tuples(_residents, rows)
+        await _bulk_upsert(self.session, _residents, records, keys=["municipality_code", "resident_id"], update=update)
 
     async def flush(self) -> None:
         await self.session.flush()
@@ -269,7 +286,7 @@ class CouponRepository:
         return {number: resident for number, resident in await self.session.execute(stmt)}
 
     async def upsert_rows(self, rows: Sequence[Any]) -> None:
-        values = [{c.name: getattr(r, c.name) for c in _coupons.columns} for r in rows]
+        values = list(map(attrgetter(*[c.name for c in _coupons.columns]), rows))
         update = ["sex", "birth_date", "invalid_from", "invalid_reason", "version", "updated_at"]
         await _bulk_upsert(self.session, _coupons, values, keys=["municipality_code", "coupon_number"], update=update)
 
@@ -307,10 +324,8 @@ class DirectoryRepository:
         """Point each hash at its resident unless another resident of the municipality holds it; False if
         one was held (nothing is repointed: the existing entry wins)."""
         now = utcnow()
-        rows = [
-            {"my_number_hash": h, "municipality_code": municipality_code, "resident_id": r, "updated_at": now}
-            for h, r in entries
-        ]
+        # In ``_directory.columns`` order: my_number_hash, municipality_code, resident_id, updated_at.
+        rows = [(h, municipality_code, r, now) for h, r in entries]
         await _bulk_upsert(
             self.session,
             _directory,

@@ -146,11 +146,16 @@ async def put_resident(
 TRACKED = ("name", "name_kana", "birth_date", "sex", "address", "coupon_number", "moved_to", "moved_on")
 
 
+def _getter(resident: Any) -> Callable[[str], Any]:
+    # ``type(...) is dict`` first: the ``Mapping`` ABC check is slow, and an import asks it for every row.
+    if type(resident) is dict or isinstance(resident, Mapping):
+        return resident.get
+    return lambda name: getattr(resident, name, None)
+
+
 def snapshot(resident: Any) -> dict[str, Any]:
     """The tracked fields of ``resident`` (an ORM row or a mapping), plus the My Number's hash and last 4."""
-    get: Callable[[str], Any] = (
-        resident.get if isinstance(resident, Mapping) else lambda name: getattr(resident, name, None)
-    )
+    get = _getter(resident)
     values = {name: get(name) for name in TRACKED}
     values["my_number_hash"], values["my_number_last4"] = get("my_number_hash"), get("my_number_last4")
     return values
@@ -158,22 +163,23 @@ def snapshot(resident: Any) -> dict[str, Any]:
 
 def history_changes(before: Mapping[str, Any] | None, after: Mapping[str, Any]) -> dict[str, Any]:
     """``{field: {"before", "after"}}`` for each tracked field that differs; JSON-ready."""
-
-    def shown(value: Any) -> Any:
-        return value.isoformat() if isinstance(value, date) else value
-
+    old_values: Mapping[str, Any] = before or {}
     changes: dict[str, Any] = {}
     for name in TRACKED:
-        old, new = (before or {}).get(name), after.get(name)
+        old, new = old_values.get(name), after.get(name)
         if old != new:
-            changes[name] = {"before": shown(old), "after": shown(new)}
-    if (before or {}).get("my_number_hash") != after.get("my_number_hash"):
+            # Inline, not a helper per value: an import builds this for every row.
+            changes[name] = {
+                "before": old.isoformat() if isinstance(old, date) else old,
+                "after": new.isoformat() if isinstance(new, date) else new,
+            }
+    if old_values.get("my_number_hash") != after.get("my_number_hash"):
         changes["my_number"] = {"changed": True, "last4": after.get("my_number_last4")}
     return changes
 
 
 def history_row(resident: Any, before: Mapping[str, Any] | None, *, changed_by: str, at: datetime) -> dict[str, Any]:
-    get: Callable[[str], Any] = resident.get if isinstance(resident, Mapping) else lambda name: getattr(resident, name)
+    get = _getter(resident)
     return {
         "municipality_code": get("municipality_code"),
         "resident_id": get("resident_id"),
@@ -285,7 +291,14 @@ def plan_coupons(
         coupon.version += 1
         coupon.updated_at = now
         events.append(
-            CouponEvent(type=kind, municipality=municipality, coupon_number=number, version=coupon.version, state=state)
+            CouponEvent(
+                type=kind,
+                municipality=municipality,
+                coupon_number=number,
+                version=coupon.version,
+                state=state,
+                occurred_at=now,
+            )
         )
     return events
 
@@ -434,7 +447,7 @@ async def import_rows(
             after |= {k: before[k] for k in ("my_number_key_id", "my_number_ciphertext", "my_number_hash")}
             after["my_number_last4"] = before["my_number_last4"]
         else:
-            sealed = vault.seal(str(row.my_number), context=f"{municipality_code}/{row.resident_id}")
+            sealed = vault.seal(str(row.my_number), context=f"{municipality_code}/{row.resident_id}", keyed_hash=h)
             after |= {"my_number_key_id": sealed.key_id, "my_number_ciphertext": sealed.ciphertext}
             after |= {"my_number_hash": sealed.keyed_hash, "my_number_last4": sealed.last4}
         if before is not None and all(before[k] == after[k] for k in after if k != "my_number_ciphertext"):
