@@ -26,7 +26,7 @@ from typing import IO, Any
 from services.registry import service
 from services.registry.crypto import MyNumberVault
 from services.registry.models import ResidentImport
-from services.registry.repository import ImportRepository
+from services.registry.repository import DirectoryRepository, ImportRepository, ResidentRepository
 from services.registry.schemas import ImportRowError, ImportStatus
 from shared.db import Databases, UnitOfWork, utcnow
 from shared.domain.csv_stream import Batch, CsvFileError, RowError, batches
@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 RUNNING, DONE = "running", "done"
 CHUNK_BYTES = 1 << 20
 SPOOL_BYTES = 8 << 20
+# An import that stored this many rows refreshes the planner's statistics of what it wrote when it ends.
+ANALYZE_AFTER_ROWS = 10_000
 
 
 def import_not_found() -> NotFound:
@@ -284,6 +286,9 @@ class ResidentImporter:
             await imports.advance(entry.import_id, values=values, at=utcnow())
             # The file is no longer needed; its sha256 stays, so sending it again still changes nothing.
             await imports.drop_chunks(entry.import_id)
+            if current.rows_ok >= ANALYZE_AFTER_ROWS:
+                await ResidentRepository(await uow.for_municipality(entry.municipality_code)).refresh_statistics()
+                await DirectoryRepository(uow.main()).refresh_statistics()
 
 
 def _numbered(failed: list[tuple[int, list[RowError]]]) -> Iterator[tuple[int, int, str, str]]:

@@ -193,6 +193,12 @@ class ResidentRepository:
     async def flush(self) -> None:
         await self.session.flush()
 
+    async def refresh_statistics(self) -> None:
+        """``ANALYZE`` after a bulk import (PostgreSQL): look-ups right after it (a batch of transfer look-ups
+        joining 1,000 keys) are otherwise planned on the statistics of the empty tables."""
+        if _is_postgres(self.session):
+            await self.session.execute(text(f"ANALYZE {_residents.name}, {_coupons.name}"))
+
     async def sealed_under_other_keys(self, active_key: str, limit: int) -> list[Any]:
         """Residents whose My Number is sealed under another key than ``active_key``, locked; rows another
         rotation (or a request) holds are skipped, not waited for, and so are municipalities moving between
@@ -344,6 +350,10 @@ class DirectoryRepository:
                 _one_of(self.session, _directory.c.my_number_hash, hashes),
             )
         )
+
+    async def refresh_statistics(self) -> None:
+        if _is_postgres(self.session):
+            await self.session.execute(text(f"ANALYZE {_directory.name}"))
 
     async def put(self, my_number_hash: bytes, municipality_code: str, resident_id: str) -> None:
         await self.claim([(my_number_hash, resident_id)], municipality_code)

@@ -29,6 +29,7 @@ from services.registry.repository import MOVABLE_TABLES as REGISTRY_TABLES
 from shared.auth import Role
 from shared.db import Databases
 from shared.events import CouponEvent
+from shared.outbox import OutboxRepository
 from shared.settings import BusSettings
 from shared.shardmove import MoveSpec, ShardMoveError, copy_and_flip, fence, move_municipality, plan
 from tests.factories import internal_headers
@@ -118,6 +119,13 @@ def writer(stack: Stack, kind: str, code: str) -> Callable[[int], Awaitable[http
         return record_dose(stack, code, f"{code}-k{i:04d}", f"{i + 1:010d}")
 
     return send
+
+
+async def unpublished(databases: Databases, shard: str) -> list[bytes]:
+    """What a relay would claim there now (and then lets go: the transaction is rolled back)."""
+    async with databases.shards[shard].sessionmaker() as session:
+        claimed = await OutboxRepository(session, outbox).claim_unpublished(100)
+    return [bytes(row.payload) for row in claimed]
 
 
 @dataclass
@@ -226,6 +234,8 @@ async def test_an_interrupted_move_is_refused_writes_meanwhile_and_finishes_when
         assert move is not None
         await fence(spec, move)
     await copy_and_flip(records_mover, moves["records"])  # type: ignore[arg-type]
+    # The relays leave a fenced municipality's events alone: they move, and are published from the new shard.
+    assert await unpublished(stack.registry.databases, "s0") == []
 
     # Meanwhile the municipality's registry writes are refused (503), reads still served, others unaffected.
     refused = await put_resident(stack, CHIYODA, "R9", "0000000009")
@@ -243,6 +253,10 @@ async def test_an_interrupted_move_is_refused_writes_meanwhile_and_finishes_when
     assert await rows(stack.registry.databases, "s0", Resident.__table__, CHIYODA) == 0
     assert await rows(stack.records_dbs, "s1", Dose.__table__, CHIYODA) == 3
     assert await rows(stack.records_dbs, "s0", Dose.__table__, CHIYODA) == 0
+    # Its three coupon events wait on the new shard, once each, in their order.
+    events = [CouponEvent.from_bytes(p) for p in await unpublished(stack.registry.databases, "s1")]
+    mine = [e.coupon_number for e in events if e.municipality == CHIYODA]
+    assert mine == [f"{i + 1:010d}" for i in range(3)]
     # The write refused during the move goes through now (the stale cached shard is forgotten on refusal).
     assert (await put_resident(stack, CHIYODA, "R9", "0000000009")).status_code == 201
     assert await rows(stack.registry.databases, "s1", Resident.__table__, CHIYODA) == 4
