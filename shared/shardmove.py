@@ -147,6 +147,7 @@ class MovableTable:
     copy_where: str | None = None
     skip: tuple[str, ...] = ()
     order_by: str | None = None
+    found_through: str | None = None  # the table ``where`` finds the rows through: copied first, deleted last
 
     @property
     def name(self) -> str:
@@ -280,37 +281,63 @@ def _checksum_sql(table: MovableTable) -> str:
     )
 
 
+async def _copy_table(spec: MoveSpec, t: MovableTable, code: str, source: str, target: str, spool: str) -> int:
+    """One table: read from the source, write to the target in one transaction, verified before it commits.
+
+    The source needs no common snapshot with the other tables: under the fence the municipality's rows do not
+    change (the relays leave its unpublished events alone; only published ones may be purged, never copied).
+    """
+    path = f"{spool}/{t.name}"
+    started = time.monotonic()
+    async with _transaction(spec.databases.shards[source], isolation="repeatable_read") as raw:
+        await raw.execute("SET LOCAL TimeZone = 'UTC'")
+        cols = ", ".join(f'"{c}"' for c in t.columns)
+        order = f" ORDER BY {t.order_by}" if t.order_by else ""
+        query = f"SELECT {cols} FROM {t.name} WHERE {t.selection}{order}"
+        await raw.copy_from_query(query, code, output=path, format="binary")
+        expected = tuple(await raw.fetchrow(_checksum_sql(t), code))
+    read = time.monotonic()
+    async with _transaction(spec.databases.shards[target]) as raw:
+        await raw.execute(BYPASS_SQL)
+        await raw.execute("SET LOCAL TimeZone = 'UTC'")
+        await raw.execute(f"DELETE FROM {t.name} WHERE {t.where}", code)  # left by an interrupted attempt
+        await raw.copy_to_table(t.name, source=path, columns=t.columns, format="binary")
+        found = tuple(await raw.fetchrow(_checksum_sql(t), code))
+        if found != expected:
+            raise ShardMoveError(
+                f"{spec.service}: {t.name} of {code} differs after the copy "
+                f"({found[0]} rows on {target}, {expected[0]} on {source}); nothing was switched"
+            )
+    log.info(
+        "%s: %s of %s: %d rows, read+checksum %.2fs, write+checksum %.2fs",
+        spec.service,
+        t.name,
+        code,
+        expected[0],
+        read - started,
+        time.monotonic() - read,
+    )
+    return int(expected[0])
+
+
 async def copy(spec: MoveSpec, move: dict[str, Any]) -> dict[str, int] | None:
-    """Copy a fenced municipality's rows to the target, verified; the rows per table (None: not fenced)."""
+    """Copy a fenced municipality's rows to the target, verified; the rows per table (None: not fenced).
+
+    Tables are copied side by side, one transaction (and connection) each; a table whose rows are found
+    through another (``found_through``) waits for that one.
+    """
     code, source, target = move["municipality_code"], move["from_shard"], move["to_shard"]
     if move["state"] != "fenced":
         return None
     with tempfile.TemporaryDirectory(prefix="vrs-shard-move-") as spool:
-        expected: dict[str, tuple[int, str]] = {}
-        # One snapshot for every table: the rows, their counts and checksums agree with each other.
-        async with _transaction(spec.databases.shards[source], isolation="repeatable_read") as raw:
-            await raw.execute("SET LOCAL TimeZone = 'UTC'")
-            for t in spec.tables:
-                cols = ", ".join(f'"{c}"' for c in t.columns)
-                order = f" ORDER BY {t.order_by}" if t.order_by else ""
-                query = f"SELECT {cols} FROM {t.name} WHERE {t.selection}{order}"
-                await raw.copy_from_query(query, code, output=f"{spool}/{t.name}", format="binary")
-                n, digest = await raw.fetchrow(_checksum_sql(t), code)
-                expected[t.name] = (int(n), str(digest))
-        async with _transaction(spec.databases.shards[target]) as raw:
-            await raw.execute(BYPASS_SQL)
-            await raw.execute("SET LOCAL TimeZone = 'UTC'")
-            for t in reversed(spec.tables):  # rows of an interrupted attempt, dependents first
-                await raw.execute(f"DELETE FROM {t.name} WHERE {t.where}", code)
-            for t in spec.tables:
-                await raw.copy_to_table(t.name, source=f"{spool}/{t.name}", columns=t.columns, format="binary")
-                n, digest = await raw.fetchrow(_checksum_sql(t), code)
-                if (int(n), str(digest)) != expected[t.name]:
-                    raise ShardMoveError(
-                        f"{spec.service}: {t.name} of {code} differs after the copy "
-                        f"({n} rows on {target}, {expected[t.name][0]} on {source}); nothing was switched"
-                    )
-    return {name: n for name, (n, _) in expected.items()}
+        rows: dict[str, int] = {}
+        for wave in (
+            [t for t in spec.tables if t.found_through is None],
+            [t for t in spec.tables if t.found_through is not None],
+        ):
+            counts = await asyncio.gather(*(_copy_table(spec, t, code, source, target, spool) for t in wave))
+            rows |= {t.name: n for t, n in zip(wave, counts, strict=True)}
+    return {t.name: rows[t.name] for t in spec.tables}
 
 
 async def flip(spec: MoveSpec, move: dict[str, Any], rows: dict[str, int] | None) -> None:

@@ -377,8 +377,14 @@ _OF_DOSES = "dose_id IN (SELECT dose_id FROM doses WHERE municipality_code = $1)
 # before the rows found through them); ``$1`` is its code. Unpublished dose events move with it.
 MOVABLE_TABLES = (
     MovableTable(Dose.__table__, "municipality_code = $1"),  # type: ignore[arg-type]
-    MovableTable(IdempotencyKey.__table__, _OF_DOSES),  # type: ignore[arg-type]
-    MovableTable(DoseHistory.__table__, _OF_DOSES, skip=("id",), order_by="id"),  # type: ignore[arg-type]
+    MovableTable(IdempotencyKey.__table__, _OF_DOSES, found_through="doses"),  # type: ignore[arg-type]
+    MovableTable(
+        DoseHistory.__table__,  # type: ignore[arg-type]
+        _OF_DOSES,
+        skip=("id",),
+        order_by="id",
+        found_through="doses",
+    ),
     MovableTable(CouponProjection.__table__, "municipality_code = $1"),  # type: ignore[arg-type]
     MovableTable(outbox, "key = $1", copy_where="key = $1 AND published_at IS NULL", skip=("id",), order_by="id"),
 )
