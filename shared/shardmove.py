@@ -438,8 +438,15 @@ async def move_municipality(
             if moves[spec.service]["state"] in ("fencing", "fenced"):
                 await abort(spec, moves[spec.service])
         raise
+    # Every copy verified before anything is switched: a failed one leaves the municipality fenced everywhere
+    # (run the command again to resume) rather than half moved.
+    copied = dict(zip(copies, await asyncio.gather(*copies.values(), return_exceptions=True), strict=True))
+    for result in copied.values():
+        if isinstance(result, BaseException):
+            raise result
     for spec in reversed(active):
-        await flip(spec, moves[spec.service], await copies[spec.service])
+        result = copied[spec.service]
+        await flip(spec, moves[spec.service], None if isinstance(result, BaseException) else result)
         progress(
             f"{spec.service}: {code} on {to}, write pause {moves[spec.service]['pause_seconds']:.3f}s, "
             f"rows {moves[spec.service]['rows']}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from services.records.repository import MOVABLE_TABLES as RECORDS_TABLES
 from services.records.settings import RecordsSettings
 from services.registry.models import Coupon, Resident, outbox, shard_assignments, shard_moves
 from services.registry.repository import MOVABLE_TABLES as REGISTRY_TABLES
+from shared import cli
 from shared.auth import Role
 from shared.db import Databases
 from shared.events import CouponEvent
@@ -265,3 +267,60 @@ async def test_an_interrupted_move_is_refused_writes_meanwhile_and_finishes_when
     assert back["registry"]["rows"]["residents"] == 4 and back["records"]["rows"]["doses"] == 3
     async with stack.registry.databases.shards["s0"].sessionmaker() as session:
         assert (await session.execute(text("SELECT count(*) FROM shard_fences"))).scalar() == 0
+
+
+async def test_vrs_shards_move_and_status_from_the_environment(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The command an operator runs: settings from the environment, both services moved, the pause printed."""
+    assert (await put_resident(stack, CHIYODA, "R1", "0000000001")).status_code == 201
+    assert (await record_dose(stack, CHIYODA, "k1", "0000000001")).status_code == 201
+    registry, records = stack.registry.settings, stack.records_settings
+    monkeypatch.setenv("VRS_REGISTRY_MAIN_DSN", registry.main_dsn)
+    monkeypatch.setenv("VRS_REGISTRY_SHARD_DSNS", json.dumps(registry.shard_dsns))
+    monkeypatch.setenv("VRS_RECORDS_MAIN_DSN", records.main_dsn)
+    monkeypatch.setenv("VRS_RECORDS_SHARD_DSNS", json.dumps(records.shard_dsns))
+    monkeypatch.setenv("VRS_BUS_EMBEDDED_PATH", str(records.bus.embedded_path))
+
+    assert await asyncio.to_thread(cli.main, ["shards", "move", "--municipality", CHIYODA, "--to", "s1"]) == 0
+    out = capsys.readouterr().out
+    assert f"registry: {CHIYODA} s0 → s1, write pause" in out and f"records: {CHIYODA} s0 → s1" in out
+    assert await rows(stack.registry.databases, "s1", Resident.__table__, CHIYODA) == 1
+    assert await rows(stack.records_dbs, "s1", Dose.__table__, CHIYODA) == 1
+    # Again: nothing to do. An unknown shard: refused, nothing fenced.
+    assert await asyncio.to_thread(cli.main, ["shards", "move", "--municipality", CHIYODA, "--to", "s1"]) == 0
+    assert await asyncio.to_thread(cli.main, ["shards", "move", "--municipality", SAPPORO, "--to", "s9"]) == 1
+    assert "no shard named 's9'" in capsys.readouterr().err
+    assert (await put_resident(stack, SAPPORO, "S1", "0000000001")).status_code == 201
+    assert await asyncio.to_thread(cli.main, ["shards", "status"]) == 0
+    status = capsys.readouterr().out
+    assert "registry s1=2" in status and "records s1=2" in status
+
+
+async def test_a_copy_that_does_not_match_switches_nothing(stack: Stack) -> None:
+    """A target that changes what it is given (here a trigger) fails the checksum: the map is not flipped."""
+    assert (await put_resident(stack, CHIYODA, "R1", "0000000001")).status_code == 201
+    async with stack.registry.databases.shards["s1"].sessionmaker() as session, session.begin():
+        await session.execute(
+            text(
+                "CREATE FUNCTION garble() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN NEW.name := NEW.name || '?'; RETURN NEW; END $$"
+            )
+        )
+        await session.execute(
+            text("CREATE TRIGGER garble BEFORE INSERT ON residents FOR EACH ROW EXECUTE FUNCTION garble()")
+        )
+    with pytest.raises(ShardMoveError, match="residents of 131016 differs after the copy"):
+        await move_municipality(stack.movers, CHIYODA, "s1")
+    for mover in stack.movers:  # neither service switched: the failed copy stops both
+        assert await mover.databases.current_shards([CHIYODA]) == {CHIYODA: "s0"}
+    assert await rows(stack.registry.databases, "s1", Resident.__table__, CHIYODA) == 0  # rolled back
+    # Still fenced (the move is resumable, not undone); once the target is repaired, running it again finishes.
+    assert (await put_resident(stack, CHIYODA, "R2", "0000000002")).status_code == 503
+    async with stack.registry.databases.shards["s1"].sessionmaker() as session, session.begin():
+        await session.execute(text("DROP TRIGGER garble ON residents"))
+    finished = await move_municipality(stack.movers, CHIYODA, "s1", grace_seconds=0.5)
+    assert finished["registry"]["rows"]["residents"] == 1
+    async with stack.registry.databases.shards["s1"].sessionmaker() as session:
+        names = (await session.execute(select(Resident.name).where(Resident.municipality_code == CHIYODA))).scalars()
+        assert list(names) == [PERSON["name"]]
