@@ -9,12 +9,13 @@ selects the municipality's rows) in a :class:`MoveSpec`; this module does the re
    municipality column refuses any write of the municipality's rows in that shard (SQLSTATE ``VR503``, which
    the services answer as ``503`` + ``Retry-After``), and the outbox relay skips its unpublished events.
    Other municipalities are not affected. The relay's claims in flight are waited for (``FOR UPDATE``).
-2. **Copy and flip**: the source is read in one ``REPEATABLE READ`` snapshot (``COPY … TO STDOUT`` binary,
-   spooled to a temporary file), written to the target in one transaction (rows of an earlier attempt
-   deleted first, then ``COPY … FROM STDIN``), and each table's row count and checksum (``hashtextextended``
-   of every copied row) compared before the target commits. Then one main-database transaction points the
-   shard map at the target and records the move as flipped, and the target's fence is lifted: writes resume
-   on the target. Unpublished outbox rows are moved (in their order), so each is relayed once, by the
+2. **Copy and flip**: each table is read from the source (``COPY … TO STDOUT`` binary, spooled to a
+   temporary file) and written to the target in one transaction of its own (rows of an earlier attempt
+   deleted first, then ``COPY … FROM STDIN``), its row count and checksum (``hashtextextended`` of every
+   copied row) compared with the source's before the target commits; tables are copied side by side (under
+   the fence the rows cannot change, so they need no common snapshot). Once every service's copy is verified,
+   one main-database transaction per service points the shard map at the target and records the move as
+   flipped, and the target's fence is lifted: writes resume on the target. Unpublished outbox rows are moved (in their order), so each is relayed once, by the
    target's relay; published ones stay behind and are deleted with the rest.
 3. **Clean**: once every process's cached shard map has expired (``SHARD_MAP_TTL_SECONDS`` plus a margin —
    until then a stale process may still read the frozen source rows, and its writes are refused there), the
