@@ -15,8 +15,9 @@ selects the municipality's rows) in a :class:`MoveSpec`; this module does the re
    copied row) compared with the source's before the target commits; tables are copied side by side (under
    the fence the rows cannot change, so they need no common snapshot). Once every service's copy is verified,
    one main-database transaction per service points the shard map at the target and records the move as
-   flipped, and the target's fence is lifted: writes resume on the target. Unpublished outbox rows are moved (in their order), so each is relayed once, by the
-   target's relay; published ones stay behind and are deleted with the rest.
+   flipped, and the target's fence is lifted: writes resume on the target. Unpublished outbox rows are
+   moved (in their order), so each is relayed once, by the target's relay; published ones stay behind and
+   are deleted with the rest.
 3. **Clean**: once every process's cached shard map has expired (``SHARD_MAP_TTL_SECONDS`` plus a margin —
    until then a stale process may still read the frozen source rows, and its writes are refused there), the
    source rows are deleted. The source's fence row stays: a stale writer is refused, forgets its cached
