@@ -87,6 +87,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             instance=settings.instance_id,
             anchors=FileAnchorStore(settings.audit_anchor_dir),
             batch_max=settings.audit_batch_max,
+            timeout=settings.audit_timeout_seconds,
         )
         try:
             await app.state.audit.start()

@@ -14,11 +14,19 @@ reaches the anchored head; removing a whole chain leaves an anchor without rows.
 file per instance (``VRS_GATEWAY_AUDIT_ANCHOR_DIR``); production mounts that directory from storage the
 database administrator cannot write (see README, "Audit trail").
 
-**Batched**: requests hand their entry to one writer task per process and wait until it is committed and
-anchored before their answer leaves (personal data is never delivered without its record). The writer
-takes everything queued while the previous batch was being written, so batches grow with the load — one
-commit carries hundreds of entries at thousands of requests per second, and one entry at idle, with no
-timer to wait for.
+**Intent, then outcome**: a request that reads or changes personal data is recorded *before* it is
+forwarded — an intent entry (``outcome`` null), committed, or the request is refused (503) and never
+reaches the service — and its outcome (the status the caller got, ``intent_seq`` naming the intent) is
+appended after. The caller does not wait for the outcome entry: once the service has acted, its answer is
+delivered whatever happens to the audit database; the writer keeps the outcome entry and retries until it
+is stored. So no request is executed without an entry, and none is reported failed after it succeeded. An
+intent without an outcome means the outcome is unknown (the gateway stopped, or the intent's commit was
+reported failed and the request refused).
+
+**Batched** (group commit): requests hand their entry to one writer task per process. The writer takes
+everything queued while the previous batch was being written and stores it with one multi-row INSERT and
+one commit, computing the chain's MACs in the batch — batches grow with the load (hundreds of entries per
+commit at thousands of requests per second, one at idle, no timer to wait for).
 
 ``vrs audit verify`` (:func:`verify_trail`) checks every chain against its anchor.
 """
@@ -33,7 +41,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -101,7 +109,10 @@ class AuditFacts:
     action: str
     resource: str
     legal_basis: LegalBasis
-    outcome: int
+    # The status the caller got; None in an intent entry (written before the request is forwarded).
+    outcome: int | None
+    # In an outcome entry: the seq of its intent entry in the same chain.
+    intent_seq: int | None = None
 
 
 def redact_my_numbers(text: str) -> str:
@@ -128,6 +139,10 @@ def canonical(fields: Mapping[Any, Any], *, recorded_at: str | None = None) -> b
     """
     doc = {name: fields[name] for name in _SORTED_KEYED}
     doc["recorded_at"] = recorded_at or _utc_text(doc["recorded_at"])
+    # Keyed only where present, so entries written before outcome entries existed keep their MACs; adding or
+    # removing it changes the bytes either way.
+    if (intent_seq := fields.get("intent_seq")) is not None:
+        doc["intent_seq"] = intent_seq
     return _ENCODE(doc).encode()
 
 
@@ -196,26 +211,51 @@ class AuditChainBroken(RuntimeError):
     """The table does not reach the anchored head: refuse to append (and so to overwrite the evidence)."""
 
 
+class AuditUnavailable(RuntimeError):
+    """The entry could not be stored (in time): the request it records must not go ahead."""
+
+
 @dataclass(eq=False)
 class _Pending:
     facts: AuditFacts
-    done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    # None: nobody waits (an outcome entry, a refusal); the writer keeps it until it is stored.
+    done: asyncio.Future[int] | None
+    seq: int = 0
 
 
 class AuditTrail:
-    """Appends this instance's entries in batches; :meth:`append` returns once its entry is stored."""
+    """Appends this instance's entries in batches.
+
+    :meth:`append` returns once its entry is committed (the seq it got), :meth:`record` hands an entry over
+    without waiting: the writer retries it until it is stored.
+    """
+
+    _RETRY_PAUSE_MAX = 2.0
 
     def __init__(
-        self, databases: Databases, *, key: bytes, instance: str, anchors: AnchorStore, batch_max: int = 1000
+        self,
+        databases: Databases,
+        *,
+        key: bytes,
+        instance: str,
+        anchors: AnchorStore,
+        batch_max: int = 1000,
+        timeout: float = 5.0,
     ) -> None:
         self._databases = databases
         self._key = key
         self.instance = instance
         self._anchors = anchors
         self._batch_max = batch_max
+        self._timeout = timeout
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        # Unawaited entries of a batch that failed: first in the next batch.
+        self._retry: list[_Pending] = []
+        # The head a failed batch would have left: if the table shows it after all, that batch was stored.
+        self._unsure_head: tuple[int, str] | None = None
         self._head: tuple[int, str] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()  # set while the writer waits for work with nothing left to retry
         self.batches = 0  # for the bench and tests: how many commits carried the entries
 
     async def start(self) -> None:
@@ -223,14 +263,31 @@ class AuditTrail:
         await self._load_head(check_anchor=True)
         self._task = asyncio.create_task(self._write_forever(), name=f"audit-writer-{self.instance}")
 
-    async def stop(self) -> None:
+    async def stop(self, *, drain_seconds: float = 5.0) -> None:
+        """Store what is still queued (for at most ``drain_seconds``), then stop the writer."""
+        if self._task is not None and not self._task.done():
+            with contextlib.suppress(TimeoutError):
+                await self.flush(timeout=drain_seconds)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        lost = len(self._retry)
         while not self._queue.empty():
-            self._queue.get_nowait().done.set_exception(RuntimeError("the audit writer stopped"))
+            pending = self._queue.get_nowait()
+            if pending.done is None:
+                lost += 1
+            elif not pending.done.done():
+                pending.done.set_exception(AuditUnavailable("the audit writer stopped"))
+        if lost:
+            log.error("audit writer stopped with %d outcome entries not stored", lost)
+        self._retry.clear()
+
+    async def flush(self, *, timeout: float | None = None) -> None:
+        """Wait until every entry handed over so far is stored (tests, shutdown)."""
+        async with asyncio.timeout(timeout):
+            await self._idle.wait()
 
     async def _load_head(self, *, check_anchor: bool) -> tuple[int, str]:
         async with self._databases.main.sessionmaker() as session:
@@ -246,44 +303,99 @@ class AuditTrail:
         self._head = head or (0, GENESIS_MAC)
         return self._head
 
-    async def append(self, facts: AuditFacts) -> None:
+    def _running(self) -> None:
         if self._task is None or self._task.done():
-            raise RuntimeError("the audit writer is not running")
-        pending = _Pending(facts)
-        self._queue.put_nowait(pending)
-        await pending.done
+            raise AuditUnavailable("the audit writer is not running")
+
+    async def append(self, facts: AuditFacts, *, late_outcome: int = 503) -> int:
+        """Store ``facts`` and return its seq; :class:`AuditUnavailable` if that fails or takes longer than
+        the trail's timeout. An intent (``outcome`` None) stored after its caller gave up waiting gets an
+        outcome entry ``late_outcome`` (the caller refuses the request), so it does not read as forwarded."""
+        self._running()
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        # Retrieved even when the caller gave up waiting, so that asyncio does not log it as lost.
+        done.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._queue.put_nowait(_Pending(facts, done))
+        self._idle.clear()
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await asyncio.shield(done)
+        except TimeoutError:
+            if facts.outcome is None:
+
+                def stored_late(f: asyncio.Future[int]) -> None:
+                    if not f.cancelled() and f.exception() is None and self._task is not None:
+                        self._queue.put_nowait(
+                            _Pending(replace(facts, outcome=late_outcome, intent_seq=f.result()), None)
+                        )
+                        self._idle.clear()
+
+                done.add_done_callback(stored_late)
+            raise AuditUnavailable(f"the audit entry was not stored within {self._timeout} s") from None
+
+    def record(self, facts: AuditFacts) -> None:
+        """Hand ``facts`` to the writer without waiting; it is retried until stored (or the gateway stops)."""
+        self._running()
+        self._queue.put_nowait(_Pending(facts, None))
+        self._idle.clear()
 
     async def _write_forever(self) -> None:
+        pause = 0.0
         while True:
-            batch = [await self._queue.get()]
+            if not self._retry and self._queue.empty():
+                self._idle.set()
+            batch = self._retry or [await self._queue.get()]
+            self._retry = []
+            self._idle.clear()
             while len(batch) < self._batch_max and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
                 await self._write(batch)
             except asyncio.CancelledError:
+                self._retry = [p for p in batch if p.done is None]
                 for p in batch:
-                    if not p.done.done():
-                        p.done.set_exception(RuntimeError("the audit writer stopped"))
+                    if p.done is not None and not p.done.done():
+                        p.done.set_exception(AuditUnavailable("the audit writer stopped"))
                 raise
             except Exception as exc:
                 log.error("audit batch of %d not written: %s", len(batch), type(exc).__name__)
                 self._head = None  # unknown whether it was stored: read the head again
                 for p in batch:
-                    if not p.done.done():
-                        p.done.set_exception(exc)
+                    if p.done is not None and not p.done.done():
+                        p.done.set_exception(AuditUnavailable(type(exc).__name__))
+                self._retry = [p for p in batch if p.done is None]
+                if self._retry and self._queue.empty():
+                    # Nobody waits: do not hammer a database that is down.
+                    pause = min(self._RETRY_PAUSE_MAX, max(0.05, pause * 2))
+                    await asyncio.sleep(pause)
             else:
+                pause = 0.0
                 for p in batch:
-                    if not p.done.done():
-                        p.done.set_result(None)
+                    if p.done is not None and not p.done.done():
+                        p.done.set_result(p.seq)
+
+    async def _current_head(self, batch: list[_Pending]) -> tuple[int, str]:
+        if self._head is not None:
+            return self._head
+        head = await self._load_head(check_anchor=False)
+        if self._unsure_head is not None and head == self._unsure_head:
+            # The batch that "failed" was committed after all: its retried entries are stored already.
+            stored = {id(p) for p in batch if p.seq and p.done is None}
+            batch[:] = [p for p in batch if id(p) not in stored]
+        self._unsure_head = None
+        return head
 
     async def _write(self, batch: list[_Pending]) -> None:
-        seq, prev = self._head if self._head is not None else await self._load_head(check_anchor=False)
+        seq, prev = await self._current_head(batch)
+        if not batch:
+            return
         now = utcnow()
         stamp = _utc_text(now)
         rows = []
         for p in batch:
             f = p.facts
             seq += 1
+            p.seq = seq
             fields: dict[str, Any] = {
                 "instance": self.instance,
                 "seq": seq,
@@ -299,14 +411,17 @@ class AuditTrail:
                 "resource": redact_my_numbers(f.resource),
                 "legal_basis": f.legal_basis.value,
                 "outcome": f.outcome,
+                "intent_seq": f.intent_seq,
             }
             mac = entry_mac(self._key, prev, fields, recorded_at=stamp)
             rows.append({**fields, "prev_mac": prev, "mac": mac})
             prev = mac
+        self._unsure_head = (seq, prev)
         async with UnitOfWork(self._databases) as uow:
             await AuditRepository(uow.main()).add_many(rows)
         self._head = (seq, prev)
         await self._anchors.write(self.instance, Anchor(seq, prev))
+        self._unsure_head = None
         self.batches += 1
 
 
@@ -383,6 +498,7 @@ def entry_out(row: Mapping[Any, Any]) -> dict[str, Any]:
         "resource": row["resource"],
         "legal_basis": row["legal_basis"],
         "outcome": row["outcome"],
+        "intent_seq": row["intent_seq"],
     }
 
 

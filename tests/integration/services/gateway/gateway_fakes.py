@@ -11,7 +11,7 @@ import base64
 import contextlib
 import gzip
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,8 @@ class FakeUpstream:
     name: str
     seen: list[Seen] = field(default_factory=list)
     url: str = ""
+    # Runs after a request is seen and before it is answered: a fault injected "while the service acts".
+    while_acting: Callable[[Seen], Awaitable[None]] | None = None
 
 
 def fake_app(upstream: FakeUpstream) -> FastAPI:
@@ -72,6 +74,8 @@ def fake_app(upstream: FakeUpstream) -> FastAPI:
             body=await request.body(),
         )
         upstream.seen.append(seen)
+        if upstream.while_acting is not None:
+            await upstream.while_acting(seen)
         if delay := request.query_params.get("fake_sleep"):
             await asyncio.sleep(float(delay))
         parts = path.split("/")
