@@ -12,7 +12,7 @@ from services.gateway.limits import RateLimiter
 from services.gateway.openapi import build_openapi
 from services.gateway.policy import TABLE, Upstream
 from services.gateway.proxy import create_transport
-from services.gateway.router import audit_reader, router
+from services.gateway.router import FastPath, audit_reader, router
 from services.gateway.service import Gateway, Limits
 from services.gateway.settings import GatewaySettings
 from services.gateway.tokens import IdentityVerifier, InternalTokenIssuer, JwksSource
@@ -128,4 +128,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     )
     contract = build_openapi(TABLE)
     app.openapi = lambda: contract  # type: ignore[method-assign]
+    # Everything but the gateway's own paths (health, metrics, docs, JWKS) skips the middleware stack.
+    routes = [*app.routes, *router.routes]  # the included router's routes are not listed in app.routes
+    own_paths = frozenset(path for route in routes if "{" not in (path := str(getattr(route, "path", "{}"))))
+    build_stack = app.build_middleware_stack
+    app.build_middleware_stack = lambda: FastPath(build_stack(), own_paths=own_paths)  # type: ignore[method-assign]
     return app
