@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from services.gateway.models import AuditEntry
 
 _TABLE: Table = AuditEntry.__table__  # type: ignore[assignment]
+_COLUMNS = [c.name for c in _TABLE.columns]
 
 
 class AuditRepository:
@@ -33,7 +34,16 @@ class AuditRepository:
         return (await self.session.execute(stmt)).mappings().first()
 
     async def add_many(self, rows: list[dict[str, Any]]) -> None:
-        await self.session.execute(insert(_TABLE), rows)
+        """One statement for the whole batch: COPY on PostgreSQL (a multi-row INSERT compiled by SQLAlchemy cost
+        the writer more CPU than the rest of the batch), executemany on SQLite."""
+        if self.session.get_bind().dialect.name != "postgresql":
+            await self.session.execute(insert(_TABLE), rows)
+            return
+        raw = (await (await self.session.connection()).get_raw_connection()).driver_connection
+        assert raw is not None
+        await raw.copy_records_to_table(
+            _TABLE.name, records=[tuple(r[c] for c in _COLUMNS) for r in rows], columns=_COLUMNS
+        )
 
     async def instances(self) -> list[str]:
         return [str(i) for i in (await self.session.execute(select(_TABLE.c.instance).distinct())).scalars()]
