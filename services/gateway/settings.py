@@ -71,8 +71,8 @@ class GatewaySettings(ServiceSettings):
     # JSON nested deeper than this is refused before it reaches a service.
     max_json_depth: int = Field(default=32, ge=2)
 
-    # aiohttp carries five to six times httpx's rate as the proxy's client (devtools/bench/gateway.py).
-    proxy_transport: Literal["aiohttp", "httpx"] = "aiohttp"
+    # raw: the gateway's own HTTP/1.1 client (services/gateway/proxy.py); aiohttp and httpx for comparison.
+    proxy_transport: Literal["raw", "aiohttp", "httpx"] = "raw"
     proxy_pool_size: int = Field(default=100, ge=1)
     proxy_connect_timeout_seconds: float = Field(default=2.0, gt=0)
     proxy_timeout_seconds: float = Field(default=30.0, gt=0)

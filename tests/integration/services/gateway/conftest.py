@@ -39,7 +39,7 @@ async def gateway_dsn(tmp_path_factory: pytest.TempPathFactory) -> str:
     return dsn
 
 
-@pytest.fixture(scope="session", params=["aiohttp", "httpx"])
+@pytest.fixture(scope="session", params=["raw", "aiohttp", "httpx"])
 async def gateway(
     request: pytest.FixtureRequest,
     upstreams: dict[str, FakeUpstream],

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import uvicorn
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from services.gateway.app import create_app
 from services.gateway.settings import GatewaySettings
@@ -87,6 +87,10 @@ def fake_app(upstream: FakeUpstream) -> FastAPI:
             return error_response(resident_not_found())
         if path == "api/v1/opendata/summary_by_date.csv":
             return Response(CSV, media_type="text/csv; charset=utf-8")
+        if request.query_params.get("fake_stream"):
+            # No Content-Length: sent chunked, as stats streams its cuts.
+            rows = (f'{{"n":{n}}}\n'.encode() for n in range(int(request.query_params["fake_stream"])))
+            return StreamingResponse(rows, media_type="application/x-ndjson")
         if request.query_params.get("fake_gzip"):
             return Response(
                 gzip.compress(b'{"rows":[]}'), headers={"content-encoding": "gzip"}, media_type="application/json"

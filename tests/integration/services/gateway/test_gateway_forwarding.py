@@ -118,6 +118,14 @@ async def test_a_compressed_body_is_passed_through_not_decoded(client: httpx.Asy
     assert gzip.decompress(raw) == b'{"rows":[]}'
 
 
+async def test_a_chunked_answer_arrives_whole_with_its_length(client: httpx.AsyncClient) -> None:
+    response = await client.get("/api/v1/stats/doses?fake_stream=500")
+    assert response.status_code == 200
+    assert response.content == b"".join(f'{{"n":{n}}}\n'.encode() for n in range(500))
+    assert response.headers["content-length"] == str(len(response.content))
+    assert "transfer-encoding" not in response.headers
+
+
 async def test_upstream_cookies_are_not_replayed_to_the_next_caller(
     client: httpx.AsyncClient, upstreams: dict[str, FakeUpstream]
 ) -> None:
