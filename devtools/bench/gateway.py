@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--rate", type=float, default=1000.0, help="the fixed rate of the latency comparison")
-    parser.add_argument("--transport", default="aiohttp", choices=["aiohttp", "httpx"])
+    parser.add_argument("--transport", default="raw", choices=["raw", "aiohttp", "httpx"])
     parser.add_argument(
         "--gateway-workers", type=int, default=1, help="uvicorn workers of the gateway (each its own audit chain)"
     )

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import cast
 
 from fastapi import FastAPI
+from starlette.types import Receive, Scope, Send
 
 from services.gateway.audit import AuditTrail, FileAnchorStore
 from services.gateway.limits import RateLimiter
@@ -55,6 +57,19 @@ def internal_issuer(settings: GatewaySettings) -> InternalTokenIssuer:
     }:
         raise ValueError("VRS_GATEWAY_SIGNING_KEY's public key is not in VRS_AUTH_GATEWAY_JWKS under its kid")
     return issuer
+
+
+class GatewayApp(FastAPI):
+    """The app ``build_app`` made, entered through :class:`~services.gateway.router.FastPath` first."""
+
+    fast_path: FastPath
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.fast_path.serves(scope):
+            scope["app"] = self
+            await self.fast_path(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
@@ -128,9 +143,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     )
     contract = build_openapi(TABLE)
     app.openapi = lambda: contract  # type: ignore[method-assign]
-    # Everything but the gateway's own paths (health, metrics, docs, JWKS) skips the middleware stack.
+    # Everything but the gateway's own paths (health, metrics, docs, JWKS) skips FastAPI altogether.
     routes = [*app.routes, *router.routes]  # the included router's routes are not listed in app.routes
     own_paths = frozenset(path for route in routes if "{" not in (path := str(getattr(route, "path", "{}"))))
-    build_stack = app.build_middleware_stack
-    app.build_middleware_stack = lambda: FastPath(build_stack(), own_paths=own_paths)  # type: ignore[method-assign]
+    app.__class__ = GatewayApp
+    cast(GatewayApp, app).fast_path = FastPath(own_paths=own_paths)
     return app

@@ -9,7 +9,9 @@ app's 40 µs (in-process, upstream stubbed) — a tenth of the whole per-request
 body-limit wrappers, Starlette's error and exception middlewares, the router, the request-id and metrics
 middlewares — a third of the gateway's serving CPU under load, py-spy) and reach the endpoint directly; it
 does itself what those did for them (request id in the log context, the same metrics, a generic 500).
-Only the gateway's own few paths still go through the stack.
+Only the gateway's own few paths still go through the stack. It is entered from the app's own ``__call__``
+(``services.gateway.app.GatewayApp``), before FastAPI's (which reads the environment for its telemetry on
+every request) and Starlette's.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from services.gateway.audit import entries_of_municipality
 from services.gateway.policy import Match
@@ -171,10 +173,10 @@ _INTERNAL_ERROR = b'{"error":"InternalError","detail":"internal error"}'
 
 
 class FastPath:
-    """The gateway app's outermost ASGI layer: proxied requests straight to :class:`ProxyEndpoint`."""
+    """What the gateway app does first with a request: a proxied one goes straight to :class:`ProxyEndpoint`
+    (:meth:`serves` says which); the gateway's own paths are left to the app's stack."""
 
-    def __init__(self, stack: ASGIApp, *, own_paths: frozenset[str], service: str = "gateway") -> None:
-        self._stack = stack
+    def __init__(self, *, own_paths: frozenset[str], service: str = "gateway") -> None:
         self._own = own_paths
         self._endpoint = ProxyEndpoint()
         self._service = service
@@ -182,10 +184,10 @@ class FastPath:
         self._counters: dict[tuple[str, str, int], Any] = {}
         self._timers: dict[tuple[str, str], Any] = {}
 
+    def serves(self, scope: Scope) -> bool:
+        return scope["type"] == "http" and scope["path"] not in self._own
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self._own:
-            await self._stack(scope, receive, send)
-            return
         start = perf_counter()
         status = 0
 
