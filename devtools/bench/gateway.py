@@ -2,8 +2,9 @@
 
 Starts a trivial upstream (FastAPI, one small JSON answer per route) and a gateway in front of it, both as
 uvicorn processes (uvloop, httptools) like ``vrs run``; the gateway runs in full: identity tokens verified
-(cached), the policy, the internal token, and the audit trail (SQLite, batched, anchored) for personal-data
-routes. The load comes from this process over raw keep-alive connections:
+(cached), the policy, the internal token, and the audit trail (an intent committed before forwarding, the
+outcome after; batched, anchored) on PostgreSQL started for the bench (``--audit-db sqlite`` for SQLite) for
+personal-data routes. The load comes from this process over raw keep-alive connections:
 
 - **max rate**: closed loop, ``--connections`` connections, each sending again as soon as its answer is in;
 - **fixed rate**: open loop at ``--rate`` requests/s spread over the connections; latency is measured from the
@@ -11,7 +12,10 @@ routes. The load comes from this process over raw keep-alive connections:
 
 Routes: ``POST /api/v1/doses`` (institution; audited: a dose is health data) and
 ``GET /api/v1/municipalities/{code}/residents/{id}`` (municipality; an audited read of personal data).
-The load generator shares the machine's cores with the servers: compare the rows of one run.
+The load generator shares the machine's cores with the servers: compare the rows of one run. Each row also
+shows the CPU each process group used while it was measured ("not ours": other jobs on the machine) and the
+gateway's CPU per request, which stays comparable when other jobs take cores; ``--gateway-src DIR`` runs the
+gateway of another checkout (``git archive <rev> | tar -x -C DIR``) to compare two versions on one machine.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -125,6 +129,7 @@ class Result:
     seconds: float
     latencies: list[float]
     cpu: dict[str, float] = field(default_factory=dict)  # cores used by each process group while measured
+    audit: dict[str, float] = field(default_factory=dict)  # the gateway's audit counters over the run
 
     @property
     def rate(self) -> float:
@@ -259,6 +264,36 @@ def run_load(
     return uvloop.run(measured())
 
 
+_AUDIT_METRICS = (
+    "vrs_gateway_audit_entries_total",
+    "vrs_gateway_audit_batch_seconds_count",
+    "vrs_gateway_audit_batch_seconds_sum",
+)
+
+
+def audit_counters(gateway: str) -> dict[str, float]:
+    """The gateway's audit counters from its /metrics (entries, batches, seconds spent storing them)."""
+
+    async def scrape() -> str:
+        async with aiohttp.ClientSession() as session, session.get(gateway + "/metrics") as response:
+            return await response.text()
+
+    found = {}
+    for line in asyncio.run(scrape()).splitlines():
+        name, _, value = line.partition(" ")
+        if name in _AUDIT_METRICS:
+            found[name] = float(value)
+    return found
+
+
+def audited(gateway: str, run: Callable[[], Result]) -> Result:
+    before = audit_counters(gateway)
+    result = run()
+    after = audit_counters(gateway)
+    result.audit = {name: after.get(name, 0.0) - before.get(name, 0.0) for name in _AUDIT_METRICS}
+    return result
+
+
 def audit_entries(dsn: str) -> int:
     async def count() -> int:
         database = Database.connect(dsn, pool_size=1)
@@ -357,19 +392,23 @@ def main(argv: list[str] | None = None) -> int:
             load = {"connections": args.connections, "seconds": args.seconds, "meter": meter}
             before = audit_entries(dsn)
             rows.append(("dose, direct, max", run_load(direct_dose, **load)))
-            rows.append(("dose, gateway, max", run_load(gateway_dose, **load)))
+            rows.append(("dose, gateway, max", audited(gateway, lambda: run_load(gateway_dose, **load))))
             rows.append(("read, direct, max", run_load(direct_read, **load)))
-            rows.append(("read, gateway, max", run_load(gateway_read, **load)))
+            rows.append(("read, gateway, max", audited(gateway, lambda: run_load(gateway_read, **load))))
             # Not personal data: the same pipeline without the audit trail, to show what the audit costs.
             stats = Target("GET", gateway + STATS_PATH, read_headers, 200)
             rows.append(("stats, gateway, max", run_load(stats, **load)))
             fixed = {"connections": max(8, args.connections // 2), "seconds": args.seconds, "rate": args.rate}
             fixed["meter"] = meter
             rows.append((f"dose, direct, {args.rate:.0f}/s", run_load(direct_dose, **fixed)))
-            rows.append((f"dose, gateway, {args.rate:.0f}/s", run_load(gateway_dose, **fixed)))
+            rows.append(
+                (f"dose, gateway, {args.rate:.0f}/s", audited(gateway, lambda: run_load(gateway_dose, **fixed)))
+            )
             rows.append((f"read, direct, {args.rate:.0f}/s", run_load(direct_read, **fixed)))
-            rows.append((f"read, gateway, {args.rate:.0f}/s", run_load(gateway_read, **fixed)))
-            audited = audit_entries(dsn) - before
+            rows.append(
+                (f"read, gateway, {args.rate:.0f}/s", audited(gateway, lambda: run_load(gateway_read, **fixed)))
+            )
+            audited_entries = audit_entries(dsn) - before
 
     load1, load5, _ = os.getloadavg()
     print(
@@ -390,7 +429,15 @@ def main(argv: list[str] | None = None) -> int:
     by = dict(rows)
     share = by["dose, gateway, max"].rate / by["dose, direct, max"].rate
     fixed_rows = [(k.split(",")[0], by[f"{k.split(',')[0]}, gateway, {args.rate:.0f}/s"]) for k in ("dose,", "read,")]
-    print(f"audit entries written during the run: {audited:,} (an intent and an outcome per dose or read)")
+    print(f"audit entries written during the run: {audited_entries:,} (an intent and an outcome per dose or read)")
+    for name, r in rows:
+        if r.audit.get("vrs_gateway_audit_batch_seconds_count"):
+            batches = r.audit["vrs_gateway_audit_batch_seconds_count"]
+            print(
+                f"  audit writer, {name}: {r.audit['vrs_gateway_audit_entries_total'] / batches:.1f} entries a batch, "
+                f"{r.audit['vrs_gateway_audit_batch_seconds_sum'] / batches * 1000:.2f} ms to store one "
+                f"(write + commit), {batches:,.0f} batches"
+            )
     print(f"dose route, gateway max / direct max: {share:.0%} (target >= 70%)")
     for route, _ in fixed_rows:
         g, d = by[f"{route}, gateway, {args.rate:.0f}/s"], by[f"{route}, direct, {args.rate:.0f}/s"]

@@ -40,6 +40,7 @@ import hmac
 import json
 import logging
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -47,6 +48,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
+from prometheus_client import Counter, Histogram
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.gateway.repository import AuditRepository
@@ -54,6 +56,14 @@ from shared import redaction
 from shared.db import Databases, utcnow
 
 log = logging.getLogger(__name__)
+
+AUDIT_ENTRIES = Counter("vrs_gateway_audit_entries", "Audit entries stored")
+AUDIT_BATCH_SECONDS = Histogram(
+    "vrs_gateway_audit_batch_seconds",
+    "Time to store one batch of audit entries (INSERT or COPY and commit)",
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
+)
+AUDIT_FAILED_BATCHES = Counter("vrs_gateway_audit_failed_batches", "Audit batches not stored (retried or refused)")
 
 GENESIS_MAC = "0" * 64
 # Fields of an entry that its MAC covers (the canonical form sorts them).
@@ -380,6 +390,7 @@ class AuditTrail:
                 raise
             except Exception as exc:
                 log.error("audit batch of %d not written: %s", len(batch), type(exc).__name__)
+                AUDIT_FAILED_BATCHES.inc()
                 self._head = None  # unknown whether it was stored: read the head again
                 for p in batch:
                     if p.done is not None and not p.done.done():
@@ -438,8 +449,11 @@ class AuditTrail:
             rows.append({**fields, "prev_mac": prev, "mac": mac})
             prev = mac
         self._unsure_head = (seq, prev)
+        started = time.perf_counter()
         async with self._databases.main.sessionmaker() as session, session.begin():
             await AuditRepository(session).add_many(rows)
+        AUDIT_BATCH_SECONDS.observe(time.perf_counter() - started)
+        AUDIT_ENTRIES.inc(len(rows))
         self._head = (seq, prev)
         await self._anchors.write(self.instance, Anchor(seq, prev))
         self._unsure_head = None
