@@ -9,7 +9,7 @@ from typing import cast
 from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
-from services.gateway.audit import AuditTrail, FileAnchorStore
+from services.gateway.audit import AuditChains, AuditTrail, FileAnchorStore
 from services.gateway.limits import RateLimiter
 from services.gateway.openapi import build_openapi
 from services.gateway.policy import TABLE, Upstream
@@ -96,13 +96,19 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         app.state.identity_verifier = verifier
         app.state.databases = Databases.connect(settings.main_dsn, pool_size=settings.pool_size)
         app.state.transport = create_transport(settings)
-        app.state.audit = AuditTrail(
-            app.state.databases,
-            key=settings.audit_key.encode(),
-            instance=settings.instance_id,
-            anchors=FileAnchorStore(settings.audit_anchor_dir),
-            batch_max=settings.audit_batch_max,
-            timeout=settings.audit_timeout_seconds,
+        anchors = FileAnchorStore(settings.audit_anchor_dir)
+        app.state.audit = AuditChains(
+            [
+                AuditTrail(
+                    app.state.databases,
+                    key=settings.audit_key.encode(),
+                    instance=name,
+                    anchors=anchors,
+                    batch_max=settings.audit_batch_max,
+                    timeout=settings.audit_timeout_seconds,
+                )
+                for name in AuditChains.names(settings.instance_id, settings.audit_chains)
+            ]
         )
         try:
             await app.state.audit.start()

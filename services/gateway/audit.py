@@ -334,6 +334,9 @@ class AuditTrail:
         self._head = head or (0, GENESIS_MAC)
         return self._head
 
+    def queued(self) -> int:
+        return self._queue.qsize() + len(self._retry)
+
     def _running(self) -> None:
         if self._task is None or self._task.done():
             raise AuditUnavailable("the audit writer is not running")
@@ -458,6 +461,51 @@ class AuditTrail:
         await self._anchors.write(self.instance, Anchor(seq, prev))
         self._unsure_head = None
         self.batches += 1
+
+
+class AuditChains:
+    """Several :class:`AuditTrail` chains of one gateway process, written in parallel.
+
+    One chain is written one batch at a time, so its rate is (entries a batch) / (time to store a batch); that
+    time is mostly waiting for the commit's fsync and for round trips, not CPU. Chains are independent (each
+    its own head, anchor and connection), so ``count`` of them commit side by side and PostgreSQL flushes their
+    commits together. Chain ``k`` is named ``<instance>`` for k = 0 and ``<instance>.<k>`` after that.
+    A request's intent and outcome go to the same chain: :meth:`pick` hands out the least busy one.
+    """
+
+    def __init__(self, trails: list[AuditTrail]) -> None:
+        if not trails:
+            raise ValueError("at least one audit chain")
+        self.trails = trails
+        self._next = 0
+
+    @staticmethod
+    def names(instance: str, count: int) -> list[str]:
+        return [instance if k == 0 else f"{instance}.{k}" for k in range(count)]
+
+    def pick(self) -> AuditTrail:
+        trails = self.trails
+        if len(trails) == 1:
+            return trails[0]
+        # Least queued first; among equals, in turn, so that idle chains share the load.
+        self._next = (self._next + 1) % len(trails)
+        rotated = trails[self._next :] + trails[: self._next]
+        return min(rotated, key=AuditTrail.queued)
+
+    async def start(self) -> None:
+        for trail in self.trails:
+            await trail.start()
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(trail.stop() for trail in self.trails))
+
+    async def flush(self, *, timeout: float | None = None) -> None:
+        async with asyncio.timeout(timeout):
+            await asyncio.gather(*(trail.flush() for trail in self.trails))
+
+    @property
+    def batches(self) -> int:
+        return sum(trail.batches for trail in self.trails)
 
 
 # --- verification --------------------------------------------------------------------------------------

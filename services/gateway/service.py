@@ -10,8 +10,8 @@ from dataclasses import dataclass, replace
 
 from services.gateway.audit import (
     DEFAULT_LEGAL_BASIS,
+    AuditChains,
     AuditFacts,
-    AuditTrail,
     AuditUnavailable,
     LegalBasis,
     legal_basis,
@@ -89,7 +89,7 @@ class Gateway:
         transport: Transport,
         tokens: IdentityVerifier,
         internal_tokens: InternalTokenIssuer,
-        audit: AuditTrail,
+        audit: AuditChains,
         limits: Limits,
         local: Mapping[str, LocalHandler] | None = None,
         table: PolicyTable = TABLE,
@@ -135,7 +135,8 @@ class Gateway:
             # Nobody waits for it: the writer keeps it until it is stored.
             if rule.reads_personal_data and principal.role is not Role.ANONYMOUS:
                 try:
-                    self._audit.record(_facts(inbound, match, principal, DEFAULT_LEGAL_BASIS, err.status_code))
+                    refused = _facts(inbound, match, principal, DEFAULT_LEGAL_BASIS, err.status_code)
+                    self._audit.pick().record(refused)
                 except AuditUnavailable as exc:
                     log.error("audit entry for a refused request not written: %s", exc)
             return error_outcome(match, err)
@@ -157,12 +158,13 @@ class Gateway:
         # The caller's token stays here: the service gets the gateway's word for who is calling.
         headers["authorization"] = self._internal.authorization(principal)
         intent: AuditFacts | None = None
-        if rule.reads_personal_data:
+        chain = self._audit.pick() if rule.reads_personal_data else None
+        if chain is not None:
             # Recorded before the service acts: if the trail cannot take the entry, the request is refused
             # here and never forwarded, so nothing happens that the trail does not show.
             intent = _facts(inbound, match, principal, basis, None)
             try:
-                intent_seq = await self._audit.append(intent)
+                intent_seq = await chain.append(intent)
             except AuditUnavailable as exc:
                 log.error("audit intent not written, request refused before forwarding: %s", exc)
                 return error_outcome(match, ServiceUnavailable("the audit trail is unavailable; retry"))
@@ -177,11 +179,11 @@ class Gateway:
         else:
             outcome = Outcome(match, answer.status, returned_headers(answer.headers), answer.body)
 
-        if intent is not None:
+        if chain is not None and intent is not None:
             # The service has acted (or failed): its answer goes out whatever happens to the audit database
             # now — the writer retries the outcome entry until it is stored, nobody waits for it.
             try:
-                self._audit.record(replace(intent, outcome=outcome.status, intent_seq=intent_seq))
+                chain.record(replace(intent, outcome=outcome.status, intent_seq=intent_seq))
             except AuditUnavailable as exc:
                 log.error("audit outcome of intent %d not written: %s", intent_seq, exc)
         return outcome

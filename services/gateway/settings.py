@@ -51,8 +51,11 @@ class GatewaySettings(ServiceSettings):
     # One chain per gateway process: the host (the pod's name in Kubernetes) and the process id, so that
     # replicas and uvicorn workers never share a chain. A restart starts a new chain; old ones stay verifiable.
     instance_id: str = Field(
-        default_factory=lambda: f"{socket.gethostname()[:50]}-{os.getpid()}", pattern=r"^[A-Za-z0-9._-]{1,64}$"
+        default_factory=lambda: f"{socket.gethostname()[:50]}-{os.getpid()}", pattern=r"^[A-Za-z0-9._-]{1,61}$"
     )
+    # Chains written side by side by this process (<instance_id>, <instance_id>.1, ...): one chain's rate is
+    # bounded by its commit latency, and commits of several chains share PostgreSQL's WAL flush.
+    audit_chains: int = Field(default=4, ge=1, le=99)
     # Where each chain's head is anchored after every batch: outside the database (see audit.py).
     audit_anchor_dir: Path = Field(default_factory=lambda: var_dir() / "gateway" / "audit-anchors")
     audit_batch_max: int = Field(default=1000, ge=1)

@@ -402,3 +402,32 @@ async def test_entries_nobody_waits_for_are_retried_and_never_stored_twice(
         (4, "req-3"),
     ]
     assert await problems_of(audit_dbs, anchors) == []
+
+
+async def test_several_chains_per_process_share_the_load_and_keep_each_intent_with_its_outcome(
+    gateway_settings: Settings, upstreams: dict[str, FakeUpstream], token: Token
+) -> None:
+    settings = gateway_settings(registry_url=upstreams["registry"].url, audit_chains=3)
+    chiyoda = token(Role.MUNICIPALITY, municipality=CHIYODA)
+    async with running_gateway(settings) as (app, client):
+        answers = await asyncio.gather(
+            *(client.get(f"{M}/{CHIYODA}/residents/{KNOWN_RESIDENT}", headers=chiyoda) for _ in range(60))
+        )
+        assert {r.status_code for r in answers} == {200}
+        await app.state.audit.flush(timeout=5)
+        names = [settings.instance_id, f"{settings.instance_id}.1", f"{settings.instance_id}.2"]
+        chains = {name: await rows(app.state.databases.main, name) for name in names}
+    assert all(chains.values())  # every chain took some of the load
+    assert sum(len(entries) for entries in chains.values()) == 120
+    for entries in chains.values():
+        assert [e.seq for e in entries] == list(range(1, len(entries) + 1))
+        intents = {e.seq: e for e in entries if e.outcome is None}
+        outcomes = [e for e in entries if e.outcome is not None]
+        # Every outcome follows its own intent in the same chain, and every intent has one.
+        assert sorted(e.intent_seq for e in outcomes) == sorted(intents)  # type: ignore[type-var]
+        assert all(e.intent_seq < e.seq and intents[e.intent_seq].request_id == e.request_id for e in outcomes)  # type: ignore[operator,index]
+    async with Database.connect(settings.main_dsn, pool_size=1).sessionmaker() as session:
+        problems, _ = await verify_trail(
+            session, settings.audit_key.encode(), FileAnchorStore(settings.audit_anchor_dir)
+        )
+    assert problems == []
