@@ -70,7 +70,7 @@ def gateway_settings(gateway_dsn: str, tmp_path: Path) -> Callable[..., GatewayS
             "main_dsn": gateway_dsn,
             "instance_id": f"gw-{uuid.uuid4().hex[:12]}",
             "audit_anchor_dir": tmp_path / "anchors",
-            # One chain, so that a test reads its entries in order; several: test_gateway_audit.py.
+            # One chain (the default), so that a test reads its entries in order; several: test_gateway_audit.py.
             "audit_chains": 1,
             **overrides,
         }
