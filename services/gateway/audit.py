@@ -49,9 +49,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from prometheus_client import Counter, Histogram
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from services.gateway.repository import AuditRepository
+from services.gateway.repository import AuditRepository, insert_batch_autocommit
 from shared import redaction
 from shared.db import Databases, utcnow
 
@@ -286,6 +286,8 @@ class AuditTrail:
         self._head: tuple[int, str] | None = None
         self._task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()  # set while the writer waits for work with nothing left to retry
+        self._postgres = databases.main.engine.dialect.name == "postgresql"
+        self._connection: AsyncConnection | None = None
         self.batches = 0  # for the bench and tests: how many commits carried the entries
 
     async def start(self) -> None:
@@ -303,6 +305,10 @@ class AuditTrail:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                await self._connection.close()
+            self._connection = None
         self._anchors.close()
         lost = len(self._retry)
         while not self._queue.empty():
@@ -409,6 +415,26 @@ class AuditTrail:
                     if p.done is not None and not p.done.done():
                         p.done.set_result(p.seq)
 
+    async def _store_autocommit(self, rows: list[dict[str, Any]]) -> None:
+        """PostgreSQL: one statement on a connection the writer keeps (a broken one is dropped, the next batch
+        takes another from the pool)."""
+        if self._connection is None:
+            self._connection = await self._databases.main.engine.connect()
+        try:
+            raw = (await self._connection.get_raw_connection()).driver_connection
+            await insert_batch_autocommit(raw, rows)
+        except BaseException:
+            await self._drop_connection()
+            raise
+
+    async def _drop_connection(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.invalidate()
+            with contextlib.suppress(Exception):
+                await connection.close()
+
     async def _current_head(self, batch: list[_Pending]) -> tuple[int, str]:
         if self._head is not None:
             return self._head
@@ -453,8 +479,11 @@ class AuditTrail:
             prev = mac
         self._unsure_head = (seq, prev)
         started = time.perf_counter()
-        async with self._databases.main.sessionmaker() as session, session.begin():
-            await AuditRepository(session).add_many(rows)
+        if self._postgres:
+            await self._store_autocommit(rows)
+        else:
+            async with self._databases.main.sessionmaker() as session, session.begin():
+                await AuditRepository(session).add_many(rows)
         AUDIT_BATCH_SECONDS.observe(time.perf_counter() - started)
         AUDIT_ENTRIES.inc(len(rows))
         self._head = (seq, prev)
