@@ -178,6 +178,7 @@ class _Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[UpstreamResponse] | None = None
         self._headers: RawHeaders = []
         self._body: list[bytes] = []
+        self._head = False
 
     # -- asyncio.Protocol --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -196,6 +197,14 @@ class _Connection(asyncio.Protocol):
     # -- httptools callbacks --
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        if self._head:
+            # An answer to HEAD has no body whatever its Content-Length says; the parser cannot be told so,
+            # so the answer ends here and the connection is not reused.
+            self._body = []
+            self.on_message_complete()
+            self.close()
 
     def on_body(self, body: bytes) -> None:
         self._body.append(body)
@@ -221,9 +230,9 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    async def exchange(self, request: bytes) -> UpstreamResponse:
+    async def exchange(self, request: bytes, *, head: bool = False) -> UpstreamResponse:
         assert self.transport is not None and self._waiter is None
-        self._headers, self._body = [], []
+        self._headers, self._body, self._head = [], [], head
         self._waiter = asyncio.get_running_loop().create_future()
         self.transport.write(request)
         return await self._waiter
@@ -303,7 +312,7 @@ class RawTransport:
             conn = await self._acquire(origin)
             try:
                 async with asyncio.timeout(self._timeout):
-                    response = await conn.exchange(request)
+                    response = await conn.exchange(request, head=method == "HEAD")
             except TimeoutError:
                 conn.close()
                 self._open.discard(conn)

@@ -11,6 +11,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from services.gateway.proxy import RawTransport
 from services.gateway.settings import GatewaySettings
 from shared.auth import InternalTokenVerifier, Role
 from shared.db import Databases
@@ -368,3 +369,14 @@ async def test_the_identity_keys_are_published(client: httpx.AsyncClient) -> Non
     assert response.status_code == 200
     assert response.json() == {"keys": [DEV_IDENTITY_JWK]}
     assert "d" not in response.json()["keys"][0]  # public halves only
+
+
+async def test_the_raw_transport_ends_an_answer_to_head_at_its_headers(upstreams: dict[str, FakeUpstream]) -> None:
+    transport = RawTransport(pool_size=2, connect_timeout=1.0, timeout=2.0, keepalive=4.0)
+    try:
+        head = await transport.send("HEAD", upstreams["stats"].url + "/healthz", {}, b"")
+        get = await transport.send("GET", upstreams["stats"].url + "/healthz", {}, b"")
+    finally:
+        await transport.close()
+    assert head.body == b"" and int(dict(head.headers)[b"content-length"]) > 0
+    assert get.status == 200 and b'"ok"' in get.body
