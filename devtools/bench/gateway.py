@@ -2,8 +2,9 @@
 
 Starts a trivial upstream (FastAPI, one small JSON answer per route) and a gateway in front of it, both as
 uvicorn processes (uvloop, httptools) like ``vrs run``; the gateway runs in full: identity tokens verified
-(cached), the policy, the internal token, and the audit trail (SQLite, batched, anchored) for personal-data
-routes. The load comes from this process over raw keep-alive connections:
+(cached), the policy, the internal token, and the audit trail (an intent committed before forwarding, the
+outcome after; batched, anchored) on PostgreSQL started for the bench (``--audit-db sqlite`` for SQLite) for
+personal-data routes. The load comes from this process over raw keep-alive connections:
 
 - **max rate**: closed loop, ``--connections`` connections, each sending again as soon as its answer is in;
 - **fixed rate**: open loop at ``--rate`` requests/s spread over the connections; latency is measured from the
@@ -11,7 +12,10 @@ routes. The load comes from this process over raw keep-alive connections:
 
 Routes: ``POST /api/v1/doses`` (institution; audited: a dose is health data) and
 ``GET /api/v1/municipalities/{code}/residents/{id}`` (municipality; an audited read of personal data).
-The load generator shares the machine's cores with the servers: compare the rows of one run.
+The load generator shares the machine's cores with the servers: compare the rows of one run. Each row also
+shows the CPU each process group used while it was measured ("not ours": other jobs on the machine) and the
+gateway's CPU per request, which stays comparable when other jobs take cores; ``--gateway-src DIR`` runs the
+gateway of another checkout (``git archive <rev> | tar -x -C DIR``) to compare two versions on one machine.
 """
 
 from __future__ import annotations
@@ -25,18 +29,23 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import cast
 
 import aiohttp
 import uvloop
 from fastapi import FastAPI, Request, Response
+from sqlalchemy import text
 from yarl import URL
 
+from devtools.bench.core import CpuMeter, children_of
 from devtools.harness import free_port
+from devtools.harness.postgres import PostgresServer
 from devtools.tokens import bearer_headers
 from shared.auth import Role
+from shared.db import Database
 from shared.migrations import SERVICES_DIR, upgrade
 
 MIGRATIONS = SERVICES_DIR / "gateway" / "migrations" / "main"
@@ -76,7 +85,9 @@ def upstream_app() -> FastAPI:
 
 
 @contextlib.contextmanager
-def uvicorn_process(target: str, port: int, env: dict[str, str], *, workers: int = 1) -> Iterator[None]:
+def uvicorn_process(
+    target: str, port: int, env: dict[str, str], *, workers: int = 1, cwd: Path | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     process = subprocess.Popen(
         [
             sys.executable, "-m", "uvicorn", target, "--factory", "--host", "127.0.0.1", "--port", str(port),
@@ -84,10 +95,11 @@ def uvicorn_process(target: str, port: int, env: dict[str, str], *, workers: int
             "--workers", str(workers),
         ],
         env=env,
+        cwd=cwd,
     )  # fmt: skip
     try:
         _wait_healthy(f"http://127.0.0.1:{port}/healthz", process)
-        yield
+        yield process
     finally:
         process.terminate()
         process.wait(timeout=15)
@@ -116,6 +128,8 @@ class Result:
     errors: int
     seconds: float
     latencies: list[float]
+    cpu: dict[str, float] = field(default_factory=dict)  # cores used by each process group while measured
+    audit: dict[str, float] = field(default_factory=dict)  # the gateway's audit counters over the run
 
     @property
     def rate(self) -> float:
@@ -230,17 +244,66 @@ async def _load(target: Target, *, connections: int, seconds: float, warmup: flo
     return result
 
 
-def run_load(target: Target, *, connections: int, seconds: float, rate: float = 0.0) -> Result:
+def run_load(
+    target: Target, *, connections: int, seconds: float, rate: float = 0.0, meter: CpuMeter | None = None
+) -> Result:
     # uvloop, like the servers: the load generator must not be the slowest process.
-    return uvloop.run(_load(target, connections=connections, seconds=seconds, warmup=min(2.0, seconds / 4), rate=rate))
+    warmup = min(2.0, seconds / 4)
+
+    async def measured() -> Result:
+        if meter is None:
+            return await _load(target, connections=connections, seconds=seconds, warmup=warmup, rate=rate)
+        task = asyncio.create_task(_load(target, connections=connections, seconds=seconds, warmup=warmup, rate=rate))
+        await asyncio.sleep(warmup)
+        meter.start()
+        result = await task
+        meter.stop()
+        result.cpu = {**meter.cores, "not ours": meter.others}
+        return result
+
+    return uvloop.run(measured())
+
+
+_AUDIT_METRICS = (
+    "vrs_gateway_audit_entries_total",
+    "vrs_gateway_audit_batch_seconds_count",
+    "vrs_gateway_audit_batch_seconds_sum",
+)
+
+
+def audit_counters(gateway: str) -> dict[str, float]:
+    """The gateway's audit counters from its /metrics (entries, batches, seconds spent storing them)."""
+
+    async def scrape() -> str:
+        async with aiohttp.ClientSession() as session, session.get(gateway + "/metrics") as response:
+            return await response.text()
+
+    found = {}
+    for line in asyncio.run(scrape()).splitlines():
+        name, _, value = line.partition(" ")
+        if name in _AUDIT_METRICS:
+            found[name] = float(value)
+    return found
+
+
+def audited(gateway: str, run: Callable[[], Result]) -> Result:
+    before = audit_counters(gateway)
+    result = run()
+    after = audit_counters(gateway)
+    result.audit = {name: after.get(name, 0.0) - before.get(name, 0.0) for name in _AUDIT_METRICS}
+    return result
 
 
 def audit_entries(dsn: str) -> int:
-    import sqlite3
+    async def count() -> int:
+        database = Database.connect(dsn, pool_size=1)
+        try:
+            async with database.engine.connect() as conn:
+                return int((await conn.execute(text("SELECT count(*) FROM audit_trail"))).scalar_one())
+        finally:
+            await database.engine.dispose()
 
-    with contextlib.closing(sqlite3.connect(dsn.removeprefix("sqlite+aiosqlite:///"))) as db:
-        count: int = db.execute("SELECT count(*) FROM audit_trail").fetchone()[0]
-    return count
+    return asyncio.run(count())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,9 +315,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--rate", type=float, default=1000.0, help="the fixed rate of the latency comparison")
-    parser.add_argument("--transport", default="aiohttp", choices=["aiohttp", "httpx"])
+    parser.add_argument("--transport", default="raw", choices=["raw", "aiohttp", "httpx"])
     parser.add_argument(
         "--gateway-workers", type=int, default=1, help="uvicorn workers of the gateway (each its own audit chain)"
+    )
+    parser.add_argument(
+        "--gateway-src",
+        type=Path,
+        help="run the gateway from this checkout instead (e.g. `git archive main`): before/after on one machine",
+    )
+    parser.add_argument(
+        "--audit-db",
+        default="postgres",
+        choices=["postgres", "sqlite"],
+        help="where the audit trail goes: PostgreSQL (production; a server started for the bench) or SQLite",
     )
     args = parser.parse_args(argv)
 
@@ -266,9 +340,17 @@ def main(argv: list[str] | None = None) -> int:
     read_headers = bearer_headers(Role.MUNICIPALITY, municipality="131016")
     upstream_port, gateway_port = free_port(), free_port()
     rows: list[tuple[str, Result]] = []
-    with tempfile.TemporaryDirectory(prefix="vrs-gateway-bench-") as var:
+    with tempfile.TemporaryDirectory(prefix="vrs-gateway-bench-") as var, contextlib.ExitStack() as cleanup:
         env = {**os.environ, "VRS_VAR_DIR": var, "VRS_ENVIRONMENT": "development"}
-        dsn = f"sqlite+aiosqlite:///{var}/gateway.db"
+        pg: PostgresServer | None = None
+        if args.audit_db == "postgres":
+            pg = PostgresServer(Path(var) / "postgres", free_port())
+            pg.start()
+            cleanup.callback(pg.stop)
+            pg.create_database("gateway")
+            dsn = pg.dsn("gateway")
+        else:
+            dsn = f"sqlite+aiosqlite:///{var}/gateway.db"
         upgrade(dsn, MIGRATIONS)
         upstream = f"http://127.0.0.1:{upstream_port}"
         gateway = f"http://127.0.0.1:{gateway_port}"
@@ -283,40 +365,79 @@ def main(argv: list[str] | None = None) -> int:
             # The bench is one caller at full speed: its own rate limit must not be what is measured.
             "VRS_GATEWAY_RATE_PER_PRINCIPAL": "1000000",
             "VRS_GATEWAY_BURST_PER_PRINCIPAL": "1000000",
+            **({"PYTHONPATH": str(args.gateway_src)} if args.gateway_src else {}),
         }
         direct_dose = Target("POST", upstream + DOSE_PATH, dose_headers, 201, BODY)
         gateway_dose = Target("POST", gateway + DOSE_PATH, dose_headers, 201, BODY)
         direct_read = Target("GET", upstream + READ_PATH, read_headers, 200)
         gateway_read = Target("GET", gateway + READ_PATH, read_headers, 200)
-        load = {"connections": args.connections, "seconds": args.seconds}
         with (
-            uvicorn_process("devtools.bench.gateway:upstream_app", upstream_port, env),
-            uvicorn_process("services.gateway.app:create_app", gateway_port, gateway_env, workers=args.gateway_workers),
+            uvicorn_process("devtools.bench.gateway:upstream_app", upstream_port, env) as upstream_proc,
+            uvicorn_process(
+                "services.gateway.app:create_app",
+                gateway_port,
+                gateway_env,
+                workers=args.gateway_workers,
+                cwd=args.gateway_src,
+            ) as gateway_proc,
         ):
+            meter = CpuMeter(
+                {
+                    "gateway": lambda: [gateway_proc.pid, *children_of(gateway_proc.pid)],
+                    "upstream": lambda: [upstream_proc.pid],
+                    "load": lambda: [os.getpid()],
+                    "postgres": lambda: [] if pg is None or pg.pid is None else [pg.pid, *children_of(pg.pid)],
+                }
+            )
+            load = {"connections": args.connections, "seconds": args.seconds, "meter": meter}
             before = audit_entries(dsn)
             rows.append(("dose, direct, max", run_load(direct_dose, **load)))
-            rows.append(("dose, gateway, max", run_load(gateway_dose, **load)))
+            rows.append(("dose, gateway, max", audited(gateway, lambda: run_load(gateway_dose, **load))))
             rows.append(("read, direct, max", run_load(direct_read, **load)))
-            rows.append(("read, gateway, max", run_load(gateway_read, **load)))
+            rows.append(("read, gateway, max", audited(gateway, lambda: run_load(gateway_read, **load))))
             # Not personal data: the same pipeline without the audit trail, to show what the audit costs.
             stats = Target("GET", gateway + STATS_PATH, read_headers, 200)
             rows.append(("stats, gateway, max", run_load(stats, **load)))
             fixed = {"connections": max(8, args.connections // 2), "seconds": args.seconds, "rate": args.rate}
+            fixed["meter"] = meter
             rows.append((f"dose, direct, {args.rate:.0f}/s", run_load(direct_dose, **fixed)))
-            rows.append((f"dose, gateway, {args.rate:.0f}/s", run_load(gateway_dose, **fixed)))
+            rows.append(
+                (f"dose, gateway, {args.rate:.0f}/s", audited(gateway, lambda: run_load(gateway_dose, **fixed)))
+            )
             rows.append((f"read, direct, {args.rate:.0f}/s", run_load(direct_read, **fixed)))
-            rows.append((f"read, gateway, {args.rate:.0f}/s", run_load(gateway_read, **fixed)))
-            audited = audit_entries(dsn) - before
+            rows.append(
+                (f"read, gateway, {args.rate:.0f}/s", audited(gateway, lambda: run_load(gateway_read, **fixed)))
+            )
+            audited_entries = audit_entries(dsn) - before
 
     load1, load5, _ = os.getloadavg()
-    print(f"gateway workers: {args.gateway_workers}; load average while measuring {load1:.1f} / {load5:.1f}")
-    print(f"{'load':<26}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
+    print(
+        f"gateway workers: {args.gateway_workers}; audit trail on {args.audit_db}; "
+        f"load average while measuring {load1:.1f} / {load5:.1f}"
+    )
+    print(
+        f"{'load':<26}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'errors':>7}  "
+        f"{'CPU (cores): gateway upstream load postgres not-ours':<54}{'gateway µs/req':>15}"
+    )
     for name, r in rows:
-        print(f"{name:<26}{r.rate:>10.0f}{r.percentile(0.5):>9.2f}{r.percentile(0.99):>9.2f}{r.errors:>8}")
+        cpu = " ".join(f"{r.cpu.get(g, 0.0):.2f}" for g in ("gateway", "upstream", "load", "postgres", "not ours"))
+        per_request = r.cpu.get("gateway", 0.0) * r.seconds / max(1, r.requests) * 1e6 if "gateway," in name else 0
+        print(
+            f"{name:<26}{r.rate:>8.0f}{r.percentile(0.5):>9.2f}{r.percentile(0.99):>9.2f}{r.errors:>7}  "
+            f"{cpu:<54}{per_request:>15.0f}"
+        )
     by = dict(rows)
     share = by["dose, gateway, max"].rate / by["dose, direct, max"].rate
     fixed_rows = [(k.split(",")[0], by[f"{k.split(',')[0]}, gateway, {args.rate:.0f}/s"]) for k in ("dose,", "read,")]
-    print(f"audit entries written during the run: {audited:,} (every gateway request above is audited)")
+    print(f"audit entries written during the run: {audited_entries:,} (an intent and an outcome per dose or read)")
+    for name, r in rows:
+        if r.audit.get("vrs_gateway_audit_batch_seconds_count"):
+            batches = r.audit["vrs_gateway_audit_batch_seconds_count"]
+            print(
+                f"  audit writer, {name}: {r.audit['vrs_gateway_audit_entries_total'] / batches:.1f} entries a batch, "
+                f"{r.audit['vrs_gateway_audit_batch_seconds_sum'] / batches * 1000:.2f} ms to store one "
+                f"(write + commit), {batches:,.0f} batches"
+            )
     print(f"dose route, gateway max / direct max: {share:.0%} (target >= 70%)")
     for route, _ in fixed_rows:
         g, d = by[f"{route}, gateway, {args.rate:.0f}/s"], by[f"{route}, direct, {args.rate:.0f}/s"]

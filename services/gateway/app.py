@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import cast
 
 from fastapi import FastAPI
+from starlette.types import Receive, Scope, Send
 
-from services.gateway.audit import AuditTrail, FileAnchorStore
+from services.gateway.audit import AuditChains, AuditTrail, FileAnchorStore
 from services.gateway.limits import RateLimiter
 from services.gateway.openapi import build_openapi
 from services.gateway.policy import TABLE, Upstream
 from services.gateway.proxy import create_transport
-from services.gateway.router import audit_reader, router
+from services.gateway.router import FastPath, audit_reader, router
 from services.gateway.service import Gateway, Limits
 from services.gateway.settings import GatewaySettings
 from services.gateway.tokens import IdentityVerifier, InternalTokenIssuer, JwksSource
@@ -57,6 +59,19 @@ def internal_issuer(settings: GatewaySettings) -> InternalTokenIssuer:
     return issuer
 
 
+class GatewayApp(FastAPI):
+    """The app ``build_app`` made, entered through :class:`~services.gateway.router.FastPath` first."""
+
+    fast_path: FastPath
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.fast_path.serves(scope):
+            scope["app"] = self
+            await self.fast_path(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
     issuer = internal_issuer(settings)  # checked before anything starts
@@ -81,12 +96,19 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         app.state.identity_verifier = verifier
         app.state.databases = Databases.connect(settings.main_dsn, pool_size=settings.pool_size)
         app.state.transport = create_transport(settings)
-        app.state.audit = AuditTrail(
-            app.state.databases,
-            key=settings.audit_key.encode(),
-            instance=settings.instance_id,
-            anchors=FileAnchorStore(settings.audit_anchor_dir),
-            batch_max=settings.audit_batch_max,
+        anchors = FileAnchorStore(settings.audit_anchor_dir)
+        app.state.audit = AuditChains(
+            [
+                AuditTrail(
+                    app.state.databases,
+                    key=settings.audit_key.encode(),
+                    instance=name,
+                    anchors=anchors,
+                    batch_max=settings.audit_batch_max,
+                    timeout=settings.audit_timeout_seconds,
+                )
+                for name in AuditChains.names(settings.instance_id, settings.audit_chains)
+            ]
         )
         try:
             await app.state.audit.start()
@@ -127,4 +149,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     )
     contract = build_openapi(TABLE)
     app.openapi = lambda: contract  # type: ignore[method-assign]
+    # Everything but the gateway's own paths (health, metrics, docs, JWKS) skips FastAPI altogether.
+    routes = [*app.routes, *router.routes]  # the included router's routes are not listed in app.routes
+    own_paths = frozenset(path for route in routes if "{" not in (path := str(getattr(route, "path", "{}"))))
+    app.__class__ = GatewayApp
+    cast(GatewayApp, app).fast_path = FastPath(own_paths=own_paths)
     return app

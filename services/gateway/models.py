@@ -45,7 +45,9 @@ class AuditEntry(MainBase):
     resource: Mapped[str] = mapped_column(Text)  # the path with its ids, My Numbers masked
     # on what grounds: one of services.gateway.audit.LegalBasis
     legal_basis: Mapped[str] = mapped_column(String(32))
-    # how it ended: the HTTP status the caller got
-    outcome: Mapped[int] = mapped_column(Integer)
+    # how it ended: the HTTP status the caller got. NULL in an *intent* entry, written before the request is
+    # forwarded; its *outcome* entry follows later in the same chain and names it by ``intent_seq``.
+    outcome: Mapped[int | None] = mapped_column(Integer)
+    intent_seq: Mapped[int | None] = mapped_column(BigInteger().with_variant(Integer, "sqlite"))
     prev_mac: Mapped[str] = mapped_column(String(64))
     mac: Mapped[str] = mapped_column(String(64))

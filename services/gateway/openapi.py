@@ -118,7 +118,9 @@ _AUDIT_ENTRY = {
             ("action", "string", False),
             ("resource", "string", False),
             ("legal_basis", "string", False),
-            ("outcome", "integer", False),
+            # null in an intent (written before the request was forwarded); its outcome entry names it.
+            ("outcome", "integer", True),
+            ("intent_seq", "integer", True),
         )
     },
 }

@@ -1,8 +1,11 @@
-"""The proxy transport: one small interface, two implementations.
+"""The proxy transport: one small interface, three implementations.
 
-:class:`AiohttpTransport` is the default: as the gateway's client it carries five to six times httpx's rate
-(httpx's pool is the bottleneck under concurrency; PERFORMANCE.md, and ``python -m devtools.bench.gateway``
-on this code). :class:`HttpxTransport` stays for comparison (``VRS_GATEWAY_PROXY_TRANSPORT=httpx``).
+:class:`RawTransport` is the default: HTTP/1.1 keep-alive connections of its own, parsed with httptools (the
+parser uvicorn serves with), and nothing else — the upstreams are our own services on a private network,
+and the gateway needs no redirects, cookies, proxies, compression or multipart. aiohttp's client machinery
+was a fifth of the gateway's CPU under load (py-spy); :class:`AiohttpTransport`
+(``VRS_GATEWAY_PROXY_TRANSPORT=aiohttp``) carried five to six times httpx's rate, and
+:class:`HttpxTransport` stays for comparison (PERFORMANCE.md, ``python -m devtools.bench gateway``).
 
 Both send exactly what they are given — no default ``User-Agent``, ``Accept`` or ``Accept-Encoding``, no
 cookies kept between requests (a cookie jar in a shared proxy client would hand one caller's cookies to
@@ -11,10 +14,15 @@ the next) — and give back the body bytes as they came, never decompressed or r
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import ssl
+import time
 from collections.abc import Mapping
 from typing import NamedTuple, Protocol
 
 import aiohttp
+import httptools
 import httpx
 from yarl import URL
 
@@ -159,10 +167,180 @@ class HttpxTransport:
         await self._transport.aclose()
 
 
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection to an upstream: one exchange at a time, the answer parsed by httptools."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self._parser = httptools.HttpResponseParser(self)
+        self._waiter: asyncio.Future[UpstreamResponse] | None = None
+        self._headers: RawHeaders = []
+        self._body: list[bytes] = []
+        self._head = False
+
+    # -- asyncio.Protocol --
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transports quack alike
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError:
+            self._fail(UpstreamUnreachable("malformed response"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._fail(UpstreamUnreachable("connection closed before the response was complete"))
+
+    # -- httptools callbacks --
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        if self._head:
+            # An answer to HEAD has no body whatever its Content-Length says; the parser cannot be told so,
+            # so the answer ends here and the connection is not reused.
+            self._body = []
+            self.on_message_complete()
+            self.close()
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is None or waiter.done():
+            self.close()  # an answer nobody asked for: the connection is out of step
+            return
+        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        waiter.set_result(UpstreamResponse(self._parser.get_status_code(), self._headers, body))
+        if not self._parser.should_keep_alive():
+            self.close()
+
+    def _fail(self, error: Exception) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+        self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    async def exchange(self, request: bytes, *, head: bool = False) -> UpstreamResponse:
+        assert self.transport is not None and self._waiter is None
+        self._headers, self._body, self._head = [], [], head
+        self._waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(request)
+        return await self._waiter
+
+
+class RawTransport:
+    """Pools of :class:`_Connection` per upstream (``pool_size`` each), idle ones closed after ``keepalive``.
+
+    A connection that times out or fails mid-exchange is closed, never reused. No request is retried: a POST
+    the upstream may have acted on must not be sent twice.
+    """
+
+    def __init__(
+        self, *, pool_size: int, upstreams: int = 3, connect_timeout: float, timeout: float, keepalive: float
+    ) -> None:
+        self._pool_size = pool_size
+        self._connect_timeout = connect_timeout
+        self._timeout = timeout
+        self._keepalive = keepalive
+        self._idle: dict[str, collections.deque[_Connection]] = {}
+        self._slots: dict[str, asyncio.Semaphore] = {}
+        self._origins: dict[str, tuple[str, int, bool, bytes]] = {}
+        self._open: set[_Connection] = set()
+        self._ssl: ssl.SSLContext | None = None
+
+    def _origin(self, origin: str) -> tuple[str, int, bool, bytes]:
+        parsed = self._origins.get(origin)
+        if parsed is None:
+            scheme, _, hostport = origin.partition("://")
+            host, _, port = hostport.rpartition(":") if hostport.rsplit(":", 1)[-1].isdigit() else (hostport, "", "")
+            tls = scheme == "https"
+            parsed = (host, int(port) if port else (443 if tls else 80), tls, hostport.encode())
+            self._origins[origin] = parsed
+        return parsed
+
+    async def _acquire(self, origin: str) -> _Connection:
+        idle = self._idle.setdefault(origin, collections.deque())
+        now = time.monotonic()
+        while idle:
+            conn = idle.pop()
+            if not conn.closed and now - conn.idle_since < self._keepalive:
+                return conn
+            conn.close()
+            self._open.discard(conn)
+        host, port, tls, _ = self._origin(origin)
+        if tls and self._ssl is None:
+            self._ssl = ssl.create_default_context()
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                _, conn = await asyncio.get_running_loop().create_connection(
+                    _Connection, host, port, ssl=self._ssl if tls else None
+                )
+        except TimeoutError:
+            raise UpstreamUnreachable("connect timeout") from None
+        except OSError as exc:
+            raise UpstreamUnreachable(f"{type(exc).__name__}: {exc}") from None
+        self._open.add(conn)
+        return conn
+
+    async def send(self, method: str, url: str, headers: Mapping[str, str], body: bytes) -> UpstreamResponse:
+        at = url.find("/", url.find("://") + 3)
+        origin, target = (url[:at], url[at:]) if at > 0 else (url, "/")
+        host_header = self._origin(origin)[3]
+        lines = [f"{method} {target} HTTP/1.1\r\n".encode("latin-1"), b"Host: ", host_header, b"\r\n"]
+        for name, value in headers.items():
+            if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
+                raise ValueError(f"header {name!r} holds a line break")
+            lines.append(f"{name}: ".encode("latin-1") + value.encode() + b"\r\n")
+        if body or method in ("POST", "PUT", "PATCH"):
+            lines.append(b"Content-Length: %d\r\n" % len(body))
+        lines.append(b"\r\n")
+        request = b"".join(lines) + body
+        slots = self._slots.get(origin)
+        if slots is None:
+            slots = self._slots[origin] = asyncio.Semaphore(self._pool_size)
+        async with slots:
+            conn = await self._acquire(origin)
+            try:
+                async with asyncio.timeout(self._timeout):
+                    response = await conn.exchange(request, head=method == "HEAD")
+            except TimeoutError:
+                conn.close()
+                self._open.discard(conn)
+                raise UpstreamTimeout("TimeoutError") from None
+            except BaseException:
+                conn.close()
+                self._open.discard(conn)
+                raise
+            if conn.closed:
+                self._open.discard(conn)
+            else:
+                conn.idle_since = time.monotonic()
+                self._idle[origin].append(conn)
+            return response
+
+    async def close(self) -> None:
+        for conn in self._open:
+            conn.close()
+        self._open.clear()
+        self._idle.clear()
+
+
 def create_transport(settings: GatewaySettings) -> Transport:
-    cls: type[AiohttpTransport | HttpxTransport] = (
-        HttpxTransport if settings.proxy_transport == "httpx" else AiohttpTransport
-    )
+    cls: type[RawTransport | AiohttpTransport | HttpxTransport] = RawTransport
+    if settings.proxy_transport == "aiohttp":
+        cls = AiohttpTransport
+    elif settings.proxy_transport == "httpx":
+        cls = HttpxTransport
     return cls(
         pool_size=settings.proxy_pool_size,
         connect_timeout=settings.proxy_connect_timeout_seconds,

@@ -12,6 +12,27 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from services.gateway.models import AuditEntry
 
 _TABLE: Table = AuditEntry.__table__  # type: ignore[assignment]
+_COLUMNS = [c.name for c in _TABLE.columns]
+
+
+# One statement and one round trip for a whole batch on PostgreSQL, committed by itself (autocommit): under load
+# each extra round trip (BEGIN, COPY's column look-up, COMMIT) waits for the server to be scheduled.
+_ARRAY_TYPES = {
+    "seq": "bigint[]",
+    "recorded_at": "timestamptz[]",
+    "outcome": "int[]",
+    "intent_seq": "bigint[]",
+}
+_BATCH_INSERT = (
+    f"INSERT INTO {_TABLE.name} ({', '.join(_COLUMNS)}) SELECT * FROM unnest("
+    + ", ".join(f"${n}::{_ARRAY_TYPES.get(c, 'text[]')}" for n, c in enumerate(_COLUMNS, 1))
+    + ")"
+)
+
+
+async def insert_batch_autocommit(driver_connection: Any, rows: list[dict[str, Any]]) -> None:
+    """Store ``rows`` in one autocommitted statement on an asyncpg connection outside any transaction."""
+    await driver_connection.execute(_BATCH_INSERT, *([r[c] for r in rows] for c in _COLUMNS))
 
 
 class AuditRepository:
@@ -33,6 +54,7 @@ class AuditRepository:
         return (await self.session.execute(stmt)).mappings().first()
 
     async def add_many(self, rows: list[dict[str, Any]]) -> None:
+        """SQLite's way (executemany); PostgreSQL's is :func:`insert_batch_autocommit`."""
         await self.session.execute(insert(_TABLE), rows)
 
     async def instances(self) -> list[str]:

@@ -6,9 +6,16 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from services.gateway.audit import DEFAULT_LEGAL_BASIS, AuditFacts, AuditTrail, LegalBasis, legal_basis
+from services.gateway.audit import (
+    DEFAULT_LEGAL_BASIS,
+    AuditChains,
+    AuditFacts,
+    AuditUnavailable,
+    LegalBasis,
+    legal_basis,
+)
 from services.gateway.limits import RateLimiter, json_depth_exceeds
 from services.gateway.policy import TABLE, Body, Match, PolicyTable, Upstream, authorize, no_such_endpoint
 from services.gateway.proxy import (
@@ -82,7 +89,7 @@ class Gateway:
         transport: Transport,
         tokens: IdentityVerifier,
         internal_tokens: InternalTokenIssuer,
-        audit: AuditTrail,
+        audit: AuditChains,
         limits: Limits,
         local: Mapping[str, LocalHandler] | None = None,
         table: PolicyTable = TABLE,
@@ -125,12 +132,13 @@ class Gateway:
         except VRSError as err:
             # A known caller's refused attempt on personal data is worth a record too; it carries no data,
             # so a failing audit trail does not change the answer.
+            # Nobody waits for it: the writer keeps it until it is stored.
             if rule.reads_personal_data and principal.role is not Role.ANONYMOUS:
                 try:
-                    facts = _facts(inbound, match, principal, DEFAULT_LEGAL_BASIS, err.status_code)
-                    await self._audit.append(facts)
-                except Exception as exc:
-                    log.error("audit entry for a refused request not written: %s", type(exc).__name__)
+                    refused = _facts(inbound, match, principal, DEFAULT_LEGAL_BASIS, err.status_code)
+                    self._audit.pick().record(refused)
+                except AuditUnavailable as exc:
+                    log.error("audit entry for a refused request not written: %s", exc)
             return error_outcome(match, err)
         try:
             body = await read_body(self._body_limit(rule.body))
@@ -149,6 +157,17 @@ class Gateway:
         headers = dict(inbound.headers)
         # The caller's token stays here: the service gets the gateway's word for who is calling.
         headers["authorization"] = self._internal.authorization(principal)
+        intent: AuditFacts | None = None
+        chain = self._audit.pick() if rule.reads_personal_data else None
+        if chain is not None:
+            # Recorded before the service acts: if the trail cannot take the entry, the request is refused
+            # here and never forwarded, so nothing happens that the trail does not show.
+            intent = _facts(inbound, match, principal, basis, None)
+            try:
+                intent_seq = await chain.append(intent)
+            except AuditUnavailable as exc:
+                log.error("audit intent not written, request refused before forwarding: %s", exc)
+                return error_outcome(match, ServiceUnavailable("the audit trail is unavailable; retry"))
         try:
             answer = await self._transport.send(inbound.method, url, headers, body)
         except UpstreamUnreachable as exc:
@@ -160,13 +179,13 @@ class Gateway:
         else:
             outcome = Outcome(match, answer.status, returned_headers(answer.headers), answer.body)
 
-        if rule.reads_personal_data:
-            # Stored before the answer leaves: personal data is never delivered without its record.
+        if chain is not None and intent is not None:
+            # The service has acted (or failed): its answer goes out whatever happens to the audit database
+            # now — the writer retries the outcome entry until it is stored, nobody waits for it.
             try:
-                await self._audit.append(_facts(inbound, match, principal, basis, outcome.status))
-            except Exception as exc:
-                log.error("audit entry not written, answer withheld: %s", type(exc).__name__)
-                return error_outcome(match, ServiceUnavailable("the audit trail is unavailable; retry"))
+                chain.record(replace(intent, outcome=outcome.status, intent_seq=intent_seq))
+            except AuditUnavailable as exc:
+                log.error("audit outcome of intent %d not written: %s", intent_seq, exc)
         return outcome
 
     @staticmethod
@@ -208,7 +227,7 @@ class Gateway:
             raise NotReady("; ".join(problems))
 
 
-def _facts(inbound: Inbound, match: Match, principal: Principal, basis: LegalBasis, outcome: int) -> AuditFacts:
+def _facts(inbound: Inbound, match: Match, principal: Principal, basis: LegalBasis, outcome: int | None) -> AuditFacts:
     return AuditFacts(
         request_id=inbound.headers["x-request-id"],
         principal=principal.subject,

@@ -51,11 +51,18 @@ class GatewaySettings(ServiceSettings):
     # One chain per gateway process: the host (the pod's name in Kubernetes) and the process id, so that
     # replicas and uvicorn workers never share a chain. A restart starts a new chain; old ones stay verifiable.
     instance_id: str = Field(
-        default_factory=lambda: f"{socket.gethostname()[:50]}-{os.getpid()}", pattern=r"^[A-Za-z0-9._-]{1,64}$"
+        default_factory=lambda: f"{socket.gethostname()[:50]}-{os.getpid()}", pattern=r"^[A-Za-z0-9._-]{1,61}$"
     )
+    # Chains written side by side by this process (<instance_id>, <instance_id>.1, ...): one chain's rate is
+    # bounded by its commit latency, and commits of several chains share PostgreSQL's WAL flush. More than one
+    # pays when commits wait on the disk, not the CPU; on the 2-core bench machine 4 chains made batches 5x
+    # smaller and the gateway's CPU per request 1.7x higher for no gain in rate, hence 1.
+    audit_chains: int = Field(default=1, ge=1, le=99)
     # Where each chain's head is anchored after every batch: outside the database (see audit.py).
     audit_anchor_dir: Path = Field(default_factory=lambda: var_dir() / "gateway" / "audit-anchors")
     audit_batch_max: int = Field(default=1000, ge=1)
+    # How long a request waits for its intent entry before it is refused (503) without being forwarded.
+    audit_timeout_seconds: float = Field(default=5.0, gt=0)
 
     # --- limits ---
     # Token buckets: per principal (authenticated) and per client address (anonymous).
@@ -69,8 +76,8 @@ class GatewaySettings(ServiceSettings):
     # JSON nested deeper than this is refused before it reaches a service.
     max_json_depth: int = Field(default=32, ge=2)
 
-    # aiohttp carries five to six times httpx's rate as the proxy's client (devtools/bench/gateway.py).
-    proxy_transport: Literal["aiohttp", "httpx"] = "aiohttp"
+    # raw: the gateway's own HTTP/1.1 client (services/gateway/proxy.py); aiohttp and httpx for comparison.
+    proxy_transport: Literal["raw", "aiohttp", "httpx"] = "raw"
     proxy_pool_size: int = Field(default=100, ge=1)
     proxy_connect_timeout_seconds: float = Field(default=2.0, gt=0)
     proxy_timeout_seconds: float = Field(default=30.0, gt=0)

@@ -39,7 +39,7 @@ async def gateway_dsn(tmp_path_factory: pytest.TempPathFactory) -> str:
     return dsn
 
 
-@pytest.fixture(scope="session", params=["aiohttp", "httpx"])
+@pytest.fixture(scope="session", params=["raw", "aiohttp", "httpx"])
 async def gateway(
     request: pytest.FixtureRequest,
     upstreams: dict[str, FakeUpstream],
@@ -70,6 +70,8 @@ def gateway_settings(gateway_dsn: str, tmp_path: Path) -> Callable[..., GatewayS
             "main_dsn": gateway_dsn,
             "instance_id": f"gw-{uuid.uuid4().hex[:12]}",
             "audit_anchor_dir": tmp_path / "anchors",
+            # One chain (the default), so that a test reads its entries in order; several: test_gateway_audit.py.
+            "audit_chains": 1,
             **overrides,
         }
         return GatewaySettings(**fields)

@@ -11,7 +11,7 @@ import base64
 import contextlib
 import gzip
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import uvicorn
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from services.gateway.app import create_app
 from services.gateway.settings import GatewaySettings
@@ -50,6 +50,8 @@ class FakeUpstream:
     name: str
     seen: list[Seen] = field(default_factory=list)
     url: str = ""
+    # Runs after a request is seen and before it is answered: a fault injected "while the service acts".
+    while_acting: Callable[[Seen], Awaitable[None]] | None = None
 
 
 def fake_app(upstream: FakeUpstream) -> FastAPI:
@@ -72,6 +74,8 @@ def fake_app(upstream: FakeUpstream) -> FastAPI:
             body=await request.body(),
         )
         upstream.seen.append(seen)
+        if upstream.while_acting is not None:
+            await upstream.while_acting(seen)
         if delay := request.query_params.get("fake_sleep"):
             await asyncio.sleep(float(delay))
         parts = path.split("/")
@@ -83,6 +87,10 @@ def fake_app(upstream: FakeUpstream) -> FastAPI:
             return error_response(resident_not_found())
         if path == "api/v1/opendata/summary_by_date.csv":
             return Response(CSV, media_type="text/csv; charset=utf-8")
+        if request.query_params.get("fake_stream"):
+            # No Content-Length: sent chunked, as stats streams its cuts.
+            rows = (f'{{"n":{n}}}\n'.encode() for n in range(int(request.query_params["fake_stream"])))
+            return StreamingResponse(rows, media_type="application/x-ndjson")
         if request.query_params.get("fake_gzip"):
             return Response(
                 gzip.compress(b'{"rows":[]}'), headers={"content-encoding": "gzip"}, media_type="application/json"

@@ -16,6 +16,7 @@ from sqlalchemy import Table, delete, select, text, update
 from services.gateway import cli as gateway_cli
 from services.gateway.audit import (
     GENESIS_MAC,
+    Anchor,
     AuditChainBroken,
     AuditFacts,
     AuditTrail,
@@ -69,16 +70,27 @@ async def test_personal_data_accesses_are_audited_with_who_what_why_and_no_my_nu
         )
         dose = await client.post("/api/v1/doses", json={}, headers=token(Role.INSTITUTION, institution=CLINIC))
         assert [r.status_code for r in (read, lookup, odd, stranger, dose)] == [200, 404, 404, 404, 200]
+        await app.state.audit.flush(timeout=5)
         entries = await rows(app.state.databases.main, settings.instance_id)
 
-    assert [(e.seq, e.action, e.outcome) for e in entries] == [
-        (1, f"GET {M}/{{code}}/residents/{{resident_id}}", 200),
-        (2, f"POST {M}/{{code}}/transfer-lookups", 404),
-        (3, f"GET {M}/{{code}}/residents/{{resident_id}}", 404),
-        (4, f"GET {M}/{{code}}/residents/{{resident_id}}", 404),  # refused by the gateway, recorded all the same
-        (5, "POST /api/v1/doses", 200),
+    read_action, lookup_action = f"GET {M}/{{code}}/residents/{{resident_id}}", f"POST {M}/{{code}}/transfer-lookups"
+    # An intent (outcome None) before each forwarded request, its outcome after; a refusal is one entry.
+    assert [(e.seq, e.action, e.outcome, e.intent_seq) for e in entries] == [
+        (1, read_action, None, None),
+        (2, read_action, 200, 1),
+        (3, lookup_action, None, None),
+        (4, lookup_action, 404, 3),
+        (5, read_action, None, None),
+        (6, read_action, 404, 5),
+        (7, read_action, 404, None),  # refused by the gateway, recorded all the same
+        (8, "POST /api/v1/doses", None, None),
+        (9, "POST /api/v1/doses", 200, 8),
     ]
-    first, second, third, fourth, fifth = entries
+    first, _, second, _, third, _, fourth, fifth, _ = entries
+    for intent, outcome in zip(entries[0:6:2], entries[1:6:2], strict=True):
+        assert {c: getattr(intent, c) for c in ("request_id", "principal", "resource", "legal_basis")} == {
+            c: getattr(outcome, c) for c in ("request_id", "principal", "resource", "legal_basis")
+        }
     assert (first.principal, first.role, first.caller_municipality, first.municipality) == (
         CHIYODA,
         "municipality",
@@ -142,7 +154,7 @@ async def test_other_requests_and_unauthenticated_attempts_leave_no_entry(
         assert await rows(app.state.databases.main, settings.instance_id) == []
 
 
-async def test_an_answer_is_withheld_when_its_audit_entry_cannot_be_written(
+async def test_a_request_whose_intent_cannot_be_written_is_refused_before_it_is_forwarded(
     gateway_settings: Settings, upstreams: dict[str, FakeUpstream], token: Token, tmp_path: Path
 ) -> None:
     dsn = f"sqlite+aiosqlite:///{tmp_path / 'doomed.db'}"
@@ -151,11 +163,13 @@ async def test_an_answer_is_withheld_when_its_audit_entry_cannot_be_written(
     async with running_gateway(settings) as (app, client):
         async with app.state.databases.main.sessionmaker() as session, session.begin():
             await session.execute(text("DROP TABLE audit_trail"))
+        before = len(upstreams["registry"].seen)
         response = await client.get(
             f"{M}/{CHIYODA}/residents/{KNOWN_RESIDENT}", headers=token(Role.MUNICIPALITY, municipality=CHIYODA)
         )
         assert response.status_code == 503
         assert response.json() == {"error": "ServiceUnavailable", "detail": "the audit trail is unavailable; retry"}
+        assert len(upstreams["registry"].seen) == before  # the service never saw it
         # Refusals carry no data: they are answered even so.
         refused = await client.get(
             f"{M}/{CHIYODA}/residents/{KNOWN_RESIDENT}", headers=token(Role.MUNICIPALITY, municipality=SAPPORO)
@@ -169,17 +183,19 @@ async def test_a_municipality_reads_its_own_entries_and_no_one_elses(
     settings = gateway_settings(registry_url=upstreams["registry"].url)
     chiyoda = token(Role.MUNICIPALITY, municipality=CHIYODA)
     sapporo = token(Role.MUNICIPALITY, municipality=SAPPORO)
-    async with running_gateway(settings) as (_, client):
+    async with running_gateway(settings) as (app, client):
         await client.get(f"{M}/{CHIYODA}/residents/{KNOWN_RESIDENT}", headers=chiyoda)
         await client.get(f"{M}/{SAPPORO}/residents/r-elsewhere", headers=sapporo)
         await client.get(f"{M}/{CHIYODA}/residents/{KNOWN_RESIDENT}", headers=sapporo)  # an attempt on Chiyoda
+        await app.state.audit.flush(timeout=5)
 
         own = await client.get(f"{M}/{CHIYODA}/audit", headers=chiyoda)
         assert own.status_code == 200
         entries = [e for e in own.json()["entries"] if e["instance"] == settings.instance_id]
-        assert [(e["principal"], e["municipality"], e["outcome"]) for e in entries] == [
-            (CHIYODA, CHIYODA, 200),
-            (SAPPORO, CHIYODA, 404),
+        assert [(e["principal"], e["municipality"], e["outcome"], e["intent_seq"]) for e in entries] == [
+            (CHIYODA, CHIYODA, None, None),  # the intent, before the request was forwarded
+            (CHIYODA, CHIYODA, 200, 1),
+            (SAPPORO, CHIYODA, 404, None),  # refused at the gateway: one entry
         ]
         assert set(entries[0]) >= {"principal", "role", "action", "resource", "legal_basis", "recorded_at", "outcome"}
         assert "mac" not in entries[0]
@@ -190,7 +206,7 @@ async def test_a_municipality_reads_its_own_entries_and_no_one_elses(
         assert future.json() == {"entries": [], "truncated": False}
         today = entries[0]["recorded_at"][:10]
         window = await client.get(f"{M}/{CHIYODA}/audit?from={today}&to={today}", headers=chiyoda)
-        assert len([e for e in window.json()["entries"] if e["instance"] == settings.instance_id]) == 2
+        assert len([e for e in window.json()["entries"] if e["instance"] == settings.instance_id]) == 3
         bad = await client.get(f"{M}/{CHIYODA}/audit?from=yesterday", headers=chiyoda)
         assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "from"
 
@@ -354,3 +370,64 @@ async def test_vrs_audit_verify(
     await execute(audit_dbs, delete(TABLE).where(TABLE.c.seq == 3))
     assert await gateway_cli.verify_configured() == 1
     assert "BROKEN: chain gw-a: truncated" in capsys.readouterr().out
+
+
+class _AnchorFailsOnce(FileAnchorStore):
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.failures = 1
+
+    async def write(self, instance: str, anchor: Anchor) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise OSError("anchor volume unavailable")
+        await super().write(instance, anchor)
+
+
+async def test_entries_nobody_waits_for_are_retried_and_never_stored_twice(
+    audit_dbs: Databases, tmp_path: Path
+) -> None:
+    """A batch committed but reported failed (here: its anchor write failed) is recognised by the head it left."""
+    anchors = _AnchorFailsOnce(tmp_path / "anchors")
+    async with trail(audit_dbs, anchors) as writer:
+        for n in range(3):
+            writer.record(facts(n))
+        await writer.flush(timeout=5)
+        assert anchors.failures == 0
+        await writer.append(facts(3))
+    assert [(e.seq, e.request_id) for e in await rows(audit_dbs.main, "gw-a")] == [
+        (1, "req-0"),
+        (2, "req-1"),
+        (3, "req-2"),
+        (4, "req-3"),
+    ]
+    assert await problems_of(audit_dbs, anchors) == []
+
+
+async def test_several_chains_per_process_share_the_load_and_keep_each_intent_with_its_outcome(
+    gateway_settings: Settings, upstreams: dict[str, FakeUpstream], token: Token
+) -> None:
+    settings = gateway_settings(registry_url=upstreams["registry"].url, audit_chains=3)
+    chiyoda = token(Role.MUNICIPALITY, municipality=CHIYODA)
+    async with running_gateway(settings) as (app, client):
+        answers = await asyncio.gather(
+            *(client.get(f"{M}/{CHIYODA}/residents/{KNOWN_RESIDENT}", headers=chiyoda) for _ in range(60))
+        )
+        assert {r.status_code for r in answers} == {200}
+        await app.state.audit.flush(timeout=5)
+        names = [settings.instance_id, f"{settings.instance_id}.1", f"{settings.instance_id}.2"]
+        chains = {name: await rows(app.state.databases.main, name) for name in names}
+    assert all(chains.values())  # every chain took some of the load
+    assert sum(len(entries) for entries in chains.values()) == 120
+    for entries in chains.values():
+        assert [e.seq for e in entries] == list(range(1, len(entries) + 1))
+        intents = {e.seq: e for e in entries if e.outcome is None}
+        outcomes = [e for e in entries if e.outcome is not None]
+        # Every outcome follows its own intent in the same chain, and every intent has one.
+        assert sorted(e.intent_seq for e in outcomes) == sorted(intents)  # type: ignore[type-var]
+        assert all(e.intent_seq < e.seq and intents[e.intent_seq].request_id == e.request_id for e in outcomes)  # type: ignore[operator,index]
+    async with Database.connect(settings.main_dsn, pool_size=1).sessionmaker() as session:
+        problems, _ = await verify_trail(
+            session, settings.audit_key.encode(), FileAnchorStore(settings.audit_anchor_dir)
+        )
+    assert problems == []

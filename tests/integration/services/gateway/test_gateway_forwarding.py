@@ -11,6 +11,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from services.gateway.proxy import RawTransport
 from services.gateway.settings import GatewaySettings
 from shared.auth import InternalTokenVerifier, Role
 from shared.db import Databases
@@ -116,6 +117,14 @@ async def test_a_compressed_body_is_passed_through_not_decoded(client: httpx.Asy
         raw = b"".join([chunk async for chunk in response.aiter_raw()])
     assert response.headers["content-encoding"] == "gzip"
     assert gzip.decompress(raw) == b'{"rows":[]}'
+
+
+async def test_a_chunked_answer_arrives_whole_with_its_length(client: httpx.AsyncClient) -> None:
+    response = await client.get("/api/v1/stats/doses?fake_stream=500")
+    assert response.status_code == 200
+    assert response.content == b"".join(f'{{"n":{n}}}\n'.encode() for n in range(500))
+    assert response.headers["content-length"] == str(len(response.content))
+    assert "transfer-encoding" not in response.headers
 
 
 async def test_upstream_cookies_are_not_replayed_to_the_next_caller(
@@ -360,3 +369,14 @@ async def test_the_identity_keys_are_published(client: httpx.AsyncClient) -> Non
     assert response.status_code == 200
     assert response.json() == {"keys": [DEV_IDENTITY_JWK]}
     assert "d" not in response.json()["keys"][0]  # public halves only
+
+
+async def test_the_raw_transport_ends_an_answer_to_head_at_its_headers(upstreams: dict[str, FakeUpstream]) -> None:
+    transport = RawTransport(pool_size=2, connect_timeout=1.0, timeout=2.0, keepalive=4.0)
+    try:
+        head = await transport.send("HEAD", upstreams["stats"].url + "/healthz", {}, b"")
+        get = await transport.send("GET", upstreams["stats"].url + "/healthz", {}, b"")
+    finally:
+        await transport.close()
+    assert head.body == b"" and int(dict(head.headers)[b"content-length"]) > 0
+    assert get.status == 200 and b'"ok"' in get.body
