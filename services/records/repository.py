@@ -132,10 +132,11 @@ def _json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-def _unnest_insert(prefix: str, table: Table) -> str:
+def _unnest_insert(prefix: str, table: Table, first: int) -> str:
+    """``INSERT ... SELECT FROM unnest($n::type[], ...)``: one array parameter per column, from ``$first``."""
     names = _WRITE_COLUMNS[prefix]
     columns = {c.name: c for c in table.c}
-    arrays = ", ".join(f"CAST(:{prefix}_{n} AS {_pg_array_type(columns[n])})" for n in names)
+    arrays = ", ".join(f"${first + i}::{_pg_array_type(columns[n])}" for i, n in enumerate(names))
     values = ", ".join(f"{n}::json" if isinstance(columns[n].type, JSON) else n for n in names)
     return (
         f"INSERT INTO {table.name} ({', '.join(names)}) SELECT {values} FROM unnest({arrays}) AS t({', '.join(names)})"
@@ -144,12 +145,79 @@ def _unnest_insert(prefix: str, table: Table) -> str:
 
 _WRITE_JSON = {
     prefix: [(name, isinstance(table.c[name].type, JSON)) for name in _WRITE_COLUMNS[prefix]]
-    for prefix, table in (("k", _keys), ("d", _doses), ("o", outbox))
+    for prefix, table in (("d", _doses), ("o", outbox), ("k", _keys))
 }
-_RECORD_PG = text(
-    f"WITH new_doses AS ({_unnest_insert('d', _doses)}), new_events AS ({_unnest_insert('o', outbox)}) "
-    + _unnest_insert("k", _keys)
+# The hot path on PostgreSQL runs on the session's asyncpg connection itself (prepared once per connection by
+# asyncpg's statement cache): SQLAlchemy's per-statement work (compiling, bind and result processing) cost
+# more CPU than the database did. Same tables and semantics as the SQLite path below.
+_RECORD_PG = (
+    f"WITH new_doses AS ({_unnest_insert('d', _doses, 1)}), "
+    f"new_events AS ({_unnest_insert('o', outbox, 1 + len(_WRITE_COLUMNS['d']))}) "
+    + _unnest_insert("k", _keys, 1 + len(_WRITE_COLUMNS["d"]) + len(_WRITE_COLUMNS["o"]))
 )
+_ON_FILE_PG = """
+WITH wanted AS (SELECT * FROM unnest($2::varchar[], $3::varchar[]) AS w(municipality_code, coupon_number))
+SELECT 0 AS kind, k.key, k.request_hash, k.response::text AS response,
+       NULL::varchar AS municipality_code, NULL::varchar AS coupon_number, NULL::varchar AS resident_id,
+       NULL::varchar AS sex, NULL::date AS birth_date, NULL::date AS invalid_from, NULL::varchar AS invalid_reason,
+       NULL::varchar AS dose_id, NULL::varchar AS coupon_line, NULL::integer AS dose_number,
+       NULL::date AS vaccinated_on, NULL::varchar AS vaccine, NULL::varchar AS lot_number,
+       NULL::timestamptz AS recorded_at
+  FROM idempotency_keys k WHERE k.scope = $1 AND k.key = ANY($4::varchar[])
+UNION ALL
+SELECT 1, NULL, NULL, NULL, c.municipality_code, c.coupon_number, c.resident_id, c.sex, c.birth_date,
+       c.invalid_from, c.invalid_reason, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+  FROM coupons c JOIN wanted w USING (municipality_code, coupon_number)
+UNION ALL
+SELECT 2, NULL, NULL, NULL, d.municipality_code, d.coupon_number, NULL, NULL, NULL, NULL, NULL,
+       d.dose_id, d.coupon_line, d.dose_number, d.vaccinated_on, d.vaccine, d.lot_number, d.recorded_at
+  FROM doses d JOIN wanted w USING (municipality_code, coupon_number) WHERE NOT d.voided
+ORDER BY kind, dose_number, vaccinated_on, recorded_at
+"""
+# Claims in one statement: insert what is new, read back what another request claimed first (its
+# snapshot may miss a claim committed while this one waited on it: those are read again, see claim()).
+_CLAIM_PG = """
+WITH wanted AS (SELECT * FROM unnest($2::varchar[], $3::varchar[], $4::varchar[]) AS w(key, request_hash, shard)),
+claimed AS (
+    INSERT INTO idempotency_claims (scope, key, request_hash, shard, created_at)
+    SELECT $1, key, request_hash, shard, $5 FROM wanted ORDER BY key
+    ON CONFLICT (scope, key) DO NOTHING RETURNING key, request_hash
+)
+SELECT key, request_hash FROM claimed
+UNION ALL
+SELECT c.key, c.request_hash FROM idempotency_claims c JOIN wanted w USING (key) WHERE c.scope = $1
+"""
+_CLAIMED_PG = "SELECT key, request_hash FROM idempotency_claims WHERE scope = $1 AND key = ANY($2::varchar[])"
+
+
+async def _driver_connection(connection: Any) -> Any:
+    """The asyncpg connection under a SQLAlchemy connection (in whatever transaction that one is in)."""
+    raw = await connection.get_raw_connection()
+    return raw.driver_connection
+
+
+_BEGIN = text("SELECT 1")
+
+
+async def _in_transaction(session: AsyncSession) -> Any:
+    """The asyncpg connection of the session's transaction, begun if no statement has begun it yet (a write
+    run on the bare connection would otherwise commit on its own)."""
+    conn = await _driver_connection(await session.connection())
+    if not conn.is_in_transaction():
+        await session.execute(_BEGIN)
+    return conn
+
+
+class _Row(dict[str, Any]):
+    """A row read with asyncpg, readable by attribute as SQLAlchemy's rows are (the service reads both)."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
 
 def _dialect_insert(dialect: str, table: Table) -> Any:
@@ -228,6 +296,7 @@ class DoseRepository:
         if not coupons or self.session.get_bind().dialect.name != "postgresql":
             return
         keys = sorted({coupon_lock_key(m, c) for m, c in coupons})
+        # Through SQLAlchemy: the first statement of the session's transaction is what begins it.
         await self.session.execute(_LOCK_COUPONS, {"keys": keys})
 
     async def on_file(
@@ -239,10 +308,25 @@ class DoseRepository:
         - ``(municipality, coupon) → holder`` from the coupon projection;
         - the coupons' doses not voided, oldest first.
         """
-        params = {"scope": scope, "keys": list(keys), "coupons": list(coupons)}
+        rows: Any
+        if self.session.get_bind().dialect.name == "postgresql":
+            conn = await _in_transaction(self.session)
+            coupon_args = [m for m, _ in coupons], [c for _, c in coupons]
+            rows = [_Row(r) for r in await conn.fetch(_ON_FILE_PG, scope, *coupon_args, list(keys))]
+        else:
+            rows = await self.session.execute(_ON_FILE, {"scope": scope, "keys": list(keys), "coupons": list(coupons)})
         answers: dict[str, tuple[str, Any]] = {}
         holders: dict[tuple[str, str], Any] = {}
         doses: list[Any] = []
+        for r in rows:
+            if r.kind == 0:  # asyncpg hands JSON back as its text
+                answers[r.key] = (r.request_hash, json.loads(r.response) if isinstance(r.response, str) else r.response)
+            elif r.kind == 1:
+                holders[(r.municipality_code, r.coupon_number)] = r
+            else:
+                doses.append(r)
+        return answers, holders, doses
+        params = {"scope": scope, "keys": list(keys), "coupons": list(coupons)}
         for r in await self.session.execute(_ON_FILE, params):
             if r.kind == 0:
                 answers[r.key] = (r.request_hash, r.response)
@@ -263,12 +347,13 @@ class DoseRepository:
         duplicate key is a bug and fails the whole transaction rather than being skipped.
         """
         if self.session.get_bind().dialect.name == "postgresql":
-            params: dict[str, Any] = {}
-            for prefix, rows in (("k", keys), ("d", doses), ("o", events)):
+            args: list[Any] = []
+            for prefix, rows in (("d", doses), ("o", events), ("k", keys)):
                 for name, is_json in _WRITE_JSON[prefix]:
                     values = [r[name] for r in rows]
-                    params[f"{prefix}_{name}"] = [_json(v) for v in values] if is_json else values
-            await self.session.execute(_RECORD_PG, params)
+                    args.append([_json(v) for v in values] if is_json else values)
+            conn = await _in_transaction(self.session)
+            await conn.execute(_RECORD_PG, *args)
             return
         for table, rows in ((_keys, keys), (_doses, doses), (outbox, events)):
             if rows:
@@ -300,6 +385,24 @@ class ClaimRepository:
             return {}
         t = _claims
         ordered = sorted(rows, key=lambda r: str(r["key"]))
+        if self.database.engine.dialect.name == "postgresql":
+            scope = rows[0]["scope"]
+            async with self.database.engine.connect() as connection:
+                # No transaction: asyncpg autocommits a statement run outside one.
+                conn = await _driver_connection(connection)
+                found = await conn.fetch(
+                    _CLAIM_PG,
+                    scope,
+                    [r["key"] for r in ordered],
+                    [r["request_hash"] for r in ordered],
+                    [r["shard"] for r in ordered],
+                    ordered[0]["created_at"],
+                )
+                claimed = {r["key"]: r["request_hash"] for r in found}
+                missing = [r["key"] for r in rows if r["key"] not in claimed]
+                if missing:
+                    claimed |= {r["key"]: r["request_hash"] for r in await conn.fetch(_CLAIMED_PG, scope, missing)}
+            return claimed
         async with self.database.engine.connect() as conn:
             conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
             claim = _CLAIM[conn.dialect.name == "postgresql"]

@@ -109,7 +109,7 @@ async def record_dose_batch(body: DoseBatchIn, principal: Recorder, uow: UnitOfW
         submissions=[
             service.Submission(
                 key=f"batch:{item.client_id}",
-                dose=DoseIn.model_validate(item.model_dump(exclude={"client_id"})),
+                dose=item,  # a BatchDoseIn is a DoseIn; its client_id is the key, not a part of the dose
                 key_field=f"doses[{i}].client_id",
             )
             for i, item in enumerate(body.doses)
@@ -120,7 +120,16 @@ async def record_dose_batch(body: DoseBatchIn, principal: Recorder, uow: UnitOfW
     results = []
     for item, outcome in zip(body.doses, outcomes, strict=True):
         if outcome.accepted is not None:
-            results.append(BatchItemResult(client_id=item.client_id, **outcome.accepted.model_dump()))
+            accepted = outcome.accepted  # already validated: built from its fields, not re-validated
+            results.append(
+                BatchItemResult.model_construct(
+                    client_id=item.client_id,
+                    dose_id=accepted.dose_id,
+                    status=accepted.status,
+                    findings=accepted.findings,
+                    error=None,
+                )
+            )
         else:
             assert outcome.error is not None
             results.append(

@@ -76,8 +76,12 @@ class Outcome:
     error: VRSError | None = None
 
 
+# A batch item is a DoseIn with its client_id: hashed as the same dose sent alone would be.
+_HASHED_FIELDS = set(DoseIn.model_fields)
+
+
 def request_hash(dose: DoseIn) -> str:
-    canonical = json.dumps(dose.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps(dose.model_dump(mode="json", include=_HASHED_FIELDS), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -300,9 +304,13 @@ async def _record_in_shard(
             }
         )
 
-    # Built without re-validation: every field comes from a dose the rules just accepted.
+    # Built without re-validation: every field comes from a dose the rules just accepted. The id and time
+    # are given, not left to the defaults: a default_factory costs an inspect.signature per construct.
     events = [
         DoseEvent.model_construct(
+            schema_version=1,
+            event_id=uuid.uuid4(),
+            occurred_at=now,
             type=DoseEventType.RECORDED,
             dose_id=uuid.UUID(row["dose_id"]),
             municipality=row["municipality_code"],
