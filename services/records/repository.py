@@ -197,6 +197,7 @@ async def _driver_connection(connection: Any) -> Any:
 
 
 _BEGIN = text("SELECT 1")
+_BEGIN_IMMEDIATE = text("BEGIN IMMEDIATE")
 
 
 async def _in_transaction(session: AsyncSession) -> Any:
@@ -290,10 +291,16 @@ class DoseRepository:
 
         Whoever records a dose of a coupon holds its lock from before it reads the coupon's doses until it
         commits, so two requests for the same coupon cannot both decide on a view without the other's dose:
-        the second reads the first's dose and answers ``duplicate`` or ``needs_review``. SQLite has one
-        writer per database and no advisory locks; there this is a no-op.
+        the second reads the first's dose and answers ``duplicate`` or ``needs_review``. SQLite has no
+        advisory locks but one writer per database: there the transaction begins ``IMMEDIATE`` (taking the
+        write lock before the read), which serialises the whole shard's dose writes — fine for the embedded mode.
         """
-        if not coupons or self.session.get_bind().dialect.name != "postgresql":
+        if not coupons:
+            return
+        if self.session.get_bind().dialect.name == "sqlite":
+            driver: Any = await _driver_connection(await self.session.connection())
+            if not driver.in_transaction:  # else the caller's transaction already wrote
+                await self.session.execute(_BEGIN_IMMEDIATE)
             return
         keys = sorted({coupon_lock_key(m, c) for m, c in coupons})
         # Through SQLAlchemy: the first statement of the session's transaction is what begins it.

@@ -62,3 +62,17 @@ async def test_the_dose_path_on_sqlite(sqlite_databases: Databases) -> None:
     assert (scan.accepted.status, scan.accepted.dose_id) == ("duplicate", first.accepted.dose_id)
     assert (await count(sqlite_databases, "s0"), await count(sqlite_databases, "s1")) == (2, 1)
     assert len(await events_in(sqlite_databases, "s0")) == 2
+
+
+async def test_the_same_dose_under_two_keys_at_once_is_recorded_once_on_sqlite(sqlite_databases: Databases) -> None:
+    """SQLite has no advisory locks: the shard's write lock, taken before the doses on file are read, makes
+    the second request see the first's dose (a double scan), not record it again."""
+    record = recorder(sqlite_databases)
+    rounds = 8
+    results = await asyncio.gather(
+        *(record(Submission(key=f"{side}-{n}", dose=dose(f"{n:010d}"))) for n in range(1, rounds + 1) for side in "ab")
+    )
+    statuses = sorted(o.accepted.status if o.accepted else repr(o.error) for [o] in results)
+    assert statuses == ["duplicate"] * rounds + ["unmatched"] * rounds
+    assert await count(sqlite_databases, "s0") == rounds
+    assert len(await events_in(sqlite_databases, "s0")) == rounds
