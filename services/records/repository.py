@@ -47,10 +47,6 @@ _doses: Table = Dose.__table__  # type: ignore[assignment]
 _keys: Table = IdempotencyKey.__table__  # type: ignore[assignment]
 _claims: Table = IdempotencyClaim.__table__  # type: ignore[assignment]
 _coupons: Table = CouponProjection.__table__  # type: ignore[assignment]
-# unnest keeps the array's order, so the locks are taken in the sorted order given.
-_LOCK_COUPONS = text("SELECT count(pg_advisory_xact_lock(k)) FROM unnest(:keys) AS k").bindparams(
-    bindparam("keys", type_=postgresql.ARRAY(postgresql.BIGINT))
-)
 
 
 def coupon_lock_key(municipality_code: str, coupon_number: str) -> int:
@@ -133,13 +129,15 @@ def _json(value: Any) -> str:
 
 
 def _unnest_insert(prefix: str, table: Table, first: int) -> str:
-    """``INSERT ... SELECT FROM unnest($n::type[], ...)``: one array parameter per column, from ``$first``."""
+    """``INSERT ... SELECT FROM unnest($n::type[], ...)``: one array parameter per column, from ``$first``;
+    only if the check (the ``ok`` of :data:`_RECORD_PG`) passed."""
     names = _WRITE_COLUMNS[prefix]
     columns = {c.name: c for c in table.c}
     arrays = ", ".join(f"${first + i}::{_pg_array_type(columns[n])}" for i, n in enumerate(names))
     values = ", ".join(f"{n}::json" if isinstance(columns[n].type, JSON) else n for n in names)
     return (
-        f"INSERT INTO {table.name} ({', '.join(names)}) SELECT {values} FROM unnest({arrays}) AS t({', '.join(names)})"
+        f"INSERT INTO {table.name} ({', '.join(names)}) SELECT {values} FROM unnest({arrays}) AS t({', '.join(names)}) "
+        "WHERE (SELECT ok FROM ok)"
     )
 
 
@@ -149,11 +147,22 @@ _WRITE_JSON = {
 }
 # The hot path on PostgreSQL runs on the session's asyncpg connection itself (prepared once per connection by
 # asyncpg's statement cache): SQLAlchemy's per-statement work (compiling, bind and result processing) cost
-# more CPU than the database did. Same tables and semantics as the SQLite path below.
+# more CPU than the database did. Round trips cost most (each is a write and a wake-up on both sides), so the
+# write is one autocommitted statement: it takes the coupons' locks and checks, under them, that the doses
+# on file and the keys answered are still what was read (records_doses_unchanged, migration 20261125_03);
+# if not, nothing is written and the caller reads again and decides again. Same outcome as holding the
+# locks from before the read, in three round trips (claim, read, write) instead of six.
+_CHECK_ARGS = 6
+_FIRST = {"d": _CHECK_ARGS + 1}
+_FIRST["o"] = _FIRST["d"] + len(_WRITE_COLUMNS["d"])
+_FIRST["k"] = _FIRST["o"] + len(_WRITE_COLUMNS["o"])
 _RECORD_PG = (
-    f"WITH new_doses AS ({_unnest_insert('d', _doses, 1)}), "
-    f"new_events AS ({_unnest_insert('o', outbox, 1 + len(_WRITE_COLUMNS['d']))}) "
-    + _unnest_insert("k", _keys, 1 + len(_WRITE_COLUMNS["d"]) + len(_WRITE_COLUMNS["o"]))
+    "WITH ok AS MATERIALIZED (SELECT records_doses_unchanged("
+    "$1::bigint[], $2::varchar[], $3::varchar[], $4::varchar[], $5::varchar, $6::varchar[]) AS ok), "
+    f"new_doses AS ({_unnest_insert('d', _doses, _FIRST['d'])}), "
+    f"new_events AS ({_unnest_insert('o', outbox, _FIRST['o'])}), "
+    f"new_keys AS ({_unnest_insert('k', _keys, _FIRST['k'])}) "
+    "SELECT ok FROM ok"
 )
 _ON_FILE_PG = """
 WITH wanted AS (SELECT * FROM unnest($2::varchar[], $3::varchar[]) AS w(municipality_code, coupon_number))
@@ -196,17 +205,7 @@ async def _driver_connection(connection: Any) -> Any:
     return raw.driver_connection
 
 
-_BEGIN = text("SELECT 1")
 _BEGIN_IMMEDIATE = text("BEGIN IMMEDIATE")
-
-
-async def _in_transaction(session: AsyncSession) -> Any:
-    """The asyncpg connection of the session's transaction, begun if no statement has begun it yet (a write
-    run on the bare connection would otherwise commit on its own)."""
-    conn = await _driver_connection(await session.connection())
-    if not conn.is_in_transaction():
-        await session.execute(_BEGIN)
-    return conn
 
 
 class _Row(dict[str, Any]):
@@ -286,25 +285,17 @@ class DoseRepository:
         stmt = stmt.order_by(Dose.recorded_at, Dose.dose_id).limit(limit)
         return list((await self.session.execute(stmt)).scalars())
 
-    async def lock_coupons(self, coupons: Sequence[tuple[str, str]]) -> None:
-        """Take a transaction-scoped lock per coupon, in one fixed order (no deadlock between two batches).
+    async def begin(self) -> None:
+        """Begin the dose path's transaction: what it reads stays true until it writes (see :meth:`record`).
 
-        Whoever records a dose of a coupon holds its lock from before it reads the coupon's doses until it
-        commits, so two requests for the same coupon cannot both decide on a view without the other's dose:
-        the second reads the first's dose and answers ``duplicate`` or ``needs_review``. SQLite has no
-        advisory locks but one writer per database: there the transaction begins ``IMMEDIATE`` (taking the
-        write lock before the read), which serialises the whole shard's dose writes — fine for the embedded mode.
+        SQLite has no advisory locks but one writer per database: the transaction begins ``IMMEDIATE``,
+        taking the write lock before the read (it serialises the shard's dose writes; fine for the embedded
+        mode). PostgreSQL: nothing here — :meth:`record` takes the coupons' locks and checks under them.
         """
-        if not coupons:
-            return
         if self.session.get_bind().dialect.name == "sqlite":
             driver: Any = await _driver_connection(await self.session.connection())
-            if not driver.in_transaction:  # else the caller's transaction already wrote
+            if not driver.in_transaction:  # else the caller's transaction already wrote, and holds the lock
                 await self.session.execute(_BEGIN_IMMEDIATE)
-            return
-        keys = sorted({coupon_lock_key(m, c) for m, c in coupons})
-        # Through SQLAlchemy: the first statement of the session's transaction is what begins it.
-        await self.session.execute(_LOCK_COUPONS, {"keys": keys})
 
     async def on_file(
         self, scope: str, keys: Sequence[str], coupons: Sequence[tuple[str, str]]
@@ -317,7 +308,7 @@ class DoseRepository:
         """
         rows: Any
         if self.session.get_bind().dialect.name == "postgresql":
-            conn = await _in_transaction(self.session)
+            conn = await _driver_connection(await self.session.connection())
             coupon_args = [m for m, _ in coupons], [c for _, c in coupons]
             rows = [_Row(r) for r in await conn.fetch(_ON_FILE_PG, scope, *coupon_args, list(keys))]
         else:
@@ -333,38 +324,47 @@ class DoseRepository:
             else:
                 doses.append(r)
         return answers, holders, doses
-        params = {"scope": scope, "keys": list(keys), "coupons": list(coupons)}
-        for r in await self.session.execute(_ON_FILE, params):
-            if r.kind == 0:
-                answers[r.key] = (r.request_hash, r.response)
-            elif r.kind == 1:
-                holders[(r.municipality_code, r.coupon_number)] = r
-            else:
-                doses.append(r)
-        return answers, holders, doses
 
     async def record(
-        self, keys: Sequence[dict[str, Any]], doses: Sequence[dict[str, Any]], events: Sequence[dict[str, Any]]
-    ) -> None:
-        """Store the answers, the new doses and their outbox events.
+        self,
+        keys: Sequence[dict[str, Any]],
+        doses: Sequence[dict[str, Any]],
+        events: Sequence[dict[str, Any]],
+        *,
+        scope: str,
+        coupons: Sequence[tuple[str, str]],
+        seen: Sequence[str],
+    ) -> bool:
+        """Store the answers, the new doses and their outbox events — if the doses on file of ``coupons`` are
+        still ``seen`` (the ids :meth:`on_file` returned) and none of the keys was answered since. False when
+        something changed: nothing was stored, read again and decide again.
 
-        On PostgreSQL one statement (each table fed by ``unnest`` of one array per column, so its text and
-        plan are the same whatever the batch size); elsewhere one statement per table. The keys are plain
-        inserts: under the coupon locks no one else can have answered them since :meth:`on_file`, so a
-        duplicate key is a bug and fails the whole transaction rather than being skipped.
+        PostgreSQL: one autocommitted statement (unless the session's transaction already began), which takes
+        a transaction-scoped advisory lock per coupon, in one fixed order (no deadlock between two batches),
+        before it checks: two requests for the same coupon cannot both write on a view without the other's
+        dose; the second reads the first's dose and answers ``duplicate`` or ``needs_review``. Each table is
+        fed by ``unnest`` of one array per column, so its text and plan are the same whatever the batch size.
+        SQLite: under the write lock :meth:`begin` took nothing can have changed; one statement per table.
         """
         if self.session.get_bind().dialect.name == "postgresql":
-            args: list[Any] = []
+            args: list[Any] = [
+                sorted({coupon_lock_key(m, c) for m, c in coupons}),
+                [m for m, _ in coupons],
+                [c for _, c in coupons],
+                list(seen),
+                scope,
+                [k["key"] for k in keys],
+            ]
             for prefix, rows in (("d", doses), ("o", events), ("k", keys)):
                 for name, is_json in _WRITE_JSON[prefix]:
                     values = [r[name] for r in rows]
                     args.append([_json(v) for v in values] if is_json else values)
-            conn = await _in_transaction(self.session)
-            await conn.execute(_RECORD_PG, *args)
-            return
+            conn = await _driver_connection(await self.session.connection())
+            return bool(await conn.fetchval(_RECORD_PG, *args))
         for table, rows in ((_keys, keys), (_doses, doses), (outbox, events)):
             if rows:
                 await self.session.execute(insert(table), list(rows))
+        return True
 
     def add(self, dose: Dose) -> None:
         self.session.add(dose)

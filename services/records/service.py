@@ -52,7 +52,7 @@ from shared.domain.dose_rules import (
 )
 from shared.domain.sex import Sex
 from shared.domain.vaccines import VaccineRules
-from shared.errors import Conflict, InvalidField, NotFound, VRSError
+from shared.errors import Conflict, InvalidField, NotFound, ServiceUnavailable, VRSError
 from shared.events import CouponEvent, DoseEvent, DoseEventType, StatsCell
 from shared.outbox import OutboxRepository, outbox_row
 
@@ -162,8 +162,10 @@ async def record_doses(
     """Record doses; one outcome per submission, in order. A repeated key replays the first answer.
 
     The whole batch costs one statement per step, whatever its size: the claim of its keys (main database),
-    then per shard: the coupons' locks, the keys already answered, the coupons' holders, their doses on
-    file, and one insert each of keys, doses and outbox events.
+    then per shard: one read (the keys already answered, the coupons' holders, their doses on file) and one
+    write (keys, doses and outbox events), which on PostgreSQL takes the coupons' locks and stores nothing
+    if another request changed those coupons' doses since the read — then the shard is read and decided
+    again (:meth:`DoseRepository.record`).
     """
     outcomes = [Outcome() for _ in submissions]
     admissible: list[_Item] = []
@@ -230,11 +232,32 @@ async def _record_in_shard(
     rules: VaccineRules,
     now: datetime,
 ) -> None:
-    session = uow.shard(shard)
-    doses = DoseRepository(session)
+    doses = DoseRepository(uow.shard(shard))
     coupon_keys = sorted({item.coupon_key for item in items})
-    # Before anything is read: a concurrent request for one of these coupons waits here until we commit.
-    await doses.lock_coupons(coupon_keys)
+    await doses.begin()
+    for _ in range(_MAX_ATTEMPTS):
+        if await _try_record(doses, items, outcomes, coupon_keys, principal=principal, rules=rules, now=now):
+            return
+    # Another request changed these coupons' doses between each read and write: only a storm on one coupon.
+    raise ServiceUnavailable("these coupons are being changed by other requests; try again")
+
+
+# A write is refused (and decided again) only when another request recorded a dose of one of its coupons
+# between its read and its write.
+_MAX_ATTEMPTS = 10
+
+
+async def _try_record(
+    doses: DoseRepository,
+    items: Sequence[_Item],
+    outcomes: list[Outcome],
+    coupon_keys: Sequence[CouponKey],
+    *,
+    principal: Principal,
+    rules: VaccineRules,
+    now: datetime,
+) -> bool:
+    """Read, decide and write once; False when what was read changed before the write (nothing stored)."""
     stored, holders, on_file_rows = await doses.on_file(
         principal.scope_key, [item.sub.key for item in items], coupon_keys
     )
@@ -246,7 +269,8 @@ async def _record_in_shard(
         else:
             fresh.append(item)
     if not fresh:
-        return
+        return True
+
     on_file: dict[CouponKey, list[DoseOnFile]] = defaultdict(list)
     for stored_dose in on_file_rows:
         on_file[(stored_dose.municipality_code, stored_dose.coupon_number)].append(
@@ -319,9 +343,19 @@ async def _record_in_shard(
         )
         for row in dose_rows
     ]
-    await doses.record(key_rows, dose_rows, [outbox_row(e) for e in events])
-    for item, accepted in answers:
-        outcomes[item.index] = Outcome(accepted=accepted)
+    seen = [d.dose_id for d in on_file_rows]
+    written = await doses.record(
+        key_rows,
+        dose_rows,
+        [outbox_row(e) for e in events],
+        scope=principal.scope_key,
+        coupons=coupon_keys,
+        seen=seen,
+    )
+    if written:
+        for item, accepted in answers:
+            outcomes[item.index] = Outcome(accepted=accepted)
+    return written
 
 
 def _replay(stored: tuple[str, dict[str, Any]], item: _Item) -> Outcome:

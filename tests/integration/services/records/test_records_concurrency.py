@@ -11,12 +11,13 @@ from typing import Any
 
 import pytest
 
+from services.records.repository import DoseRepository
 from services.records.service import Submission, apply_coupon_events
 from shared.auth import Principal, Role
-from shared.db import Databases
+from shared.db import Databases, utcnow
 from shared.domain.sex import Sex
 from shared.events import CouponEvent, CouponEventType, CouponState
-from tests.integration.services.records.records_support import CHIYODA, count, dose, events_in
+from tests.integration.services.records.records_support import CHIYODA, CLINIC, count, dose, events_in
 
 pytestmark = pytest.mark.usefixtures("pg_server")
 Record = Callable[..., Any]
@@ -68,3 +69,29 @@ async def test_the_same_dose_under_two_keys_at_once_is_recorded_once(
     stored = ROUNDS if loser == "duplicate" else 2 * ROUNDS
     assert await count(databases, "s0") == stored
     assert len(await events_in(databases, "s0")) == stored
+
+
+async def test_a_write_decided_on_a_stale_read_stores_nothing(record: Record, databases: Databases) -> None:
+    """The write checks, under the coupon's lock, that the doses on file are still those the rules saw: a
+    dose recorded in between makes it store nothing (the service then reads and decides again)."""
+    [first] = await record(Submission(key="first", dose=dose("0000000001")))
+    assert first.accepted is not None
+    answer = {
+        "scope": CLINIC.scope_key, "key": "late", "request_hash": "h", "dose_id": first.accepted.dose_id,
+        "response": {"dose_id": first.accepted.dose_id, "status": "duplicate", "findings": []}, "created_at": utcnow(),
+    }  # fmt: skip
+    coupon = [(CHIYODA, "0000000001")]
+    async with databases.shards["s0"].sessionmaker() as session:
+        repo = DoseRepository(session)
+        stale = await repo.record([answer], [], [], scope=CLINIC.scope_key, coupons=coupon, seen=[])
+        await session.commit()
+    async with databases.shards["s0"].sessionmaker() as session:
+        repo = DoseRepository(session)
+        assert not stale
+        assert (await repo.on_file(CLINIC.scope_key, ["late"], coupon))[0] == {}  # the answer was not stored
+        current = await repo.record(
+            [answer], [], [], scope=CLINIC.scope_key, coupons=coupon, seen=[first.accepted.dose_id]
+        )
+        await session.commit()
+        assert current
+        assert "late" in (await repo.on_file(CLINIC.scope_key, ["late"], coupon))[0]
