@@ -86,7 +86,9 @@ class Dose(ShardBase):
     __tablename__ = "doses"
     __table_args__ = (
         Index("ix_doses_coupon", "municipality_code", "coupon_number"),
-        Index("ix_doses_status", "municipality_code", "status"),
+        # Led by status: an index led by municipality_code alone would tie with ix_doses_coupon for a lookup by
+        # coupon while the table has no statistics yet, and a plan cached then scans a municipality per coupon.
+        Index("ix_doses_review", "status", "municipality_code"),
     )
 
     dose_id: Mapped[str] = mapped_column(String(36), primary_key=True)

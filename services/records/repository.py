@@ -164,6 +164,7 @@ _RECORD_PG = (
     f"new_keys AS ({_unnest_insert('k', _keys, _FIRST['k'])}) "
     "SELECT ok FROM ok"
 )
+# LATERAL: one index probe per coupon whatever the prepared statement's generic plan guesses of the arrays.
 _ON_FILE_PG = """
 WITH wanted AS (SELECT * FROM unnest($2::varchar[], $3::varchar[]) AS w(municipality_code, coupon_number))
 SELECT 0 AS kind, k.key, k.request_hash, k.response::text AS response,
@@ -176,11 +177,16 @@ SELECT 0 AS kind, k.key, k.request_hash, k.response::text AS response,
 UNION ALL
 SELECT 1, NULL, NULL, NULL, c.municipality_code, c.coupon_number, c.resident_id, c.sex, c.birth_date,
        c.invalid_from, c.invalid_reason, NULL, NULL, NULL, NULL, NULL, NULL, NULL
-  FROM coupons c JOIN wanted w USING (municipality_code, coupon_number)
+  FROM wanted w CROSS JOIN LATERAL (
+       SELECT * FROM coupons c WHERE c.municipality_code = w.municipality_code AND c.coupon_number = w.coupon_number
+  ) AS c
 UNION ALL
 SELECT 2, NULL, NULL, NULL, d.municipality_code, d.coupon_number, NULL, NULL, NULL, NULL, NULL,
        d.dose_id, d.coupon_line, d.dose_number, d.vaccinated_on, d.vaccine, d.lot_number, d.recorded_at
-  FROM doses d JOIN wanted w USING (municipality_code, coupon_number) WHERE NOT d.voided
+  FROM wanted w CROSS JOIN LATERAL (
+       SELECT * FROM doses d
+        WHERE d.municipality_code = w.municipality_code AND d.coupon_number = w.coupon_number AND NOT d.voided
+  ) AS d
 ORDER BY kind, dose_number, vaccinated_on, recorded_at
 """
 # Claims in one statement: insert what is new, read back what another request claimed first (its

@@ -1,4 +1,5 @@
-"""records_doses_unchanged(): the dose write's check, under the coupons' locks (PostgreSQL)
+"""records_doses_unchanged(): the dose write's check, under the coupons' locks (PostgreSQL); the doses' status
+index led by status
 
 Revision ID: 20261125_03
 Revises: 20261125_02
@@ -27,10 +28,15 @@ CREATE OR REPLACE FUNCTION records_doses_unchanged(
 BEGIN
     -- unnest keeps the array's order: the locks are taken in the (sorted) order given, so no deadlock.
     PERFORM pg_advisory_xact_lock(k) FROM unnest(lock_keys) AS k;
+    -- LATERAL: one index probe per coupon, whatever plan the function's cached statement settles on.
     IF EXISTS (
-        SELECT 1 FROM doses d JOIN unnest(municipalities, coupon_numbers) AS w(m, n)
-            ON d.municipality_code = w.m AND d.coupon_number = w.n
-         WHERE NOT d.voided AND NOT (d.dose_id = ANY(seen))
+        SELECT 1 FROM unnest(municipalities, coupon_numbers) AS w(m, n)
+        CROSS JOIN LATERAL (
+            SELECT 1 FROM doses d
+             WHERE d.municipality_code = w.m AND d.coupon_number = w.n AND NOT d.voided
+               AND NOT (d.dose_id = ANY(seen))
+             LIMIT 1
+        ) AS other
     ) THEN
         RETURN false;
     END IF;
@@ -43,11 +49,20 @@ END $$
 
 
 def upgrade() -> None:
+    # (municipality_code, status) tied with ix_doses_coupon (municipality_code, coupon_number) for a lookup by
+    # coupon while the table had no statistics: a plan cached then (the check below, or a prepared read)
+    # scanned a whole municipality per coupon (measured: 55 ms for the check of a 400-dose batch).
+    with op.batch_alter_table("doses") as batch_op:
+        batch_op.drop_index("ix_doses_status")
+        batch_op.create_index("ix_doses_review", ["status", "municipality_code"], unique=False)
     if op.get_bind().dialect.name == "postgresql":
         op.execute(CREATE)
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("doses") as batch_op:
+        batch_op.drop_index("ix_doses_review")
+        batch_op.create_index("ix_doses_status", ["municipality_code", "status"], unique=False)
     if op.get_bind().dialect.name == "postgresql":
         op.execute(
             "DROP FUNCTION IF EXISTS records_doses_unchanged(bigint[], varchar[], varchar[], varchar[], varchar, varchar[])"
