@@ -29,7 +29,7 @@ DOSE_ROW_BYTES = 1_000  # records: dose + idempotency key + history share + inde
 RESIDENT_ROW_BYTES = 1_000  # registry: resident + coupon + sealed My Number + indexes, per resident
 DIRECTORY_ROW_BYTES = 300  # registry main: the My Number directory entry + index, per resident
 DOSES_PER_SHARD_PER_S = 500  # what one PostgreSQL primary is asked to take (about 4 row writes each)
-POOL_PER_POD = 8  # VRS_<SERVICE>_POOL_SIZE in prod; SQLAlchemy adds as many overflow connections
+POOL_PER_POD = 8  # VRS_<SERVICE>_POOL_SIZE in prod; up to as many again are opened under load (and kept)
 MAX_CONNECTIONS = 400  # cluster-defaults.yaml max_connections
 
 
