@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -51,6 +52,9 @@ def create_app(settings: RecordsSettings | None = None) -> FastAPI:
                         after_commit=None if relay is None else _wake_relay(relay),
                     )
                     imports = asyncio.create_task(app.state.imports.run(), name="dose-imports")
+                # Everything built so far lives as long as the process: out of the collector's sight, so that
+                # the full collections a batch's thousands of short-lived objects trigger stay short.
+                gc.freeze()
                 try:
                     yield
                 finally:
