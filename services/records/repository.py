@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -29,7 +30,8 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from services.records.models import (
     CouponProjection,
@@ -149,7 +151,7 @@ _WRITE_JSON = {
 # asyncpg's statement cache): SQLAlchemy's per-statement work (compiling, bind and result processing) cost
 # more CPU than the database did. Round trips cost most (each is a write and a wake-up on both sides), so the
 # write is one autocommitted statement: it takes the coupons' locks and checks, under them, that the doses
-# on file and the keys answered are still what was read (records_doses_unchanged, migration 20261125_03);
+# on file and the keys answered are still what was read (records_doses_unchanged, migration 20261125_12);
 # if not, nothing is written and the caller reads again and decides again. Same outcome as holding the
 # locks from before the read, in three round trips (claim, read, write) instead of six.
 _CHECK_ARGS = 6
@@ -209,6 +211,23 @@ async def _driver_connection(connection: Any) -> Any:
     """The asyncpg connection under a SQLAlchemy connection (in whatever transaction that one is in)."""
     raw = await connection.get_raw_connection()
     return raw.driver_connection
+
+
+@contextlib.asynccontextmanager
+async def _asyncpg(connection: AsyncConnection) -> AsyncIterator[Any]:
+    """The asyncpg connection under ``connection``, its errors raised as SQLAlchemy's would be: a write refused
+    by a shard fence reaches the app's database-error handler (503, the cached shard forgotten), and a lost
+    connection is invalidated instead of going back to the pool."""
+    import asyncpg  # type: ignore[import-untyped]
+
+    driver = await _driver_connection(connection)
+    try:
+        yield driver
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        if isinstance(exc, (OSError, asyncpg.InterfaceError)) or driver.is_closed():
+            await connection.invalidate(exc)
+            raise OperationalError(None, None, exc) from exc
+        raise DBAPIError(None, None, exc) from exc
 
 
 _BEGIN_IMMEDIATE = text("BEGIN IMMEDIATE")
@@ -314,9 +333,9 @@ class DoseRepository:
         """
         rows: Any
         if self.session.get_bind().dialect.name == "postgresql":
-            conn = await _driver_connection(await self.session.connection())
             coupon_args = [m for m, _ in coupons], [c for _, c in coupons]
-            rows = [_Row(r) for r in await conn.fetch(_ON_FILE_PG, scope, *coupon_args, list(keys))]
+            async with _asyncpg(await self.session.connection()) as conn:
+                rows = [_Row(r) for r in await conn.fetch(_ON_FILE_PG, scope, *coupon_args, list(keys))]
         else:
             rows = await self.session.execute(_ON_FILE, {"scope": scope, "keys": list(keys), "coupons": list(coupons)})
         answers: dict[str, tuple[str, Any]] = {}
@@ -365,8 +384,8 @@ class DoseRepository:
                 for name, is_json in _WRITE_JSON[prefix]:
                     values = [r[name] for r in rows]
                     args.append([_json(v) for v in values] if is_json else values)
-            conn = await _driver_connection(await self.session.connection())
-            return bool(await conn.fetchval(_RECORD_PG, *args))
+            async with _asyncpg(await self.session.connection()) as conn:
+                return bool(await conn.fetchval(_RECORD_PG, *args))
         for table, rows in ((_keys, keys), (_doses, doses), (outbox, events)):
             if rows:
                 await self.session.execute(insert(table), list(rows))
@@ -400,9 +419,8 @@ class ClaimRepository:
         ordered = sorted(rows, key=lambda r: str(r["key"]))
         if self.database.engine.dialect.name == "postgresql":
             scope = rows[0]["scope"]
-            async with self.database.engine.connect() as connection:
-                # No transaction: asyncpg autocommits a statement run outside one.
-                conn = await _driver_connection(connection)
+            # No transaction: asyncpg autocommits a statement run outside one.
+            async with self.database.engine.connect() as connection, _asyncpg(connection) as conn:
                 found = await conn.fetch(
                     _CLAIM_PG,
                     scope,

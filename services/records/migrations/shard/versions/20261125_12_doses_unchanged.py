@@ -1,8 +1,8 @@
 """records_doses_unchanged(): the dose write's check, under the coupons' locks (PostgreSQL); the doses' status
 index led by status
 
-Revision ID: 20261125_03
-Revises: 20261125_02
+Revision ID: 20261125_12
+Revises: 20261125_11
 Create Date: 2026-11-25 19:00:00
 """
 
@@ -10,8 +10,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
-revision: str = "20261125_03"
-down_revision: str | None = "20261125_02"
+revision: str = "20261125_12"
+down_revision: str | None = "20261125_11"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
