@@ -157,6 +157,7 @@ def published_cells(path: Path) -> list[dict[str, object]]:
                 "municipality": prefecture_municipality(r["prefecture"]),
                 "sex": r["gender"],
                 "age_band": r["age"],
+                "age_band_10": "UNK",  # the open data has no birth dates
                 "medical_worker": r["medical_worker"],
                 "dose_number": r["status"],
                 "vaccine": "moderna",  # beside the replayed day's pfizer cells, never on top of them

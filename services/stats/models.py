@@ -37,6 +37,8 @@ def counts_table(name: str, metadata: MetaData) -> Table:
         Column("municipality", String(6), primary_key=True),  # issuing municipality (接種券の発行自治体)
         Column("sex", String(1), primary_key=True),  # M, F or U
         Column("age_band", String(3), primary_key=True),  # -64, 65- or UNK
+        # 0-9 … 90- or UNK (shared.domain.age.AgeBand10); UNK for events from before records sent it.
+        Column("age_band_10", String(5), primary_key=True, server_default="UNK"),
         Column("medical_worker", Boolean, primary_key=True),  # 医療従事者等
         Column("dose_number", SmallInteger, primary_key=True),  # 接種回数
         Column("vaccine", String(32), primary_key=True),  # product code

@@ -32,9 +32,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.stats.models import consumer_offsets, consumer_state, dose_counts, processed_events
 from shared.db import upsert
+from shared.domain.age import AgeBand10
 from shared.events import StatsCell
 
-Dimension = Literal["date", "prefecture", "municipality", "sex", "age_band", "medical_worker", "dose_number", "vaccine"]
+Dimension = Literal[
+    "date", "prefecture", "municipality", "sex", "age_band", "age_band_10", "medical_worker", "dose_number", "vaccine"
+]
 DIMENSIONS: tuple[Dimension, ...] = get_args(Dimension)
 
 # A result row of any shape (SQLAlchemy 2.1 types rows by their column types).
@@ -46,8 +49,18 @@ _CELL_KEY = [column.name for column in dose_counts.primary_key.columns]
 
 # Explicit ranks instead of string order, so the result does not depend on a PostgreSQL collation
 # (the open-data files must come out byte-identical on every database).
-_SEX_RANK = case({"F": 0, "M": 1, "U": 2}, value=_c.sex, else_=3)
-_AGE_RANK = case({"-64": 0, "65-": 1, "UNK": 2}, value=_c.age_band, else_=3)
+_SEX_RANKS = {"F": 0, "M": 1, "U": 2}
+_AGE_RANKS = {"-64": 0, "65-": 1, "UNK": 2}
+_SEX_RANK = case(_SEX_RANKS, value=_c.sex, else_=3)
+_AGE_RANK = case(_AGE_RANKS, value=_c.age_band, else_=3)
+# Youngest first, unknown last ("10-19" would sort before "0-9" as a string).
+_AGE_10_RANKS = {band.value: rank for rank, band in enumerate(AgeBand10)}
+_RANKS: dict[str, dict[str, int]] = {"sex": _SEX_RANKS, "age_band": _AGE_RANKS, "age_band_10": _AGE_10_RANKS}
+
+# Dimensions finer than the open data, which the Digital Agency publishes at full detail by prefecture
+# (date × prefecture × sex × age band × medical worker × dose number): a cut by any of them is a fine cut.
+# Summing them away from any cell gives a cell no finer than the published ones.
+FINE_DIMENSIONS: frozenset[Dimension] = frozenset({"municipality", "vaccine", "age_band_10"})
 
 _SUM = func.sum(_c.count)
 _TOTAL = cast(_SUM, BigInteger)  # PostgreSQL sums a bigint to numeric
@@ -55,18 +68,11 @@ _TOTAL = cast(_SUM, BigInteger)  # PostgreSQL sums a bigint to numeric
 
 def _order_keys(name: Dimension, columns: Any = None) -> list[ColumnElement[Any]]:
     """Sort keys of a dimension, on the counts table or on ``columns`` (a subquery's) of the same names."""
-    if columns is None:
-        if name == "sex":
-            return [_SEX_RANK, _c.sex]
-        if name == "age_band":
-            return [_AGE_RANK, _c.age_band]
-        return [_COLUMNS[name]]
-    column = columns[name]
-    if name == "sex":
-        return [case({"F": 0, "M": 1, "U": 2}, value=column, else_=3), column]
-    if name == "age_band":
-        return [case({"-64": 0, "65-": 1, "UNK": 2}, value=column, else_=3), column]
-    return [column]
+    column = _COLUMNS[name] if columns is None else columns[name]
+    ranks = _RANKS.get(name)
+    if ranks is None:
+        return [column]
+    return [case(ranks, value=column, else_=len(ranks)), column]
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +135,8 @@ class StatsRepository:
         With ``suppress_below`` (a public fine cut), a count from 1 to ``suppress_below - 1`` comes back as
         NULL, and so does the smallest other count of a group of cells that adds up to a published total
         when exactly one cell of that group is small (else the total minus the others would give it away).
-        The group is every cell with the same values but for municipality and vaccine, within a prefecture.
+        The group is every cell with the same values but for the fine dimensions (municipality, vaccine,
+        10-year age band), within a prefecture.
         A municipality filter is applied only after the decision, so asking for one municipality hides
         exactly what the grouped cut hides.
         """
@@ -165,7 +172,7 @@ class StatsRepository:
             .cte("cut")
         )
         small = case((cut.c["count"] < suppress_below, 1), else_=0)
-        partition = [cut.c[name] for name in inner_dims if name not in ("municipality", "vaccine")]
+        partition = [cut.c[name] for name in inner_dims if name not in FINE_DIMENSIONS]
         marked = select(
             cut,
             small.label("small"),
@@ -278,6 +285,7 @@ def _cell_values(cell: StatsCell) -> dict[str, Any]:
         "municipality": cell.municipality,
         "sex": cell.sex,
         "age_band": cell.age_band.value,
+        "age_band_10": cell.age_band_10.value,
         "medical_worker": cell.medical_worker,
         "dose_number": cell.dose_number,
         "vaccine": cell.vaccine,

@@ -23,7 +23,8 @@ GroupBy = Annotated[
     Query(
         max_length=200,
         description="comma-separated dimensions, kept in this order in each row: date, prefecture, "
-        "municipality, sex, age_band, medical_worker, dose_number, vaccine; empty for one total row",
+        "municipality, sex, age_band (-64, 65-, UNK), age_band_10 (0-9, 10-19 … 80-89, 90-, UNK), medical_worker, "
+        "dose_number, vaccine; empty for one total row",
         examples=["date,prefecture"],
     ),
 ]
@@ -52,8 +53,8 @@ async def get_doses(
     limit: Annotated[int | None, Query(ge=1, description="rows per page (default and most: 50,000)")] = None,
     offset: Annotated[int, Query(ge=0, description="rows to skip: the next_offset of the previous page")] = 0,
 ) -> StreamingResponse:
-    """Anyone may cut by every dimension. Cuts finer than the open data (by municipality or vaccine) hide
-    counts 1-9 — and what would reveal them — as null, except for role national."""
+    """Anyone may cut by every dimension. Cuts finer than the open data (by municipality, vaccine or 10-year
+    age band) hide counts 1-9 — and what would reveal them — as null, except for role national."""
     settings: StatsSettings = request.app.state.settings
     dimensions = service.parse_group_by(group_by)
     where = service.parse_filter(date_from=date_from, date_to=date_to, prefecture=prefecture, municipality=municipality)

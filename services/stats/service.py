@@ -21,6 +21,7 @@ from services.stats.models import consumer_bookkeeping, dose_counts
 from services.stats.population import Denominator, Population
 from services.stats.repository import (
     DIMENSIONS,
+    FINE_DIMENSIONS,
     ConsumerRepository,
     Dimension,
     DoseFilter,
@@ -204,11 +205,6 @@ def parse_filter(
     if municipality is not None and (problem := municipality_code_problem(municipality)):
         raise InvalidField("municipality", problem)
     return DoseFilter(date_from=start, date_to=end, prefecture=prefecture, municipality=municipality)
-
-
-# Dimensions finer than the open data, which the Digital Agency publishes at full detail by prefecture
-# (date × prefecture × sex × age band × medical worker × dose number): a cut using either is a fine cut.
-FINE_DIMENSIONS = frozenset({"municipality", "vaccine"})
 
 
 def is_fine_cut(group_by: Sequence[Dimension], where: DoseFilter) -> bool:

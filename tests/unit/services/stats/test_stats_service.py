@@ -19,7 +19,7 @@ from services.stats.settings import StatsSettings
 from shared.auth import ANONYMOUS, Principal, Role
 from shared.bus import Message
 from shared.consumer import next_offsets
-from shared.domain.age import AgeBand
+from shared.domain.age import AgeBand, AgeBand10
 from shared.errors import InvalidField
 from shared.events import DoseEvent, DoseEventType, StatsCell
 from tests.factories import cell
@@ -32,6 +32,8 @@ def event(kind: DoseEventType, new: StatsCell | None, previous: StatsCell | None
 A = cell()
 B = cell(date=date(2021, 6, 2))
 UNKNOWN = cell(sex="U", age_band=AgeBand.UNKNOWN)
+THIRTIES = cell(age_band_10=AgeBand10.AGE_30_39)  # A as counted once records sends the 10-year band
+FORTIES = cell(age_band_10=AgeBand10.AGE_40_49)
 
 
 # --- fold_deltas --------------------------------------------------------------------------------------
@@ -57,8 +59,29 @@ UNKNOWN = cell(sex="U", age_band=AgeBand.UNKNOWN)
             {B: 1},
         ),
         ([event(DoseEventType.VOIDED, None, None)], {}),
+        # The 10-year band is a dimension like the others: a dose recorded before records sent it (A, UNK)
+        # moves to its band on its next event, and a date correction across a birthday moves it again.
+        ([event(DoseEventType.CORRECTED, THIRTIES, A)], {A: -1, THIRTIES: 1}),
+        ([event(DoseEventType.CORRECTED, FORTIES, THIRTIES)], {THIRTIES: -1, FORTIES: 1}),
+        ([event(DoseEventType.RECORDED, THIRTIES), event(DoseEventType.VOIDED, None, THIRTIES)], {}),
+        ([event(DoseEventType.MATCHED, THIRTIES, UNKNOWN)], {UNKNOWN: -1, THIRTIES: 1}),
     ],
-    ids=["none", "recorded", "twice", "corrected", "voided", "matched", "no-op", "cancel", "chain", "empty"],
+    ids=[
+        "none",
+        "recorded",
+        "twice",
+        "corrected",
+        "voided",
+        "matched",
+        "no-op",
+        "cancel",
+        "chain",
+        "empty",
+        "band-10-first-seen",
+        "band-10-moved",
+        "band-10-cancel",
+        "band-10-matched",
+    ],
 )
 def test_fold_deltas(events: list[DoseEvent], expected: dict[StatsCell, int]) -> None:
     assert service.fold_deltas(events) == expected
@@ -77,6 +100,7 @@ def _one_change_per_dimension() -> dict[str, Any]:
         "municipality": "011002",
         "sex": "M",
         "age_band": AgeBand.SIXTY_FIVE_PLUS,
+        "age_band_10": AgeBand10.AGE_70_79,
         "medical_worker": True,
         "dose_number": 2,
         "vaccine": "moderna",
@@ -93,6 +117,17 @@ def test_dimensions_are_exactly_the_cell_fields() -> None:
 
 def message(value: bytes, offset: int, partition: int = 0) -> Message:
     return Message(partition=partition, offset=offset, key="131016", value=value)
+
+
+def test_an_event_from_before_the_10_year_band_decodes_with_it_unknown() -> None:
+    current = event(DoseEventType.CORRECTED, THIRTIES, A)
+    older = current.model_dump(mode="json")
+    for key in ("cell", "previous_cell"):
+        del older[key]["age_band_10"]
+    [decoded], undecodable = service.decode_messages([message(json.dumps(older).encode(), 0)])
+    assert undecodable == 0
+    assert decoded.cell is not None and decoded.cell.age_band_10 is AgeBand10.UNKNOWN
+    assert decoded.cell == A  # so it counts where it was counted before the field existed
 
 
 def test_decode_skips_garbage_and_repeats_without_logging_payloads(caplog: pytest.LogCaptureFixture) -> None:
