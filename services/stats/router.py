@@ -13,7 +13,7 @@ from services.stats.dashboard import DASHBOARD, ECHARTS_ASSET, Script, unavailab
 from services.stats.schemas import CoverageOut, DosesOut
 from services.stats.settings import StatsSettings
 from shared.auth import PrincipalDep
-from shared.db import Database, UnitOfWorkDep
+from shared.db import Database
 from shared.errors import InvalidField, NotFound, ServiceUnavailable, Unauthorized, responses
 
 router = APIRouter(tags=["stats"])
@@ -70,6 +70,7 @@ async def get_doses(
         suppress_below=suppress,
         limit=limit or settings.max_cut_rows,
         offset=offset,
+        cache=request.app.state.answers,
     )
     return await _streamed(chunks, media_type="application/json")
 
@@ -82,19 +83,24 @@ async def get_doses(
 )
 async def get_coverage(
     request: Request,
-    uow: UnitOfWorkDep,
     prefecture: Annotated[
         str | None, Query(max_length=2, description="2-digit prefecture code; absent: national")
     ] = None,
     group_by: Annotated[
         str | None, Query(max_length=20, description="'prefecture' for one set of rows per prefecture")
     ] = None,
-) -> CoverageOut:
+) -> Response:
     """Public: prefecture-level and national figures only."""
     place, by_prefecture = service.parse_coverage_query(prefecture=prefecture, group_by=group_by)
-    return await service.coverage(
-        uow.main(), population=request.app.state.population, prefecture=place, by_prefecture=by_prefecture
+    answer = await service.coverage(
+        _database(request),
+        population=request.app.state.population,
+        prefecture=place,
+        by_prefecture=by_prefecture,
+        cache=request.app.state.answers,
     )
+    # Serialised once by the service (and maybe cached): CoverageOut is its shape (response_model, for the docs).
+    return Response(answer, media_type="application/json")
 
 
 async def _streamed(chunks: AsyncGenerator[bytes, None], *, media_type: str) -> StreamingResponse:

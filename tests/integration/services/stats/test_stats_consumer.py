@@ -25,6 +25,7 @@ from shared.domain.age import AgeBand, AgeBand10
 from shared.events import DoseEvent, DoseEventType, StatsCell
 from shared.settings import BusSettings
 from tests.factories import cell
+from tests.integration.services.stats.conftest import assert_rollups_match
 
 CellKey = tuple[Any, ...]
 
@@ -200,6 +201,7 @@ async def test_corrections_voids_and_matches_move_counts_exactly(stats_db: Datab
         }
         # Voided: −the cell it counted in, nothing added.
         assert await apply(event(DoseEventType.VOIDED, None, corrected, dose_id=dose)) == {key(other): 1}
+        await assert_rollups_match(stats_db)
     finally:
         await consumer.stop()
 
@@ -224,6 +226,7 @@ async def test_events_from_before_the_10_year_band_count_as_unknown_and_move_out
         await publish(bus, [moved, moved])
         await consumer.drain()
         assert await counts(stats_db) == {key(banded): 1}
+        await assert_rollups_match(stats_db)
         await publish(bus, [event(DoseEventType.VOIDED, None, banded, dose_id=dose)])
         await consumer.drain()
         assert await counts(stats_db) == {}
@@ -256,6 +259,7 @@ async def test_one_batch_folds_many_events_into_exact_counts(stats_db: Database,
         await consumer.stop()
     assert await counts(stats_db) == {k: v for k, v in expected.items() if v}
     assert sum((await stored_positions(stats_db)).values()) == len(events)
+    await assert_rollups_match(stats_db)
 
 
 # --- restarts and crashes -------------------------------------------------------------------------------

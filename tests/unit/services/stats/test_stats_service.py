@@ -14,6 +14,7 @@ import pytest
 
 from services.stats import service
 from services.stats.dashboard import DASHBOARD, load_page
+from services.stats.models import dose_counts
 from services.stats.repository import DIMENSIONS, DoseFilter
 from services.stats.settings import StatsSettings
 from shared.auth import ANONYMOUS, Principal, Role
@@ -184,7 +185,8 @@ def test_parse_filter() -> None:
     where = service.parse_filter(date_from="2021-06-01", date_to="2021-06-30", prefecture="13", municipality="131016")
     assert where == DoseFilter(date(2021, 6, 1), date(2021, 6, 30), "13", "131016")
     assert service.parse_filter(date_from="", date_to=None, prefecture="", municipality="") == DoseFilter()
-    assert len(where.clauses()) == 4 and DoseFilter().clauses() == []
+    assert len(where.clauses(dose_counts)) == 4 and DoseFilter().clauses(dose_counts) == []
+    assert where.dimensions() == {"date", "prefecture", "municipality"} and DoseFilter().dimensions() == set()
 
 
 @pytest.mark.parametrize(
