@@ -162,10 +162,6 @@ class StatsRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
-    async def as_of(self) -> datetime | None:
-        moment: datetime | None = await self.session.scalar(select(func.max(consumer_state.c.updated_at)))
-        return moment
-
     async def total(self, where: DoseFilter) -> int:
         table = table_for(where.dimensions())
         value = await self.session.scalar(select(func.coalesce(_total(table), 0)).where(*where.clauses(table)))

@@ -149,6 +149,26 @@ async def test_10_year_bands_are_a_fine_cut_for_the_public(client: httpx.AsyncCl
     assert [r["count"] for r in exact["rows"]] == [30, 12, 4, 50]
 
 
+async def test_a_cached_answer_is_never_older_than_the_aggregates(
+    client: httpx.AsyncClient, add_cells: AddCells
+) -> None:
+    """Answers are kept per process by the aggregates' version: the next change is seen at once."""
+    questions = [(DOSES, {"group_by": "date,dose_number"}), (DOSES, {}), ("/api/v1/stats/coverage", {})]
+
+    async def ask() -> list[bytes]:
+        return [(await client.get(path, params=params)).content for path, params in questions]
+
+    await add_cells({cell(): 3})
+    first = await ask()
+    assert await ask() == first  # the same aggregates: the same bytes (from the cache)
+    await add_cells({cell(): 2})
+    second = await ask()
+    assert all(a != b for a, b in zip(first, second, strict=True)), second
+    assert (await client.get(DOSES)).json()["rows"] == [{"count": 5}]
+    rows = (await client.get("/api/v1/stats/coverage")).json()["rows"]
+    assert [r["count"] for r in rows if r["dose_number"] == 1] == [5]
+
+
 @pytest.mark.usefixtures("world")
 async def test_filters_by_period_and_prefecture(client: httpx.AsyncClient) -> None:
     async def total(**params: str) -> int:

@@ -51,7 +51,7 @@ async def cells(database: Database) -> list[tuple[Any, ...]]:
         return [tuple(r) for r in rows]
 
 
-async def test_the_10_year_band_migration_keeps_every_count(empty_dsn: str) -> None:
+async def test_the_10_year_band_and_rollup_migrations_keep_every_count(empty_dsn: str) -> None:
     """Cells counted before the 10-year band existed become its UNK cells; going back folds the bands together."""
     await asyncio.to_thread(upgrade, empty_dsn, MIGRATIONS, "20261125_01")
     database = Database.connect(empty_dsn, pool_size=1)
@@ -77,5 +77,11 @@ async def test_the_10_year_band_migration_keeps_every_count(empty_dsn: str) -> N
             rows = (await connection.execute(text("SELECT sex, count FROM dose_counts"))).all()
         assert [tuple(r) for r in rows] == [("F", 7)]
         await asyncio.to_thread(upgrade, empty_dsn, MIGRATIONS, "head")
+        # The rollups start out as the sums of the cells already counted.
+        async with database.engine.connect() as connection:
+            by_date = (await connection.execute(text("SELECT date, dose_number, count FROM dose_totals_by_date"))).all()
+            version = (await connection.execute(text("SELECT version FROM aggregates_version"))).all()
+        assert [(str(d), n, c) for d, n, c in by_date] == [("2021-06-01", 1, 7)]
+        assert [tuple(v) for v in version] == [(0,)]
     finally:
         await database.engine.dispose()

@@ -15,7 +15,7 @@ import pytest
 from services.stats import service
 from services.stats.dashboard import DASHBOARD, load_page
 from services.stats.models import dose_counts
-from services.stats.repository import DIMENSIONS, DoseFilter
+from services.stats.repository import DIMENSIONS, DoseFilter, table_for
 from services.stats.settings import StatsSettings
 from shared.auth import ANONYMOUS, Principal, Role
 from shared.bus import Message
@@ -313,3 +313,39 @@ def test_settings_read_their_prefix(monkeypatch: pytest.MonkeyPatch, tmp_path: A
     assert settings.consumer_name == "stats"
     assert settings.small_cell_threshold == 10
     assert settings.bus.topic == "other-events"
+
+
+# --- which table answers a cut; cached answers ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("needed", "table"),
+    [
+        ({"date", "dose_number"}, "dose_totals_by_date"),
+        ({"dose_number"}, "dose_totals_by_date"),
+        (set(), "dose_totals_by_date"),
+        ({"prefecture", "dose_number", "age_band"}, "dose_totals_by_prefecture"),
+        ({"age_band_10", "sex", "dose_number"}, "dose_totals_by_prefecture"),
+        ({"prefecture", "date", "dose_number"}, "dose_totals_by_prefecture_date"),
+        ({"date", "sex", "age_band", "dose_number"}, "dose_totals_by_cell"),
+        ({"date", "prefecture", "sex", "age_band", "medical_worker", "dose_number"}, "dose_totals_by_cell"),
+        ({"municipality"}, "dose_counts"),
+        ({"date", "vaccine"}, "dose_counts"),
+    ],
+)
+def test_a_cut_reads_the_smallest_table_with_its_dimensions(needed: set[str], table: str) -> None:
+    assert table_for(needed).name == table
+
+
+def test_the_answer_cache_is_bounded_and_keeps_no_large_answer() -> None:
+    cache = service.AnswerCache(entries=2, entry_bytes=10)
+    cache.put("a", b"1")
+    cache.put("b", b"2")
+    assert cache.get("a") == b"1"  # now the most recent
+    cache.put("c", b"3")
+    assert (cache.get("a"), cache.get("b"), cache.get("c")) == (b"1", None, b"3")
+    cache.put("big", b"x" * 11)
+    assert cache.get("big") is None
+    off = service.AnswerCache(entries=0)
+    off.put("a", b"1")
+    assert off.get("a") is None
