@@ -1,7 +1,7 @@
 """doses: the 10-year age band of the statistics cell
 
-Revision ID: 20261125_03
-Revises: 20261125_02
+Revision ID: 20261125_12
+Revises: 20261125_11
 Create Date: 2026-11-25 18:45:00
 """
 
@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "20261125_03"
-down_revision: str | None = "20261125_02"
+revision: str = "20261125_12"
+down_revision: str | None = "20261125_11"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
