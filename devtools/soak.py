@@ -493,7 +493,7 @@ def backlog(system: System) -> int:
     return total
 
 
-CELL = "vaccinated_on, municipality_code, sex, age_band, medical_worker, dose_number, vaccine"
+CELL = "vaccinated_on, municipality_code, sex, age_band, age_band_10, medical_worker, dose_number, vaccine"
 
 
 def records_cells(system: System) -> Counter[tuple[str, ...]]:
@@ -509,8 +509,8 @@ def records_cells(system: System) -> Counter[tuple[str, ...]]:
 def stats_cells(system: System) -> Counter[tuple[str, ...]]:
     rows = system.sql(
         "stats_main",
-        "SELECT date, municipality, sex, age_band, medical_worker, dose_number, vaccine, count FROM dose_counts "
-        "WHERE count <> 0",
+        "SELECT date, municipality, sex, age_band, age_band_10, medical_worker, dose_number, vaccine, count "
+        "FROM dose_counts WHERE count <> 0",
     )
     return Counter({tuple(cell): int(n) for *cell, n in rows})
 

@@ -9,6 +9,8 @@ birth date) — never a name, address or My Number.
 
 **Dose events**: an event carries the statistics cell the dose now counts in (``cell``) and the one it counted in before
 (``previous_cell``), so a consumer applies any event as ``-previous_cell, +cell`` without state of its own.
+Fields are only ever added with a default (``StatsCell.age_band_10``): an older event still decodes, and a
+consumer that predates a field ignores it.
 Never a name, a birth date, a My Number, a coupon number or a resident id: stats must not see them.
 """
 
@@ -21,7 +23,7 @@ from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.domain.age import AgeBand
+from shared.domain.age import AgeBand, AgeBand10
 from shared.domain.dose_rules import CouponInvalidReason
 from shared.domain.sex import Sex
 
@@ -91,6 +93,9 @@ class StatsCell(BaseModel):
     municipality: str = Field(pattern=r"^\d{6}$")
     sex: Sex
     age_band: AgeBand
+    # Added to schema version 1 compatibly: an event written before it decodes as unknown, which is also
+    # what records stored for the doses it already had, so a later correction takes back what was added.
+    age_band_10: AgeBand10 = AgeBand10.UNKNOWN
     medical_worker: bool
     dose_number: int = Field(ge=1)
     vaccine: str

@@ -109,6 +109,8 @@ class Dose(ShardBase):
     resident_id: Mapped[str | None] = mapped_column(String(64))
     sex: Mapped[str] = mapped_column(String(1))
     age_band: Mapped[str] = mapped_column(String(3))
+    # 0-9 … 90- or UNK; UNK for doses recorded before the column existed, as their events said (none).
+    age_band_10: Mapped[str] = mapped_column(String(5), server_default="UNK")
     voided: Mapped[bool] = mapped_column(Boolean, default=False)
     recorded_by: Mapped[str] = mapped_column(String(64))
     recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -32,7 +32,7 @@ from services.records.repository import (
 from services.records.schemas import CorrectionIn, CouponStatusOut, DoseAccepted, DoseIn, DoseOut, FindingOut
 from shared.auth import Principal, Role
 from shared.db import UnitOfWork, utcnow
-from shared.domain.age import AgeBand, age_band
+from shared.domain.age import AgeBand, AgeBand10, age_band, age_band_10
 from shared.domain.coupon import CouponLine, CouponLineError, parse_coupon_line
 from shared.domain.csv_stream import CsvFileError, Parsed
 from shared.domain.dose_csv import DoseRow, parse_dose_csv
@@ -94,6 +94,7 @@ def cell_of(dose: Dose) -> StatsCell | None:
         municipality=dose.municipality_code,
         sex=dose.sex,
         age_band=dose.age_band,
+        age_band_10=dose.age_band_10,
         medical_worker=dose.medical_worker,
         dose_number=dose.dose_number,
         vaccine=dose.vaccine,
@@ -372,6 +373,7 @@ def _cell(row: dict[str, Any]) -> StatsCell:
         municipality=row["municipality_code"],
         sex=Sex(row["sex"]),
         age_band=AgeBand(row["age_band"]),
+        age_band_10=AgeBand10(row["age_band_10"]),
         medical_worker=row["medical_worker"],
         dose_number=row["dose_number"],
         vaccine=row["vaccine"],
@@ -407,6 +409,7 @@ def _new_dose(
         "resident_id": holder.resident_id if holder else None,
         "sex": holder.sex if holder else "U",
         "age_band": age_band(holder.birth_date if holder else None, dose.vaccinated_on).value,
+        "age_band_10": age_band_10(holder.birth_date if holder else None, dose.vaccinated_on).value,
         "voided": False,
         "recorded_by": by,
         "recorded_at": now,
@@ -476,7 +479,11 @@ async def dose_versions(uow: UnitOfWork, wanted: Mapping[str, str]) -> list[tupl
 
 
 def _snapshot(dose: Dose) -> dict[str, Any]:
-    return to_out(dose).model_dump(mode="json") | {"sex": dose.sex, "age_band": dose.age_band}
+    return to_out(dose).model_dump(mode="json") | {
+        "sex": dose.sex,
+        "age_band": dose.age_band,
+        "age_band_10": dose.age_band_10,
+    }
 
 
 def _record_history(repo: DoseRepository, dose: Dose, *, change: str, reason: str, by: str) -> None:
@@ -548,14 +555,20 @@ async def apply_coupon_events(session: Any, events: Sequence[CouponEvent]) -> in
 async def _follow_holder(doses: DoseRepository, outbox_repo: OutboxRepository, coupon: CouponProjection) -> None:
     for dose in await doses.of_coupons([(coupon.municipality_code, coupon.coupon_number)], for_update=True):
         band = age_band(coupon.birth_date, dose.vaccinated_on).value
-        if (dose.resident_id, dose.sex, dose.age_band) == (coupon.resident_id, coupon.sex, band):
+        band_10 = age_band_10(coupon.birth_date, dose.vaccinated_on).value
+        if (dose.resident_id, dose.sex, dose.age_band, dose.age_band_10) == (
+            coupon.resident_id,
+            coupon.sex,
+            band,
+            band_10,
+        ):
             continue
         previous = cell_of(dose)
         was_unmatched = dose.resident_id is None
         _record_history(
             doses, dose, change="matched" if was_unmatched else "corrected", reason="coupon event", by="registry"
         )
-        dose.resident_id, dose.sex, dose.age_band = coupon.resident_id, coupon.sex, band
+        dose.resident_id, dose.sex, dose.age_band, dose.age_band_10 = coupon.resident_id, coupon.sex, band, band_10
         if dose.status == DoseStatus.UNMATCHED:
             dose.status = DoseStatus.RECORDED.value
         dose.version += 1
@@ -665,8 +678,10 @@ async def _apply_changes(
     if holder is not None:
         # The age band depends on the date of the dose; the projection knows the birth date.
         dose.age_band = age_band(holder.birth_date, dose.vaccinated_on).value
+        dose.age_band_10 = age_band_10(holder.birth_date, dose.vaccinated_on).value
     elif dose.resident_id is None:
         dose.age_band = AgeBand.UNKNOWN.value
+        dose.age_band_10 = AgeBand10.UNKNOWN.value
     dose.findings = [f.as_dict(with_detail=True) for f in findings]
     dose.rules_version = rules.version
     dose.status = decide_status(findings, matched=dose.resident_id is not None).value

@@ -10,6 +10,7 @@ from services.stats.consumer import StatsConsumer
 from services.stats.dashboard import load_echarts
 from services.stats.population import Population, PopulationError, load_population
 from services.stats.router import router
+from services.stats.service import AnswerCache
 from services.stats.settings import StatsSettings
 from shared.app import build_app
 from shared.db import Databases
@@ -37,6 +38,7 @@ def create_app(settings: StatsSettings | None = None) -> FastAPI:
         if isinstance(app.state.echarts, str):
             log.warning("dashboard unavailable: %s", app.state.echarts)
         app.state.databases = Databases.connect(settings.main_dsn, pool_size=settings.pool_size)
+        app.state.answers = AnswerCache(entries=settings.answer_cache_entries)
         consumer: StatsConsumer | None = None
         if settings.run_consumer:
             consumer = StatsConsumer.from_settings(app.state.databases.main, settings)

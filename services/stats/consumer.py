@@ -15,11 +15,10 @@ import logging
 from collections.abc import Callable, Sequence
 
 from prometheus_client import Counter, Gauge, Histogram
-from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.stats import service
-from services.stats.models import consumer_bookkeeping, dose_counts
+from services.stats.models import LIVE, Aggregates, consumer_bookkeeping
 from services.stats.service import BatchOutcome
 from services.stats.settings import StatsSettings
 from shared.bus import Message, Source, make_source
@@ -72,10 +71,10 @@ class StatsConsumer(IdempotentConsumer):
         prune_interval: float = 300.0,
         keep_offsets: int = 1_000_000,
         keep_seconds: float = 7 * 24 * 3600,
-        counts: Table = dose_counts,
+        aggregates: Aggregates = LIVE,
     ) -> None:
         self.bus = bus
-        self.counts = counts  # the live aggregates, or a rebuild's shadow table
+        self.aggregates = aggregates  # the live aggregates, or a rebuild's shadow tables
         self._outcome: BatchOutcome | None = None
         super().__init__(
             database,
@@ -117,7 +116,7 @@ class StatsConsumer(IdempotentConsumer):
     async def _apply(self, session: AsyncSession, messages: Sequence[Message]) -> int:
         self._outcome = None  # a batch whose transaction fails leaves nothing to observe
         outcome = await service.apply_messages(
-            session, consumer=self.name, topic=self.topic, messages=messages, now=utcnow(), counts=self.counts
+            session, consumer=self.name, topic=self.topic, messages=messages, now=utcnow(), aggregates=self.aggregates
         )
         self._outcome = outcome
         return len(outcome.applied)

@@ -1,11 +1,12 @@
 """Rebuilding the aggregates from the topic: ``vrs stats rebuild``.
 
-A consumer of its own name (``<consumer>-rebuild``) replays the topic from offset 0 into a shadow table
-beside the live one, while the live consumers and the API go on as usual. When the shadow has caught up
-with the live consumer's committed offsets, one transaction — holding the live consumers off — drops the
-live table, renames the shadow into its place and hands the rebuild's processed ids and offsets to the
-live consumer name. Readers see the old aggregates or the new ones, never a mix; the live consumers resume
-on the new table where the rebuild stopped (what they had read beyond it is recognised by event id).
+A consumer of its own name (``<consumer>-rebuild``) replays the topic from offset 0 into shadow tables (the
+cells and their rollups) beside the live ones, while the live consumers and the API go on as usual. When the
+shadow has caught up with the live consumer's committed offsets, one transaction — holding the live
+consumers off — drops the live tables, renames the shadows into their places and hands the rebuild's
+processed ids and offsets to the live consumer name. Readers see the old aggregates or the new ones, never a
+mix; the live consumers resume on the new tables where the rebuild stopped (what they had read beyond it is
+recognised by event id).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from sqlalchemy import MetaData
 
 from services.stats.consumer import StatsConsumer
-from services.stats.models import consumer_bookkeeping, counts_table, dose_counts
+from services.stats.models import Aggregates, consumer_bookkeeping
 from services.stats.repository import RebuildRepository
 from services.stats.settings import StatsSettings
 from shared.consumer import Bookkeeping
@@ -24,7 +25,7 @@ from shared.db import Database, utcnow
 
 log = logging.getLogger(__name__)
 
-SHADOW = f"{dose_counts.name}_rebuild"
+SHADOW_SUFFIX = "_rebuild"  # dose_counts_rebuild, dose_totals_by_date_rebuild, …
 
 
 @dataclass(frozen=True)
@@ -43,12 +44,12 @@ async def rebuild(
 ) -> Rebuilt:
     live = settings.consumer_name
     name = f"{live}-rebuild"[:64]
-    shadow = counts_table(SHADOW, MetaData())
+    shadow = Aggregates.named(MetaData(), SHADOW_SUFFIX)
     topic = settings.bus.topic
     async with database.sessionmaker() as session, session.begin():
         await RebuildRepository(session).prepare(shadow, name)
     consumer = StatsConsumer(
-        database, bus=settings.bus, name=name, max_records=max_records, poll_timeout=idle, counts=shadow
+        database, bus=settings.bus, name=name, max_records=max_records, poll_timeout=idle, aggregates=shadow
     )
     applied = 0
     try:

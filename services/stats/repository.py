@@ -5,7 +5,7 @@ Queries are built from the whitelist below: a caller names dimensions, never col
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, Literal, get_args
@@ -28,45 +28,88 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from services.stats.models import consumer_offsets, consumer_state, dose_counts, processed_events
+from services.stats.models import (
+    LIVE,
+    Aggregates,
+    aggregates_version,
+    consumer_offsets,
+    consumer_state,
+    dose_counts,
+    processed_events,
+)
 from shared.db import upsert
+from shared.domain.age import AgeBand10
 from shared.events import StatsCell
 
-Dimension = Literal["date", "prefecture", "municipality", "sex", "age_band", "medical_worker", "dose_number", "vaccine"]
+Dimension = Literal[
+    "date", "prefecture", "municipality", "sex", "age_band", "age_band_10", "medical_worker", "dose_number", "vaccine"
+]
 DIMENSIONS: tuple[Dimension, ...] = get_args(Dimension)
 
 # A result row of any shape (SQLAlchemy 2.1 types rows by their column types).
 AnyRow = Row[*tuple[Any, ...]]
 
-_c = dose_counts.c
-_COLUMNS: dict[Dimension, Column[Any]] = {name: _c[name] for name in DIMENSIONS}
 _CELL_KEY = [column.name for column in dose_counts.primary_key.columns]
 
 # Explicit ranks instead of string order, so the result does not depend on a PostgreSQL collation
 # (the open-data files must come out byte-identical on every database).
-_SEX_RANK = case({"F": 0, "M": 1, "U": 2}, value=_c.sex, else_=3)
-_AGE_RANK = case({"-64": 0, "65-": 1, "UNK": 2}, value=_c.age_band, else_=3)
+_SEX_RANKS = {"F": 0, "M": 1, "U": 2}
+_AGE_RANKS = {"-64": 0, "65-": 1, "UNK": 2}
+# Youngest first, unknown last ("10-19" would sort before "0-9" as a string).
+_AGE_10_RANKS = {band.value: rank for rank, band in enumerate(AgeBand10)}
+_RANKS: dict[str, dict[str, int]] = {"sex": _SEX_RANKS, "age_band": _AGE_RANKS, "age_band_10": _AGE_10_RANKS}
 
-_SUM = func.sum(_c.count)
-_TOTAL = cast(_SUM, BigInteger)  # PostgreSQL sums a bigint to numeric
+# Dimensions finer than the open data, which the Digital Agency publishes at full detail by prefecture
+# (date × prefecture × sex × age band × medical worker × dose number): a cut by any of them is a fine cut.
+# Summing them away from any cell gives a cell no finer than the published ones.
+FINE_DIMENSIONS: frozenset[Dimension] = frozenset({"municipality", "vaccine", "age_band_10"})
 
 
-def _order_keys(name: Dimension, columns: Any = None) -> list[ColumnElement[Any]]:
-    """Sort keys of a dimension, on the counts table or on ``columns`` (a subquery's) of the same names."""
-    if columns is None:
-        if name == "sex":
-            return [_SEX_RANK, _c.sex]
-        if name == "age_band":
-            return [_AGE_RANK, _c.age_band]
-        return [_COLUMNS[name]]
+def dimensions_of(table: Table) -> frozenset[str]:
+    return frozenset(column.name for column in table.primary_key.columns)
+
+
+def table_for(needed: Iterable[str], aggregates: Aggregates = LIVE) -> Table:
+    """The smallest table of ``aggregates`` that has every dimension in ``needed``: a rollup, else the cells."""
+    wanted = set(needed)
+    for table in aggregates.rollups:
+        if wanted <= dimensions_of(table):
+            return table
+    return aggregates.counts
+
+
+_VERSION = select(
+    select(aggregates_version.c.version).where(aggregates_version.c.id == 1).scalar_subquery(),
+    select(func.max(consumer_state.c.updated_at)).scalar_subquery(),
+)
+
+
+async def read_version(engine: AsyncEngine) -> tuple[int, datetime | None]:
+    """(the aggregates' version, as_of): what a cached answer is keyed by.
+
+    One statement outside a transaction: a cached answer then costs a single round trip (no BEGIN, no
+    ROLLBACK), and a single statement sees one snapshot anyway.
+    """
+    async with engine.connect() as connection:
+        autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
+        row = (await autocommit.execute(_VERSION)).one()
+    return int(row[0] or 0), row[1]
+
+
+def _total(table: Table) -> ColumnElement[Any]:
+    return cast(func.sum(table.c["count"]), BigInteger)  # PostgreSQL sums a bigint to numeric
+
+
+def _order_keys(name: str, columns: Any) -> list[ColumnElement[Any]]:
+    """Sort keys of a dimension on ``columns`` (a table's or a subquery's ``.c``)."""
     column = columns[name]
-    if name == "sex":
-        return [case({"F": 0, "M": 1, "U": 2}, value=column, else_=3), column]
-    if name == "age_band":
-        return [case({"-64": 0, "65-": 1, "UNK": 2}, value=column, else_=3), column]
-    return [column]
+    ranks = _RANKS.get(name)
+    if ranks is None:
+        return [column]
+    return [case(ranks, value=column, else_=len(ranks)), column]
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,42 +121,51 @@ class DoseFilter:
     prefecture: str | None = None
     municipality: str | None = None
 
-    def clauses(self) -> list[ColumnElement[bool]]:
+    def dimensions(self) -> set[str]:
+        """The dimensions a table needs to apply this filter."""
+        out = set()
+        if self.date_from is not None or self.date_to is not None:
+            out.add("date")
+        if self.prefecture is not None:
+            out.add("prefecture")
+        if self.municipality is not None:
+            out.add("municipality")
+        return out
+
+    def clauses(self, table: Table) -> list[ColumnElement[bool]]:
+        c = table.c
         out: list[ColumnElement[bool]] = []
         if self.date_from is not None:
-            out.append(_c.date >= self.date_from)
+            out.append(c.date >= self.date_from)
         if self.date_to is not None:
-            out.append(_c.date <= self.date_to)
+            out.append(c.date <= self.date_to)
         if self.prefecture is not None:
-            out.append(_c.prefecture == self.prefecture)
+            out.append(c.prefecture == self.prefecture)
         if self.municipality is not None:
-            out.append(_c.municipality == self.municipality)
+            out.append(c.municipality == self.municipality)
         return out
+
+
+def _grouped(table: Table, group_by: Sequence[str], where: DoseFilter) -> Select[Any]:
+    """(the group_by values..., count) of ``table``, count > 0, sorted by the values."""
+    columns = [table.c[name] for name in group_by]
+    return (
+        select(*columns, _total(table).label("count"))
+        .where(*where.clauses(table))
+        .group_by(*columns)
+        .having(func.sum(table.c["count"]) > 0)
+        .order_by(*(key for name in group_by for key in _order_keys(name, table.c)))
+    )
 
 
 class StatsRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
-    async def as_of(self) -> datetime | None:
-        moment: datetime | None = await self.session.scalar(select(func.max(consumer_state.c.updated_at)))
-        return moment
-
     async def total(self, where: DoseFilter) -> int:
-        value = await self.session.scalar(select(func.coalesce(_TOTAL, 0)).where(*where.clauses()))
+        table = table_for(where.dimensions())
+        value = await self.session.scalar(select(func.coalesce(_total(table), 0)).where(*where.clauses(table)))
         return int(value or 0)
-
-    async def grouped_counts(self, group_by: Sequence[Dimension], where: DoseFilter) -> Sequence[AnyRow]:
-        """Rows of (the group_by values in order..., count), count > 0, sorted by the values."""
-        columns = [_COLUMNS[name] for name in group_by]
-        stmt = (
-            select(*columns, _TOTAL.label("count"))
-            .where(*where.clauses())
-            .group_by(*columns)
-            .having(_SUM > 0)
-            .order_by(*(key for name in group_by for key in _order_keys(name)))
-        )
-        return (await self.session.execute(stmt)).all()
 
     def cut_statement(
         self,
@@ -126,22 +178,18 @@ class StatsRepository:
     ) -> Select[Any]:
         """Rows of (the group_by values..., count), count > 0, sorted by the values; one page of them.
 
+        Read from the smallest rollup that has the dimensions the cut groups and filters by.
+
         With ``suppress_below`` (a public fine cut), a count from 1 to ``suppress_below - 1`` comes back as
         NULL, and so does the smallest other count of a group of cells that adds up to a published total
         when exactly one cell of that group is small (else the total minus the others would give it away).
-        The group is every cell with the same values but for municipality and vaccine, within a prefecture.
+        The group is every cell with the same values but for the fine dimensions (municipality, vaccine,
+        10-year age band), within a prefecture.
         A municipality filter is applied only after the decision, so asking for one municipality hides
         exactly what the grouped cut hides.
         """
         if not suppress_below:
-            columns = [_COLUMNS[name] for name in group_by]
-            stmt = (
-                select(*columns, _TOTAL.label("count"))
-                .where(*where.clauses())
-                .group_by(*columns)
-                .having(_SUM > 0)
-                .order_by(*(key for name in group_by for key in _order_keys(name)))
-            )
+            stmt = _grouped(table_for({*group_by, *where.dimensions()}), group_by, where)
             return stmt.limit(limit).offset(offset) if limit is not None else stmt
         fine_municipality = "municipality" in group_by or where.municipality is not None
         inner_dims: list[Dimension] = list(group_by)
@@ -156,16 +204,17 @@ class StatsRepository:
                 inner_where = DoseFilter(
                     date_from=where.date_from, date_to=where.date_to, prefecture=where.municipality[:2]
                 )
-        inner_columns = [_COLUMNS[name] for name in inner_dims]
+        table = table_for({*inner_dims, *inner_where.dimensions()})
+        inner_columns = [table.c[name] for name in inner_dims]
         cut = (
-            select(*inner_columns, _TOTAL.label("count"))
-            .where(*inner_where.clauses())
+            select(*inner_columns, _total(table).label("count"))
+            .where(*inner_where.clauses(table))
             .group_by(*inner_columns)
-            .having(_SUM > 0)
+            .having(func.sum(table.c["count"]) > 0)
             .cte("cut")
         )
         small = case((cut.c["count"] < suppress_below, 1), else_=0)
-        partition = [cut.c[name] for name in inner_dims if name not in ("municipality", "vaccine")]
+        partition = [cut.c[name] for name in inner_dims if name not in FINE_DIMENSIONS]
         marked = select(
             cut,
             small.label("small"),
@@ -176,11 +225,13 @@ class StatsRepository:
         ).subquery("marked")
         m = marked.c
         hidden = or_(m.small == 1, and_(m.smalls == 1, m.small == 0, m.rank == 1))
-        stmt = select(*(m[name] for name in group_by), case((hidden, None), else_=m["count"]).label("count"))
+        shown: Select[Any] = select(
+            *(m[name] for name in group_by), case((hidden, None), else_=m["count"]).label("count")
+        )
         if where.municipality is not None:
-            stmt = stmt.where(m.municipality == where.municipality)
-        stmt = stmt.order_by(*(key for name in group_by for key in _order_keys(name, m)))
-        return stmt.limit(limit).offset(offset) if limit is not None else stmt
+            shown = shown.where(m.municipality == where.municipality)
+        shown = shown.order_by(*(key for name in group_by for key in _order_keys(name, m)))
+        return shown.limit(limit).offset(offset) if limit is not None else shown
 
     async def stream_rows(self, stmt: Select[Any], *, chunk_rows: int) -> AsyncIterator[Sequence[AnyRow]]:
         result = await self.session.stream(stmt.execution_options(yield_per=chunk_rows))
@@ -193,11 +244,14 @@ class StatsRepository:
         A cell's count is the number of live doses in it, and each person has at most one live dose of a
         given number (records refuses a second one), so a sum over dose_number = N is a count of people.
         """
-        keys: list[Column[Any]] = ([_c.prefecture] if by_prefecture else []) + [_c.dose_number]
-        senior = cast(func.sum(case((_c.age_band == "65-", _c.count), else_=0)), BigInteger)
-        stmt = select(*keys, _TOTAL.label("people"), senior.label("people_65_and_over")).group_by(*keys).order_by(*keys)
+        t = table_for({"prefecture", "dose_number", "age_band"})
+        keys: list[Column[Any]] = ([t.c.prefecture] if by_prefecture else []) + [t.c.dose_number]
+        senior = cast(func.sum(case((t.c.age_band == "65-", t.c["count"]), else_=0)), BigInteger)
+        stmt = (
+            select(*keys, _total(t).label("people"), senior.label("people_65_and_over")).group_by(*keys).order_by(*keys)
+        )
         if prefecture is not None:
-            stmt = stmt.where(_c.prefecture == prefecture)
+            stmt = stmt.where(t.c.prefecture == prefecture)
         return (await self.session.execute(stmt)).all()
 
     async def prefecture_cells(self, *, chunk_rows: int) -> AsyncIterator[Sequence[AnyRow]]:
@@ -205,14 +259,14 @@ class StatsRepository:
 
         Rows: date, prefecture, sex, age_band, medical_worker, dose_number, doses.
         """
-        keys = [_c.date, _c.prefecture, _c.sex, _c.age_band, _c.medical_worker, _c.dose_number]
+        names = ["date", "prefecture", "sex", "age_band", "medical_worker", "dose_number"]
+        t = table_for(names)
+        keys = [t.c[name] for name in names]
         stmt = (
-            select(*keys, _TOTAL.label("doses"))  # not "count": a row is a tuple, and tuples have .count()
+            select(*keys, _total(t).label("doses"))  # not "count": a row is a tuple, and tuples have .count()
             .group_by(*keys)
-            .having(_SUM > 0)
-            .order_by(
-                _c.date, _c.prefecture, _SEX_RANK, _c.sex, _AGE_RANK, _c.age_band, _c.medical_worker, _c.dose_number
-            )
+            .having(func.sum(t.c["count"]) > 0)
+            .order_by(*(key for name in names for key in _order_keys(name, t.c)))
             .execution_options(yield_per=chunk_rows)
         )
         result = await self.session.stream(stmt)
@@ -221,14 +275,15 @@ class StatsRepository:
 
     async def general_doses_by_date(self, *, chunk_rows: int) -> AsyncIterator[Sequence[AnyRow]]:
         """Per date: (date, first, second) doses of non-medical-workers, dates with either above zero."""
-        first = func.sum(case((_c.dose_number == 1, _c.count), else_=0))
-        second = func.sum(case((_c.dose_number == 2, _c.count), else_=0))
+        t = table_for({"date", "medical_worker", "dose_number"})
+        first = func.sum(case((t.c.dose_number == 1, t.c["count"]), else_=0))
+        second = func.sum(case((t.c.dose_number == 2, t.c["count"]), else_=0))
         stmt = (
-            select(_c.date, cast(first, BigInteger).label("first"), cast(second, BigInteger).label("second"))
-            .where(_c.medical_worker.is_(False), _c.dose_number.in_((1, 2)))
-            .group_by(_c.date)
+            select(t.c.date, cast(first, BigInteger).label("first"), cast(second, BigInteger).label("second"))
+            .where(t.c.medical_worker.is_(False), t.c.dose_number.in_((1, 2)))
+            .group_by(t.c.date)
             .having(or_(first > 0, second > 0))
-            .order_by(_c.date)
+            .order_by(t.c.date)
             .execution_options(yield_per=chunk_rows)
         )
         result = await self.session.stream(stmt)
@@ -239,26 +294,39 @@ class StatsRepository:
 class ConsumerRepository:
     """The consumer's writes to the aggregates (its bookkeeping is :class:`shared.consumer.Bookkeeping`'s).
 
-    Each call is one statement; the caller's transaction holds them together.
-
-    ``counts`` is the aggregates table written to: the live one, or a rebuild's shadow.
+    The caller's transaction holds the statements together. ``aggregates`` are the tables written to: the
+    live ones, or a rebuild's shadows.
     """
 
-    def __init__(self, session: AsyncSession, *, counts: Table = dose_counts) -> None:
+    def __init__(self, session: AsyncSession, *, aggregates: Aggregates = LIVE) -> None:
         self.session = session
-        self.counts = counts
+        self.aggregates = aggregates
 
     async def add_to_counts(self, deltas: Mapping[StatsCell, int]) -> None:
-        """``count += delta`` per cell, creating cells on first sight."""
+        """``count += delta`` per cell and per rollup row, creating rows on first sight; the version grows.
+
+        The finest table first and the coarsest rollup last: its few rows are the ones every batch touches,
+        so they stay locked for the shortest time before the commit.
+        """
         if not deltas:
             return
-        # One fixed order for every writer, so two consumers touching the same cells cannot deadlock.
-        cells = sorted(deltas, key=_cell_sort_key)
-        stmt = upsert(self.session, self.counts)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=_CELL_KEY, set_={"count": self.counts.c["count"] + stmt.excluded["count"]}
-        )
-        await self.session.execute(stmt, [{**_cell_values(cell), "count": deltas[cell]} for cell in cells])
+        rows = [{**_cell_values(cell), "count": delta} for cell, delta in deltas.items()]
+        await self._add(self.aggregates.counts, rows)
+        for table in reversed(self.aggregates.rollups):
+            await self._add(table, _fold(rows, [column.name for column in table.primary_key.columns]))
+        stmt = upsert(self.session, aggregates_version).values(id=1, version=1)
+        stmt = stmt.on_conflict_do_update(index_elements=["id"], set_={"version": aggregates_version.c.version + 1})
+        await self.session.execute(stmt)
+
+    async def _add(self, table: Table, rows: list[dict[str, Any]]) -> None:
+        key = [column.name for column in table.primary_key.columns]
+        # One fixed order for every writer, so two consumers touching the same rows cannot deadlock.
+        rows = sorted((r for r in rows if r["count"]), key=lambda r: tuple(r[k] for k in key))
+        if not rows:
+            return
+        stmt = upsert(self.session, table)
+        stmt = stmt.on_conflict_do_update(index_elements=key, set_={"count": table.c["count"] + stmt.excluded["count"]})
+        await self.session.execute(stmt, rows)
 
     async def store_state(self, consumer: str, *, last_event_at: datetime, updated_at: datetime) -> None:
         stmt = upsert(self.session, consumer_state).values(
@@ -278,18 +346,24 @@ def _cell_values(cell: StatsCell) -> dict[str, Any]:
         "municipality": cell.municipality,
         "sex": cell.sex,
         "age_band": cell.age_band.value,
+        "age_band_10": cell.age_band_10.value,
         "medical_worker": cell.medical_worker,
         "dose_number": cell.dose_number,
         "vaccine": cell.vaccine,
     }
 
 
-def _cell_sort_key(cell: StatsCell) -> tuple[Any, ...]:
-    return tuple(_cell_values(cell).values())
+def _fold(rows: list[dict[str, Any]], dimensions: list[str]) -> list[dict[str, Any]]:
+    """The rows summed over every dimension not in ``dimensions``."""
+    sums: dict[tuple[Any, ...], int] = {}
+    for row in rows:
+        key = tuple(row[d] for d in dimensions)
+        sums[key] = sums.get(key, 0) + row["count"]
+    return [{**dict(zip(dimensions, key, strict=True)), "count": count} for key, count in sums.items()]
 
 
 class RebuildRepository:
-    """A rebuild's DDL and bookkeeping: a shadow aggregates table filled beside the live one, then swapped in."""
+    """A rebuild's DDL and bookkeeping: shadow aggregates filled beside the live ones, then swapped in."""
 
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
@@ -297,11 +371,16 @@ class RebuildRepository:
     def _dialect(self) -> str:
         return self.session.get_bind().dialect.name
 
-    async def prepare(self, shadow: Table, consumer: str) -> None:
-        """An empty shadow table and no bookkeeping under ``consumer``: a rebuild starts from offset 0."""
+    async def prepare(self, shadow: Aggregates, consumer: str) -> None:
+        """Empty shadow tables and no bookkeeping under ``consumer``: a rebuild starts from offset 0."""
         connection = await self.session.connection()
-        await connection.run_sync(lambda sync: shadow.drop(sync, checkfirst=True))
-        await connection.run_sync(lambda sync: shadow.create(sync))
+
+        def recreate(sync: Connection) -> None:
+            for table in shadow.tables:
+                table.drop(sync, checkfirst=True)
+                table.create(sync)
+
+        await connection.run_sync(recreate)
         for table in (processed_events, consumer_offsets, consumer_state):
             await self.session.execute(delete(table).where(table.c.consumer == consumer))
 
@@ -309,25 +388,27 @@ class RebuildRepository:
         """Hold off the live consumers until this transaction ends.
 
         Their batch transaction writes ``processed_events`` first, so they wait here before touching the
-        aggregates, and then find the swapped-in table. (SQLite has one writer at a time anyway.)
+        aggregates, and then find the swapped-in tables. (SQLite has one writer at a time anyway.)
         """
         if self._dialect() == "postgresql":
             await self.session.execute(text("LOCK TABLE processed_events IN EXCLUSIVE MODE"))
 
-    async def swap(self, shadow: Table, *, live: str, rebuilt: str, topic: str, now: datetime) -> None:
+    async def swap(self, shadow: Aggregates, *, live: str, rebuilt: str, topic: str, now: datetime) -> None:
         """Replace the live aggregates with the shadow's, and the live consumer's bookkeeping with the rebuild's."""
-        live_name, shadow_name = dose_counts.name, shadow.name
-        statements = [f"DROP TABLE {live_name}", f"ALTER TABLE {shadow_name} RENAME TO {live_name}"]
-        if self._dialect() == "postgresql":
-            statements += [
-                f"ALTER INDEX {shadow_name}_pkey RENAME TO {live_name}_pkey",
-                f"ALTER INDEX ix_{shadow_name}_municipality_date RENAME TO ix_{live_name}_municipality_date",
-            ]
-        else:  # SQLite cannot rename an index
-            statements += [
-                f"DROP INDEX ix_{shadow_name}_municipality_date",
-                f"CREATE INDEX ix_{live_name}_municipality_date ON {live_name} (municipality, date)",
-            ]
+        statements: list[str] = []
+        for live_table, shadow_table in zip(LIVE.tables, shadow.tables, strict=True):
+            live_name, shadow_name = live_table.name, shadow_table.name
+            statements += [f"DROP TABLE {live_name}", f"ALTER TABLE {shadow_name} RENAME TO {live_name}"]
+            if self._dialect() == "postgresql":
+                statements.append(f"ALTER INDEX {shadow_name}_pkey RENAME TO {live_name}_pkey")
+            for index in shadow_table.indexes:
+                columns = ", ".join(column.name for column in index.columns)
+                if self._dialect() == "postgresql":
+                    live_index = str(index.name).replace(shadow_name, live_name)
+                    statements.append(f"ALTER INDEX {index.name} RENAME TO {live_index}")
+                else:  # SQLite cannot rename an index
+                    live_index = str(index.name).replace(shadow_name, live_name)
+                    statements += [f"DROP INDEX {index.name}", f"CREATE INDEX {live_index} ON {live_name} ({columns})"]
         for statement in statements:
             await self.session.execute(text(statement))
         p, o, s = processed_events, consumer_offsets, consumer_state
@@ -337,5 +418,25 @@ class RebuildRepository:
         await self.session.execute(update(o).where(o.c.consumer == rebuilt).values(consumer=live))
         last_event_at = await self.session.scalar(select(s.c.last_event_at).where(s.c.consumer == rebuilt))
         await self.session.execute(delete(s).where(s.c.consumer.in_((live, rebuilt))))
-        # as_of moves to now: the aggregates changed (if only in their history).
+        # as_of moves to now: the aggregates changed (if only in their history); cached answers are stale.
         await self.session.execute(insert(s).values(consumer=live, last_event_at=last_event_at, updated_at=now))
+        await self.session.execute(update(aggregates_version).values(version=aggregates_version.c.version + 1))
+
+
+class RollupRepository:
+    """Rollups refilled from the cells: after a bulk load straight into ``dose_counts`` (benchmarks, tests)."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def refill(self, aggregates: Aggregates = LIVE) -> None:
+        for table in aggregates.rollups:
+            key = [aggregates.counts.c[column.name] for column in table.primary_key.columns]
+            await self.session.execute(delete(table))
+            await self.session.execute(
+                insert(table).from_select(
+                    [*(column.name for column in key), "count"],
+                    select(*key, func.sum(aggregates.counts.c["count"])).group_by(*key),
+                )
+            )
+        await self.session.execute(update(aggregates_version).values(version=aggregates_version.c.version + 1))

@@ -13,7 +13,7 @@ from services.stats.dashboard import DASHBOARD, ECHARTS_ASSET, Script, unavailab
 from services.stats.schemas import CoverageOut, DosesOut
 from services.stats.settings import StatsSettings
 from shared.auth import PrincipalDep
-from shared.db import Database, UnitOfWorkDep
+from shared.db import Database
 from shared.errors import InvalidField, NotFound, ServiceUnavailable, Unauthorized, responses
 
 router = APIRouter(tags=["stats"])
@@ -23,7 +23,8 @@ GroupBy = Annotated[
     Query(
         max_length=200,
         description="comma-separated dimensions, kept in this order in each row: date, prefecture, "
-        "municipality, sex, age_band, medical_worker, dose_number, vaccine; empty for one total row",
+        "municipality, sex, age_band (-64, 65-, UNK), age_band_10 (0-9, 10-19 … 80-89, 90-, UNK), medical_worker, "
+        "dose_number, vaccine; empty for one total row",
         examples=["date,prefecture"],
     ),
 ]
@@ -52,8 +53,8 @@ async def get_doses(
     limit: Annotated[int | None, Query(ge=1, description="rows per page (default and most: 50,000)")] = None,
     offset: Annotated[int, Query(ge=0, description="rows to skip: the next_offset of the previous page")] = 0,
 ) -> StreamingResponse:
-    """Anyone may cut by every dimension. Cuts finer than the open data (by municipality or vaccine) hide
-    counts 1-9 — and what would reveal them — as null, except for role national."""
+    """Anyone may cut by every dimension. Cuts finer than the open data (by municipality, vaccine or 10-year
+    age band) hide counts 1-9 — and what would reveal them — as null, except for role national."""
     settings: StatsSettings = request.app.state.settings
     dimensions = service.parse_group_by(group_by)
     where = service.parse_filter(date_from=date_from, date_to=date_to, prefecture=prefecture, municipality=municipality)
@@ -69,6 +70,7 @@ async def get_doses(
         suppress_below=suppress,
         limit=limit or settings.max_cut_rows,
         offset=offset,
+        cache=request.app.state.answers,
     )
     return await _streamed(chunks, media_type="application/json")
 
@@ -81,19 +83,24 @@ async def get_doses(
 )
 async def get_coverage(
     request: Request,
-    uow: UnitOfWorkDep,
     prefecture: Annotated[
         str | None, Query(max_length=2, description="2-digit prefecture code; absent: national")
     ] = None,
     group_by: Annotated[
         str | None, Query(max_length=20, description="'prefecture' for one set of rows per prefecture")
     ] = None,
-) -> CoverageOut:
+) -> Response:
     """Public: prefecture-level and national figures only."""
     place, by_prefecture = service.parse_coverage_query(prefecture=prefecture, group_by=group_by)
-    return await service.coverage(
-        uow.main(), population=request.app.state.population, prefecture=place, by_prefecture=by_prefecture
+    answer = await service.coverage(
+        _database(request),
+        population=request.app.state.population,
+        prefecture=place,
+        by_prefecture=by_prefecture,
+        cache=request.app.state.answers,
     )
+    # Serialised once by the service (and maybe cached): CoverageOut is its shape (response_model, for the docs).
+    return Response(answer, media_type="application/json")
 
 
 async def _streamed(chunks: AsyncGenerator[bytes, None], *, media_type: str) -> StreamingResponse:

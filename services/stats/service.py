@@ -9,22 +9,24 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import AsyncGenerator, Iterable, Sequence
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 
 from pydantic import ValidationError
-from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.stats.models import consumer_bookkeeping, dose_counts
+from services.stats.models import LIVE, Aggregates, consumer_bookkeeping
 from services.stats.population import Denominator, Population
 from services.stats.repository import (
     DIMENSIONS,
+    FINE_DIMENSIONS,
     ConsumerRepository,
     Dimension,
     DoseFilter,
     StatsRepository,
+    read_version,
 )
 from services.stats.schemas import CoverageOut, CoverageRow, RowValue
 from shared.auth import Principal, Role
@@ -128,7 +130,7 @@ async def apply_messages(
     topic: str,
     messages: Sequence[Message],
     now: datetime,
-    counts: Table = dose_counts,
+    aggregates: Aggregates = LIVE,
 ) -> BatchOutcome:
     """Apply one polled batch inside the caller's transaction: processed ids, counts, state (the loop stores
     the offsets in the same transaction).
@@ -140,7 +142,7 @@ async def apply_messages(
     events, undecodable = decode_messages(messages, positions=positions)
     fresh_ids = await Bookkeeping(session, consumer_bookkeeping).claim(consumer, positions, at=now)
     applied = [e for e in events if e.event_id in fresh_ids]
-    repo = ConsumerRepository(session, counts=counts)
+    repo = ConsumerRepository(session, aggregates=aggregates)
     await repo.add_to_counts(fold_deltas(applied))
     if applied:
         await repo.store_state(consumer, last_event_at=max(to_utc(e.occurred_at) for e in applied), updated_at=now)
@@ -206,11 +208,6 @@ def parse_filter(
     return DoseFilter(date_from=start, date_to=end, prefecture=prefecture, municipality=municipality)
 
 
-# Dimensions finer than the open data, which the Digital Agency publishes at full detail by prefecture
-# (date × prefecture × sex × age band × medical worker × dose number): a cut using either is a fine cut.
-FINE_DIMENSIONS = frozenset({"municipality", "vaccine"})
-
-
 def is_fine_cut(group_by: Sequence[Dimension], where: DoseFilter) -> bool:
     return bool(FINE_DIMENSIONS & set(group_by)) or where.municipality is not None
 
@@ -231,6 +228,40 @@ def as_utc(moment: datetime | None) -> datetime | None:
     return None if moment is None else to_utc(moment)
 
 
+class AnswerCache:
+    """Answers already computed, by (the aggregates' version, as_of, the question): a bounded LRU per process.
+
+    The version grows in every transaction that changes the aggregates (``aggregates_version``) and is read
+    before the rows, so a cached answer is never older than the version a request reads — the same promise
+    an uncached answer makes with ``as_of``. Dashboards ask the same few questions every few seconds;
+    between two batches of the consumer they cost one small query each. Large answers (a long page of a
+    fine cut) are not kept.
+    """
+
+    def __init__(self, *, entries: int = 512, entry_bytes: int = 256 * 1024) -> None:
+        self.entries = entries
+        self.entry_bytes = entry_bytes
+        self._answers: OrderedDict[Hashable, bytes] = OrderedDict()
+
+    def get(self, key: Hashable) -> bytes | None:
+        answer = self._answers.get(key)
+        if answer is not None:
+            self._answers.move_to_end(key)
+        return answer
+
+    def put(self, key: Hashable, answer: bytes) -> None:
+        if self.entries <= 0 or len(answer) > self.entry_bytes:
+            return
+        self._answers[key] = answer
+        self._answers.move_to_end(key)
+        while len(self._answers) > self.entries:
+            self._answers.popitem(last=False)
+
+
+def _as_of_json(as_of: datetime | None) -> bytes:
+    return json.dumps(as_of.isoformat().replace("+00:00", "Z") if as_of else None).encode()
+
+
 async def dose_cut(
     database: Database,
     *,
@@ -239,46 +270,78 @@ async def dose_cut(
     suppress_below: int,
     limit: int,
     offset: int,
+    cache: AnswerCache | None = None,
 ) -> AsyncGenerator[bytes, None]:
     """The JSON answer of ``GET /api/v1/stats/doses``, streamed: ``{"as_of", "rows": [...]}``, then
     ``"next_offset"`` when more rows follow this page and ``"suppressed"`` (rows whose count is hidden as
-    null) when the cut was suppressed. Rows come from the database in chunks, never all at once."""
+    null) when the cut was suppressed. Rows come from the database in chunks, never all at once; an answer
+    small enough is kept in ``cache`` until the aggregates change."""
+    # Read the version and as_of before the rows: the rows are then at least as new as they claim.
+    version, moment = await read_version(database.engine)
+    as_of = as_utc(moment)
+    key = ("doses", version, as_of, tuple(group_by), where, suppress_below, limit, offset)
+    if cache is not None and (answer := cache.get(key)) is not None:
+        yield answer
+        return
     async with database.sessionmaker() as session:
         repo = StatsRepository(session)
-        # Read as_of before the rows: the rows are then at least as new as the time they claim.
-        as_of = as_utc(await repo.as_of())
-        yield b'{"as_of":' + json.dumps(as_of.isoformat().replace("+00:00", "Z") if as_of else None).encode()
-        if not group_by and not suppress_below:
-            yield b',"rows":[{"count":' + str(await repo.total(where)).encode() + b"}]}"
-            return
-        stmt = repo.cut_statement(group_by, where, suppress_below=suppress_below, limit=limit + 1, offset=offset)
-        shown = hidden = 0
-        more = False
-        yield b',"rows":['
-        async for rows in repo.stream_rows(stmt, chunk_rows=CUT_CHUNK_ROWS):
-            parts: list[str] = []
-            for values in rows:
-                if shown == limit:
-                    more = True
-                    break
-                row: dict[str, RowValue | None] = {
-                    name: _json_value(value) for name, value in zip(group_by, values[: len(group_by)], strict=True)
-                }
-                count = values[-1]
-                row["count"] = None if count is None else int(count)
-                hidden += count is None
-                parts.append(("," if shown else "") + json.dumps(row, ensure_ascii=False, separators=(",", ":")))
-                shown += 1
-            if parts:
-                yield "".join(parts).encode()
-        if not group_by and shown == 0:
-            yield b'{"count":0}'  # no doses in the municipality asked for
-        tail = "]"
-        if more:
-            tail += f',"next_offset":{offset + limit}'
-        if suppress_below:
-            tail += f',"suppressed":{hidden}'
-        yield (tail + "}").encode()
+        kept: list[bytes] | None = [] if cache is not None else None
+        room = cache.entry_bytes if cache is not None else 0
+        async for chunk in _cut_chunks(
+            repo, as_of, group_by=group_by, where=where, suppress_below=suppress_below, limit=limit, offset=offset
+        ):
+            if kept is not None:
+                room -= len(chunk)
+                kept = kept if room >= 0 else None  # too large to keep: stop collecting
+                if kept is not None:
+                    kept.append(chunk)
+            yield chunk
+        if cache is not None and kept is not None:
+            cache.put(key, b"".join(kept))
+
+
+async def _cut_chunks(
+    repo: StatsRepository,
+    as_of: datetime | None,
+    *,
+    group_by: Sequence[Dimension],
+    where: DoseFilter,
+    suppress_below: int,
+    limit: int,
+    offset: int,
+) -> AsyncGenerator[bytes, None]:
+    yield b'{"as_of":' + _as_of_json(as_of)
+    if not group_by and not suppress_below:
+        yield b',"rows":[{"count":' + str(await repo.total(where)).encode() + b"}]}"
+        return
+    stmt = repo.cut_statement(group_by, where, suppress_below=suppress_below, limit=limit + 1, offset=offset)
+    shown = hidden = 0
+    more = False
+    yield b',"rows":['
+    async for rows in repo.stream_rows(stmt, chunk_rows=CUT_CHUNK_ROWS):
+        parts: list[str] = []
+        for values in rows:
+            if shown == limit:
+                more = True
+                break
+            row: dict[str, RowValue | None] = {
+                name: _json_value(value) for name, value in zip(group_by, values[: len(group_by)], strict=True)
+            }
+            count = values[-1]
+            row["count"] = None if count is None else int(count)
+            hidden += count is None
+            parts.append(("," if shown else "") + json.dumps(row, ensure_ascii=False, separators=(",", ":")))
+            shown += 1
+        if parts:
+            yield "".join(parts).encode()
+    if not group_by and shown == 0:
+        yield b'{"count":0}'  # no doses in the municipality asked for
+    tail = "]"
+    if more:
+        tail += f',"next_offset":{offset + limit}'
+    if suppress_below:
+        tail += f',"suppressed":{hidden}'
+    yield (tail + "}").encode()
 
 
 # --- coverage (GET /api/v1/stats/coverage) ------------------------------------------------------------
@@ -313,13 +376,15 @@ def _coverage_row(prefecture: str | None, denominator: Denominator, dose: int, p
 
 
 async def coverage(
-    session: AsyncSession,
+    database: Database,
     *,
     population: Population | str,
     prefecture: str | None,
     by_prefecture: bool,
-) -> CoverageOut:
-    """接種率 as the real dashboard showed it: people with at least dose N over the population.
+    cache: AnswerCache | None = None,
+) -> bytes:
+    """接種率 as the real dashboard showed it, people with at least dose N over the population: the JSON of
+    :class:`CoverageOut`, kept in ``cache`` until the aggregates change.
 
     ``population`` is the loaded table, or the reason it could not be loaded (answered as 503).
 
@@ -331,10 +396,15 @@ async def coverage(
         raise ServiceUnavailable(
             "coverage rates are unavailable: the population table (VRS_STATS_POPULATION_PATH) is missing or invalid"
         )
-    repo = StatsRepository(session)
-    as_of = as_utc(await repo.as_of())
+    version, moment = await read_version(database.engine)
+    as_of = as_utc(moment)
+    question = ("coverage", version, as_of, prefecture, by_prefecture)
+    if cache is not None and (cached := cache.get(question)) is not None:
+        return cached
+    async with database.sessionmaker() as session:
+        people = await StatsRepository(session).people_by_dose(prefecture=prefecture, by_prefecture=by_prefecture)
     counted: dict[tuple[str | None, int], tuple[int, int]] = {}
-    for values in await repo.people_by_dose(prefecture=prefecture, by_prefecture=by_prefecture):
+    for values in people:
         key = (values[0], int(values[1])) if by_prefecture else (None, int(values[0]))
         counted[key] = (int(values[-2]), int(values[-1]))
     doses = sorted(set(HEADLINE_DOSES) | {dose for (_, dose), (people, _) in counted.items() if people > 0})
@@ -349,7 +419,10 @@ async def coverage(
         for place, denominator in places
         for dose in doses
     ]
-    return CoverageOut(as_of=as_of, rows=rows)
+    answer = CoverageOut(as_of=as_of, rows=rows).model_dump_json().encode()
+    if cache is not None:
+        cache.put(question, answer)
+    return answer
 
 
 # --- open data (the Digital Agency's formats, byte for byte) -------------------------------------------

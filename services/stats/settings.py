@@ -43,6 +43,8 @@ class StatsSettings(ServiceSettings):
     # Fine cuts (municipality, vaccine) for callers other than national users hide counts below this
     # (10: counts 1-9 are suppressed); 0 turns suppression off. See service.suppression_for.
     small_cell_threshold: int = Field(default=10, ge=0)
+    # Answers of /api/v1/stats/doses and /coverage kept per process until the aggregates change (0: none).
+    answer_cache_entries: int = Field(default=512, ge=0)
     # Rows per page of GET /api/v1/stats/doses: the default and the most a caller may ask for.
     max_cut_rows: int = Field(default=50_000, ge=1)
     # The denominators of the coverage rates (see services/stats/population.py).

@@ -68,6 +68,15 @@ def pct(rate: float) -> str:
     return f"{rate * 100:,.2f}%"
 
 
+def shown(rows: list[dict[str, Any]], band: str, *, dose_number: int) -> str:
+    """What the dashboard's 10-year table shows for a band's dose: the visible sum, ＊ when something is hidden."""
+    counts = [r["count"] for r in rows if r["age_band_10"] == band and r["dose_number"] == dose_number]
+    visible = sum(c for c in counts if c is not None)
+    if None not in counts:
+        return ja(visible)
+    return f"{ja(visible)}＊" if visible else "＊"
+
+
 async def api_total(gw: httpx.AsyncClient) -> int:
     rows = (await gw.get("/api/v1/stats/doses", params={"group_by": "dose_number"})).json()["rows"]
     return sum(int(r["count"]) for r in rows)
@@ -143,7 +152,13 @@ async def test_dashboard_shows_the_apis_numbers_and_follows_new_doses(
     assert await row.nth(7).text_content() == ja(hokkaido["population"])
     assert "年" in (await page.text_content("#as-of") or "")  # 2026年11月25日 …（日本時間）
     # The charts are drawn by ECharts (canvas), loaded from stats itself under the strict CSP.
-    for chart in ("daily", "cumulative", "age-sex", "tiles"):
+    # The 10-year bands as the public gets them: a count the API hides (null) shows as ＊, never as a number.
+    public = (await gw.get("/api/v1/stats/doses", params={"group_by": "age_band_10,dose_number"})).json()["rows"]
+    for band, label in (("UNK", "不明"), ("70-79", "70代")):
+        cells = page.locator(f'#ages10 tr[data-band="{band}"] td')
+        assert await cells.nth(0).text_content() == label
+        assert await cells.nth(1).text_content() == shown(public, band, dose_number=1)
+    for chart in ("daily", "cumulative", "age-sex", "age10", "tiles"):
         assert await page.locator(f"#{chart} canvas").count() >= 1, chart
     assert problems == [], problems
 

@@ -116,9 +116,16 @@ async def test_resident_dose_stats_path(gw: httpx.AsyncClient) -> None:
     assert again.status_code == 201 and again.json() == accepted
 
     await wait_for_count(gw, before + 1, group_by="date,prefecture", match={"date": day, "prefecture": "13"})
-    # The cell carries the resident's attributes: 71 on the day, female, dose 1.
-    cell = {"date": day, "sex": "F", "age_band": "65-", "dose_number": 1, "municipality": CHIYODA}
-    assert await count_in(gw, group_by="date,municipality,sex,age_band,dose_number", match=cell) >= 1
+    # The cell carries the resident's attributes: 71 on the day (in the seventies), female, dose 1.
+    cell = {
+        "date": day,
+        "sex": "F",
+        "age_band": "65-",
+        "age_band_10": "70-79",
+        "dose_number": 1,
+        "municipality": CHIYODA,
+    }
+    assert await count_in(gw, group_by="date,municipality,sex,age_band,age_band_10,dose_number", match=cell) >= 1
 
     r = await gw.get(path, headers=MUNI)
     assert r.status_code == 200

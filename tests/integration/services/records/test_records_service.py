@@ -9,13 +9,13 @@ from datetime import date
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
-from services.records.models import CouponProjection, DoseHistory
+from services.records.models import CouponProjection, Dose, DoseHistory
 from services.records.schemas import CorrectionIn
 from services.records.service import Submission, apply_coupon_events, correct_dose
 from shared.db import Databases, UnitOfWork
-from shared.domain.age import AgeBand
+from shared.domain.age import AgeBand, AgeBand10
 from shared.domain.dose_rules import CouponInvalidReason
 from shared.domain.sex import Sex
 from shared.domain.vaccines import default_rules
@@ -47,6 +47,20 @@ def issued(
         version=version,
         state=CouponState(resident_id="A0001", sex=Sex(sex), birth_date=birth, **state),
     )
+
+
+async def correct(databases: Databases, dose_id: str, correction: CorrectionIn) -> None:
+    """Chiyoda's office corrects (or voids) one of its doses."""
+    async with UnitOfWork(databases) as uow:
+        await correct_dose(
+            uow,
+            principal=CHIYODA_OFFICE,
+            municipality_code=CHIYODA,
+            dose_id=dose_id,
+            correction=correction,
+            rules=default_rules(),
+            today=TODAY,
+        )
 
 
 async def apply(databases: Databases, *events: CouponEvent, shard: str = "s0") -> int:
@@ -200,6 +214,10 @@ async def test_a_coupon_event_matches_the_unmatched_doses_and_moves_their_counts
     assert matched.type is DoseEventType.MATCHED
     assert matched.previous_cell == recorded.cell
     assert matched.cell is not None and (matched.cell.sex, matched.cell.age_band) == ("F", AgeBand.SIXTY_FIVE_PLUS)
+    # Born 1950-04-02, vaccinated 2021-06-01: 71, in the seventies; unknown while unmatched.
+    assert recorded.cell is not None and recorded.cell.age_band_10 is AgeBand10.UNKNOWN
+    assert matched.cell.age_band_10 is AgeBand10.AGE_70_79
+    assert stored.age_band_10 == "70-79"
 
 
 async def test_a_coupon_event_twice_or_out_of_order_changes_nothing_more(record: Record, databases: Databases) -> None:
@@ -238,6 +256,41 @@ async def test_a_holder_change_recells_matched_doses_with_a_correction_event(
     assert [e.type for e in events] == [DoseEventType.RECORDED, DoseEventType.CORRECTED]
     assert events[1].previous_cell is not None and events[1].previous_cell.age_band is AgeBand.UNKNOWN
     assert events[1].cell is not None and events[1].cell.age_band is AgeBand.UNDER_65
+    assert events[1].previous_cell.age_band_10 is AgeBand10.UNKNOWN
+    assert events[1].cell.age_band_10 is AgeBand10.AGE_30_39  # born 1990-01-01, vaccinated 2021-06-01: 31
+
+
+async def test_a_date_correction_across_a_birthday_moves_the_10_year_band(record: Record, databases: Databases) -> None:
+    # Born 1991-06-03: 30 from the eve of the birthday, 2021-06-02, on (年齢計算ニ関スル法律).
+    await apply(databases, issued("0000000001", birth=date(1991, 6, 3)))
+    [out] = await record(Submission(key="k", dose=dose("0000000001", vaccinated_on=date(2021, 6, 1))))
+    assert out.accepted is not None
+    for correction in (
+        CorrectionIn(changes={"vaccinated_on": "2021-06-02"}, reason="date"),
+        CorrectionIn(void=True, reason="x"),
+    ):
+        await correct(databases, out.accepted.dose_id, correction)
+    recorded, corrected, voided = await events_in(databases, "s0")
+    assert recorded.cell is not None and recorded.cell.age_band_10 is AgeBand10.AGE_20_29
+    assert corrected.previous_cell == recorded.cell
+    assert corrected.cell is not None and corrected.cell.age_band_10 is AgeBand10.AGE_30_39
+    assert (voided.previous_cell, voided.cell) == (corrected.cell, None)
+
+
+async def test_a_dose_stored_before_the_10_year_band_takes_back_what_its_event_added(
+    record: Record, databases: Databases
+) -> None:
+    """Doses recorded before the column existed keep UNK (the migration's default), as their events had no band:
+    the next event of such a dose takes the count out of UNK, where stats put it, and into the real band."""
+    await apply(databases, issued("0000000001", birth=date(1950, 4, 2)))
+    [out] = await record(Submission(key="k", dose=dose("0000000001", vaccinated_on=date(2021, 6, 1))))
+    assert out.accepted is not None
+    async with databases.shards["s0"].sessionmaker() as session, session.begin():
+        await session.execute(update(Dose).values(age_band_10="UNK"))
+    await correct(databases, out.accepted.dose_id, CorrectionIn(changes={"lot_number": "FA5765"}, reason="lot"))
+    _, corrected = await events_in(databases, "s0")
+    assert corrected.previous_cell is not None and corrected.previous_cell.age_band_10 is AgeBand10.UNKNOWN
+    assert corrected.cell is not None and corrected.cell.age_band_10 is AgeBand10.AGE_70_79
 
 
 # --- corrections and voids ------------------------------------------------------------------------------
@@ -246,16 +299,11 @@ async def test_a_holder_change_recells_matched_doses_with_a_correction_event(
 async def test_a_correction_keeps_the_state_before_and_moves_the_count(record: Record, databases: Databases) -> None:
     [out] = await record(Submission(key="k", dose=dose("0000000001")))
     assert out.accepted is not None
-    async with UnitOfWork(databases) as uow:
-        await correct_dose(
-            uow,
-            principal=CHIYODA_OFFICE,
-            municipality_code=CHIYODA,
-            dose_id=out.accepted.dose_id,
-            correction=CorrectionIn(changes={"vaccinated_on": "2021-06-03"}, reason="typo on the tablet"),
-            rules=default_rules(),
-            today=TODAY,
-        )
+    await correct(
+        databases,
+        out.accepted.dose_id,
+        CorrectionIn(changes={"vaccinated_on": "2021-06-03"}, reason="typo on the tablet"),
+    )
     async with UnitOfWork(databases) as uow:
         voided = await correct_dose(
             uow,

@@ -10,8 +10,10 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi import FastAPI
+from sqlalchemy import func, select
 
 from services.stats.app import create_app
+from services.stats.models import LIVE
 from services.stats.repository import ConsumerRepository
 from services.stats.settings import StatsSettings
 from shared.auth import Role
@@ -83,6 +85,20 @@ async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
         transport=httpx.ASGITransport(app=app), base_url="http://stats.test", headers=internal_headers(Role.ANONYMOUS)
     ) as c:
         yield c
+
+
+async def assert_rollups_match(database: Database) -> None:
+    """Every rollup holds exactly the cells' sums over its dimensions (zero rows aside)."""
+    cells = LIVE.counts
+    async with database.sessionmaker() as session:
+        for table in LIVE.rollups:
+            dims = [column.name for column in table.primary_key.columns]
+            summed = select(*(cells.c[d] for d in dims), func.sum(cells.c["count"])).group_by(
+                *(cells.c[d] for d in dims)
+            )
+            expected = {tuple(r[:-1]): int(r[-1]) for r in (await session.execute(summed)).all() if r[-1]}
+            stored = select(*(table.c[d] for d in dims), table.c["count"]).where(table.c["count"] != 0)
+            assert {tuple(r[:-1]): int(r[-1]) for r in (await session.execute(stored)).all()} == expected, table.name
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from services.stats.app import create_app
 from services.stats.settings import StatsSettings
 from shared.auth import Role
 from shared.bus import OutgoingMessage, make_publisher
-from shared.domain.age import AgeBand
+from shared.domain.age import AgeBand, AgeBand10
 from shared.events import DoseEvent, DoseEventType, StatsCell
 from shared.settings import BusSettings
 from tests.factories import AddCells, cell, internal_headers
@@ -79,7 +79,7 @@ async def test_rows_keep_the_asked_key_order_and_are_sorted(client: httpx.AsyncC
 
 @pytest.mark.usefixtures("world")
 async def test_every_dimension_and_its_json_type(client: httpx.AsyncClient) -> None:
-    group_by = "date,prefecture,sex,age_band,medical_worker,dose_number,vaccine"
+    group_by = "date,prefecture,sex,age_band,age_band_10,medical_worker,dose_number,vaccine"
     rows = (await client.get(DOSES, params={"group_by": group_by}, headers=NATIONAL)).json()["rows"]
     assert sum(r["count"] for r in rows) == 29
     assert rows[0] == {
@@ -87,6 +87,7 @@ async def test_every_dimension_and_its_json_type(client: httpx.AsyncClient) -> N
         "prefecture": "13",
         "sex": "F",
         "age_band": "-64",
+        "age_band_10": "UNK",
         "medical_worker": False,
         "dose_number": 1,
         "vaccine": "pfizer",
@@ -105,6 +106,67 @@ async def test_sex_and_age_bands_sort_in_their_published_order(client: httpx.Asy
         ("M", "-64", 3),
         ("U", "UNK", 2),
     ]
+
+
+async def test_10_year_bands_sort_youngest_first_and_unknown_last(
+    client: httpx.AsyncClient, add_cells: AddCells
+) -> None:
+    """``age_band_10`` is one more dimension; its order is by age, not by string ("10-19" < "0-9")."""
+    bands = [AgeBand10.AGE_90_PLUS, AgeBand10.AGE_10_19, AgeBand10.UNKNOWN, AgeBand10.AGE_0_9, AgeBand10.AGE_60_69]
+    await add_cells({cell(age_band_10=band): 10 + i for i, band in enumerate(bands)})
+    rows = (await client.get(DOSES, params={"group_by": "age_band_10"})).json()["rows"]
+    assert rows == [
+        {"age_band_10": "0-9", "count": 13},
+        {"age_band_10": "10-19", "count": 11},
+        {"age_band_10": "60-69", "count": 14},
+        {"age_band_10": "90-", "count": 10},
+        {"age_band_10": "UNK", "count": 12},
+    ]
+    rows = (await client.get(DOSES, params={"group_by": "age_band,age_band_10,date"}, headers=NATIONAL)).json()["rows"]
+    assert rows[0] == {"age_band": "-64", "age_band_10": "0-9", "date": "2021-06-01", "count": 13}
+
+
+async def test_10_year_bands_are_a_fine_cut_for_the_public(client: httpx.AsyncClient, add_cells: AddCells) -> None:
+    """Finer than the open data: small counts hidden, and the one other cell that the published total
+    (summed over the 10-year bands) would give away; exact for national users."""
+    await add_cells(
+        {
+            cell(age_band_10=AgeBand10.AGE_20_29): 30,
+            cell(age_band_10=AgeBand10.AGE_30_39): 12,
+            cell(age_band_10=AgeBand10.AGE_40_49): 4,  # small
+            cell(age_band_10=AgeBand10.AGE_40_49, dose_number=2): 50,
+        }
+    )
+    body = (await client.get(DOSES, params={"group_by": "dose_number,age_band_10"})).json()
+    assert body["rows"] == [
+        {"dose_number": 1, "age_band_10": "20-29", "count": 30},
+        {"dose_number": 1, "age_band_10": "30-39", "count": None},  # dose 1's total 46 − 30 would give 4 away
+        {"dose_number": 1, "age_band_10": "40-49", "count": None},
+        {"dose_number": 2, "age_band_10": "40-49", "count": 50},
+    ]
+    assert body["suppressed"] == 2
+    exact = (await client.get(DOSES, params={"group_by": "dose_number,age_band_10"}, headers=NATIONAL)).json()
+    assert [r["count"] for r in exact["rows"]] == [30, 12, 4, 50]
+
+
+async def test_a_cached_answer_is_never_older_than_the_aggregates(
+    client: httpx.AsyncClient, add_cells: AddCells
+) -> None:
+    """Answers are kept per process by the aggregates' version: the next change is seen at once."""
+    questions = [(DOSES, {"group_by": "date,dose_number"}), (DOSES, {}), ("/api/v1/stats/coverage", {})]
+
+    async def ask() -> list[bytes]:
+        return [(await client.get(path, params=params)).content for path, params in questions]
+
+    await add_cells({cell(): 3})
+    first = await ask()
+    assert await ask() == first  # the same aggregates: the same bytes (from the cache)
+    await add_cells({cell(): 2})
+    second = await ask()
+    assert all(a != b for a, b in zip(first, second, strict=True)), second
+    assert (await client.get(DOSES)).json()["rows"] == [{"count": 5}]
+    rows = (await client.get("/api/v1/stats/coverage")).json()["rows"]
+    assert [r["count"] for r in rows if r["dose_number"] == 1] == [5]
 
 
 @pytest.mark.usefixtures("world")

@@ -4,6 +4,7 @@ topic included. Runs on a real database (SQLite, PostgreSQL) and a real bus (the
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -20,10 +21,11 @@ from services.stats.consumer import StatsConsumer
 from services.stats.models import consumer_offsets, consumer_state, dose_counts, processed_events
 from shared.bus import OutgoingMessage, make_publisher
 from shared.db import Database
-from shared.domain.age import AgeBand
+from shared.domain.age import AgeBand, AgeBand10
 from shared.events import DoseEvent, DoseEventType, StatsCell
 from shared.settings import BusSettings
 from tests.factories import cell
+from tests.integration.services.stats.conftest import assert_rollups_match
 
 CellKey = tuple[Any, ...]
 
@@ -32,7 +34,17 @@ UNKNOWN = cell(sex="U", age_band=AgeBand.UNKNOWN)  # a dose whose coupon holder 
 
 
 def key(c: StatsCell) -> CellKey:
-    return (c.date, c.prefecture, c.municipality, c.sex, c.age_band.value, c.medical_worker, c.dose_number, c.vaccine)
+    return (
+        c.date,
+        c.prefecture,
+        c.municipality,
+        c.sex,
+        c.age_band.value,
+        c.age_band_10.value,
+        c.medical_worker,
+        c.dose_number,
+        c.vaccine,
+    )
 
 
 def event(
@@ -72,9 +84,7 @@ async def publish(bus: BusSettings, events: Sequence[DoseEvent | bytes], key_: s
 async def counts(db: Database) -> dict[CellKey, int]:
     """Every non-zero cell."""
     c = dose_counts.c
-    stmt = select(
-        c.date, c.prefecture, c.municipality, c.sex, c.age_band, c.medical_worker, c.dose_number, c.vaccine, c.count
-    ).where(c.count != 0)
+    stmt = select(*(column for column in dose_counts.primary_key.columns), c.count).where(c.count != 0)
     async with db.sessionmaker() as session:
         return {tuple(row[:-1]): int(row[-1]) for row in (await session.execute(stmt)).all()}
 
@@ -157,8 +167,11 @@ async def test_an_event_delivered_twice_is_counted_once(stats_db: Database, any_
 
 async def test_corrections_voids_and_matches_move_counts_exactly(stats_db: Database, bus: BusSettings) -> None:
     dose = uuid.uuid4()
-    registered = cell(sex="M", age_band=AgeBand.SIXTY_FIVE_PLUS)
-    corrected = registered.model_copy(update={"date": date(2021, 6, 2), "dose_number": 2})
+    registered = cell(sex="M", age_band=AgeBand.SIXTY_FIVE_PLUS, age_band_10=AgeBand10.AGE_70_79)
+    # A date corrected across the 80th birthday's eve: the 10-year band moves with it.
+    corrected = registered.model_copy(
+        update={"date": date(2021, 6, 2), "dose_number": 2, "age_band_10": AgeBand10.AGE_80_89}
+    )
     other = cell(municipality="011002", prefecture="01")
     consumer = consumer_for(stats_db, bus)
 
@@ -188,6 +201,35 @@ async def test_corrections_voids_and_matches_move_counts_exactly(stats_db: Datab
         }
         # Voided: −the cell it counted in, nothing added.
         assert await apply(event(DoseEventType.VOIDED, None, corrected, dose_id=dose)) == {key(other): 1}
+        await assert_rollups_match(stats_db)
+    finally:
+        await consumer.stop()
+
+
+async def test_events_from_before_the_10_year_band_count_as_unknown_and_move_out_of_it(
+    stats_db: Database, bus: BusSettings
+) -> None:
+    """An older records sent cells without ``age_band_10``: they count as UNK, which is what records kept for
+    those doses, so the dose's next event (with the band) takes the count out of UNK, exactly once."""
+    dose = uuid.uuid4()
+    old_cell = cell(sex="M", age_band=AgeBand.SIXTY_FIVE_PLUS)  # age_band_10 UNK
+    banded = old_cell.model_copy(update={"age_band_10": AgeBand10.AGE_70_79})
+    older = event(DoseEventType.RECORDED, old_cell, dose_id=dose).model_dump(mode="json")
+    del older["cell"]["age_band_10"]
+    raw = json.dumps(older).encode()
+    consumer = consumer_for(stats_db, bus)
+    try:
+        await publish(bus, [raw, raw])  # redelivered too
+        await consumer.drain()
+        assert await counts(stats_db) == {key(old_cell): 1}
+        moved = event(DoseEventType.CORRECTED, banded, old_cell, dose_id=dose)
+        await publish(bus, [moved, moved])
+        await consumer.drain()
+        assert await counts(stats_db) == {key(banded): 1}
+        await assert_rollups_match(stats_db)
+        await publish(bus, [event(DoseEventType.VOIDED, None, banded, dose_id=dose)])
+        await consumer.drain()
+        assert await counts(stats_db) == {}
     finally:
         await consumer.stop()
 
@@ -217,6 +259,7 @@ async def test_one_batch_folds_many_events_into_exact_counts(stats_db: Database,
         await consumer.stop()
     assert await counts(stats_db) == {k: v for k, v in expected.items() if v}
     assert sum((await stored_positions(stats_db)).values()) == len(events)
+    await assert_rollups_match(stats_db)
 
 
 # --- restarts and crashes -------------------------------------------------------------------------------

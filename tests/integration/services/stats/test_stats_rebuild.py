@@ -7,6 +7,7 @@ import asyncio
 import os
 import subprocess
 import sys
+from datetime import date
 from pathlib import Path
 
 import httpx
@@ -14,7 +15,7 @@ from fastapi import FastAPI
 from sqlalchemy import insert, select
 
 from services.stats.consumer import StatsConsumer
-from services.stats.models import consumer_offsets, dose_counts
+from services.stats.models import LIVE, consumer_offsets, dose_counts
 from services.stats.rebuild import rebuild
 from services.stats.repository import _cell_values as cell_values
 from services.stats.service import fold_deltas
@@ -23,6 +24,7 @@ from shared.db import Database
 from shared.events import DoseEvent, DoseEventType
 from shared.settings import BusSettings
 from tests.factories import cell, recorded
+from tests.integration.services.stats.conftest import assert_rollups_match
 from tests.integration.services.stats.test_stats_consumer import counts, key, publish
 
 ROOT = Path(__file__).resolve().parents[4]
@@ -90,6 +92,7 @@ async def test_rebuild_swaps_in_aggregates_equal_to_the_live_ones_while_the_api_
         # A damaged aggregate (a bug, a hand edit): the rebuild must recompute, not copy.
         async with database.sessionmaker() as session, session.begin():
             await session.execute(insert(dose_counts).values(**cell_values(cell(vaccine="bogus")), count=99))
+            await session.execute(insert(LIVE.rollups[0]).values(date=date(2020, 1, 1), dose_number=1, count=7))
         assert await counts(database) != expected(first)
 
         answered: list[int] = []
@@ -114,6 +117,7 @@ async def test_rebuild_swaps_in_aggregates_equal_to_the_live_ones_while_the_api_
         await settle(database, len(first) + len(second))
         await asyncio.sleep(0.5)  # anything applied twice would show now
         assert await counts(database) == expected(first + second)
+        await assert_rollups_match(database)  # rebuilt too, the damaged one included
     finally:
         await live.stop()
 

@@ -14,12 +14,13 @@ import pytest
 
 from services.stats import service
 from services.stats.dashboard import DASHBOARD, load_page
-from services.stats.repository import DIMENSIONS, DoseFilter
+from services.stats.models import dose_counts
+from services.stats.repository import DIMENSIONS, DoseFilter, table_for
 from services.stats.settings import StatsSettings
 from shared.auth import ANONYMOUS, Principal, Role
 from shared.bus import Message
 from shared.consumer import next_offsets
-from shared.domain.age import AgeBand
+from shared.domain.age import AgeBand, AgeBand10
 from shared.errors import InvalidField
 from shared.events import DoseEvent, DoseEventType, StatsCell
 from tests.factories import cell
@@ -32,6 +33,8 @@ def event(kind: DoseEventType, new: StatsCell | None, previous: StatsCell | None
 A = cell()
 B = cell(date=date(2021, 6, 2))
 UNKNOWN = cell(sex="U", age_band=AgeBand.UNKNOWN)
+THIRTIES = cell(age_band_10=AgeBand10.AGE_30_39)  # A as counted once records sends the 10-year band
+FORTIES = cell(age_band_10=AgeBand10.AGE_40_49)
 
 
 # --- fold_deltas --------------------------------------------------------------------------------------
@@ -57,8 +60,29 @@ UNKNOWN = cell(sex="U", age_band=AgeBand.UNKNOWN)
             {B: 1},
         ),
         ([event(DoseEventType.VOIDED, None, None)], {}),
+        # The 10-year band is a dimension like the others: a dose recorded before records sent it (A, UNK)
+        # moves to its band on its next event, and a date correction across a birthday moves it again.
+        ([event(DoseEventType.CORRECTED, THIRTIES, A)], {A: -1, THIRTIES: 1}),
+        ([event(DoseEventType.CORRECTED, FORTIES, THIRTIES)], {THIRTIES: -1, FORTIES: 1}),
+        ([event(DoseEventType.RECORDED, THIRTIES), event(DoseEventType.VOIDED, None, THIRTIES)], {}),
+        ([event(DoseEventType.MATCHED, THIRTIES, UNKNOWN)], {UNKNOWN: -1, THIRTIES: 1}),
     ],
-    ids=["none", "recorded", "twice", "corrected", "voided", "matched", "no-op", "cancel", "chain", "empty"],
+    ids=[
+        "none",
+        "recorded",
+        "twice",
+        "corrected",
+        "voided",
+        "matched",
+        "no-op",
+        "cancel",
+        "chain",
+        "empty",
+        "band-10-first-seen",
+        "band-10-moved",
+        "band-10-cancel",
+        "band-10-matched",
+    ],
 )
 def test_fold_deltas(events: list[DoseEvent], expected: dict[StatsCell, int]) -> None:
     assert service.fold_deltas(events) == expected
@@ -77,6 +101,7 @@ def _one_change_per_dimension() -> dict[str, Any]:
         "municipality": "011002",
         "sex": "M",
         "age_band": AgeBand.SIXTY_FIVE_PLUS,
+        "age_band_10": AgeBand10.AGE_70_79,
         "medical_worker": True,
         "dose_number": 2,
         "vaccine": "moderna",
@@ -93,6 +118,17 @@ def test_dimensions_are_exactly_the_cell_fields() -> None:
 
 def message(value: bytes, offset: int, partition: int = 0) -> Message:
     return Message(partition=partition, offset=offset, key="131016", value=value)
+
+
+def test_an_event_from_before_the_10_year_band_decodes_with_it_unknown() -> None:
+    current = event(DoseEventType.CORRECTED, THIRTIES, A)
+    older = current.model_dump(mode="json")
+    for key in ("cell", "previous_cell"):
+        del older[key]["age_band_10"]
+    [decoded], undecodable = service.decode_messages([message(json.dumps(older).encode(), 0)])
+    assert undecodable == 0
+    assert decoded.cell is not None and decoded.cell.age_band_10 is AgeBand10.UNKNOWN
+    assert decoded.cell == A  # so it counts where it was counted before the field existed
 
 
 def test_decode_skips_garbage_and_repeats_without_logging_payloads(caplog: pytest.LogCaptureFixture) -> None:
@@ -149,7 +185,8 @@ def test_parse_filter() -> None:
     where = service.parse_filter(date_from="2021-06-01", date_to="2021-06-30", prefecture="13", municipality="131016")
     assert where == DoseFilter(date(2021, 6, 1), date(2021, 6, 30), "13", "131016")
     assert service.parse_filter(date_from="", date_to=None, prefecture="", municipality="") == DoseFilter()
-    assert len(where.clauses()) == 4 and DoseFilter().clauses() == []
+    assert len(where.clauses(dose_counts)) == 4 and DoseFilter().clauses(dose_counts) == []
+    assert where.dimensions() == {"date", "prefecture", "municipality"} and DoseFilter().dimensions() == set()
 
 
 @pytest.mark.parametrize(
@@ -276,3 +313,39 @@ def test_settings_read_their_prefix(monkeypatch: pytest.MonkeyPatch, tmp_path: A
     assert settings.consumer_name == "stats"
     assert settings.small_cell_threshold == 10
     assert settings.bus.topic == "other-events"
+
+
+# --- which table answers a cut; cached answers ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("needed", "table"),
+    [
+        ({"date", "dose_number"}, "dose_totals_by_date"),
+        ({"dose_number"}, "dose_totals_by_date"),
+        (set(), "dose_totals_by_date"),
+        ({"prefecture", "dose_number", "age_band"}, "dose_totals_by_prefecture"),
+        ({"age_band_10", "sex", "dose_number"}, "dose_totals_by_prefecture"),
+        ({"prefecture", "date", "dose_number"}, "dose_totals_by_prefecture_date"),
+        ({"date", "sex", "age_band", "dose_number"}, "dose_totals_by_cell"),
+        ({"date", "prefecture", "sex", "age_band", "medical_worker", "dose_number"}, "dose_totals_by_cell"),
+        ({"municipality"}, "dose_counts"),
+        ({"date", "vaccine"}, "dose_counts"),
+    ],
+)
+def test_a_cut_reads_the_smallest_table_with_its_dimensions(needed: set[str], table: str) -> None:
+    assert table_for(needed).name == table
+
+
+def test_the_answer_cache_is_bounded_and_keeps_no_large_answer() -> None:
+    cache = service.AnswerCache(entries=2, entry_bytes=10)
+    cache.put("a", b"1")
+    cache.put("b", b"2")
+    assert cache.get("a") == b"1"  # now the most recent
+    cache.put("c", b"3")
+    assert (cache.get("a"), cache.get("b"), cache.get("c")) == (b"1", None, b"3")
+    cache.put("big", b"x" * 11)
+    assert cache.get("big") is None
+    off = service.AnswerCache(entries=0)
+    off.put("a", b"1")
+    assert off.get("a") is None
