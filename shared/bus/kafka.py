@@ -190,6 +190,10 @@ class KafkaSource:
                 heartbeat_interval_ms=max(1000, session_ms // 3),
             )
             if self._group is not None:
+                # The topic's partitions in this client's metadata before it joins: a leader that assigns
+                # without them gives everyone nothing, then rejoins when its metadata arrives — a second
+                # rebalance right behind the first, in which a member was seen dropped mid-join.
+                self._consumer.partitions_for_topic(self._topic)
                 self._consumer.subscribe([self._topic], listener=_Rebalance(self))
         return self._consumer
 
