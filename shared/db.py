@@ -12,6 +12,7 @@ The same code runs on PostgreSQL (asyncpg) and, in the embedded default, on SQLi
 
 from __future__ import annotations
 
+import sqlite3
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -44,6 +45,21 @@ def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
+def sqlite_wal(cursor: Any, *, timeout: float = 30) -> None:
+    """Put an SQLite database in WAL mode (readers beside the one writer). Switching the mode needs the
+    database to itself, and SQLite answers "database is locked" at once, without its busy handler, while
+    another connection opens it at the same moment: retried here for up to ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 def create_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
     if is_sqlite(url):
         engine = create_async_engine(url, connect_args={"timeout": 30})
@@ -51,8 +67,8 @@ def create_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
         @event.listens_for(engine.sync_engine, "connect")
         def _pragmas(dbapi_conn: Any, _: Any) -> None:
             cur = dbapi_conn.cursor()
-            # WAL lets readers run beside the one writer; FULL makes a commit survive a power loss.
-            cur.execute("PRAGMA journal_mode=WAL")
+            # FULL makes a commit survive a power loss.
+            sqlite_wal(cur)
             cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.execute("PRAGMA foreign_keys=ON")

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from shared.bus import Assignment, Message, OutgoingMessage, partition_for
+from shared.db import sqlite_wal
 from shared.settings import BusSettings
 
 _SCHEMA = """
@@ -68,7 +69,7 @@ class EmbeddedLog:
         if self._conn is None:
             self._path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self._path, timeout=30, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
+            sqlite_wal(conn)
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA busy_timeout=30000")
             conn.executescript(_SCHEMA)
