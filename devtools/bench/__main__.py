@@ -12,6 +12,15 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     areas = [a for a in args if a in AREAS] or list(AREAS)
     rest = [a for a in args if a not in AREAS]
+    if rest and len(areas) != 1:
+        # Options belong to one area (``python -m devtools.bench records --help``); a bench run is minutes
+        # of load, never the answer to a mistyped option.
+        print(f"usage: python -m devtools.bench [{'|'.join(AREAS)} ...] [options of one area]", file=sys.stderr)
+        print(
+            "  options (and --help) go with exactly one area, e.g. python -m devtools.bench records --help",
+            file=sys.stderr,
+        )
+        return 0 if set(rest) <= {"-h", "--help"} else 2
     status = 0
     for area in areas:
         print(f"\n=== bench: {area} ===", flush=True)
