@@ -11,6 +11,6 @@ from devtools.bench import __main__ as bench
 def test_options_without_exactly_one_area_print_the_usage_and_run_nothing(
     argv: list[str], status: int, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(bench.importlib, "import_module", lambda name: pytest.fail(f"{name} was started"))
+    monkeypatch.setattr("importlib.import_module", lambda name: pytest.fail(f"{name} was started"))
     assert bench.main(argv) == status
     assert "options (and --help) go with exactly one area" in capsys.readouterr().err
