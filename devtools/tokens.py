@@ -7,10 +7,13 @@ end-to-end tests.
 
 from __future__ import annotations
 
-from services.gateway.tokens import principal_claims, sign_es256
+from functools import cache
+
+from services.gateway.tokens import InternalTokenIssuer, principal_claims, sign_es256
 from shared.auth import Principal, Role
-from shared.dev_keys import DEV_IDENTITY_KID, DEV_IDENTITY_PRIVATE_PEM
+from shared.dev_keys import DEV_GATEWAY_KID, DEV_GATEWAY_PRIVATE_PEM, DEV_IDENTITY_KID, DEV_IDENTITY_PRIVATE_PEM
 from shared.domain.codes import is_valid_institution_code, is_valid_municipality_code
+from shared.settings import AuthSettings
 
 # What the gateway's defaults expect (GatewaySettings.identity_issuer / identity_audience).
 DEV_ISSUER = "vrs-dev"
@@ -44,3 +47,17 @@ def identity_token(
 def bearer_headers(role: Role, **claims: str | int | None) -> dict[str, str]:
     """``{"Authorization": "Bearer <development identity token>"}``."""
     return {"Authorization": "Bearer " + identity_token(role=role, **claims)}  # type: ignore[arg-type]
+
+
+@cache
+def dev_gateway_issuer() -> InternalTokenIssuer:
+    """What the gateway forwards to the services, signed with the DEVELOPMENT gateway key they trust outside
+    production: for calling a service directly, without the gateway's hop (tests, benches)."""
+    auth = AuthSettings()
+    return InternalTokenIssuer(
+        private_pem=DEV_GATEWAY_PRIVATE_PEM,
+        kid=DEV_GATEWAY_KID,
+        issuer=auth.internal_issuer,
+        audience=auth.internal_audience,
+        ttl_seconds=auth.internal_token_max_seconds,
+    )

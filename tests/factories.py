@@ -12,22 +12,13 @@ from typing import Any, NoReturn
 
 import pytest
 
-from services.gateway.tokens import InternalTokenIssuer
+from devtools.tokens import dev_gateway_issuer
 from shared.auth import Principal, Role
-from shared.dev_keys import DEV_GATEWAY_KID, DEV_GATEWAY_PRIVATE_PEM
 from shared.domain.age import AgeBand
 from shared.events import DoseEvent, DoseEventType, StatsCell
-from shared.settings import AuthSettings
 
-_AUTH = AuthSettings()
 # What the gateway would forward, signed with the development gateway key the services trust in tests.
-_GATEWAY = InternalTokenIssuer(
-    private_pem=DEV_GATEWAY_PRIVATE_PEM,
-    kid=DEV_GATEWAY_KID,
-    issuer=_AUTH.internal_issuer,
-    audience=_AUTH.internal_audience,
-    ttl_seconds=_AUTH.internal_token_max_seconds,
-)
+_GATEWAY = dev_gateway_issuer()
 
 
 def internal_token(

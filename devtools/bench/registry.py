@@ -36,7 +36,7 @@ import uvicorn
 from devtools.bench.core import percentile, say
 from devtools.harness import free_port
 from devtools.harness.postgres import PostgresServer
-from services.gateway.tokens import InternalTokenIssuer
+from devtools.tokens import dev_gateway_issuer
 from services.records.app import create_app as create_records
 from services.records.models import shard_assignments as records_shards
 from services.records.models import shard_moves as records_moves
@@ -51,11 +51,9 @@ from services.registry.repository import MOVABLE_TABLES as REGISTRY_TABLES
 from services.registry.settings import RegistrySettings
 from shared.auth import Principal, Role
 from shared.db import SHARD_MAP_TTL_SECONDS, Databases, utcnow
-from shared.dev_keys import DEV_GATEWAY_KID, DEV_GATEWAY_PRIVATE_PEM
 from shared.domain.codes import my_number_check_digit
 from shared.internal import InternalClient
 from shared.migrations import SERVICES_DIR, upgrade
-from shared.settings import AuthSettings
 from shared.shardmove import CLEAN_MARGIN_SECONDS, MoveSpec, move_municipality
 
 CHIYODA, SAPPORO = "131016", "011002"  # shards s0 and s1
@@ -81,16 +79,7 @@ def generate(path: Path, residents: int, *, offset: int = 0, id_prefix: str = ""
 
 
 def headers(code: str) -> dict[str, str]:
-    auth = AuthSettings()
-    issuer = InternalTokenIssuer(
-        private_pem=DEV_GATEWAY_PRIVATE_PEM,
-        kid=DEV_GATEWAY_KID,
-        issuer=auth.internal_issuer,
-        audience=auth.internal_audience,
-        ttl_seconds=auth.internal_token_max_seconds,
-    )
-    principal = Principal.named(Role.MUNICIPALITY, municipality=code)
-    return {"Authorization": "Bearer " + issuer.mint(principal)}
+    return {"Authorization": dev_gateway_issuer().authorization(Principal.named(Role.MUNICIPALITY, municipality=code))}
 
 
 async def migrated(pg: PostgresServer, service: str, shard_map: Any) -> tuple[str, dict[str, str]]:

@@ -162,20 +162,10 @@ QUERY_INTERVAL = 1 / 40
 
 def anonymous_internal_headers() -> dict[str, str]:
     """What the gateway forwards for an anonymous caller (the dev key): to ask stats directly, without the hop."""
-    from services.gateway.tokens import InternalTokenIssuer
+    from devtools.tokens import dev_gateway_issuer
     from shared.auth import ANONYMOUS
-    from shared.dev_keys import DEV_GATEWAY_KID, DEV_GATEWAY_PRIVATE_PEM
-    from shared.settings import AuthSettings
 
-    auth = AuthSettings()
-    issuer = InternalTokenIssuer(
-        private_pem=DEV_GATEWAY_PRIVATE_PEM,
-        kid=DEV_GATEWAY_KID,
-        issuer=auth.internal_issuer,
-        audience=auth.internal_audience,
-        ttl_seconds=auth.internal_token_max_seconds,
-    )
-    return {"Authorization": issuer.authorization(ANONYMOUS)}
+    return {"Authorization": dev_gateway_issuer().authorization(ANONYMOUS)}
 
 
 async def query_latency(
