@@ -6,8 +6,9 @@ construction: rows are marked only after the bus acknowledged them, so a crash b
 them again, and consumers absorb the repeat by event id. Rows are claimed ``FOR UPDATE SKIP LOCKED``, so
 several relays (replicas, or relay processes of their own) share the work without waiting on each other.
 
-A relay sleeps until a commit in its own process wakes it for the shards it wrote, or ``idle_seconds``
-pass (then it looks at every shard, for events written by other processes). Wake-ups within
+A relay sleeps until a commit wakes it for the shards it wrote, or ``idle_seconds`` pass (then it looks at
+every shard). A commit in the relay's own process wakes it directly; a relay in a process of its own (the
+production layout) is woken by ``NOTIFY`` from the writers' :class:`OutboxNotifier`. Wake-ups within
 ``linger_seconds`` are gathered into one pass, so under load one publish carries many events. A bus
 outage only delays events, which wait in the outbox.
 """
@@ -55,8 +56,12 @@ FAILURES = Counter("vrs_outbox_publish_failures_total", "Failed outbox publish a
 LAST_BATCH = Gauge("vrs_outbox_last_batch_size", "Size of the last published outbox batch", ["topic", "shard"])
 # From this many events on, OutboxRepository.add writes them with COPY (PostgreSQL).
 COPY_AT_LEAST = 100
-# The channel a trigger on ``outbox`` notifies on commit (PostgreSQL): a relay LISTENs on it in every shard.
+# The channel writers NOTIFY after committing outbox rows (PostgreSQL): a relay LISTENs on it in every shard.
 NOTIFY_CHANNEL = "outbox"
+# The trigger that notified from inside every writing transaction, until records' shard migration 20261125_14
+# dropped it: a notifying transaction holds PostgreSQL's notify-queue lock through its commit, WAL flush
+# included, so notifying commits ran one at a time (measured here: 510-540 commits/s with it, 2,350-3,200
+# without). Kept for the migrations that create and drop it.
 NOTIFY_TRIGGER_SQL = (
     f"""
     CREATE OR REPLACE FUNCTION outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -176,6 +181,54 @@ async def sample_backlog(service: str, databases: Databases, table: Table) -> No
         observe_outbox(service, name, backlog=count, oldest=oldest)
 
 
+class OutboxNotifier:
+    """Wakes relays in other processes after this process committed outbox rows: ``NOTIFY`` on the shard,
+    outside the writing transaction (see :data:`NOTIFY_TRIGGER_SQL` for why not inside).
+
+    Debounced per shard: while one ``NOTIFY`` is on its way, further wake-ups collapse into one more, sent no
+    sooner than ``min_interval`` after the last; under load that is a few notifications a second, whatever the
+    commit rate. A lost one (this process died between its commit and the ``NOTIFY``) costs the relay's idle
+    look, no event.
+    """
+
+    def __init__(self, databases: Databases, *, min_interval: float = 0.01) -> None:
+        self._shards = {name: db for name, db in databases.shards.items() if db.engine.dialect.name == "postgresql"}
+        self._min_interval = min_interval
+        self._again: set[str] = set()
+        self._sending: dict[str, asyncio.Task[None]] = {}
+
+    def wake(self, *shards: str) -> None:
+        for name in shards or self._shards:
+            if name not in self._shards:
+                continue  # SQLite: the relay is in this process (the embedded mode), or looks when idle
+            if name in self._sending:
+                self._again.add(name)
+            else:
+                self._sending[name] = asyncio.create_task(self._send(name), name=f"outbox-notify-{name}")
+
+    async def _send(self, name: str) -> None:
+        try:
+            while True:
+                self._again.discard(name)
+                sent = time.monotonic()
+                async with self._shards[name].engine.connect() as conn:
+                    conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+                    await conn.exec_driver_sql(f"NOTIFY {NOTIFY_CHANNEL}")
+                if name not in self._again:
+                    return
+                await asyncio.sleep(max(0.0, sent + self._min_interval - time.monotonic()))
+        except Exception as exc:
+            log.warning("outbox NOTIFY on shard %s failed (%s); the relay finds the events when idle", name, exc)
+        finally:
+            del self._sending[name]
+
+    async def close(self) -> None:
+        for task in list(self._sending.values()):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
 class OutboxRelay:
     def __init__(
         self,
@@ -202,7 +255,7 @@ class OutboxRelay:
         self._wake = asyncio.Event()
 
     async def listen(self) -> None:
-        """Wake on every commit to a PostgreSQL shard's outbox, whichever process wrote it (``LISTEN``).
+        """Wake on commits to a PostgreSQL shard's outbox in other processes (``LISTEN``; see :class:`OutboxNotifier`).
 
         One dedicated asyncpg connection per shard; a lost one is re-opened, and the idle look every
         ``idle_seconds`` covers the gap. SQLite shards are woken in-process only (see :meth:`wake`).
@@ -325,14 +378,19 @@ class OutboxRelay:
 @contextlib.asynccontextmanager
 async def relay_in_background(
     settings: PublisherSettings, databases: Databases, table: Table, *, topic: str
-) -> AsyncIterator[OutboxRelay | None]:
-    """The relay as a task of this process when ``settings.run_relay`` (else None), stopped on exit.
+) -> AsyncIterator[OutboxRelay | OutboxNotifier]:
+    """What publishes this process's commits: the relay as a task of this process when ``settings.run_relay``,
+    else a notifier that wakes the relay processes; stopped on exit.
 
-    Give the relay to the app as ``app.state.relay``: the request's unit of work then wakes it for the shards
-    it committed to.
+    Give it to the app as ``app.state.relay``: the request's unit of work then wakes it for the shards it
+    committed to.
     """
     if not settings.run_relay:
-        yield None
+        notifier = OutboxNotifier(databases)
+        try:
+            yield notifier
+        finally:
+            await notifier.close()
         return
     publisher = make_publisher(settings.bus, topic=topic)
     relay = OutboxRelay(

@@ -19,10 +19,10 @@ from shared.app import build_app
 from shared.bus.offsets import report_lag
 from shared.consumer import stored_positions
 from shared.db import Databases, UnitOfWork
-from shared.outbox import OutboxRelay, relay_in_background, sample_backlog
+from shared.outbox import OutboxNotifier, OutboxRelay, relay_in_background, sample_backlog
 
 
-def _wake_relay(relay: OutboxRelay) -> Callable[[UnitOfWork], None]:
+def _wake_relay(relay: OutboxRelay | OutboxNotifier) -> Callable[[UnitOfWork], None]:
     def hook(uow: UnitOfWork) -> None:
         uow.after_commit(lambda: relay.wake(*uow.touched_shards))
 
@@ -49,7 +49,7 @@ def create_app(settings: RecordsSettings | None = None) -> FastAPI:
                     app.state.imports = ImportWorker(
                         databases,
                         chunk_rows=settings.import_chunk_rows,
-                        after_commit=None if relay is None else _wake_relay(relay),
+                        after_commit=_wake_relay(relay),
                     )
                     imports = asyncio.create_task(app.state.imports.run(), name="dose-imports")
                 # Everything built so far lives as long as the process: out of the collector's sight, so that

@@ -24,7 +24,7 @@ from shared.bus import Message, make_source
 from shared.consumer import Bookkeeping, Handler, IdempotentConsumer
 from shared.db import Databases, utcnow
 from shared.events import CouponEvent
-from shared.outbox import OutboxRelay
+from shared.outbox import OutboxNotifier, OutboxRelay
 from shared.shardmove import ShardMoveError
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def coupon_event_handler(databases: Databases, shard: str, *, name: str) -> Hand
 
 
 def coupon_consumers(
-    settings: RecordsSettings, databases: Databases, *, relay: OutboxRelay | None = None
+    settings: RecordsSettings, databases: Databases, *, relay: OutboxRelay | OutboxNotifier | None = None
 ) -> list[IdempotentConsumer]:
     """One consumer per shard; ``relay`` (if any) is woken when a batch moved doses."""
     topic = settings.bus.coupon_topic

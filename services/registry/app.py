@@ -39,7 +39,7 @@ def create_app(settings: RegistrySettings | None = None) -> FastAPI:
                     databases,
                     app.state.vault,
                     batch_size=settings.import_batch_size,
-                    on_commit=(lambda shards: relay.wake(*shards)) if relay is not None else None,
+                    on_commit=lambda shards: relay.wake(*shards),
                 )
                 if settings.run_imports:
                     await app.state.importer.resume()

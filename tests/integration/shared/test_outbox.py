@@ -4,6 +4,7 @@ purges."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, date, timedelta
 from pathlib import Path
@@ -17,7 +18,7 @@ from shared.bus.embedded import EmbeddedLog
 from shared.db import Databases, utcnow
 from shared.events import DoseEvent
 from shared.migrations import upgrade
-from shared.outbox import OutboxRelay, OutboxRepository, sample_backlog
+from shared.outbox import OutboxNotifier, OutboxRelay, OutboxRepository, sample_backlog
 from shared.settings import BusSettings
 from tests.factories import recorded
 
@@ -129,3 +130,49 @@ async def test_backlog_counts_what_waits_and_since_when(databases: Databases, tm
     await OutboxRelay(databases, log, outbox, topic="dose-events", batch_size=10, idle_seconds=0.05).drain()
     await sample_backlog("test-backlog", databases, outbox)
     assert sample("vrs_outbox_backlog_events") == 0 and sample("vrs_outbox_oldest_unpublished_seconds") == 0
+
+
+@pytest.mark.postgres
+async def test_a_writer_in_another_process_wakes_an_idle_relay_by_notify(make_database: Callable[..., str]) -> None:
+    """The production layout: the relay runs in a process of its own and looks by itself only every
+    ``idle_seconds`` (here a minute); a writer's notifier wakes it within a fraction of a second, however many
+    commits it announces, and a shard database has no trigger that notifies inside the writing transaction."""
+    main, shard = make_database("records_main"), make_database("records_s0")
+    await asyncio.to_thread(upgrade, main, TREES / "main")
+    await asyncio.to_thread(upgrade, shard, TREES / "shard")
+    writer, relay_side = (Databases.connect(main, {"s0": shard}, pool_size=2) for _ in range(2))
+    published: list[bytes] = []
+
+    class Collect:
+        async def publish(self, messages: Sequence[OutgoingMessage]) -> None:
+            published.extend(m.value for m in messages)
+
+        async def close(self) -> None:
+            pass
+
+    relay = OutboxRelay(relay_side, Collect(), outbox, topic="dose-events", batch_size=100, idle_seconds=60)
+    task = asyncio.create_task(relay.run())
+    notifier = OutboxNotifier(writer, min_interval=0.01)
+    try:
+        async with writer.shards["s0"].engine.connect() as conn:
+            triggers = await conn.exec_driver_sql(
+                "SELECT tgname FROM pg_trigger WHERE tgrelid = 'outbox'::regclass AND tgname LIKE '%%notify%%'"
+            )
+            assert [r[0] for r in triggers] == []
+        await asyncio.sleep(0.5)  # the relay's first look (at start) is over; it now waits for a minute
+        events = []
+        for _ in range(20):
+            events += await write_outbox(writer, 3)
+            notifier.wake("s0")
+        for _ in range(100):
+            if len(published) == len(events):
+                break
+            await asyncio.sleep(0.02)
+        assert sorted(DoseEvent.from_bytes(v).event_id for v in published) == sorted(e.event_id for e in events)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await notifier.close()
+        await writer.dispose()
+        await relay_side.dispose()
