@@ -399,7 +399,31 @@ class System:
         return [] if pid is None else [pid]
 
 
-def start_infrastructure(tmp: Path, cleanup: contextlib.ExitStack) -> tuple[PostgresServer, KafkaServer]:
+# PostgreSQL's statement profile (``--pg-statements``): what each phase cost the database, statement by statement.
+PG_STATEMENTS = {"shared_preload_libraries": "'pg_stat_statements'", "pg_stat_statements.track": "all"}
+
+
+def reset_statements(pg: PostgresServer) -> None:
+    pg.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements; SELECT pg_stat_statements_reset()")
+
+
+def top_statements(pg: PostgresServer, limit: int = 12) -> list[str]:
+    """The statements that took most of the database's time since :func:`reset_statements`."""
+    out = pg.execute(
+        "SELECT round(total_exec_time)::bigint, calls, round((total_exec_time / greatest(calls, 1))::numeric, 3), "
+        "d.datname, regexp_replace(left(query, 110), '\\s+', ' ', 'g') FROM pg_stat_statements s "
+        "JOIN pg_database d ON d.oid = s.dbid ORDER BY total_exec_time DESC LIMIT " + str(limit)
+    )
+    return [
+        "{:>8} ms {:>8} calls {:>8} ms/call  {:<14} {}".format(*line.split("|", 4))
+        for line in out.splitlines()
+        if line.count("|") >= 4
+    ]
+
+
+def start_infrastructure(
+    tmp: Path, cleanup: contextlib.ExitStack, *, pg_settings: dict[str, str] | None = None
+) -> tuple[PostgresServer, KafkaServer]:
     from concurrent.futures import ThreadPoolExecutor
 
     from devtools.harness import free_port
@@ -408,7 +432,7 @@ def start_infrastructure(tmp: Path, cleanup: contextlib.ExitStack) -> tuple[Post
 
     logs = tmp / "log"
     logs.mkdir(parents=True, exist_ok=True)
-    pg = PostgresServer(tmp / "postgres", free_port(), log_path=logs / "postgres.log")
+    pg = PostgresServer(tmp / "postgres", free_port(), log_path=logs / "postgres.log", settings=pg_settings)
     kafka = KafkaServer(tmp / "kafka", free_port(), free_port(), log_path=logs / "kafka.log")
     cleanup.callback(pg.stop)
     cleanup.callback(kafka.stop)
@@ -419,13 +443,13 @@ def start_infrastructure(tmp: Path, cleanup: contextlib.ExitStack) -> tuple[Post
     return pg, kafka
 
 
-def start_system(tmp: Path, cleanup: contextlib.ExitStack) -> System:
+def start_system(tmp: Path, cleanup: contextlib.ExitStack, *, pg_settings: dict[str, str] | None = None) -> System:
     from devtools.harness import free_port
     from devtools.launcher import Stack
     from devtools.stack import SERVICES, postgres_databases, postgres_env, wiring_env
 
     say("starting PostgreSQL and Kafka ...")
-    pg, kafka = start_infrastructure(tmp, cleanup)
+    pg, kafka = start_infrastructure(tmp, cleanup, pg_settings=pg_settings)
     for name in [*postgres_databases(), "bench_baseline"]:
         pg.create_database(name)
     kafka.create_topic("dose-events", 4)

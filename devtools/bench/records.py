@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 from devtools.bench.core import (
     DOSE_PATH,
     INSTITUTION,
+    PG_STATEMENTS,
     PHASE_BASELINE,
     PHASE_BATCH,
     PHASE_FIXED,
@@ -63,11 +64,13 @@ from devtools.bench.core import (
     dump_logs,
     import_csv,
     percentile,
+    reset_statements,
     run_load,
     say,
     seed_residents,
     start_baseline,
     start_system,
+    top_statements,
     wait_drained,
     wait_quiet,
 )
@@ -100,6 +103,7 @@ class Report:
     fixed: LoadResult | None = None
     fixed_cpu: CpuMeter | None = None
     drain_fixed: Drain | None = None
+    statements: dict[str, list[str]] = field(default_factory=dict)
 
 
 def load_line(label: str, result: LoadResult | None) -> str:
@@ -206,6 +210,8 @@ def render(report: Report, args: argparse.Namespace) -> str:
             lines.append(
                 f"WARNING: other processes used {meter.others:.2f} cores during the {phase} run: its figures are low"
             )
+    for phase, top in report.statements.items():
+        lines += ["", f"PostgreSQL's busiest statements during the {phase} run (pg_stat_statements):", *top]
     for lags, when in ((report.lag_idle, "idle"), (report.lag_load, "under load")):
         for sample, n in lags.errors.most_common(3):
             lines.append(f"    LAG PROBE ERROR ({when}) x{n}: {sample}")
@@ -285,8 +291,10 @@ async def measure(system: System, args: argparse.Namespace, cleanup: contextlib.
             while time.monotonic() < window_end:
                 await prober.probe(report.lag_load, poll_interval=args.load_poll_ms / 1000)
 
+        profile = statement_profiler(system, args, report)
         await wait_quiet(args.quiet_cores, args.quiet_wait)
         say("load: single doses through the gateway (lag probes alongside) ...")
+        profile("single")
         report.single_cpu = CpuMeter(dict(vrs_groups))
         report.single = await run_load(
             LoadSpec(
@@ -296,6 +304,7 @@ async def measure(system: System, args: argparse.Namespace, cleanup: contextlib.
             report.single_cpu,
             probe_under_load,
         )  # fmt: skip
+        profile("single", done=True)
         say(f"  {report.single.rate:.0f} req/s, {len(report.lag_load.values)} lag probes alongside")
         report.drain_single = await wait_drained(session, gateway, report.single.accepted_total + prober.accepted)
         say(f"  backlog: {report.drain_single.describe()}")
@@ -307,6 +316,7 @@ async def measure(system: System, args: argparse.Namespace, cleanup: contextlib.
 
         await wait_quiet(args.quiet_cores, args.quiet_wait)
         say("load: dose batches through the gateway ...")
+        profile("batch")
         report.batch_cpu = CpuMeter(dict(vrs_groups))
         report.batch = await run_load(
             LoadSpec(
@@ -316,6 +326,7 @@ async def measure(system: System, args: argparse.Namespace, cleanup: contextlib.
             ),
             report.batch_cpu,
         )  # fmt: skip
+        profile("batch", done=True)
         say(f"  {report.batch.item_rate:.0f} doses/s")
         expected = report.single.accepted_total + prober.accepted + report.batch.accepted_total
         report.drain_batch = await wait_drained(session, gateway, expected)
@@ -347,6 +358,21 @@ async def measure(system: System, args: argparse.Namespace, cleanup: contextlib.
             expected += report.fixed.accepted_total
             report.drain_fixed = await wait_drained(session, gateway, expected)
             say(f"  backlog: {report.drain_fixed.describe()}")
+
+
+def statement_profiler(system: System, args: argparse.Namespace, report: Report) -> Callable[..., None]:
+    """``--pg-statements``: reset PostgreSQL's statement statistics when a phase starts, keep its top lines when
+    it ends (pg_stat_statements, loaded at the server's start; it costs the database a little)."""
+
+    def profile(phase: str, *, done: bool = False) -> None:
+        if not args.pg_statements:
+            return
+        if done:
+            report.statements[phase] = top_statements(system.pg)
+        else:
+            reset_statements(system.pg)
+
+    return profile
 
 
 def server_versions(system: System) -> tuple[str, str]:
@@ -386,6 +412,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quiet-wait", type=float, default=20.0, help="... but no longer than this many seconds")
     parser.add_argument("--skip-baseline", action="store_true", help="measure VRS only")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, data)")
+    parser.add_argument(
+        "--pg-statements", action="store_true", help="print PostgreSQL's busiest statements of each VRS phase"
+    )
     return parser.parse_args(argv)
 
 
@@ -400,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     report = Report()
     try:
         with scratch_directory("vrs-bench-", keep=args.keep, say=say) as tmp, contextlib.ExitStack() as cleanup:
-            system = start_system(tmp, cleanup)
+            system = start_system(tmp, cleanup, pg_settings=PG_STATEMENTS if args.pg_statements else None)
             report.postgres, report.kafka = server_versions(system)
             try:
                 asyncio.run(measure(system, args, cleanup, report))

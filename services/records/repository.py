@@ -166,7 +166,10 @@ _RECORD_PG = (
     f"new_keys AS ({_unnest_insert('k', _keys, _FIRST['k'])}) "
     "SELECT ok FROM ok"
 )
-# LATERAL: one index probe per coupon whatever the prepared statement's generic plan guesses of the arrays.
+# LATERAL: one index probe per coupon and per key whatever the prepared statement's generic plan guesses of the
+# arrays. Keys especially: all of a caller's keys share its scope, and ``scope = $1 AND key = ANY($4)`` was
+# planned as a scan of every key the caller ever sent (measured: 90-175 ms per 500-dose batch at 25,000 keys,
+# growing with the table; a probe per key: under 1 ms).
 _ON_FILE_PG = """
 WITH wanted AS (SELECT * FROM unnest($2::varchar[], $3::varchar[]) AS w(municipality_code, coupon_number))
 SELECT 0 AS kind, k.key, k.request_hash, k.response::text AS response,
@@ -175,7 +178,9 @@ SELECT 0 AS kind, k.key, k.request_hash, k.response::text AS response,
        NULL::varchar AS dose_id, NULL::varchar AS coupon_line, NULL::integer AS dose_number,
        NULL::date AS vaccinated_on, NULL::varchar AS vaccine, NULL::varchar AS lot_number,
        NULL::timestamptz AS recorded_at
-  FROM idempotency_keys k WHERE k.scope = $1 AND k.key = ANY($4::varchar[])
+  FROM unnest($4::varchar[]) AS a(key) CROSS JOIN LATERAL (
+       SELECT * FROM idempotency_keys k WHERE k.scope = $1 AND k.key = a.key
+  ) AS k
 UNION ALL
 SELECT 1, NULL, NULL, NULL, c.municipality_code, c.coupon_number, c.resident_id, c.sex, c.birth_date,
        c.invalid_from, c.invalid_reason, NULL, NULL, NULL, NULL, NULL, NULL, NULL
@@ -202,9 +207,15 @@ claimed AS (
 )
 SELECT key, request_hash FROM claimed
 UNION ALL
-SELECT c.key, c.request_hash FROM idempotency_claims c JOIN wanted w USING (key) WHERE c.scope = $1
+SELECT c.key, c.request_hash FROM wanted w CROSS JOIN LATERAL (
+    SELECT * FROM idempotency_claims c WHERE c.scope = $1 AND c.key = w.key
+) AS c
 """
-_CLAIMED_PG = "SELECT key, request_hash FROM idempotency_claims WHERE scope = $1 AND key = ANY($2::varchar[])"
+_CLAIMED_PG = """
+SELECT c.key, c.request_hash FROM unnest($2::varchar[]) AS w(key) CROSS JOIN LATERAL (
+    SELECT * FROM idempotency_claims c WHERE c.scope = $1 AND c.key = w.key
+) AS c
+"""
 
 
 async def _driver_connection(connection: Any) -> Any:
