@@ -150,6 +150,22 @@ class Databases:
             return cached[0]
         return (await self.current_shards([municipality_code]))[municipality_code]
 
+    async def shards_of(self, municipality_codes: Iterable[str]) -> dict[str, str]:
+        """:meth:`shard_of` for many: what the cache does not hold is read in one query (a batch of doses from
+        a thousand municipalities costs one round trip, not one each)."""
+        now = time.monotonic()
+        found: dict[str, str] = {}
+        stale = []
+        for code in set(municipality_codes):
+            cached = self._assignments.get(code)
+            if cached is not None and now - cached[1] < self.shard_map_ttl:
+                found[code] = cached[0]
+            else:
+                stale.append(code)
+        if stale:
+            found |= await self.current_shards(stale)
+        return found
+
     async def current_shards(self, municipality_codes: Iterable[str]) -> dict[str, str]:
         """The shards of ``municipality_codes`` as the main database has them now (one query; no cache)."""
         codes = sorted(set(municipality_codes))

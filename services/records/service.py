@@ -182,8 +182,9 @@ async def record_doses(
         return outcomes
 
     by_shard: dict[str, list[_Item]] = defaultdict(list)
+    shards = await uow.databases.shards_of(item.coupon.municipality_code for item in admissible)
     for item in admissible:
-        by_shard[await uow.databases.shard_of(item.coupon.municipality_code)].append(item)
+        by_shard[shards[item.coupon.municipality_code]].append(item)
     now = utcnow()
     # Keys are the caller's, not a shard's: claimed once in the main database, whatever the coupon.
     claims = await ClaimRepository(uow.databases.main).claim(
