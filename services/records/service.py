@@ -54,6 +54,7 @@ from shared.domain.sex import Sex
 from shared.domain.vaccines import VaccineRules
 from shared.errors import Conflict, InvalidField, NotFound, ServiceUnavailable, VRSError
 from shared.events import CouponEvent, DoseEvent, DoseEventType, StatsCell
+from shared.ids import random_uuids
 from shared.outbox import OutboxRepository, outbox_row
 
 CouponKey = tuple[str, str]  # (issuing municipality, coupon number)
@@ -289,6 +290,8 @@ async def _try_record(
     key_rows: list[dict[str, Any]] = []
     dose_rows: list[dict[str, Any]] = []
     answers: list[tuple[_Item, DoseAccepted]] = []
+    ids = iter(random_uuids(2 * len(fresh)))  # a dose id and an event id for each that may be new
+    dose_ids: dict[str, uuid.UUID] = {}
     for item in fresh:
         earlier = on_file[item.coupon_key]
         duplicate_of = find_exact_duplicate(item.facts, earlier)
@@ -304,7 +307,11 @@ async def _try_record(
                 validity=validity_of(holder),
             )
             status = decide_status(findings, matched=holder is not None)
-            row = _new_dose(item, holder, status, findings, rules=rules, by=principal.scope_key, now=now)
+            dose_id = next(ids)
+            row = _new_dose(
+                item, holder, status, findings, dose_id=str(dose_id), rules=rules, by=principal.scope_key, now=now
+            )
+            dose_ids[row["dose_id"]] = dose_id
             dose_rows.append(row)
             earlier.append(  # a batch may carry dose 1 and dose 2 of one person
                 DoseOnFile(
@@ -335,10 +342,10 @@ async def _try_record(
     events = [
         DoseEvent.model_construct(
             schema_version=1,
-            event_id=uuid.uuid4(),
+            event_id=next(ids),
             occurred_at=now,
             type=DoseEventType.RECORDED,
-            dose_id=uuid.UUID(row["dose_id"]),
+            dose_id=dose_ids[row["dose_id"]],
             municipality=row["municipality_code"],
             cell=_cell(row),
             previous_cell=None,
@@ -387,13 +394,14 @@ def _new_dose(
     status: DoseStatus,
     findings: Sequence[Finding],
     *,
+    dose_id: str,
     rules: VaccineRules,
     by: str,
     now: datetime,
 ) -> dict[str, Any]:
     dose, coupon = item.sub.dose, item.coupon
     return {
-        "dose_id": str(uuid.uuid4()),
+        "dose_id": dose_id,
         "municipality_code": coupon.municipality_code,
         "coupon_number": coupon.coupon_number,
         "coupon_line": str(coupon),
