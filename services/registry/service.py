@@ -553,9 +553,10 @@ async def transfer_lookups(
         if h in eligible and municipality != caller:
             elsewhere.setdefault(h, []).append((municipality, resident))
     by_shard: dict[str, list[tuple[str, str]]] = {}
+    shards = await uow.databases.shards_of(m for pairs in elsewhere.values() for m, _ in pairs)
     for pairs in elsewhere.values():
         for municipality, resident in pairs:
-            by_shard.setdefault(await uow.databases.shard_of(municipality), []).append((municipality, resident))
+            by_shard.setdefault(shards[municipality], []).append((municipality, resident))
     coupons: dict[tuple[str, str], list[str]] = {}
     for shard, pairs in sorted(by_shard.items()):
         coupons |= await CouponRepository(uow.shard(shard)).numbers_of(sorted(set(pairs)))
