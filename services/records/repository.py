@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
+    ARRAY,
     JSON,
     Date,
     DateTime,
@@ -19,6 +20,7 @@ from sqlalchemy import (
     any_,
     bindparam,
     cast,
+    func,
     insert,
     literal,
     null,
@@ -256,6 +258,20 @@ class _Row(dict[str, Any]):
             raise AttributeError(name) from None
 
 
+def _of_coupons(statement: Any, entity: Any, session: AsyncSession, coupons: Sequence[tuple[str, str]]) -> Any:
+    """``statement`` narrowed to these (municipality, coupon number) pairs. PostgreSQL: joined to the pairs'
+    arrays, one index probe per pair, with a statement text that does not change with their number (a
+    ``(a, b) IN (...)`` of a thousand pairs is a thousand bind parameters and a new plan per batch size);
+    SQLite: the tuple ``IN``."""
+    if session.get_bind().dialect.name != "postgresql":
+        return statement.where(tuple_(entity.municipality_code, entity.coupon_number).in_(coupons))
+    wanted = select(
+        func.unnest(bindparam("wanted_m", [m for m, _ in coupons], type_=ARRAY(String))).label("m"),
+        func.unnest(bindparam("wanted_c", [c for _, c in coupons], type_=ARRAY(String))).label("c"),
+    ).subquery()
+    return statement.join(wanted, (entity.municipality_code == wanted.c.m) & (entity.coupon_number == wanted.c.c))
+
+
 def _dialect_insert(dialect: str, table: Table) -> Any:
     return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
 
@@ -285,15 +301,13 @@ class DoseRepository:
         """Doses of these (municipality, coupon number) pairs, oldest dose first; voided ones only if asked."""
         if not coupons:
             return []
-        stmt = (
-            select(Dose)
-            .where(tuple_(Dose.municipality_code, Dose.coupon_number).in_(coupons))
-            .order_by(Dose.dose_number, Dose.vaccinated_on, Dose.recorded_at)
+        stmt = _of_coupons(select(Dose), Dose, self.session, coupons).order_by(
+            Dose.dose_number, Dose.vaccinated_on, Dose.recorded_at
         )
         if not with_voided:
             stmt = stmt.where(Dose.voided.is_(False))
         if for_update:
-            stmt = stmt.with_for_update()
+            stmt = stmt.with_for_update(of=Dose)
         return list((await self.session.execute(stmt)).scalars())
 
     async def versions(self, doses: Sequence[tuple[str, str]]) -> list[tuple[str, int, str, bool]]:
@@ -462,12 +476,16 @@ class ProjectionRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
-    async def get_many(self, coupons: Sequence[tuple[str, str]]) -> dict[tuple[str, str], CouponProjection]:
+    async def get_many(
+        self, coupons: Sequence[tuple[str, str]], *, for_update: bool = False
+    ) -> dict[tuple[str, str], CouponProjection]:
+        """The projection of these coupons (those it has). ``for_update`` locks them in key order."""
         if not coupons:
             return {}
-        stmt = select(CouponProjection).where(
-            tuple_(CouponProjection.municipality_code, CouponProjection.coupon_number).in_(sorted(set(coupons)))
-        )
+        t = CouponProjection
+        stmt = _of_coupons(select(t), t, self.session, sorted(set(coupons)))
+        if for_update:
+            stmt = stmt.order_by(t.municipality_code, t.coupon_number).with_for_update(of=t)
         return {(c.municipality_code, c.coupon_number): c for c in (await self.session.execute(stmt)).scalars()}
 
     async def get(

@@ -543,9 +543,13 @@ async def apply_coupon_events(session: Any, events: Sequence[CouponEvent]) -> in
         key = (event.municipality, event.coupon_number)
         if key not in newest or newest[key].version < event.version:
             newest[key] = event
-    changed = 0
-    for _, event in sorted(newest.items()):
-        coupon = await projection.get(event.municipality, event.coupon_number, for_update=True)
+    # Two reads for the whole batch (a bulk import announces its coupons a thousand to a message): the coupons
+    # as projected, locked, then the doses of those that change.
+    current = await projection.get_many(list(newest), for_update=True)
+    changed: list[CouponProjection] = []
+    now = utcnow()
+    for key, event in sorted(newest.items()):
+        coupon = current.get(key)
         if coupon is not None and coupon.version >= event.version:
             continue
         state = event.state
@@ -555,14 +559,21 @@ async def apply_coupon_events(session: Any, events: Sequence[CouponEvent]) -> in
         coupon.resident_id, coupon.sex, coupon.birth_date = state.resident_id, state.sex.value, state.birth_date
         coupon.invalid_from = state.invalid_from
         coupon.invalid_reason = state.invalid_reason.value if state.invalid_reason else None
-        coupon.version, coupon.updated_at = event.version, utcnow()
-        changed += 1
-        await _follow_holder(doses, outbox_repo, coupon)
-    return changed
+        coupon.version, coupon.updated_at = event.version, now
+        changed.append(coupon)
+    if changed:
+        on_file: dict[CouponKey, list[Dose]] = defaultdict(list)
+        for dose in await doses.of_coupons([(c.municipality_code, c.coupon_number) for c in changed], for_update=True):
+            on_file[(dose.municipality_code, dose.coupon_number)].append(dose)
+        for coupon in changed:
+            await _follow_holder(doses, outbox_repo, coupon, on_file[(coupon.municipality_code, coupon.coupon_number)])
+    return len(changed)
 
 
-async def _follow_holder(doses: DoseRepository, outbox_repo: OutboxRepository, coupon: CouponProjection) -> None:
-    for dose in await doses.of_coupons([(coupon.municipality_code, coupon.coupon_number)], for_update=True):
+async def _follow_holder(
+    doses: DoseRepository, outbox_repo: OutboxRepository, coupon: CouponProjection, on_file: Sequence[Dose]
+) -> None:
+    for dose in on_file:
         band = age_band(coupon.birth_date, dose.vaccinated_on).value
         band_10 = age_band_10(coupon.birth_date, dose.vaccinated_on).value
         if (dose.resident_id, dose.sex, dose.age_band, dose.age_band_10) == (

@@ -246,6 +246,29 @@ async def test_several_events_of_one_new_coupon_in_one_batch_leave_its_newest_st
     assert [e.type for e in await events_in(databases, "s0")] == [DoseEventType.RECORDED, DoseEventType.MATCHED]
 
 
+async def test_a_batch_of_many_coupons_applies_each_and_matches_only_their_own_doses(
+    record: Record, databases: Databases
+) -> None:
+    """A bulk import announces its coupons by the thousand: one batch, read and locked as one."""
+    for n, number in enumerate(("0000000001", "0000000002", "0000000002", "0000000003")):
+        day = date(2021, 6, 1 + n)
+        await record(Submission(key=f"k{n}", dose=dose(number, vaccinated_on=day, dose_number=1 + n % 2)))
+    assert await apply(databases, issued("0000000003", version=3, sex="M")) == 1  # known before the batch
+    batch = [issued(f"{i:010d}", sex="F") for i in range(1, 301)] + [issued("0000000003", version=2)]
+    assert await apply(databases, *batch) == 299  # coupon 3: versions 1 and 2 are older than what is known
+    stored = {d.dose_id: d for d in await doses_in(databases, "s0")}
+    assert sorted((d.coupon_number, d.status != "unmatched", d.sex) for d in stored.values()) == [
+        ("0000000001", True, "F"),
+        ("0000000002", True, "F"),
+        ("0000000002", True, "F"),
+        ("0000000003", True, "M"),
+    ]
+    moved = [e for e in await events_in(databases, "s0") if e.type is DoseEventType.MATCHED]
+    assert sorted(str(e.dose_id) for e in moved) == sorted(stored)  # each dose matched once, by its own coupon
+    async with databases.shards["s0"].sessionmaker() as session:
+        assert len((await session.execute(select(CouponProjection))).scalars().all()) == 300
+
+
 async def test_a_holder_change_recells_matched_doses_with_a_correction_event(
     record: Record, databases: Databases
 ) -> None:
