@@ -3,20 +3,26 @@
 Each sharded service declares what belongs to a municipality (:class:`MovableTable`: a table and the SQL that
 selects the municipality's rows) in a :class:`MoveSpec`; this module does the rest the same way for all:
 
-1. **Fence** (source and target shard): one transaction takes ``SHARE`` locks on the declared tables — it waits
-   for the write transactions in flight, of every municipality, to end (milliseconds) — and inserts the
-   municipality into ``shard_fences``. From its commit on, a statement-level trigger on every table with a
-   municipality column refuses any write of the municipality's rows in that shard (SQLSTATE ``VR503``, which
-   the services answer as ``503`` + ``Retry-After``), and the outbox relay skips its unpublished events.
-   Other municipalities are not affected. The relay's claims in flight are waited for (``FOR UPDATE``).
-2. **Copy and flip**: each table is read from the source (``COPY … TO STDOUT`` binary, spooled to a
-   temporary file) and written to the target in one transaction of its own (rows of an earlier attempt
-   deleted first, then ``COPY … FROM STDIN``), its row count and checksum (``hashtextextended`` of every
-   copied row) compared with the source's before the target commits; tables are copied side by side (under
-   the fence the rows cannot change, so they need no common snapshot). Once every service's copy is verified,
-   one main-database transaction per service points the shard map at the target and records the move as
-   flipped, and the target's fence is lifted: writes resume on the target. Unpublished outbox rows are
-   moved (in their order), so each is relayed once, by the target's relay; published ones stay behind and
+0. **Pre-copy** (no pause): the target is fenced (nothing there serves the municipality yet; the fence keeps
+   its relay and consumers off the copied rows), and each table's rows are copied to it from one snapshot of
+   the source (``COPY … TO STDOUT`` binary, spooled to a temporary file, then ``COPY … FROM STDIN``) while the
+   source keeps serving. This is the bulk of a move and it grows with the municipality.
+1. **Fence** (source): one transaction takes ``SHARE`` locks on the declared tables — it waits for the write
+   transactions in flight, of every municipality, to end (milliseconds) — and inserts the municipality into
+   ``shard_fences``. From its commit on, a statement-level trigger on every table with a municipality column
+   refuses any write of the municipality's rows in that shard (SQLSTATE ``VR503``, which the services answer
+   as ``503`` + ``Retry-After``), and the outbox relay skips its unpublished events. Other municipalities are
+   not affected. The relay's claims in flight are waited for (``FOR UPDATE``).
+2. **Catch up and flip**: each table is brought up to date on the target in one transaction of its own: both
+   sides list their rows as (``ctid``, hash of the row), and only the rows that differ — written between the
+   pre-copy's snapshot and the fence — are deleted from the target or copied from the source; then the row
+   count and checksum (the sum of those hashes) are compared with the source's before the target commits.
+   Tables are caught up side by side (under the fence the rows cannot change, so they need no common
+   snapshot). The pause so carries the changes of the last seconds plus one listing of the municipality's rows
+   on each side (server-side hashing, a few µs a row), not a copy of them. Once every service's copy is
+   verified, one main-database transaction per service points the shard map at the target and records the
+   move as flipped, and the target's fence is lifted: writes resume on the target. Unpublished outbox rows
+   are moved (in their order), so each is relayed once, by the target's relay; published ones stay behind and
    are deleted with the rest.
 3. **Clean**: once every process's cached shard map has expired (``SHARD_MAP_TTL_SECONDS`` plus a margin —
    until then a stale process may still read the frozen source rows, and its writes are refused there), the
@@ -283,49 +289,112 @@ def _checksum_sql(table: MovableTable) -> str:
     )
 
 
-async def _copy_table(spec: MoveSpec, t: MovableTable, code: str, source: str, target: str, spool: str) -> int:
-    """One table: read from the source, write to the target in one transaction, verified before it commits.
+def _waves(spec: MoveSpec) -> list[list[MovableTable]]:
+    """Tables in the order they can be copied side by side: those found through another wait for it."""
+    return [
+        [t for t in spec.tables if t.found_through is None],
+        [t for t in spec.tables if t.found_through is not None],
+    ]
 
-    The source needs no common snapshot with the other tables: under the fence the municipality's rows do not
-    change (the relays leave its unpublished events alone; only published ones may be purged, never copied).
+
+async def _precopy_table(spec: MoveSpec, t: MovableTable, code: str, source: str, target: str, spool: str) -> int:
+    """One table's rows as they are now (one snapshot of the source) onto the fenced target, unverified: the
+    bulk of a move, while the municipality is still served by the source."""
+    path = f"{spool}/{t.name}"
+    async with _transaction(spec.databases.shards[source], isolation="repeatable_read") as raw:
+        cols = ", ".join(f'"{c}"' for c in t.columns)
+        order = f" ORDER BY {t.order_by}" if t.order_by else ""
+        result = await raw.copy_from_query(
+            f"SELECT {cols} FROM {t.name} WHERE {t.selection}{order}", code, output=path, format="binary"
+        )
+    async with _transaction(spec.databases.shards[target]) as raw:
+        await raw.execute(BYPASS_SQL)
+        await raw.execute(f"DELETE FROM {t.name} WHERE {t.where}", code)  # left by an interrupted attempt
+        await raw.copy_to_table(t.name, source=path, columns=t.columns, format="binary")
+    return int(str(result).rpartition(" ")[2] or 0)
+
+
+async def precopy(spec: MoveSpec, move: dict[str, Any]) -> dict[str, int] | None:
+    """Before the fence: fence the target (nothing there serves the municipality yet; its relay and consumers
+    must leave the copied rows alone) and copy the municipality's rows onto it while the source keeps serving.
+    Under the fence :func:`copy` then only carries what changed since, so the write pause follows the changes
+    made during the copy, not the municipality's size. Rows per table (None: already past this step)."""
+    code, source, target = move["municipality_code"], move["from_shard"], move["to_shard"]
+    if move["state"] != "fencing":
+        return None
+    await _fence_shard(spec, spec.databases.shards[target], code, target)
+    started, rows = time.monotonic(), dict[str, int]()
+    with tempfile.TemporaryDirectory(prefix="vrs-shard-precopy-") as spool:
+        for wave in _waves(spec):
+            counts = await asyncio.gather(*(_precopy_table(spec, t, code, source, target, spool) for t in wave))
+            rows |= {t.name: n for t, n in zip(wave, counts, strict=True)}
+    log.info("%s: %s pre-copied to %s in %.2fs: %s", spec.service, code, target, time.monotonic() - started, rows)
+    return rows
+
+
+async def _catch_up_table(spec: MoveSpec, t: MovableTable, code: str, source: str, target: str, spool: str) -> int:
+    """One fenced table: bring the target's rows to the source's and verify them, in one target transaction.
+
+    Both sides list their rows as (ctid, hash of the row); the rows whose content the other side lacks are
+    deleted from the target or copied from the source by ctid (both stay put: under the fence nobody but the
+    mover writes them). Rows are matched by content, not key, so tables whose ids the target generates
+    (``skip``) catch up the same way. Nothing here needs a common snapshot with the other tables: under the
+    fence the municipality's rows do not change (the relays leave its unpublished events alone).
     """
     path = f"{spool}/{t.name}"
     started = time.monotonic()
-    async with _transaction(spec.databases.shards[source], isolation="repeatable_read") as raw:
-        await raw.execute("SET LOCAL TimeZone = 'UTC'")
-        cols = ", ".join(f'"{c}"' for c in t.columns)
-        order = f" ORDER BY {t.order_by}" if t.order_by else ""
-        query = f"SELECT {cols} FROM {t.name} WHERE {t.selection}{order}"
-        await raw.copy_from_query(query, code, output=path, format="binary")
-        expected = tuple(await raw.fetchrow(_checksum_sql(t), code))
-    read = time.monotonic()
-    async with _transaction(spec.databases.shards[target]) as raw:
-        await raw.execute(BYPASS_SQL)
-        await raw.execute("SET LOCAL TimeZone = 'UTC'")
-        await raw.execute(f"DELETE FROM {t.name} WHERE {t.where}", code)  # left by an interrupted attempt
-        await raw.copy_to_table(t.name, source=path, columns=t.columns, format="binary")
-        found = tuple(await raw.fetchrow(_checksum_sql(t), code))
+    row = ", ".join(f'"{c}"' for c in t.columns)
+    listing = f"SELECT ctid::text, hashtextextended(ROW({row})::text, 0) FROM {t.name} WHERE {t.selection}"
+    async with (
+        _transaction(spec.databases.shards[source], isolation="repeatable_read") as src,
+        _transaction(spec.databases.shards[target]) as dst,
+    ):
+        await dst.execute(BYPASS_SQL)
+        for raw in (src, dst):
+            await raw.execute("SET LOCAL TimeZone = 'UTC'")  # a timestamptz's text (so its hash) depends on it
+        theirs, ours = await src.fetch(listing, code), await dst.fetch(listing, code)
+        wanted: dict[int, list[str]] = {}
+        for ctid, h in theirs:
+            wanted.setdefault(h, []).append(ctid)
+        held: dict[int, list[str]] = {}
+        for ctid, h in ours:
+            held.setdefault(h, []).append(ctid)
+        stale = [c for h, ctids in held.items() for c in ctids[len(wanted.get(h, ())) :]]
+        missing = [c for h, ctids in wanted.items() for c in ctids[len(held.get(h, ())) :]]
+        if stale:
+            await dst.execute(f"DELETE FROM {t.name} WHERE ctid = ANY($1::text[]::tid[])", stale)
+        if missing:
+            cols = ", ".join(f'"{c}"' for c in t.columns)
+            order = f" ORDER BY {t.order_by}" if t.order_by else ""
+            query = f"SELECT {cols} FROM {t.name} WHERE ctid = ANY($1::text[]::tid[]){order}"
+            await src.copy_from_query(query, missing, output=path, format="binary")
+            await dst.copy_to_table(t.name, source=path, columns=t.columns, format="binary")
+        expected = (len(theirs), str(sum(h for _, h in theirs)))
+        found = tuple(await dst.fetchrow(_checksum_sql(t), code))
         if found != expected:
             raise ShardMoveError(
                 f"{spec.service}: {t.name} of {code} differs after the copy "
                 f"({found[0]} rows on {target}, {expected[0]} on {source}); nothing was switched"
             )
     log.info(
-        "%s: %s of %s: %d rows, read+checksum %.2fs, write+checksum %.2fs",
+        "%s: %s of %s: %d rows, %d copied and %d replaced under the fence in %.2fs",
         spec.service,
         t.name,
         code,
         expected[0],
-        read - started,
-        time.monotonic() - read,
+        len(missing),
+        len(stale),
+        time.monotonic() - started,
     )
     return int(expected[0])
 
 
 async def copy(spec: MoveSpec, move: dict[str, Any]) -> dict[str, int] | None:
-    """Copy a fenced municipality's rows to the target, verified; the rows per table (None: not fenced).
+    """Bring the target's copy of a fenced municipality up to date, verified; the rows per table (None: not
+    fenced). After :func:`precopy` only what changed since moves here; without it (a move interrupted before
+    its pre-copy ended), everything.
 
-    Tables are copied side by side, one transaction (and connection) each; a table whose rows are found
+    Tables are caught up side by side, one transaction (and connection) each; a table whose rows are found
     through another (``found_through``) waits for that one.
     """
     code, source, target = move["municipality_code"], move["from_shard"], move["to_shard"]
@@ -333,11 +402,8 @@ async def copy(spec: MoveSpec, move: dict[str, Any]) -> dict[str, int] | None:
         return None
     with tempfile.TemporaryDirectory(prefix="vrs-shard-move-") as spool:
         rows: dict[str, int] = {}
-        for wave in (
-            [t for t in spec.tables if t.found_through is None],
-            [t for t in spec.tables if t.found_through is not None],
-        ):
-            counts = await asyncio.gather(*(_copy_table(spec, t, code, source, target, spool) for t in wave))
+        for wave in _waves(spec):
+            counts = await asyncio.gather(*(_catch_up_table(spec, t, code, source, target, spool) for t in wave))
             rows |= {t.name: n for t, n in zip(wave, counts, strict=True)}
     return {t.name: rows[t.name] for t in spec.tables}
 
@@ -396,9 +462,14 @@ async def abort(spec: MoveSpec, move: dict[str, Any]) -> None:
     """Lift the fences of a move that has not flipped yet, and forget it."""
     if move["state"] not in ("fencing", "fenced"):
         raise ShardMoveError(f"{spec.service}: the move of {move['municipality_code']} is past its flip")
+    code = move["municipality_code"]
+    async with _transaction(spec.databases.shards[move["to_shard"]]) as raw:
+        await raw.execute(BYPASS_SQL)
+        for t in reversed(spec.tables):  # what a pre-copy left there
+            await raw.execute(f"DELETE FROM {t.name} WHERE {t.where}", code)
     for name in (move["from_shard"], move["to_shard"]):
         async with _transaction(spec.databases.shards[name]) as raw:
-            await raw.execute("DELETE FROM shard_fences WHERE municipality_code = $1", move["municipality_code"])
+            await raw.execute("DELETE FROM shard_fences WHERE municipality_code = $1", code)
     async with spec.databases.main.sessionmaker() as session, session.begin():
         await session.execute(spec.moves.delete().where(spec.moves.c.municipality_code == move["municipality_code"]))
 
@@ -424,6 +495,17 @@ async def move_municipality(
             moves[spec.service] = move
     active = [s for s in specs if s.service in moves]
     started = time.monotonic()
+    # The bulk first, every service, while the municipality is served: the fences below wait for none of it.
+    try:
+        for spec in active:
+            copied_before = await precopy(spec, moves[spec.service])
+            if copied_before is not None:
+                progress(f"{spec.service}: pre-copied {code} to {to} {copied_before}")
+    except BaseException:
+        for spec in reversed(active):
+            if moves[spec.service]["state"] == "fencing":
+                await abort(spec, moves[spec.service])
+        raise
     # Each service's copy starts as soon as it is fenced and runs beside the next service's fence and copy.
     copies: dict[str, asyncio.Task[dict[str, int] | None]] = {}
     try:
