@@ -213,7 +213,7 @@ async def test_a_resident_written_meanwhile_makes_the_chunk_go_the_careful_way(p
     original, write = ResidentRepository.known, registry.importer._write_once
     attempts: list[bool] = []
 
-    async def blind(self: ResidentRepository, code: str, ids: Sequence[str]) -> set[str]:
+    async def blind(self: ResidentRepository, municipality_code: str, resident_ids: Sequence[str]) -> set[str]:
         return set()  # as if 000124 had been stored just after the check
 
     async def counted(*args: Any, direct: bool, **kwargs: Any) -> None:
