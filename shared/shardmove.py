@@ -47,6 +47,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import JSON, Column, DateTime, Float, MetaData, String, Table, select, update
+from sqlalchemy.dialects import postgresql
 
 from shared.db import SHARD_MAP_TTL_SECONDS, Database, Databases, is_sqlite, upsert, utcnow
 
@@ -297,21 +298,22 @@ def _waves(spec: MoveSpec) -> list[list[MovableTable]]:
     ]
 
 
-async def _precopy_table(spec: MoveSpec, t: MovableTable, code: str, source: str, target: str, spool: str) -> int:
-    """One table's rows as they are now (one snapshot of the source) onto the fenced target, unverified: the
-    bulk of a move, while the municipality is still served by the source."""
-    path = f"{spool}/{t.name}"
-    async with _transaction(spec.databases.shards[source], isolation="repeatable_read") as raw:
-        cols = ", ".join(f'"{c}"' for c in t.columns)
-        order = f" ORDER BY {t.order_by}" if t.order_by else ""
-        result = await raw.copy_from_query(
-            f"SELECT {cols} FROM {t.name} WHERE {t.selection}{order}", code, output=path, format="binary"
-        )
+async def _write_precopied(
+    spec: MoveSpec, t: MovableTable, code: str, target: str, path: str, expected: tuple[Any, ...]
+) -> int:
+    """One pre-copied table onto the fenced target, its row count and checksum compared before it commits."""
     async with _transaction(spec.databases.shards[target]) as raw:
         await raw.execute(BYPASS_SQL)
+        await raw.execute("SET LOCAL TimeZone = 'UTC'")
         await raw.execute(f"DELETE FROM {t.name} WHERE {t.where}", code)  # left by an interrupted attempt
         await raw.copy_to_table(t.name, source=path, columns=t.columns, format="binary")
-    return int(str(result).rpartition(" ")[2] or 0)
+        found = tuple(await raw.fetchrow(_checksum_sql(t), code))
+        if found != expected:
+            raise ShardMoveError(
+                f"{spec.service}: {t.name} of {code} differs after the copy "
+                f"({found[0]} rows on the target, {expected[0]} on the source); nothing was switched"
+            )
+    return int(expected[0])
 
 
 async def precopy(spec: MoveSpec, move: dict[str, Any]) -> dict[str, int] | None:
@@ -323,17 +325,100 @@ async def precopy(spec: MoveSpec, move: dict[str, Any]) -> dict[str, int] | None
     if move["state"] != "fencing":
         return None
     await _fence_shard(spec, spec.databases.shards[target], code, target)
-    started, rows = time.monotonic(), dict[str, int]()
+    started, rows, expected = time.monotonic(), dict[str, int](), dict[str, tuple[Any, ...]]()
     with tempfile.TemporaryDirectory(prefix="vrs-shard-precopy-") as spool:
+        # One snapshot for every table: a table found through another (records' keys through its doses) must
+        # match it on the target as it did on the source.
+        async with _transaction(spec.databases.shards[source], isolation="repeatable_read") as raw:
+            await raw.execute("SET LOCAL TimeZone = 'UTC'")
+            # Every transaction that committed after this snapshot, or was running, has an id from here on.
+            since = int(await raw.fetchval("SELECT pg_snapshot_xmin(pg_current_snapshot())::text"))
+            for t in spec.tables:
+                cols = ", ".join(f'"{c}"' for c in t.columns)
+                order = f" ORDER BY {t.order_by}" if t.order_by else ""
+                query = f"SELECT {cols} FROM {t.name} WHERE {t.selection}{order}"
+                await raw.copy_from_query(query, code, output=f"{spool}/{t.name}", format="binary")
+                expected[t.name] = tuple(await raw.fetchrow(_checksum_sql(t), code))
         for wave in _waves(spec):
-            counts = await asyncio.gather(*(_precopy_table(spec, t, code, source, target, spool) for t in wave))
+            counts = await asyncio.gather(
+                *(_write_precopied(spec, t, code, target, f"{spool}/{t.name}", expected[t.name]) for t in wave)
+            )
             rows |= {t.name: n for t, n in zip(wave, counts, strict=True)}
+    # Kept with the move in memory only: a move resumed by another run has no pre-copy to build on, and its
+    # catch-up compares every row (see _catch_up_table).
+    move["since"] = {t.name: since for t in spec.tables}
     log.info("%s: %s pre-copied to %s in %.2fs: %s", spec.service, code, target, time.monotonic() - started, rows)
     return rows
 
 
-async def _catch_up_table(spec: MoveSpec, t: MovableTable, code: str, source: str, target: str, spool: str) -> int:
+def _changed_since(xmin: int) -> str:
+    """Rows whose version was written by a transaction from ``xmin`` on (a 32-bit xid, compared modulo 2**32
+    as PostgreSQL does; the special ids 0-2 are old). A superset of what changed after the pre-copy's
+    snapshot, subtransactions included (their ids follow their top transaction's)."""
+    low = xmin % (1 << 32)
+    return (
+        f"(xmin::text::bigint >= 3 AND ((xmin::text::bigint - {low}) % 4294967296 + 4294967296) % 4294967296"
+        " < 2147483648)"
+    )
+
+
+def _key_columns(t: MovableTable) -> list[Any] | None:
+    """The primary key columns, if the target keeps them (not a generated ``skip`` id)."""
+    keys = list(t.table.primary_key.columns)
+    return keys if keys and all(c.name in t.columns for c in keys) else None
+
+
+def _by_key(keys: list[Any], listed: Sequence[Any]) -> tuple[str, list[list[str | None]]]:
+    """``unnest(...) AS k(...)`` over the listed rows' keys and the condition matching table ``t`` to it;
+    the key values travel as text arrays and are cast back to the column types."""
+    dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
+    arrays = [[None if r[i] is None else str(r[i]) for r in listed] for i in range(len(keys))]
+    unnest = ", ".join(f"${i + 1}::text[]" for i in range(len(keys)))
+    names = ", ".join(f"k{i}" for i in range(len(keys)))
+    match = " AND ".join(f't."{c.name}" = k.k{i}::{c.type.compile(dialect=dialect)}' for i, c in enumerate(keys))
+    return f"unnest({unnest}) AS k({names}) WHERE {match}", arrays
+
+
+async def _replace_changed(t: MovableTable, code: str, src: Any, dst: Any, since: int, path: str) -> int | None:
+    """After a pre-copy, under the fence: replace on the target only the rows written on the source since the
+    pre-copy's snapshot (found by ``xmin``, matched by primary key) and verify them: their hashes, and both
+    sides' row counts. The rows replaced, or None when the counts differ (a row deleted meanwhile): then the
+    caller compares every row. The source is scanned for ``xmin`` only (no other row hashed or sent)."""
+    keys = _key_columns(t)
+    assert keys is not None
+    row = ", ".join(f't."{c}"' for c in t.columns)
+    key_list = ", ".join(f'"{c.name}"' for c in keys)
+    changed = f"{t.selection} AND {_changed_since(since)}"
+    listed = await src.fetch(
+        f"SELECT {key_list}, hashtextextended(ROW({row})::text, 0) FROM {t.name} AS t WHERE {changed}", code
+    )
+    if listed:
+        join, arrays = _by_key(keys, listed)
+        await dst.execute(f"DELETE FROM {t.name} AS t USING {join}", *arrays)
+        cols = ", ".join(f'"{c}"' for c in t.columns)
+        order = f" ORDER BY {t.order_by}" if t.order_by else ""
+        query = f"SELECT {cols} FROM {t.name} AS t WHERE {changed}{order}"
+        await src.copy_from_query(query, code, output=path, format="binary")
+        await dst.copy_to_table(t.name, source=path, columns=t.columns, format="binary")
+        arrived = await dst.fetchval(
+            f"SELECT coalesce(sum(hashtextextended(ROW({row})::text, 0)::numeric), 0)::text FROM {t.name} AS t, {join}",
+            *arrays,
+        )
+        if arrived != str(sum(h for *_, h in listed)):
+            raise ShardMoveError(f"{t.name} of {code}: the rows changed during the move differ after the copy")
+    count = f"SELECT count(*) FROM {t.name} AS t WHERE {t.selection}"
+    if await src.fetchval(count, code) != await dst.fetchval(count, code):
+        return None
+    return len(listed)
+
+
+async def _catch_up_table(
+    spec: MoveSpec, t: MovableTable, code: str, source: str, target: str, spool: str, since: int | None
+) -> int:
     """One fenced table: bring the target's rows to the source's and verify them, in one target transaction.
+
+    After a pre-copy (``since``: its snapshot's xmin) a table with a primary key replaces only the rows
+    written since (:func:`_replace_changed`). Otherwise, or when a row was deleted meanwhile:
 
     Both sides list their rows as (ctid, hash of the row); the rows whose content the other side lacks are
     deleted from the target or copied from the source by ctid (both stay put: under the fence nobody but the
@@ -352,6 +437,20 @@ async def _catch_up_table(spec: MoveSpec, t: MovableTable, code: str, source: st
         await dst.execute(BYPASS_SQL)
         for raw in (src, dst):
             await raw.execute("SET LOCAL TimeZone = 'UTC'")  # a timestamptz's text (so its hash) depends on it
+        if since is not None and _key_columns(t) is not None:
+            replaced = await _replace_changed(t, code, src, dst, since, path)
+            if replaced is not None:
+                rows = int(await src.fetchval(f"SELECT count(*) FROM {t.name} WHERE {t.selection}", code))
+                log.info(
+                    "%s: %s of %s: %d rows, %d written since the pre-copy replaced under the fence in %.2fs",
+                    spec.service,
+                    t.name,
+                    code,
+                    rows,
+                    replaced,
+                    time.monotonic() - started,
+                )
+                return rows
         theirs, ours = await src.fetch(listing, code), await dst.fetch(listing, code)
         wanted: dict[int, list[str]] = {}
         for ctid, h in theirs:
@@ -403,7 +502,10 @@ async def copy(spec: MoveSpec, move: dict[str, Any]) -> dict[str, int] | None:
     with tempfile.TemporaryDirectory(prefix="vrs-shard-move-") as spool:
         rows: dict[str, int] = {}
         for wave in _waves(spec):
-            counts = await asyncio.gather(*(_catch_up_table(spec, t, code, source, target, spool) for t in wave))
+            since = move.get("since", {})
+            counts = await asyncio.gather(
+                *(_catch_up_table(spec, t, code, source, target, spool, since.get(t.name)) for t in wave)
+            )
             rows |= {t.name: n for t, n in zip(wave, counts, strict=True)}
     return {t.name: rows[t.name] for t in spec.tables}
 
@@ -496,16 +598,11 @@ async def move_municipality(
     active = [s for s in specs if s.service in moves]
     started = time.monotonic()
     # The bulk first, every service, while the municipality is served: the fences below wait for none of it.
-    try:
-        for spec in active:
-            copied_before = await precopy(spec, moves[spec.service])
-            if copied_before is not None:
-                progress(f"{spec.service}: pre-copied {code} to {to} {copied_before}")
-    except BaseException:
-        for spec in reversed(active):
-            if moves[spec.service]["state"] == "fencing":
-                await abort(spec, moves[spec.service])
-        raise
+    # A failed pre-copy leaves the targets fenced and the source serving; running the command again resumes.
+    for spec in active:
+        copied_before = await precopy(spec, moves[spec.service])
+        if copied_before is not None:
+            progress(f"{spec.service}: pre-copied {code} to {to} {copied_before}")
     # Each service's copy starts as soon as it is fenced and runs beside the next service's fence and copy.
     copies: dict[str, asyncio.Task[dict[str, int] | None]] = {}
     try:

@@ -33,7 +33,7 @@ from shared.db import Databases
 from shared.events import CouponEvent
 from shared.outbox import OutboxRepository
 from shared.settings import BusSettings
-from shared.shardmove import MoveSpec, ShardMoveError, copy_and_flip, fence, move_municipality, plan
+from shared.shardmove import MoveSpec, ShardMoveError, copy_and_flip, fence, move_municipality, plan, precopy
 from tests.factories import internal_headers
 from tests.integration.services.records.records_support import dose, records_databases
 from tests.integration.services.registry.registry_support import CHIYODA, SAPPORO, Registry, migrated_registry, serve
@@ -314,16 +314,53 @@ async def test_a_copy_that_does_not_match_switches_nothing(stack: Stack) -> None
         await move_municipality(stack.movers, CHIYODA, "s1")
     for mover in stack.movers:  # neither service switched: the failed copy stops both
         assert await mover.databases.current_shards([CHIYODA]) == {CHIYODA: "s0"}
-    # The target keeps only the pre-copy (fenced there, mapped nowhere): the failed catch-up was rolled back.
-    async with stack.registry.databases.shards["s1"].sessionmaker() as session:
-        garbled = (await session.execute(select(Resident.name).where(Resident.municipality_code == CHIYODA))).scalars()
-        assert list(garbled) == [PERSON["name"] + "?"]
-    # Still fenced (the move is resumable, not undone); once the target is repaired, running it again finishes.
-    assert (await put_resident(stack, CHIYODA, "R2", "0000000002")).status_code == 503
+    assert await rows(stack.registry.databases, "s1", Resident.__table__, CHIYODA) == 0  # rolled back
+    # The pre-copy failed, before any fence on the source: the municipality is still served. The move is
+    # resumable, not undone: once the target is repaired, running it again finishes, with what was written since.
+    assert (await put_resident(stack, CHIYODA, "R2", "0000000002")).status_code == 201
     async with stack.registry.databases.shards["s1"].sessionmaker() as session, session.begin():
         await session.execute(text("DROP TRIGGER garble ON residents"))
     finished = await move_municipality(stack.movers, CHIYODA, "s1", grace_seconds=0.5)
-    assert finished["registry"]["rows"]["residents"] == 1
+    assert finished["registry"]["rows"]["residents"] == 2
     async with stack.registry.databases.shards["s1"].sessionmaker() as session:
         names = (await session.execute(select(Resident.name).where(Resident.municipality_code == CHIYODA))).scalars()
-        assert list(names) == [PERSON["name"]]
+        assert list(names) == [PERSON["name"]] * 2
+
+
+async def test_what_changes_between_the_pre_copy_and_the_fence_is_caught_up(stack: Stack) -> None:
+    """The bulk is copied before the fence; a change, a new row and a deletion made after it are carried
+    under the fence (the changed rows by key, the deletion by comparing every row), and the copy verified."""
+    registry = stack.movers[0]
+    for i in range(3):
+        assert (await put_resident(stack, CHIYODA, f"R{i}", f"{i + 1:010d}")).status_code == 201
+    move = await plan(registry, CHIYODA, "s1")
+    assert move is not None
+    assert await precopy(registry, move) == {"residents": 3, "coupons": 3, "resident_history": 3, "outbox": 3}
+    assert await rows(stack.registry.databases, "s1", Resident.__table__, CHIYODA) == 3  # not served from there
+    # Meanwhile, still served by s0: a change, a new resident, and a row gone.
+    changed = PERSON | {"name": "山田 花", "coupon_number": "0000000001"}
+    r = await stack.registry.client.put(
+        f"/api/v1/municipalities/{CHIYODA}/residents/R0",
+        json=changed,
+        headers=internal_headers(Role.MUNICIPALITY, municipality=CHIYODA),
+    )
+    assert r.status_code == 200, r.text
+    assert (await put_resident(stack, CHIYODA, "R3", "0000000004")).status_code == 201
+    async with stack.registry.databases.shards["s0"].sessionmaker() as session, session.begin():
+        await session.execute(text("DELETE FROM resident_history WHERE resident_id = 'R2'"))
+
+    await fence(registry, move)
+    await copy_and_flip(registry, move)
+    assert move["rows"] == {"residents": 4, "coupons": 4, "resident_history": 4, "outbox": 4}  # a new name: no event
+    async with stack.registry.databases.shards["s1"].sessionmaker() as session:
+        names = dict(
+            (
+                await session.execute(
+                    select(Resident.resident_id, Resident.name).where(Resident.municipality_code == CHIYODA)
+                )
+            ).all()
+        )
+        history = (await session.execute(text("SELECT resident_id, version FROM resident_history ORDER BY 1, 2"))).all()
+    assert names == {"R0": "山田 花", "R1": PERSON["name"], "R2": PERSON["name"], "R3": PERSON["name"]}
+    assert [tuple(h) for h in history] == [("R0", 1), ("R0", 2), ("R1", 1), ("R3", 1)]
+    assert move["pause_seconds"] < 5.0
