@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Float, MetaData, String, Table, select, update
+from sqlalchemy import JSON, Column, DateTime, Float, LargeBinary, MetaData, String, Table, select, update
 from sqlalchemy.dialects import postgresql
 
 from shared.db import SHARD_MAP_TTL_SECONDS, Database, Databases, is_sqlite, upsert, utcnow
@@ -282,10 +282,17 @@ async def fence(spec: MoveSpec, move: dict[str, Any]) -> None:
     log.info("%s: %s fenced on %s and %s", spec.service, code, source, target)
 
 
+def _row_sql(table: MovableTable, alias: str = "") -> str:
+    """A row's text for hashing; binary columns by their md5: an outbox row of a bulk import carries a
+    thousand events, and its hex text would cost more to hash than the rest of the move."""
+    binary = {c.name for c in table.table.columns if isinstance(c.type, LargeBinary)}
+    values = [f'md5({alias}"{c}")' if c in binary else f'{alias}"{c}"' for c in table.columns]
+    return f"ROW({', '.join(values)})::text"
+
+
 def _checksum_sql(table: MovableTable) -> str:
-    row = ", ".join(f'"{c}"' for c in table.columns)
     return (
-        f"SELECT count(*), coalesce(sum(hashtextextended(ROW({row})::text, 0)::numeric), 0)::text "
+        f"SELECT count(*), coalesce(sum(hashtextextended({_row_sql(table)}, 0)::numeric), 0)::text "
         f"FROM {table.name} WHERE {table.selection}"
     )
 
@@ -331,8 +338,12 @@ async def precopy(spec: MoveSpec, move: dict[str, Any]) -> dict[str, int] | None
         # match it on the target as it did on the source.
         async with _transaction(spec.databases.shards[source], isolation="repeatable_read") as raw:
             await raw.execute("SET LOCAL TimeZone = 'UTC'")
-            # Every transaction that committed after this snapshot, or was running, has an id from here on.
-            since = int(await raw.fetchval("SELECT pg_snapshot_xmin(pg_current_snapshot())::text"))
+            # What this snapshot saw is what the target gets; under the fence only what it did not see moves.
+            snapshot = await raw.fetchrow(
+                "SELECT pg_snapshot_xmax(s)::text, array(SELECT x::text FROM pg_snapshot_xip(s) AS x) "
+                "FROM pg_current_snapshot() AS s"
+            )
+            since = (int(snapshot[0]), [int(x) for x in snapshot[1]])
             for t in spec.tables:
                 cols = ", ".join(f'"{c}"' for c in t.columns)
                 order = f" ORDER BY {t.order_by}" if t.order_by else ""
@@ -351,15 +362,18 @@ async def precopy(spec: MoveSpec, move: dict[str, Any]) -> dict[str, int] | None
     return rows
 
 
-def _changed_since(xmin: int) -> str:
-    """Rows whose version was written by a transaction from ``xmin`` on (a 32-bit xid, compared modulo 2**32
-    as PostgreSQL does; the special ids 0-2 are old). A superset of what changed after the pre-copy's
-    snapshot, subtransactions included (their ids follow their top transaction's)."""
-    low = xmin % (1 << 32)
-    return (
-        f"(xmin::text::bigint >= 3 AND ((xmin::text::bigint - {low}) % 4294967296 + 4294967296) % 4294967296"
-        " < 2147483648)"
-    )
+def _changed_since(snapshot: tuple[int, list[int]]) -> str:
+    """Rows whose version the pre-copy's snapshot (its xmax and in-progress ids, 64-bit) did not see: written by
+    a transaction from xmax on or by one still running then. 32-bit ``xmin`` compared modulo 2**32 as
+    PostgreSQL does; the special ids 0-2 are old. A row written in a subtransaction of a transaction running at
+    the snapshot has an id of its own, not listed: the services use no savepoints, and a row so inserted
+    would still show in the row counts (the full comparison then runs)."""
+    xmax, running = snapshot
+    x = "xmin::text::bigint"
+    after = f"(({x} - {xmax % (1 << 32)}) % 4294967296 + 4294967296) % 4294967296 < 2147483648"
+    if running:
+        after += f" OR {x} IN ({', '.join(str(r % (1 << 32)) for r in running)})"
+    return f"({x} >= 3 AND ({after}))"
 
 
 def _key_columns(t: MovableTable) -> list[Any] | None:
@@ -379,45 +393,55 @@ def _by_key(keys: list[Any], listed: Sequence[Any]) -> tuple[str, list[list[str 
     return f"unnest({unnest}) AS k({names}) WHERE {match}", arrays
 
 
-async def _replace_changed(t: MovableTable, code: str, src: Any, dst: Any, since: int, path: str) -> int | None:
+async def _replace_changed(
+    t: MovableTable, code: str, src: Any, dst: Any, since: tuple[int, list[int]], path: str
+) -> int | None:
     """After a pre-copy, under the fence: replace on the target only the rows written on the source since the
     pre-copy's snapshot (found by ``xmin``, matched by primary key) and verify them: their hashes, and both
     sides' row counts. The rows replaced, or None when the counts differ (a row deleted meanwhile): then the
-    caller compares every row. The source is scanned for ``xmin`` only (no other row hashed or sent)."""
+    caller compares every row. One counting scan on each side, side by side; no unchanged row is hashed or sent.
+    """
     keys = _key_columns(t)
     assert keys is not None
-    row = ", ".join(f't."{c}"' for c in t.columns)
+    row = _row_sql(t, alias="t.")
     key_list = ", ".join(f'"{c.name}"' for c in keys)
-    changed = f"{t.selection} AND {_changed_since(since)}"
-    listed = await src.fetch(
-        f"SELECT {key_list}, hashtextextended(ROW({row})::text, 0) FROM {t.name} AS t WHERE {changed}", code
+    changed = _changed_since(since)
+    (total, fresh), held = await asyncio.gather(
+        src.fetchrow(f"SELECT count(*), count(*) FILTER (WHERE {changed}) FROM {t.name} WHERE {t.selection}", code),
+        dst.fetchval(f"SELECT count(*) FROM {t.name} WHERE {t.selection}", code),
     )
-    if listed:
-        join, arrays = _by_key(keys, listed)
-        await dst.execute(f"DELETE FROM {t.name} AS t USING {join}", *arrays)
-        cols = ", ".join(f'"{c}"' for c in t.columns)
-        order = f" ORDER BY {t.order_by}" if t.order_by else ""
-        query = f"SELECT {cols} FROM {t.name} AS t WHERE {changed}{order}"
-        await src.copy_from_query(query, code, output=path, format="binary")
-        await dst.copy_to_table(t.name, source=path, columns=t.columns, format="binary")
-        arrived = await dst.fetchval(
-            f"SELECT coalesce(sum(hashtextextended(ROW({row})::text, 0)::numeric), 0)::text FROM {t.name} AS t, {join}",
-            *arrays,
-        )
-        if arrived != str(sum(h for *_, h in listed)):
-            raise ShardMoveError(f"{t.name} of {code}: the rows changed during the move differ after the copy")
-    count = f"SELECT count(*) FROM {t.name} AS t WHERE {t.selection}"
-    if await src.fetchval(count, code) != await dst.fetchval(count, code):
+    if not fresh:
+        return 0 if total == held else None
+    where = f"{t.selection} AND {changed}"
+    listed = await src.fetch(f"SELECT {key_list}, hashtextextended({row}, 0) FROM {t.name} AS t WHERE {where}", code)
+    join, arrays = _by_key(keys, listed)
+    await dst.execute(f"DELETE FROM {t.name} AS t USING {join}", *arrays)
+    cols = ", ".join(f'"{c}"' for c in t.columns)
+    order = f" ORDER BY {t.order_by}" if t.order_by else ""
+    await src.copy_from_query(f"SELECT {cols} FROM {t.name} WHERE {where}{order}", code, output=path, format="binary")
+    await dst.copy_to_table(t.name, source=path, columns=t.columns, format="binary")
+    arrived = await dst.fetchval(
+        f"SELECT coalesce(sum(hashtextextended({row}, 0)::numeric), 0)::text FROM {t.name} AS t, {join}", *arrays
+    )
+    if arrived != str(sum(h for *_, h in listed)):
+        raise ShardMoveError(f"{t.name} of {code}: the rows changed during the move differ after the copy")
+    if await dst.fetchval(f"SELECT count(*) FROM {t.name} WHERE {t.selection}", code) != total:
         return None
     return len(listed)
 
 
 async def _catch_up_table(
-    spec: MoveSpec, t: MovableTable, code: str, source: str, target: str, spool: str, since: int | None
+    spec: MoveSpec,
+    t: MovableTable,
+    code: str,
+    source: str,
+    target: str,
+    spool: str,
+    since: tuple[int, list[int]] | None,
 ) -> int:
     """One fenced table: bring the target's rows to the source's and verify them, in one target transaction.
 
-    After a pre-copy (``since``: its snapshot's xmin) a table with a primary key replaces only the rows
+    After a pre-copy (``since``: its snapshot) a table with a primary key replaces only the rows
     written since (:func:`_replace_changed`). Otherwise, or when a row was deleted meanwhile:
 
     Both sides list their rows as (ctid, hash of the row); the rows whose content the other side lacks are
@@ -428,8 +452,7 @@ async def _catch_up_table(
     """
     path = f"{spool}/{t.name}"
     started = time.monotonic()
-    row = ", ".join(f'"{c}"' for c in t.columns)
-    listing = f"SELECT ctid::text, hashtextextended(ROW({row})::text, 0) FROM {t.name} WHERE {t.selection}"
+    listing = f"SELECT ctid::text, hashtextextended({_row_sql(t)}, 0) FROM {t.name} WHERE {t.selection}"
     async with (
         _transaction(spec.databases.shards[source], isolation="repeatable_read") as src,
         _transaction(spec.databases.shards[target]) as dst,
