@@ -157,6 +157,8 @@ class MovableTable:
     skip: tuple[str, ...] = ()
     order_by: str | None = None
     found_through: str | None = None  # the table ``where`` finds the rows through: copied first, deleted last
+    # Columns that identify a row on both shards, when the primary key is a generated ``skip`` id.
+    key: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -377,8 +379,8 @@ def _changed_since(snapshot: tuple[int, list[int]]) -> str:
 
 
 def _key_columns(t: MovableTable) -> list[Any] | None:
-    """The primary key columns, if the target keeps them (not a generated ``skip`` id)."""
-    keys = list(t.table.primary_key.columns)
+    """The columns naming a row on both shards: ``key``, else the primary key if the target keeps it."""
+    keys = [t.table.columns[name] for name in t.key] or list(t.table.primary_key.columns)
     return keys if keys and all(c.name in t.columns for c in keys) else None
 
 

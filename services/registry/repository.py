@@ -546,5 +546,12 @@ MOVABLE_TABLES = (
     MovableTable(Resident.__table__, "municipality_code = $1"),  # type: ignore[arg-type]
     MovableTable(Coupon.__table__, "municipality_code = $1"),  # type: ignore[arg-type]
     MovableTable(ResidentHistory.__table__, "municipality_code = $1"),  # type: ignore[arg-type]
-    MovableTable(outbox, "key = $1", copy_where="key = $1 AND published_at IS NULL", skip=("id",), order_by="id"),
+    MovableTable(
+        outbox,
+        "key = $1",
+        copy_where="key = $1 AND published_at IS NULL",
+        skip=("id",),
+        order_by="id",
+        key=("event_id",),
+    ),
 )
