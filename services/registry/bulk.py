@@ -11,7 +11,6 @@ holds a My Number in the clear.
 from __future__ import annotations
 
 import itertools
-import os
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from json.encoder import encode_basestring
 from services.registry.crypto import MyNumberVault, VaultKeys
 from shared.domain.csv_stream import Parsed, RowError
 from shared.domain.resident_csv import RawRow, ResidentRow, RowKeys, check_row
+from shared.ids import random_uuids
 
 # Column lists of the COPYs, in the order the lines below write them.
 RESIDENT_COLUMNS = (
@@ -51,12 +51,6 @@ def text(value: str | None) -> str:
 
 def blob(value: bytes) -> str:
     return "\\\\x" + value.hex()  # bytea's hex form, its backslash escaped for COPY
-
-
-def uuid4_text(random: bytes) -> str:
-    """A version 4 UUID's text from 16 random bytes (``uuid.uuid4()`` builds an object per call)."""
-    h = random.hex()
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:32]}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,9 +150,10 @@ def prepare(job: ChunkJob, vault: MyNumberVault) -> PreparedChunk:
     )
     key_id = vault.active_key
     occurred = now.replace("+00:00", "Z")
-    ids = os.urandom(16 * len(good))
+    ids = random_uuids(sum(1 for _, r in good if r.coupon_number is not None))
+    next_id = iter(ids).__next__
     changed_by = text(job.changed_by)
-    for k, (i, row) in enumerate(good):
+    for i, row in good:
         rid, coupon = row.resident_id, row.coupon_number
         born = row.birth_date.isoformat() if row.birth_date is not None else None
         sex = row.sex.value
@@ -193,7 +188,7 @@ def prepare(job: ChunkJob, vault: MyNumberVault) -> PreparedChunk:
         if coupon is not None:
             out.coupons[i] = coupon
             coupons[i] = f"{code}\t{coupon}\t{rid}\t{sex}\t{born or NULL}\t1\t{now}\t{now}\n"
-            event_id = uuid4_text(ids[16 * k : 16 * k + 16])
+            event_id = str(next_id())
             birth = f'"{born}"' if born is not None else "null"
             # CouponEvent.to_bytes() of a coupon.issued, version 1 (tests/unit/services/registry compares them).
             payload = (
@@ -217,5 +212,5 @@ def outbox_lines(municipality_code: str, events: list[bytes], now: str) -> bytes
     lines = []
     for start in range(0, len(events), EVENTS_PER_MESSAGE):
         payload = b"[" + b",".join(events[start : start + EVENTS_PER_MESSAGE]) + b"]"
-        lines.append(f"{uuid4_text(os.urandom(16))}\t{municipality_code}\t{blob(payload)}\t{now}\n")
+        lines.append(f"{random_uuids(1)[0]}\t{municipality_code}\t{blob(payload)}\t{now}\n")
     return "".join(lines).encode()

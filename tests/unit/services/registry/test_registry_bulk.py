@@ -4,7 +4,6 @@ new resident: the same history entry, the same coupon.issued event, a sealed My 
 from __future__ import annotations
 
 import json
-import uuid
 from datetime import UTC, date, datetime
 
 from services.registry.bulk import (
@@ -16,7 +15,6 @@ from services.registry.bulk import (
     Lines,
     outbox_lines,
     prepare,
-    uuid4_text,
 )
 from services.registry.crypto import MyNumberVault
 from services.registry.service import history_changes, snapshot
@@ -127,4 +125,3 @@ def test_keys_only_and_taking_rows() -> None:
     assert out.errors == [None, None] and out.residents.data == b"" and out.hashes == [None, None]
     lines = Lines.of(["a\n", "", "ccc\n"])
     assert lines.take([0, 1, 2]) == b"a\nccc\n" and lines.take([2]) == b"ccc\n" and lines.pieces([1, 2]) == [b"ccc\n"]
-    assert uuid.UUID(uuid4_text(bytes(16))).version == 4
