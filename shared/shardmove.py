@@ -366,16 +366,15 @@ async def precopy(spec: MoveSpec, move: dict[str, Any]) -> dict[str, int] | None
 
 def _changed_since(snapshot: tuple[int, list[int]]) -> str:
     """Rows whose version the pre-copy's snapshot (its xmax and in-progress ids, 64-bit) did not see: written by
-    a transaction from xmax on or by one still running then. 32-bit ``xmin`` compared modulo 2**32 as
-    PostgreSQL does; the special ids 0-2 are old. A row written in a subtransaction of a transaction running at
-    the snapshot has an id of its own, not listed: the services use no savepoints, and a row so inserted
-    would still show in the row counts (the full comparison then runs)."""
+    a transaction from xmax on, or by one still running then. ``age`` compares 32-bit ids as PostgreSQL does
+    (frozen rows are the oldest) without a text conversion per row. A row written in a subtransaction of a
+    transaction running at the snapshot has an id of its own, not listed: the services use no savepoints, and a
+    row so inserted would still show in the row counts (the full comparison then runs)."""
     xmax, running = snapshot
-    x = "xmin::text::bigint"
-    after = f"(({x} - {xmax % (1 << 32)}) % 4294967296 + 4294967296) % 4294967296 < 2147483648"
+    after = f"age(xmin) <= age('{xmax % (1 << 32)}'::xid)"
     if running:
-        after += f" OR {x} IN ({', '.join(str(r % (1 << 32)) for r in running)})"
-    return f"({x} >= 3 AND ({after}))"
+        after += f" OR xmin = ANY('{{{','.join(str(r % (1 << 32)) for r in running)}}}'::xid[])"
+    return f"({after})"
 
 
 def _key_columns(t: MovableTable) -> list[Any] | None:

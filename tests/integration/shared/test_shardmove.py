@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -327,7 +328,9 @@ async def test_a_copy_that_does_not_match_switches_nothing(stack: Stack) -> None
         assert list(names) == [PERSON["name"]] * 2
 
 
-async def test_what_changes_between_the_pre_copy_and_the_fence_is_caught_up(stack: Stack) -> None:
+async def test_what_changes_between_the_pre_copy_and_the_fence_is_caught_up(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
     """The bulk is copied before the fence; a change, a new row and a deletion made after it are carried
     under the fence (the changed rows by key, the deletion by comparing every row), and the copy verified."""
     registry = stack.movers[0]
@@ -350,7 +353,15 @@ async def test_what_changes_between_the_pre_copy_and_the_fence_is_caught_up(stac
         await session.execute(text("DELETE FROM resident_history WHERE resident_id = 'R2'"))
 
     await fence(registry, move)
-    await copy_and_flip(registry, move)
+    with caplog.at_level(logging.INFO, logger="shared.shardmove"):
+        await copy_and_flip(registry, move)
+    caught_up = {
+        r.getMessage().split(":")[1].split()[0]: r.getMessage() for r in caplog.records if "fence" in r.getMessage()
+    }
+    # Residents and coupons: only the changed rows, by key; the history lost a row, so every row was compared.
+    assert "2 written since the pre-copy replaced" in caught_up["residents"], caught_up
+    assert "1 written since the pre-copy replaced" in caught_up["coupons"], caught_up
+    assert "4 rows, 0 copied and 1 replaced" in caught_up["resident_history"], caught_up  # R2's, deleted there
     assert move["rows"] == {"residents": 4, "coupons": 4, "resident_history": 4, "outbox": 4}  # a new name: no event
     async with stack.registry.databases.shards["s1"].sessionmaker() as session:
         names = dict(
