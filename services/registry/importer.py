@@ -23,6 +23,7 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -213,9 +214,11 @@ class ResidentImporter:
                 return
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
                 # A database or shard briefly away: the file and the progress are stored, start again.
                 log.exception("resident import %s failed; retrying in %.1fs", import_id, self._retry)
+                if isinstance(exc, BrokenProcessPool):  # a worker died (killed, out of memory): new ones
+                    self._pool = None
                 await asyncio.sleep(self._retry)
 
     @property
