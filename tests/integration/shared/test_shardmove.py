@@ -19,6 +19,8 @@ import httpx
 import pytest
 from sqlalchemy import func, select, text
 
+from devtools.tokens import bearer_headers
+from services.gateway.settings import GatewaySettings
 from services.records.app import create_app as create_records
 from services.records.consumer import wait_caught_up
 from services.records.models import Dose, IdempotencyKey
@@ -32,10 +34,14 @@ from shared import cli
 from shared.auth import Role
 from shared.db import Databases
 from shared.events import CouponEvent
+from shared.migrations import upgrade
 from shared.outbox import OutboxRepository
 from shared.settings import BusSettings
 from shared.shardmove import MoveSpec, ShardMoveError, copy_and_flip, fence, move_municipality, plan, precopy
 from tests.factories import internal_headers
+from tests.integration.services.gateway.gateway_fakes import MIGRATIONS as GATEWAY_MIGRATIONS
+from tests.integration.services.gateway.gateway_fakes import running_gateway
+from tests.integration.services.gateway.gateway_fakes import serve as serve_http
 from tests.integration.services.records.records_support import dose, records_databases
 from tests.integration.services.registry.registry_support import CHIYODA, SAPPORO, Registry, migrated_registry, serve
 
@@ -375,3 +381,28 @@ async def test_what_changes_between_the_pre_copy_and_the_fence_is_caught_up(
     assert names == {"R0": "山田 花", "R1": PERSON["name"], "R2": PERSON["name"], "R3": PERSON["name"]}
     assert [tuple(h) for h in history] == [("R0", 1), ("R0", 2), ("R1", 1), ("R3", 1)]
     assert move["pause_seconds"] < 5.0
+
+
+async def test_a_write_through_the_gateway_during_a_move_gets_503_and_retry_after(stack: Stack, tmp_path: Path) -> None:
+    """What a caller sees: the gateway passes the fenced registry's 503 and its Retry-After on."""
+    gateway_db = f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}"
+    await asyncio.to_thread(upgrade, gateway_db, GATEWAY_MIGRATIONS)
+    async with serve_http(stack.registry.app) as registry_url:
+        settings = GatewaySettings(
+            main_dsn=gateway_db, registry_url=registry_url, instance_id="gw-move", audit_anchor_dir=tmp_path / "anchors"
+        )
+        async with running_gateway(settings) as (_, gateway):
+            caller = bearer_headers(Role.MUNICIPALITY, municipality=CHIYODA)
+            url = f"/api/v1/municipalities/{CHIYODA}/residents/R1"
+            assert (await gateway.put(url, json=PERSON, headers=caller)).status_code == 201
+            registry = stack.movers[0]
+            move = await plan(registry, CHIYODA, "s1")
+            assert move is not None
+            await precopy(registry, move)
+            await fence(registry, move)
+            refused = await gateway.put(url, json=PERSON | {"name": "山田 花"}, headers=caller)
+            assert refused.status_code == 503 and refused.headers["Retry-After"] == "1", refused.text
+            assert refused.json()["error"] == "ServiceUnavailable"
+            await copy_and_flip(registry, move)
+            accepted = await gateway.put(url, json=PERSON | {"name": "山田 花"}, headers=caller)
+            assert accepted.status_code == 200, accepted.text
