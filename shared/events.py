@@ -21,7 +21,7 @@ from datetime import UTC, date, datetime
 from enum import StrEnum
 from typing import Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from shared.domain.age import AgeBand, AgeBand10
 from shared.domain.dose_rules import CouponInvalidReason
@@ -74,6 +74,18 @@ class CouponEvent(Event):
     coupon_number: str = Field(pattern=r"^\d{10}$")
     version: int = Field(ge=1)  # of this coupon's state; newer wins
     state: CouponState
+
+
+_COUPON_EVENTS = TypeAdapter(list[CouponEvent])
+
+
+def coupon_events_from_bytes(raw: bytes) -> list[CouponEvent]:
+    """The events of one ``coupon-events`` message: one event (a JSON object), or many (a JSON array: a bulk
+    import writes the coupons it issues by the thousand, one outbox row and one message per thousand). Each
+    event keeps its own id, so a consumer's idempotency is unchanged."""
+    if raw.lstrip()[:1] == b"[":
+        return _COUPON_EVENTS.validate_json(raw)
+    return [CouponEvent.from_bytes(raw)]
 
 
 class DoseEventType(StrEnum):

@@ -3,20 +3,26 @@
 Each sharded service declares what belongs to a municipality (:class:`MovableTable`: a table and the SQL that
 selects the municipality's rows) in a :class:`MoveSpec`; this module does the rest the same way for all:
 
-1. **Fence** (source and target shard): one transaction takes ``SHARE`` locks on the declared tables — it waits
-   for the write transactions in flight, of every municipality, to end (milliseconds) — and inserts the
-   municipality into ``shard_fences``. From its commit on, a statement-level trigger on every table with a
-   municipality column refuses any write of the municipality's rows in that shard (SQLSTATE ``VR503``, which
-   the services answer as ``503`` + ``Retry-After``), and the outbox relay skips its unpublished events.
-   Other municipalities are not affected. The relay's claims in flight are waited for (``FOR UPDATE``).
-2. **Copy and flip**: each table is read from the source (``COPY … TO STDOUT`` binary, spooled to a
-   temporary file) and written to the target in one transaction of its own (rows of an earlier attempt
-   deleted first, then ``COPY … FROM STDIN``), its row count and checksum (``hashtextextended`` of every
-   copied row) compared with the source's before the target commits; tables are copied side by side (under
-   the fence the rows cannot change, so they need no common snapshot). Once every service's copy is verified,
-   one main-database transaction per service points the shard map at the target and records the move as
-   flipped, and the target's fence is lifted: writes resume on the target. Unpublished outbox rows are
-   moved (in their order), so each is relayed once, by the target's relay; published ones stay behind and
+0. **Pre-copy** (no pause): the target is fenced (nothing there serves the municipality yet; the fence keeps
+   its relay and consumers off the copied rows), and each table's rows are copied to it from one snapshot of
+   the source (``COPY … TO STDOUT`` binary, spooled to a temporary file, then ``COPY … FROM STDIN``) while the
+   source keeps serving. This is the bulk of a move and it grows with the municipality.
+1. **Fence** (source): one transaction takes ``SHARE`` locks on the declared tables — it waits for the write
+   transactions in flight, of every municipality, to end (milliseconds) — and inserts the municipality into
+   ``shard_fences``. From its commit on, a statement-level trigger on every table with a municipality column
+   refuses any write of the municipality's rows in that shard (SQLSTATE ``VR503``, which the services answer
+   as ``503`` + ``Retry-After``), and the outbox relay skips its unpublished events. Other municipalities are
+   not affected. The relay's claims in flight are waited for (``FOR UPDATE``).
+2. **Catch up and flip**: each table is brought up to date on the target in one transaction of its own: both
+   sides list their rows as (``ctid``, hash of the row), and only the rows that differ — written between the
+   pre-copy's snapshot and the fence — are deleted from the target or copied from the source; then the row
+   count and checksum (the sum of those hashes) are compared with the source's before the target commits.
+   Tables are caught up side by side (under the fence the rows cannot change, so they need no common
+   snapshot). The pause so carries the changes of the last seconds plus one listing of the municipality's rows
+   on each side (server-side hashing, a few µs a row), not a copy of them. Once every service's copy is
+   verified, one main-database transaction per service points the shard map at the target and records the
+   move as flipped, and the target's fence is lifted: writes resume on the target. Unpublished outbox rows
+   are moved (in their order), so each is relayed once, by the target's relay; published ones stay behind and
    are deleted with the rest.
 3. **Clean**: once every process's cached shard map has expired (``SHARD_MAP_TTL_SECONDS`` plus a margin —
    until then a stale process may still read the frozen source rows, and its writes are refused there), the
@@ -40,7 +46,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Float, MetaData, String, Table, select, update
+from sqlalchemy import JSON, Column, DateTime, Float, LargeBinary, MetaData, String, Table, select, update
+from sqlalchemy.dialects import postgresql
 
 from shared.db import SHARD_MAP_TTL_SECONDS, Database, Databases, is_sqlite, upsert, utcnow
 
@@ -150,6 +157,8 @@ class MovableTable:
     skip: tuple[str, ...] = ()
     order_by: str | None = None
     found_through: str | None = None  # the table ``where`` finds the rows through: copied first, deleted last
+    # Columns that identify a row on both shards, when the primary key is a generated ``skip`` id.
+    key: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -275,30 +284,33 @@ async def fence(spec: MoveSpec, move: dict[str, Any]) -> None:
     log.info("%s: %s fenced on %s and %s", spec.service, code, source, target)
 
 
+def _row_sql(table: MovableTable, alias: str = "") -> str:
+    """A row's text for hashing; binary columns by their md5: an outbox row of a bulk import carries a
+    thousand events, and its hex text would cost more to hash than the rest of the move."""
+    binary = {c.name for c in table.table.columns if isinstance(c.type, LargeBinary)}
+    values = [f'md5({alias}"{c}")' if c in binary else f'{alias}"{c}"' for c in table.columns]
+    return f"ROW({', '.join(values)})::text"
+
+
 def _checksum_sql(table: MovableTable) -> str:
-    row = ", ".join(f'"{c}"' for c in table.columns)
     return (
-        f"SELECT count(*), coalesce(sum(hashtextextended(ROW({row})::text, 0)::numeric), 0)::text "
+        f"SELECT count(*), coalesce(sum(hashtextextended({_row_sql(table)}, 0)::numeric), 0)::text "
         f"FROM {table.name} WHERE {table.selection}"
     )
 
 
-async def _copy_table(spec: MoveSpec, t: MovableTable, code: str, source: str, target: str, spool: str) -> int:
-    """One table: read from the source, write to the target in one transaction, verified before it commits.
+def _waves(spec: MoveSpec) -> list[list[MovableTable]]:
+    """Tables in the order they can be copied side by side: those found through another wait for it."""
+    return [
+        [t for t in spec.tables if t.found_through is None],
+        [t for t in spec.tables if t.found_through is not None],
+    ]
 
-    The source needs no common snapshot with the other tables: under the fence the municipality's rows do not
-    change (the relays leave its unpublished events alone; only published ones may be purged, never copied).
-    """
-    path = f"{spool}/{t.name}"
-    started = time.monotonic()
-    async with _transaction(spec.databases.shards[source], isolation="repeatable_read") as raw:
-        await raw.execute("SET LOCAL TimeZone = 'UTC'")
-        cols = ", ".join(f'"{c}"' for c in t.columns)
-        order = f" ORDER BY {t.order_by}" if t.order_by else ""
-        query = f"SELECT {cols} FROM {t.name} WHERE {t.selection}{order}"
-        await raw.copy_from_query(query, code, output=path, format="binary")
-        expected = tuple(await raw.fetchrow(_checksum_sql(t), code))
-    read = time.monotonic()
+
+async def _write_precopied(
+    spec: MoveSpec, t: MovableTable, code: str, target: str, path: str, expected: tuple[Any, ...]
+) -> int:
+    """One pre-copied table onto the fenced target, its row count and checksum compared before it commits."""
     async with _transaction(spec.databases.shards[target]) as raw:
         await raw.execute(BYPASS_SQL)
         await raw.execute("SET LOCAL TimeZone = 'UTC'")
@@ -308,24 +320,204 @@ async def _copy_table(spec: MoveSpec, t: MovableTable, code: str, source: str, t
         if found != expected:
             raise ShardMoveError(
                 f"{spec.service}: {t.name} of {code} differs after the copy "
+                f"({found[0]} rows on the target, {expected[0]} on the source); nothing was switched"
+            )
+    return int(expected[0])
+
+
+async def precopy(spec: MoveSpec, move: dict[str, Any]) -> dict[str, int] | None:
+    """Before the fence: fence the target (nothing there serves the municipality yet; its relay and consumers
+    must leave the copied rows alone) and copy the municipality's rows onto it while the source keeps serving.
+    Under the fence :func:`copy` then only carries what changed since, so the write pause follows the changes
+    made during the copy, not the municipality's size. Rows per table (None: already past this step)."""
+    code, source, target = move["municipality_code"], move["from_shard"], move["to_shard"]
+    if move["state"] != "fencing":
+        return None
+    await _fence_shard(spec, spec.databases.shards[target], code, target)
+    started, rows, expected = time.monotonic(), dict[str, int](), dict[str, tuple[Any, ...]]()
+    with tempfile.TemporaryDirectory(prefix="vrs-shard-precopy-") as spool:
+        # One snapshot for every table: a table found through another (records' keys through its doses) must
+        # match it on the target as it did on the source.
+        async with _transaction(spec.databases.shards[source], isolation="repeatable_read") as raw:
+            await raw.execute("SET LOCAL TimeZone = 'UTC'")
+            # What this snapshot saw is what the target gets; under the fence only what it did not see moves.
+            snapshot = await raw.fetchrow(
+                "SELECT pg_snapshot_xmax(s)::text, array(SELECT x::text FROM pg_snapshot_xip(s) AS x) "
+                "FROM pg_current_snapshot() AS s"
+            )
+            since = (int(snapshot[0]), [int(x) for x in snapshot[1]])
+            for t in spec.tables:
+                cols = ", ".join(f'"{c}"' for c in t.columns)
+                order = f" ORDER BY {t.order_by}" if t.order_by else ""
+                query = f"SELECT {cols} FROM {t.name} WHERE {t.selection}{order}"
+                await raw.copy_from_query(query, code, output=f"{spool}/{t.name}", format="binary")
+                expected[t.name] = tuple(await raw.fetchrow(_checksum_sql(t), code))
+        for wave in _waves(spec):
+            counts = await asyncio.gather(
+                *(_write_precopied(spec, t, code, target, f"{spool}/{t.name}", expected[t.name]) for t in wave)
+            )
+            rows |= {t.name: n for t, n in zip(wave, counts, strict=True)}
+    # Kept with the move in memory only: a move resumed by another run has no pre-copy to build on, and its
+    # catch-up compares every row (see _catch_up_table).
+    move["since"] = {t.name: since for t in spec.tables}
+    log.info("%s: %s pre-copied to %s in %.2fs: %s", spec.service, code, target, time.monotonic() - started, rows)
+    return rows
+
+
+def _changed_since(snapshot: tuple[int, list[int]]) -> str:
+    """Rows whose version the pre-copy's snapshot (its xmax and in-progress ids, 64-bit) did not see: written by
+    a transaction from xmax on, or by one still running then. ``age`` compares 32-bit ids as PostgreSQL does
+    (frozen rows are the oldest) without a text conversion per row. A row written in a subtransaction of a
+    transaction running at the snapshot has an id of its own, not listed: the services use no savepoints, and a
+    row so inserted would still show in the row counts (the full comparison then runs)."""
+    xmax, running = snapshot
+    after = f"age(xmin) <= age('{xmax % (1 << 32)}'::xid)"
+    if running:
+        after += f" OR xmin = ANY('{{{','.join(str(r % (1 << 32)) for r in running)}}}'::xid[])"
+    return f"({after})"
+
+
+def _key_columns(t: MovableTable) -> list[Any] | None:
+    """The columns naming a row on both shards: ``key``, else the primary key if the target keeps it."""
+    keys = [t.table.columns[name] for name in t.key] or list(t.table.primary_key.columns)
+    return keys if keys and all(c.name in t.columns for c in keys) else None
+
+
+def _by_key(keys: list[Any], listed: Sequence[Any]) -> tuple[str, list[list[str | None]]]:
+    """``unnest(...) AS k(...)`` over the listed rows' keys and the condition matching table ``t`` to it;
+    the key values travel as text arrays and are cast back to the column types."""
+    dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
+    arrays = [[None if r[i] is None else str(r[i]) for r in listed] for i in range(len(keys))]
+    unnest = ", ".join(f"${i + 1}::text[]" for i in range(len(keys)))
+    names = ", ".join(f"k{i}" for i in range(len(keys)))
+    match = " AND ".join(f't."{c.name}" = k.k{i}::{c.type.compile(dialect=dialect)}' for i, c in enumerate(keys))
+    return f"unnest({unnest}) AS k({names}) WHERE {match}", arrays
+
+
+async def _replace_changed(
+    t: MovableTable, code: str, src: Any, dst: Any, since: tuple[int, list[int]], path: str
+) -> int | None:
+    """After a pre-copy, under the fence: replace on the target only the rows written on the source since the
+    pre-copy's snapshot (found by ``xmin``, matched by primary key) and verify them: their hashes, and both
+    sides' row counts. The rows replaced, or None when the counts differ (a row deleted meanwhile): then the
+    caller compares every row. One counting scan on each side, side by side; no unchanged row is hashed or sent.
+    """
+    keys = _key_columns(t)
+    assert keys is not None
+    row = _row_sql(t, alias="t.")
+    key_list = ", ".join(f'"{c.name}"' for c in keys)
+    changed = _changed_since(since)
+    (total, fresh), held = await asyncio.gather(
+        src.fetchrow(f"SELECT count(*), count(*) FILTER (WHERE {changed}) FROM {t.name} WHERE {t.selection}", code),
+        dst.fetchval(f"SELECT count(*) FROM {t.name} WHERE {t.selection}", code),
+    )
+    if not fresh:
+        return 0 if total == held else None
+    where = f"{t.selection} AND {changed}"
+    listed = await src.fetch(f"SELECT {key_list}, hashtextextended({row}, 0) FROM {t.name} AS t WHERE {where}", code)
+    join, arrays = _by_key(keys, listed)
+    await dst.execute(f"DELETE FROM {t.name} AS t USING {join}", *arrays)
+    cols = ", ".join(f'"{c}"' for c in t.columns)
+    order = f" ORDER BY {t.order_by}" if t.order_by else ""
+    await src.copy_from_query(f"SELECT {cols} FROM {t.name} WHERE {where}{order}", code, output=path, format="binary")
+    await dst.copy_to_table(t.name, source=path, columns=t.columns, format="binary")
+    arrived = await dst.fetchval(
+        f"SELECT coalesce(sum(hashtextextended({row}, 0)::numeric), 0)::text FROM {t.name} AS t, {join}", *arrays
+    )
+    if arrived != str(sum(h for *_, h in listed)):
+        raise ShardMoveError(f"{t.name} of {code}: the rows changed during the move differ after the copy")
+    if await dst.fetchval(f"SELECT count(*) FROM {t.name} WHERE {t.selection}", code) != total:
+        return None
+    return len(listed)
+
+
+async def _catch_up_table(
+    spec: MoveSpec,
+    t: MovableTable,
+    code: str,
+    source: str,
+    target: str,
+    spool: str,
+    since: tuple[int, list[int]] | None,
+) -> int:
+    """One fenced table: bring the target's rows to the source's and verify them, in one target transaction.
+
+    After a pre-copy (``since``: its snapshot) a table with a primary key replaces only the rows
+    written since (:func:`_replace_changed`). Otherwise, or when a row was deleted meanwhile:
+
+    Both sides list their rows as (ctid, hash of the row); the rows whose content the other side lacks are
+    deleted from the target or copied from the source by ctid (both stay put: under the fence nobody but the
+    mover writes them). Rows are matched by content, not key, so tables whose ids the target generates
+    (``skip``) catch up the same way. Nothing here needs a common snapshot with the other tables: under the
+    fence the municipality's rows do not change (the relays leave its unpublished events alone).
+    """
+    path = f"{spool}/{t.name}"
+    started = time.monotonic()
+    listing = f"SELECT ctid::text, hashtextextended({_row_sql(t)}, 0) FROM {t.name} WHERE {t.selection}"
+    async with (
+        _transaction(spec.databases.shards[source], isolation="repeatable_read") as src,
+        _transaction(spec.databases.shards[target]) as dst,
+    ):
+        await dst.execute(BYPASS_SQL)
+        for raw in (src, dst):
+            await raw.execute("SET LOCAL TimeZone = 'UTC'")  # a timestamptz's text (so its hash) depends on it
+        if since is not None and _key_columns(t) is not None:
+            replaced = await _replace_changed(t, code, src, dst, since, path)
+            if replaced is not None:
+                rows = int(await src.fetchval(f"SELECT count(*) FROM {t.name} WHERE {t.selection}", code))
+                log.info(
+                    "%s: %s of %s: %d rows, %d written since the pre-copy replaced under the fence in %.2fs",
+                    spec.service,
+                    t.name,
+                    code,
+                    rows,
+                    replaced,
+                    time.monotonic() - started,
+                )
+                return rows
+        theirs, ours = await src.fetch(listing, code), await dst.fetch(listing, code)
+        wanted: dict[int, list[str]] = {}
+        for ctid, h in theirs:
+            wanted.setdefault(h, []).append(ctid)
+        held: dict[int, list[str]] = {}
+        for ctid, h in ours:
+            held.setdefault(h, []).append(ctid)
+        stale = [c for h, ctids in held.items() for c in ctids[len(wanted.get(h, ())) :]]
+        missing = [c for h, ctids in wanted.items() for c in ctids[len(held.get(h, ())) :]]
+        if stale:
+            await dst.execute(f"DELETE FROM {t.name} WHERE ctid = ANY($1::text[]::tid[])", stale)
+        if missing:
+            cols = ", ".join(f'"{c}"' for c in t.columns)
+            order = f" ORDER BY {t.order_by}" if t.order_by else ""
+            query = f"SELECT {cols} FROM {t.name} WHERE ctid = ANY($1::text[]::tid[]){order}"
+            await src.copy_from_query(query, missing, output=path, format="binary")
+            await dst.copy_to_table(t.name, source=path, columns=t.columns, format="binary")
+        expected = (len(theirs), str(sum(h for _, h in theirs)))
+        found = tuple(await dst.fetchrow(_checksum_sql(t), code))
+        if found != expected:
+            raise ShardMoveError(
+                f"{spec.service}: {t.name} of {code} differs after the copy "
                 f"({found[0]} rows on {target}, {expected[0]} on {source}); nothing was switched"
             )
     log.info(
-        "%s: %s of %s: %d rows, read+checksum %.2fs, write+checksum %.2fs",
+        "%s: %s of %s: %d rows, %d copied and %d replaced under the fence in %.2fs",
         spec.service,
         t.name,
         code,
         expected[0],
-        read - started,
-        time.monotonic() - read,
+        len(missing),
+        len(stale),
+        time.monotonic() - started,
     )
     return int(expected[0])
 
 
 async def copy(spec: MoveSpec, move: dict[str, Any]) -> dict[str, int] | None:
-    """Copy a fenced municipality's rows to the target, verified; the rows per table (None: not fenced).
+    """Bring the target's copy of a fenced municipality up to date, verified; the rows per table (None: not
+    fenced). After :func:`precopy` only what changed since moves here; without it (a move interrupted before
+    its pre-copy ended), everything.
 
-    Tables are copied side by side, one transaction (and connection) each; a table whose rows are found
+    Tables are caught up side by side, one transaction (and connection) each; a table whose rows are found
     through another (``found_through``) waits for that one.
     """
     code, source, target = move["municipality_code"], move["from_shard"], move["to_shard"]
@@ -333,11 +525,11 @@ async def copy(spec: MoveSpec, move: dict[str, Any]) -> dict[str, int] | None:
         return None
     with tempfile.TemporaryDirectory(prefix="vrs-shard-move-") as spool:
         rows: dict[str, int] = {}
-        for wave in (
-            [t for t in spec.tables if t.found_through is None],
-            [t for t in spec.tables if t.found_through is not None],
-        ):
-            counts = await asyncio.gather(*(_copy_table(spec, t, code, source, target, spool) for t in wave))
+        for wave in _waves(spec):
+            since = move.get("since", {})
+            counts = await asyncio.gather(
+                *(_catch_up_table(spec, t, code, source, target, spool, since.get(t.name)) for t in wave)
+            )
             rows |= {t.name: n for t, n in zip(wave, counts, strict=True)}
     return {t.name: rows[t.name] for t in spec.tables}
 
@@ -396,9 +588,14 @@ async def abort(spec: MoveSpec, move: dict[str, Any]) -> None:
     """Lift the fences of a move that has not flipped yet, and forget it."""
     if move["state"] not in ("fencing", "fenced"):
         raise ShardMoveError(f"{spec.service}: the move of {move['municipality_code']} is past its flip")
+    code = move["municipality_code"]
+    async with _transaction(spec.databases.shards[move["to_shard"]]) as raw:
+        await raw.execute(BYPASS_SQL)
+        for t in reversed(spec.tables):  # what a pre-copy left there
+            await raw.execute(f"DELETE FROM {t.name} WHERE {t.where}", code)
     for name in (move["from_shard"], move["to_shard"]):
         async with _transaction(spec.databases.shards[name]) as raw:
-            await raw.execute("DELETE FROM shard_fences WHERE municipality_code = $1", move["municipality_code"])
+            await raw.execute("DELETE FROM shard_fences WHERE municipality_code = $1", code)
     async with spec.databases.main.sessionmaker() as session, session.begin():
         await session.execute(spec.moves.delete().where(spec.moves.c.municipality_code == move["municipality_code"]))
 
@@ -424,6 +621,12 @@ async def move_municipality(
             moves[spec.service] = move
     active = [s for s in specs if s.service in moves]
     started = time.monotonic()
+    # The bulk first, every service, while the municipality is served: the fences below wait for none of it.
+    # A failed pre-copy leaves the targets fenced and the source serving; running the command again resumes.
+    for spec in active:
+        copied_before = await precopy(spec, moves[spec.service])
+        if copied_before is not None:
+            progress(f"{spec.service}: pre-copied {code} to {to} {copied_before}")
     # Each service's copy starts as soon as it is fenced and runs beside the next service's fence and copy.
     copies: dict[str, asyncio.Task[dict[str, int] | None]] = {}
     try:

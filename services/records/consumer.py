@@ -23,7 +23,7 @@ from services.records.settings import RecordsSettings
 from shared.bus import Message, make_source
 from shared.consumer import Bookkeeping, Handler, IdempotentConsumer
 from shared.db import Databases, utcnow
-from shared.events import CouponEvent
+from shared.events import CouponEvent, coupon_events_from_bytes
 from shared.outbox import OutboxNotifier, OutboxRelay
 from shared.shardmove import ShardMoveError
 
@@ -35,7 +35,7 @@ def coupon_event_handler(databases: Databases, shard: str, *, name: str) -> Hand
         events: list[CouponEvent] = []
         for message in messages:
             try:
-                events.append(CouponEvent.from_bytes(message.value))
+                events.extend(coupon_events_from_bytes(message.value))
             except ValidationError:
                 # Never blocks the partition: a message no version of us can read is logged and passed.
                 log.error("undecodable coupon event at partition %s offset %s", message.partition, message.offset)

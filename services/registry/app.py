@@ -39,6 +39,8 @@ def create_app(settings: RegistrySettings | None = None) -> FastAPI:
                     databases,
                     app.state.vault,
                     batch_size=settings.import_batch_size,
+                    workers=settings.import_workers,
+                    workers_min_bytes=settings.import_workers_min_bytes,
                     on_commit=lambda shards: relay.wake(*shards),
                 )
                 if settings.run_imports:

@@ -24,11 +24,33 @@ class SealedMyNumber:
     last4: str
 
 
+# What a vault is made of, picklable: (key id → base64 key, the active key id, the base64 HMAC key). A bulk
+# import's worker processes build their own vault from it.
+VaultKeys = tuple[dict[str, str], str, str]
+
+
 class MyNumberVault:
     def __init__(self, settings: RegistrySettings) -> None:
+        self._material: VaultKeys = (
+            dict(settings.my_number_keys),
+            settings.my_number_active_key,
+            settings.my_number_hash_key,
+        )
         self._keys = {kid: AESGCM(base64.b64decode(key)) for kid, key in settings.my_number_keys.items()}
         self._active = settings.my_number_active_key
         self._hash_key = base64.b64decode(settings.my_number_hash_key)
+
+    @classmethod
+    def from_keys(cls, keys: VaultKeys) -> MyNumberVault:
+        vault = cls.__new__(cls)
+        vault._material = keys
+        vault._keys = {kid: AESGCM(base64.b64decode(key)) for kid, key in keys[0].items()}
+        vault._active, vault._hash_key = keys[1], base64.b64decode(keys[2])
+        return vault
+
+    @property
+    def keys(self) -> VaultKeys:
+        return self._material
 
     def keyed_hash(self, my_number: str) -> bytes:
         # hmac.digest: OpenSSL's one-shot HMAC, several times faster than building an hmac object per number.
@@ -45,6 +67,17 @@ class MyNumberVault:
             keyed_hash=self.keyed_hash(my_number) if keyed_hash is None else keyed_hash,
             last4=my_number[-4:],
         )
+
+    def seal_many(self, items: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+        """(ciphertext, keyed hash) under the active key for each (My Number, context), as :meth:`seal` makes
+        them; one call to the random source for every nonce."""
+        aead, digest, hash_key = self._keys[self._active], hmac.digest, self._hash_key
+        nonces = os.urandom(12 * len(items))
+        out = []
+        for i, (number, context) in enumerate(items):
+            nonce, plain = nonces[12 * i : 12 * i + 12], number.encode()
+            out.append((nonce + aead.encrypt(nonce, plain, context.encode()), digest(hash_key, plain, "sha256")))
+        return out
 
     @property
     def active_key(self) -> str:

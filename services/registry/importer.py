@@ -16,23 +16,30 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
+import multiprocessing
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 from typing import IO, Any
 
-from services.registry import service
+from services.registry import bulk, service
+from services.registry.bulk import ChunkJob, PreparedChunk
 from services.registry.crypto import MyNumberVault
 from services.registry.models import ResidentImport
 from services.registry.repository import DirectoryRepository, ImportRepository, ResidentRepository
 from services.registry.schemas import ImportRowError, ImportStatus
 from shared.db import Databases, UnitOfWork, utcnow
-from shared.domain.csv_stream import Batch, CsvFileError, RowError, batches
+from shared.domain.csv_stream import CsvFileError, Parsed, RowError
 from shared.domain.japan_time import japan_today
-from shared.domain.resident_csv import ResidentRow, parse_resident_csv
-from shared.errors import NotFound
+from shared.domain.resident_csv import COLUMN_ORDER, RawRow, Repeats, ResidentRow, check_row, resident_values
+from shared.errors import Conflict, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +136,23 @@ class _CountingReader:
         return data
 
 
+@dataclass(slots=True)
+class _Chunk:
+    """A prepared chunk after the in-file repeats were checked (in file order, in this process)."""
+
+    raw: list[Parsed[RawRow]]
+    prepared: PreparedChunk
+    good: list[int]  # indexes of good rows
+    bad: list[tuple[int, list[RowError]]]
+    last_row: int
+
+
 class ResidentImporter:
-    """Runs stored imports as tasks of this process; :meth:`resume` picks up what a crash left running."""
+    """Runs stored imports as tasks of this process; :meth:`resume` picks up what a crash left running.
+
+    On PostgreSQL the rows are checked, sealed and turned into COPY lines by ``workers`` processes (the
+    CPU of an import), chunk by chunk, while this process reads the file and writes the previous chunk.
+    """
 
     def __init__(
         self,
@@ -138,6 +160,8 @@ class ResidentImporter:
         vault: MyNumberVault,
         *,
         batch_size: int = 1000,
+        workers: int = 2,
+        workers_min_bytes: int = 1 << 20,
         work_dir: Path | None = None,
         on_commit: Callable[[list[str]], None] | None = None,
         retry_seconds: float = 2.0,
@@ -145,6 +169,9 @@ class ResidentImporter:
         self._databases = databases
         self._vault = vault
         self._batch_size = batch_size
+        self._workers = workers
+        self._workers_min_bytes = workers_min_bytes
+        self._pool: ProcessPoolExecutor | None = None
         self._work_dir = work_dir
         self._on_commit = on_commit
         self._retry = retry_seconds
@@ -176,6 +203,9 @@ class ResidentImporter:
         if tasks:
             await asyncio.wait(tasks)
         self._tasks.clear()
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await asyncio.to_thread(pool.shutdown, cancel_futures=True)
 
     async def _run(self, import_id: str) -> None:
         while True:
@@ -184,10 +214,32 @@ class ResidentImporter:
                 return
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
                 # A database or shard briefly away: the file and the progress are stored, start again.
                 log.exception("resident import %s failed; retrying in %.1fs", import_id, self._retry)
+                if isinstance(exc, BrokenProcessPool):  # a worker died (killed, out of memory): new ones
+                    self._pool = None
                 await asyncio.sleep(self._retry)
+
+    @property
+    def _postgres(self) -> bool:
+        """Whether new rows may be copied as prepared (PostgreSQL's COPY); elsewhere every row is upserted."""
+        return bool(self._databases.main.engine.dialect.name == "postgresql")
+
+    def _executor(self, size: int) -> ProcessPoolExecutor | None:
+        """The worker processes, started at the first large import on PostgreSQL (None: check rows in this
+        process: on SQLite, with no workers configured, or for a file smaller than ``workers_min_bytes``)."""
+        if self._workers < 1 or not self._postgres or size < self._workers_min_bytes:
+            return None
+        if self._pool is None:
+            # spawn, not fork: this process runs an event loop and driver threads a fork would copy mid-flight.
+            self._pool = ProcessPoolExecutor(
+                self._workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=bulk.init_worker,
+                initargs=(self._vault.keys,),
+            )
+        return self._pool
 
     async def _run_once(self, import_id: str) -> None:
         async with UnitOfWork(self._databases) as uow:
@@ -197,30 +249,122 @@ class ResidentImporter:
         with tempfile.TemporaryFile(dir=self._work_dir) as local:
             await self._copy_file(import_id, local)
             local.seek(0)
-            reader = _CountingReader(local)
-            parsed = parse_resident_csv(reader, today=japan_today())
-            groups = batches(parsed, self._batch_size)
-            # The next batch is parsed (in a thread) while this one is written: parsing overlaps the database.
-            pending = asyncio.ensure_future(asyncio.to_thread(next, groups, None))
-            try:
-                while True:
+            pool = self._executor(entry.size_bytes)
+            if pool is None:
+                error = await self._run_in_process(entry, local)
+            else:
+                error = await self._run_in_workers(entry, local, pool)
+        await self._finish(entry, file_error=error)
+
+    async def _run_in_process(self, entry: ResidentImport, local: IO[bytes]) -> str | None:
+        reader = _CountingReader(local)
+        today = japan_today()
+        raw: Iterator[Parsed[RawRow]] = resident_values(reader)
+        repeats = Repeats()
+
+        def next_chunk() -> tuple[list[Parsed[RawRow]], int]:
+            return list(itertools.islice(raw, self._batch_size)), reader.position
+
+        # The next chunk is read (in a thread) while this one is written: reading overlaps the database.
+        pending = asyncio.ensure_future(asyncio.to_thread(next_chunk))
+        try:
+            while True:
+                try:
+                    rows, position = await pending
+                except CsvFileError as exc:
+                    return str(exc)
+                if not rows:
+                    return None
+                pending = asyncio.ensure_future(asyncio.to_thread(next_chunk))
+                job = self._job(entry, rows, today)
+                prepared = bulk.prepare(job, self._vault)
+                await self._write(entry, self._sorted(rows, prepared, repeats), bytes_done=position)
+        finally:
+            # Never leave the reading thread on a file about to be closed.
+            if not pending.done():
+                await asyncio.wait([pending])
+            if not pending.cancelled():
+                pending.exception()  # retrieved: an error here was the write's, reported by it
+
+    async def _run_in_workers(self, entry: ResidentImport, local: IO[bytes], pool: ProcessPoolExecutor) -> str | None:
+        """Read chunks here, prepare them in the pool (up to ``workers + 1`` ahead), write them in file order."""
+        reader = _CountingReader(local)
+        today = japan_today()
+        raw: Iterator[Parsed[RawRow]] = resident_values(reader)
+        repeats = Repeats()
+        loop = asyncio.get_running_loop()
+        ahead: asyncio.Queue[tuple[list[Parsed[RawRow]], int, asyncio.Future[PreparedChunk]] | None] = asyncio.Queue(
+            self._workers + 1
+        )
+
+        def next_chunk() -> tuple[list[Parsed[RawRow]], int]:
+            return list(itertools.islice(raw, self._batch_size)), reader.position
+
+        async def read() -> None:
+            while True:
+                reading = asyncio.ensure_future(asyncio.to_thread(next_chunk))
+                try:
+                    rows, position = await asyncio.shield(reading)
+                except asyncio.CancelledError:
+                    await asyncio.wait([reading])  # never leave the thread on a file about to be closed
+                    raise
+                if not rows:
+                    await ahead.put(None)
+                    return
+                job = self._job(entry, rows, today)
+                await ahead.put((rows, position, loop.run_in_executor(pool, bulk.prepare_in_worker, job)))
+
+        reading = asyncio.create_task(read())
+        try:
+            while True:
+                getting = asyncio.ensure_future(ahead.get())
+                await asyncio.wait([getting, reading], return_when=asyncio.FIRST_COMPLETED)
+                if not getting.done():
+                    getting.cancel()
                     try:
-                        batch = await pending
+                        reading.result()
                     except CsvFileError as exc:
-                        await self._finish(entry, file_error=str(exc))
-                        return
-                    if batch is None:
-                        break
-                    bytes_done = reader.position
-                    pending = asyncio.ensure_future(asyncio.to_thread(next, groups, None))
-                    await self._write(entry, batch, bytes_done=bytes_done)
-            finally:
-                # Never leave the parser thread reading a file about to be closed.
-                if not pending.done():
-                    await asyncio.wait([pending])
-                if not pending.cancelled():
-                    pending.exception()  # retrieved: an error here was the write's, reported by it
-        await self._finish(entry, file_error=None)
+                        return str(exc)
+                    continue  # the reader ended normally; its last item is in the queue
+                item = getting.result()
+                if item is None:
+                    return None
+                rows, position, prepared = item
+                await self._write(entry, self._sorted(rows, await prepared, repeats), bytes_done=position)
+        finally:
+            reading.cancel()
+            await asyncio.wait([reading])
+            if not reading.cancelled() and not isinstance(reading.exception(), CsvFileError | None):
+                log.debug("resident import reader stopped: %r", reading.exception())
+            while not ahead.empty():
+                if (left := ahead.get_nowait()) is not None:
+                    left[2].cancel()
+
+    def _job(self, entry: ResidentImport, rows: list[Parsed[RawRow]], today: date) -> ChunkJob:
+        return ChunkJob(
+            municipality_code=entry.municipality_code,
+            changed_by=f"import:{entry.import_id}",
+            now=utcnow().isoformat(),
+            today=today,
+            rows=rows,
+            # Committed before a crash: the repeats need their keys, nothing else. Without COPY the lines
+            # would not be used either.
+            keys_only=rows[-1][0] <= entry.last_row or not self._postgres,
+        )
+
+    @staticmethod
+    def _sorted(rows: list[Parsed[RawRow]], prepared: PreparedChunk, repeats: Repeats) -> _Chunk:
+        good, bad = [], []
+        for i, keys in enumerate(prepared.keys):
+            errors = prepared.errors[i]
+            found = repeats.check(keys) if keys is not None else []
+            if found:
+                errors = sorted((errors or []) + found, key=lambda e: COLUMN_ORDER.get(e.field, 0))
+            if errors is None:
+                good.append(i)
+            else:
+                bad.append((prepared.numbers[i], errors))
+        return _Chunk(rows, prepared, good, bad, last_row=prepared.numbers[-1])
 
     async def _copy_file(self, import_id: str, local: IO[bytes]) -> None:
         """The stored file onto local disk for the parser's thread (which cannot await the database)."""
@@ -233,26 +377,44 @@ class ResidentImporter:
             await asyncio.to_thread(local.write, piece)
             seq += 1
 
-    async def _write(self, entry: ResidentImport, batch: Batch[ResidentRow], *, bytes_done: int) -> None:
-        if batch.last_row <= entry.last_row:
-            return  # committed before the crash; the parser only had to see its keys
+    async def _write(self, entry: ResidentImport, chunk: _Chunk, *, bytes_done: int) -> None:
+        if chunk.last_row <= entry.last_row:
+            return  # committed before the crash; the repeats only had to see its keys
+        try:
+            await self._write_once(entry, chunk, bytes_done=bytes_done, direct=True)
+        except Conflict:
+            # Another writer stored a key of a new row meanwhile: redo this chunk row by row's rules.
+            await self._write_once(entry, chunk, bytes_done=bytes_done, direct=False)
+
+    async def _write_once(self, entry: ResidentImport, chunk: _Chunk, *, bytes_done: int, direct: bool) -> None:
+        today = japan_today()
         async with UnitOfWork(self._databases) as uow:
             imports = ImportRepository(uow.main())
             current = await imports.get(entry.import_id, for_update=True)
-            if current is None or current.status != RUNNING or batch.last_row <= current.last_row:
+            if current is None or current.status != RUNNING or chunk.last_row <= current.last_row:
                 return  # another replica got there first
-            rows = [(n, r) for n, r in batch.rows if n > current.last_row]
-            bad = [(n, e) for n, e in batch.errors if n > current.last_row]
+            numbers = chunk.prepared.numbers
+            good = [i for i in chunk.good if numbers[i] > current.last_row]
+            bad = [(n, e) for n, e in chunk.bad if n > current.last_row]
             result = service.BatchResult(ok=0, errors=[], changed=0)
-            if rows:
-                result = await service.import_rows(
+            if good:
+
+                def row_of(i: int) -> ResidentRow:
+                    row, _ = check_row(chunk.raw[i][1], today)  # type: ignore[arg-type]
+                    assert isinstance(row, ResidentRow)
+                    return row
+
+                result = await service.import_prepared(
                     await uow.for_municipality(entry.municipality_code),
                     uow.main(),
                     self._vault,
                     municipality_code=entry.municipality_code,
-                    rows=rows,
+                    chunk=chunk.prepared,
+                    good=good,
+                    row_of=row_of,
                     changed_by=f"import:{entry.import_id}",
-                    today=japan_today(),
+                    today=today,
+                    direct=direct and self._postgres,
                 )
             failed = sorted(bad + result.errors, key=lambda item: item[0])
             await imports.add_errors(entry.import_id, list(_numbered(failed)))
@@ -263,7 +425,7 @@ class ResidentImporter:
                     "rows_ok": ok_total,
                     "rows_failed": failed_total,
                     "rows_total": ok_total + failed_total,
-                    "last_row": batch.last_row,
+                    "last_row": chunk.last_row,
                     "bytes_done": bytes_done,
                 },
                 at=utcnow(),
@@ -271,7 +433,7 @@ class ResidentImporter:
             if self._on_commit is not None and result.changed:
                 on_commit, shards = self._on_commit, uow.touched_shards
                 uow.after_commit(lambda: on_commit(shards))
-        entry.last_row = batch.last_row
+        entry.last_row = chunk.last_row
 
     async def _finish(self, entry: ResidentImport, *, file_error: str | None) -> None:
         async with UnitOfWork(self._databases) as uow:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime
 from operator import attrgetter, itemgetter
 from typing import Any
 
+import asyncpg  # type: ignore[import-untyped]
 from pydantic_core import to_json
 from sqlalchemy import ARRAY, JSON, Table, bindparam, delete, exists, func, insert, select, text, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.registry import bulk
 from services.registry.models import (
     Coupon,
     IssuedCertificate,
@@ -24,6 +26,7 @@ from services.registry.models import (
     shard_fences,
 )
 from shared.db import upsert, utcnow
+from shared.errors import Conflict
 from shared.outbox import OutboxEvent, OutboxRepository
 from shared.shardmove import MovableTable
 
@@ -79,6 +82,23 @@ async def _bulk_upsert(
         f"INSERT INTO {table.name} ({names}) SELECT {names} FROM {stage} "
         f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {assignments}{condition}; TRUNCATE {stage}"
     )
+
+
+async def copy_text(session: AsyncSession, table: str, columns: Sequence[str], data: bytes) -> None:
+    """``COPY table (columns) FROM STDIN`` of ready text-format lines, in the session's transaction (PostgreSQL).
+    A key already there (a writer got in between the caller's check and this) is a :class:`Conflict`."""
+    if not data:
+        return
+    raw = await _driver(session)
+    try:
+        await raw.copy_to_table(table, source=_once(data), columns=list(columns), format="text")
+    except asyncpg.UniqueViolationError:
+        raise Conflict(f"{table}: a row of this batch was written meanwhile") from None
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    # An async iterable: asyncpg reads a file-like source in a thread, 512 KiB at a time.
+    yield data
 
 
 async def _driver(session: AsyncSession) -> Any:
@@ -171,6 +191,24 @@ class ResidentRepository:
             .with_for_update()
         )
         return {row.resident_id: dict(row._mapping) for row in await self.session.execute(stmt)}
+
+    async def known(self, municipality_code: str, resident_ids: Sequence[str]) -> set[str]:
+        """Those of ``resident_ids`` stored in this municipality (moved out or not)."""
+        if not resident_ids:
+            return set()
+        stmt = select(_residents.c.resident_id).where(
+            _residents.c.municipality_code == municipality_code,
+            _one_of(self.session, _residents.c.resident_id, resident_ids),
+        )
+        return set((await self.session.execute(stmt)).scalars())
+
+    async def copy_new(self, residents: bytes, coupons: bytes, history: bytes, events: bytes) -> None:
+        """Residents seen for the first time, with their coupons, first history entries and coupon events, as
+        prepared COPY lines (:mod:`services.registry.bulk`); no staging table, no upsert."""
+        await copy_text(self.session, _residents.name, bulk.RESIDENT_COLUMNS, residents)
+        await copy_text(self.session, _coupons.name, bulk.COUPON_COLUMNS, coupons)
+        await copy_text(self.session, _history.name, bulk.HISTORY_COLUMNS, history)
+        await copy_text(self.session, outbox.name, bulk.OUTBOX_COLUMNS, events)
 
     async def present(self, municipality_code: str, resident_ids: Sequence[str]) -> set[str]:
         """Those of ``resident_ids`` registered here and not moved out."""
@@ -343,6 +381,10 @@ class DirectoryRepository:
         held = await self.holders(municipality_code, [h for h, _ in entries])
         return all(held.get(h) == r for h, r in entries)
 
+    async def copy_new(self, entries: bytes) -> None:
+        """Directory entries of numbers nobody of the municipality holds, as prepared COPY lines."""
+        await copy_text(self.session, _directory.name, bulk.DIRECTORY_COLUMNS, entries)
+
     async def remove_many(self, hashes: Sequence[bytes], municipality_code: str) -> None:
         await self.session.execute(
             delete(_directory).where(
@@ -504,5 +546,12 @@ MOVABLE_TABLES = (
     MovableTable(Resident.__table__, "municipality_code = $1"),  # type: ignore[arg-type]
     MovableTable(Coupon.__table__, "municipality_code = $1"),  # type: ignore[arg-type]
     MovableTable(ResidentHistory.__table__, "municipality_code = $1"),  # type: ignore[arg-type]
-    MovableTable(outbox, "key = $1", copy_where="key = $1 AND published_at IS NULL", skip=("id",), order_by="id"),
+    MovableTable(
+        outbox,
+        "key = $1",
+        copy_where="key = $1 AND published_at IS NULL",
+        skip=("id",),
+        order_by="id",
+        key=("event_id",),
+    ),
 )

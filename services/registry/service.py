@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.registry.bulk import PreparedChunk, outbox_lines
 from services.registry.crypto import MyNumberVault
 from services.registry.models import Coupon, Resident
 from services.registry.repository import CouponRepository, DirectoryRepository, ResidentRepository
@@ -451,6 +452,10 @@ async def import_rows(
             after |= {"my_number_key_id": sealed.key_id, "my_number_ciphertext": sealed.ciphertext}
             after |= {"my_number_hash": sealed.keyed_hash, "my_number_last4": sealed.last4}
         if before is not None and all(before[k] == after[k] for k in after if k != "my_number_ciphertext"):
+            if h is not None and h not in holders:
+                # Stored by a batch whose shard committed and whose directory commit was lost (a crash between
+                # the two): the resumed import repairs the entry.
+                claims.append((h, row.resident_id))
             continue  # the same as stored: the same file twice changes nothing
         after |= {"municipality_code": municipality_code, "resident_id": row.resident_id, "updated_at": now}
         after["version"] = (before["version"] if before else 0) + 1
@@ -475,6 +480,76 @@ async def import_rows(
         # Another writer registered one of these numbers between our read and write: redo the batch.
         raise Conflict("my_number: a My Number of this batch was just registered to another resident")
     return BatchResult(ok=ok, errors=errors, changed=len(upserts))
+
+
+async def import_prepared(
+    shard: AsyncSession,
+    main: AsyncSession,
+    vault: MyNumberVault,
+    *,
+    municipality_code: str,
+    chunk: PreparedChunk,
+    good: Sequence[int],
+    row_of: Callable[[int], ResidentRow],
+    changed_by: str,
+    today: date,
+    direct: bool = True,
+) -> BatchResult:
+    """Store the good rows (indexes into ``chunk``) of a bulk import's prepared chunk, as :func:`import_rows`
+    would. A row of a resident the municipality has never seen, whose My Number and coupon number nobody holds,
+    is copied as prepared (``direct``); any other row — the resident is known, or their number or coupon is
+    (some trace of them) — is rebuilt (``row_of``) and goes through :func:`import_rows`. A writer that
+    stores one of the new keys between the checks and the copies makes it a :class:`Conflict` (the caller
+    redoes the chunk with ``direct=False``)."""
+    careful: list[int] = list(good) if not direct else []
+    fresh: list[int] = []
+    errors: list[tuple[int, list[RowError]]] = []
+    if direct and good:
+        residents, coupons = ResidentRepository(shard), CouponRepository(shard)
+        known = await residents.known(municipality_code, [str(chunk.resident_ids[i]) for i in good])
+        holders = await DirectoryRepository(main).holders(
+            municipality_code, [h for i in good if (h := chunk.hashes[i]) is not None]
+        )
+        issued = await coupons.issued_to(municipality_code, [c for i in good if (c := chunk.coupons[i]) is not None])
+        for i in good:
+            resident_id = chunk.resident_ids[i]
+            h, number = chunk.hashes[i], chunk.coupons[i]
+            holder = holders.get(h) if h is not None else None
+            owner = issued.get(number) if number is not None else None
+            if resident_id in known or resident_id in (holder, owner):
+                careful.append(i)
+                continue
+            problems = []
+            if holder is not None:
+                problems.append(RowError("my_number", my_number_taken(holder)))
+            if owner is not None:
+                problems.append(RowError("coupon_number", "this coupon number was issued to another resident"))
+            if problems:
+                errors.append((chunk.numbers[i], problems))
+            else:
+                fresh.append(i)
+    ok = changed = 0
+    if careful:
+        result = await import_rows(
+            shard,
+            main,
+            vault,
+            municipality_code=municipality_code,
+            rows=[(chunk.numbers[i], row_of(i)) for i in careful],
+            changed_by=changed_by,
+            today=today,
+        )
+        ok, changed, errors = result.ok, result.changed, errors + result.errors
+    if fresh:
+        await ResidentRepository(shard).copy_new(
+            chunk.residents.take(fresh),
+            chunk.coupon_lines.take(fresh),
+            chunk.history.take(fresh),
+            outbox_lines(municipality_code, chunk.outbox.pieces(fresh), chunk.now),
+        )
+        await DirectoryRepository(main).copy_new(chunk.directory.take(fresh))
+        ok, changed = ok + len(fresh), changed + len(fresh)
+    return BatchResult(ok=ok, errors=sorted(errors, key=lambda e: e[0]), changed=changed)
 
 
 async def _plan_import_coupons(

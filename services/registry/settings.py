@@ -61,7 +61,11 @@ class RegistrySettings(PublisherSettings):
     # shared/grants.py); records holds the public half.
     transfer_grant_private_key: str = DEV_PRIVATE_KEY
     # Resident CSV imports: rows per transaction, and whether this replica resumes unfinished imports at start.
-    import_batch_size: int = Field(default=1000, ge=1, le=5000)
+    import_batch_size: int = Field(default=5000, ge=1, le=20000)
+    # Processes that check, seal and hash an import's rows on PostgreSQL (0: in the API process itself), for
+    # files of at least import_workers_min_bytes (starting them costs about a second).
+    import_workers: int = Field(default=2, ge=0, le=32)
+    import_workers_min_bytes: int = Field(default=1 << 20, ge=0)
     run_imports: bool = True
     # The certificate revocation sweep in the API process: seconds between passes (0: no sweep here), and
     # certificates per records call. Replicas take turns (an advisory lock), so every replica may run it.

@@ -152,27 +152,43 @@ def named_rows(
     """Each data row as ``{column name: raw value}`` (a column the row is too short for is ""), or the
     errors that kept it from being read. Blank rows are skipped but keep their number, as a spreadsheet
     shows them. Raises :class:`CsvFileError` when iteration starts on a file without a usable header."""
+    names = [c.name for c in columns]
+    for row_number, values in column_rows(stream, columns, chunk_size, keep_missing=False):
+        if isinstance(values, list):
+            yield row_number, values
+        else:
+            yield row_number, {name: value for name, value in zip(names, values, strict=True) if value is not None}
+
+
+def column_rows(
+    stream: ByteStream, columns: Sequence[Column], chunk_size: int = CHUNK_SIZE, *, keep_missing: bool = True
+) -> Iterator[tuple[int, tuple[str | None, ...] | list[RowError]]]:
+    """Like :func:`named_rows`, each row as a tuple of raw values in ``columns`` order: cheap to send to
+    another process. A column the header lacks is "" (``keep_missing=False``: None)."""
     decoder = DetectingDecoder()
     records = csv_records(stream, decoder, chunk_size)
     header = next(records, None)
     if header is None or isinstance(header, RowError) or not any(cell.strip() for cell in header):
         raise CsvFileError("the file has no header row (row 1 names the columns)")
     positions = map_header(header, columns)
+    absent = "" if keep_missing else None
+    at = [positions.get(c.name) for c in columns]
     for row_number, record in enumerate(records, start=2):
         if isinstance(record, RowError):
             yield row_number, [record]
             continue
         if not any(cell.strip() for cell in record):
             continue
-        values = {name: record[i] if i < len(record) else "" for name, i in positions.items()}
-        if REPLACEMENT in "".join(values.values()):  # one C-level scan: the rare case costs the loop
+        size = len(record)
+        values = tuple(absent if i is None else record[i] if i < size else "" for i in at)
+        if REPLACEMENT in "".join(v for v in values if v):  # one C-level scan: the rare case costs the loop
             encoding = decoder.encoding or "ASCII"
             yield (
                 row_number,
                 [
-                    RowError(name, f"holds bytes that are not valid {encoding}")
-                    for name, value in values.items()
-                    if REPLACEMENT in value
+                    RowError(column.name, f"holds bytes that are not valid {encoding}")
+                    for column, value in zip(columns, values, strict=True)
+                    if value and REPLACEMENT in value
                 ],
             )
             continue

@@ -21,7 +21,7 @@ from shared.domain.csv_stream import (
     Column,
     Parsed,
     RowError,
-    named_rows,
+    column_rows,
     normalised,
     parse_date,
     text_value,
@@ -70,86 +70,121 @@ def parse_resident_csv(
     refused. A resident id, My Number or coupon number already seen on an earlier row is an error on the
     later row (the earlier one stands).
     """
-    return _ResidentParser(today).parse(stream, chunk_size)
+    repeats = Repeats()
+    for row_number, values in resident_values(stream, chunk_size):
+        if isinstance(values, list):
+            yield row_number, values
+            continue
+        result, keys = check_row(values, today)
+        yield row_number, repeats.merge(result, keys)
 
 
-class _ResidentParser:
-    def __init__(self, today: date) -> None:
-        self.today = today
-        # Keys of every earlier row whose key itself was valid, even if the row had other errors: the file
-        # says two different things about that resident, and a person must decide which is true. My Numbers
-        # (12 digits) and coupon numbers (10, never all zeros) are their own exact keys.
+def resident_values(stream: ByteStream, chunk_size: int = CHUNK_SIZE) -> Iterator[Parsed[RawRow]]:
+    """The first stage of :func:`parse_resident_csv`: each row's raw values in :data:`COLUMNS` order (or why
+    it could not be read). The bulk importer checks the values in other processes (:func:`check_row`) and
+    the repeats in file order (:class:`Repeats`)."""
+    return column_rows(stream, COLUMNS, chunk_size)  # type: ignore[return-value]
+
+
+# Raw values in COLUMNS order ("" for a column the file lacks).
+RawRow = tuple[str, ...]
+# What a row is known by in the file, for the repeats: its resident id, My Number key and coupon number, each
+# None when that value is missing or invalid (an invalid value is its own error, never a repeat).
+RowKeys = tuple[str | None, int | None, str | None]
+COLUMN_ORDER = {column.name: i for i, column in enumerate(COLUMNS)}
+
+
+def check_row(values: RawRow, today: date) -> tuple[ResidentRow | list[RowError], RowKeys]:
+    """One row's values checked on their own (no I/O, no state): the row or its errors, and its keys."""
+    errors: list[RowError] = []
+    raw_id, raw_name, raw_kana, raw_born, raw_sex, raw_number, raw_address, raw_coupon = values
+    resident_id = normalised(raw_id)
+    id_key: str | None = None
+    if not resident_id:
+        errors.append(RowError("resident_id", "is required"))
+    elif RESIDENT_ID.fullmatch(resident_id) is None:
+        errors.append(RowError("resident_id", "must be 1-64 letters, digits, '.', '_' or '-'"))
+    else:
+        id_key = resident_id
+    name = text_value(raw_name, "name", MAX_NAME, errors, required=True)
+    name_kana = text_value(normalised(raw_kana), "name_kana", MAX_NAME_KANA, errors, required=True)
+    birth_date = _birth_date(normalised(raw_born), today, errors)
+    sex = _sex(raw_sex, errors)
+    my_number = normalised(raw_number)
+    number_key: int | None = None
+    if my_number:
+        if problem := my_number_problem(my_number):
+            errors.append(RowError("my_number", f"My Number {problem}"))  # never the number itself
+        else:
+            number_key = int(my_number) + 1  # + 1: 000000000000 is a key too
+    address = text_value(raw_address, "address", MAX_ADDRESS, errors, required=False)
+    coupon_number = normalised(raw_coupon)
+    coupon_key: str | None = None
+    if coupon_number:
+        if problem := coupon_number_problem(coupon_number):
+            errors.append(RowError("coupon_number", f"coupon number {problem}"))
+        else:
+            coupon_key = coupon_number
+    keys = (id_key, number_key, coupon_key)
+    if errors:
+        return errors, keys
+    row = ResidentRow(
+        resident_id=resident_id,
+        name=name,
+        name_kana=name_kana,
+        birth_date=birth_date,
+        sex=sex,
+        my_number=my_number or None,
+        address=address or None,
+        coupon_number=coupon_number or None,
+    )
+    return row, keys
+
+
+class Repeats:
+    """The keys of every earlier row whose key itself was valid, even if the row had other errors: the file
+    says two different things about that resident, and a person must decide which is true. My Numbers (12
+    digits) and coupon numbers (10, never all zeros) are their own exact keys."""
+
+    def __init__(self) -> None:
         self.resident_ids = KeySet()
         self.my_numbers = KeySet()
         self.coupon_numbers = KeySet()
 
-    def parse(self, stream: ByteStream, chunk_size: int) -> Iterator[Parsed[ResidentRow]]:
-        for row_number, values in named_rows(stream, COLUMNS, chunk_size):
-            yield row_number, values if isinstance(values, list) else self._row(values)
+    def check(self, keys: RowKeys) -> list[RowError]:
+        """Remember the row's keys; an error for each key an earlier row had."""
+        resident_id, number_key, coupon = keys
+        found = []
+        if resident_id is not None and not self.resident_ids.add(text_key(resident_id)):
+            found.append(RowError("resident_id", f"{resident_id} appears on an earlier row of this file"))
+        if number_key is not None and not self.my_numbers.add(number_key):
+            found.append(RowError("my_number", "this My Number appears on an earlier row of this file"))
+        if coupon is not None and not self.coupon_numbers.add(int(coupon)):
+            found.append(RowError("coupon_number", f"{coupon} appears on an earlier row of this file"))
+        return found
 
-    def _row(self, values: dict[str, str]) -> ResidentRow | list[RowError]:
-        errors: list[RowError] = []
-        resident_id = self._resident_id(normalised(values["resident_id"]), errors)
-        name = text_value(values["name"], "name", MAX_NAME, errors, required=True)
-        name_kana = text_value(normalised(values["name_kana"]), "name_kana", MAX_NAME_KANA, errors, required=True)
-        birth_date = self._birth_date(normalised(values.get("birth_date", "")), errors)
-        sex = _sex(values.get("sex", ""), errors)
-        my_number = self._my_number(normalised(values.get("my_number", "")), errors)
-        address = text_value(values.get("address", ""), "address", MAX_ADDRESS, errors, required=False)
-        coupon_number = self._coupon_number(normalised(values.get("coupon_number", "")), errors)
-        if errors:
-            return errors
-        return ResidentRow(
-            resident_id=resident_id,
-            name=name,
-            name_kana=name_kana,
-            birth_date=birth_date,
-            sex=sex,
-            my_number=my_number or None,
-            address=address or None,
-            coupon_number=coupon_number or None,
-        )
+    def merge(self, result: ResidentRow | list[RowError], keys: RowKeys) -> ResidentRow | list[RowError]:
+        """``result`` with the row's repeats added, its errors in column order."""
+        found = self.check(keys)
+        if not found:
+            return result
+        errors = found if isinstance(result, ResidentRow) else result + found
+        return sorted(errors, key=lambda e: COLUMN_ORDER.get(e.field, 0))
 
-    def _resident_id(self, value: str, errors: list[RowError]) -> str:
-        if not value:
-            errors.append(RowError("resident_id", "is required"))
-        elif RESIDENT_ID.fullmatch(value) is None:
-            errors.append(RowError("resident_id", "must be 1-64 letters, digits, '.', '_' or '-'"))
-        elif not self.resident_ids.add(text_key(value)):
-            errors.append(RowError("resident_id", f"{value} appears on an earlier row of this file"))
-        return value
 
-    def _birth_date(self, value: str, errors: list[RowError]) -> date | None:
-        if not value:
-            return None  # unknown: the open data has doses of such people
-        try:
-            born = parse_date(value)
-        except ValueError as exc:
-            errors.append(RowError("birth_date", str(exc)))
-            return None
-        if born > self.today:
-            errors.append(RowError("birth_date", f"{born} is in the future"))
-        elif born < EARLIEST_BIRTH_DATE:
-            errors.append(RowError("birth_date", f"{born} is before {EARLIEST_BIRTH_DATE}"))
-        return born
-
-    def _my_number(self, value: str, errors: list[RowError]) -> str:
-        if not value:
-            return value
-        if problem := my_number_problem(value):
-            errors.append(RowError("my_number", f"My Number {problem}"))  # never the number itself
-        elif not self.my_numbers.add(int(value) + 1):  # + 1: 000000000000 is a key too
-            errors.append(RowError("my_number", "this My Number appears on an earlier row of this file"))
-        return value
-
-    def _coupon_number(self, value: str, errors: list[RowError]) -> str:
-        if not value:
-            return value
-        if problem := coupon_number_problem(value):
-            errors.append(RowError("coupon_number", f"coupon number {problem}"))
-        elif not self.coupon_numbers.add(int(value)):
-            errors.append(RowError("coupon_number", f"{value} appears on an earlier row of this file"))
-        return value
+def _birth_date(value: str, today: date, errors: list[RowError]) -> date | None:
+    if not value:
+        return None  # unknown: the open data has doses of such people
+    try:
+        born = parse_date(value)
+    except ValueError as exc:
+        errors.append(RowError("birth_date", str(exc)))
+        return None
+    if born > today:
+        errors.append(RowError("birth_date", f"{born} is in the future"))
+    elif born < EARLIEST_BIRTH_DATE:
+        errors.append(RowError("birth_date", f"{born} is before {EARLIEST_BIRTH_DATE}"))
+    return born
 
 
 def _sex(value: str, errors: list[RowError]) -> Sex:

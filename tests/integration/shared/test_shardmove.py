@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ import httpx
 import pytest
 from sqlalchemy import func, select, text
 
+from devtools.tokens import bearer_headers
+from services.gateway.settings import GatewaySettings
 from services.records.app import create_app as create_records
 from services.records.consumer import wait_caught_up
 from services.records.models import Dose, IdempotencyKey
@@ -31,10 +34,14 @@ from shared import cli
 from shared.auth import Role
 from shared.db import Databases
 from shared.events import CouponEvent
+from shared.migrations import upgrade
 from shared.outbox import OutboxRepository
 from shared.settings import BusSettings
-from shared.shardmove import MoveSpec, ShardMoveError, copy_and_flip, fence, move_municipality, plan
+from shared.shardmove import MoveSpec, ShardMoveError, copy_and_flip, fence, move_municipality, plan, precopy
 from tests.factories import internal_headers
+from tests.integration.services.gateway.gateway_fakes import MIGRATIONS as GATEWAY_MIGRATIONS
+from tests.integration.services.gateway.gateway_fakes import running_gateway
+from tests.integration.services.gateway.gateway_fakes import serve as serve_http
 from tests.integration.services.records.records_support import dose, records_databases
 from tests.integration.services.registry.registry_support import CHIYODA, SAPPORO, Registry, migrated_registry, serve
 
@@ -315,12 +322,87 @@ async def test_a_copy_that_does_not_match_switches_nothing(stack: Stack) -> None
     for mover in stack.movers:  # neither service switched: the failed copy stops both
         assert await mover.databases.current_shards([CHIYODA]) == {CHIYODA: "s0"}
     assert await rows(stack.registry.databases, "s1", Resident.__table__, CHIYODA) == 0  # rolled back
-    # Still fenced (the move is resumable, not undone); once the target is repaired, running it again finishes.
-    assert (await put_resident(stack, CHIYODA, "R2", "0000000002")).status_code == 503
+    # The pre-copy failed, before any fence on the source: the municipality is still served. The move is
+    # resumable, not undone: once the target is repaired, running it again finishes, with what was written since.
+    assert (await put_resident(stack, CHIYODA, "R2", "0000000002")).status_code == 201
     async with stack.registry.databases.shards["s1"].sessionmaker() as session, session.begin():
         await session.execute(text("DROP TRIGGER garble ON residents"))
     finished = await move_municipality(stack.movers, CHIYODA, "s1", grace_seconds=0.5)
-    assert finished["registry"]["rows"]["residents"] == 1
+    assert finished["registry"]["rows"]["residents"] == 2
     async with stack.registry.databases.shards["s1"].sessionmaker() as session:
         names = (await session.execute(select(Resident.name).where(Resident.municipality_code == CHIYODA))).scalars()
-        assert list(names) == [PERSON["name"]]
+        assert list(names) == [PERSON["name"]] * 2
+
+
+async def test_what_changes_between_the_pre_copy_and_the_fence_is_caught_up(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The bulk is copied before the fence; a change, a new row and a deletion made after it are carried
+    under the fence (the changed rows by key, the deletion by comparing every row), and the copy verified."""
+    registry = stack.movers[0]
+    for i in range(3):
+        assert (await put_resident(stack, CHIYODA, f"R{i}", f"{i + 1:010d}")).status_code == 201
+    move = await plan(registry, CHIYODA, "s1")
+    assert move is not None
+    assert await precopy(registry, move) == {"residents": 3, "coupons": 3, "resident_history": 3, "outbox": 3}
+    assert await rows(stack.registry.databases, "s1", Resident.__table__, CHIYODA) == 3  # not served from there
+    # Meanwhile, still served by s0: a change, a new resident, and a row gone.
+    changed = PERSON | {"name": "山田 花", "coupon_number": "0000000001"}
+    r = await stack.registry.client.put(
+        f"/api/v1/municipalities/{CHIYODA}/residents/R0",
+        json=changed,
+        headers=internal_headers(Role.MUNICIPALITY, municipality=CHIYODA),
+    )
+    assert r.status_code == 200, r.text
+    assert (await put_resident(stack, CHIYODA, "R3", "0000000004")).status_code == 201
+    async with stack.registry.databases.shards["s0"].sessionmaker() as session, session.begin():
+        await session.execute(text("DELETE FROM resident_history WHERE resident_id = 'R2'"))
+
+    await fence(registry, move)
+    with caplog.at_level(logging.INFO, logger="shared.shardmove"):
+        await copy_and_flip(registry, move)
+    caught_up = {
+        r.getMessage().split(":")[1].split()[0]: r.getMessage() for r in caplog.records if "fence" in r.getMessage()
+    }
+    # Residents and coupons: only the changed rows, by key; the history lost a row, so every row was compared.
+    assert "2 written since the pre-copy replaced" in caught_up["residents"], caught_up
+    assert "1 written since the pre-copy replaced" in caught_up["coupons"], caught_up
+    assert "4 rows, 0 copied and 1 replaced" in caught_up["resident_history"], caught_up  # R2's, deleted there
+    assert move["rows"] == {"residents": 4, "coupons": 4, "resident_history": 4, "outbox": 4}  # a new name: no event
+    async with stack.registry.databases.shards["s1"].sessionmaker() as session:
+        names = dict(
+            (
+                await session.execute(
+                    select(Resident.resident_id, Resident.name).where(Resident.municipality_code == CHIYODA)
+                )
+            ).all()
+        )
+        history = (await session.execute(text("SELECT resident_id, version FROM resident_history ORDER BY 1, 2"))).all()
+    assert names == {"R0": "山田 花", "R1": PERSON["name"], "R2": PERSON["name"], "R3": PERSON["name"]}
+    assert [tuple(h) for h in history] == [("R0", 1), ("R0", 2), ("R1", 1), ("R3", 1)]
+    assert move["pause_seconds"] < 5.0
+
+
+async def test_a_write_through_the_gateway_during_a_move_gets_503_and_retry_after(stack: Stack, tmp_path: Path) -> None:
+    """What a caller sees: the gateway passes the fenced registry's 503 and its Retry-After on."""
+    gateway_db = f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}"
+    await asyncio.to_thread(upgrade, gateway_db, GATEWAY_MIGRATIONS)
+    async with serve_http(stack.registry.app) as registry_url:
+        settings = GatewaySettings(
+            main_dsn=gateway_db, registry_url=registry_url, instance_id="gw-move", audit_anchor_dir=tmp_path / "anchors"
+        )
+        async with running_gateway(settings) as (_, gateway):
+            caller = bearer_headers(Role.MUNICIPALITY, municipality=CHIYODA)
+            url = f"/api/v1/municipalities/{CHIYODA}/residents/R1"
+            assert (await gateway.put(url, json=PERSON, headers=caller)).status_code == 201
+            registry = stack.movers[0]
+            move = await plan(registry, CHIYODA, "s1")
+            assert move is not None
+            await precopy(registry, move)
+            await fence(registry, move)
+            refused = await gateway.put(url, json=PERSON | {"name": "山田 花"}, headers=caller)
+            assert refused.status_code == 503 and refused.headers["Retry-After"] == "1", refused.text
+            assert refused.json()["error"] == "ServiceUnavailable"
+            await copy_and_flip(registry, move)
+            accepted = await gateway.put(url, json=PERSON | {"name": "山田 花"}, headers=caller)
+            assert accepted.status_code == 200, accepted.text

@@ -18,7 +18,7 @@ from services.registry.models import Coupon, Resident, ResidentHistory, outbox, 
 from services.registry.settings import RegistrySettings
 from shared.auth import Role
 from shared.db import Databases, utcnow
-from shared.events import CouponEvent
+from shared.events import CouponEvent, coupon_events_from_bytes
 from shared.migrations import SERVICES_DIR, upgrade
 from tests.factories import InternalHeaders, internal_headers
 
@@ -78,7 +78,7 @@ class Registry:
     async def events(self, code: str = CHIYODA) -> list[CouponEvent]:
         async with self.databases.shards[SHARD_OF[code]].sessionmaker() as session:
             payloads = (await session.execute(select(outbox.c.payload).order_by(outbox.c.id))).scalars()
-            return [e for e in (CouponEvent.from_bytes(p) for p in payloads) if e.municipality == code]
+            return [e for p in payloads for e in coupon_events_from_bytes(p) if e.municipality == code]
 
     async def history(self, resident_id: str, code: str = CHIYODA) -> list[ResidentHistory]:
         async with self.databases.shards[SHARD_OF[code]].sessionmaker() as session:

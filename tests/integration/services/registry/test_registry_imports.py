@@ -4,11 +4,14 @@ a second My Number, and an import resumed after a crash."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from typing import Any
 
+import pytest
 from sqlalchemy import select, update
 
 from services.registry.models import MyNumberDirectoryEntry, ResidentImport
+from services.registry.repository import ResidentRepository
 from services.registry.settings import RegistrySettings
 from shared.domain.codes import my_number_check_digit
 from shared.events import CouponEventType
@@ -43,7 +46,28 @@ GOOD = [
 ]
 
 
-async def test_good_rows_are_stored_and_bad_rows_reported(registry: Registry) -> None:
+@pytest.fixture
+async def pooled(registry_settings: RegistrySettings) -> AsyncIterator[Registry]:
+    """Registry whose imports run in worker processes whatever the file's size (as a large file's would)."""
+    async for served in serve(registry_settings.model_copy(update={"import_workers_min_bytes": 0})):
+        yield served
+
+
+@pytest.mark.parametrize("where", ["in_process", "workers"])
+async def test_good_rows_are_stored_and_bad_rows_reported(
+    where: str, registry: Registry, registry_settings: RegistrySettings
+) -> None:
+    if where == "workers":
+        served = serve(registry_settings.model_copy(update={"import_workers_min_bytes": 0}))
+        registry = await anext(served)
+    try:
+        await _good_and_bad(registry)
+    finally:
+        if where == "workers":
+            await served.aclose()
+
+
+async def _good_and_bad(registry: Registry) -> None:
     bad = [
         "000127,,タナカ,19700101,1,,,",  # row 6: no name
         f"000128,田中,タナカ,1970-02-30,1,{my_number(1)},,",  # row 7: no such date, My Number repeated
@@ -158,7 +182,60 @@ async def test_a_second_resident_with_the_same_my_number_is_refused(registry: Re
     assert r.status_code == 201
 
 
+async def test_new_known_and_conflicting_rows_in_one_chunk(pooled: Registry) -> None:
+    """Rows of residents never seen are copied as prepared; a known resident, a number or coupon another
+    resident holds, go the careful way: one chunk holding all of them stores what the row-by-row rules say."""
+    registry = pooled
+    await registry.import_csv(csv_of(*GOOD))
+    mixed = [
+        f"000123,山田 太郎,ヤマダ タロウ,19500401,2,{my_number(1)},東京都千代田区千代田1-1,0000000001",  # known: sex
+        f"000300,新人,シンジン,19900101,1,{my_number(300)},,0000000300",  # new
+        f"000301,別人,ベツジン,,1,{my_number(2)},,",  # new, but 000125 holds this My Number
+        "000302,別人,ベツジン,,1,,,0000000003",  # new, but 000126 holds this coupon
+    ]
+    status = await registry.import_csv(csv_of(*mixed))
+    assert (status["rows_ok"], status["rows_failed"]) == (2, 2), status
+    assert {(e["row"], e["field"]) for e in status["errors"]} == {(4, "my_number"), (5, "coupon_number")}
+    residents = {r.resident_id: r for r in await registry.residents()}
+    assert residents["000123"].sex == "F" and residents["000123"].version == 2
+    assert residents["000300"].version == 1 and "000301" not in residents and "000302" not in residents
+    latest = {e.coupon_number: e for e in await registry.events()}
+    assert latest["0000000001"].type is CouponEventType.HOLDER_CHANGED and latest["0000000001"].version == 2
+    assert latest["0000000300"].type is CouponEventType.ISSUED and latest["0000000300"].state.resident_id == "000300"
+    assert [h.version for h in await registry.history("000300")] == [1]
+
+
+async def test_a_resident_written_meanwhile_makes_the_chunk_go_the_careful_way(pooled: Registry) -> None:
+    """A writer that stores a new row's resident between the importer's checks and its COPY: the chunk is
+    redone row by row's rules, and nothing is doubled."""
+    registry = pooled
+    await registry.import_csv(csv_of(GOOD[1]))  # 000124: no My Number, no coupon
+    original, write = ResidentRepository.known, registry.importer._write_once
+    attempts: list[bool] = []
+
+    async def blind(self: ResidentRepository, municipality_code: str, resident_ids: Sequence[str]) -> set[str]:
+        return set()  # as if 000124 had been stored just after the check
+
+    async def counted(*args: Any, direct: bool, **kwargs: Any) -> None:
+        attempts.append(direct)
+        await write(*args, direct=direct, **kwargs)
+
+    ResidentRepository.known = blind  # type: ignore[method-assign]
+    registry.importer._write_once = counted  # type: ignore[method-assign]
+    try:
+        status = await registry.import_csv(csv_of(*GOOD))
+    finally:
+        ResidentRepository.known = original  # type: ignore[method-assign]
+    assert (status["rows_ok"], status["rows_failed"]) == (4, 0), status
+    assert attempts[:2] == [True, False]  # the first chunk (000123-000125) collided and was redone
+    residents = await registry.residents()
+    assert [(r.resident_id, r.version) for r in residents] == [(f"00012{i}", 1) for i in range(3, 7)]
+    events = await registry.events()
+    assert sorted(e.coupon_number for e in events) == ["0000000001", "0000000002", "0000000003"]
+
+
 async def test_a_crash_mid_import_resumes_from_the_last_committed_batch(registry_settings: RegistrySettings) -> None:
+    registry_settings = registry_settings.model_copy(update={"import_workers_min_bytes": 0})
     rows = [f"R{i:03d},名前{i},ナマエ,19700101,1,{my_number(100 + i)},,{1000 + i:010d}" for i in range(20)]
     rows[13] = "R013,,ナマエ,19700101,1,,,"  # a bad row after the crash point
     data = csv_of(*rows)

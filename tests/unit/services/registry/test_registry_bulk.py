@@ -1,0 +1,127 @@
+"""A bulk import's prepared lines (services/registry/bulk.py) say exactly what the row-by-row path stores for a
+new resident: the same history entry, the same coupon.issued event, a sealed My Number that opens."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, date, datetime
+
+from services.registry.bulk import (
+    COUPON_COLUMNS,
+    DIRECTORY_COLUMNS,
+    HISTORY_COLUMNS,
+    RESIDENT_COLUMNS,
+    ChunkJob,
+    Lines,
+    outbox_lines,
+    prepare,
+)
+from services.registry.crypto import MyNumberVault
+from services.registry.service import history_changes, snapshot
+from services.registry.settings import RegistrySettings
+from shared.events import CouponEvent, CouponEventType, CouponState, coupon_events_from_bytes
+
+NOW = datetime(2026, 11, 25, 12, 0, 0, 123000, tzinfo=UTC)
+MN = "123456789018"
+FULL = ("R1", 'Y"a\\ma\tda 太郎', "ヤマダ タロウ", "1950-04-01", "1", MN, "東京都\n千代田区", "0000000001")
+BARE = ("R2", "山田 花子", "ﾔﾏﾀﾞ ﾊﾅｺ", "", "2", "", "", "")
+BAD = ("R3", "", "ヤマダ", "19500231", "7", "12345678901", "", "")
+
+
+def unescape(field: str) -> str | None:
+    if field == "\\N":
+        return None
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\":
+            out.append({"t": "\t", "n": "\n", "r": "\r", "\\": "\\"}[field[i + 1]])
+            i += 2
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def rows_of(data: bytes, columns: tuple[str, ...]) -> list[dict[str, str | None]]:
+    lines = data.decode().split("\n")
+    assert lines[-1] == ""
+    return [dict(zip(columns, map(unescape, line.split("\t")), strict=True)) for line in lines[:-1]]
+
+
+def job(*rows: tuple[str, ...], keys_only: bool = False) -> ChunkJob:
+    numbered = [(n, values) for n, values in enumerate(rows, start=2)]
+    return ChunkJob("131016", "import:x", NOW.isoformat(), date(2026, 11, 25), numbered, keys_only)  # type: ignore[arg-type]
+
+
+def test_prepared_lines_match_the_row_by_row_path() -> None:
+    vault = MyNumberVault(RegistrySettings())
+    out = prepare(job(FULL, BARE, BAD), vault)
+    assert out.numbers == [2, 3, 4]
+    assert out.errors[0] is None and out.errors[1] is None
+    assert {e.field for e in out.errors[2] or []} == {"name", "birth_date", "sex", "my_number"}
+    assert out.keys == [("R1", int(MN) + 1, "0000000001"), ("R2", None, None), ("R3", None, None)]
+
+    taro, hanako = rows_of(out.residents.take([0, 1]), RESIDENT_COLUMNS)
+    assert taro["name"] == 'Y"a\\ma\tda 太郎' and taro["address"] == "東京都\n千代田区"
+    assert (taro["birth_date"], taro["sex"], taro["coupon_number"], taro["version"]) == (
+        "1950-04-01",
+        "M",
+        "0000000001",
+        "1",
+    )
+    assert hanako["name_kana"] == "ヤマダ ハナコ" and hanako["my_number_hash"] is None and hanako["address"] is None
+    ciphertext = bytes.fromhex(str(taro["my_number_ciphertext"])[2:])
+    assert vault.open(str(taro["my_number_key_id"]), ciphertext, context="131016/R1") == MN
+    assert bytes.fromhex(str(taro["my_number_hash"])[2:]) == vault.keyed_hash(MN) == out.hashes[0]
+    assert MN not in out.residents.data.decode() and MN not in out.history.data.decode()
+
+    # History: what service.history_changes says for a resident seen for the first time.
+    for line, values in zip(rows_of(out.history.take([0, 1]), HISTORY_COLUMNS), (FULL, BARE), strict=True):
+        stored = next(r for r in rows_of(out.residents.data, RESIDENT_COLUMNS) if r["resident_id"] == values[0])
+        after = {k: stored.get(k) for k in ("name", "name_kana", "birth_date", "sex", "address", "coupon_number")}
+        after |= {"my_number_hash": stored["my_number_hash"], "my_number_last4": stored["my_number_last4"]}
+        assert json.loads(str(line["changes"])) == history_changes(None, snapshot(after))
+        assert (line["version"], line["changed_by"]) == ("1", "import:x")
+
+    # One coupon and its coupon.issued event: byte for byte what CouponEvent writes.
+    (coupon,) = rows_of(out.coupon_lines.take([0, 1]), COUPON_COLUMNS)
+    assert (coupon["coupon_number"], coupon["resident_id"], coupon["sex"], coupon["version"]) == (
+        "0000000001",
+        "R1",
+        "M",
+        "1",
+    )
+    (payload,) = out.outbox.pieces([0, 1])
+    event = CouponEvent.from_bytes(payload)
+    expected = CouponEvent(
+        event_id=event.event_id,
+        occurred_at=NOW,
+        type=CouponEventType.ISSUED,
+        municipality="131016",
+        coupon_number="0000000001",
+        version=1,
+        state=CouponState(resident_id="R1", sex="M", birth_date=date(1950, 4, 1)),
+    )
+    assert payload == expected.to_bytes() and event.event_id.version == 4
+    (entry,) = rows_of(out.directory.take([0, 1]), DIRECTORY_COLUMNS)
+    assert (entry["municipality_code"], entry["resident_id"]) == ("131016", "R1")
+
+
+def test_outbox_rows_carry_a_thousand_events_each() -> None:
+    vault = MyNumberVault(RegistrySettings())
+    rows = [(f"R{i}", "名", "メイ", "", "1", "", "", f"{i + 1:010d}") for i in range(2500)]
+    out = prepare(job(*rows), vault)
+    lines = rows_of(
+        outbox_lines("131016", out.outbox.pieces(range(2500)), NOW.isoformat()), ("id", "key", "payload", "at")
+    )
+    batches = [coupon_events_from_bytes(bytes.fromhex(str(line["payload"])[2:])) for line in lines]
+    assert [len(b) for b in batches] == [1000, 1000, 500]
+    assert [e.coupon_number for b in batches for e in b] == [f"{i + 1:010d}" for i in range(2500)]
+    assert len({line["id"] for line in lines}) == 3
+
+
+def test_keys_only_and_taking_rows() -> None:
+    out = prepare(job(FULL, BARE, keys_only=True), MyNumberVault(RegistrySettings()))
+    assert out.errors == [None, None] and out.residents.data == b"" and out.hashes == [None, None]
+    lines = Lines.of(["a\n", "", "ccc\n"])
+    assert lines.take([0, 1, 2]) == b"a\nccc\n" and lines.take([2]) == b"ccc\n" and lines.pieces([1, 2]) == [b"ccc\n"]
