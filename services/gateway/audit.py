@@ -51,7 +51,7 @@ from typing import Any, Protocol
 from prometheus_client import Counter, Histogram
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from services.gateway.repository import AuditRepository, insert_batch_autocommit
+from services.gateway.repository import AuditRepository, insert_json_autocommit
 from shared import redaction
 from shared.db import Databases, utcnow
 
@@ -245,12 +245,15 @@ class AuditUnavailable(RuntimeError):
     """The entry could not be stored (in time): the request it records must not go ahead."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Pending:
     facts: AuditFacts
     # None: nobody waits (an outcome entry, a refusal); the writer keeps it until it is stored.
     done: asyncio.Future[int] | None
     seq: int = 0
+    # An intent whose caller stopped waiting (the trail's timeout) and was refused: if it is stored after all,
+    # the writer follows it with an outcome entry of this status, so that it does not read as forwarded.
+    late_outcome: int | None = None
 
 
 class AuditTrail:
@@ -288,6 +291,7 @@ class AuditTrail:
         self._idle = asyncio.Event()  # set while the writer waits for work with nothing left to retry
         self._postgres = databases.main.engine.dialect.name == "postgresql"
         self._connection: AsyncConnection | None = None
+        self._in_flight = 0  # entries in the batch being written
         self.batches = 0  # for the bench and tests: how many commits carried the entries
 
     async def start(self) -> None:
@@ -341,7 +345,8 @@ class AuditTrail:
         return self._head
 
     def queued(self) -> int:
-        return self._queue.qsize() + len(self._retry)
+        """Entries handed over and not yet stored, the batch being written included."""
+        return self._queue.qsize() + len(self._retry) + self._in_flight
 
     def _running(self) -> None:
         if self._task is None or self._task.done():
@@ -352,26 +357,25 @@ class AuditTrail:
         the trail's timeout. An intent (``outcome`` None) stored after its caller gave up waiting gets an
         outcome entry ``late_outcome`` (the caller refuses the request), so it does not read as forwarded."""
         self._running()
-        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        # Retrieved even when the caller gave up waiting, so that asyncio does not log it as lost.
-        done.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self._queue.put_nowait(_Pending(facts, done))
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[int] = loop.create_future()
+        pending = _Pending(facts, done)
+        self._queue.put_nowait(pending)
         self._idle.clear()
+        # One timer handle, not asyncio.timeout + shield + callbacks: this runs for every audited request.
+        timer = loop.call_later(self._timeout, self._expire, pending, late_outcome)
         try:
-            async with asyncio.timeout(self._timeout):
-                return await asyncio.shield(done)
-        except TimeoutError:
-            if facts.outcome is None:
+            return await done
+        finally:
+            timer.cancel()
 
-                def stored_late(f: asyncio.Future[int]) -> None:
-                    if not f.cancelled() and f.exception() is None and self._task is not None:
-                        self._queue.put_nowait(
-                            _Pending(replace(facts, outcome=late_outcome, intent_seq=f.result()), None)
-                        )
-                        self._idle.clear()
-
-                done.add_done_callback(stored_late)
-            raise AuditUnavailable(f"the audit entry was not stored within {self._timeout} s") from None
+    def _expire(self, pending: _Pending, late_outcome: int) -> None:
+        done = pending.done
+        if done is None or done.done():
+            return
+        if pending.facts.outcome is None:
+            pending.late_outcome = late_outcome
+        done.set_exception(AuditUnavailable(f"the audit entry was not stored within {self._timeout} s"))
 
     def record(self, facts: AuditFacts) -> None:
         """Hand ``facts`` to the writer without waiting; it is retried until stored (or the gateway stops)."""
@@ -389,6 +393,7 @@ class AuditTrail:
             self._idle.clear()
             while len(batch) < self._batch_max and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+            self._in_flight = len(batch)
             try:
                 await self._write(batch)
             except asyncio.CancelledError:
@@ -412,17 +417,25 @@ class AuditTrail:
             else:
                 pause = 0.0
                 for p in batch:
-                    if p.done is not None and not p.done.done():
+                    if p.done is None:
+                        continue
+                    if not p.done.done():
                         p.done.set_result(p.seq)
+                    elif p.late_outcome is not None:
+                        # Stored after its caller was refused (503): say so, in the same chain.
+                        late = replace(p.facts, outcome=p.late_outcome, intent_seq=p.seq)
+                        self._queue.put_nowait(_Pending(late, None))
+            finally:
+                self._in_flight = 0
 
-    async def _store_autocommit(self, rows: list[dict[str, Any]]) -> None:
+    async def _store_autocommit(self, rows: str) -> None:
         """PostgreSQL: one statement on a connection the writer keeps (a broken one is dropped, the next batch
         takes another from the pool)."""
         if self._connection is None:
             self._connection = await self._databases.main.engine.connect()
         try:
             raw = (await self._connection.get_raw_connection()).driver_connection
-            await insert_batch_autocommit(raw, rows)
+            await insert_json_autocommit(raw, rows)
         except BaseException:
             await self._drop_connection()
             raise
@@ -452,7 +465,10 @@ class AuditTrail:
             return
         now = utcnow()
         stamp = _utc_text(now)
-        rows = []
+        key = self._key
+        postgres = self._postgres
+        rows: list[dict[str, Any]] = []
+        documents: list[bytes] = []
         for p in batch:
             f = p.facts
             seq += 1
@@ -460,7 +476,7 @@ class AuditTrail:
             fields: dict[str, Any] = {
                 "instance": self.instance,
                 "seq": seq,
-                "recorded_at": now,
+                "recorded_at": stamp,
                 # Whatever the caller chose (ids, request id, token subject) is masked.
                 "request_id": redact_my_numbers(f.request_id),
                 "principal": redact_my_numbers(f.principal),
@@ -474,18 +490,23 @@ class AuditTrail:
                 "outcome": f.outcome,
                 "intent_seq": f.intent_seq,
             }
-            mac = entry_mac(self._key, prev, fields, recorded_at=stamp)
-            rows.append({**fields, "prev_mac": prev, "mac": mac})
+            document = canonical(fields, recorded_at=stamp)
+            mac = hmac.new(key, prev.encode("ascii") + document, hashlib.sha256).hexdigest()
+            if postgres:
+                # The row as PostgreSQL stores it: the keyed document itself, plus the two MACs.
+                documents.append(b'%s,"prev_mac":"%s","mac":"%s"}' % (document[:-1], prev.encode(), mac.encode()))
+            else:
+                rows.append({**fields, "recorded_at": now, "prev_mac": prev, "mac": mac})
             prev = mac
         self._unsure_head = (seq, prev)
         started = time.perf_counter()
-        if self._postgres:
-            await self._store_autocommit(rows)
+        if postgres:
+            await self._store_autocommit((b"[" + b",".join(documents) + b"]").decode())
         else:
             async with self._databases.main.sessionmaker() as session, session.begin():
                 await AuditRepository(session).add_many(rows)
         AUDIT_BATCH_SECONDS.observe(time.perf_counter() - started)
-        AUDIT_ENTRIES.inc(len(rows))
+        AUDIT_ENTRIES.inc(len(batch))
         self._head = (seq, prev)
         await self._anchors.write(self.instance, Anchor(seq, prev))
         self._unsure_head = None
