@@ -132,9 +132,11 @@ def redact_my_numbers(text: str) -> str:
 
 
 def _utc_text(value: datetime) -> str:
+    """``YYYY-MM-DDTHH:MM:SS.ffffffZ`` in UTC: the spelling the MAC covers."""
     # SQLite hands timestamps back without a zone, PostgreSQL in the session's zone: key one spelling.
     aware = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
-    return aware.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # isoformat without a zone is strftime's "%Y-%m-%dT%H:%M:%S.%f" at a fraction of its cost.
+    return aware.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 _SORTED_KEYED = tuple(sorted(_KEYED))
@@ -207,7 +209,8 @@ class FileAnchorStore:
         return fd
 
     def _write(self, instance: str, anchor: Anchor) -> None:
-        doc = json.dumps({"instance": instance, "seq": anchor.seq, "mac": anchor.mac}).encode()
+        # The same JSON as json.dumps would write; instance names and MACs need no escaping (settings pattern, hex).
+        doc = b'{"instance": "%s", "seq": %d, "mac": "%s"}' % (instance.encode(), anchor.seq, anchor.mac.encode())
         if len(doc) >= self._RECORD:
             raise ValueError("anchor record too long")
         os.pwrite(self._fd(instance), doc.ljust(self._RECORD - 1) + b"\n", 0)
@@ -264,6 +267,7 @@ class AuditTrail:
     """
 
     _RETRY_PAUSE_MAX = 2.0
+    _REDACTED_MAX = 4096
 
     def __init__(
         self,
@@ -291,7 +295,9 @@ class AuditTrail:
         self._idle = asyncio.Event()  # set while the writer waits for work with nothing left to retry
         self._postgres = databases.main.engine.dialect.name == "postgresql"
         self._connection: AsyncConnection | None = None
+        self._driver: Any = None  # the asyncpg connection under ``_connection``
         self._in_flight = 0  # entries in the batch being written
+        self._redacted: dict[str, str] = {}
         self.batches = 0  # for the bench and tests: how many commits carried the entries
 
     async def start(self) -> None:
@@ -343,6 +349,16 @@ class AuditTrail:
                     )
         self._head = head or (0, GENESIS_MAC)
         return self._head
+
+    def _redact(self, text: str) -> str:
+        """:func:`redact_my_numbers`, remembered: a request's intent and outcome, and a resident read again and
+        again, carry the same strings, and the regular expression was a tenth of the writer's CPU (py-spy)."""
+        done = self._redacted.get(text)
+        if done is None:
+            if len(self._redacted) >= self._REDACTED_MAX:
+                self._redacted.clear()
+            done = self._redacted[text] = redact_my_numbers(text)
+        return done
 
     def queued(self) -> int:
         """Entries handed over and not yet stored, the batch being written included."""
@@ -433,15 +449,16 @@ class AuditTrail:
         takes another from the pool)."""
         if self._connection is None:
             self._connection = await self._databases.main.engine.connect()
+            # Looked up once per connection: SQLAlchemy's accessor costs a greenlet switch per batch.
+            self._driver = (await self._connection.get_raw_connection()).driver_connection
         try:
-            raw = (await self._connection.get_raw_connection()).driver_connection
-            await insert_json_autocommit(raw, rows)
+            await insert_json_autocommit(self._driver, rows)
         except BaseException:
             await self._drop_connection()
             raise
 
     async def _drop_connection(self) -> None:
-        connection, self._connection = self._connection, None
+        connection, self._connection, self._driver = self._connection, None, None
         if connection is not None:
             with contextlib.suppress(Exception):
                 await connection.invalidate()
@@ -467,6 +484,7 @@ class AuditTrail:
         stamp = _utc_text(now)
         key = self._key
         postgres = self._postgres
+        redact = self._redact
         rows: list[dict[str, Any]] = []
         documents: list[bytes] = []
         for p in batch:
@@ -478,20 +496,20 @@ class AuditTrail:
                 "seq": seq,
                 "recorded_at": stamp,
                 # Whatever the caller chose (ids, request id, token subject) is masked.
-                "request_id": redact_my_numbers(f.request_id),
-                "principal": redact_my_numbers(f.principal),
+                "request_id": redact(f.request_id),
+                "principal": redact(f.principal),
                 "role": f.role,
                 "caller_municipality": f.caller_municipality,
                 "institution": f.institution,
                 "municipality": f.municipality,
                 "action": f.action,
-                "resource": redact_my_numbers(f.resource),
+                "resource": redact(f.resource),
                 "legal_basis": f.legal_basis.value,
                 "outcome": f.outcome,
                 "intent_seq": f.intent_seq,
             }
             document = canonical(fields, recorded_at=stamp)
-            mac = hmac.new(key, prev.encode("ascii") + document, hashlib.sha256).hexdigest()
+            mac = hmac.digest(key, prev.encode("ascii") + document, "sha256").hex()
             if postgres:
                 # The row as PostgreSQL stores it: the keyed document itself, plus the two MACs.
                 documents.append(b'%s,"prev_mac":"%s","mac":"%s"}' % (document[:-1], prev.encode(), mac.encode()))
