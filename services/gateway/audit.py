@@ -34,6 +34,7 @@ commit at thousands of requests per second, one at idle, no timer to wait for).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import hmac
@@ -41,7 +42,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -254,9 +255,63 @@ class _Pending:
     # None: nobody waits (an outcome entry, a refusal); the writer keeps it until it is stored.
     done: asyncio.Future[int] | None
     seq: int = 0
+    stored_by: AuditTrail | None = None  # the chain that stored it (its seq counts in that chain)
     # An intent whose caller stopped waiting (the trail's timeout) and was refused: if it is stored after all,
     # the writer follows it with an outcome entry of this status, so that it does not read as forwarded.
     late_outcome: int | None = None
+
+
+class _Work:
+    """Entries any chain of the process may store (intents, refusals), and the writers waiting for work.
+
+    Shared by the chains of :class:`AuditChains`: whichever writer is free takes everything queued, so a
+    request never waits behind a commit in progress while another chain is idle, and under load the commits
+    of several chains overlap (PostgreSQL flushes them together) — a pipeline without ever ordering one
+    chain's batches across connections.
+    """
+
+    def __init__(self) -> None:
+        self.queue: collections.deque[_Pending] = collections.deque()
+        self.waiting: collections.deque[AuditTrail] = collections.deque()  # idle writers, longest idle first
+
+    def put(self, pending: _Pending) -> None:
+        self.queue.append(pending)
+        if self.waiting:
+            self.waiting.popleft()._wake()
+
+
+async def _stored(pending: _Pending, put: Callable[[_Pending], None], timeout: float, late_outcome: int) -> int:
+    """Hand ``pending`` over with ``put`` and wait for its seq, at most ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    done = pending.done
+    assert done is not None
+    put(pending)
+
+    def expire() -> None:
+        if done.done():
+            return
+        if pending.facts.outcome is None:
+            pending.late_outcome = late_outcome
+        done.set_exception(AuditUnavailable(f"the audit entry was not stored within {timeout} s"))
+
+    # One timer handle, not asyncio.timeout + shield + callbacks: this runs for every audited request.
+    timer = loop.call_later(timeout, expire)
+    try:
+        return await done
+    finally:
+        timer.cancel()
+
+
+def _drain(queue: collections.deque[_Pending]) -> int:
+    """Fail the waiters of what is left in ``queue``; the number of entries nobody waited for (lost)."""
+    lost = 0
+    while queue:
+        pending = queue.popleft()
+        if pending.done is None:
+            lost += 1
+        elif not pending.done.done():
+            pending.done.set_exception(AuditUnavailable("the audit writer stopped"))
+    return lost
 
 
 class AuditTrail:
@@ -284,8 +339,12 @@ class AuditTrail:
         self.instance = instance
         self._anchors = anchors
         self._batch_max = batch_max
-        self._timeout = timeout
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self.timeout = timeout
+        # Entries for this chain only (outcomes of its intents); ``_work``: entries for any chain of the process.
+        self._own: collections.deque[_Pending] = collections.deque()
+        self._work = _Work()
+        self._shares_work = False
+        self._wakeup: asyncio.Future[None] | None = None
         # Unawaited entries of a batch that failed: first in the next batch.
         self._retry: list[_Pending] = []
         # The head a failed batch would have left: if the table shows it after all, that batch was stored.
@@ -296,9 +355,11 @@ class AuditTrail:
         self._postgres = databases.main.engine.dialect.name == "postgresql"
         self._connection: AsyncConnection | None = None
         self._driver: Any = None  # the asyncpg connection under ``_connection``
-        self._in_flight = 0  # entries in the batch being written
         self._redacted: dict[str, str] = {}
         self.batches = 0  # for the bench and tests: how many commits carried the entries
+
+    def _share(self, work: _Work) -> None:
+        self._work, self._shares_work = work, True
 
     async def start(self) -> None:
         """Check the table still reaches the anchored head, then start the writer."""
@@ -320,13 +381,7 @@ class AuditTrail:
                 await self._connection.close()
             self._connection = None
         self._anchors.close()
-        lost = len(self._retry)
-        while not self._queue.empty():
-            pending = self._queue.get_nowait()
-            if pending.done is None:
-                lost += 1
-            elif not pending.done.done():
-                pending.done.set_exception(AuditUnavailable("the audit writer stopped"))
+        lost = len(self._retry) + _drain(self._own) + (0 if self._shares_work else _drain(self._work.queue))
         if lost:
             log.error("audit writer stopped with %d outcome entries not stored", lost)
         self._retry.clear()
@@ -360,56 +415,66 @@ class AuditTrail:
             done = self._redacted[text] = redact_my_numbers(text)
         return done
 
-    def queued(self) -> int:
-        """Entries handed over and not yet stored, the batch being written included."""
-        return self._queue.qsize() + len(self._retry) + self._in_flight
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
 
     def _running(self) -> None:
-        if self._task is None or self._task.done():
+        if not self.running():
             raise AuditUnavailable("the audit writer is not running")
 
-    async def append(self, facts: AuditFacts, *, late_outcome: int = 503) -> int:
-        """Store ``facts`` and return its seq; :class:`AuditUnavailable` if that fails or takes longer than
-        the trail's timeout. An intent (``outcome`` None) stored after its caller gave up waiting gets an
-        outcome entry ``late_outcome`` (the caller refuses the request), so it does not read as forwarded."""
-        self._running()
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[int] = loop.create_future()
-        pending = _Pending(facts, done)
-        self._queue.put_nowait(pending)
+    def _wake(self) -> None:
         self._idle.clear()
-        # One timer handle, not asyncio.timeout + shield + callbacks: this runs for every audited request.
-        timer = loop.call_later(self._timeout, self._expire, pending, late_outcome)
-        try:
-            return await done
-        finally:
-            timer.cancel()
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
 
-    def _expire(self, pending: _Pending, late_outcome: int) -> None:
-        done = pending.done
-        if done is None or done.done():
-            return
-        if pending.facts.outcome is None:
-            pending.late_outcome = late_outcome
-        done.set_exception(AuditUnavailable(f"the audit entry was not stored within {self._timeout} s"))
+    def _put_own(self, pending: _Pending) -> None:
+        self._own.append(pending)
+        self._wake()
+
+    async def append(self, facts: AuditFacts, *, late_outcome: int = 503) -> int:
+        """Store ``facts`` in this chain and return its seq; :class:`AuditUnavailable` if that fails or takes
+        longer than the trail's timeout. An intent (``outcome`` None) stored after its caller gave up waiting
+        gets an outcome entry ``late_outcome`` (the caller refuses the request), so it does not read as
+        forwarded."""
+        self._running()
+        pending = _Pending(facts, asyncio.get_running_loop().create_future())
+        return await _stored(pending, self._put_own, self.timeout, late_outcome)
 
     def record(self, facts: AuditFacts) -> None:
-        """Hand ``facts`` to the writer without waiting; it is retried until stored (or the gateway stops)."""
+        """Hand ``facts`` to this chain's writer without waiting; it is retried until stored (or the gateway
+        stops)."""
         self._running()
-        self._queue.put_nowait(_Pending(facts, None))
-        self._idle.clear()
+        self._put_own(_Pending(facts, None))
+
+    def _take(self, batch: list[_Pending]) -> None:
+        own, shared, room = self._own, self._work.queue, self._batch_max - len(batch)
+        while own and room > 0:
+            batch.append(own.popleft())
+            room -= 1
+        while shared and room > 0:
+            batch.append(shared.popleft())
+            room -= 1
+
+    async def _wait_for_work(self) -> None:
+        self._idle.set()
+        self._wakeup = asyncio.get_running_loop().create_future()
+        self._work.waiting.append(self)
+        try:
+            await self._wakeup
+        finally:
+            self._wakeup = None
+            with contextlib.suppress(ValueError):
+                self._work.waiting.remove(self)
 
     async def _write_forever(self) -> None:
         pause = 0.0
         while True:
-            if not self._retry and self._queue.empty():
-                self._idle.set()
-            batch = self._retry or [await self._queue.get()]
-            self._retry = []
+            batch, self._retry = self._retry, []
+            self._take(batch)
+            if not batch:
+                await self._wait_for_work()
+                continue
             self._idle.clear()
-            while len(batch) < self._batch_max and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            self._in_flight = len(batch)
             try:
                 await self._write(batch)
             except asyncio.CancelledError:
@@ -426,7 +491,7 @@ class AuditTrail:
                     if p.done is not None and not p.done.done():
                         p.done.set_exception(AuditUnavailable(type(exc).__name__))
                 self._retry = [p for p in batch if p.done is None]
-                if self._retry and self._queue.empty():
+                if self._retry and not self._own and not self._work.queue:
                     # Nobody waits: do not hammer a database that is down.
                     pause = min(self._RETRY_PAUSE_MAX, max(0.05, pause * 2))
                     await asyncio.sleep(pause)
@@ -435,14 +500,13 @@ class AuditTrail:
                 for p in batch:
                     if p.done is None:
                         continue
+                    p.stored_by = self
                     if not p.done.done():
                         p.done.set_result(p.seq)
                     elif p.late_outcome is not None:
                         # Stored after its caller was refused (503): say so, in the same chain.
                         late = replace(p.facts, outcome=p.late_outcome, intent_seq=p.seq)
-                        self._queue.put_nowait(_Pending(late, None))
-            finally:
-                self._in_flight = 0
+                        self._own.append(_Pending(late, None))
 
     async def _store_autocommit(self, rows: str) -> None:
         """PostgreSQL: one statement on a connection the writer keeps (a broken one is dropped, the next batch
@@ -534,31 +598,43 @@ class AuditTrail:
 class AuditChains:
     """Several :class:`AuditTrail` chains of one gateway process, written in parallel.
 
-    One chain is written one batch at a time, so its rate is (entries a batch) / (time to store a batch); that
-    time is mostly waiting for the commit's fsync and for round trips, not CPU. Chains are independent (each
-    its own head, anchor and connection), so ``count`` of them commit side by side and PostgreSQL flushes their
-    commits together. Chain ``k`` is named ``<instance>`` for k = 0 and ``<instance>.<k>`` after that.
-    A request's intent and outcome go to the same chain: :meth:`pick` hands out the least busy one.
+    One chain is written one batch at a time, so alone its rate is (entries a batch) / (time to store a batch),
+    and a request that arrives while a batch commits waits for that commit and then its own. Chains are
+    independent (each its own head, anchor and connection); intents and refusals go to whichever chain's writer
+    is free first (:class:`_Work`), so with two chains a request waits for one commit, not up to two, and under
+    load the chains' commits overlap and PostgreSQL flushes them together. Chain ``k`` is named ``<instance>``
+    for k = 0 and ``<instance>.<k>`` after that. A request's outcome goes to the chain that stored its intent.
     """
 
     def __init__(self, trails: list[AuditTrail]) -> None:
         if not trails:
             raise ValueError("at least one audit chain")
         self.trails = trails
-        self._next = 0
+        self._work = _Work()
+        for trail in trails:
+            trail._share(self._work)
+        self._timeout = max(trail.timeout for trail in trails)
 
     @staticmethod
     def names(instance: str, count: int) -> list[str]:
         return [instance if k == 0 else f"{instance}.{k}" for k in range(count)]
 
-    def pick(self) -> AuditTrail:
-        trails = self.trails
-        if len(trails) == 1:
-            return trails[0]
-        # Least queued first; among equals, in turn, so that idle chains share the load.
-        self._next = (self._next + 1) % len(trails)
-        rotated = trails[self._next :] + trails[: self._next]
-        return min(rotated, key=AuditTrail.queued)
+    def _running(self) -> None:
+        if not any(trail.running() for trail in self.trails):
+            raise AuditUnavailable("the audit writer is not running")
+
+    async def append(self, facts: AuditFacts, *, late_outcome: int = 503) -> tuple[AuditTrail, int]:
+        """Store ``facts`` in whichever chain is free first: (that chain, the seq). See :meth:`AuditTrail.append`."""
+        self._running()
+        pending = _Pending(facts, asyncio.get_running_loop().create_future())
+        seq = await _stored(pending, self._work.put, self._timeout, late_outcome)
+        assert pending.stored_by is not None
+        return pending.stored_by, seq
+
+    def record(self, facts: AuditFacts) -> None:
+        """Hand ``facts`` (not an outcome: that goes to its intent's chain) to any chain, without waiting."""
+        self._running()
+        self._work.put(_Pending(facts, None))
 
     async def start(self) -> None:
         for trail in self.trails:
@@ -566,6 +642,8 @@ class AuditChains:
 
     async def stop(self) -> None:
         await asyncio.gather(*(trail.stop() for trail in self.trails))
+        if lost := _drain(self._work.queue):
+            log.error("audit writers stopped with %d entries not stored", lost)
 
     async def flush(self, *, timeout: float | None = None) -> None:
         async with asyncio.timeout(timeout):
