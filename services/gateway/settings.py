@@ -61,6 +61,8 @@ class GatewaySettings(ServiceSettings):
     # Where each chain's head is anchored after every batch: outside the database (see audit.py).
     audit_anchor_dir: Path = Field(default_factory=lambda: var_dir() / "gateway" / "audit-anchors")
     audit_batch_max: int = Field(default=1000, ge=1)
+    # How long outcome entries (nobody waits for them) wait for the next request's intent to share its commit.
+    audit_linger_seconds: float = Field(default=0.002, ge=0, le=1)
     # How long a request waits for its intent entry before it is refused (503) without being forwarded.
     audit_timeout_seconds: float = Field(default=5.0, gt=0)
 

@@ -405,6 +405,30 @@ async def test_entries_nobody_waits_for_are_retried_and_never_stored_twice(
     assert await problems_of(audit_dbs, anchors) == []
 
 
+async def test_an_outcome_waits_a_moment_for_the_next_intent_to_share_its_commit(
+    audit_dbs: Databases, anchors: FileAnchorStore
+) -> None:
+    writer = AuditTrail(audit_dbs, key=KEY, instance="gw-l", anchors=anchors, linger=0.5)
+    await writer.start()
+    try:
+        writer.record(facts(1))  # nobody waits for it
+        await asyncio.sleep(0.05)
+        assert writer.batches == 0
+        assert await writer.append(facts(2, outcome=None)) == 2  # takes the outcome along: one commit
+        assert writer.batches == 1
+        writer.record(facts(3))  # alone: stored once the linger is over
+        await writer.flush(timeout=5)
+        assert writer.batches == 2
+    finally:
+        await writer.stop()
+    assert [(e.seq, e.request_id) for e in await rows(audit_dbs.main, "gw-l")] == [
+        (1, "req-1"),
+        (2, "req-2"),
+        (3, "req-3"),
+    ]
+    assert await problems_of(audit_dbs, anchors) == []
+
+
 async def test_while_one_chain_commits_the_next_intent_is_stored_by_another(
     audit_dbs: Databases, anchors: FileAnchorStore
 ) -> None:
