@@ -43,7 +43,7 @@ from fastapi import FastAPI, Request, Response
 from sqlalchemy import text
 from yarl import URL
 
-from devtools.bench.core import CpuMeter, children_of
+from devtools.bench.core import CpuMeter, children_of, wait_quiet
 from devtools.harness import free_port
 from devtools.harness.postgres import PostgresServer
 from devtools.tokens import bearer_headers, dev_gateway_issuer
@@ -443,6 +443,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only", action="append", default=[], help="run only the rows whose name contains this (repeatable)"
     )
+    parser.add_argument(
+        "--quiet-cores",
+        type=float,
+        default=0.3,
+        help="before each row, wait until other jobs use fewer cores than this (see --quiet-wait)",
+    )
+    parser.add_argument(
+        "--quiet-wait", type=float, default=0.0, help="wait at most this many seconds for that (0: do not wait)"
+    )
     parser.add_argument("--py-spy", type=Path, help="record the gateway with py-spy during each gateway row, here")
     parser.add_argument("--transport", default="raw", choices=["raw", "aiohttp", "httpx"])
     parser.add_argument(
@@ -521,6 +530,9 @@ def main(argv: list[str] | None = None) -> int:
         def add(name: str, run: Callable[[], Result], *, via: str | None = None) -> None:
             if args.only and not any(o in name for o in args.only):
                 return
+            if args.quiet_wait:
+                # The servers are idle between rows: whatever is busy now is another job on the machine.
+                asyncio.run(wait_quiet(args.quiet_cores, args.quiet_wait))
             if via is not None:
                 run_audited = run
                 run = lambda: audited(via, run_audited)  # noqa: E731
