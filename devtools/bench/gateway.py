@@ -1,7 +1,17 @@
-"""Gateway overhead, measured: ``python -m devtools.bench gateway [--seconds 8] [--connections 32]``.
+"""Gateway overhead, measured: ``python -m devtools.bench gateway [--seconds 8] [--connections 32]
+[--upstream trivial|records|both] [--only ROW] [--py-spy DIR]``.
 
-Starts a trivial upstream (FastAPI, one small JSON answer per route) and a gateway in front of it, both as
-uvicorn processes (uvloop, httptools) like ``vrs run``; the gateway runs in full: identity tokens verified
+Two upstreams (``--upstream both``, the default):
+
+- **trivial** (FastAPI, one small fixed JSON answer per route): what the gateway itself costs per request, next
+  to an upstream that costs ~100 µs;
+- **records** (``dose→records`` rows): the dose route as deployed — the records service on PostgreSQL (two
+  shards; its outbox relay and coupon consumer, processes of their own in production, are not started), called
+  directly with an internal token and through the gateway with an identity token; every request a new dose (a
+  coupon nobody holds yet, its own idempotency key), so records does the full work each time. Its fixed-rate
+  rows run at ``--rate`` or half of records' direct max, whichever is lower.
+
+Upstreams and gateways are uvicorn processes (uvloop, httptools) like ``vrs run``; the gateway runs in full: identity tokens verified
 (cached), the policy, the internal token, and the audit trail (an intent committed before forwarding, the
 outcome after; batched, anchored) on PostgreSQL started for the bench (``--audit-db sqlite`` for SQLite) for
 personal-data routes. The load comes from this process over raw keep-alive connections:
@@ -16,6 +26,9 @@ The load generator shares the machine's cores with the servers: compare the rows
 shows the CPU each process group used while it was measured ("not ours": other jobs on the machine) and the
 gateway's CPU per request, which stays comparable when other jobs take cores; ``--gateway-src DIR`` runs the
 gateway of another checkout (``git archive <rev> | tar -x -C DIR``) to compare two versions on one machine.
+``--only`` runs the rows whose name contains a word; ``--py-spy DIR`` records the gateway with py-spy during each
+gateway row and prints the functions with most samples; ``--quiet-wait S`` waits (up to S seconds) before each row
+until other jobs use fewer than ``--quiet-cores``.
 """
 
 from __future__ import annotations
