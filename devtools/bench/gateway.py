@@ -11,8 +11,8 @@ Two upstreams (``--upstream both``, the default):
   coupon nobody holds yet, its own idempotency key), so records does the full work each time. Its fixed-rate
   rows run at ``--rate`` or half of records' direct max, whichever is lower.
 
-Upstreams and gateways are uvicorn processes (uvloop, httptools) like ``vrs run``; the gateway runs in full: identity tokens verified
-(cached), the policy, the internal token, and the audit trail (an intent committed before forwarding, the
+Upstreams and gateways are uvicorn processes (uvloop, httptools) like ``vrs run``; the gateway runs in full:
+identity tokens verified (cached), the policy, the internal token, and the audit trail (an intent committed before forwarding, the
 outcome after; batched, anchored) on PostgreSQL started for the bench (``--audit-db sqlite`` for SQLite) for
 personal-data routes. The load comes from this process over raw keep-alive connections:
 
