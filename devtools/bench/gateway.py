@@ -12,9 +12,9 @@ Two upstreams (``--upstream both``, the default):
   rows run at ``--rate`` or half of records' direct max, whichever is lower.
 
 Upstreams and gateways are uvicorn processes (uvloop, httptools) like ``vrs run``; the gateway runs in full:
-identity tokens verified (cached), the policy, the internal token, and the audit trail (an intent committed before forwarding, the
-outcome after; batched, anchored) on PostgreSQL started for the bench (``--audit-db sqlite`` for SQLite) for
-personal-data routes. The load comes from this process over raw keep-alive connections:
+identity tokens verified (cached), the policy, the internal token, and the audit trail (an intent committed
+before forwarding, the outcome after; batched, anchored) on PostgreSQL started for the bench (``--audit-db
+sqlite`` for SQLite) for personal-data routes. The load comes from this process over raw keep-alive connections:
 
 - **max rate**: closed loop, ``--connections`` connections, each sending again as soon as its answer is in;
 - **fixed rate**: open loop at ``--rate`` requests/s spread over the connections; latency is measured from the
