@@ -132,6 +132,17 @@ def redact_my_numbers(text: str) -> str:
     return redaction.redact_my_numbers(text, only_valid=True)
 
 
+def _code(value: str | None, digits: int) -> str | None:
+    """A municipality (6) or institution (10) code as stored, or None for anything that is not one.
+
+    The municipality of an entry comes from the request's path: a refused ``/…/municipalities/1234567/…`` must
+    not reach the database, whose column would refuse it and with it the whole batch — and a refusal is retried
+    until stored, so every batch after it (the path itself stays in ``resource``)."""
+    if value is None or (len(value) == digits and value.isascii() and value.isdigit()):
+        return value
+    return None
+
+
 def _utc_text(value: datetime) -> str:
     """``YYYY-MM-DDTHH:MM:SS.ffffffZ`` in UTC: the spelling the MAC covers."""
     # SQLite hands timestamps back without a zone, PostgreSQL in the session's zone: key one spelling.
@@ -410,13 +421,16 @@ class AuditTrail:
         return self._head
 
     def _redact(self, text: str) -> str:
-        """:func:`redact_my_numbers`, remembered: a request's intent and outcome, and a resident read again and
-        again, carry the same strings, and the regular expression was a tenth of the writer's CPU (py-spy)."""
+        """:func:`redact_my_numbers`, and NUL characters replaced (U+FFFD): PostgreSQL's text cannot hold them, and
+        one entry the database refuses fails its whole batch — a refusal, retried until stored, would fail every
+        batch after it (``/…/residents/a%00b`` reaches the trail decoded). Remembered: a request's intent and
+        outcome, and a resident read again and again, carry the same strings, and the regular expression was a
+        tenth of the writer's CPU (py-spy)."""
         done = self._redacted.get(text)
         if done is None:
             if len(self._redacted) >= self._REDACTED_MAX:
                 self._redacted.clear()
-            done = self._redacted[text] = redact_my_numbers(text)
+            done = self._redacted[text] = redact_my_numbers(text).replace("\x00", "\ufffd")
         return done
 
     def running(self) -> bool:
@@ -578,9 +592,9 @@ class AuditTrail:
                 "request_id": redact(f.request_id),
                 "principal": redact(f.principal),
                 "role": f.role,
-                "caller_municipality": f.caller_municipality,
-                "institution": f.institution,
-                "municipality": f.municipality,
+                "caller_municipality": _code(f.caller_municipality, 6),
+                "institution": _code(f.institution, 10),
+                "municipality": _code(f.municipality, 6),
                 "action": f.action,
                 "resource": redact(f.resource),
                 "legal_basis": f.legal_basis.value,

@@ -492,3 +492,30 @@ async def test_several_chains_per_process_share_the_load_and_keep_each_intent_wi
             session, settings.audit_key.encode(), FileAnchorStore(settings.audit_anchor_dir)
         )
     assert problems == []
+
+
+async def test_a_nul_character_in_a_path_or_subject_cannot_jam_the_chain(
+    audit_dbs: Databases, anchors: FileAnchorStore
+) -> None:
+    """PostgreSQL's text holds no NUL: an entry carrying one (a refused request for ``/…/residents/a%00b``) must
+    not fail its batch — refusals are retried until stored, so it would fail every batch after it."""
+    async with trail(audit_dbs, anchors) as writer:
+        writer.record(facts(1, resource=f"{M}/{SAPPORO}/residents/a\x00b", principal="x\x00y"))
+        assert await asyncio.wait_for(writer.append(facts(2)), timeout=5) == 2
+    stored = await rows(audit_dbs.main, "gw-a")
+    assert [(e.seq, e.resource, e.principal) for e in stored][0] == (1, f"{M}/{SAPPORO}/residents/a\ufffdb", "x\ufffdy")
+    assert await problems_of(audit_dbs, anchors) == []
+
+
+async def test_a_refusal_naming_an_impossible_municipality_cannot_jam_the_chain(
+    audit_dbs: Databases, anchors: FileAnchorStore
+) -> None:
+    """The municipality of an entry comes from the path; ``/…/municipalities/1234567/…`` does not fit the column."""
+    async with trail(audit_dbs, anchors) as writer:
+        writer.record(facts(1, municipality="1234567", outcome=404))
+        writer.record(facts(2, municipality="13\x001", outcome=404))
+        assert await asyncio.wait_for(writer.append(facts(3)), timeout=5) == 3
+    stored = await rows(audit_dbs.main, "gw-a")
+    assert [(e.seq, e.municipality) for e in stored] == [(1, None), (2, None), (3, CHIYODA)]
+    assert all(M + "/" in e.resource for e in stored)  # what was asked for stays in the resource
+    assert await problems_of(audit_dbs, anchors) == []
