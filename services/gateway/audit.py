@@ -481,7 +481,10 @@ class AuditTrail:
         loop = asyncio.get_running_loop()
         wakeup = self._wakeup = loop.create_future()
         timer = loop.call_later(self._linger, self._wake) if holding else None
-        self._work.waiting.append(self)
+        if holding:
+            self._work.waiting.appendleft(self)  # the next intent joins the entries held here: one commit
+        else:
+            self._work.waiting.append(self)
         try:
             await wakeup
         finally:

@@ -429,6 +429,22 @@ async def test_an_outcome_waits_a_moment_for_the_next_intent_to_share_its_commit
     assert await problems_of(audit_dbs, anchors) == []
 
 
+async def test_of_two_idle_chains_the_next_intent_joins_the_one_holding_an_outcome(
+    audit_dbs: Databases, anchors: FileAnchorStore
+) -> None:
+    trails = [AuditTrail(audit_dbs, key=KEY, instance=name, anchors=anchors, linger=0.5) for name in ("gw-q", "gw-q.1")]
+    chains = AuditChains(trails)
+    await chains.start()
+    try:
+        await asyncio.sleep(0.01)
+        trails[1].record(facts(1))  # the chain that has been idle for the shorter time
+        await asyncio.sleep(0.05)
+        stored_by, seq = await chains.append(facts(2, outcome=None))
+        assert (stored_by.instance, seq, chains.batches) == ("gw-q.1", 2, 1)
+    finally:
+        await chains.stop()
+
+
 async def test_while_one_chain_commits_the_next_intent_is_stored_by_another(
     audit_dbs: Databases, anchors: FileAnchorStore
 ) -> None:
