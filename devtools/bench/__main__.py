@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import itertools
 import sys
 
 AREAS = ("records", "gateway", "registry", "stats")
@@ -10,8 +11,10 @@ AREAS = ("records", "gateway", "registry", "stats")
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    areas = [a for a in args if a in AREAS] or list(AREAS)
-    rest = [a for a in args if a not in AREAS]
+    # Areas come first; after the first option every word is the area's (``gateway --upstream records``).
+    named = list(itertools.takewhile(lambda a: a in AREAS, args))
+    areas = named or list(AREAS)
+    rest = args[len(named) :]
     if rest and len(areas) != 1:
         # Options belong to one area (``python -m devtools.bench records --help``); a bench run is minutes
         # of load, never the answer to a mistyped option.

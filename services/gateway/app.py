@@ -106,6 +106,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                     anchors=anchors,
                     batch_max=settings.audit_batch_max,
                     timeout=settings.audit_timeout_seconds,
+                    linger=settings.audit_linger_seconds,
                 )
                 for name in AuditChains.names(settings.instance_id, settings.audit_chains)
             ]

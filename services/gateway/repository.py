@@ -15,24 +15,22 @@ _TABLE: Table = AuditEntry.__table__  # type: ignore[assignment]
 _COLUMNS = [c.name for c in _TABLE.columns]
 
 
-# One statement and one round trip for a whole batch on PostgreSQL, committed by itself (autocommit): under load
-# each extra round trip (BEGIN, COPY's column look-up, COMMIT) waits for the server to be scheduled.
-_ARRAY_TYPES = {
-    "seq": "bigint[]",
-    "recorded_at": "timestamptz[]",
-    "outcome": "int[]",
-    "intent_seq": "bigint[]",
-}
-_BATCH_INSERT = (
-    f"INSERT INTO {_TABLE.name} ({', '.join(_COLUMNS)}) SELECT * FROM unnest("
-    + ", ".join(f"${n}::{_ARRAY_TYPES.get(c, 'text[]')}" for n, c in enumerate(_COLUMNS, 1))
-    + ")"
+# One statement, one round trip and one parameter for a whole batch on PostgreSQL, committed by itself
+# (autocommit): under load each extra round trip (BEGIN, COPY's column look-up, COMMIT) waits for the server to
+# be scheduled. The rows go as one JSON array (each row is the entry's canonical JSON, already built for its MAC,
+# plus the two MACs) rather than as fifteen typed arrays: asyncpg's array encoder checks every element against
+# collections.abc (py-spy: ~250 µs of the gateway's CPU per batch, 40 µs per entry); a text parameter costs
+# nothing to encode and PostgreSQL parses it in C.
+_BATCH_INSERT_JSON = (
+    f"INSERT INTO {_TABLE.name} ({', '.join(_COLUMNS)}) "
+    f"SELECT {', '.join(_COLUMNS)} FROM json_populate_recordset(NULL::{_TABLE.name}, $1::json)"
 )
 
 
-async def insert_batch_autocommit(driver_connection: Any, rows: list[dict[str, Any]]) -> None:
-    """Store ``rows`` in one autocommitted statement on an asyncpg connection outside any transaction."""
-    await driver_connection.execute(_BATCH_INSERT, *([r[c] for r in rows] for c in _COLUMNS))
+async def insert_json_autocommit(driver_connection: Any, rows_json: str) -> None:
+    """Store the JSON array ``rows_json`` (objects keyed by column name; a missing key is NULL) in one
+    autocommitted statement on an asyncpg connection outside any transaction."""
+    await driver_connection.execute(_BATCH_INSERT_JSON, rows_json)
 
 
 class AuditRepository:

@@ -16,10 +16,11 @@ every request) and Starlette's.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import os
 import re
-import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime, time, timedelta
 from time import perf_counter
@@ -45,6 +46,16 @@ log = logging.getLogger(__name__)
 
 # A caller's request id is kept if it is short and plain; it lands in logs and the audit log.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Otherwise the gateway names the request: unique, not secret — a random prefix per process and a counter, the
+# same 32 hex digits as a UUID without a getrandom system call and a UUID object per request (py-spy: ~3 %).
+_ID_PREFIX = os.urandom(8).hex()
+_ID_COUNTER = itertools.count(int.from_bytes(os.urandom(4)))
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
 _METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
@@ -66,7 +77,7 @@ def inbound(scope: Scope) -> Inbound:
                 raise BadRequest(f"header {key} is not UTF-8") from None
     request_id = headers.get("x-request-id")
     if request_id is None or not _REQUEST_ID.fullmatch(request_id):
-        headers["x-request-id"] = uuid.uuid4().hex
+        headers["x-request-id"] = new_request_id()
     raw_path: bytes | None = scope.get("raw_path")
     raw = raw_path.split(b"?", 1)[0].decode("latin-1") if raw_path else quote(scope["path"])
     client = scope.get("client")
@@ -104,7 +115,7 @@ class ProxyEndpoint:
         try:
             request = inbound(scope)
         except VRSError as err:
-            await _respond(send, error_outcome(None, err), uuid.uuid4().hex)
+            await _respond(send, error_outcome(None, err), new_request_id())
             return
 
         async def read_body(limit: int) -> bytes:

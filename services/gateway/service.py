@@ -12,6 +12,7 @@ from services.gateway.audit import (
     DEFAULT_LEGAL_BASIS,
     AuditChains,
     AuditFacts,
+    AuditTrail,
     AuditUnavailable,
     LegalBasis,
     legal_basis,
@@ -136,7 +137,7 @@ class Gateway:
             if rule.reads_personal_data and principal.role is not Role.ANONYMOUS:
                 try:
                     refused = _facts(inbound, match, principal, DEFAULT_LEGAL_BASIS, err.status_code)
-                    self._audit.pick().record(refused)
+                    self._audit.record(refused)
                 except AuditUnavailable as exc:
                     log.error("audit entry for a refused request not written: %s", exc)
             return error_outcome(match, err)
@@ -158,13 +159,13 @@ class Gateway:
         # The caller's token stays here: the service gets the gateway's word for who is calling.
         headers["authorization"] = self._internal.authorization(principal)
         intent: AuditFacts | None = None
-        chain = self._audit.pick() if rule.reads_personal_data else None
-        if chain is not None:
+        chain: AuditTrail | None = None
+        if rule.reads_personal_data:
             # Recorded before the service acts: if the trail cannot take the entry, the request is refused
             # here and never forwarded, so nothing happens that the trail does not show.
             intent = _facts(inbound, match, principal, basis, None)
             try:
-                intent_seq = await chain.append(intent)
+                chain, intent_seq = await self._audit.append(intent)
             except AuditUnavailable as exc:
                 log.error("audit intent not written, request refused before forwarding: %s", exc)
                 return error_outcome(match, ServiceUnavailable("the audit trail is unavailable; retry"))

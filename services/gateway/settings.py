@@ -53,14 +53,17 @@ class GatewaySettings(ServiceSettings):
     instance_id: str = Field(
         default_factory=lambda: f"{socket.gethostname()[:50]}-{os.getpid()}", pattern=r"^[A-Za-z0-9._-]{1,61}$"
     )
-    # Chains written side by side by this process (<instance_id>, <instance_id>.1, ...): one chain's rate is
-    # bounded by its commit latency, and commits of several chains share PostgreSQL's WAL flush. More than one
-    # pays when commits wait on the disk, not the CPU; on the 2-core bench machine 4 chains made batches 5x
-    # smaller and the gateway's CPU per request 1.7x higher for no gain in rate, hence 1.
-    audit_chains: int = Field(default=1, ge=1, le=99)
+    # Chains written side by side by this process (<instance_id>, <instance_id>.1, ...). Intents go to whichever
+    # chain's writer is free first: with one chain a request that arrives while a batch commits waits for that
+    # commit and then its own; with two it waits for one, and under load the two commits overlap (PostgreSQL
+    # flushes them together). At idle the second chain stays unused; under full load the two commit in turn, each
+    # batch carrying what queued meanwhile (half the entries a batch of one chain: a little more CPU per entry).
+    audit_chains: int = Field(default=2, ge=1, le=99)
     # Where each chain's head is anchored after every batch: outside the database (see audit.py).
     audit_anchor_dir: Path = Field(default_factory=lambda: var_dir() / "gateway" / "audit-anchors")
     audit_batch_max: int = Field(default=1000, ge=1)
+    # How long outcome entries (nobody waits for them) wait for the next request's intent to share its commit.
+    audit_linger_seconds: float = Field(default=0.002, ge=0, le=1)
     # How long a request waits for its intent entry before it is refused (503) without being forwarded.
     audit_timeout_seconds: float = Field(default=5.0, gt=0)
 

@@ -18,6 +18,7 @@ from services.gateway.audit import (
     GENESIS_MAC,
     Anchor,
     AuditChainBroken,
+    AuditChains,
     AuditFacts,
     AuditTrail,
     FileAnchorStore,
@@ -404,6 +405,83 @@ async def test_entries_nobody_waits_for_are_retried_and_never_stored_twice(
     assert await problems_of(audit_dbs, anchors) == []
 
 
+async def test_an_outcome_waits_a_moment_for_the_next_intent_to_share_its_commit(
+    audit_dbs: Databases, anchors: FileAnchorStore
+) -> None:
+    writer = AuditTrail(audit_dbs, key=KEY, instance="gw-l", anchors=anchors, linger=0.5)
+    await writer.start()
+    try:
+        writer.record(facts(1))  # nobody waits for it
+        await asyncio.sleep(0.05)
+        assert writer.batches == 0
+        assert await writer.append(facts(2, outcome=None)) == 2  # takes the outcome along: one commit
+        assert writer.batches == 1
+        writer.record(facts(3))  # alone: stored once the linger is over
+        await writer.flush(timeout=5)
+        assert writer.batches == 2
+    finally:
+        await writer.stop()
+    assert [(e.seq, e.request_id) for e in await rows(audit_dbs.main, "gw-l")] == [
+        (1, "req-1"),
+        (2, "req-2"),
+        (3, "req-3"),
+    ]
+    assert await problems_of(audit_dbs, anchors) == []
+
+
+async def test_of_two_idle_chains_the_next_intent_joins_the_one_holding_an_outcome(
+    audit_dbs: Databases, anchors: FileAnchorStore
+) -> None:
+    trails = [AuditTrail(audit_dbs, key=KEY, instance=name, anchors=anchors, linger=0.5) for name in ("gw-q", "gw-q.1")]
+    chains = AuditChains(trails)
+    await chains.start()
+    try:
+        await asyncio.sleep(0.01)
+        trails[1].record(facts(1))  # the chain that has been idle for the shorter time
+        await asyncio.sleep(0.05)
+        stored_by, seq = await chains.append(facts(2, outcome=None))
+        assert (stored_by.instance, seq, chains.batches) == ("gw-q.1", 2, 1)
+    finally:
+        await chains.stop()
+
+
+async def test_while_one_chain_commits_the_next_intent_is_stored_by_another(
+    audit_dbs: Databases, anchors: FileAnchorStore
+) -> None:
+    """The pipeline: a request never waits behind a commit in progress while another chain is free."""
+    trails = [AuditTrail(audit_dbs, key=KEY, instance=name, anchors=anchors) for name in ("gw-p", "gw-p.1")]
+    chains = AuditChains(trails)
+    await chains.start()
+    try:
+        slow, release = trails[0], asyncio.Event()
+        write = slow._write
+
+        async def slow_write(batch: Any) -> None:
+            await release.wait()  # a commit that takes its time
+            await write(batch)
+
+        slow._write = slow_write  # type: ignore[method-assign]
+        first = asyncio.create_task(chains.append(facts(1, outcome=None)))
+        await asyncio.sleep(0.05)
+        assert not first.done()
+        stored_by, seq = await asyncio.wait_for(chains.append(facts(2, outcome=None)), timeout=5)
+        assert (stored_by.instance, seq) == ("gw-p.1", 1)
+        stored_by.record(facts(2, intent_seq=seq))
+        release.set()
+        stored_by, seq = await first
+        assert (stored_by.instance, seq) == ("gw-p", 1)
+        stored_by.record(facts(1, intent_seq=seq))
+        await chains.flush(timeout=5)
+    finally:
+        await chains.stop()
+    for instance, n in (("gw-p", 1), ("gw-p.1", 2)):
+        assert [(e.seq, e.request_id, e.outcome, e.intent_seq) for e in await rows(audit_dbs.main, instance)] == [
+            (1, f"req-{n}", None, None),
+            (2, f"req-{n}", 200, 1),
+        ]
+    assert await problems_of(audit_dbs, anchors) == []
+
+
 async def test_several_chains_per_process_share_the_load_and_keep_each_intent_with_its_outcome(
     gateway_settings: Settings, upstreams: dict[str, FakeUpstream], token: Token
 ) -> None:
@@ -417,7 +495,6 @@ async def test_several_chains_per_process_share_the_load_and_keep_each_intent_wi
         await app.state.audit.flush(timeout=5)
         names = [settings.instance_id, f"{settings.instance_id}.1", f"{settings.instance_id}.2"]
         chains = {name: await rows(app.state.databases.main, name) for name in names}
-    assert all(chains.values())  # every chain took some of the load
     assert sum(len(entries) for entries in chains.values()) == 120
     for entries in chains.values():
         assert [e.seq for e in entries] == list(range(1, len(entries) + 1))
@@ -431,3 +508,33 @@ async def test_several_chains_per_process_share_the_load_and_keep_each_intent_wi
             session, settings.audit_key.encode(), FileAnchorStore(settings.audit_anchor_dir)
         )
     assert problems == []
+
+
+async def test_a_nul_character_in_a_path_or_subject_cannot_jam_the_chain(
+    audit_dbs: Databases, anchors: FileAnchorStore
+) -> None:
+    """PostgreSQL's text holds no NUL: an entry carrying one (a refused request for ``/…/residents/a%00b``) must
+    not fail its batch — refusals are retried until stored, so it would fail every batch after it."""
+    async with trail(audit_dbs, anchors) as writer:
+        writer.record(facts(1, resource=f"{M}/{SAPPORO}/residents/a\x00b", principal="x\x00y"))
+        assert await asyncio.wait_for(writer.append(facts(2)), timeout=5) == 2
+    stored = await rows(audit_dbs.main, "gw-a")
+    assert [(e.seq, e.resource, e.principal) for e in stored] == [
+        (1, f"{M}/{SAPPORO}/residents/a\ufffdb", "x\ufffdy"),
+        (2, f"{M}/{CHIYODA}/residents/r-2", CHIYODA),
+    ]
+    assert await problems_of(audit_dbs, anchors) == []
+
+
+async def test_a_refusal_naming_an_impossible_municipality_cannot_jam_the_chain(
+    audit_dbs: Databases, anchors: FileAnchorStore
+) -> None:
+    """The municipality of an entry comes from the path; ``/…/municipalities/1234567/…`` does not fit the column."""
+    async with trail(audit_dbs, anchors) as writer:
+        writer.record(facts(1, municipality="1234567", outcome=404))
+        writer.record(facts(2, municipality="13\x001", outcome=404))
+        assert await asyncio.wait_for(writer.append(facts(3)), timeout=5) == 3
+    stored = await rows(audit_dbs.main, "gw-a")
+    assert [(e.seq, e.municipality) for e in stored] == [(1, None), (2, None), (3, CHIYODA)]
+    assert all(M + "/" in e.resource for e in stored)  # what was asked for stays in the resource
+    assert await problems_of(audit_dbs, anchors) == []
