@@ -36,7 +36,7 @@ from sqlalchemy import BigInteger, Column, DateTime, Index, Integer, MetaData, S
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.bus import Message, Source
-from shared.db import Database, upsert, utcnow
+from shared.db import Database, upsert, upsert_many, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -98,17 +98,13 @@ class Bookkeeping:
         """Record the events as processed; return the ids that were not already (the ones to apply).
 
         Give a mapping id → (partition, offset) to keep where each was read (tables with positions).
-        ``ON CONFLICT DO NOTHING … RETURNING`` answers in one statement and stays right when two consumers
-        race for the same event: on PostgreSQL the second waits for the first to commit and gets nothing.
+        ``ON CONFLICT DO NOTHING … RETURNING`` answers in one statement (the ids as arrays on PostgreSQL, see
+        :func:`shared.db.upsert_many`) and stays right when two consumers race for the same event: on
+        PostgreSQL the second waits for the first to commit and gets nothing.
         """
         if not event_ids:
             return set()
         t = self.processed
-        stmt = (
-            upsert(self.session, t)
-            .on_conflict_do_nothing(index_elements=["consumer", "event_id"])
-            .returning(t.c.event_id)
-        )
         where = event_ids if isinstance(event_ids, Mapping) else {}
         # Sorted: concurrent consumers then take row locks in one order.
         params = []
@@ -117,7 +113,9 @@ class Bookkeeping:
             if self.has_positions:
                 row["event_partition"], row["event_offset"] = where.get(e, (None, None))
             params.append(row)
-        return set((await self.session.execute(stmt, params)).scalars())
+        stmt, rows = upsert_many(self.session, t, params)
+        stmt = stmt.on_conflict_do_nothing(index_elements=["consumer", "event_id"]).returning(t.c.event_id)
+        return set((await self.session.execute(stmt, rows)).scalars())
 
     async def store_offsets(self, consumer: str, topic: str, positions: Mapping[int, int], *, at: datetime) -> None:
         """Store the next offsets, never moving one backwards (a member that lost a partition meanwhile)."""

@@ -15,14 +15,14 @@ from __future__ import annotations
 import sqlite3
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from pydantic import AfterValidator
-from sqlalchemy import Column, DateTime, MetaData, String, Table, event, select, text
+from sqlalchemy import ARRAY, Column, DateTime, MetaData, String, Table, bindparam, event, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -88,6 +88,29 @@ def upsert(session: AsyncSession, table: Any) -> Any:
     """``INSERT`` with ``on_conflict_do_nothing``/``on_conflict_do_update`` for the session's dialect."""
     dialect = session.get_bind().dialect.name
     return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+
+
+def upsert_many(
+    session: AsyncSession, table: Table, rows: Sequence[Mapping[str, Any]]
+) -> tuple[Any, list[dict[str, Any]] | None]:
+    """An upsert of many rows in one statement: add ``on_conflict_…`` (and ``returning``) to the statement,
+    then execute it with the parameters returned (``None``: none).
+
+    On PostgreSQL the rows travel as one array per column (``INSERT … SELECT unnest(:a), unnest(:b) …``): a
+    statement whose text does not depend on the number of rows, prepared once and executed once, instead of
+    a bind-and-execute per row (executemany) or a new ``VALUES`` list per batch size. SQLite gets the rows as
+    an executemany of the plain upsert. Every row must have the same keys; rows keep their order.
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        return sqlite.insert(table), [dict(row) for row in rows]
+    names = list(rows[0]) if rows else [column.name for column in table.columns]
+    arrays = select(
+        *(
+            func.unnest(bindparam(f"unnest_{name}", [row[name] for row in rows], type_=ARRAY(table.c[name].type)))
+            for name in names
+        )
+    )
+    return postgresql.insert(table).from_select(names, arrays), None
 
 
 def shard_assignments_table(metadata: MetaData) -> Table:

@@ -40,7 +40,7 @@ from services.stats.models import (
     dose_counts,
     processed_events,
 )
-from shared.db import upsert
+from shared.db import upsert, upsert_many
 from shared.domain.age import AgeBand10
 from shared.events import StatsCell
 
@@ -324,9 +324,9 @@ class ConsumerRepository:
         rows = sorted((r for r in rows if r["count"]), key=lambda r: tuple(r[k] for k in key))
         if not rows:
             return
-        stmt = upsert(self.session, table)
+        stmt, params = upsert_many(self.session, table, rows)
         stmt = stmt.on_conflict_do_update(index_elements=key, set_={"count": table.c["count"] + stmt.excluded["count"]})
-        await self.session.execute(stmt, rows)
+        await self.session.execute(stmt, params)
 
     async def store_state(self, consumer: str, *, last_event_at: datetime, updated_at: datetime) -> None:
         stmt = upsert(self.session, consumer_state).values(
