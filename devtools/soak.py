@@ -44,19 +44,22 @@ from devtools.harness import free_port, scratch_directory
 from devtools.harness.kafka import KafkaServer
 from devtools.harness.postgres import PostgresServer, WalStream, restore_cluster
 from devtools.launcher import Stack
-from devtools.stack import SERVICES, SHARDS, TOPICS, postgres_databases, postgres_env, wiring_env
+from devtools.stack import (
+    SERVICES,
+    SHARDS,
+    TOPICS,
+    WORKERS,
+    WORKERS_ENV,
+    postgres_databases,
+    postgres_env,
+    wiring_env,
+)
 from devtools.tokens import bearer_headers
 from shared.auth import Role
 
 MUNICIPALITIES = ("131016", "011002", "271004")  # 千代田区, 札幌市, 大阪市
 INSTITUTION = "1312345678"
 RESIDENTS = 240
-WORKERS = {
-    "registry-relay": ("relay", "registry"),
-    "records-relay": ("relay", "records"),
-    "records-consumer": ("consume", "records"),
-    "stats-consumer": ("consume", "stats"),
-}
 FIRST_DAY = date(2021, 6, 1)
 _T0 = time.monotonic()
 
@@ -184,11 +187,7 @@ def start_system(tmp: Path, cleanup: contextlib.ExitStack, *, streamed: tuple[st
         "VRS_ENVIRONMENT": "test",
         **postgres_env(lambda name: placement.get(name, pg).dsn(name), kafka_bootstrap=kafka.bootstrap_servers),
         **wiring_env(ports),
-        # Production's shape: relays and consumers are processes of their own.
-        "VRS_REGISTRY_RUN_RELAY": "false",
-        "VRS_RECORDS_RUN_RELAY": "false",
-        "VRS_RECORDS_RUN_CONSUMER": "false",
-        "VRS_STATS_RUN_CONSUMER": "false",
+        **WORKERS_ENV,  # production's shape: relays and consumers are processes of their own
     }
     say("migrating ...")
     subprocess.run([sys.executable, "-m", "shared.cli", "migrate"], env=env, check=True)

@@ -18,6 +18,8 @@ __all__ = [
     "SERVICES",
     "SHARDS",
     "TOPICS",
+    "WORKERS",
+    "WORKERS_ENV",
     "migrate_all",
     "postgres_databases",
     "postgres_env",
@@ -29,6 +31,20 @@ PORTS = {"registry": 8001, "records": 8002, "stats": 8003, "gateway": 8000}
 SHARDS = ("s0", "s1")
 # The topics and their partitions, as `make run-full` and the tests create them.
 TOPICS = {"dose-events": 4, "coupon-events": 4}
+# Production's shape: the relays and consumers as processes of their own (``vrs relay …``, ``vrs consume …``),
+# started beside the services, whose own copies WORKERS_ENV turns off.
+WORKERS = {
+    "registry-relay": ("relay", "registry"),
+    "records-relay": ("relay", "records"),
+    "records-consumer": ("consume", "records"),
+    "stats-consumer": ("consume", "stats"),
+}
+WORKERS_ENV = {
+    "VRS_REGISTRY_RUN_RELAY": "false",
+    "VRS_RECORDS_RUN_RELAY": "false",
+    "VRS_RECORDS_RUN_CONSUMER": "false",
+    "VRS_STATS_RUN_CONSUMER": "false",
+}
 
 
 def wiring_env(ports: dict[str, int], host: str = "127.0.0.1") -> dict[str, str]:

@@ -443,10 +443,19 @@ def start_infrastructure(
     return pg, kafka
 
 
-def start_system(tmp: Path, cleanup: contextlib.ExitStack, *, pg_settings: dict[str, str] | None = None) -> System:
+def start_system(
+    tmp: Path,
+    cleanup: contextlib.ExitStack,
+    *,
+    pg_settings: dict[str, str] | None = None,
+    workers: bool = False,
+    env: dict[str, str] | None = None,
+) -> System:
+    """The four services on a fresh PostgreSQL and Kafka; with ``workers``, in production's shape (relays and
+    consumers as processes of their own, :data:`devtools.stack.WORKERS`), else each inside its service."""
     from devtools.harness import free_port
     from devtools.launcher import Stack
-    from devtools.stack import SERVICES, postgres_databases, postgres_env, wiring_env
+    from devtools.stack import SERVICES, WORKERS, WORKERS_ENV, postgres_databases, postgres_env, wiring_env
 
     say("starting PostgreSQL and Kafka ...")
     pg, kafka = start_infrastructure(tmp, cleanup, pg_settings=pg_settings)
@@ -456,10 +465,12 @@ def start_system(tmp: Path, cleanup: contextlib.ExitStack, *, pg_settings: dict[
     ports = {spec.name: free_port() for spec in SERVICES}
     env = {
         **os.environ,
+        **(env or {}),
         "VRS_VAR_DIR": str(tmp / "var"),
         "VRS_ENVIRONMENT": "test",
         **postgres_env(pg.dsn, kafka_bootstrap=kafka.bootstrap_servers),
         **wiring_env(ports),
+        **(WORKERS_ENV if workers else {}),
     }
     say("migrating ...")
     subprocess.run([sys.executable, "-m", "shared.cli", "migrate"], env=env, check=True)
@@ -468,6 +479,8 @@ def start_system(tmp: Path, cleanup: contextlib.ExitStack, *, pg_settings: dict[
     say("starting the services ...")
     try:
         stack.start(timeout=60)
+        for name, args in WORKERS.items() if workers else ():
+            stack.start_worker(name, *args)
     except BaseException:
         dump_logs(stack.log_dir)
         raise

