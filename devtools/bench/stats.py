@@ -1,5 +1,9 @@
 """``make bench`` (stats): Japan's busiest day, 2021-06-30 (1,253,104 doses), replayed from the published open
-data through the public batch API on PostgreSQL + Kafka, and stats query latency with one day and 94 days.
+data through the public batch API on PostgreSQL + Kafka; freshness at a fixed rate; stats query latency with
+one day and 94 days.
+
+The system runs in production's shape: the four APIs, and the outbox relays and consumers as processes of
+their own (``--in-process`` puts them back inside their services, the embedded default).
 
 Each line of that day's ``prefecture.ndjson`` (prefecture × sex × age band × medical worker × dose number,
 count) becomes that many doses: a dose of a registered resident of the right sex, born so that the age band
@@ -7,12 +11,21 @@ on the day is right, in the prefecture's own municipality code (PP000 + check di
 becomes doses of coupons nobody holds yet (``unmatched``). Lines whose cell the API cannot produce (sex
 unknown but age known, a known sex with unknown age: 1,007 doses that day) are left out and said so.
 ``--fraction`` replays that share of every line (rounded), so a run fits the machine; the doses/s measured
-then tell how long the whole day would take. Printed: elapsed time, doses/s, freshness during the replay
-(a probe dose's 201 until the public statistics count it, p50/p99), whether the day's export lines equal
-the replayed ones, and query p50/p99 of the dashboard's requests with that day and with all 94 published
-days (those are loaded straight into stats' database as aggregates, not replayed).
+then tell how long the whole day would take.
+
+The residents are registered first through registry's bulk import (``POST .../resident-imports``, CSV files
+per municipality), and the replay starts once records' coupon projection holds every coupon (they travel as
+coupon events): that setup is timed and printed apart. The replay's time runs from the first batch until the
+public statistics count every dose. Printed: that time and doses/s, the batch API's own time, where the doses
+were meanwhile (accepted, in records' outboxes, applied by stats), CPU per process, the accepted → applied
+time from stats' histogram, whether the day's export lines equal the replayed ones, then a fixed-rate phase
+(``--rate`` doses/s as batches of ``--rate-batch`` for ``--rate-seconds``) with its freshness from the same
+histogram and from probe doses, and the query p50/p99 of the dashboard's requests with that day and with all
+94 published days (those are loaded straight into stats' database as aggregates, not replayed).
+``--profile DIR`` records each service process with py-spy during the replay and prints the top lines.
 
     python -m devtools.bench stats [--fraction 0.01] [--day 2021-06-30] [--clients 4] [--queries 200] [--keep]
+        [--profile DIR] [--rate 1000] [--rate-seconds 30] [--rate-batch 50] [--in-process]
     python -m devtools.bench stats --queries-only [--day 2021-06-30] [--queries 200]
 """
 

@@ -36,7 +36,7 @@ CHROMIUM_ARGS = [
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
-    "--lang=ja-JP",  # date inputs written 年/月/日
+    "--lang=ja-JP",
 ]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "var" / "artifacts"
 CLINIC = bearer_headers(Role.INSTITUTION, institution="1312345678")
@@ -167,6 +167,32 @@ async def test_dashboard_shows_the_apis_numbers_and_follows_new_doses(
     after = await wait_total(gw, total + 1)
     await playwright_api.expect(page.locator("#total-all")).to_have_text(ja(after), timeout=30_000)
     assert await page.text_content("#latest-label") == "最新の接種日（2021年6月30日）"
+
+    # Dates are chosen and shown as 年・月・日 in any browser (Debian's headless chromium draws a date input as
+    # mm/dd/yyyy whatever --lang says). Only days that exist can be chosen: a 31st chosen in January falls back
+    # to 日 when the month becomes February (28 days in 2021), and an incomplete date is refused, not ignored.
+    await page.select_option("#to-year", "2021")
+    await page.select_option("#to-month", "01")
+    await page.select_option("#to-day", "31")
+    await page.select_option("#to-month", "02")
+    assert await page.locator("#to-day option").count() == 1 + 28
+    assert await page.locator("#to-day option:checked").text_content() == "--日"
+    await page.click('#filters button[type="submit"]')
+    await playwright_api.expect(page.locator("#status")).to_have_text("接種日（まで）は年・月・日をすべて選んでください。")
+    # A period: the page shows it in Japanese and its totals equal the API's for it.
+    for name, (year, month, day) in (("from", ("2021", "06", "02")), ("to", ("2021", "06", "23"))):
+        await page.select_option(f"#{name}-year", year)
+        await page.select_option(f"#{name}-month", month)
+        await page.select_option(f"#{name}-day", day)
+    chosen = [await page.locator(f"#from-{unit} option:checked").text_content() for unit in ("year", "month", "day")]
+    assert chosen == ["2021年", "6月", "2日"]
+    await page.click('#filters button[type="submit"]')
+    period = {"group_by": "dose_number", "from": "2021-06-02", "to": "2021-06-23"}
+    in_period = sum(int(r["count"]) for r in (await gw.get("/api/v1/stats/doses", params=period)).json()["rows"])
+    await playwright_api.expect(page.locator("#scope-label")).to_have_text("（全国・2021年6月2日〜2021年6月23日）")
+    await playwright_api.expect(page.locator("#total-all")).to_have_text(ja(in_period))
+    assert in_period < after  # the period left doses out: the filter reached the API
+    await playwright_api.expect(page.locator("#status")).to_have_text("")
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shot = ARTIFACTS / f"dashboard-{request.node.callspec.id}.png"
