@@ -178,7 +178,9 @@ async def test_dashboard_shows_the_apis_numbers_and_follows_new_doses(
     assert await page.locator("#to-day option").count() == 1 + 28
     assert await page.locator("#to-day option:checked").text_content() == "--日"
     await page.click('#filters button[type="submit"]')
-    await playwright_api.expect(page.locator("#status")).to_have_text("接種日（まで）は年・月・日をすべて選んでください。")
+    await playwright_api.expect(page.locator("#status")).to_have_text(
+        "接種日（まで）は年・月・日をすべて選んでください。"
+    )
     # A period: the page shows it in Japanese and its totals equal the API's for it.
     for name, (year, month, day) in (("from", ("2021", "06", "02")), ("to", ("2021", "06", "23"))):
         await page.select_option(f"#{name}-year", year)
