@@ -36,6 +36,8 @@ import asyncio
 import contextlib
 import json
 import os
+import re
+import resource
 import signal
 import sys
 import time
@@ -437,6 +439,35 @@ class Pipeline:
         )
 
 
+async def rebuild_rate(system: System) -> str:
+    """How fast stats' consumer applies a backlog: ``vrs stats rebuild`` replays the whole topic from offset 0
+    into shadow tables with the consumer's own code (5,000 messages a poll) and swaps them in."""
+    say("vrs stats rebuild (the consumer's speed on a backlog) ...")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.monotonic()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "shared.cli", "stats", "rebuild", "--idle", "1",
+        env=system.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    output, _ = await process.communicate()
+    elapsed = time.monotonic() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    text = output.decode(errors="replace").strip()
+    if process.returncode != 0:
+        return f"stats rebuild           FAILED ({process.returncode}): {text[-300:]}"
+    found = re.search(r"rebuilt from (\d+) events in ([\d.]+) s", text)
+    if found is None:
+        return f"stats rebuild           output not understood: {text[-300:]}"
+    events, took = int(found.group(1)), float(found.group(2)) - 1  # less its final 1 s idle poll
+    return (
+        f"stats consumer capacity {events:,} events in {took:.1f} s = {events / took:,.0f} events/s (`vrs stats "
+        f"rebuild`: the topic from offset 0 through the consumer's code into fresh tables, 5,000 a poll, and the "
+        f"swap; {elapsed:.1f} s with the process's start and the last idle poll; its CPU "
+        f"{cpu / max(1, events) * 1e6:.0f} µs an event, start included)"
+    )
+
+
 async def fixed_rate(session: aiohttp.ClientSession, system: System, args: argparse.Namespace) -> str:
     """Doses at a fixed rate, as small batches sent on a clock whatever the answers' pace (open loop), with
     sequential probes beside them; the accepted → applied time from stats' histogram, and the probes'
@@ -653,6 +684,11 @@ async def measure(system: System, args: argparse.Namespace) -> None:
             )
             for line, n in replay
         ]
+        capacity = await rebuild_rate(system) if args.rebuild else None
+        if capacity is not None:
+            async with session.get(gateway + "/api/v1/opendata/prefecture.ndjson") as r:
+                rebuilt = [x for x in (await r.text()).splitlines(keepends=True) if f'"date":"{args.day}"' in x]
+            capacity += f"; export lines after the swap {'EQUAL' if rebuilt == expected else 'DIFFERENT'}"
         fixed = await fixed_rate(session, system, args) if args.rate_seconds > 0 else None
         one_day = await query_latency(session, gateway, args.queries)
         say("loading the 94 published days into stats' database ...")
@@ -686,6 +722,8 @@ async def measure(system: System, args: argparse.Namespace) -> None:
         f"export lines           {'EQUAL' if exported == expected else 'DIFFERENT'} "
         f"({len(exported)} exported, {len(expected)} expected)"
     )
+    if capacity is not None:
+        print(capacity)
     if fixed is not None:
         print(fixed)
     print(f"queries, one day       p50 {ms(one_day, 0.5)}  p99 {ms(one_day, 0.99)}  (n={len(one_day)})")
@@ -711,6 +749,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--in-process",
         action="store_true",
         help="relays and consumers inside their services (the embedded default) instead of production's own processes",
+    )
+    parser.add_argument(
+        "--no-rebuild", dest="rebuild", action="store_false", help="skip timing `vrs stats rebuild` after the replay"
     )
     parser.add_argument("--profile", metavar="DIR", help="py-spy each service during the replay into DIR")
     parser.add_argument("--rate", type=float, default=1000.0, help="doses/s of the fixed-rate (freshness) phase")

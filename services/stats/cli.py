@@ -14,6 +14,7 @@ import contextlib
 import logging
 import signal
 import sys
+import time
 from typing import Any
 
 import uvloop
@@ -67,6 +68,7 @@ def _rebuild(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         database = Database.connect(settings.main_dsn, pool_size=2)
+        started = time.monotonic()
         try:
             result = await rebuild(database, settings, idle=args.idle)
         except RebuildFailed as exc:
@@ -74,7 +76,11 @@ def _rebuild(args: argparse.Namespace) -> int:
             return 1
         finally:
             await database.engine.dispose()
-        print(f"rebuilt from {result.events_applied} events; swapped in at offsets {result.offsets}")
+        took = time.monotonic() - started
+        print(
+            f"rebuilt from {result.events_applied} events in {took:.1f} s "
+            f"({args.idle:g} s of it waiting for more at the end); swapped in at offsets {result.offsets}"
+        )
         return 0
 
     return asyncio.run(main())
