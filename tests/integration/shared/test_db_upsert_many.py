@@ -57,7 +57,8 @@ async def test_rows_are_inserted_and_conflicts_add_up(database: Database) -> Non
     await add(database, [{"day": day, "area": "000007", "worker": False, "dose": 2, "count": 5}])  # a conflict
     await add(database, [{"day": day, "area": "999999", "worker": True, "dose": 1, "count": 1}])  # one row
     async with database.sessionmaker() as session:
-        got = {(r.area, r.worker, r.dose): r.count for r in (await session.execute(select(cells))).all()}
+        rows = (await session.execute(select(cells))).mappings().all()
+        got = {(r["area"], r["worker"], r["dose"]): r["count"] for r in rows}
     assert len(got) == 301
     assert got[("000007", False, 2)] == 7 + 5
     assert got[("000010", True, 2)] == 10
