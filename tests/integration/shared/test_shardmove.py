@@ -225,9 +225,11 @@ async def test_a_municipality_moves_to_another_shard_under_load_losing_and_doubl
     assert again.status_code == 201 and await rows(records_dbs, "s1", Dose.__table__, CHIYODA) == len(doses)
     # Reads come from the new shard.
     listed = await stack.records.get(
-        f"/api/v1/municipalities/{CHIYODA}/doses", headers=internal_headers(Role.MUNICIPALITY, municipality=CHIYODA)
+        f"/api/v1/municipalities/{CHIYODA}/doses?limit=1000",
+        headers=internal_headers(Role.MUNICIPALITY, municipality=CHIYODA),
     )
-    assert listed.status_code == 200 and len(listed.json()["doses"]) == len(doses)
+    # (a quiet machine records more than the default page of 500 during the load; the page holds at most 1,000)
+    assert listed.status_code == 200 and len(listed.json()["doses"]) == min(len(doses), 1000)
     assert await registry_dbs.shard_of(CHIYODA) == "s1"
 
 
