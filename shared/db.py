@@ -166,11 +166,15 @@ class Databases:
         names = sorted(self.shards)
         return names[zlib.crc32(municipality_code.encode()) % len(names)]
 
+    def _cached(self, municipality_code: str, now: float) -> str | None:
+        entry = self._assignments.get(municipality_code)
+        return entry[0] if entry is not None and now - entry[1] < self.shard_map_ttl else None
+
     async def shard_of(self, municipality_code: str) -> str:
         """The shard that holds ``municipality_code``, assigning one on first sight (cached for ``shard_map_ttl``)."""
-        cached = self._assignments.get(municipality_code)
-        if cached is not None and time.monotonic() - cached[1] < self.shard_map_ttl:
-            return cached[0]
+        cached = self._cached(municipality_code, time.monotonic())
+        if cached is not None:
+            return cached
         return (await self.current_shards([municipality_code]))[municipality_code]
 
     async def shards_of(self, municipality_codes: Iterable[str]) -> dict[str, str]:
@@ -180,9 +184,9 @@ class Databases:
         found: dict[str, str] = {}
         stale = []
         for code in set(municipality_codes):
-            cached = self._assignments.get(code)
-            if cached is not None and now - cached[1] < self.shard_map_ttl:
-                found[code] = cached[0]
+            cached = self._cached(code, now)
+            if cached is not None:
+                found[code] = cached
             else:
                 stale.append(code)
         if stale:

@@ -488,14 +488,10 @@ class ProjectionRepository:
             stmt = stmt.order_by(t.municipality_code, t.coupon_number).with_for_update(of=t)
         return {(c.municipality_code, c.coupon_number): c for c in (await self.session.execute(stmt)).scalars()}
 
-    async def get(
-        self, municipality_code: str, coupon_number: str, *, for_update: bool = False
-    ) -> CouponProjection | None:
+    async def get(self, municipality_code: str, coupon_number: str) -> CouponProjection | None:
         stmt = select(CouponProjection).where(
             CouponProjection.municipality_code == municipality_code, CouponProjection.coupon_number == coupon_number
         )
-        if for_update:
-            stmt = stmt.with_for_update()
         return (await self.session.execute(stmt)).scalar_one_or_none()
 
     def add(self, coupon: CouponProjection) -> None:

@@ -291,7 +291,7 @@ async def _try_record(
     dose_rows: list[dict[str, Any]] = []
     answers: list[tuple[_Item, DoseAccepted]] = []
     ids = iter(random_uuids(2 * len(fresh)))  # a dose id and an event id for each that may be new
-    dose_ids: dict[str, uuid.UUID] = {}
+    dose_ids: list[uuid.UUID] = []  # of dose_rows, in order
     for item in fresh:
         earlier = on_file[item.coupon_key]
         duplicate_of = find_exact_duplicate(item.facts, earlier)
@@ -311,7 +311,7 @@ async def _try_record(
             row = _new_dose(
                 item, holder, status, findings, dose_id=str(dose_id), rules=rules, by=principal.scope_key, now=now
             )
-            dose_ids[row["dose_id"]] = dose_id
+            dose_ids.append(dose_id)
             dose_rows.append(row)
             earlier.append(  # a batch may carry dose 1 and dose 2 of one person
                 DoseOnFile(
@@ -345,12 +345,12 @@ async def _try_record(
             event_id=next(ids),
             occurred_at=now,
             type=DoseEventType.RECORDED,
-            dose_id=dose_ids[row["dose_id"]],
+            dose_id=dose_id,
             municipality=row["municipality_code"],
             cell=_cell(row),
             previous_cell=None,
         )
-        for row in dose_rows
+        for row, dose_id in zip(dose_rows, dose_ids, strict=True)
     ]
     seen = [d.dose_id for d in on_file_rows]
     written = await doses.record(
