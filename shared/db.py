@@ -60,7 +60,8 @@ def sqlite_wal(cursor: Any, *, timeout: float = 30) -> None:
             time.sleep(0.02)
 
 
-def create_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
+def create_engine(url: str, *, pool_size: int = 20, server_settings: Mapping[str, str] | None = None) -> AsyncEngine:
+    """An engine for ``url``; ``server_settings`` are PostgreSQL settings of every connection it opens."""
     if is_sqlite(url):
         engine = create_async_engine(url, connect_args={"timeout": 30})
 
@@ -81,7 +82,13 @@ def create_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
     # as soon as it is returned to a full pool, so a service whose concurrency hovered above pool_size opened
     # (and asyncpg re-introspected types on) a new connection for a tenth of its requests (measured: records,
     # 44 new main-database connections in 18 s of the bench). The same ceiling as pool_size + overflow.
-    return create_async_engine(url, pool_size=2 * pool_size, max_overflow=0, pool_recycle=1800)
+    return create_async_engine(
+        url,
+        pool_size=2 * pool_size,
+        max_overflow=0,
+        pool_recycle=1800,
+        connect_args={"server_settings": dict(server_settings)} if server_settings else {},
+    )
 
 
 def upsert(session: AsyncSession, table: Any) -> Any:
@@ -138,8 +145,8 @@ class Database:
     sessionmaker: async_sessionmaker[AsyncSession]
 
     @classmethod
-    def connect(cls, url: str, *, pool_size: int = 20) -> Database:
-        engine = create_engine(url, pool_size=pool_size)
+    def connect(cls, url: str, *, pool_size: int = 20, server_settings: Mapping[str, str] | None = None) -> Database:
+        engine = create_engine(url, pool_size=pool_size, server_settings=server_settings)
         return cls(url, engine, async_sessionmaker(engine, expire_on_commit=False, autoflush=False))
 
     async def ping(self) -> None:
@@ -156,11 +163,18 @@ class Databases:
     shard_map_ttl: float = SHARD_MAP_TTL_SECONDS
 
     @classmethod
-    def connect(cls, main_url: str, shard_urls: dict[str, str] | None = None, *, pool_size: int = 20) -> Databases:
-        return cls(
-            main=Database.connect(main_url, pool_size=pool_size),
-            shards={name: Database.connect(url, pool_size=pool_size) for name, url in (shard_urls or {}).items()},
-        )
+    def connect(
+        cls,
+        main_url: str,
+        shard_urls: dict[str, str] | None = None,
+        *,
+        pool_size: int = 20,
+        server_settings: Mapping[str, str] | None = None,
+    ) -> Databases:
+        def connect(url: str) -> Database:
+            return Database.connect(url, pool_size=pool_size, server_settings=server_settings)
+
+        return cls(main=connect(main_url), shards={name: connect(url) for name, url in (shard_urls or {}).items()})
 
     def default_shard(self, municipality_code: str) -> str:
         names = sorted(self.shards)

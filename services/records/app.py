@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from services.records import repository
 from services.records.consumer import coupon_consumers
 from services.records.imports import ImportWorker
 from services.records.models import outbox
@@ -18,7 +19,7 @@ from services.records.settings import RecordsSettings
 from shared.app import build_app
 from shared.bus.offsets import report_lag
 from shared.consumer import stored_positions
-from shared.db import Databases, UnitOfWork
+from shared.db import UnitOfWork
 from shared.outbox import OutboxNotifier, OutboxRelay, relay_in_background, sample_backlog
 
 
@@ -34,7 +35,7 @@ def create_app(settings: RecordsSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        databases = Databases.connect(settings.main_dsn, settings.shard_dsns, pool_size=settings.pool_size)
+        databases = repository.connect(settings.main_dsn, settings.shard_dsns, pool_size=settings.pool_size)
         app.state.databases = databases
         app.state.settings = settings
         try:

@@ -13,13 +13,13 @@ from typing import Any
 
 import httpx
 
+from services.records import repository
 from services.records.consumer import coupon_consumers, wait_caught_up
 from services.records.models import outbox, shard_assignments, shard_moves
 from services.records.repository import MOVABLE_TABLES
 from services.records.settings import RecordsSettings
 from shared.bus.offsets import report_lag_forever
 from shared.consumer import stored_positions
-from shared.db import Databases
 from shared.observability import setup_worker
 from shared.outbox import run_relay_process
 from shared.shardmove import MoveSpec
@@ -33,7 +33,7 @@ def relay() -> None:
 
 
 async def _consume(settings: RecordsSettings) -> None:
-    databases = Databases.connect(settings.main_dsn, settings.shard_dsns, pool_size=4)
+    databases = repository.connect(settings.main_dsn, settings.shard_dsns, pool_size=4)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -112,7 +112,7 @@ def register(sub: Any) -> None:
 def shard_mover() -> MoveSpec:
     """What ``vrs shards move`` moves of records; before its fence, its coupon consumers catch up."""
     settings = RecordsSettings()
-    databases = Databases.connect(settings.main_dsn, settings.shard_dsns, pool_size=2)
+    databases = repository.connect(settings.main_dsn, settings.shard_dsns, pool_size=2)
     return MoveSpec(
         "records",
         databases,

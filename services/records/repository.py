@@ -44,7 +44,7 @@ from services.records.models import (
     IdempotencyKey,
     outbox,
 )
-from shared.db import Database
+from shared.db import Database, Databases
 from shared.shardmove import MovableTable
 
 _doses: Table = Dose.__table__  # type: ignore[assignment]
@@ -168,10 +168,14 @@ _RECORD_PG = (
     f"new_keys AS ({_unnest_insert('k', _keys, _FIRST['k'])}) "
     "SELECT ok FROM ok"
 )
-# LATERAL: one index probe per coupon and per key whatever the prepared statement's generic plan guesses of the
-# arrays. Keys especially: all of a caller's keys share its scope, and ``scope = $1 AND key = ANY($4)`` was
-# planned as a scan of every key the caller ever sent (measured: 90-175 ms per 500-dose batch at 25,000 keys,
-# growing with the table; a probe per key: under 1 ms).
+# LATERAL ... OFFSET 0: one index probe per coupon and per key, whatever the prepared statement's generic plan
+# guesses of the arrays. Keys especially: all of a caller's keys share its scope, and ``scope = $1 AND key =
+# ANY($4)`` was planned as a scan of every key the caller ever sent (measured: 90-175 ms per 500-dose batch at
+# 25,000 keys, growing with the table; a probe per key: under 1 ms). The ``OFFSET 0`` is what keeps it a probe:
+# without it the planner pulls the subquery up into a plain join, and the generic plan (ten rows guessed for an
+# array) hashed the wanted rows and scanned the caller's keys, the coupons and the doses whole (EXPLAIN of a
+# single dose: 1.2-1.5 ms and growing with the tables, against 0.24 ms; a third of PostgreSQL's CPU under load).
+# ``tests/integration/services/records/test_records_plans.py`` holds every hot statement to index probes.
 _ON_FILE_PG = """
 WITH wanted AS (SELECT * FROM unnest($2::varchar[], $3::varchar[]) AS w(municipality_code, coupon_number))
 SELECT 0 AS kind, k.key, k.request_hash, k.response::text AS response,
@@ -181,13 +185,14 @@ SELECT 0 AS kind, k.key, k.request_hash, k.response::text AS response,
        NULL::date AS vaccinated_on, NULL::varchar AS vaccine, NULL::varchar AS lot_number,
        NULL::timestamptz AS recorded_at
   FROM unnest($4::varchar[]) AS a(key) CROSS JOIN LATERAL (
-       SELECT * FROM idempotency_keys k WHERE k.scope = $1 AND k.key = a.key
+       SELECT * FROM idempotency_keys k WHERE k.scope = $1 AND k.key = a.key OFFSET 0
   ) AS k
 UNION ALL
 SELECT 1, NULL, NULL, NULL, c.municipality_code, c.coupon_number, c.resident_id, c.sex, c.birth_date,
        c.invalid_from, c.invalid_reason, NULL, NULL, NULL, NULL, NULL, NULL, NULL
   FROM wanted w CROSS JOIN LATERAL (
        SELECT * FROM coupons c WHERE c.municipality_code = w.municipality_code AND c.coupon_number = w.coupon_number
+        OFFSET 0
   ) AS c
 UNION ALL
 SELECT 2, NULL, NULL, NULL, d.municipality_code, d.coupon_number, NULL, NULL, NULL, NULL, NULL,
@@ -195,6 +200,7 @@ SELECT 2, NULL, NULL, NULL, d.municipality_code, d.coupon_number, NULL, NULL, NU
   FROM wanted w CROSS JOIN LATERAL (
        SELECT * FROM doses d
         WHERE d.municipality_code = w.municipality_code AND d.coupon_number = w.coupon_number AND NOT d.voided
+        OFFSET 0
   ) AS d
 ORDER BY kind, dose_number, vaccinated_on, recorded_at
 """
@@ -210,14 +216,27 @@ claimed AS (
 SELECT key, request_hash FROM claimed
 UNION ALL
 SELECT c.key, c.request_hash FROM wanted w CROSS JOIN LATERAL (
-    SELECT * FROM idempotency_claims c WHERE c.scope = $1 AND c.key = w.key
+    SELECT * FROM idempotency_claims c WHERE c.scope = $1 AND c.key = w.key OFFSET 0
 ) AS c
 """
 _CLAIMED_PG = """
 SELECT c.key, c.request_hash FROM unnest($2::varchar[]) AS w(key) CROSS JOIN LATERAL (
-    SELECT * FROM idempotency_claims c WHERE c.scope = $1 AND c.key = w.key
+    SELECT * FROM idempotency_claims c WHERE c.scope = $1 AND c.key = w.key OFFSET 0
 ) AS c
 """
+
+
+# Every statement records prepares finds its rows through an index, a probe per wanted key or coupon (above).
+# PostgreSQL's default plans a prepared statement afresh at each execution while it guesses that planning pays
+# off; for these it always guessed so (an array parameter of one element looks ten times cheaper than a generic
+# plan's guess of ten), so every dose paid for planning its claim and its read: 0.36 ms of the database's CPU
+# per read, five times their execution. So records' connections plan each statement once, generically.
+SERVER_SETTINGS = {"plan_cache_mode": "force_generic_plan"}
+
+
+def connect(main_dsn: str, shard_dsns: dict[str, str], *, pool_size: int) -> Databases:
+    """records' databases, with :data:`SERVER_SETTINGS` on every connection."""
+    return Databases.connect(main_dsn, shard_dsns, pool_size=pool_size, server_settings=SERVER_SETTINGS)
 
 
 async def _driver_connection(connection: Any) -> Any:

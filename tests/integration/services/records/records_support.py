@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from services.records import repository
 from services.records.models import Dose, outbox, shard_assignments
 from services.records.schemas import DoseIn
 from services.records.service import Outcome, Submission, record_doses
@@ -50,7 +51,7 @@ async def records_databases(make_database: Callable[..., str]) -> AsyncIterator[
     await asyncio.to_thread(upgrade, main, TREES / "main")
     for shard in (s0, s1):
         await asyncio.to_thread(upgrade, shard, TREES / "shard")
-    dbs = Databases.connect(main, {"s0": s0, "s1": s1}, pool_size=5)
+    dbs = repository.connect(main, {"s0": s0, "s1": s1}, pool_size=5)
     async with dbs.main.sessionmaker() as session, session.begin():
         await session.execute(
             shard_assignments.insert(),
