@@ -12,6 +12,7 @@ The same code runs on PostgreSQL (asyncpg) and, in the embedded default, on SQLi
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 import zlib
@@ -161,6 +162,7 @@ class Databases:
     # municipality → (shard, monotonic time it was read)
     _assignments: dict[str, tuple[str, float]] = field(default_factory=dict)
     shard_map_ttl: float = SHARD_MAP_TTL_SECONDS
+    _map_read: asyncio.Future[None] | None = None  # the whole map's read in flight, shared by its waiters
 
     @classmethod
     def connect(
@@ -189,7 +191,7 @@ class Databases:
         cached = self._cached(municipality_code, time.monotonic())
         if cached is not None:
             return cached
-        return (await self.current_shards([municipality_code]))[municipality_code]
+        return (await self.shards_of([municipality_code]))[municipality_code]
 
     async def shards_of(self, municipality_codes: Iterable[str]) -> dict[str, str]:
         """:meth:`shard_of` for many: what the cache does not hold is read in one query (a batch of doses from
@@ -204,8 +206,42 @@ class Databases:
             else:
                 stale.append(code)
         if stale:
-            found |= await self.current_shards(stale)
+            # The whole map at once (a row per municipality that ever had a dose or a resident: 1,741 at most):
+            # doses come from every municipality, so an entry read one by one was mostly stale again by the
+            # next dose of its municipality (measured: a shard-map query for one single dose in five).
+            await self._read_map()
+            now = time.monotonic()
+            unknown = []
+            for code in stale:
+                cached = self._cached(code, now)
+                if cached is not None:
+                    found[code] = cached
+                else:
+                    unknown.append(code)
+            if unknown:  # not in the map yet (assigned now), or the read took longer than the TTL
+                found |= await self.current_shards(unknown)
         return found
+
+    async def _read_map(self) -> None:
+        """Read every assignment into the cache; callers arriving while a read is in flight wait for it."""
+        if self._map_read is None:
+            self._map_read = asyncio.ensure_future(self._read_whole_map())
+            self._map_read.add_done_callback(self._map_read_done)
+        await asyncio.shield(self._map_read)
+
+    def _map_read_done(self, done: asyncio.Future[None]) -> None:
+        self._map_read = None
+        if not done.cancelled():
+            done.exception()  # retrieved: every waiter got it raised already
+
+    async def _read_whole_map(self) -> None:
+        started = time.monotonic()  # entries age from before the read: never trusted longer than the TTL
+        t = _shard_assignments
+        async with self.main.sessionmaker() as session:
+            rows = (await session.execute(select(t.c.municipality_code, t.c.shard))).all()
+        for code, shard in rows:
+            if shard in self.shards:  # an unknown shard is refused by current_shards, where it is asked for
+                self._assignments[str(code)] = (str(shard), started)
 
     async def current_shards(self, municipality_codes: Iterable[str]) -> dict[str, str]:
         """The shards of ``municipality_codes`` as the main database has them now (one query; no cache)."""

@@ -324,7 +324,8 @@ async def _try_record(
                 )
             )
             shown = _shown(findings, with_detail=_may_see_detail(principal, item.coupon.municipality_code))
-            accepted = DoseAccepted(dose_id=row["dose_id"], status=status.value, findings=shown)
+            # Not validated again: the id is new, the status one of DoseStatus, the findings FindingOut already.
+            accepted = DoseAccepted.model_construct(dose_id=row["dose_id"], status=status.value, findings=shown)
         answers.append((item, accepted))
         key_rows.append(
             {

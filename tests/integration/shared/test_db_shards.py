@@ -42,7 +42,8 @@ async def test_shards_of_many_municipalities_is_one_read_then_cached(databases: 
     assert shards == {c: databases.default_shard(c) for c in CODES}
     assert set(shards.values()) == {"s0", "s1"}  # these five spread over both shards
     first_read = len(queries)
-    assert first_read <= 3  # read, assign the unknown ones, read them back: whatever the number of codes
+    # the whole map, then for the ones not in it: read, assign, read back; whatever the number of codes
+    assert first_read <= 4
     assert await databases.shards_of(CODES) == shards
     assert {c: await databases.shard_of(c) for c in CODES} == shards
     assert len(queries) == first_read  # all from the cache
@@ -55,3 +56,15 @@ async def test_shards_of_reads_the_map_again_after_its_ttl(databases: Databases)
     await asyncio.sleep(0.1)
     await databases.shards_of(CODES)
     assert [q for q in queries if q.lstrip().upper().startswith("SELECT")], "a stale entry must be read again"
+
+
+async def test_one_stale_municipality_reads_the_whole_map_once_for_all_waiting(databases: Databases) -> None:
+    """Doses come from every municipality: one read refreshes every entry, and concurrent misses share it."""
+    databases.shard_map_ttl = 0.05
+    shards = await databases.shards_of(CODES)
+    await asyncio.sleep(0.1)  # every entry stale
+    queries = count_queries(databases)
+    answers = await asyncio.gather(*(databases.shard_of(code) for code in CODES * 4))
+    assert answers == [shards[code] for code in CODES * 4]
+    assert len(queries) == 1, queries  # one read of the whole map for twenty lookups of five municipalities
+    assert "WHERE" not in queries[0].upper()
