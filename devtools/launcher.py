@@ -35,6 +35,9 @@ class Stack:
     ports: dict[str, int]
     log_dir: Path
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    # uvicorn worker processes per service (1 when not named): production runs several replicas of an API, and
+    # one Python process uses one core at most
+    replicas: dict[str, int] = field(default_factory=dict)
 
     def url(self, service: str = "gateway") -> str:
         return f"http://127.0.0.1:{self.ports[service]}"
@@ -82,6 +85,7 @@ class Stack:
                 "--no-access-log",
                 "--timeout-graceful-shutdown",
                 "10",
+                *(["--workers", str(self.replicas[name])] if self.replicas.get(name, 1) > 1 else []),
             ],
             env=self.env,
             stdout=log,
@@ -124,7 +128,10 @@ class Stack:
         self._pid_file(name).unlink(missing_ok=True)
         if process is None or process.poll() is not None:
             return
-        process.send_signal(sig)
+        if self.replicas.get(name, 1) > 1:
+            os.killpg(process.pid, sig)  # uvicorn's workers too: a SIGKILL would not reach them through it
+        else:
+            process.send_signal(sig)
         try:
             process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -392,7 +392,13 @@ class System:
         return [] if pid is None else [pid, *children_of(pid)]
 
     def pids(self, *names: str) -> Callable[[], list[int]]:
-        return lambda: [p.pid for n, p in self.stack.processes.items() if n in names]
+        """The processes of these services and workers, with their children (uvicorn's worker processes)."""
+
+        def pids() -> list[int]:
+            found = [p.pid for n, p in self.stack.processes.items() if n in names]
+            return found + [child for pid in found for child in children_of(pid)]
+
+        return pids
 
     def kafka_pids(self) -> list[int]:
         pid = self.kafka.pid
@@ -450,9 +456,11 @@ def start_system(
     pg_settings: dict[str, str] | None = None,
     workers: bool = False,
     env: dict[str, str] | None = None,
+    replicas: dict[str, int] | None = None,
 ) -> System:
     """The four services on a fresh PostgreSQL and Kafka; with ``workers``, in production's shape (relays and
-    consumers as processes of their own, :data:`devtools.stack.WORKERS`), else each inside its service."""
+    consumers as processes of their own, :data:`devtools.stack.WORKERS`), else each inside its service;
+    ``replicas``: uvicorn worker processes of a service (one by default)."""
     from devtools.harness import free_port
     from devtools.launcher import Stack
     from devtools.stack import SERVICES, WORKERS, WORKERS_ENV, postgres_databases, postgres_env, wiring_env
@@ -474,7 +482,7 @@ def start_system(
     }
     say("migrating ...")
     subprocess.run([sys.executable, "-m", "shared.cli", "migrate"], env=env, check=True)
-    stack = Stack(env=env, ports=ports, log_dir=tmp / "stack" / "log")
+    stack = Stack(env=env, ports=ports, log_dir=tmp / "stack" / "log", replicas=dict(replicas or {}))
     cleanup.callback(stack.stop)
     say("starting the services ...")
     try:

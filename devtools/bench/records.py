@@ -139,7 +139,8 @@ def render(report: Report, args: argparse.Namespace) -> str:
     lines = [
         "",
         f"VRS bench — PostgreSQL {report.postgres} (2 shards) + Kafka {report.kafka}, {cores} cores, "
-        f"{args.concurrency} connections, {args.duration:.0f} s (+{args.warmup:.0f} s warm-up)",
+        f"{args.concurrency} connections, {args.duration:.0f} s (+{args.warmup:.0f} s warm-up), "
+        f"records as {args.records_workers} process{'es' if args.records_workers > 1 else ''}",
         "",
         load_line("single dose POST via gateway", single),
         *details(single, report.single_cpu),
@@ -410,6 +411,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--quiet-cores", type=float, default=0.5, help="before each phase, wait until at most this many cores are busy"
     )
     parser.add_argument("--quiet-wait", type=float, default=20.0, help="... but no longer than this many seconds")
+    parser.add_argument(
+        "--records-workers",
+        type=int,
+        default=int(env("VRS_BENCH_RECORDS_WORKERS", "2")),
+        help="records' uvicorn worker processes (production runs 3 replicas; one process uses one core at most)",
+    )
     parser.add_argument("--skip-baseline", action="store_true", help="measure VRS only")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, data)")
     parser.add_argument(
@@ -429,7 +436,12 @@ def main(argv: list[str] | None = None) -> int:
     report = Report()
     try:
         with scratch_directory("vrs-bench-", keep=args.keep, say=say) as tmp, contextlib.ExitStack() as cleanup:
-            system = start_system(tmp, cleanup, pg_settings=PG_STATEMENTS if args.pg_statements else None)
+            system = start_system(
+                tmp,
+                cleanup,
+                pg_settings=PG_STATEMENTS if args.pg_statements else None,
+                replicas={"records": args.records_workers},
+            )
             report.postgres, report.kafka = server_versions(system)
             try:
                 asyncio.run(measure(system, args, cleanup, report))

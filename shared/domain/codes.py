@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from operator import mul
 
 _MUNICIPALITY_WEIGHTS = (6, 5, 4, 3, 2)
@@ -24,6 +25,8 @@ def is_valid_prefecture_code(code: str) -> bool:
     return len(code) == 2 and code.isascii() and code.isdigit() and 1 <= int(code) <= 47
 
 
+# Asked for every dose and resident: a thousand-dose batch repeats a handful of codes, and Japan has 1,741.
+@functools.lru_cache(maxsize=4096)
 def municipality_code_problem(code: str) -> str | None:
     """Why ``code`` is not a plausible 6-digit municipality code, or None when it is."""
     if len(code) != 6 or not code.isascii() or not code.isdigit():
