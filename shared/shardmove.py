@@ -6,14 +6,19 @@ selects the municipality's rows) in a :class:`MoveSpec`; this module does the re
 0. **Pre-copy** (no pause): the target is fenced (nothing there serves the municipality yet; the fence keeps
    its relay and consumers off the copied rows), and each table's rows are copied to it from one snapshot of
    the source (``COPY … TO STDOUT`` binary, spooled to a temporary file, then ``COPY … FROM STDIN``) while the
-   source keeps serving. This is the bulk of a move and it grows with the municipality.
+   source keeps serving. This is the bulk of a move and it grows with the municipality. For the tables declared
+   ``captured``, the source first starts recording the keys of the municipality's rows written from then on
+   (``shard_captures``, ``shard_move_changes``, statement-level triggers), before the pre-copy's snapshot.
 1. **Fence** (source): one transaction takes ``SHARE`` locks on the declared tables — it waits for the write
    transactions in flight, of every municipality, to end (milliseconds) — and inserts the municipality into
    ``shard_fences``. From its commit on, a statement-level trigger on every table with a municipality column
    refuses any write of the municipality's rows in that shard (SQLSTATE ``VR503``, which the services answer
    as ``503`` + ``Retry-After``), and the outbox relay skips its unpublished events. Other municipalities are
    not affected. The relay's claims in flight are waited for (``FOR UPDATE``).
-2. **Catch up and flip**: each table is brought up to date on the target in one transaction of its own: both
+2. **Catch up and flip**: each table is brought up to date on the target in one transaction of its own. A
+   captured table carries only the rows of the recorded keys (deleted on the target, copied again from the
+   source if still there, their hashes compared): no unchanged row is read, so the pause follows the writes
+   made during the pre-copy, not the size. For the other tables (or a move resumed by another run): both
    sides list their rows as (``ctid``, hash of the row), and only the rows that differ — written between the
    pre-copy's snapshot and the fence — are deleted from the target or copied from the source; then the row
    count and checksum (the sum of those hashes) are compared with the source's before the target commits.
@@ -38,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -46,7 +52,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Float, LargeBinary, MetaData, String, Table, select, update
+from sqlalchemy import JSON, Column, DateTime, Float, Index, LargeBinary, MetaData, String, Table, Text, select, update
 from sqlalchemy.dialects import postgresql
 
 from shared.db import SHARD_MAP_TTL_SECONDS, Database, Databases, is_sqlite, upsert, utcnow
@@ -130,6 +136,85 @@ def drop_fence_trigger_sql(tables: Sequence[tuple[str, str, Sequence[str]]]) -> 
     return [*drops, "DROP FUNCTION IF EXISTS shard_fence_check()"]
 
 
+def shard_captures_table(metadata: MetaData) -> Table:
+    """Municipalities whose changes this (source) shard records while they are pre-copied elsewhere."""
+    return Table(
+        "shard_captures",
+        metadata,
+        Column("municipality_code", String(6), primary_key=True),
+        Column("started_at", DateTime(timezone=True), nullable=False),
+    )
+
+
+def shard_move_changes_table(metadata: MetaData) -> Table:
+    """The keys of the rows a captured municipality's writes touched since its capture began (repeats allowed)."""
+    return Table(
+        "shard_move_changes",
+        metadata,
+        Column("municipality_code", String(6), nullable=False),
+        Column("table_name", String(63), nullable=False),
+        Column("row_key", postgresql.ARRAY(Text()).with_variant(JSON(), "sqlite"), nullable=False),
+        Index("ix_shard_move_changes", "municipality_code", "table_name"),
+    )
+
+
+CAPTURE_FUNCTION_SQL = """
+CREATE OR REPLACE FUNCTION shard_move_capture() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    key text;
+BEGIN
+    -- The common case costs one look at an empty table; the mover's own writes are not changes to carry.
+    IF NOT EXISTS (SELECT 1 FROM shard_captures) OR current_setting('vrs.shard_move', true) = 'on' THEN
+        RETURN NULL;
+    END IF;
+    -- TG_ARGV: the municipality column, then the columns of the row's key.
+    SELECT string_agg(format('c.%I::text', a), ', ') INTO key FROM unnest(TG_ARGV[1:TG_NARGS - 1]) AS a;
+    EXECUTE format(
+        'INSERT INTO shard_move_changes (municipality_code, table_name, row_key) '
+        'SELECT DISTINCT c.%1$I, %2$L, ARRAY[%3$s] FROM changed c '
+        'JOIN shard_captures s ON s.municipality_code = c.%1$I',
+        TG_ARGV[0], TG_TABLE_NAME, key
+    );
+    IF TG_OP = 'UPDATE' THEN  -- a key changed by an update: the old one is gone
+        EXECUTE format(
+            'INSERT INTO shard_move_changes (municipality_code, table_name, row_key) '
+            'SELECT DISTINCT c.%1$I, %2$L, ARRAY[%3$s] FROM before c '
+            'JOIN shard_captures s ON s.municipality_code = c.%1$I',
+            TG_ARGV[0], TG_TABLE_NAME, key
+        );
+    END IF;
+    RETURN NULL;
+END $$
+"""
+
+
+def capture_trigger_sql(tables: Sequence[tuple[str, str, Sequence[str]]]) -> list[str]:
+    """DDL for a migration: the capture function and, per (table, municipality column, key columns), its
+    triggers on every write (statement-level, like the fence's)."""
+    statements = [CAPTURE_FUNCTION_SQL]
+    for table, column, key in tables:
+        args = ", ".join(f"'{name}'" for name in (column, *key))
+        for op, transitions in (
+            ("INSERT", "NEW TABLE AS changed"),
+            ("UPDATE", "OLD TABLE AS before NEW TABLE AS changed"),
+            ("DELETE", "OLD TABLE AS changed"),
+        ):
+            statements.append(
+                f"CREATE TRIGGER shard_capture_{op.lower()} AFTER {op} ON {table} REFERENCING {transitions} "
+                f"FOR EACH STATEMENT EXECUTE FUNCTION shard_move_capture({args})"
+            )
+    return statements
+
+
+def drop_capture_trigger_sql(tables: Sequence[tuple[str, str, Sequence[str]]]) -> list[str]:
+    drops = [
+        f"DROP TRIGGER IF EXISTS shard_capture_{op} ON {t}"
+        for t, _, _ in tables
+        for op in ("insert", "update", "delete")
+    ]
+    return [*drops, "DROP FUNCTION IF EXISTS shard_move_capture()"]
+
+
 def fenced_municipality(exc: BaseException) -> str | None:
     """The municipality a write was refused for because it is moving, if that is what ``exc`` is."""
     seen: set[int] = set()
@@ -159,6 +244,9 @@ class MovableTable:
     found_through: str | None = None  # the table ``where`` finds the rows through: copied first, deleted last
     # Columns that identify a row on both shards, when the primary key is a generated ``skip`` id.
     key: tuple[str, ...] = ()
+    # The shard's capture triggers record the keys of this table's changed rows (``capture_trigger_sql``): under
+    # the fence only they are carried, with no scan of the municipality's rows.
+    captured: bool = False
 
     @property
     def name(self) -> str:
@@ -334,6 +422,9 @@ async def precopy(spec: MoveSpec, move: dict[str, Any]) -> dict[str, int] | None
     if move["state"] != "fencing":
         return None
     await _fence_shard(spec, spec.databases.shards[target], code, target)
+    captured = any(t.captured for t in spec.tables)
+    if captured:
+        await _start_capture(spec, spec.databases.shards[source], code)
     started, rows, expected = time.monotonic(), dict[str, int](), dict[str, tuple[Any, ...]]()
     with tempfile.TemporaryDirectory(prefix="vrs-shard-precopy-") as spool:
         # One snapshot for every table: a table found through another (records' keys through its doses) must
@@ -360,8 +451,84 @@ async def precopy(spec: MoveSpec, move: dict[str, Any]) -> dict[str, int] | None
     # Kept with the move in memory only: a move resumed by another run has no pre-copy to build on, and its
     # catch-up compares every row (see _catch_up_table).
     move["since"] = {t.name: since for t in spec.tables}
+    move["precopied"] = dict(rows) if captured else {}
     log.info("%s: %s pre-copied to %s in %.2fs: %s", spec.service, code, target, time.monotonic() - started, rows)
     return rows
+
+
+async def _start_capture(spec: MoveSpec, db: Database, code: str) -> None:
+    """From this commit on, the source records the key of every row of ``code`` written (by anyone but the
+    mover). Like the fence it waits for the writes in flight: any transaction the pre-copy's snapshot (taken
+    after this) does not see wrote after the capture began, so its rows are recorded."""
+    names = ", ".join(t.name for t in spec.tables)
+    async with _transaction(db) as raw:
+        await raw.execute("SET LOCAL lock_timeout = '10s'")
+        await raw.execute(f"LOCK TABLE {names} IN SHARE MODE")
+        await raw.execute("DELETE FROM shard_move_changes WHERE municipality_code = $1", code)  # an earlier attempt's
+        await raw.execute(
+            "INSERT INTO shard_captures (municipality_code, started_at) VALUES ($1, now()) "
+            "ON CONFLICT (municipality_code) DO UPDATE SET started_at = now()",
+            code,
+        )
+
+
+async def _stop_capture(spec: MoveSpec, raw: Any, code: str) -> None:
+    if any(t.captured for t in spec.tables):
+        await raw.execute("DELETE FROM shard_captures WHERE municipality_code = $1", code)
+        await raw.execute("DELETE FROM shard_move_changes WHERE municipality_code = $1", code)
+
+
+def _renumbered(sql: str, n: int) -> str:
+    """A ``where`` of a :class:`MovableTable` (its one parameter, the code, is ``$1``) with the code as ``$n``."""
+    return re.sub(r"\$1\b", f"${n}", sql)
+
+
+async def _replace_captured(
+    t: MovableTable, code: str, src: Any, dst: Any, precopied: int, path: str
+) -> tuple[int, int]:
+    """After a pre-copy of a captured table, under the fence: the rows whose keys the source recorded since the
+    capture began are deleted from the target and copied again from the source (those still there, in the
+    selection), and their hashes compared. Nothing else is read: the work follows the changes, not the size.
+    Returns (the table's rows now, the keys carried)."""
+    keys = _key_columns(t)
+    assert keys is not None
+    dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
+    captured = await src.fetch(
+        "SELECT DISTINCT row_key FROM shard_move_changes WHERE municipality_code = $1 AND table_name = $2",
+        code,
+        t.name,
+    )
+    if not captured:
+        return precopied, 0
+    recorded = ", ".join(f"row_key[{i + 1}]::{c.type.compile(dialect=dialect)} AS k{i}" for i, c in enumerate(keys))
+    changes = (
+        f"(SELECT DISTINCT {recorded} FROM shard_move_changes "
+        f"WHERE municipality_code = $1 AND table_name = '{t.name}') AS k"
+    )
+    match = " AND ".join(f't."{c.name}" = k.k{i}' for i, c in enumerate(keys))
+    row = _row_sql(t, alias="t.")
+    where = f"{match} AND ({t.selection})"
+    listed = await src.fetch(f"SELECT hashtextextended({row}, 0) FROM {t.name} AS t, {changes} WHERE {where}", code)
+    join, arrays = _by_key(keys, [tuple(r["row_key"]) for r in captured])
+    status = await dst.execute(
+        f"DELETE FROM {t.name} AS t USING {join} AND {_renumbered(t.where, len(arrays) + 1)}", *arrays, code
+    )
+    deleted = int(status.split()[-1])
+    if listed:
+        cols = ", ".join(f't."{c}"' for c in t.columns)
+        order = f" ORDER BY {t.order_by}" if t.order_by else ""
+        query = f"SELECT {cols} FROM {t.name} AS t, {changes} WHERE {where}{order}"
+        await src.copy_from_query(query, code, output=path, format="binary")
+        await dst.copy_to_table(t.name, source=path, columns=t.columns, format="binary")
+    arrived = await dst.fetchrow(
+        f"SELECT count(*), coalesce(sum(hashtextextended({row}, 0)::numeric), 0)::text FROM {t.name} AS t, {join} "
+        f"AND {_renumbered(t.where, len(arrays) + 1)}",
+        *arrays,
+        code,
+    )
+    if tuple(arrived) != (len(listed), str(sum(h for (h,) in listed))):
+        raise ShardMoveError(f"{t.name} of {code}: the rows changed during the move differ after the copy")
+    return precopied - deleted + len(listed), len(captured)
 
 
 def _changed_since(snapshot: tuple[int, list[int]]) -> str:
@@ -439,6 +606,7 @@ async def _catch_up_table(
     target: str,
     spool: str,
     since: tuple[int, list[int]] | None,
+    precopied: int | None = None,
 ) -> int:
     """One fenced table: bring the target's rows to the source's and verify them, in one target transaction.
 
@@ -461,6 +629,18 @@ async def _catch_up_table(
         await dst.execute(BYPASS_SQL)
         for raw in (src, dst):
             await raw.execute("SET LOCAL TimeZone = 'UTC'")  # a timestamptz's text (so its hash) depends on it
+        if t.captured and precopied is not None and _key_columns(t) is not None:
+            rows, carried = await _replace_captured(t, code, src, dst, precopied, path)
+            log.info(
+                "%s: %s of %s: %d rows, %d keys written since the pre-copy carried under the fence in %.2fs",
+                spec.service,
+                t.name,
+                code,
+                rows,
+                carried,
+                time.monotonic() - started,
+            )
+            return rows
         if since is not None and _key_columns(t) is not None:
             replaced = await _replace_changed(t, code, src, dst, since, path)
             if replaced is not None:
@@ -526,9 +706,12 @@ async def copy(spec: MoveSpec, move: dict[str, Any]) -> dict[str, int] | None:
     with tempfile.TemporaryDirectory(prefix="vrs-shard-move-") as spool:
         rows: dict[str, int] = {}
         for wave in _waves(spec):
-            since = move.get("since", {})
+            since, precopied = move.get("since", {}), move.get("precopied", {})
             counts = await asyncio.gather(
-                *(_catch_up_table(spec, t, code, source, target, spool, since.get(t.name)) for t in wave)
+                *(
+                    _catch_up_table(spec, t, code, source, target, spool, since.get(t.name), precopied.get(t.name))
+                    for t in wave
+                )
             )
             rows |= {t.name: n for t, n in zip(wave, counts, strict=True)}
     return {t.name: rows[t.name] for t in spec.tables}
@@ -579,6 +762,7 @@ async def clean(spec: MoveSpec, move: dict[str, Any], *, grace_seconds: float) -
         await raw.execute(BYPASS_SQL)
         for t in reversed(spec.tables):
             await raw.execute(f"DELETE FROM {t.name} WHERE {t.where}", code)
+        await _stop_capture(spec, raw, code)
     move |= {"state": "done", "finished_at": utcnow()}
     await _set_move(spec, code, state="done", finished_at=move["finished_at"])
     log.info("%s: %s deleted from %s", spec.service, code, source)
@@ -596,6 +780,8 @@ async def abort(spec: MoveSpec, move: dict[str, Any]) -> None:
     for name in (move["from_shard"], move["to_shard"]):
         async with _transaction(spec.databases.shards[name]) as raw:
             await raw.execute("DELETE FROM shard_fences WHERE municipality_code = $1", code)
+            if name == move["from_shard"]:
+                await _stop_capture(spec, raw, code)
     async with spec.databases.main.sessionmaker() as session, session.begin():
         await session.execute(spec.moves.delete().where(spec.moves.c.municipality_code == move["municipality_code"]))
 

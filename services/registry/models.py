@@ -22,7 +22,12 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from shared.db import shard_assignments_table
 from shared.outbox import outbox_table
-from shared.shardmove import shard_fences_table, shard_moves_table
+from shared.shardmove import (
+    shard_captures_table,
+    shard_fences_table,
+    shard_move_changes_table,
+    shard_moves_table,
+)
 
 
 class MainBase(DeclarativeBase):
@@ -37,6 +42,9 @@ shard_assignments = shard_assignments_table(MainBase.metadata)
 # Shard moves (``vrs shards move``): their progress in the main database, their fences in every shard.
 shard_moves = shard_moves_table(MainBase.metadata)
 shard_fences = shard_fences_table(ShardBase.metadata)
+# While a municipality is pre-copied to another shard, the keys of its rows written meanwhile (triggers).
+shard_captures = shard_captures_table(ShardBase.metadata)
+shard_move_changes = shard_move_changes_table(ShardBase.metadata)
 
 
 class MyNumberDirectoryEntry(MainBase):
@@ -117,7 +125,7 @@ class Resident(ShardBase):
     coupon_number: Mapped[str | None] = mapped_column(String(10))  # 券番号
     my_number_key_id: Mapped[str | None] = mapped_column(String(32))
     my_number_ciphertext: Mapped[bytes | None] = mapped_column(LargeBinary)
-    my_number_hash: Mapped[bytes | None] = mapped_column(LargeBinary(32), index=True)
+    my_number_hash: Mapped[bytes | None] = mapped_column(LargeBinary(32))  # found through the directory
     my_number_last4: Mapped[str | None] = mapped_column(String(4))
     moved_to: Mapped[str | None] = mapped_column(String(6))
     moved_on: Mapped[date | None] = mapped_column(Date)

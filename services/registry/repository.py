@@ -543,9 +543,9 @@ class ImportRepository:
 # What a shard move (``vrs shards move``, shared/shardmove.py) carries of a municipality, in copy order; ``$1`` is
 # its code. Unpublished coupon events move with it (published ones are history, on the topic).
 MOVABLE_TABLES = (
-    MovableTable(Resident.__table__, "municipality_code = $1"),  # type: ignore[arg-type]
-    MovableTable(Coupon.__table__, "municipality_code = $1"),  # type: ignore[arg-type]
-    MovableTable(ResidentHistory.__table__, "municipality_code = $1"),  # type: ignore[arg-type]
+    MovableTable(Resident.__table__, "municipality_code = $1", captured=True),  # type: ignore[arg-type]
+    MovableTable(Coupon.__table__, "municipality_code = $1", captured=True),  # type: ignore[arg-type]
+    MovableTable(ResidentHistory.__table__, "municipality_code = $1", captured=True),  # type: ignore[arg-type]
     MovableTable(
         outbox,
         "key = $1",
@@ -553,5 +553,6 @@ MOVABLE_TABLES = (
         skip=("id",),
         order_by="id",
         key=("event_id",),
+        captured=True,
     ),
 )

@@ -494,17 +494,19 @@ async def import_prepared(
     changed_by: str,
     today: date,
     direct: bool = True,
+    checked: bool = True,
 ) -> BatchResult:
     """Store the good rows (indexes into ``chunk``) of a bulk import's prepared chunk, as :func:`import_rows`
     would. A row of a resident the municipality has never seen, whose My Number and coupon number nobody holds,
     is copied as prepared (``direct``); any other row — the resident is known, or their number or coupon is
     (some trace of them) — is rebuilt (``row_of``) and goes through :func:`import_rows`. A writer that
     stores one of the new keys between the checks and the copies makes it a :class:`Conflict` (the caller
-    redoes the chunk with ``direct=False``)."""
+    redoes the chunk with ``direct=False``). Unless ``checked``, every good row is taken for new and copied: a
+    row that is not makes the copy a :class:`Conflict` too (its keys are the tables' unique keys)."""
     careful: list[int] = list(good) if not direct else []
-    fresh: list[int] = []
+    fresh: list[int] = list(good) if direct and not checked else []
     errors: list[tuple[int, list[RowError]]] = []
-    if direct and good:
+    if direct and checked and good:
         residents, coupons = ResidentRepository(shard), CouponRepository(shard)
         known = await residents.known(municipality_code, [str(chunk.resident_ids[i]) for i in good])
         holders = await DirectoryRepository(main).holders(

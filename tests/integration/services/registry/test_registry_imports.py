@@ -211,14 +211,14 @@ async def test_a_resident_written_meanwhile_makes_the_chunk_go_the_careful_way(p
     registry = pooled
     await registry.import_csv(csv_of(GOOD[1]))  # 000124: no My Number, no coupon
     original, write = ResidentRepository.known, registry.importer._write_once
-    attempts: list[bool] = []
+    attempts: list[tuple[bool, bool]] = []
 
     async def blind(self: ResidentRepository, municipality_code: str, resident_ids: Sequence[str]) -> set[str]:
         return set()  # as if 000124 had been stored just after the check
 
-    async def counted(*args: Any, direct: bool, **kwargs: Any) -> None:
-        attempts.append(direct)
-        await write(*args, direct=direct, **kwargs)
+    async def counted(*args: Any, direct: bool, checked: bool, **kwargs: Any) -> None:
+        attempts.append((direct, checked))
+        await write(*args, direct=direct, checked=checked, **kwargs)
 
     ResidentRepository.known = blind  # type: ignore[method-assign]
     registry.importer._write_once = counted  # type: ignore[method-assign]
@@ -227,7 +227,9 @@ async def test_a_resident_written_meanwhile_makes_the_chunk_go_the_careful_way(p
     finally:
         ResidentRepository.known = original  # type: ignore[method-assign]
     assert (status["rows_ok"], status["rows_failed"]) == (4, 0), status
-    assert attempts[:2] == [True, False]  # the first chunk (000123-000125) collided and was redone
+    # The first chunk (000123-000125): copied unchecked, it collided; checked (blindly), it collided again;
+    # redone row by row. The next chunk is checked first: this import met a stored key.
+    assert attempts[:4] == [(True, False), (True, True), (False, True), (True, True)]
     residents = await registry.residents()
     assert [(r.resident_id, r.version) for r in residents] == [(f"00012{i}", 1) for i in range(3, 7)]
     events = await registry.events()
