@@ -14,7 +14,7 @@ import itertools
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 from json.encoder import encode_basestring
 
 from services.registry.crypto import MyNumberVault, VaultKeys
@@ -206,11 +206,28 @@ def prepare(job: ChunkJob, vault: MyNumberVault) -> PreparedChunk:
 EVENTS_PER_MESSAGE = 1000
 
 
-def outbox_lines(municipality_code: str, events: list[bytes], now: str) -> bytes:
-    """COPY lines of the outbox rows carrying ``events`` (JSON objects) as JSON arrays of up to
-    :data:`EVENTS_PER_MESSAGE` (see :func:`shared.events.coupon_events_from_bytes`)."""
-    lines = []
+_PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+# COPY's binary format: signature, flags, header extension length; a tuple count of -1 ends the data.
+BINARY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
+BINARY_TRAILER = b"\xff\xff"
+
+
+def _field(value: bytes) -> bytes:
+    return len(value).to_bytes(4, "big") + value
+
+
+def outbox_copy(municipality_code: str, events: list[bytes], now: str) -> bytes:
+    """A binary ``COPY`` (``OUTBOX_COLUMNS``) of the outbox rows carrying ``events`` (JSON objects) as JSON
+    arrays of up to :data:`EVENTS_PER_MESSAGE` (see :func:`shared.events.coupon_events_from_bytes`); empty
+    without events. Binary because a payload is ~330 kB: as text, its hex form took PostgreSQL ~2.5 µs per
+    event to parse, as much as a whole table's row."""
+    if not events:
+        return b""
+    micros = (datetime.fromisoformat(now) - _PG_EPOCH) // timedelta(microseconds=1)
+    shared = _field(municipality_code.encode()), _field(micros.to_bytes(8, "big", signed=True))
+    parts = [BINARY_HEADER]
     for start in range(0, len(events), EVENTS_PER_MESSAGE):
         payload = b"[" + b",".join(events[start : start + EVENTS_PER_MESSAGE]) + b"]"
-        lines.append(f"{random_uuids(1)[0]}\t{municipality_code}\t{blob(payload)}\t{now}\n")
-    return "".join(lines).encode()
+        parts += [b"\x00\x04", _field(str(random_uuids(1)[0]).encode()), shared[0], _field(payload), shared[1]]
+    parts.append(BINARY_TRAILER)
+    return b"".join(parts)

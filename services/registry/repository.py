@@ -84,14 +84,17 @@ async def _bulk_upsert(
     )
 
 
-async def copy_text(session: AsyncSession, table: str, columns: Sequence[str], data: bytes) -> None:
-    """``COPY table (columns) FROM STDIN`` of ready text-format lines, in the session's transaction (PostgreSQL).
-    A key already there (a writer got in between the caller's check and this) is a :class:`Conflict`."""
+async def copy_text(
+    session: AsyncSession, table: str, columns: Sequence[str], data: bytes, *, binary: bool = False
+) -> None:
+    """``COPY table (columns) FROM STDIN`` of ready text-format lines (or a ``binary`` COPY's data), in the
+    session's transaction (PostgreSQL). A key already there (a writer got in between the caller's check and
+    this) is a :class:`Conflict`."""
     if not data:
         return
     raw = await _driver(session)
     try:
-        await raw.copy_to_table(table, source=_once(data), columns=list(columns), format="text")
+        await raw.copy_to_table(table, source=_once(data), columns=list(columns), format="binary" if binary else "text")
     except asyncpg.UniqueViolationError:
         raise Conflict(f"{table}: a row of this batch was written meanwhile") from None
 
@@ -204,11 +207,11 @@ class ResidentRepository:
 
     async def copy_new(self, residents: bytes, coupons: bytes, history: bytes, events: bytes) -> None:
         """Residents seen for the first time, with their coupons, first history entries and coupon events, as
-        prepared COPY lines (:mod:`services.registry.bulk`); no staging table, no upsert."""
+        prepared COPY lines (the events' in binary) (:mod:`services.registry.bulk`); no staging table, no upsert."""
         await copy_text(self.session, _residents.name, bulk.RESIDENT_COLUMNS, residents)
         await copy_text(self.session, _coupons.name, bulk.COUPON_COLUMNS, coupons)
         await copy_text(self.session, _history.name, bulk.HISTORY_COLUMNS, history)
-        await copy_text(self.session, outbox.name, bulk.OUTBOX_COLUMNS, events)
+        await copy_text(self.session, outbox.name, bulk.OUTBOX_COLUMNS, events, binary=True)
 
     async def present(self, municipality_code: str, resident_ids: Sequence[str]) -> set[str]:
         """Those of ``resident_ids`` registered here and not moved out."""

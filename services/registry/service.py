@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.registry.bulk import PreparedChunk, outbox_lines
+from services.registry.bulk import PreparedChunk, outbox_copy
 from services.registry.crypto import MyNumberVault
 from services.registry.models import Coupon, Resident
 from services.registry.repository import CouponRepository, DirectoryRepository, ResidentRepository
@@ -547,7 +547,7 @@ async def import_prepared(
             chunk.residents.take(fresh),
             chunk.coupon_lines.take(fresh),
             chunk.history.take(fresh),
-            outbox_lines(municipality_code, chunk.outbox.pieces(fresh), chunk.now),
+            outbox_copy(municipality_code, chunk.outbox.pieces(fresh), chunk.now),
         )
         await DirectoryRepository(main).copy_new(chunk.directory.take(fresh))
         ok, changed = ok + len(fresh), changed + len(fresh)

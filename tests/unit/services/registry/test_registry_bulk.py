@@ -4,16 +4,18 @@ new resident: the same history entry, the same coupon.issued event, a sealed My 
 from __future__ import annotations
 
 import json
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 
 from services.registry.bulk import (
+    BINARY_HEADER,
+    BINARY_TRAILER,
     COUPON_COLUMNS,
     DIRECTORY_COLUMNS,
     HISTORY_COLUMNS,
     RESIDENT_COLUMNS,
     ChunkJob,
     Lines,
-    outbox_lines,
+    outbox_copy,
     prepare,
 )
 from services.registry.crypto import MyNumberVault
@@ -111,13 +113,24 @@ def test_outbox_rows_carry_a_thousand_events_each() -> None:
     vault = MyNumberVault(RegistrySettings())
     rows = [(f"R{i}", "名", "メイ", "", "1", "", "", f"{i + 1:010d}") for i in range(2500)]
     out = prepare(job(*rows), vault)
-    lines = rows_of(
-        outbox_lines("131016", out.outbox.pieces(range(2500)), NOW.isoformat()), ("id", "key", "payload", "at")
-    )
-    batches = [coupon_events_from_bytes(bytes.fromhex(str(line["payload"])[2:])) for line in lines]
+    data = outbox_copy("131016", out.outbox.pieces(range(2500)), NOW.isoformat())
+    assert data.startswith(BINARY_HEADER) and data.endswith(BINARY_TRAILER)
+    body, lines = data[len(BINARY_HEADER) : -len(BINARY_TRAILER)], []
+    while body:  # each tuple: its field count, then each field's length and bytes
+        assert int.from_bytes(body[:2], "big") == 4
+        body, fields = body[2:], []
+        for _ in range(4):
+            size = int.from_bytes(body[:4], "big")
+            fields.append(body[4 : 4 + size])
+            body = body[4 + size :]
+        lines.append(fields)
+    batches = [coupon_events_from_bytes(payload) for _, _, payload, _ in lines]
     assert [len(b) for b in batches] == [1000, 1000, 500]
     assert [e.coupon_number for b in batches for e in b] == [f"{i + 1:010d}" for i in range(2500)]
-    assert len({line["id"] for line in lines}) == 3
+    assert len({event_id for event_id, *_ in lines}) == 3 and {key for _, key, *_ in lines} == {b"131016"}
+    microseconds = {int.from_bytes(at, "big") for *_, at in lines}
+    assert microseconds == {(NOW - datetime(2000, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)}
+    assert outbox_copy("131016", [], NOW.isoformat()) == b""
 
 
 def test_keys_only_and_taking_rows() -> None:
