@@ -316,6 +316,9 @@ class ResidentImporter:
                 await ahead.put((rows, position, loop.run_in_executor(pool, bulk.prepare_in_worker, job)))
 
         reading = asyncio.create_task(read())
+        # The chunk being written: the next one's repeats are checked meanwhile (this process's CPU beside
+        # PostgreSQL's); chunks are still written one after the other, in file order.
+        writing: asyncio.Task[None] | None = None
         try:
             while True:
                 getting = asyncio.ensure_future(ahead.get())
@@ -325,14 +328,26 @@ class ResidentImporter:
                     try:
                         reading.result()
                     except CsvFileError as exc:
+                        if writing is not None:
+                            await writing
                         return str(exc)
                     continue  # the reader ended normally; its last item is in the queue
                 item = getting.result()
                 if item is None:
+                    if writing is not None:
+                        await writing
                     return None
                 rows, position, prepared = item
-                await self._write(entry, self._sorted(rows, await prepared, repeats), bytes_done=position)
+                chunk = self._sorted(rows, await prepared, repeats)
+                if writing is not None:
+                    await writing
+                writing = asyncio.create_task(self._write(entry, chunk, bytes_done=position))
         finally:
+            if writing is not None and not writing.done():
+                writing.cancel()
+                await asyncio.wait([writing])
+            if writing is not None and not writing.cancelled():
+                writing.exception()  # retrieved: an error of a write was raised above, or is moot after one
             reading.cancel()
             await asyncio.wait([reading])
             if not reading.cancelled() and not isinstance(reading.exception(), CsvFileError | None):

@@ -7,6 +7,7 @@ Registry never calls records to tell it anything; it only reads from records on 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from collections.abc import Callable, Mapping, Sequence
@@ -543,13 +544,21 @@ async def import_prepared(
         )
         ok, changed, errors = result.ok, result.changed, errors + result.errors
     if fresh:
-        await ResidentRepository(shard).copy_new(
-            chunk.residents.take(fresh),
-            chunk.coupon_lines.take(fresh),
-            chunk.history.take(fresh),
-            outbox_copy(municipality_code, chunk.outbox.pieces(fresh), chunk.now),
+        # Two connections, two PostgreSQL backends: the directory's COPY runs beside the shard's four. Both
+        # end before a failure of either is raised (the caller then rolls both sessions back).
+        done = await asyncio.gather(
+            ResidentRepository(shard).copy_new(
+                chunk.residents.take(fresh),
+                chunk.coupon_lines.take(fresh),
+                chunk.history.take(fresh),
+                outbox_copy(municipality_code, chunk.outbox.pieces(fresh), chunk.now),
+            ),
+            DirectoryRepository(main).copy_new(chunk.directory.take(fresh)),
+            return_exceptions=True,
         )
-        await DirectoryRepository(main).copy_new(chunk.directory.take(fresh))
+        for failed in done:
+            if isinstance(failed, BaseException):
+                raise failed
         ok, changed = ok + len(fresh), changed + len(fresh)
     return BatchResult(ok=ok, errors=sorted(errors, key=lambda e: e[0]), changed=changed)
 
