@@ -20,7 +20,7 @@ from json.encoder import encode_basestring
 from services.registry.crypto import MyNumberVault, VaultKeys
 from shared.domain.csv_stream import Parsed, RowError
 from shared.domain.resident_csv import RawRow, ResidentRow, RowKeys, check_row
-from shared.ids import random_uuids
+from shared.ids import random_uuid_strings
 
 # Column lists of the COPYs, in the order the lines below write them.
 RESIDENT_COLUMNS = (
@@ -150,8 +150,7 @@ def prepare(job: ChunkJob, vault: MyNumberVault) -> PreparedChunk:
     )
     key_id = vault.active_key
     occurred = now.replace("+00:00", "Z")
-    ids = random_uuids(sum(1 for _, r in good if r.coupon_number is not None))
-    next_id = iter(ids).__next__
+    next_id = iter(random_uuid_strings(sum(1 for _, r in good if r.coupon_number is not None))).__next__
     changed_by = text(job.changed_by)
     for i, row in good:
         rid, coupon = row.resident_id, row.coupon_number
@@ -174,9 +173,10 @@ def prepare(job: ChunkJob, vault: MyNumberVault) -> PreparedChunk:
             ciphertext, keyed_hash = next(sealed)
             last4 = row.my_number[-4:]
             changes += f',"my_number":{{"changed":true,"last4":"{last4}"}}'
-            mn = f"{key_id}\t{blob(ciphertext)}\t{blob(keyed_hash)}\t{last4}"
+            hashed = blob(keyed_hash)
+            mn = f"{key_id}\t{blob(ciphertext)}\t{hashed}\t{last4}"
             out.hashes[i] = keyed_hash
-            directory[i] = f"{blob(keyed_hash)}\t{code}\t{rid}\t{now}\n"
+            directory[i] = f"{hashed}\t{code}\t{rid}\t{now}\n"
         else:
             mn = f"{NULL}\t{NULL}\t{NULL}\t{NULL}"
         out.resident_ids[i] = rid
@@ -188,7 +188,7 @@ def prepare(job: ChunkJob, vault: MyNumberVault) -> PreparedChunk:
         if coupon is not None:
             out.coupons[i] = coupon
             coupons[i] = f"{code}\t{coupon}\t{rid}\t{sex}\t{born or NULL}\t1\t{now}\t{now}\n"
-            event_id = str(next_id())
+            event_id = next_id()
             birth = f'"{born}"' if born is not None else "null"
             # CouponEvent.to_bytes() of a coupon.issued, version 1 (tests/unit/services/registry compares them).
             payload = (
@@ -228,6 +228,6 @@ def outbox_copy(municipality_code: str, events: list[bytes], now: str) -> bytes:
     parts = [BINARY_HEADER]
     for start in range(0, len(events), EVENTS_PER_MESSAGE):
         payload = b"[" + b",".join(events[start : start + EVENTS_PER_MESSAGE]) + b"]"
-        parts += [b"\x00\x04", _field(str(random_uuids(1)[0]).encode()), shared[0], _field(payload), shared[1]]
+        parts += [b"\x00\x04", _field(random_uuid_strings(1)[0].encode()), shared[0], _field(payload), shared[1]]
     parts.append(BINARY_TRAILER)
     return b"".join(parts)
