@@ -165,7 +165,9 @@ class Load:
             i += 1
 
 
-async def test_a_municipality_moves_to_another_shard_under_load_losing_and_doubling_nothing(stack: Stack) -> None:
+async def test_a_municipality_moves_to_another_shard_under_load_losing_and_doubling_nothing(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
     # Two municipalities on different shards, in both services.
     assert {c: await stack.registry.databases.shard_of(c) for c in (CHIYODA, SAPPORO)} == {CHIYODA: "s0", SAPPORO: "s1"}
     assert {c: await stack.records_dbs.shard_of(c) for c in (CHIYODA, SAPPORO)} == {CHIYODA: "s0", SAPPORO: "s1"}
@@ -178,7 +180,9 @@ async def test_a_municipality_moves_to_another_shard_under_load_losing_and_doubl
     ]
     await asyncio.sleep(1.0)
     lines: list[str] = []
-    moves = await move_municipality(stack.movers, CHIYODA, "s1", grace_seconds=2.5, progress=lines.append)
+    with caplog.at_level(logging.INFO, logger="shared.shardmove"):
+        moves = await move_municipality(stack.movers, CHIYODA, "s1", grace_seconds=2.5, progress=lines.append)
+    caught_up = [r.getMessage() for r in caplog.records if r.getMessage().startswith("registry: residents of")]
     await asyncio.sleep(1.0)  # writes go on after the move, now to the new shard
     stop.set()
     await asyncio.gather(*writers)
@@ -209,6 +213,11 @@ async def test_a_municipality_moves_to_another_shard_under_load_losing_and_doubl
     for table in (Resident.__table__, Coupon.__table__, outbox):
         assert await rows(registry_dbs, "s0", table, CHIYODA) == 0
     assert await rows(registry_dbs, "s1", Coupon.__table__, CHIYODA) == len(residents)
+    # The writes during the pre-copy were recorded on s0 and carried by key; the recording ended with the move.
+    assert any("keys written since the pre-copy carried" in line for line in caught_up), caught_up
+    async with registry_dbs.shards["s0"].sessionmaker() as session:
+        for recorded in ("shard_captures", "shard_move_changes"):
+            assert (await session.execute(text(f"SELECT count(*) FROM {recorded}"))).scalar_one() == 0, recorded
 
     # records: every acknowledged dose exactly once on s1, with its key; nothing left on s0.
     doses = load.acknowledged[f"dose:{CHIYODA}"]
