@@ -219,8 +219,8 @@ def _field(value: bytes) -> bytes:
 def outbox_copy(municipality_code: str, events: list[bytes], now: str) -> bytes:
     """A binary ``COPY`` (``OUTBOX_COLUMNS``) of the outbox rows carrying ``events`` (JSON objects) as JSON
     arrays of up to :data:`EVENTS_PER_MESSAGE` (see :func:`shared.events.coupon_events_from_bytes`); empty
-    without events. Binary because a payload is ~330 kB: as text, its hex form took PostgreSQL ~2.5 µs per
-    event to parse, as much as a whole table's row."""
+    without events. Binary because a payload is ~330 kB: as hex text it cost PostgreSQL 2.9 µs of CPU per
+    event, as much as a whole table's row; binary, 0.7–0.9 µs."""
     if not events:
         return b""
     micros = (datetime.fromisoformat(now) - _PG_EPOCH) // timedelta(microseconds=1)
