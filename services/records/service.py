@@ -187,11 +187,11 @@ async def record_doses(
     for item in admissible:
         by_shard[shards[item.coupon.municipality_code]].append(item)
     now = utcnow()
+    scope = principal.scope_key  # a property: built once here, not once per item
     # Keys are the caller's, not a shard's: claimed once in the main database, whatever the coupon.
     claims = await ClaimRepository(uow.databases.main).claim(
         [
-            {"scope": principal.scope_key, "key": item.sub.key, "request_hash": item.hash, "shard": shard}
-            | {"created_at": now}
+            {"scope": scope, "key": item.sub.key, "request_hash": item.hash, "shard": shard} | {"created_at": now}
             for shard, items in by_shard.items()
             for item in items
         ]
@@ -261,9 +261,8 @@ async def _try_record(
     now: datetime,
 ) -> bool:
     """Read, decide and write once; False when what was read changed before the write (nothing stored)."""
-    stored, holders, on_file_rows = await doses.on_file(
-        principal.scope_key, [item.sub.key for item in items], coupon_keys
-    )
+    scope = principal.scope_key
+    stored, holders, on_file_rows = await doses.on_file(scope, [item.sub.key for item in items], coupon_keys)
     # Answer repeats first: a retry must not change anything.
     fresh = []
     for item in items:
@@ -308,9 +307,7 @@ async def _try_record(
             )
             status = decide_status(findings, matched=holder is not None)
             dose_id = next(ids)
-            row = _new_dose(
-                item, holder, status, findings, dose_id=str(dose_id), rules=rules, by=principal.scope_key, now=now
-            )
+            row = _new_dose(item, holder, status, findings, dose_id=str(dose_id), rules=rules, by=scope, now=now)
             dose_ids.append(dose_id)
             dose_rows.append(row)
             earlier.append(  # a batch may carry dose 1 and dose 2 of one person
@@ -329,7 +326,7 @@ async def _try_record(
         answers.append((item, accepted))
         key_rows.append(
             {
-                "scope": principal.scope_key,
+                "scope": scope,
                 "key": item.sub.key,
                 "request_hash": item.hash,
                 "dose_id": accepted.dose_id,
