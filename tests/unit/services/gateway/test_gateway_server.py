@@ -1,8 +1,10 @@
-"""The gateway's uvicorn protocol: every response leaves in one write, and HTTP/1.1 behaves as before."""
+"""The gateway's uvicorn protocol: every response leaves in one write, proxied requests skip ASGI, and HTTP/1.1
+(keep-alive, pipelining, HEAD, Connection: close, errors) behaves as before."""
 
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -10,7 +12,9 @@ from starlette.types import Receive, Scope, Send
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
+from services.gateway.router import FastPath
 from services.gateway.server import UVICORN_OPTIONS, GatewayHttpProtocol
+from services.gateway.service import Outcome
 
 
 class FakeTransport:
@@ -57,9 +61,12 @@ async def fails_after_start(scope: Scope, receive: Receive, send: Send) -> None:
     raise RuntimeError("boom")
 
 
-async def serve(app: Any, data: bytes, *, wait: int = 1) -> FakeTransport:
-    config = Config(app=app, lifespan="off", log_level="critical")
-    protocol = GatewayHttpProtocol(config=config, server_state=ServerState(), app_state={})
+async def serve(app: Any, data: bytes, *, wait: int = 1, proxy_headers: bool = False) -> FakeTransport:
+    # As the gateway runs: --no-proxy-headers.
+    config = Config(app=app, lifespan="off", log_level="critical", proxy_headers=proxy_headers)
+    state = ServerState()
+    state.default_headers = [(b"date", b"Thu, 26 Nov 2026 00:00:00 GMT"), (b"server", b"uvicorn")]  # the server's
+    protocol = GatewayHttpProtocol(config=config, server_state=state, app_state={})
     transport = FakeTransport()
     protocol.connection_made(transport)  # type: ignore[arg-type]
     protocol.data_received(data)
@@ -117,3 +124,67 @@ async def test_a_failure_after_the_start_is_a_whole_500_not_a_cut_answer() -> No
 def test_the_gateway_runs_with_its_protocol_and_trusts_no_forwarded_headers(option: str) -> None:
     assert UVICORN_OPTIONS[UVICORN_OPTIONS.index("--http") + 1] == "services.gateway.server:GatewayHttpProtocol"
     assert option in UVICORN_OPTIONS
+
+
+class StubGateway:
+    """Answers like the gateway's pipeline does, echoing what it was given."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+
+    async def handle(self, request: Any, *, read_body: Any) -> Outcome:
+        body = await read_body(1024)
+        self.bodies.append(body)
+        if request.path == "/boom":
+            raise RuntimeError("secret detail")
+        answer = b'{"path":"' + request.path.encode() + b'"}'
+        return Outcome(None, 201 if body else 200, [(b"Content-Type", b"application/json")], answer)
+
+
+class GatewayLikeApp:
+    """The shape the protocol looks for: ``fast_path``, and the gateway on ``state``; own paths through ASGI."""
+
+    def __init__(self) -> None:
+        self.state = SimpleNamespace(gateway=StubGateway())
+        self.fast_path = FastPath(own_paths=frozenset({"/healthz"}))
+        self.asgi_calls = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.asgi_calls += 1
+        await whole(scope, receive, send)
+
+
+async def test_proxied_requests_are_answered_without_asgi_in_one_write() -> None:
+    app = GatewayLikeApp()
+    post = b'POST /api/v1/doses HTTP/1.1\r\nHost: x\r\nContent-Length: 7\r\nX-Request-ID: r-1\r\n\r\n{"a":1}'
+    transport = await serve(app, GET + post + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", wait=3)
+    assert app.asgi_calls == 1  # /healthz only
+    assert app.state.gateway.bodies == [b"", b'{"a":1}']
+    first, second, third = transport.writes
+    assert first.startswith(b"HTTP/1.1 200 OK\r\n") and first.endswith(b'\r\n\r\n{"path":"/a"}')
+    assert b"content-type: application/json\r\n" in first and b"content-length: 13\r\n" in first
+    assert b"\r\ndate: Thu, 26 Nov 2026 00:00:00 GMT\r\nserver: uvicorn\r\n" in first and b"x-request-id: " in first
+    assert second.startswith(b"HTTP/1.1 201 Created\r\n") and b"x-request-id: r-1\r\n" in second
+    assert second.endswith(b'{"path":"/api/v1/doses"}') and third.endswith(b'"path":"/healthz"}')
+    assert not transport.closed
+
+
+async def test_a_proxied_head_gets_no_body_and_close_closes() -> None:
+    app = GatewayLikeApp()
+    transport = await serve(app, b"HEAD /a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert len(transport.writes) == 1 and transport.writes[0].endswith(b"connection: close\r\n\r\n")
+    assert b"content-length: 13\r\n" in transport.writes[0] and transport.closed
+
+
+async def test_a_proxied_request_that_fails_gets_the_generic_500() -> None:
+    transport = await serve(GatewayLikeApp(), b"GET /boom HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert transport.writes[0].startswith(b"HTTP/1.1 500 ")
+    assert transport.writes[0].endswith(b'\r\n\r\n{"error":"InternalError","detail":"internal error"}')
+    assert b"secret" not in transport.writes[0]
+
+
+async def test_an_app_wrapped_by_uvicorn_middleware_keeps_asgi() -> None:
+    """With uvicorn's proxy headers on, its middleware must see every request: no request skips it."""
+    app = GatewayLikeApp()
+    transport = await serve(app, GET, proxy_headers=True)
+    assert app.asgi_calls == 1 and transport.writes[0].endswith(b'"path":"/a"}')
