@@ -395,9 +395,10 @@ class _Work:
 
 async def _stored(pending: _Pending, put: Callable[[_Pending], None], timeout: float, late_outcome: int) -> int:
     """Hand ``pending`` over with ``put`` and wait for its seq, at most ``timeout`` seconds."""
-    loop = asyncio.get_running_loop()
     done = pending.done
     assert done is not None
+    # The future's loop: asyncio.get_running_loop() costs a getpid() system call on Python 3.11.
+    loop = done.get_loop()
     put(pending)
 
     def expire() -> None:
@@ -468,6 +469,7 @@ class AuditTrail:
         self._unsure_head: tuple[int, str] | None = None
         self._head: tuple[int, str] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._task_loop: asyncio.AbstractEventLoop | None = None
         self._idle = asyncio.Event()  # set while the writer waits for work with nothing left to retry
         self._postgres = databases.main.engine.dialect.name == "postgresql"
         self._connection: AsyncConnection | None = None
@@ -481,6 +483,7 @@ class AuditTrail:
     async def start(self) -> None:
         """Check the table still reaches the anchored head, then start the writer."""
         await self._load_head(check_anchor=True)
+        self._task_loop = asyncio.get_running_loop()
         self._task = asyncio.create_task(self._write_forever(), name=f"audit-writer-{self.instance}")
 
     async def stop(self, *, drain_seconds: float = 5.0) -> None:
@@ -538,6 +541,12 @@ class AuditTrail:
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        """The writer's loop, which every caller shares: asyncio.get_running_loop() costs a getpid() system call
+        on Python 3.11, and this runs several times for every audited request."""
+        loop = self._task_loop
+        return loop if loop is not None else asyncio.get_running_loop()
+
     def _running(self) -> None:
         if not self.running():
             raise AuditUnavailable("the audit writer is not running")
@@ -557,7 +566,7 @@ class AuditTrail:
         gets an outcome entry ``late_outcome`` (the caller refuses the request), so it does not read as
         forwarded."""
         self._running()
-        pending = _Pending(facts, asyncio.get_running_loop().create_future())
+        pending = _Pending(facts, self._loop().create_future())
         return await _stored(pending, self._put_own, self.timeout, late_outcome)
 
     def record(self, facts: AuditFacts) -> None:
@@ -580,7 +589,7 @@ class AuditTrail:
         the linger (it is not idle meanwhile)."""
         if not holding:
             self._idle.set()
-        loop = asyncio.get_running_loop()
+        loop = self._loop()
         wakeup = self._wakeup = loop.create_future()
         timer = loop.call_later(self._linger, self._wake) if holding else None
         if holding:
@@ -766,7 +775,7 @@ class AuditChains:
     async def append(self, facts: AuditFacts, *, late_outcome: int = 503) -> tuple[AuditTrail, int]:
         """Store ``facts`` in whichever chain is free first: (that chain, the seq). See :meth:`AuditTrail.append`."""
         self._running()
-        pending = _Pending(facts, asyncio.get_running_loop().create_future())
+        pending = _Pending(facts, self.trails[0]._loop().create_future())
         seq = await _stored(pending, self._work.put, self._timeout, late_outcome)
         assert pending.stored_by is not None
         return pending.stored_by, seq
