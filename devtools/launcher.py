@@ -20,9 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from devtools.stack import BY_NAME, PORTS, SERVICES, TOPICS, migrate_all, postgres_databases, postgres_env, wiring_env
+from services.gateway.server import UVICORN_OPTIONS as GATEWAY_UVICORN_OPTIONS
 
 # Fixed ports for `make run-full`, so that a restart finds the same servers and data.
 FULL_POSTGRES_PORT = 55432
+# uvicorn's HTTP protocol options of a service, when not plain httptools (services/gateway/server.py).
+SERVER_OPTIONS = {"gateway": GATEWAY_UVICORN_OPTIONS}
 FULL_KAFKA_PORT = 59092
 FULL_KAFKA_CONTROLLER_PORT = 59093
 
@@ -80,8 +83,7 @@ class Stack:
                 str(self.ports[name]),
                 "--loop",
                 "uvloop",
-                "--http",
-                "httptools",
+                *SERVER_OPTIONS.get(name, ["--http", "httptools"]),
                 "--no-access-log",
                 "--timeout-graceful-shutdown",
                 "10",

@@ -60,6 +60,7 @@ from devtools.bench.core import CpuMeter, children_of, wait_quiet
 from devtools.harness import free_port
 from devtools.harness.postgres import PostgresServer
 from devtools.tokens import bearer_headers, dev_gateway_issuer
+from services.gateway.server import UVICORN_OPTIONS
 from shared.auth import Principal, Role
 from shared.db import Database
 from shared.migrations import SERVICES_DIR, upgrade
@@ -102,12 +103,18 @@ def upstream_app() -> FastAPI:
 
 @contextlib.contextmanager
 def uvicorn_process(
-    target: str, port: int, env: dict[str, str], *, workers: int = 1, cwd: Path | None = None
+    target: str,
+    port: int,
+    env: dict[str, str],
+    *,
+    workers: int = 1,
+    cwd: Path | None = None,
+    options: tuple[str, ...] = ("--http", "httptools"),
 ) -> Iterator[subprocess.Popen[bytes]]:
     process = subprocess.Popen(
         [
             sys.executable, "-m", "uvicorn", target, "--factory", "--host", "127.0.0.1", "--port", str(port),
-            "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning",
+            "--loop", "uvloop", *options, "--no-access-log", "--log-level", "warning",
             "--workers", str(workers),
         ],
         env=env,
@@ -119,6 +126,14 @@ def uvicorn_process(
     finally:
         process.terminate()
         process.wait(timeout=15)
+
+
+def gateway_options(src: Path | None) -> tuple[str, ...]:
+    """uvicorn's options for the gateway as deployed (``services/gateway/server.py``), or plain httptools for an
+    older checkout (``--gateway-src``) that has no such protocol."""
+    if (src or Path(__file__).resolve().parents[2]).joinpath("services", "gateway", "server.py").exists():
+        return tuple(UVICORN_OPTIONS)
+    return ("--http", "httptools")
 
 
 def _wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
@@ -567,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
                     gateway_env,
                     workers=args.gateway_workers,
                     cwd=args.gateway_src,
+                    options=gateway_options(args.gateway_src),
                 ) as gateway_proc,
             ):
                 gateways[gateway] = gateway_proc
@@ -602,6 +618,7 @@ def main(argv: list[str] | None = None) -> int:
                     {**gateway_env, "VRS_GATEWAY_RECORDS_URL": records},
                     workers=args.gateway_workers,
                     cwd=args.gateway_src,
+                    options=gateway_options(args.gateway_src),
                 ) as records_gateway_proc,
             ):
                 gateways[records_gateway] = records_gateway_proc

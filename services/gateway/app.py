@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import cast
@@ -132,8 +133,14 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 ),
                 local={"/api/v1/municipalities/{code}/audit": audit_reader(app.state.databases)},
             )
+            # What is built by now lives as long as the process (the services' code and schemas, imported for
+            # the OpenAPI document: ~170,000 objects): out of the cyclic collector's way. A full collection of them
+            # took 40-90 ms on this machine, a pause that every request in flight would wait out.
+            gc.collect()
+            gc.freeze()
             yield
         finally:
+            gc.unfreeze()
             await app.state.audit.stop()
             await source.stop()
             await app.state.transport.close()

@@ -214,8 +214,23 @@ class PolicyTable:
         """The rule for ``method path`` (a percent-decoded path without query), or None."""
         if not path.startswith("/"):
             return None
-        values: list[str] = []
-        found = _walk(self._root, path[1:].split("/"), 0, method, values)
+        segments = path[1:].split("/")
+        # First the walk's own first try — a literal where there is one, else the parameter — without recursion
+        # (this runs for every request); the full walk with its back-offs only if that try leads nowhere.
+        node, values = self._root, []
+        for segment in segments:
+            child = node.literals.get(segment)
+            if child is None:
+                if node.param is None or segment in ("", ".", ".."):
+                    break
+                values.append(segment)
+                child = node.param
+            node = child
+        else:
+            if (rule := node.by_method.get(method)) is not None:
+                return Match(rule, dict(zip(rule.params, values, strict=True)))
+        values = []
+        found = _walk(self._root, segments, 0, method, values)
         if found is None:
             return None
         return Match(found, dict(zip(found.params, values, strict=True)))

@@ -172,6 +172,7 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # set by the pool: get_running_loop() costs a getpid()
         self.closed = False
         self.idle_since = 0.0
         self._parser = httptools.HttpResponseParser(self)
@@ -293,15 +294,15 @@ class RawTransport:
         host, port, tls, _ = self._origin(origin)
         if tls and self._ssl is None:
             self._ssl = ssl.create_default_context()
+        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout):
-                _, conn = await asyncio.get_running_loop().create_connection(
-                    _Connection, host, port, ssl=self._ssl if tls else None
-                )
+                _, conn = await loop.create_connection(_Connection, host, port, ssl=self._ssl if tls else None)
         except TimeoutError:
             raise UpstreamUnreachable("connect timeout") from None
         except OSError as exc:
             raise UpstreamUnreachable(f"{type(exc).__name__}: {exc}") from None
+        conn.loop = loop
         self._open.add(conn)
         return conn
 
@@ -324,9 +325,8 @@ class RawTransport:
         async with slots:
             conn = await self._acquire(origin)
             try:
-                response = await conn.exchange(
-                    request, asyncio.get_running_loop(), self._timeout, head=method == "HEAD"
-                )
+                assert conn.loop is not None
+                response = await conn.exchange(request, conn.loop, self._timeout, head=method == "HEAD")
             except BaseException:
                 conn.close()
                 self._open.discard(conn)

@@ -31,11 +31,11 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from services.gateway.audit import entries_of_municipality
 from services.gateway.policy import Match
-from services.gateway.proxy import FORWARDED_REQUEST_HEADERS
+from services.gateway.proxy import FORWARDED_REQUEST_HEADERS, RawHeaders
 from services.gateway.service import Gateway, Inbound, Outcome, error_outcome
 from shared.auth import Principal
 from shared.db import Databases
@@ -109,39 +109,49 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+Answer = tuple[int, RawHeaders, bytes]  # status, headers (``X-Request-ID`` included, no length), body
+
+
+async def proxy_answer(scope: Scope, receive: Receive) -> Answer | None:
+    """The gateway's answer to one request (None: the caller left while sending its body)."""
+    gateway: Gateway = scope["app"].state.gateway
+    try:
+        request = inbound(scope)
+    except VRSError as err:
+        return _answer(error_outcome(None, err), new_request_id())
+
+    async def read_body(limit: int) -> bytes:
+        return await _read_body(receive, limit)
+
+    token = REQUEST_ID.set(request.headers["x-request-id"])
+    try:
+        outcome = await gateway.handle(request, read_body=read_body)
+    except ClientDisconnected:
+        return None
+    finally:
+        REQUEST_ID.reset(token)
+    if outcome.match is not None:
+        # Metrics are labelled by ``scope["route"].path``: the rule's template, never a resident id.
+        scope["route"] = outcome.match.rule
+    return _answer(outcome, request.headers["x-request-id"])
+
+
+def _answer(outcome: Outcome, request_id: str) -> Answer:
+    return outcome.status, [*outcome.headers, (b"x-request-id", request_id.encode())], outcome.body
+
+
+async def _respond(send: Send, answer: Answer) -> None:
+    status, headers, body = answer
+    headers = [*headers, (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 class ProxyEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        gateway: Gateway = scope["app"].state.gateway
-        try:
-            request = inbound(scope)
-        except VRSError as err:
-            await _respond(send, error_outcome(None, err), new_request_id())
-            return
-
-        async def read_body(limit: int) -> bytes:
-            return await _read_body(receive, limit)
-
-        token = REQUEST_ID.set(request.headers["x-request-id"])
-        try:
-            outcome = await gateway.handle(request, read_body=read_body)
-        except ClientDisconnected:
-            return
-        finally:
-            REQUEST_ID.reset(token)
-        if outcome.match is not None:
-            # Metrics are labelled by ``scope["route"].path``: the rule's template, never a resident id.
-            scope["route"] = outcome.match.rule
-        await _respond(send, outcome, request.headers["x-request-id"])
-
-
-async def _respond(send: Send, outcome: Outcome, request_id: str) -> None:
-    headers = [
-        *outcome.headers,
-        (b"content-length", str(len(outcome.body)).encode()),
-        (b"x-request-id", request_id.encode()),
-    ]
-    await send({"type": "http.response.start", "status": outcome.status, "headers": headers})
-    await send({"type": "http.response.body", "body": outcome.body})
+        answer = await proxy_answer(scope, receive)
+        if answer is not None:
+            await _respond(send, answer)
 
 
 def _instant(name: str, value: str | None, *, end: bool) -> datetime | None:
@@ -184,12 +194,12 @@ _INTERNAL_ERROR = b'{"error":"InternalError","detail":"internal error"}'
 
 
 class FastPath:
-    """What the gateway app does first with a request: a proxied one goes straight to :class:`ProxyEndpoint`
-    (:meth:`serves` says which); the gateway's own paths are left to the app's stack."""
+    """What the gateway app does first with a request: a proxied one goes straight to :func:`proxy_answer`
+    (:meth:`serves` says which); the gateway's own paths are left to the app's stack. :meth:`answer` is also what
+    the gateway's HTTP protocol calls without ASGI (``services.gateway.server``)."""
 
     def __init__(self, *, own_paths: frozenset[str], service: str = "gateway") -> None:
         self._own = own_paths
-        self._endpoint = ProxyEndpoint()
         self._service = service
         # Prometheus' ``labels()`` looks its child up under a lock each time: keep the children.
         self._counters: dict[tuple[str, str, int], Any] = {}
@@ -198,37 +208,36 @@ class FastPath:
     def serves(self, scope: Scope) -> bool:
         return scope["type"] == "http" and scope["path"] not in self._own
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def answer(self, scope: Scope, receive: Receive) -> Answer | None:
+        """The answer to a proxied request (None if the caller left), counted and timed; an unexpected error is a
+        generic 500."""
         start = perf_counter()
-        status = 0
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        status = 500
         try:
-            await self._endpoint(scope, receive, send_status)
+            answer = await proxy_answer(scope, receive)
+            if answer is not None:
+                status = answer[0]
+            return answer
         except Exception:
             log.exception("unexpected error in the gateway")
-            if not status:
-                status = 500
-                headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(_INTERNAL_ERROR))]
-                await send({"type": "http.response.start", "status": 500, "headers": headers})
-                await send({"type": "http.response.body", "body": _INTERNAL_ERROR})
+            return 500, [(b"content-type", b"application/json")], _INTERNAL_ERROR
         finally:
             route = str(getattr(scope.get("route"), "path", "unmatched"))
             method = scope["method"]
-            key = (method, route, status or 500)
+            key = (method, route, status)
             counter = self._counters.get(key)
             if counter is None:
-                counter = self._counters[key] = REQUESTS.labels(self._service, method, route, str(status or 500))
+                counter = self._counters[key] = REQUESTS.labels(self._service, method, route, str(status))
             counter.inc()
             timer = self._timers.get(key[:2])
             if timer is None:
                 timer = self._timers[key[:2]] = LATENCY.labels(self._service, method, route)
             timer.observe(perf_counter() - start)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        answer = await self.answer(scope, receive)
+        if answer is not None:
+            await _respond(send, answer)
 
 
 router = APIRouter()

@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from services.gateway.audit import (
     DEFAULT_LEGAL_BASIS,
@@ -184,7 +184,7 @@ class Gateway:
             # The service has acted (or failed): its answer goes out whatever happens to the audit database
             # now — the writer retries the outcome entry until it is stored, nobody waits for it.
             try:
-                chain.record(replace(intent, outcome=outcome.status, intent_seq=intent_seq))
+                chain.record(intent.with_outcome(outcome.status, intent_seq))
             except AuditUnavailable as exc:
                 log.error("audit outcome of intent %d not written: %s", intent_seq, exc)
         return outcome

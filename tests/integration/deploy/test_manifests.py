@@ -226,7 +226,7 @@ def test_prod_is_replicated_and_backed_up(rendered: dict[str, str]) -> None:
 
 
 def test_every_command_is_one_the_image_has(rendered: dict[str, str]) -> None:
-    """`vrs …` commands parse (a worker the code lacks is an argparse error); uvicorn targets import."""
+    """`vrs …` commands parse (a worker the code lacks is an argparse error); uvicorn targets and protocols import."""
     from shared.cli import build_parser
 
     commands = {
@@ -243,6 +243,13 @@ def test_every_command_is_one_the_image_has(rendered: dict[str, str]) -> None:
         else:
             module, factory = command[1].split(":")
             assert callable(getattr(importlib.import_module(module), factory)), command
+            # A protocol class of our own (the gateway's) imports too; otherwise it is one uvicorn names.
+            protocol = command[command.index("--http") + 1]
+            if ":" in protocol:
+                module, name = protocol.split(":")
+                assert isinstance(getattr(importlib.import_module(module), name), type), command
+            else:
+                assert protocol == "httptools", command
 
 
 RESTORE = ROOT / "deploy" / "restore"

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from services.gateway.audit import LegalBasis, canonical, entry_mac, legal_basis, redact_my_numbers
+from services.gateway.audit import (
+    AuditFacts,
+    LegalBasis,
+    _document,
+    _prepare,
+    canonical,
+    entry_mac,
+    legal_basis,
+    redact_my_numbers,
+)
 from shared.domain.codes import my_number_check_digit
 
 
@@ -92,3 +103,45 @@ def test_every_field_the_previous_mac_and_the_key_change_the_mac() -> None:
                "recorded_at": datetime(2026, 11, 24, tzinfo=UTC)}  # fmt: skip
     for name, value in changed.items():
         assert entry_mac(KEY, "0" * 64, {**FIELDS, name: value}) != base, name
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"outcome": None},  # an intent
+        {"intent_seq": 41, "outcome": 201},  # an outcome entry
+        {"caller_municipality": None, "institution": "1312345678", "municipality": None, "role": "institution"},
+        {"resource": '/a "quoted" \\ back\tslash\u0001\u2028', "principal": "医療機関-テスト"},
+        {"request_id": MY_NUMBER, "resource": f"/api/v1/municipalities/131016/residents/{MY_NUMBER}"},
+        {"municipality": "1234567", "institution": "12"},  # not codes: stored as null
+        {"principal": "a\x00b"},  # NUL: stored as U+FFFD
+    ],
+)
+def test_the_writers_document_is_the_canonical_form(changes: dict[str, object]) -> None:
+    """The PostgreSQL writer builds each entry's JSON from pieces prepared once per request; what it keys and
+    stores must be exactly :func:`canonical` of the entry as stored, or ``vrs audit verify`` would fail it."""
+    facts_fields = {k: v for k, v in {**FIELDS, **changes}.items() if k not in ("instance", "seq", "recorded_at")}
+    facts = AuditFacts(**{**facts_fields, "legal_basis": LegalBasis(facts_fields["legal_basis"])})  # type: ignore[arg-type]
+    redact: Callable[[str], str] = lambda text: redact_my_numbers(text).replace("\x00", "\ufffd")  # noqa: E731
+    prepared = _prepare(facts, redact)
+    stamp = "2026-11-24T01:02:03.456789Z"
+    document = _document(prepared, json.dumps("gw-1"), facts.intent_seq, facts.outcome, f'"{stamp}"', 7)
+    stored = {
+        **FIELDS,
+        **changes,
+        "request_id": prepared.request_id,
+        "principal": prepared.principal,
+        "resource": prepared.resource,
+        "caller_municipality": prepared.caller_municipality,
+        "institution": prepared.institution,
+        "municipality": prepared.municipality,
+    }
+    assert document + b"}" == canonical(stored)
+    assert MY_NUMBER not in document.decode() and "\x00" not in document.decode()
+    if "municipality" in changes and changes["municipality"] == "1234567":
+        assert stored["municipality"] is None and stored["institution"] is None
+    # The outcome entry of the same request shares the prepared pieces.
+    outcome = facts.with_outcome(200, 41)
+    assert outcome._prepared is prepared
+    assert (outcome.outcome, outcome.intent_seq, outcome.request_id) == (200, 41, facts.request_id)
