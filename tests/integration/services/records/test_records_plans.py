@@ -10,6 +10,7 @@ index, once per wanted key or coupon.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from collections.abc import Iterator
@@ -22,9 +23,19 @@ from services.records.models import CouponProjection
 from services.records.repository import _CLAIM_PG, _CLAIMED_PG, _ON_FILE_PG
 from services.records.service import Submission
 from shared.db import Databases, utcnow
-from tests.integration.services.records.records_support import CHIYODA, CLINIC, dose
+from tests.integration.services.records.records_support import CHIYODA, CLINIC, TREES, dose
 
 ROWS = 3000
+
+
+def _migration(name: str) -> Any:
+    """A shard migration of records, for a statement its function runs (explained here on its own)."""
+    path = TREES / "shard" / "versions" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -92,8 +103,8 @@ async def busy(databases: Databases, record: Any) -> Databases:
             f"'{{scope}}', ARRAY['{CHIYODA}'], ARRAY['0000000007'], ARRAY['k0000000007']", id="on-file",
         ),
         pytest.param(
-            "s0", "varchar[]", "SELECT count(*) FROM doses WHERE dose_id = ANY($1) AND NOT voided",
-            "ARRAY['x']", id="doses-seen",
+            "s0", "varchar[]", "SELECT " + _migration("20261126_01_seen_probes").PROBE_COUNT.replace("seen", "$1"),
+            "ARRAY['x']", id="write-check-doses-seen",
         ),
     ],
 )  # fmt: skip
