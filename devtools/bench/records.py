@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from devtools.harness import scratch_directory
+from devtools.stack import WORKERS
 
 if TYPE_CHECKING:
     pass
@@ -140,7 +141,8 @@ def render(report: Report, args: argparse.Namespace) -> str:
         "",
         f"VRS bench — PostgreSQL {report.postgres} (2 shards) + Kafka {report.kafka}, {cores} cores, "
         f"{args.concurrency} connections, {args.duration:.0f} s (+{args.warmup:.0f} s warm-up), "
-        f"records as {args.records_workers} process{'es' if args.records_workers > 1 else ''}",
+        f"records as {args.records_workers} process{'es' if args.records_workers > 1 else ''}, relays and consumers "
+        + ("as processes of their own" if args.worker_processes else "inside the services"),
         "",
         load_line("single dose POST via gateway", single),
         *details(single, report.single_cpu),
@@ -282,8 +284,10 @@ async def measure(system: System, args: argparse.Namespace, cleanup: contextlib.
             baseline_proc.terminate()
 
         prober = Prober(session, gateway, tag)
+        # A service's relay and consumer processes (production's layout) count as the service.
         vrs_groups: dict[str, Callable[[], list[int]]] = {
-            name: system.pids(name) for name in ("gateway", "records", "registry", "stats")
+            name: system.pids(name, *(worker for worker in WORKERS if worker.startswith(f"{name}-")))
+            for name in ("gateway", "records", "registry", "stats")
         }
         vrs_groups |= {"postgres": system.pg_pids, "kafka": system.kafka_pids, "bench(probes)": lambda: [os.getpid()]}
 
@@ -417,6 +421,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=int(env("VRS_BENCH_RECORDS_WORKERS", "2")),
         help="records' uvicorn worker processes (production runs 3 replicas; one process uses one core at most)",
     )
+    parser.add_argument(
+        "--worker-processes",
+        action="store_true",
+        help="relays and consumers as processes of their own, as production runs them (on 2 cores: fresher "
+        "statistics, fewer doses/s), not inside their services",
+    )
     parser.add_argument("--skip-baseline", action="store_true", help="measure VRS only")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, data)")
     parser.add_argument(
@@ -441,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
                 cleanup,
                 pg_settings=PG_STATEMENTS if args.pg_statements else None,
                 replicas={"records": args.records_workers},
+                workers=args.worker_processes,
             )
             report.postgres, report.kafka = server_versions(system)
             try:
