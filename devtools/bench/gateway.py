@@ -664,7 +664,9 @@ def main(argv: list[str] | None = None) -> int:
     by = dict(rows)
     print(f"audit entries written during the run: {audited_entries:,} (an intent and an outcome per dose or read)")
     for name, r in rows:
-        if r.audit.get("vrs_gateway_audit_batch_seconds_count"):
+        # Each uvicorn worker keeps its own counters and /metrics answers from whichever worker takes the
+        # connection: differences of two readings mean something with one worker only.
+        if args.gateway_workers == 1 and r.audit.get("vrs_gateway_audit_batch_seconds_count"):
             batches = r.audit["vrs_gateway_audit_batch_seconds_count"]
             print(
                 f"  audit writer, {name}: {r.audit['vrs_gateway_audit_entries_total'] / batches:.1f} entries a batch, "
