@@ -21,6 +21,7 @@ printed with everyone else's, so a generator that became the bottleneck shows. A
 numbers, not a test: every non-2xx answer is counted and printed, never dropped.
 
     python -m devtools.bench records [--duration 12] [--warmup 2] [--probes 200] [--csv-rows 20000] [--keep]
+        [--records-workers 2] [--worker-processes] [--pg-statements]
 """
 
 from __future__ import annotations
