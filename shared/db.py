@@ -224,13 +224,15 @@ class Databases:
 
     async def _read_map(self) -> None:
         """Read every assignment into the cache; callers arriving while a read is in flight wait for it."""
-        if self._map_read is None:
+        # A read left pending on another event loop (a closed one, in tests) is not waited for.
+        if self._map_read is None or self._map_read.get_loop() is not asyncio.get_running_loop():
             self._map_read = asyncio.ensure_future(self._read_whole_map())
             self._map_read.add_done_callback(self._map_read_done)
         await asyncio.shield(self._map_read)
 
     def _map_read_done(self, done: asyncio.Future[None]) -> None:
-        self._map_read = None
+        if self._map_read is done:
+            self._map_read = None
         if not done.cancelled():
             done.exception()  # retrieved: every waiter got it raised already
 
