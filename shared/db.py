@@ -196,31 +196,30 @@ class Databases:
     async def shards_of(self, municipality_codes: Iterable[str]) -> dict[str, str]:
         """:meth:`shard_of` for many: what the cache does not hold is read in one query (a batch of doses from
         a thousand municipalities costs one round trip, not one each)."""
-        now = time.monotonic()
-        found: dict[str, str] = {}
-        stale = []
-        for code in set(municipality_codes):
-            cached = self._cached(code, now)
-            if cached is not None:
-                found[code] = cached
-            else:
-                stale.append(code)
+        found, stale = self._from_cache(set(municipality_codes))
         if stale:
             # The whole map at once (a row per municipality that ever had a dose or a resident: 1,741 at most):
             # doses come from every municipality, so an entry read one by one was mostly stale again by the
             # next dose of its municipality (measured: a shard-map query for one single dose in five).
             await self._read_map()
-            now = time.monotonic()
-            unknown = []
-            for code in stale:
-                cached = self._cached(code, now)
-                if cached is not None:
-                    found[code] = cached
-                else:
-                    unknown.append(code)
+            read, unknown = self._from_cache(stale)
+            found |= read
             if unknown:  # not in the map yet (assigned now), or the read took longer than the TTL
                 found |= await self.current_shards(unknown)
         return found
+
+    def _from_cache(self, municipality_codes: Iterable[str]) -> tuple[dict[str, str], list[str]]:
+        """(the fresh cached shards of these codes, the codes without one)."""
+        now = time.monotonic()
+        found: dict[str, str] = {}
+        missing = []
+        for code in municipality_codes:
+            cached = self._cached(code, now)
+            if cached is not None:
+                found[code] = cached
+            else:
+                missing.append(code)
+        return found, missing
 
     async def _read_map(self) -> None:
         """Read every assignment into the cache; callers arriving while a read is in flight wait for it."""

@@ -483,6 +483,15 @@ def _renumbered(sql: str, n: int) -> str:
     return re.sub(r"\$1\b", f"${n}", sql)
 
 
+async def _copy_rows(t: MovableTable, src: Any, dst: Any, rows: str, code: str, path: str) -> None:
+    """Copy the source's rows ``SELECT … FROM {rows}`` (``t`` aliased ``t``; ``$1`` the code) to the target,
+    through a binary spool file at ``path``, in the table's copy order."""
+    cols = ", ".join(f't."{c}"' for c in t.columns)
+    order = f" ORDER BY {t.order_by}" if t.order_by else ""
+    await src.copy_from_query(f"SELECT {cols} FROM {rows}{order}", code, output=path, format="binary")
+    await dst.copy_to_table(t.name, source=path, columns=t.columns, format="binary")
+
+
 async def _replace_captured(
     t: MovableTable, code: str, src: Any, dst: Any, precopied: int, path: str
 ) -> tuple[int, int]:
@@ -515,11 +524,7 @@ async def _replace_captured(
     )
     deleted = int(status.split()[-1])
     if listed:
-        cols = ", ".join(f't."{c}"' for c in t.columns)
-        order = f" ORDER BY {t.order_by}" if t.order_by else ""
-        query = f"SELECT {cols} FROM {t.name} AS t, {changes} WHERE {where}{order}"
-        await src.copy_from_query(query, code, output=path, format="binary")
-        await dst.copy_to_table(t.name, source=path, columns=t.columns, format="binary")
+        await _copy_rows(t, src, dst, f"{t.name} AS t, {changes} WHERE {where}", code, path)
     arrived = await dst.fetchrow(
         f"SELECT count(*), coalesce(sum(hashtextextended({row}, 0)::numeric), 0)::text FROM {t.name} AS t, {join} "
         f"AND {_renumbered(t.where, len(arrays) + 1)}",
@@ -584,10 +589,7 @@ async def _replace_changed(
     listed = await src.fetch(f"SELECT {key_list}, hashtextextended({row}, 0) FROM {t.name} AS t WHERE {where}", code)
     join, arrays = _by_key(keys, listed)
     await dst.execute(f"DELETE FROM {t.name} AS t USING {join}", *arrays)
-    cols = ", ".join(f'"{c}"' for c in t.columns)
-    order = f" ORDER BY {t.order_by}" if t.order_by else ""
-    await src.copy_from_query(f"SELECT {cols} FROM {t.name} WHERE {where}{order}", code, output=path, format="binary")
-    await dst.copy_to_table(t.name, source=path, columns=t.columns, format="binary")
+    await _copy_rows(t, src, dst, f"{t.name} AS t WHERE {where}", code, path)
     arrived = await dst.fetchval(
         f"SELECT coalesce(sum(hashtextextended({row}, 0)::numeric), 0)::text FROM {t.name} AS t, {join}", *arrays
     )

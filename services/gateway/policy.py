@@ -221,7 +221,7 @@ class PolicyTable:
         for segment in segments:
             child = node.literals.get(segment)
             if child is None:
-                if node.param is None or segment in ("", ".", ".."):
+                if node.param is None or segment in _NOT_A_VALUE:
                     break
                 values.append(segment)
                 child = node.param
@@ -236,6 +236,10 @@ class PolicyTable:
         return Match(found, dict(zip(found.params, values, strict=True)))
 
 
+# Segments a path parameter never takes (an empty or dot segment is a path trick, not an id).
+_NOT_A_VALUE = frozenset({"", ".", ".."})
+
+
 def _walk(node: _Node, segments: list[str], i: int, method: str, values: list[str]) -> Rule | None:
     if i == len(segments):
         return node.by_method.get(method)
@@ -243,7 +247,7 @@ def _walk(node: _Node, segments: list[str], i: int, method: str, values: list[st
     child = node.literals.get(segment)
     if child is not None and (found := _walk(child, segments, i + 1, method, values)) is not None:
         return found
-    if node.param is not None and segment not in ("", ".", ".."):
+    if node.param is not None and segment not in _NOT_A_VALUE:
         values.append(segment)
         if (found := _walk(node.param, segments, i + 1, method, values)) is not None:
             return found

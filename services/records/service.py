@@ -355,7 +355,7 @@ async def _try_record(
         key_rows,
         dose_rows,
         [outbox_row(e) for e in events],
-        scope=principal.scope_key,
+        scope=scope,
         coupons=coupon_keys,
         seen=seen,
     )
