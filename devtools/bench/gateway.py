@@ -12,8 +12,9 @@ Two upstreams (``--upstream both``, the default):
   rows run at ``--rate`` or half of records' direct max, whichever is lower.
 
 Upstreams and gateways are uvicorn processes (uvloop, httptools) like ``vrs run``; the gateway runs in full:
-identity tokens verified (cached), the policy, the internal token, and the audit trail (an intent committed
-before forwarding, the outcome after; batched, anchored) on PostgreSQL started for the bench (``--audit-db
+identity tokens verified (cached), the policy, the internal token, and the audit trail (for the dose: an intent
+committed before forwarding, the outcome after; for the read: one entry committed before the answer goes out;
+batched, anchored) on PostgreSQL started for the bench (``--audit-db
 sqlite`` for SQLite) for personal-data routes. The load comes from this process over raw keep-alive connections:
 
 - **max rate**: closed loop, ``--connections`` connections, each sending again as soon as its answer is in;
@@ -662,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
         if r.statuses:
             print(f"  unexpected answers, {name}: " + ", ".join(f"{n:,} x {s}" for s, n in sorted(r.statuses.items())))
     by = dict(rows)
-    print(f"audit entries written during the run: {audited_entries:,} (an intent and an outcome per dose or read)")
+    print(f"audit entries written during the run: {audited_entries:,} (intent + outcome per dose, one per read)")
     for name, r in rows:
         # Each uvicorn worker keeps its own counters and /metrics answers from whichever worker takes the
         # connection: differences of two readings mean something with one worker only.

@@ -14,14 +14,23 @@ reaches the anchored head; removing a whole chain leaves an anchor without rows.
 file per instance (``VRS_GATEWAY_AUDIT_ANCHOR_DIR``); production mounts that directory from storage the
 database administrator cannot write (see README, "Audit trail").
 
-**Intent, then outcome**: a request that reads or changes personal data is recorded *before* it is
-forwarded — an intent entry (``outcome`` null), committed, or the request is refused (503) and never
-reaches the service — and its outcome (the status the caller got, ``intent_seq`` naming the intent) is
-appended after. The caller does not wait for the outcome entry: once the service has acted, its answer is
-delivered whatever happens to the audit database; the writer keeps the outcome entry and retries until it
-is stored. So no request is executed without an entry, and none is reported failed after it succeeded. An
-intent without an outcome means the outcome is unknown (the gateway stopped, or the intent's commit was
-reported failed and the request refused).
+**Intent, then outcome** for a request that may change something (any method but GET and HEAD): it is
+recorded *before* it is forwarded — an intent entry (``outcome`` null), committed, or the request is refused
+(503) and never reaches the service — and its outcome (the status the caller got, ``intent_seq`` naming the
+intent) is appended after. The caller does not wait for the outcome entry: once the service has acted, its
+answer is delivered whatever happens to the audit database; the writer keeps the outcome entry and retries
+until it is stored. So no request is executed without an entry, and none is reported failed after it
+succeeded. An intent without an outcome means the outcome is unknown (the gateway stopped, or the intent's
+commit was reported failed and the request refused).
+
+**One entry for a read** (GET, HEAD): a read discloses nothing until its answer leaves the gateway, so it is
+forwarded at once and recorded by one entry with the status the caller gets, committed *before* the answer
+goes out; if the trail cannot take it, the answer is withheld (503). Half the entries of intent and outcome,
+and the commit no longer comes before the service's work as well as after the gateway's.
+
+An awaited entry (an intent, a read) that the trail stores only after its caller gave up waiting is followed
+by an entry naming it by ``intent_seq`` with the status the caller got instead (503), so that neither an intent
+nor a read's 200 stands uncorrected.
 
 **Batched** (group commit): requests hand their entry to one writer task per process. The writer takes
 everything queued while the previous batch was being written and stores it with one multi-row INSERT and
@@ -122,7 +131,7 @@ class AuditFacts:
     legal_basis: LegalBasis
     # The status the caller got; None in an intent entry (written before the request is forwarded).
     outcome: int | None
-    # In an outcome entry: the seq of its intent entry in the same chain.
+    # In an outcome entry: the seq of the entry it completes (an intent) or corrects (a read stored too late).
     intent_seq: int | None = None
     # The entry as the writer stores it, but for its place in the chain and its outcome: built by the first
     # writer that stores it, and shared by the outcome entry of the same request (:meth:`with_outcome`).
@@ -404,8 +413,7 @@ async def _stored(pending: _Pending, put: Callable[[_Pending], None], timeout: f
     def expire() -> None:
         if done.done():
             return
-        if pending.facts.outcome is None:
-            pending.late_outcome = late_outcome
+        pending.late_outcome = late_outcome
         done.set_exception(AuditUnavailable(f"the audit entry was not stored within {timeout} s"))
 
     # One timer handle, not asyncio.timeout + shield + callbacks: this runs for every audited request.
@@ -562,9 +570,9 @@ class AuditTrail:
 
     async def append(self, facts: AuditFacts, *, late_outcome: int = 503) -> int:
         """Store ``facts`` in this chain and return its seq; :class:`AuditUnavailable` if that fails or takes
-        longer than the trail's timeout. An intent (``outcome`` None) stored after its caller gave up waiting
-        gets an outcome entry ``late_outcome`` (the caller refuses the request), so it does not read as
-        forwarded."""
+        longer than the trail's timeout. An entry stored after its caller gave up waiting is followed by one with
+        ``late_outcome`` (the caller refuses the request), so that an intent does not read as forwarded, nor a read
+        as answered."""
         self._running()
         pending = _Pending(facts, self._loop().create_future())
         return await _stored(pending, self._put_own, self.timeout, late_outcome)

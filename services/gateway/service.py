@@ -12,7 +12,6 @@ from services.gateway.audit import (
     DEFAULT_LEGAL_BASIS,
     AuditChains,
     AuditFacts,
-    AuditTrail,
     AuditUnavailable,
     LegalBasis,
     legal_basis,
@@ -45,6 +44,8 @@ log = logging.getLogger(__name__)
 BodyReader = Callable[[int], Awaitable[bytes]]
 LocalHandler = Callable[["Inbound", Match, Principal], Awaitable["Outcome"]]
 PURPOSE_HEADER = "x-access-purpose"
+# Methods that only read: audited by one entry after the service answered, before the answer goes out.
+READ_METHODS = frozenset({"GET", "HEAD"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,9 +159,8 @@ class Gateway:
         headers = dict(inbound.headers)
         # The caller's token stays here: the service gets the gateway's word for who is calling.
         headers["authorization"] = self._internal.authorization(principal)
-        intent: AuditFacts | None = None
-        chain: AuditTrail | None = None
-        if rule.reads_personal_data:
+        audited, intent, chain = rule.reads_personal_data, None, None
+        if audited and inbound.method not in READ_METHODS:
             # Recorded before the service acts: if the trail cannot take the entry, the request is refused
             # here and never forwarded, so nothing happens that the trail does not show.
             intent = _facts(inbound, match, principal, basis, None)
@@ -169,17 +169,7 @@ class Gateway:
             except AuditUnavailable as exc:
                 log.error("audit intent not written, request refused before forwarding: %s", exc)
                 return error_outcome(match, ServiceUnavailable("the audit trail is unavailable; retry"))
-        try:
-            answer = await self._transport.send(inbound.method, url, headers, body)
-        except UpstreamUnreachable as exc:
-            log.warning("%s unreachable for %s %s: %s", rule.upstream, inbound.method, rule.path, exc)
-            outcome = error_outcome(match, BadGateway("the service behind this path is unavailable; retry"))
-        except UpstreamTimeout:
-            log.warning("%s timed out for %s %s", rule.upstream, inbound.method, rule.path)
-            outcome = error_outcome(match, GatewayTimeout("the service behind this path did not answer in time"))
-        else:
-            outcome = Outcome(match, answer.status, returned_headers(answer.headers), answer.body)
-
+        outcome = await self._forward(inbound, match, url, headers, body)
         if chain is not None and intent is not None:
             # The service has acted (or failed): its answer goes out whatever happens to the audit database
             # now — the writer retries the outcome entry until it is stored, nobody waits for it.
@@ -187,7 +177,27 @@ class Gateway:
                 chain.record(intent.with_outcome(outcome.status, intent_seq))
             except AuditUnavailable as exc:
                 log.error("audit outcome of intent %d not written: %s", intent_seq, exc)
+        elif audited:
+            # A read changes nothing until its answer leaves the gateway: one entry, with the status the caller
+            # gets, committed before the answer goes out. If the trail cannot take it, the answer is dropped.
+            try:
+                await self._audit.append(_facts(inbound, match, principal, basis, outcome.status))
+            except AuditUnavailable as exc:
+                log.error("audit entry of a read not written, answer withheld: %s", exc)
+                return error_outcome(match, ServiceUnavailable("the audit trail is unavailable; retry"))
         return outcome
+
+    async def _forward(self, inbound: Inbound, match: Match, url: str, headers: dict[str, str], body: bytes) -> Outcome:
+        rule = match.rule
+        try:
+            answer = await self._transport.send(inbound.method, url, headers, body)
+        except UpstreamUnreachable as exc:
+            log.warning("%s unreachable for %s %s: %s", rule.upstream, inbound.method, rule.path, exc)
+            return error_outcome(match, BadGateway("the service behind this path is unavailable; retry"))
+        except UpstreamTimeout:
+            log.warning("%s timed out for %s %s", rule.upstream, inbound.method, rule.path)
+            return error_outcome(match, GatewayTimeout("the service behind this path did not answer in time"))
+        return Outcome(match, answer.status, returned_headers(answer.headers), answer.body)
 
     @staticmethod
     def _legal_basis(inbound: Inbound, match: Match, body: bytes) -> LegalBasis:

@@ -75,23 +75,21 @@ async def test_personal_data_accesses_are_audited_with_who_what_why_and_no_my_nu
         entries = await rows(app.state.databases.main, settings.instance_id)
 
     read_action, lookup_action = f"GET {M}/{{code}}/residents/{{resident_id}}", f"POST {M}/{{code}}/transfer-lookups"
-    # An intent (outcome None) before each forwarded request, its outcome after; a refusal is one entry.
+    # A read: one entry with the status the caller got, stored before the answer went out. Anything else that is
+    # forwarded: an intent (outcome None) before, its outcome after. A refusal: one entry.
     assert [(e.seq, e.action, e.outcome, e.intent_seq) for e in entries] == [
-        (1, read_action, None, None),
-        (2, read_action, 200, 1),
-        (3, lookup_action, None, None),
-        (4, lookup_action, 404, 3),
-        (5, read_action, None, None),
-        (6, read_action, 404, 5),
-        (7, read_action, 404, None),  # refused by the gateway, recorded all the same
-        (8, "POST /api/v1/doses", None, None),
-        (9, "POST /api/v1/doses", 200, 8),
+        (1, read_action, 200, None),
+        (2, lookup_action, None, None),
+        (3, lookup_action, 404, 2),
+        (4, read_action, 404, None),
+        (5, read_action, 404, None),  # refused by the gateway, recorded all the same
+        (6, "POST /api/v1/doses", None, None),
+        (7, "POST /api/v1/doses", 200, 6),
     ]
-    first, _, second, _, third, _, fourth, fifth, _ = entries
-    for intent, outcome in zip(entries[0:6:2], entries[1:6:2], strict=True):
-        assert {c: getattr(intent, c) for c in ("request_id", "principal", "resource", "legal_basis")} == {
-            c: getattr(outcome, c) for c in ("request_id", "principal", "resource", "legal_basis")
-        }
+    first, second, lookup_outcome, third, fourth, fifth, _ = entries
+    assert {c: getattr(second, c) for c in ("request_id", "principal", "resource", "legal_basis")} == {
+        c: getattr(lookup_outcome, c) for c in ("request_id", "principal", "resource", "legal_basis")
+    }
     assert (first.principal, first.role, first.caller_municipality, first.municipality) == (
         CHIYODA,
         "municipality",
@@ -155,22 +153,30 @@ async def test_other_requests_and_unauthenticated_attempts_leave_no_entry(
         assert await rows(app.state.databases.main, settings.instance_id) == []
 
 
-async def test_a_request_whose_intent_cannot_be_written_is_refused_before_it_is_forwarded(
+async def test_what_the_trail_cannot_record_is_never_forwarded_or_never_answered(
     gateway_settings: Settings, upstreams: dict[str, FakeUpstream], token: Token, tmp_path: Path
 ) -> None:
     dsn = f"sqlite+aiosqlite:///{tmp_path / 'doomed.db'}"
     await asyncio.to_thread(upgrade, dsn, MIGRATIONS)
     settings = gateway_settings(main_dsn=dsn, registry_url=upstreams["registry"].url)
+    chiyoda = token(Role.MUNICIPALITY, municipality=CHIYODA)
+    unavailable = {"error": "ServiceUnavailable", "detail": "the audit trail is unavailable; retry"}
     async with running_gateway(settings) as (app, client):
         async with app.state.databases.main.sessionmaker() as session, session.begin():
             await session.execute(text("DROP TABLE audit_trail"))
         before = len(upstreams["registry"].seen)
-        response = await client.get(
-            f"{M}/{CHIYODA}/residents/{KNOWN_RESIDENT}", headers=token(Role.MUNICIPALITY, municipality=CHIYODA)
+        # A request that may change something: refused before the service sees it.
+        lookup = await client.post(
+            f"{M}/{CHIYODA}/transfer-lookups",
+            json={"my_number": MY_NUMBER, "legal_basis": "my-number-act-19-16"},
+            headers=chiyoda,
         )
-        assert response.status_code == 503
-        assert response.json() == {"error": "ServiceUnavailable", "detail": "the audit trail is unavailable; retry"}
+        assert (lookup.status_code, lookup.json()) == (503, unavailable)
         assert len(upstreams["registry"].seen) == before  # the service never saw it
+        # A read: the service answered, but its answer never leaves the gateway.
+        response = await client.get(f"{M}/{CHIYODA}/residents/{KNOWN_RESIDENT}", headers=chiyoda)
+        assert (response.status_code, response.json()) == (503, unavailable)
+        assert len(upstreams["registry"].seen) == before + 1
         # Refusals carry no data: they are answered even so.
         refused = await client.get(
             f"{M}/{CHIYODA}/residents/{KNOWN_RESIDENT}", headers=token(Role.MUNICIPALITY, municipality=SAPPORO)
@@ -194,9 +200,8 @@ async def test_a_municipality_reads_its_own_entries_and_no_one_elses(
         assert own.status_code == 200
         entries = [e for e in own.json()["entries"] if e["instance"] == settings.instance_id]
         assert [(e["principal"], e["municipality"], e["outcome"], e["intent_seq"]) for e in entries] == [
-            (CHIYODA, CHIYODA, None, None),  # the intent, before the request was forwarded
-            (CHIYODA, CHIYODA, 200, 1),
-            (SAPPORO, CHIYODA, 404, None),  # refused at the gateway: one entry
+            (CHIYODA, CHIYODA, 200, None),  # a read: one entry, stored before the answer went out
+            (SAPPORO, CHIYODA, 404, None),  # refused at the gateway: one entry too
         ]
         assert set(entries[0]) >= {"principal", "role", "action", "resource", "legal_basis", "recorded_at", "outcome"}
         assert "mac" not in entries[0]
@@ -207,7 +212,7 @@ async def test_a_municipality_reads_its_own_entries_and_no_one_elses(
         assert future.json() == {"entries": [], "truncated": False}
         today = entries[0]["recorded_at"][:10]
         window = await client.get(f"{M}/{CHIYODA}/audit?from={today}&to={today}", headers=chiyoda)
-        assert len([e for e in window.json()["entries"] if e["instance"] == settings.instance_id]) == 3
+        assert len([e for e in window.json()["entries"] if e["instance"] == settings.instance_id]) == 2
         bad = await client.get(f"{M}/{CHIYODA}/audit?from=yesterday", headers=chiyoda)
         assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "from"
 
@@ -488,18 +493,24 @@ async def test_several_chains_per_process_share_the_load_and_keep_each_intent_wi
     settings = gateway_settings(registry_url=upstreams["registry"].url, audit_chains=3)
     chiyoda = token(Role.MUNICIPALITY, municipality=CHIYODA)
     async with running_gateway(settings) as (app, client):
+        lookup = {"my_number": MY_NUMBER, "legal_basis": "my-number-act-19-16"}
         answers = await asyncio.gather(
-            *(client.get(f"{M}/{CHIYODA}/residents/{KNOWN_RESIDENT}", headers=chiyoda) for _ in range(60))
+            *(client.get(f"{M}/{CHIYODA}/residents/{KNOWN_RESIDENT}", headers=chiyoda) for _ in range(30)),
+            *(client.post(f"{M}/{CHIYODA}/transfer-lookups", json=lookup, headers=chiyoda) for _ in range(30)),
         )
-        assert {r.status_code for r in answers} == {200}
+        assert [r.status_code for r in answers] == [200] * 30 + [404] * 30
         await app.state.audit.flush(timeout=5)
         names = [settings.instance_id, f"{settings.instance_id}.1", f"{settings.instance_id}.2"]
         chains = {name: await rows(app.state.databases.main, name) for name in names}
-    assert sum(len(entries) for entries in chains.values()) == 120
+    # One entry a read, an intent and an outcome a lookup.
+    assert sum(len(entries) for entries in chains.values()) == 30 + 2 * 30
+    assert sum(1 for entries in chains.values() for e in entries if e.action.startswith("GET")) == 30
     for entries in chains.values():
         assert [e.seq for e in entries] == list(range(1, len(entries) + 1))
+        reads = [e for e in entries if e.action.startswith("GET")]
+        assert all((e.outcome, e.intent_seq) == (200, None) for e in reads)
         intents = {e.seq: e for e in entries if e.outcome is None}
-        outcomes = [e for e in entries if e.outcome is not None]
+        outcomes = [e for e in entries if e.outcome is not None and not e.action.startswith("GET")]
         # Every outcome follows its own intent in the same chain, and every intent has one.
         assert sorted(e.intent_seq for e in outcomes) == sorted(intents)  # type: ignore[type-var]
         assert all(e.intent_seq < e.seq and intents[e.intent_seq].request_id == e.request_id for e in outcomes)  # type: ignore[operator,index]

@@ -20,6 +20,7 @@ from shared.auth import Role
 from shared.db import Database
 from shared.migrations import upgrade
 from tests.integration.services.gateway.gateway_fakes import (
+    KNOWN_RESIDENT,
     MIGRATIONS,
     FakeUpstream,
     Seen,
@@ -171,5 +172,48 @@ async def test_a_slow_audit_database_delays_no_answer_and_refuses_what_it_cannot
         (2, 200, 1),
         (3, None, None),
         (4, 503, 3),
+    ]
+    assert await problems(audit_database, settings.audit_key, settings.audit_anchor_dir) == []
+
+
+async def test_a_read_the_trail_records_too_late_is_withheld_and_its_entry_corrected(
+    gateway_settings: Callable[..., GatewaySettings],
+    audit_database: str,
+    token: Token,
+) -> None:
+    registry = FakeUpstream("registry")
+    admin = Database.connect(audit_database, pool_size=1)
+    async with serve(fake_app(registry)) as url:
+        registry.url = url
+        settings = gateway_settings(main_dsn=audit_database, registry_url=url, audit_timeout_seconds=1.0)
+        read = f"/api/v1/municipalities/131016/residents/{KNOWN_RESIDENT}"
+        municipality = token(Role.MUNICIPALITY, municipality="131016")
+        try:
+            async with running_gateway(settings) as (app, client):
+                conn = await admin.engine.connect()
+                await conn.begin()
+                await conn.execute(text("LOCK TABLE audit_trail IN ACCESS EXCLUSIVE MODE"))
+                try:
+                    withheld = await client.get(read, headers=municipality)
+                finally:
+                    await conn.rollback()
+                    await conn.close()
+                # The service answered, but the answer waited for its entry and was dropped when that took too long.
+                assert withheld.status_code == 503
+                assert withheld.json()["detail"] == "the audit trail is unavailable; retry"
+                assert "upstream" not in withheld.text
+                assert len(registry.seen) == 1
+                await app.state.audit.flush(timeout=10)
+                answered = await client.get(read, headers=municipality)
+                assert answered.status_code == 200 and answered.json()["upstream"] == "registry"
+                await app.state.audit.flush(timeout=5)
+        finally:
+            await admin.engine.dispose()
+
+    # The late entry (200: what the service said) is stored after all, so it is corrected with what the caller got.
+    assert await entries(audit_database, settings.instance_id) == [
+        (1, 200, None),
+        (2, 503, 1),
+        (3, 200, None),
     ]
     assert await problems(audit_database, settings.audit_key, settings.audit_anchor_dir) == []
