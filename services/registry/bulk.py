@@ -19,7 +19,7 @@ from json.encoder import encode_basestring
 
 from services.registry.crypto import MyNumberVault, VaultKeys
 from shared.domain.csv_stream import Parsed, RowError
-from shared.domain.resident_csv import RawRow, ResidentRow, RowKeys, check_row
+from shared.domain.resident_csv import CheckedValues, RawRow, RowKeys, check_values
 from shared.ids import random_uuid_strings
 
 # Column lists of the COPYs, in the order the lines below write them.
@@ -125,14 +125,14 @@ def prepare_in_worker(job: ChunkJob) -> PreparedChunk:
 
 def prepare(job: ChunkJob, vault: MyNumberVault) -> PreparedChunk:
     out = PreparedChunk(now=job.now)
-    good: list[tuple[int, ResidentRow]] = []
+    good: list[tuple[int, CheckedValues]] = []
     for number, values in job.rows:
         out.numbers.append(number)
         if isinstance(values, list):
             out.errors.append(values)
             out.keys.append(None)
             continue
-        result, keys = check_row(values, job.today)
+        result, keys = check_values(values, job.today)
         out.keys.append(keys)
         if isinstance(result, list):
             out.errors.append(result)
@@ -145,33 +145,29 @@ def prepare(job: ChunkJob, vault: MyNumberVault) -> PreparedChunk:
         return out
     residents, coupons, histories, events, directory = ([""] * size for _ in range(5))
     code, now = job.municipality_code, job.now
-    sealed = iter(
-        vault.seal_many([(r.my_number, f"{code}/{r.resident_id}") for _, r in good if r.my_number is not None])
-    )
+    sealed = iter(vault.seal_many([(r[5], f"{code}/{r[0]}") for _, r in good if r[5] is not None]))
     key_id = vault.active_key
     occurred = now.replace("+00:00", "Z")
-    next_id = iter(random_uuid_strings(sum(1 for _, r in good if r.coupon_number is not None))).__next__
+    next_id = iter(random_uuid_strings(sum(1 for _, r in good if r[7] is not None))).__next__
     changed_by = text(job.changed_by)
-    for i, row in good:
-        rid, coupon = row.resident_id, row.coupon_number
-        born = row.birth_date.isoformat() if row.birth_date is not None else None
-        sex = row.sex.value
+    for i, (rid, name, name_kana, birth_date, row_sex, my_number, address, coupon) in good:
+        born = birth_date.isoformat() if birth_date is not None else None
+        sex = row_sex.value
         # The history entry of a first version, as service.history_changes(None, ...) makes it (the unit
         # test compares them), written as JSON directly: json.dumps of a dict per row was a third of a worker.
         changes = (
-            f'{{"name":{{"before":null,"after":{quote(row.name)}}},'
-            f'"name_kana":{{"before":null,"after":{quote(row.name_kana)}}}'
+            f'{{"name":{{"before":null,"after":{quote(name)}}},"name_kana":{{"before":null,"after":{quote(name_kana)}}}'
         )
         if born is not None:
             changes += f',"birth_date":{{"before":null,"after":"{born}"}}'
         changes += f',"sex":{{"before":null,"after":"{sex}"}}'
-        if row.address is not None:
-            changes += f',"address":{{"before":null,"after":{quote(row.address)}}}'
+        if address is not None:
+            changes += f',"address":{{"before":null,"after":{quote(address)}}}'
         if coupon is not None:
             changes += f',"coupon_number":{{"before":null,"after":"{coupon}"}}'
-        if row.my_number is not None:
+        if my_number is not None:
             ciphertext, keyed_hash = next(sealed)
-            last4 = row.my_number[-4:]
+            last4 = my_number[-4:]
             changes += f',"my_number":{{"changed":true,"last4":"{last4}"}}'
             hashed = blob(keyed_hash)
             mn = f"{key_id}\t{blob(ciphertext)}\t{hashed}\t{last4}"
@@ -181,7 +177,7 @@ def prepare(job: ChunkJob, vault: MyNumberVault) -> PreparedChunk:
             mn = f"{NULL}\t{NULL}\t{NULL}\t{NULL}"
         out.resident_ids[i] = rid
         residents[i] = (
-            f"{code}\t{rid}\t{text(row.name)}\t{text(row.name_kana)}\t{born or NULL}\t{sex}\t{text(row.address)}\t"
+            f"{code}\t{rid}\t{text(name)}\t{text(name_kana)}\t{born or NULL}\t{sex}\t{text(address)}\t"
             f"{coupon or NULL}\t{mn}\t1\t{now}\t{now}\n"
         )
         histories[i] = f"{code}\t{rid}\t1\t{changed_by}\t{now}\t{text(changes + '}')}\n"
