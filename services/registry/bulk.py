@@ -19,7 +19,8 @@ from json.encoder import encode_basestring
 
 from services.registry.crypto import MyNumberVault, VaultKeys
 from shared.domain.csv_stream import Parsed, RowError
-from shared.domain.resident_csv import CheckedValues, RawRow, RowKeys, check_values
+from shared.domain.keyset import text_key
+from shared.domain.resident_csv import CheckedValues, RawRow, check_values
 from shared.ids import random_uuid_strings
 
 # Column lists of the COPYs, in the order the lines below write them.
@@ -98,7 +99,13 @@ class PreparedChunk:
     now: str = ""  # the job's
     numbers: list[int] = field(default_factory=list)
     errors: list[list[RowError] | None] = field(default_factory=list)
-    keys: list[RowKeys | None] = field(default_factory=list)
+    # Each row's keys for the repeats in the file (Repeats.check_chunk): its resident id if valid, and the
+    # ints of its id, My Number and coupon number (0: none). Arrays: a chunk's keys cross the process boundary
+    # as three blocks, not thousands of tuples.
+    id_texts: list[str | None] = field(default_factory=list)
+    id_keys: array[int] = field(default_factory=lambda: array("Q"))
+    number_keys: array[int] = field(default_factory=lambda: array("Q"))
+    coupon_keys: array[int] = field(default_factory=lambda: array("Q"))
     resident_ids: list[str | None] = field(default_factory=list)
     hashes: list[bytes | None] = field(default_factory=list)
     coupons: list[str | None] = field(default_factory=list)
@@ -126,19 +133,32 @@ def prepare_in_worker(job: ChunkJob) -> PreparedChunk:
 def prepare(job: ChunkJob, vault: MyNumberVault) -> PreparedChunk:
     out = PreparedChunk(now=job.now)
     good: list[tuple[int, CheckedValues]] = []
+    id_texts, id_keys, number_keys, coupon_keys = [], [], [], []
     for number, values in job.rows:
         out.numbers.append(number)
         if isinstance(values, list):
             out.errors.append(values)
-            out.keys.append(None)
+            id_texts.append(None)
+            id_keys.append(0)
+            number_keys.append(0)
+            coupon_keys.append(0)
             continue
-        result, keys = check_values(values, job.today)
-        out.keys.append(keys)
+        result, (id_text, number_key, coupon) = check_values(values, job.today)
+        id_texts.append(id_text)
+        id_keys.append(text_key(id_text) if id_text is not None else 0)
+        number_keys.append(number_key or 0)
+        coupon_keys.append(int(coupon) if coupon is not None else 0)
         if isinstance(result, list):
             out.errors.append(result)
         else:
             out.errors.append(None)
             good.append((len(out.errors) - 1, result))
+    out.id_texts = id_texts
+    out.id_keys, out.number_keys, out.coupon_keys = (
+        array("Q", id_keys),
+        array("Q", number_keys),
+        array("Q", coupon_keys),
+    )
     size = len(out.numbers)
     out.resident_ids, out.hashes, out.coupons = [None] * size, [None] * size, [None] * size
     if job.keys_only:

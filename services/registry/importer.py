@@ -371,15 +371,15 @@ class ResidentImporter:
     @staticmethod
     def _sorted(rows: list[Parsed[RawRow]], prepared: PreparedChunk, repeats: Repeats) -> _Chunk:
         good, bad = [], []
-        for i, keys in enumerate(prepared.keys):
-            errors = prepared.errors[i]
-            found = repeats.check(keys) if keys is not None else []
-            if found:
-                errors = sorted((errors or []) + found, key=lambda e: COLUMN_ORDER.get(e.field, 0))
+        found = repeats.check_chunk(prepared.id_texts, prepared.id_keys, prepared.number_keys, prepared.coupon_keys)
+        numbers = prepared.numbers
+        for i, errors in enumerate(prepared.errors):
+            if i in found:
+                errors = sorted((errors or []) + found[i], key=lambda e: COLUMN_ORDER.get(e.field, 0))
             if errors is None:
                 good.append(i)
             else:
-                bad.append((prepared.numbers[i], errors))
+                bad.append((numbers[i], errors))
         return _Chunk(rows, prepared, good, bad, last_row=prepared.numbers[-1])
 
     async def _copy_file(self, import_id: str, local: IO[bytes]) -> None:

@@ -8,7 +8,7 @@ contain a My Number.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 
@@ -173,6 +173,31 @@ class Repeats:
             found.append(RowError("my_number", "this My Number appears on an earlier row of this file"))
         if coupon is not None and not self.coupon_numbers.add(int(coupon)):
             found.append(RowError("coupon_number", f"{coupon} appears on an earlier row of this file"))
+        return found
+
+    def check_chunk(
+        self,
+        id_texts: Sequence[str | None],
+        id_keys: Sequence[int],
+        number_keys: Sequence[int],
+        coupon_keys: Sequence[int],
+    ) -> dict[int, list[RowError]]:
+        """:meth:`check` for a chunk of rows at once, their keys as ints (0: none): ``id_keys[i]`` is
+        ``text_key(id_texts[i])``, ``coupon_keys[i]`` the coupon number's value. The errors by position in the
+        chunk, only for rows with a repeat."""
+        found: dict[int, list[RowError]] = {}
+        for i in self.resident_ids.add_many(id_keys):
+            found.setdefault(i, []).append(
+                RowError("resident_id", f"{id_texts[i]} appears on an earlier row of this file")
+            )
+        for i in self.my_numbers.add_many(number_keys):
+            found.setdefault(i, []).append(
+                RowError("my_number", "this My Number appears on an earlier row of this file")
+            )
+        for i in self.coupon_numbers.add_many(coupon_keys):
+            # A valid coupon number is exactly 10 digits: its value with the leading zeros is the number.
+            message = f"{coupon_keys[i]:010d} appears on an earlier row of this file"
+            found.setdefault(i, []).append(RowError("coupon_number", message))
         return found
 
     def merge(self, result: ResidentRow | list[RowError], keys: RowKeys) -> ResidentRow | list[RowError]:

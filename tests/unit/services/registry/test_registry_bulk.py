@@ -21,6 +21,7 @@ from services.registry.bulk import (
 from services.registry.crypto import MyNumberVault
 from services.registry.service import history_changes, snapshot
 from services.registry.settings import RegistrySettings
+from shared.domain.keyset import text_key
 from shared.events import CouponEvent, CouponEventType, CouponState, coupon_events_from_bytes
 
 NOW = datetime(2026, 11, 25, 12, 0, 0, 123000, tzinfo=UTC)
@@ -61,7 +62,10 @@ def test_prepared_lines_match_the_row_by_row_path() -> None:
     assert out.numbers == [2, 3, 4]
     assert out.errors[0] is None and out.errors[1] is None
     assert {e.field for e in out.errors[2] or []} == {"name", "birth_date", "sex", "my_number"}
-    assert out.keys == [("R1", int(MN) + 1, "0000000001"), ("R2", None, None), ("R3", None, None)]
+    assert out.id_texts == ["R1", "R2", "R3"]
+    assert list(out.id_keys) == [text_key("R1"), text_key("R2"), text_key("R3")]
+    assert list(out.number_keys) == [int(MN) + 1, 0, 0]  # R3's number has a wrong check digit: no key
+    assert list(out.coupon_keys) == [1, 0, 0]
 
     taro, hanako = rows_of(out.residents.take([0, 1]), RESIDENT_COLUMNS)
     assert taro["name"] == 'Y"a\\ma\tda 太郎' and taro["address"] == "東京都\n千代田区"
