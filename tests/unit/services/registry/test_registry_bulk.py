@@ -21,6 +21,7 @@ from services.registry.bulk import (
 from services.registry.crypto import MyNumberVault
 from services.registry.service import history_changes, snapshot
 from services.registry.settings import RegistrySettings
+from shared.domain.codes import my_number_check_digit
 from shared.domain.keyset import text_key
 from shared.events import CouponEvent, CouponEventType, CouponState, coupon_events_from_bytes
 
@@ -43,6 +44,11 @@ def unescape(field: str) -> str | None:
             out.append(field[i])
             i += 1
     return "".join(out)
+
+
+def my_number(n: int) -> str:
+    body = f"{n:011d}"
+    return body + str(my_number_check_digit(body))
 
 
 def rows_of(data: bytes, columns: tuple[str, ...]) -> list[dict[str, str | None]]:
@@ -142,3 +148,21 @@ def test_keys_only_and_taking_rows() -> None:
     assert out.errors == [None, None] and out.residents.data == b"" and out.hashes == [None, None]
     lines = Lines.of(["a\n", "", "ccc\n"])
     assert lines.take([0, 1, 2]) == b"a\nccc\n" and lines.take([2]) == b"ccc\n" and lines.pieces([1, 2]) == [b"ccc\n"]
+
+
+def test_sorted_lines_keep_track_of_their_rows() -> None:
+    lines = Lines.sorted_of(["b\n", "", "a\n", "c\n"])
+    assert lines.take(range(4)) == b"a\nb\nc\n"
+    assert lines.take([0, 3]) == b"b\nc\n" and lines.take([1, 2]) == b"a\n" and lines.take([1]) == b""
+    assert lines.pieces([0, 2]) == [b"a\n", b"b\n"]
+
+
+def test_directory_entries_come_in_key_order() -> None:
+    rows = [(f"R{n}", "山田", "ヤマダ", "", "1", my_number(n), "", "") for n in range(1, 40)]
+    out = prepare(job(*rows), MyNumberVault(RegistrySettings()))
+    entries = rows_of(out.directory.take(range(len(rows))), DIRECTORY_COLUMNS)
+    keys = [str(entry["my_number_hash"]) for entry in entries]
+    assert keys == sorted(keys) and len(set(keys)) == len(rows)
+    # A subset still gives each kept row its own entry.
+    kept = rows_of(out.directory.take([3, 7]), DIRECTORY_COLUMNS)
+    assert sorted(str(entry["resident_id"]) for entry in kept) == ["R4", "R8"]
