@@ -19,8 +19,9 @@ _MIN_BITS = 10
 class KeySet:
     """Non-zero ints below 2**64; :meth:`add` says whether the key is new."""
 
-    def __init__(self) -> None:
-        self._bits = _MIN_BITS
+    def __init__(self, expected: int = 0) -> None:
+        # Sized for ``expected`` keys at once: growing by doubling re-places every key each time (in Python).
+        self._bits = max(_MIN_BITS, (2 * expected - 1).bit_length())
         self._slots = array("Q", bytes(8 << self._bits))
         self._size = 0
 

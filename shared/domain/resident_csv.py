@@ -158,10 +158,10 @@ class Repeats:
     says two different things about that resident, and a person must decide which is true. My Numbers (12
     digits) and coupon numbers (10, never all zeros) are their own exact keys."""
 
-    def __init__(self) -> None:
-        self.resident_ids = KeySet()
-        self.my_numbers = KeySet()
-        self.coupon_numbers = KeySet()
+    def __init__(self, expected_rows: int = 0) -> None:
+        self.resident_ids = KeySet(expected_rows)
+        self.my_numbers = KeySet(expected_rows)
+        self.coupon_numbers = KeySet(expected_rows)
 
     def check(self, keys: RowKeys) -> list[RowError]:
         """Remember the row's keys; an error for each key an earlier row had."""

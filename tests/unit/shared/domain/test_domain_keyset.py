@@ -79,3 +79,10 @@ def test_add_many_says_what_add_says_in_order(batch: int) -> None:
 def test_add_many_refuses_keys_outside_64_bits() -> None:
     with pytest.raises(ValueError, match="non-zero 64-bit"):
         KeySet().add_many([1, 1 << 64])
+
+
+@pytest.mark.parametrize("expected", [0, 1, 600, 5000])
+def test_a_set_sized_for_its_keys_holds_them_and_more(expected: int) -> None:
+    keys = KeySet(expected)
+    assert keys.add_many(range(1, expected + 3001)) == []
+    assert keys.add_many([1, expected + 3000]) == [0, 1] and len(keys) == expected + 3000
