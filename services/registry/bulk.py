@@ -150,7 +150,10 @@ def prepare_in_worker(job: ChunkJob) -> PreparedChunk:
 def prepare(job: ChunkJob, vault: MyNumberVault) -> PreparedChunk:
     out = PreparedChunk(now=job.now)
     good: list[tuple[int, CheckedValues]] = []
-    id_texts, id_keys, number_keys, coupon_keys = [], [], [], []
+    id_texts: list[str | None] = []
+    id_keys: list[int] = []
+    number_keys: list[int] = []
+    coupon_keys: list[int] = []
     for number, values in job.rows:
         out.numbers.append(number)
         if isinstance(values, list):

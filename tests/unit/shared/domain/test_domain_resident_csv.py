@@ -389,13 +389,13 @@ def test_repeats_checked_a_chunk_at_a_time_say_what_row_by_row_says(size: int) -
     got: dict[int, list[RowError]] = {}
     for start in range(0, len(rows), size):
         part = rows[start : start + size]
-        found = chunked.check_chunk(
+        in_chunk = chunked.check_chunk(
             [r for r, _, _ in part],
             [text_key(r) if r is not None else 0 for r, _, _ in part],
             [n or 0 for _, n, _ in part],
             [int(c) if c is not None else 0 for _, _, c in part],
         )
-        got |= {start + i: errors for i, errors in found.items()}
+        got |= {start + i: errors for i, errors in in_chunk.items()}
     assert got == expected
     assert expected  # the table has repeats of every kind
     assert {e.field for errors in expected.values() for e in errors} == {"resident_id", "my_number", "coupon_number"}
