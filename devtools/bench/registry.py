@@ -14,7 +14,7 @@ coupon events wait in the outbox, which the import writes all the same).
    rows of it, the sweep's doses included) from s0 to s1: the write pause per service and the whole move's
    time (``--no-move`` skips it).
 
-``--only sweep`` runs part 4 alone.
+``--only sweep`` runs part 4 alone; ``--only import`` runs part 1 alone (the import and the raw ``COPY``).
 """
 
 from __future__ import annotations
@@ -384,7 +384,7 @@ async def run(args: argparse.Namespace) -> int:
                     transport=httpx.ASGITransport(app), base_url="http://registry", timeout=600
                 ) as client,
             ):
-                if args.certificates:
+                if args.certificates and args.only != "import":
                     await bench_sweep(app, records_shard_dsns["s0"], registry_main, args.certificates)
                 if args.only == "sweep":
                     return 0
@@ -404,6 +404,8 @@ async def run(args: argparse.Namespace) -> int:
                     ),
                     flush=True,
                 )
+                if args.only == "import":
+                    return 0
                 # Movers: people of Sapporo (shard s1) now registered in Chiyoda, for the look-ups.
                 movers = min(args.movers, args.residents)
                 movers_csv, arrived_csv = tmp / "movers.csv", tmp / "movers-chiyoda.csv"
@@ -434,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lookups", type=int, default=200)
     parser.add_argument("--projection", type=int, default=1_000_000)
     parser.add_argument("--certificates", type=int, default=100_000, help="cards for the sweep (0: no sweep part)")
-    parser.add_argument("--only", choices=["sweep"], help="run one part alone")
+    parser.add_argument("--only", choices=["sweep", "import"], help="run one part alone")
     parser.add_argument("--no-move", dest="move", action="store_false", help="skip the shard move")
     args = parser.parse_args(argv or [])
     return asyncio.run(run(args))

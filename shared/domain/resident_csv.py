@@ -8,7 +8,7 @@ contain a My Number.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 
@@ -94,8 +94,21 @@ RowKeys = tuple[str | None, int | None, str | None]
 COLUMN_ORDER = {column.name: i for i, column in enumerate(COLUMNS)}
 
 
+# A checked row's values in ResidentRow's field order (resident_id, name, name_kana, birth_date, sex, my_number,
+# address, coupon_number): what a bulk import's workers use, without building an object per row.
+CheckedValues = tuple[str, str, str, date | None, Sex, str | None, str | None, str | None]
+
+
 def check_row(values: RawRow, today: date) -> tuple[ResidentRow | list[RowError], RowKeys]:
     """One row's values checked on their own (no I/O, no state): the row or its errors, and its keys."""
+    result, keys = check_values(values, today)
+    if isinstance(result, list):
+        return result, keys
+    return ResidentRow(*result), keys
+
+
+def check_values(values: RawRow, today: date) -> tuple[CheckedValues | list[RowError], RowKeys]:
+    """:func:`check_row`, the row as a plain tuple (:data:`CheckedValues`)."""
     errors: list[RowError] = []
     raw_id, raw_name, raw_kana, raw_born, raw_sex, raw_number, raw_address, raw_coupon = values
     resident_id = normalised(raw_id)
@@ -128,17 +141,16 @@ def check_row(values: RawRow, today: date) -> tuple[ResidentRow | list[RowError]
     keys = (id_key, number_key, coupon_key)
     if errors:
         return errors, keys
-    row = ResidentRow(
-        resident_id=resident_id,
-        name=name,
-        name_kana=name_kana,
-        birth_date=birth_date,
-        sex=sex,
-        my_number=my_number or None,
-        address=address or None,
-        coupon_number=coupon_number or None,
-    )
-    return row, keys
+    return (
+        resident_id,
+        name,
+        name_kana,
+        birth_date,
+        sex,
+        my_number or None,
+        address or None,
+        coupon_number or None,
+    ), keys
 
 
 class Repeats:
@@ -146,10 +158,10 @@ class Repeats:
     says two different things about that resident, and a person must decide which is true. My Numbers (12
     digits) and coupon numbers (10, never all zeros) are their own exact keys."""
 
-    def __init__(self) -> None:
-        self.resident_ids = KeySet()
-        self.my_numbers = KeySet()
-        self.coupon_numbers = KeySet()
+    def __init__(self, expected_rows: int = 0) -> None:
+        self.resident_ids = KeySet(expected_rows)
+        self.my_numbers = KeySet(expected_rows)
+        self.coupon_numbers = KeySet(expected_rows)
 
     def check(self, keys: RowKeys) -> list[RowError]:
         """Remember the row's keys; an error for each key an earlier row had."""
@@ -161,6 +173,31 @@ class Repeats:
             found.append(RowError("my_number", "this My Number appears on an earlier row of this file"))
         if coupon is not None and not self.coupon_numbers.add(int(coupon)):
             found.append(RowError("coupon_number", f"{coupon} appears on an earlier row of this file"))
+        return found
+
+    def check_chunk(
+        self,
+        id_texts: Sequence[str | None],
+        id_keys: Sequence[int],
+        number_keys: Sequence[int],
+        coupon_keys: Sequence[int],
+    ) -> dict[int, list[RowError]]:
+        """:meth:`check` for a chunk of rows at once, their keys as ints (0: none): ``id_keys[i]`` is
+        ``text_key(id_texts[i])``, ``coupon_keys[i]`` the coupon number's value. The errors by position in the
+        chunk, only for rows with a repeat."""
+        found: dict[int, list[RowError]] = {}
+        for i in self.resident_ids.add_many(id_keys):
+            found.setdefault(i, []).append(
+                RowError("resident_id", f"{id_texts[i]} appears on an earlier row of this file")
+            )
+        for i in self.my_numbers.add_many(number_keys):
+            found.setdefault(i, []).append(
+                RowError("my_number", "this My Number appears on an earlier row of this file")
+            )
+        for i in self.coupon_numbers.add_many(coupon_keys):
+            # A valid coupon number is exactly 10 digits: its value with the leading zeros is the number.
+            message = f"{coupon_keys[i]:010d} appears on an earlier row of this file"
+            found.setdefault(i, []).append(RowError("coupon_number", message))
         return found
 
     def merge(self, result: ResidentRow | list[RowError], keys: RowKeys) -> ResidentRow | list[RowError]:

@@ -8,7 +8,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 
 from services.registry.models import MyNumberDirectoryEntry, ResidentImport
 from services.registry.repository import ResidentRepository
@@ -159,6 +159,26 @@ async def test_shift_jis_with_bom_less_utf8_and_another_shard(registry: Registry
     assert status["rows_ok"] == 1
     assert [r.resident_id for r in await registry.residents(SAPPORO)] == ["S1"]
     assert [e.coupon_number for e in await registry.events(SAPPORO)] == ["0000000001"]
+
+
+async def test_uploads_are_stored_compressed_with_lz4_where_the_server_has_it(registry: Registry) -> None:
+    # pglz compressing an upload's pieces was ~1.2 µs of PostgreSQL's CPU per resident, lz4 a fifth of it.
+    async with registry.databases.main.sessionmaker() as session:
+        has_lz4 = (
+            await session.execute(
+                text("SELECT 'lz4' = ANY(enumvals) FROM pg_settings WHERE name = 'default_toast_compression'")
+            )
+        ).scalar_one()
+        method = (
+            await session.execute(
+                text(
+                    "SELECT attcompression::text FROM pg_attribute "
+                    "WHERE attrelid = 'resident_import_chunks'::regclass AND attname = 'data'"
+                )
+            )
+        ).scalar_one()
+    assert method == ("l" if has_lz4 else "")
+    assert (await registry.import_csv(csv_of(*GOOD)))["rows_ok"] == len(GOOD)  # stored, read back, imported
 
 
 async def test_a_file_without_its_required_columns_is_refused_as_a_whole(registry: Registry) -> None:

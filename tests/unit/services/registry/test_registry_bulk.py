@@ -21,6 +21,8 @@ from services.registry.bulk import (
 from services.registry.crypto import MyNumberVault
 from services.registry.service import history_changes, snapshot
 from services.registry.settings import RegistrySettings
+from shared.domain.codes import my_number_check_digit
+from shared.domain.keyset import text_key
 from shared.events import CouponEvent, CouponEventType, CouponState, coupon_events_from_bytes
 
 NOW = datetime(2026, 11, 25, 12, 0, 0, 123000, tzinfo=UTC)
@@ -44,6 +46,11 @@ def unescape(field: str) -> str | None:
     return "".join(out)
 
 
+def my_number(n: int) -> str:
+    body = f"{n:011d}"
+    return body + str(my_number_check_digit(body))
+
+
 def rows_of(data: bytes, columns: tuple[str, ...]) -> list[dict[str, str | None]]:
     lines = data.decode().split("\n")
     assert lines[-1] == ""
@@ -61,7 +68,10 @@ def test_prepared_lines_match_the_row_by_row_path() -> None:
     assert out.numbers == [2, 3, 4]
     assert out.errors[0] is None and out.errors[1] is None
     assert {e.field for e in out.errors[2] or []} == {"name", "birth_date", "sex", "my_number"}
-    assert out.keys == [("R1", int(MN) + 1, "0000000001"), ("R2", None, None), ("R3", None, None)]
+    assert out.id_texts == ["R1", "R2", "R3"]
+    assert list(out.id_keys) == [text_key("R1"), text_key("R2"), text_key("R3")]
+    assert list(out.number_keys) == [int(MN) + 1, 0, 0]  # R3's number has a wrong check digit: no key
+    assert list(out.coupon_keys) == [1, 0, 0]
 
     taro, hanako = rows_of(out.residents.take([0, 1]), RESIDENT_COLUMNS)
     assert taro["name"] == 'Y"a\\ma\tda 太郎' and taro["address"] == "東京都\n千代田区"
@@ -138,3 +148,21 @@ def test_keys_only_and_taking_rows() -> None:
     assert out.errors == [None, None] and out.residents.data == b"" and out.hashes == [None, None]
     lines = Lines.of(["a\n", "", "ccc\n"])
     assert lines.take([0, 1, 2]) == b"a\nccc\n" and lines.take([2]) == b"ccc\n" and lines.pieces([1, 2]) == [b"ccc\n"]
+
+
+def test_sorted_lines_keep_track_of_their_rows() -> None:
+    lines = Lines.sorted_of(["b\n", "", "a\n", "c\n"])
+    assert lines.take(range(4)) == b"a\nb\nc\n"
+    assert lines.take([0, 3]) == b"b\nc\n" and lines.take([1, 2]) == b"a\n" and lines.take([1]) == b""
+    assert lines.pieces([0, 2]) == [b"a\n", b"b\n"]
+
+
+def test_directory_entries_come_in_key_order() -> None:
+    rows = [(f"R{n}", "山田", "ヤマダ", "", "1", my_number(n), "", "") for n in range(1, 40)]
+    out = prepare(job(*rows), MyNumberVault(RegistrySettings()))
+    entries = rows_of(out.directory.take(range(len(rows))), DIRECTORY_COLUMNS)
+    keys = [str(entry["my_number_hash"]) for entry in entries]
+    assert keys == sorted(keys) and len(set(keys)) == len(rows)
+    # A subset still gives each kept row its own entry.
+    kept = rows_of(out.directory.take([3, 7]), DIRECTORY_COLUMNS)
+    assert sorted(str(entry["resident_id"]) for entry in kept) == ["R4", "R8"]

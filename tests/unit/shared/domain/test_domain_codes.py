@@ -178,6 +178,19 @@ def _reference_my_number_check_digit(first_eleven: str) -> int:
     return 0 if r <= 1 else 11 - r
 
 
+def test_my_number_check_digit_matches_domain_formula_digit_by_digit() -> None:
+    # Each position with each digit, on top of two backgrounds: every entry of the look-up tables is used.
+    bodies = [
+        background[:j] + digit + background[j + 1 :]
+        for background in ("00000000000", "98765432109")
+        for j in range(11)
+        for digit in "0123456789"
+    ]
+    bodies += [f"{n * 7919 % 10**11:011d}" for n in range(1, 3001)]  # spread over the whole range
+    for body in bodies:
+        assert my_number_check_digit(body) == _reference_my_number_check_digit(body), body
+
+
 @pytest.mark.parametrize(
     "number",
     [

@@ -59,3 +59,30 @@ def test_numeric_and_hashed_keys_never_meet() -> None:
     hashed = {text_key(f"R{n}") for n in range(10_000)}
     assert len(numeric) == len(hashed) == 10_000
     assert not numeric & hashed
+
+
+@pytest.mark.parametrize("batch", [1, 7, 1000, 30_000])
+def test_add_many_says_what_add_says_in_order(batch: int) -> None:
+    rng = random.Random(11)
+    # Repeats across batches and inside one, zeros (no key) among them, enough keys to grow the table.
+    values = [rng.choice([0, rng.randrange(1, 3000), rng.randrange(1, 1 << 64)]) for _ in range(25_000)]
+    one, many = KeySet(), KeySet()
+    expected = [i for i, v in enumerate(values) if v and not one.add(v)]
+    got = []
+    for start in range(0, len(values), batch):
+        got += [start + i for i in many.add_many(values[start : start + batch])]
+    assert got == expected
+    assert len(many) == len(one)
+    assert all(v in many for v in values if v)
+
+
+def test_add_many_refuses_keys_outside_64_bits() -> None:
+    with pytest.raises(ValueError, match="non-zero 64-bit"):
+        KeySet().add_many([1, 1 << 64])
+
+
+@pytest.mark.parametrize("expected", [0, 1, 600, 5000])
+def test_a_set_sized_for_its_keys_holds_them_and_more(expected: int) -> None:
+    keys = KeySet(expected)
+    assert keys.add_many(range(1, expected + 3001)) == []
+    assert keys.add_many([1, expected + 3000]) == [0, 1] and len(keys) == expected + 3000

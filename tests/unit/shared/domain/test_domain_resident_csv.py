@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import random
 from dataclasses import replace
 from datetime import date, timedelta
 from itertools import islice
@@ -10,7 +11,8 @@ from itertools import islice
 import pytest
 
 from shared.domain.csv_stream import CsvFileError, RowError
-from shared.domain.resident_csv import ResidentRow, parse_resident_csv
+from shared.domain.keyset import text_key
+from shared.domain.resident_csv import Repeats, ResidentRow, RowKeys, parse_resident_csv
 from shared.domain.sex import Sex
 
 TODAY = date(2026, 11, 25)
@@ -369,6 +371,34 @@ def test_a_key_on_a_bad_row_still_counts() -> None:
     assert list(errors_of(rows[0][1])) == ["birth_date"]
     assert list(errors_of(rows[1][1])) == ["resident_id"]
     assert list(errors_of(rows[2][1])) == ["my_number"]
+
+
+@pytest.mark.parametrize("size", [1, 3, 50])
+def test_repeats_checked_a_chunk_at_a_time_say_what_row_by_row_says(size: int) -> None:
+    rng = random.Random(3)
+    rows: list[RowKeys] = [
+        (
+            rng.choice([None, f"R{rng.randrange(40)}", str(rng.randrange(40))]),
+            rng.choice([None, rng.randrange(1, 40)]),
+            rng.choice([None, f"{rng.randrange(1, 40):010d}"]),
+        )
+        for _ in range(200)
+    ]
+    one, chunked = Repeats(), Repeats()
+    expected = {i: found for i, keys in enumerate(rows) if (found := one.check(keys))}
+    got: dict[int, list[RowError]] = {}
+    for start in range(0, len(rows), size):
+        part = rows[start : start + size]
+        in_chunk = chunked.check_chunk(
+            [r for r, _, _ in part],
+            [text_key(r) if r is not None else 0 for r, _, _ in part],
+            [n or 0 for _, n, _ in part],
+            [int(c) if c is not None else 0 for _, _, c in part],
+        )
+        got |= {start + i: errors for i, errors in in_chunk.items()}
+    assert got == expected
+    assert expected  # the table has repeats of every kind
+    assert {e.field for errors in expected.values() for e in errors} == {"resident_id", "my_number", "coupon_number"}
 
 
 def test_empty_my_numbers_and_coupons_do_not_repeat() -> None:
