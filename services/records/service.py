@@ -28,6 +28,7 @@ from services.records.repository import (
     DoseRepository,
     ImportRepository,
     ProjectionRepository,
+    dose_path,
 )
 from services.records.schemas import CorrectionIn, CouponStatusOut, DoseAccepted, DoseIn, DoseOut, FindingOut
 from shared.auth import Principal, Role
@@ -235,12 +236,12 @@ async def _record_in_shard(
     rules: VaccineRules,
     now: datetime,
 ) -> None:
-    doses = DoseRepository(uow.shard(shard))
     coupon_keys = sorted({item.coupon_key for item in items})
-    await doses.begin()
-    for _ in range(_MAX_ATTEMPTS):
-        if await _try_record(doses, items, outcomes, coupon_keys, principal=principal, rules=rules, now=now):
-            return
+    async with dose_path(uow, shard) as doses:
+        await doses.begin()
+        for _ in range(_MAX_ATTEMPTS):
+            if await _try_record(doses, items, outcomes, coupon_keys, principal=principal, rules=rules, now=now):
+                return
     # Another request changed these coupons' doses between each read and write: only a storm on one coupon.
     raise ServiceUnavailable("these coupons are being changed by other requests; try again")
 
