@@ -365,13 +365,19 @@ class UnitOfWork:
             await self.close()
 
 
-async def _unit_of_work(request: Request) -> AsyncIterator[UnitOfWork]:
+def request_unit_of_work(request: Request) -> UnitOfWork:
+    """The unit of work of one request (``async with`` it: committed when the block succeeds)."""
+    uow = UnitOfWork(request.app.state.databases)
     # A service that publishes events keeps its outbox relay in ``app.state.relay``: what this request
     # committed is published at once instead of at the relay's next idle look.
     relay = getattr(request.app.state, "relay", None)
-    async with UnitOfWork(request.app.state.databases) as uow:
-        if relay is not None:
-            uow.after_commit(lambda: relay.wake(*uow.touched_shards))
+    if relay is not None:
+        uow.after_commit(lambda: relay.wake(*uow.touched_shards))
+    return uow
+
+
+async def _unit_of_work(request: Request) -> AsyncIterator[UnitOfWork]:
+    async with request_unit_of_work(request) as uow:
         yield uow
 
 
