@@ -82,8 +82,13 @@ class Outcome:
 _HASHED_FIELDS = set(DoseIn.model_fields)
 
 
+# The text hashed must never change (stored hashes are compared with new requests): the very output of
+# ``json.dumps(..., sort_keys=True, separators=(",", ":"))``, from one encoder built once.
+_canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
+
+
 def request_hash(dose: DoseIn) -> str:
-    canonical = json.dumps(dose.model_dump(mode="json", include=_HASHED_FIELDS), sort_keys=True, separators=(",", ":"))
+    canonical = _canonical(dose.model_dump(mode="json", include=_HASHED_FIELDS))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
