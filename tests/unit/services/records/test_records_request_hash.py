@@ -32,7 +32,7 @@ def test_the_hash_of_a_dose_is_the_one_stored_before() -> None:
 
 @pytest.mark.parametrize(
     "changes",
-    [{}, {"venue": None}, {"doctor": "Dr. 山田 \"quoted\""}, {"lot_number": " EY0583 "}, {"medical_worker": False}],
+    [{}, {"venue": None}, {"doctor": 'Dr. 山田 "quoted"'}, {"lot_number": " EY0583 "}, {"medical_worker": False}],
 )
 def test_the_hash_is_the_sorted_compact_json_of_the_dose(changes: dict[str, Any]) -> None:
     dose = DoseIn.model_validate(DOSE | changes)
