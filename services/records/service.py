@@ -195,7 +195,7 @@ async def record_doses(
     now = utcnow()
     scope = principal.scope_key  # a property: built once here, not once per item
     # Keys are the caller's, not a shard's: claimed once in the main database, whatever the coupon.
-    claims = await ClaimRepository(uow.databases.main).claim(
+    claims = await ClaimRepository(uow.databases).claim(
         [
             {"scope": scope, "key": item.sub.key, "request_hash": item.hash, "shard": shard} | {"created_at": now}
             for shard, items in by_shard.items()

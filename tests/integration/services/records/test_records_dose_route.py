@@ -11,9 +11,13 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
-from services.records import router
+from services.records import repository, router
 from services.records.app import create_app
+from services.records.repository import RecordsDatabases
+from services.records.service import Submission, record_doses
 from services.records.settings import RecordsSettings
 from shared.auth import Role
 from shared.db import UnitOfWork
@@ -160,8 +164,6 @@ async def test_a_key_again_with_another_body_is_a_conflict_on_either_route(
 async def test_a_shard_written_on_a_leased_connection_counts_as_touched(client: httpx.AsyncClient) -> None:
     """The dose path writes on a connection of its own, not through a session: the unit of work must still
     name the shard, or the outbox relay is not woken after the commit."""
-    from services.records.service import Submission, record_doses
-
     app: Any = client._transport.app  # type: ignore[attr-defined]
     async with UnitOfWork(app.state.databases) as uow:
         [outcome] = await record_doses(
@@ -174,3 +176,49 @@ async def test_a_shard_written_on_a_leased_connection_counts_as_touched(client: 
         assert outcome.accepted is not None
         touched = uow.touched_shards
     assert touched == [await app.state.databases.shard_of("131016")]
+
+
+async def test_the_dose_path_keeps_its_connections_between_requests(
+    databases: RecordsDatabases, record: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection the dose path used is parked for the next request (not returned to the pool), a few per
+    database; one parked too long goes back to the pool instead; disposing the databases closes them all."""
+    [first] = await record(Submission(key="a", dose=dose("0000000001")))
+    assert first.accepted is not None and first.accepted.status == "unmatched"
+    main, shard = databases.spare_of(databases.main), databases.spare_of(databases.shards["s0"])
+    assert len(main) == len(shard) == 1
+    parked = shard[0][0].driver_connection
+    await record(Submission(key="b", dose=dose("0000000002")))
+    assert [f.driver_connection for f, _ in shard] == [parked]  # the same connection served the next one
+
+    # Many at once: each takes its own connection; no more than SPARE_CONNECTIONS of them are kept.
+    outcomes = await asyncio.gather(
+        *(record(Submission(key=f"c{n}", dose=dose(f"00000001{n:02d}"))) for n in range(20))
+    )
+    assert all(o.accepted is not None for [o] in outcomes)
+    assert 1 < len(shard) <= repository.SPARE_CONNECTIONS
+
+    # Parked too long: back to the pool, and the request is served by a connection from the pool.
+    shard[:] = [(fairy, at - repository.SPARE_IDLE_SECONDS - 1) for fairy, at in shard]
+    [late] = await record(Submission(key="d", dose=dose("0000000003")))
+    assert late.accepted is not None
+    assert len(shard) == 1
+    pool: Any = databases.shards["s0"].engine.sync_engine.pool
+    assert pool.checkedout() == len(shard)  # the others went back
+
+    await databases.dispose()
+    assert not shard and not main
+    assert pool.checkedout() == 0
+
+
+async def test_a_statement_that_fails_does_not_park_its_connection(
+    databases: RecordsDatabases, record: Callable[..., Any]
+) -> None:
+    shard = databases.spare_of(databases.shards["s0"])
+    async with databases.shards["s0"].sessionmaker() as session, session.begin():
+        await session.execute(text("ALTER TABLE doses ADD CONSTRAINT no_pfizer CHECK (vaccine <> 'pfizer')"))
+    with pytest.raises(DBAPIError):
+        await record(Submission(key="a", dose=dose("0000000001")))
+    assert shard == []
+    pool: Any = databases.shards["s0"].engine.sync_engine.pool
+    assert pool.checkedout() == 0
