@@ -238,11 +238,11 @@ SELECT c.key, c.request_hash FROM unnest($2::varchar[]) AS w(key) CROSS JOIN LAT
 SERVER_SETTINGS = {"plan_cache_mode": "force_generic_plan"}
 
 
-# The dose path's connections are kept between requests (a few per database, LIFO) instead of going back to
-# SQLAlchemy's pool after each lease: a checkout and check-in through the pool, with the greenlet hop the
-# checkout needs, was about 8 % of records' CPU per single dose. One parked for longer than
-# SPARE_IDLE_SECONDS goes back to the pool instead of being used (the pool recycles what is old).
-SPARE_CONNECTIONS = 8
+# The dose path's connections are kept between requests (LIFO, up to ``pool_size`` per database: half its
+# pool, the other half is always there for everything else) instead of going back to SQLAlchemy's pool after
+# each lease: a checkout and check-in through the pool, with the greenlet hop the checkout needs, was about
+# 8 % of records' CPU per single dose. One parked for longer than SPARE_IDLE_SECONDS goes back to the pool
+# (which recycles what is old) instead of being used.
 SPARE_IDLE_SECONDS = 30.0
 
 
@@ -251,6 +251,7 @@ class RecordsDatabases(Databases):
     """records' databases, with the dose path's spare connections (see :func:`_leased`)."""
 
     spare: dict[str, list[tuple[Any, float]]] = field(default_factory=dict)  # database URL → (fairy, parked at)
+    spare_limit: int = 0  # per database
 
     def spare_of(self, database: Database) -> list[tuple[Any, float]]:
         return self.spare.setdefault(database.url, [])
@@ -267,6 +268,7 @@ def connect(main_dsn: str, shard_dsns: dict[str, str], *, pool_size: int) -> Rec
     """records' databases, with :data:`SERVER_SETTINGS` on every connection."""
     databases = RecordsDatabases.connect(main_dsn, shard_dsns, pool_size=pool_size, server_settings=SERVER_SETTINGS)
     assert isinstance(databases, RecordsDatabases)  # Databases.connect builds its class
+    databases.spare_limit = pool_size  # shared.db.create_engine's pools hold twice pool_size
     return databases
 
 
@@ -293,12 +295,14 @@ async def _asyncpg(connection: AsyncConnection) -> AsyncIterator[Any]:
         raise DBAPIError(None, None, exc) from exc
 
 
-def _spare(databases: Databases, database: Database) -> list[tuple[Any, float]] | None:
-    return databases.spare_of(database) if isinstance(databases, RecordsDatabases) else None
+def _spare(databases: Databases, database: Database) -> tuple[list[tuple[Any, float]], int] | None:
+    if not isinstance(databases, RecordsDatabases):
+        return None
+    return databases.spare_of(database), databases.spare_limit
 
 
 @contextlib.asynccontextmanager
-async def _leased(database: Database, spare: list[tuple[Any, float]] | None) -> AsyncIterator[Any]:
+async def _leased(database: Database, spares: tuple[list[tuple[Any, float]], int] | None) -> AsyncIterator[Any]:
     """An asyncpg connection of ``database``, in no transaction (each statement commits on its own), its
     errors raised as :func:`_asyncpg` raises them. For the dose path, whose statements are all autocommitted:
     a session (and an ``AsyncConnection``) around it only cost CPU — checking a connection out through them,
@@ -307,6 +311,7 @@ async def _leased(database: Database, spare: list[tuple[Any, float]] | None) -> 
     lately, else from the pool; parked there again after a statement that went well, while there is room."""
     import asyncpg
 
+    spare, limit = spares or ([], 0)
     fairy = None
     if spare:
         now = time.monotonic()
@@ -329,8 +334,11 @@ async def _leased(database: Database, spare: list[tuple[Any, float]] | None) -> 
     except BaseException:
         fairy.close()  # whatever happened (a cancelled statement?), the pool's checks see to it
         raise
-    if spare is not None and len(spare) < SPARE_CONNECTIONS and not driver.is_in_transaction():
-        spare.append((fairy, time.monotonic()))
+    if len(spare) < limit and not driver.is_in_transaction():
+        now = time.monotonic()
+        if spare and now - spare[0][1] > SPARE_IDLE_SECONDS:  # the least recently used: not needed lately
+            spare.pop(0)[0].close()
+        spare.append((fairy, now))
     else:
         # Back to the pool. Its reset (a rollback) has nothing to do: no transaction was begun through the
         # SQLAlchemy adapter, so it never waits and needs no greenlet.

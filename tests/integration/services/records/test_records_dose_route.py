@@ -181,8 +181,9 @@ async def test_a_shard_written_on_a_leased_connection_counts_as_touched(client: 
 async def test_the_dose_path_keeps_its_connections_between_requests(
     databases: RecordsDatabases, record: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A connection the dose path used is parked for the next request (not returned to the pool), a few per
-    database; one parked too long goes back to the pool instead; disposing the databases closes them all."""
+    """A connection the dose path used is parked for the next request (not returned to the pool), up to
+    ``pool_size`` per database; one parked too long goes back to the pool instead; disposing the databases
+    closes them all."""
     [first] = await record(Submission(key="a", dose=dose("0000000001")))
     assert first.accepted is not None and first.accepted.status == "unmatched"
     main, shard = databases.spare_of(databases.main), databases.spare_of(databases.shards["s0"])
@@ -191,12 +192,11 @@ async def test_the_dose_path_keeps_its_connections_between_requests(
     await record(Submission(key="b", dose=dose("0000000002")))
     assert [f.driver_connection for f, _ in shard] == [parked]  # the same connection served the next one
 
-    # Many at once: each takes its own connection; no more than SPARE_CONNECTIONS of them are kept.
-    outcomes = await asyncio.gather(
-        *(record(Submission(key=f"c{n}", dose=dose(f"00000001{n:02d}"))) for n in range(20))
-    )
+    # Many at once: each takes its own connection; no more than pool_size (5 here) of them are kept.
+    outcomes = await asyncio.gather(*(record(Submission(key=f"c{n}", dose=dose(f"00000001{n:02d}"))) for n in range(8)))
     assert all(o.accepted is not None for [o] in outcomes)
-    assert 1 < len(shard) <= repository.SPARE_CONNECTIONS
+    assert databases.spare_limit == 5
+    assert 1 < len(shard) <= 5
 
     # Parked too long: back to the pool, and the request is served by a connection from the pool.
     shard[:] = [(fairy, at - repository.SPARE_IDLE_SECONDS - 1) for fairy, at in shard]
