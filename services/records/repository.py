@@ -288,8 +288,8 @@ async def _asyncpg(connection: AsyncConnection) -> AsyncIterator[Any]:
     driver = await _driver_connection(connection)
     try:
         yield driver
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        if isinstance(exc, (OSError, asyncpg.InterfaceError)) or driver.is_closed():
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
+        if not isinstance(exc, asyncpg.PostgresError) or driver.is_closed():  # lost (see _leased)
             await connection.invalidate(exc)
             raise OperationalError(None, None, exc) from exc
         raise DBAPIError(None, None, exc) from exc
@@ -317,7 +317,10 @@ async def _leased(database: Database, spares: tuple[list[tuple[Any, float]], int
         now = time.monotonic()
         while spare and fairy is None:
             fairy, parked_at = spare.pop()
-            if now - parked_at > SPARE_IDLE_SECONDS or fairy.driver_connection.is_closed():
+            if fairy.driver_connection.is_closed():
+                await greenlet_spawn(fairy.invalidate)
+                fairy = None
+            elif now - parked_at > SPARE_IDLE_SECONDS:
                 fairy.close()  # back to the pool, which recycles or replaces it
                 fairy = None
     if fairy is None:
@@ -325,12 +328,16 @@ async def _leased(database: Database, spares: tuple[list[tuple[Any, float]], int
     driver: Any = fairy.driver_connection
     try:
         yield driver
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        if isinstance(exc, (OSError, asyncpg.InterfaceError)) or driver.is_closed():
-            await greenlet_spawn(fairy.invalidate, exc)  # closing it may wait on the socket
-            raise OperationalError(None, None, exc) from exc
-        fairy.close()
-        raise DBAPIError(None, None, exc) from exc
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
+        if isinstance(exc, asyncpg.PostgresError) and not driver.is_closed():  # the statement failed, not the link
+            fairy.close()
+            raise DBAPIError(None, None, exc) from exc
+        # The connection is lost (a connection the server closed while it was idle fails its next statement
+        # with an InternalClientError), and those parked beside it most likely too (the server restarted?): all
+        # invalidated, so that one failed request stands for them all. Closing may wait on the socket.
+        lost, spare[:] = [fairy, *(parked for parked, _ in spare)], []
+        await greenlet_spawn(_invalidate, lost, exc)
+        raise OperationalError(None, None, exc) from exc
     except BaseException:
         fairy.close()  # whatever happened (a cancelled statement?), the pool's checks see to it
         raise
@@ -343,6 +350,11 @@ async def _leased(database: Database, spares: tuple[list[tuple[Any, float]], int
         # Back to the pool. Its reset (a rollback) has nothing to do: no transaction was begun through the
         # SQLAlchemy adapter, so it never waits and needs no greenlet.
         fairy.close()
+
+
+def _invalidate(fairies: Sequence[Any], exc: BaseException) -> None:
+    for fairy in fairies:
+        fairy.invalidate(exc)
 
 
 _BEGIN_IMMEDIATE = text("BEGIN IMMEDIATE")

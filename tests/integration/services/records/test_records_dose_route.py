@@ -11,8 +11,8 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import make_url, text
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from services.records import repository, router
 from services.records.app import create_app
@@ -222,3 +222,26 @@ async def test_a_statement_that_fails_does_not_park_its_connection(
     assert shard == []
     pool: Any = databases.shards["s0"].engine.sync_engine.pool
     assert pool.checkedout() == 0
+
+
+async def test_a_lost_connection_takes_the_parked_ones_with_it(
+    databases: RecordsDatabases, record: Callable[..., Any]
+) -> None:
+    """The server closed every connection (a restart): the first dose fails (503, retryable), and with it every
+    parked connection is dropped, so the next dose is served at once by a new connection."""
+    await asyncio.gather(*(record(Submission(key=f"a{n}", dose=dose(f"00000002{n:02d}"))) for n in range(4)))
+    shard = databases.spare_of(databases.shards["s0"])
+    assert len(shard) > 1
+    async with databases.main.engine.connect() as conn:
+        name = make_url(databases.shards["s0"].url).database
+        await conn.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d AND pid <> pg_backend_pid()"
+            ),
+            {"d": name},
+        )
+    with pytest.raises(OperationalError):
+        await record(Submission(key="b", dose=dose("0000000003")))
+    assert shard == []
+    [again] = await record(Submission(key="b", dose=dose("0000000003")))
+    assert again.accepted is not None and again.accepted.status == "unmatched"
