@@ -227,21 +227,41 @@ async def test_a_statement_that_fails_does_not_park_its_connection(
 async def test_a_lost_connection_takes_the_parked_ones_with_it(
     databases: RecordsDatabases, record: Callable[..., Any]
 ) -> None:
-    """The server closed every connection (a restart): the first dose fails (503, retryable), and with it every
-    parked connection is dropped, so the next dose is served at once by a new connection."""
+    """A statement that loses its connection fails the request (503, retryable) and drops every parked
+    connection of that database with it (a restarted server closed them all): none is tried again."""
+    await asyncio.gather(*(record(Submission(key=f"a{n}", dose=dose(f"00000002{n:02d}"))) for n in range(4)))
+    database = databases.shards["s0"]
+    shard = databases.spare_of(database)
+    parked = [fairy for fairy, _ in shard]
+    assert len(parked) > 1
+    with pytest.raises(OperationalError):
+        async with repository._leased(database, (shard, databases.spare_limit)):
+            raise ConnectionResetError("the server closed the connection")
+    assert shard == []
+    assert all(not fairy.is_valid for fairy in parked)
+    pool: Any = database.engine.sync_engine.pool
+    assert pool.checkedout() == 0
+    [again] = await record(Submission(key="b", dose=dose("0000000003")))
+    assert again.accepted is not None and again.accepted.status == "unmatched"
+
+
+async def test_parked_connections_the_server_closed_are_not_used(
+    databases: RecordsDatabases, record: Callable[..., Any]
+) -> None:
     await asyncio.gather(*(record(Submission(key=f"a{n}", dose=dose(f"00000002{n:02d}"))) for n in range(4)))
     shard = databases.spare_of(databases.shards["s0"])
-    assert len(shard) > 1
+    parked = [fairy for fairy, _ in shard]
     async with databases.main.engine.connect() as conn:
-        name = make_url(databases.shards["s0"].url).database
         await conn.execute(
             text(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d AND pid <> pg_backend_pid()"
             ),
-            {"d": name},
+            {"d": make_url(databases.shards["s0"].url).database},
         )
-    with pytest.raises(OperationalError):
-        await record(Submission(key="b", dose=dose("0000000003")))
-    assert shard == []
-    [again] = await record(Submission(key="b", dose=dose("0000000003")))
-    assert again.accepted is not None and again.accepted.status == "unmatched"
+    for _ in range(100):  # until asyncpg has read the server's goodbye on each of them
+        if all(fairy.driver_connection.is_closed() for fairy in parked):
+            break
+        await asyncio.sleep(0.05)
+    [outcome] = await record(Submission(key="b", dose=dose("0000000003")))
+    assert outcome.accepted is not None and outcome.accepted.status == "unmatched"
+    assert all(not fairy.is_valid for fairy in parked)
