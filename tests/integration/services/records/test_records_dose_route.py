@@ -30,8 +30,8 @@ from tests.integration.services.records.records_support import CLINIC, TODAY, do
 TREES = SERVICES_DIR / "records" / "migrations"
 PATH = "/api/v1/doses"
 CLINIC_HEADERS = internal_headers(Role.INSTITUTION, institution="1312345678")
-# FastAPI's handler takes a JSON body whatever its parameters; records' direct route only a bare media type.
-DOCUMENTED = {"Content-Type": "application/json; charset=utf-8"}
+# FastAPI's handler reads any ``application/*+json`` body as JSON; records' direct route only application/json.
+DOCUMENTED = {"Content-Type": "application/vnd.vrs+json"}
 DIRECT = {"Content-Type": "application/json"}
 
 
@@ -115,6 +115,26 @@ async def test_both_routes_answer_a_dose_alike(client: httpx.AsyncClient, direct
     assert early.json()["findings"]
     assert (await post(client, second, key="k2", route=DOCUMENTED)).content == early.content
     assert direct == ["k1", "scan-0", "k2"]
+
+
+@pytest.mark.parametrize("content_type", [None, "application/json; charset=utf-8", "Application/JSON"])
+async def test_a_json_body_takes_the_direct_route_with_or_without_parameters(
+    client: httpx.AsyncClient, direct: list[str], content_type: str | None
+) -> None:
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    answer = await client.post(
+        PATH, content=json.dumps(body("0000000005")), headers=CLINIC_HEADERS | headers | {"Idempotency-Key": "k"}
+    )
+    assert answer.status_code == 201, answer.text
+    assert direct == ["k"]
+
+
+async def test_a_body_in_another_encoding_is_left_to_fastapi(client: httpx.AsyncClient, direct: list[str]) -> None:
+    utf16 = json.dumps(body("0000000006")).encode("utf-16")
+    headers = CLINIC_HEADERS | {"Content-Type": "application/json; charset=utf-16", "Idempotency-Key": "k"}
+    answer = await client.post(PATH, content=utf16, headers=headers)
+    assert answer.status_code == 201, answer.text  # json.loads reads UTF-16; pydantic's JSON parser does not
+    assert direct == []
 
 
 @pytest.mark.parametrize(
