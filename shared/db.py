@@ -300,6 +300,7 @@ class UnitOfWork:
         self._databases = databases
         self._sessions: dict[str | None, AsyncSession] = {}
         self._after_commit: list[Callable[[], None]] = []
+        self._touched: set[str] = set()  # shards written without a session (see touch)
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` once everything is committed (e.g. wake the outbox relay)."""
@@ -317,7 +318,12 @@ class UnitOfWork:
 
     @property
     def touched_shards(self) -> list[str]:
-        return [name for name in self._sessions if name is not None]
+        return sorted(self._touched.union(name for name in self._sessions if name is not None))
+
+    def touch(self, shard: str) -> None:
+        """Count ``shard`` among the touched ones (whose outbox relay is woken after the commit) although no
+        session of it was opened: for statements that commit on a connection of their own."""
+        self._touched.add(shard)
 
     def shard(self, name: str) -> AsyncSession:
         return self._session(name)
@@ -344,6 +350,7 @@ class UnitOfWork:
         for session in self._sessions.values():
             await session.close()
         self._sessions.clear()
+        self._touched.clear()
 
     async def __aenter__(self) -> UnitOfWork:
         return self
@@ -358,13 +365,19 @@ class UnitOfWork:
             await self.close()
 
 
-async def _unit_of_work(request: Request) -> AsyncIterator[UnitOfWork]:
+def request_unit_of_work(request: Request) -> UnitOfWork:
+    """The unit of work of one request (``async with`` it: committed when the block succeeds)."""
+    uow = UnitOfWork(request.app.state.databases)
     # A service that publishes events keeps its outbox relay in ``app.state.relay``: what this request
     # committed is published at once instead of at the relay's next idle look.
     relay = getattr(request.app.state, "relay", None)
-    async with UnitOfWork(request.app.state.databases) as uow:
-        if relay is not None:
-            uow.after_commit(lambda: relay.wake(*uow.touched_shards))
+    if relay is not None:
+        uow.after_commit(lambda: relay.wake(*uow.touched_shards))
+    return uow
+
+
+async def _unit_of_work(request: Request) -> AsyncIterator[UnitOfWork]:
+    async with request_unit_of_work(request) as uow:
         yield uow
 
 

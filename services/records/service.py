@@ -28,6 +28,7 @@ from services.records.repository import (
     DoseRepository,
     ImportRepository,
     ProjectionRepository,
+    dose_path,
 )
 from services.records.schemas import CorrectionIn, CouponStatusOut, DoseAccepted, DoseIn, DoseOut, FindingOut
 from shared.auth import Principal, Role
@@ -81,8 +82,13 @@ class Outcome:
 _HASHED_FIELDS = set(DoseIn.model_fields)
 
 
+# The text hashed must never change (stored hashes are compared with new requests): the very output of
+# ``json.dumps(..., sort_keys=True, separators=(",", ":"))``, from one encoder built once.
+_canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
+
+
 def request_hash(dose: DoseIn) -> str:
-    canonical = json.dumps(dose.model_dump(mode="json", include=_HASHED_FIELDS), sort_keys=True, separators=(",", ":"))
+    canonical = _canonical(dose.model_dump(mode="json", include=_HASHED_FIELDS))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -189,7 +195,7 @@ async def record_doses(
     now = utcnow()
     scope = principal.scope_key  # a property: built once here, not once per item
     # Keys are the caller's, not a shard's: claimed once in the main database, whatever the coupon.
-    claims = await ClaimRepository(uow.databases.main).claim(
+    claims = await ClaimRepository(uow.databases).claim(
         [
             {"scope": scope, "key": item.sub.key, "request_hash": item.hash, "shard": shard} | {"created_at": now}
             for shard, items in by_shard.items()
@@ -235,12 +241,12 @@ async def _record_in_shard(
     rules: VaccineRules,
     now: datetime,
 ) -> None:
-    doses = DoseRepository(uow.shard(shard))
     coupon_keys = sorted({item.coupon_key for item in items})
-    await doses.begin()
-    for _ in range(_MAX_ATTEMPTS):
-        if await _try_record(doses, items, outcomes, coupon_keys, principal=principal, rules=rules, now=now):
-            return
+    async with dose_path(uow, shard) as doses:
+        await doses.begin()
+        for _ in range(_MAX_ATTEMPTS):
+            if await _try_record(doses, items, outcomes, coupon_keys, principal=principal, rules=rules, now=now):
+                return
     # Another request changed these coupons' doses between each read and write: only a storm on one coupon.
     raise ServiceUnavailable("these coupons are being changed by other requests; try again")
 

@@ -1,0 +1,287 @@
+"""``POST /api/v1/doses`` over HTTP on PostgreSQL: the plain request takes records' direct route, anything else
+FastAPI's handler of the same endpoint; both answer alike, byte for byte, and every refusal is FastAPI's."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import make_url, text
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from services.records import repository, router
+from services.records.app import create_app
+from services.records.repository import RecordsDatabases
+from services.records.service import Submission, record_doses
+from services.records.settings import RecordsSettings
+from shared.auth import Role
+from shared.db import UnitOfWork
+from shared.domain.vaccines import default_rules
+from shared.migrations import SERVICES_DIR, upgrade
+from shared.settings import BusSettings
+from tests.factories import internal_headers
+from tests.integration.services.records.records_support import CLINIC, TODAY, dose, line
+
+TREES = SERVICES_DIR / "records" / "migrations"
+PATH = "/api/v1/doses"
+CLINIC_HEADERS = internal_headers(Role.INSTITUTION, institution="1312345678")
+# FastAPI's handler reads any ``application/*+json`` body as JSON; records' direct route only application/json.
+DOCUMENTED = {"Content-Type": "application/vnd.vrs+json"}
+DIRECT = {"Content-Type": "application/json"}
+
+
+@pytest.fixture
+async def client(make_database: Callable[..., str], tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    main, s0, s1 = make_database("records_main"), make_database("records_s0"), make_database("records_s1")
+    await asyncio.to_thread(upgrade, main, TREES / "main")
+    for shard in (s0, s1):
+        await asyncio.to_thread(upgrade, shard, TREES / "shard")
+    settings = RecordsSettings(
+        main_dsn=main,
+        shard_dsns={"s0": s0, "s1": s1},
+        bus=BusSettings(kind="embedded", embedded_path=tmp_path / "events.db"),
+        run_relay=False,
+        run_consumer=False,
+        run_imports=False,
+    )
+    app = create_app(settings)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://records") as http,
+    ):
+        yield http
+
+
+@pytest.fixture
+def direct(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The keys of the requests records' direct route took."""
+    taken: list[str] = []
+    plain = router._plain_single_dose
+
+    async def counted(request: Any) -> Any:
+        found = await plain(request)
+        if found is not None:
+            taken.append(found[1])
+        return found
+
+    monkeypatch.setattr(router, "_plain_single_dose", counted)
+    return taken
+
+
+def body(coupon_number: str, **changes: Any) -> dict[str, Any]:
+    return {
+        "coupon": line(coupon_number),
+        "dose_number": 1,
+        "vaccinated_on": "2021-06-01",
+        "vaccine": "pfizer",
+        "lot_number": "EY0583",
+    } | changes
+
+
+async def post(
+    client: httpx.AsyncClient, doc: dict[str, Any] | str, *, key: str | None, route: dict[str, str], **headers: Any
+) -> httpx.Response:
+    content = doc if isinstance(doc, str) else json.dumps(doc)
+    sent = CLINIC_HEADERS | route | headers | ({"Idempotency-Key": key} if key is not None else {})
+    return await client.post(PATH, content=content, headers=sent)
+
+
+async def test_both_routes_answer_a_dose_alike(client: httpx.AsyncClient, direct: list[str]) -> None:
+    first = await post(client, body("0000000001"), key="k1", route=DIRECT)
+    assert first.status_code == 201, first.text
+    assert first.json()["status"] == "unmatched" and first.json()["findings"] == []
+    replayed = await post(client, body("0000000001"), key="k1", route=DOCUMENTED)
+    assert (replayed.status_code, replayed.content) == (201, first.content)
+    assert replayed.headers["content-type"] == first.headers["content-type"] == "application/json"
+    assert replayed.headers["content-length"] == first.headers["content-length"]
+
+    # A double scan under a new key: 200 and the first dose, whichever route answers.
+    scans = [
+        await post(client, body("0000000001"), key=f"scan-{n}", route=r) for n, r in enumerate((DIRECT, DOCUMENTED))
+    ]
+    assert [s.status_code for s in scans] == [200, 200]
+    assert scans[0].content == scans[1].content
+    assert scans[0].json() == {"dose_id": first.json()["dose_id"], "status": "duplicate", "findings": []}
+
+    # Findings travel the same way: dose 2 three days after dose 1 is too early.
+    second = body("0000000001", dose_number=2, vaccinated_on="2021-06-04")
+    early = await post(client, second, key="k2", route=DIRECT)
+    assert early.status_code == 201 and early.json()["status"] == "needs_review"
+    assert early.json()["findings"]
+    assert (await post(client, second, key="k2", route=DOCUMENTED)).content == early.content
+    assert direct == ["k1", "scan-0", "k2"]
+
+
+@pytest.mark.parametrize("content_type", [None, "application/json; charset=utf-8", "Application/JSON"])
+async def test_a_json_body_takes_the_direct_route_with_or_without_parameters(
+    client: httpx.AsyncClient, direct: list[str], content_type: str | None
+) -> None:
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    answer = await client.post(
+        PATH, content=json.dumps(body("0000000005")), headers=CLINIC_HEADERS | headers | {"Idempotency-Key": "k"}
+    )
+    assert answer.status_code == 201, answer.text
+    assert direct == ["k"]
+
+
+async def test_a_body_in_another_encoding_is_left_to_fastapi(client: httpx.AsyncClient, direct: list[str]) -> None:
+    utf16 = json.dumps(body("0000000006")).encode("utf-16")
+    headers = CLINIC_HEADERS | {"Content-Type": "application/json; charset=utf-16", "Idempotency-Key": "k"}
+    answer = await client.post(PATH, content=utf16, headers=headers)
+    assert answer.status_code == 201, answer.text  # json.loads reads UTF-16; pydantic's JSON parser does not
+    assert direct == []
+
+
+@pytest.mark.parametrize(
+    ("doc", "key", "headers", "status", "field"),
+    [
+        (body("0000000002"), None, {}, 400, None),  # no key
+        (body("0000000002"), "", {}, 400, None),
+        (body("0000000002"), "k" * 201, {}, 422, "Idempotency-Key"),
+        (body("0000000002", extra="x"), "k", {}, 422, "extra"),
+        (body("0000000002", dose_number="one"), "k", {}, 422, "dose_number"),
+        ({k: v for k, v in body("0000000002").items() if k != "vaccine"}, "k", {}, 422, "vaccine"),
+        ('{"coupon": ', "k", {}, 422, None),  # not JSON
+        ("", "k", {}, 422, "body"),
+        (body("0000000002"), "k", dict(internal_headers(Role.NATIONAL)), 403, None),
+        (body("0000000002"), "k", dict(internal_headers(Role.ANONYMOUS)), 401, None),
+    ],
+)
+async def test_what_the_direct_route_does_not_take_is_refused_as_documented(
+    client: httpx.AsyncClient,
+    doc: dict[str, Any] | str,
+    key: str | None,
+    headers: dict[str, str],
+    status: int,
+    field: str | None,
+    direct: list[str],
+) -> None:
+    answers = [await post(client, doc, key=key, route=route, **headers) for route in (DIRECT, DOCUMENTED)]
+    assert [a.status_code for a in answers] == [status, status], answers[0].text
+    assert answers[0].json() == answers[1].json()
+    assert direct == []  # FastAPI's handler answered both
+    if field is not None:
+        assert field in [e["field"] for e in answers[0].json()["errors"]]
+
+
+async def test_a_key_again_with_another_body_is_a_conflict_on_either_route(
+    client: httpx.AsyncClient, direct: list[str]
+) -> None:
+    assert (await post(client, body("0000000003"), key="k", route=DIRECT)).status_code == 201
+    answers = [
+        await post(client, body("0000000003", lot_number="FA5765"), key="k", route=r) for r in (DIRECT, DOCUMENTED)
+    ]
+    assert [a.status_code for a in answers] == [409, 409]
+    assert answers[0].json() == answers[1].json() and answers[0].json()["error"] == "Conflict"
+    assert direct == ["k", "k"]  # the first and the conflicting one: refused by the rules, not the route
+
+
+async def test_a_shard_written_on_a_leased_connection_counts_as_touched(client: httpx.AsyncClient) -> None:
+    """The dose path writes on a connection of its own, not through a session: the unit of work must still
+    name the shard, or the outbox relay is not woken after the commit."""
+    app: Any = client._transport.app  # type: ignore[attr-defined]
+    async with UnitOfWork(app.state.databases) as uow:
+        [outcome] = await record_doses(
+            uow,
+            principal=CLINIC,
+            submissions=[Submission(key="touch", dose=dose("0000000004"))],
+            rules=default_rules(),
+            today=TODAY,
+        )
+        assert outcome.accepted is not None
+        touched = uow.touched_shards
+    assert touched == [await app.state.databases.shard_of("131016")]
+
+
+async def test_the_dose_path_keeps_its_connections_between_requests(
+    databases: RecordsDatabases, record: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection the dose path used is parked for the next request (not returned to the pool), up to
+    ``pool_size`` per database; one parked too long goes back to the pool instead; disposing the databases
+    closes them all."""
+    [first] = await record(Submission(key="a", dose=dose("0000000001")))
+    assert first.accepted is not None and first.accepted.status == "unmatched"
+    main, shard = databases.spare_of(databases.main), databases.spare_of(databases.shards["s0"])
+    assert len(main) == len(shard) == 1
+    parked = shard[0][0].driver_connection
+    await record(Submission(key="b", dose=dose("0000000002")))
+    assert [f.driver_connection for f, _ in shard] == [parked]  # the same connection served the next one
+
+    # Many at once: each takes its own connection; no more than pool_size (5 here) of them are kept.
+    outcomes = await asyncio.gather(*(record(Submission(key=f"c{n}", dose=dose(f"00000001{n:02d}"))) for n in range(8)))
+    assert all(o.accepted is not None for [o] in outcomes)
+    assert databases.spare_limit == 5
+    assert 1 < len(shard) <= 5
+
+    # Parked too long: back to the pool, and the request is served by a connection from the pool.
+    shard[:] = [(fairy, at - repository.SPARE_IDLE_SECONDS - 1) for fairy, at in shard]
+    [late] = await record(Submission(key="d", dose=dose("0000000003")))
+    assert late.accepted is not None
+    assert len(shard) == 1
+    pool: Any = databases.shards["s0"].engine.sync_engine.pool
+    assert pool.checkedout() == len(shard)  # the others went back
+
+    await databases.dispose()
+    assert not shard and not main
+    assert pool.checkedout() == 0
+
+
+async def test_a_statement_that_fails_does_not_park_its_connection(
+    databases: RecordsDatabases, record: Callable[..., Any]
+) -> None:
+    shard = databases.spare_of(databases.shards["s0"])
+    async with databases.shards["s0"].sessionmaker() as session, session.begin():
+        await session.execute(text("ALTER TABLE doses ADD CONSTRAINT no_pfizer CHECK (vaccine <> 'pfizer')"))
+    with pytest.raises(DBAPIError):
+        await record(Submission(key="a", dose=dose("0000000001")))
+    assert shard == []
+    pool: Any = databases.shards["s0"].engine.sync_engine.pool
+    assert pool.checkedout() == 0
+
+
+async def test_a_lost_connection_takes_the_parked_ones_with_it(
+    databases: RecordsDatabases, record: Callable[..., Any]
+) -> None:
+    """A statement that loses its connection fails the request (503, retryable) and drops every parked
+    connection of that database with it (a restarted server closed them all): none is tried again."""
+    await asyncio.gather(*(record(Submission(key=f"a{n}", dose=dose(f"00000002{n:02d}"))) for n in range(4)))
+    database = databases.shards["s0"]
+    shard = databases.spare_of(database)
+    parked = [fairy for fairy, _ in shard]
+    assert len(parked) > 1
+    with pytest.raises(OperationalError):
+        async with repository._leased(database, (shard, databases.spare_limit)):
+            raise ConnectionResetError("the server closed the connection")
+    assert shard == []
+    assert all(not fairy.is_valid for fairy in parked)
+    pool: Any = database.engine.sync_engine.pool
+    assert pool.checkedout() == 0
+    [again] = await record(Submission(key="b", dose=dose("0000000003")))
+    assert again.accepted is not None and again.accepted.status == "unmatched"
+
+
+async def test_parked_connections_the_server_closed_are_not_used(
+    databases: RecordsDatabases, record: Callable[..., Any]
+) -> None:
+    await asyncio.gather(*(record(Submission(key=f"a{n}", dose=dose(f"00000002{n:02d}"))) for n in range(4)))
+    shard = databases.spare_of(databases.shards["s0"])
+    parked = [fairy for fairy, _ in shard]
+    async with databases.main.engine.connect() as conn:
+        await conn.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d AND pid <> pg_backend_pid()"
+            ),
+            {"d": make_url(databases.shards["s0"].url).database},
+        )
+    for _ in range(100):  # until asyncpg has read the server's goodbye on each of them
+        if all(fairy.driver_connection.is_closed() for fairy in parked):
+            break
+        await asyncio.sleep(0.05)
+    [outcome] = await record(Submission(key="b", dose=dose("0000000003")))
+    assert outcome.accepted is not None and outcome.accepted.status == "unmatched"
+    assert all(not fairy.is_valid for fairy in parked)
