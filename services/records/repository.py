@@ -348,7 +348,9 @@ async def _leased(database: Database, spares: tuple[list[tuple[Any, float]], int
         spare.append((fairy, now))
     else:
         # Back to the pool. Its reset (a rollback) has nothing to do: no transaction was begun through the
-        # SQLAlchemy adapter, so it never waits and needs no greenlet.
+        # SQLAlchemy adapter, so it never waits and needs no greenlet. Nor does the pool ever close a connection
+        # given back (which would await, and fail here outside a greenlet): shared.db.create_engine's pools have
+        # no overflow, so their idle queue always has room for a connection that was checked out of it.
         fairy.close()
 
 
