@@ -46,6 +46,9 @@ LocalHandler = Callable[["Inbound", Match, Principal], Awaitable["Outcome"]]
 PURPOSE_HEADER = "x-access-purpose"
 # Methods that only read: audited by one entry after the service answered, before the answer goes out.
 READ_METHODS = frozenset({"GET", "HEAD"})
+# What a caller gets when the audit trail cannot take a request's entry: it is not forwarded (a change), or its
+# answer is withheld (a read).
+AUDIT_UNAVAILABLE = "the audit trail is unavailable; retry"
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +171,7 @@ class Gateway:
                 chain, intent_seq = await self._audit.append(intent)
             except AuditUnavailable as exc:
                 log.error("audit intent not written, request refused before forwarding: %s", exc)
-                return error_outcome(match, ServiceUnavailable("the audit trail is unavailable; retry"))
+                return error_outcome(match, ServiceUnavailable(AUDIT_UNAVAILABLE))
         outcome = await self._forward(inbound, match, url, headers, body)
         if chain is not None and intent is not None:
             # The service has acted (or failed): its answer goes out whatever happens to the audit database
@@ -184,7 +187,7 @@ class Gateway:
                 await self._audit.append(_facts(inbound, match, principal, basis, outcome.status))
             except AuditUnavailable as exc:
                 log.error("audit entry of a read not written, answer withheld: %s", exc)
-                return error_outcome(match, ServiceUnavailable("the audit trail is unavailable; retry"))
+                return error_outcome(match, ServiceUnavailable(AUDIT_UNAVAILABLE))
         return outcome
 
     async def _forward(self, inbound: Inbound, match: Match, url: str, headers: dict[str, str], body: bytes) -> Outcome:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import (
     ARRAY,
     JSON,
@@ -278,18 +279,27 @@ async def _driver_connection(connection: Any) -> Any:
     return raw.driver_connection
 
 
+# What asyncpg raises when a statement fails or its connection is lost (see :func:`_lost`).
+_DRIVER_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
+
+
+def _lost(exc: BaseException, driver: Any) -> bool:
+    """Whether ``exc`` lost the connection rather than failed one statement: anything but an error the server
+    answered with, or one after which the connection is closed. A connection the server closed while it was
+    idle fails its next statement with an ``InternalClientError``."""
+    return not isinstance(exc, asyncpg.PostgresError) or driver.is_closed()
+
+
 @contextlib.asynccontextmanager
 async def _asyncpg(connection: AsyncConnection) -> AsyncIterator[Any]:
     """The asyncpg connection under ``connection``, its errors raised as SQLAlchemy's would be: a write refused
     by a shard fence reaches the app's database-error handler (503, the cached shard forgotten), and a lost
     connection is invalidated instead of going back to the pool."""
-    import asyncpg  # type: ignore[import-untyped]
-
     driver = await _driver_connection(connection)
     try:
         yield driver
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
-        if not isinstance(exc, asyncpg.PostgresError) or driver.is_closed():  # lost (see _leased)
+    except _DRIVER_ERRORS as exc:
+        if _lost(exc, driver):
             await connection.invalidate(exc)
             raise OperationalError(None, None, exc) from exc
         raise DBAPIError(None, None, exc) from exc
@@ -309,8 +319,6 @@ async def _leased(database: Database, spares: tuple[list[tuple[Any, float]], int
     beginning and committing a session transaction that never reaches the database, and a greenlet hop for
     each (measured: 17 % of records' CPU per single dose). Taken from ``spare`` if one was parked there
     lately, else from the pool; parked there again after a statement that went well, while there is room."""
-    import asyncpg
-
     spare, limit = spares or ([], 0)
     fairy = None
     if spare:
@@ -328,12 +336,11 @@ async def _leased(database: Database, spares: tuple[list[tuple[Any, float]], int
     driver: Any = fairy.driver_connection
     try:
         yield driver
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
-        if isinstance(exc, asyncpg.PostgresError) and not driver.is_closed():  # the statement failed, not the link
+    except _DRIVER_ERRORS as exc:
+        if not _lost(exc, driver):  # the statement failed, not the link
             fairy.close()
             raise DBAPIError(None, None, exc) from exc
-        # The connection is lost (a connection the server closed while it was idle fails its next statement
-        # with an InternalClientError), and those parked beside it most likely too (the server restarted?): all
+        # The connection is lost, and those parked beside it most likely too (the server restarted?): all
         # invalidated, so that one failed request stands for them all. Closing may wait on the socket.
         lost, spare[:] = [fairy, *(parked for parked, _ in spare)], []
         await greenlet_spawn(_invalidate, lost, exc)

@@ -60,7 +60,11 @@ internal = APIRouter(prefix="/internal/v1", tags=["internal"], include_in_schema
 GRANT_ONLY_PATHS = frozenset({"/internal/v1/dose-versions"})
 
 MunicipalityCode = Annotated[str, Path(pattern=r"^\d{6}$", description="6-digit municipality code")]
-Recorder = Annotated[Principal, require(Role.INSTITUTION, Role.MUNICIPALITY)]
+# Who records doses, and how long an Idempotency-Key may be: stated once for FastAPI's dependencies and for the
+# direct route of POST /doses (_plain_single_dose), which checks the same.
+_RECORDERS = (Role.INSTITUTION, Role.MUNICIPALITY)
+_MAX_KEY_LENGTH = 200
+Recorder = Annotated[Principal, require(*_RECORDERS)]
 MunicipalityPrincipal = Annotated[Principal, require(Role.MUNICIPALITY)]
 
 
@@ -69,7 +73,7 @@ async def record_dose(
     principal: Recorder,
     uow: UnitOfWorkDep,
     response: Response,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)] = None,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=_MAX_KEY_LENGTH)] = None,
 ) -> DoseAccepted:
     """Record one dose. ``Idempotency-Key`` is required: the same key again returns the same answer, and the
     same key with another body is a 409. The same dose again under a new key is answered 200 ``duplicate``."""
@@ -97,8 +101,6 @@ async def _record_one(uow: UnitOfWork, principal: Principal, key: str, dose: Dos
 
 _DOSE_IN = TypeAdapter(DoseIn)
 _DOSE_ACCEPTED = TypeAdapter(DoseAccepted)
-_RECORDERS = frozenset({Role.INSTITUTION, Role.MUNICIPALITY})
-_MAX_KEY_LENGTH = 200  # as record_dose's Idempotency-Key header says
 
 
 async def _plain_single_dose(request: Request) -> tuple[Principal, str, DoseIn] | None:

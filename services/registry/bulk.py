@@ -19,8 +19,7 @@ from json.encoder import encode_basestring
 
 from services.registry.crypto import MyNumberVault, VaultKeys
 from shared.domain.csv_stream import Parsed, RowError
-from shared.domain.keyset import text_key
-from shared.domain.resident_csv import CheckedValues, RawRow, check_values
+from shared.domain.resident_csv import CheckedValues, RawRow, check_values, int_keys
 from shared.ids import random_uuid_strings
 
 # Column lists of the COPYs, in the order the lines below write them.
@@ -163,11 +162,12 @@ def prepare(job: ChunkJob, vault: MyNumberVault) -> PreparedChunk:
             number_keys.append(0)
             coupon_keys.append(0)
             continue
-        result, (id_text, number_key, coupon) = check_values(values, job.today)
-        id_texts.append(id_text)
-        id_keys.append(text_key(id_text) if id_text is not None else 0)
-        number_keys.append(number_key or 0)
-        coupon_keys.append(int(coupon) if coupon is not None else 0)
+        result, keys = check_values(values, job.today)
+        id_key, number_key, coupon_key = int_keys(keys)
+        id_texts.append(keys[0])
+        id_keys.append(id_key)
+        number_keys.append(number_key)
+        coupon_keys.append(coupon_key)
         if isinstance(result, list):
             out.errors.append(result)
         else:

@@ -14,6 +14,7 @@ from hashlib import blake2b
 _MASK_64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15  # Fibonacci hashing: spreads sequential ids over the table
 _MIN_BITS = 10
+_BAD_KEY = "a key is a non-zero 64-bit unsigned int"
 
 
 class KeySet:
@@ -39,24 +40,14 @@ class KeySet:
 
     def add(self, key: int) -> bool:
         """Add ``key``; True when it was not there before."""
-        if not 0 < key <= _MASK_64:
-            raise ValueError("a key is a non-zero 64-bit unsigned int")
-        slots, shift, mask = self._slots, 64 - self._bits, (1 << self._bits) - 1
-        i = ((key * _GOLDEN) & _MASK_64) >> shift
-        while (value := slots[i]) != 0:
-            if value == key:
-                return False
-            i = (i + 1) & mask
-        slots[i] = key
-        self._size += 1
-        if self._size * 2 > len(slots):
-            self._grow()
-        return True
+        if not key:
+            raise ValueError(_BAD_KEY)
+        return not self.add_many((key,))
 
     def add_many(self, keys: Sequence[int]) -> list[int]:
-        """:meth:`add` each key in order, 0 skipped (no key); the positions of the keys that were there
-        already (an earlier one, or one earlier in ``keys``). One loop for a chunk of rows: ``add`` per key
-        was a third of a bulk import's main process."""
+        """Add each key in order, 0 skipped (no key); the positions of the keys that were there already (an
+        earlier one, or one earlier in ``keys``). One loop for a chunk of rows: a call per key was a third of a
+        bulk import's main process."""
         repeats = []
         slots, bits = self._slots, self._bits
         shift, mask, limit = 64 - bits, (1 << bits) - 1, len(slots) // 2
@@ -65,7 +56,7 @@ class KeySet:
             if not key:
                 continue
             if not 0 < key <= _MASK_64:
-                raise ValueError("a key is a non-zero 64-bit unsigned int")
+                raise ValueError(_BAD_KEY)
             i = ((key * _GOLDEN) & _MASK_64) >> shift
             while (value := slots[i]) != 0:
                 if value == key:

@@ -153,6 +153,17 @@ def check_values(values: RawRow, today: date) -> tuple[CheckedValues | list[RowE
     ), keys
 
 
+def int_keys(keys: RowKeys) -> tuple[int, int, int]:
+    """A row's keys as :class:`KeySet` takes them, 0 for none: the resident id's :func:`text_key`, the My Number's
+    key, the coupon number's value (a valid one is exactly 10 digits: its value with the leading zeros is it)."""
+    resident_id, number_key, coupon = keys
+    return (
+        0 if resident_id is None else text_key(resident_id),
+        number_key or 0,
+        0 if coupon is None else int(coupon),
+    )
+
+
 class Repeats:
     """The keys of every earlier row whose key itself was valid, even if the row had other errors: the file
     says two different things about that resident, and a person must decide which is true. My Numbers (12
@@ -164,16 +175,9 @@ class Repeats:
         self.coupon_numbers = KeySet(expected_rows)
 
     def check(self, keys: RowKeys) -> list[RowError]:
-        """Remember the row's keys; an error for each key an earlier row had."""
-        resident_id, number_key, coupon = keys
-        found = []
-        if resident_id is not None and not self.resident_ids.add(text_key(resident_id)):
-            found.append(RowError("resident_id", f"{resident_id} appears on an earlier row of this file"))
-        if number_key is not None and not self.my_numbers.add(number_key):
-            found.append(RowError("my_number", "this My Number appears on an earlier row of this file"))
-        if coupon is not None and not self.coupon_numbers.add(int(coupon)):
-            found.append(RowError("coupon_number", f"{coupon} appears on an earlier row of this file"))
-        return found
+        """Remember the row's keys; an error for each key an earlier row had (:meth:`check_chunk` of one row)."""
+        id_key, number_key, coupon_key = int_keys(keys)
+        return self.check_chunk([keys[0]], [id_key], [number_key], [coupon_key]).get(0, [])
 
     def check_chunk(
         self,
@@ -182,9 +186,8 @@ class Repeats:
         number_keys: Sequence[int],
         coupon_keys: Sequence[int],
     ) -> dict[int, list[RowError]]:
-        """:meth:`check` for a chunk of rows at once, their keys as ints (0: none): ``id_keys[i]`` is
-        ``text_key(id_texts[i])``, ``coupon_keys[i]`` the coupon number's value. The errors by position in the
-        chunk, only for rows with a repeat."""
+        """Remember a chunk of rows' keys, given as :func:`int_keys` makes them (``id_texts``: the resident ids
+        themselves, for the messages); the errors by position in the chunk, only for rows with a repeat."""
         found: dict[int, list[RowError]] = {}
         for i in self.resident_ids.add_many(id_keys):
             found.setdefault(i, []).append(
@@ -195,7 +198,6 @@ class Repeats:
                 RowError("my_number", "this My Number appears on an earlier row of this file")
             )
         for i in self.coupon_numbers.add_many(coupon_keys):
-            # A valid coupon number is exactly 10 digits: its value with the leading zeros is the number.
             message = f"{coupon_keys[i]:010d} appears on an earlier row of this file"
             found.setdefault(i, []).append(RowError("coupon_number", message))
         return found
