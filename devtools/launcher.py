@@ -38,7 +38,7 @@ class Stack:
     ports: dict[str, int]
     log_dir: Path
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-    # uvicorn worker processes per service (1 when not named): production runs several replicas of an API, and
+    # processes per service (1 when not named; see devtools.replicas): production runs several replicas of an API, and
     # one Python process uses one core at most
     replicas: dict[str, int] = field(default_factory=dict)
 
@@ -70,11 +70,15 @@ class Stack:
     def start_service(self, name: str) -> None:
         self._kill_leftover(name)
         log = (self.log_dir / f"{name}.log").open("ab")
+        replicas = self.replicas.get(name, 1)
+        # Several processes: each on a listening socket of its own (devtools.replicas), not uvicorn's --workers,
+        # whose shared socket hands a burst of new connections to one process.
+        server = ["devtools.replicas", str(replicas)] if replicas > 1 else ["uvicorn"]
         self.processes[name] = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
-                "uvicorn",
+                *server,
                 f"services.{name}.app:create_app",
                 "--factory",
                 "--host",
@@ -87,7 +91,6 @@ class Stack:
                 "--no-access-log",
                 "--timeout-graceful-shutdown",
                 "10",
-                *(["--workers", str(self.replicas[name])] if self.replicas.get(name, 1) > 1 else []),
             ],
             env=self.env,
             stdout=log,
@@ -130,8 +133,8 @@ class Stack:
         self._pid_file(name).unlink(missing_ok=True)
         if process is None or process.poll() is not None:
             return
-        if self.replicas.get(name, 1) > 1:
-            os.killpg(process.pid, sig)  # uvicorn's workers too: a SIGKILL would not reach them through it
+        if self.replicas.get(name, 1) > 1 and sig not in (signal.SIGTERM, signal.SIGINT):
+            os.killpg(process.pid, sig)  # the replicas too: a SIGKILL would not reach them through devtools.replicas
         else:
             process.send_signal(sig)
         try:

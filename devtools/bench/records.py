@@ -21,7 +21,12 @@ printed with everyone else's, so a generator that became the bottleneck shows. A
 numbers, not a test: every non-2xx answer is counted and printed, never dropped.
 
     python -m devtools.bench records [--duration 12] [--warmup 2] [--probes 200] [--csv-rows 20000] [--keep]
-        [--records-workers 2] [--worker-processes] [--pg-statements]
+        [--records-workers 2] [--worker-processes] [--pg-statements] [--only single,lag,batch,csv,fixed]
+        [--profile DIR]
+
+Before each phase the bench waits until stats counts every dose accepted so far (printed as "settled"), so
+that a phase never measures the previous one's backlog. ``--profile DIR`` runs py-spy on records' and stats'
+processes during each load phase and prints their top lines.
 """
 
 from __future__ import annotations
@@ -36,10 +41,12 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import aiohttp
 
+from devtools.bench.profile import Profiles
 from devtools.harness import scratch_directory
 from devtools.stack import WORKERS
 
@@ -63,6 +70,7 @@ from devtools.bench.core import (
     Prober,
     System,
     bearer,
+    children_of,
     dump_logs,
     import_csv,
     percentile,
@@ -76,6 +84,8 @@ from devtools.bench.core import (
     wait_drained,
     wait_quiet,
 )
+
+PHASES = ("single", "lag", "batch", "csv", "fixed")
 
 # -- the run ----------------------------------------------------------------------------------------------
 
@@ -106,6 +116,8 @@ class Report:
     fixed_cpu: CpuMeter | None = None
     drain_fixed: Drain | None = None
     statements: dict[str, list[str]] = field(default_factory=dict)
+    profiles: dict[str, str] = field(default_factory=dict)
+    settle: list[float] = field(default_factory=list)  # seconds waited for the backlog before each phase
 
 
 def load_line(label: str, result: LoadResult | None) -> str:
@@ -214,8 +226,16 @@ def render(report: Report, args: argparse.Namespace) -> str:
             lines.append(
                 f"WARNING: other processes used {meter.others:.2f} cores during the {phase} run: its figures are low"
             )
+    if report.settle:
+        lines.append(
+            f"{'waited for earlier backlog':<34} "
+            + ", ".join(f"{s:.1f} s" for s in report.settle)
+            + " (before each phase)"
+        )
     for phase, top in report.statements.items():
         lines += ["", f"PostgreSQL's busiest statements during the {phase} run (pg_stat_statements):", *top]
+    for phase, text in report.profiles.items():
+        lines += ["", f"py-spy during the {phase} run:", text]
     for lags, when in ((report.lag_idle, "idle"), (report.lag_load, "under load")):
         for sample, n in lags.errors.most_common(3):
             lines.append(f"    LAG PROBE ERROR ({when}) x{n}: {sample}")
@@ -298,59 +318,76 @@ async def measure(system: System, args: argparse.Namespace, cleanup: contextlib.
                 await prober.probe(report.lag_load, poll_interval=args.load_poll_ms / 1000)
 
         profile = statement_profiler(system, args, report)
-        await wait_quiet(args.quiet_cores, args.quiet_wait)
-        say("load: single doses through the gateway (lag probes alongside) ...")
-        profile("single")
-        report.single_cpu = CpuMeter(dict(vrs_groups))
-        report.single = await run_load(
-            LoadSpec(
-                name="single", url=gateway + DOSE_PATH, kind="single", phase=PHASE_SINGLE, tag=f"{tag}-single",
-                matched=tuple(matched), **base,
-            ),
-            report.single_cpu,
-            probe_under_load,
-        )  # fmt: skip
-        profile("single", done=True)
-        say(f"  {report.single.rate:.0f} req/s, {len(report.lag_load.values)} lag probes alongside")
-        report.drain_single = await wait_drained(session, gateway, report.single.accepted_total + prober.accepted)
-        say(f"  backlog: {report.drain_single.describe()}")
+        phases = set(args.only.split(",")) if args.only else set(PHASES)
+        expected = 0
 
-        await wait_quiet(args.quiet_cores, args.quiet_wait)
-        say(f"lag: {args.probes} probes on the idle system ...")
-        for _ in range(args.probes):
-            await prober.probe(report.lag_idle, poll_interval=args.poll_ms / 1000)
-
-        await wait_quiet(args.quiet_cores, args.quiet_wait)
-        say("load: dose batches through the gateway ...")
-        profile("batch")
-        report.batch_cpu = CpuMeter(dict(vrs_groups))
-        report.batch = await run_load(
-            LoadSpec(
-                name="batch", url=gateway + DOSE_PATH + "/batch", kind="batch", phase=PHASE_BATCH,
-                tag=f"{tag}-batch", concurrency=args.batch_clients, warmup=args.warmup,
-                duration=args.batch_duration, headers=clinic, batch_size=args.batch_size,
-            ),
-            report.batch_cpu,
-        )  # fmt: skip
-        profile("batch", done=True)
-        say(f"  {report.batch.item_rate:.0f} doses/s")
-        expected = report.single.accepted_total + prober.accepted + report.batch.accepted_total
-        report.drain_batch = await wait_drained(session, gateway, expected)
-        say(f"  backlog: {report.drain_batch.describe()}")
-
-        if args.csv_rows:
+        async def settled() -> None:
+            """Every dose accepted so far counted before the next phase starts, so that no phase measures the
+            previous one's backlog; how long that took is printed."""
+            drain = await wait_drained(session, gateway, expected + prober.accepted)
+            report.settle.append(drain.seconds)
+            if drain.seen != drain.expected:
+                say(f"  before the next phase: {drain.describe()}")
             await wait_quiet(args.quiet_cores, args.quiet_wait)
+
+        if "single" in phases:
+            await settled()
+            say("load: single doses through the gateway (lag probes alongside) ...")
+            profile("single")
+            report.single_cpu = CpuMeter(dict(vrs_groups))
+            report.single = await run_load(
+                LoadSpec(
+                    name="single", url=gateway + DOSE_PATH, kind="single", phase=PHASE_SINGLE, tag=f"{tag}-single",
+                    matched=tuple(matched), **base,
+                ),
+                report.single_cpu,
+                probe_under_load,
+            )  # fmt: skip
+            profile("single", done=True)
+            say(f"  {report.single.rate:.0f} req/s, {len(report.lag_load.values)} lag probes alongside")
+            expected += report.single.accepted_total
+            report.drain_single = await wait_drained(session, gateway, expected + prober.accepted)
+            say(f"  backlog: {report.drain_single.describe()}")
+
+        if "lag" in phases:
+            await settled()
+            say(f"lag: {args.probes} probes on the idle system ...")
+            for _ in range(args.probes):
+                await prober.probe(report.lag_idle, poll_interval=args.poll_ms / 1000)
+
+        if "batch" in phases:
+            await settled()
+            say("load: dose batches through the gateway ...")
+            profile("batch")
+            report.batch_cpu = CpuMeter(dict(vrs_groups))
+            report.batch = await run_load(
+                LoadSpec(
+                    name="batch", url=gateway + DOSE_PATH + "/batch", kind="batch", phase=PHASE_BATCH,
+                    tag=f"{tag}-batch", concurrency=args.batch_clients, warmup=args.warmup,
+                    duration=args.batch_duration, headers=clinic, batch_size=args.batch_size,
+                ),
+                report.batch_cpu,
+            )  # fmt: skip
+            profile("batch", done=True)
+            say(f"  {report.batch.item_rate:.0f} doses/s")
+            expected += report.batch.accepted_total
+            report.drain_batch = await wait_drained(session, gateway, expected + prober.accepted)
+            say(f"  backlog: {report.drain_batch.describe()}")
+
+        if args.csv_rows and "csv" in phases:
+            await settled()
             say(f"CSV import of {args.csv_rows} rows through the gateway ...")
             report.csv = await import_csv(session, gateway, tag, args.csv_rows)
             say(f"  {report.csv.rate:.0f} doses/s {report.csv.error}")
             expected += report.csv.rows_ok
-            report.drain_csv = await wait_drained(session, gateway, expected)
+            report.drain_csv = await wait_drained(session, gateway, expected + prober.accepted)
             say(f"  backlog: {report.drain_csv.describe()}")
 
-        rate = report.single.rate * args.fixed_share
-        if rate >= 1:
-            await wait_quiet(args.quiet_cores, args.quiet_wait)
+        rate = (report.single.rate if report.single else args.fixed_rate) * args.fixed_share
+        if "fixed" in phases and rate >= 1:
+            await settled()
             say(f"load: fixed rate {rate:.0f} doses/s ({args.fixed_share:.0%} of the single-dose max) ...")
+            profile("fixed")
             report.fixed_cpu = CpuMeter(dict(vrs_groups))
             report.fixed = await run_load(
                 LoadSpec(
@@ -360,23 +397,43 @@ async def measure(system: System, args: argparse.Namespace, cleanup: contextlib.
                 ),
                 report.fixed_cpu,
             )  # fmt: skip
+            profile("fixed", done=True)
             say(f"  {report.fixed.rate:.0f} req/s")
             expected += report.fixed.accepted_total
-            report.drain_fixed = await wait_drained(session, gateway, expected)
+            report.drain_fixed = await wait_drained(session, gateway, expected + prober.accepted)
             say(f"  backlog: {report.drain_fixed.describe()}")
 
 
 def statement_profiler(system: System, args: argparse.Namespace, report: Report) -> Callable[..., None]:
     """``--pg-statements``: reset PostgreSQL's statement statistics when a phase starts, keep its top lines when
-    it ends (pg_stat_statements, loaded at the server's start; it costs the database a little)."""
+    it ends (pg_stat_statements, loaded at the server's start; it costs the database a little).
+    ``--profile DIR``: py-spy on records' worker processes and stats (and their relays/consumers) meanwhile."""
+    running: dict[str, Profiles] = {}
 
     def profile(phase: str, *, done: bool = False) -> None:
-        if not args.pg_statements:
+        if args.pg_statements:
+            if done:
+                report.statements[phase] = top_statements(system.pg)
+            else:
+                reset_statements(system.pg)
+        if not args.profile:
             return
         if done:
-            report.statements[phase] = top_statements(system.pg)
-        else:
-            reset_statements(system.pg)
+            profiles = running.pop(phase)
+            profiles.stop()
+            report.profiles[phase] = profiles.report(args.profile_lines)
+            return
+        pids: dict[str, int] = {}
+        for name, process in system.stack.processes.items():
+            if not name.startswith(("records", "stats")):
+                continue
+            workers = children_of(process.pid)  # uvicorn's worker processes, when it has several
+            if workers:
+                pids |= {f"{name}-{i}": pid for i, pid in enumerate(workers)}
+            else:
+                pids[name] = process.pid
+        running[phase] = Profiles(Path(args.profile) / phase, pids)
+        running[phase].start()
 
     return profile
 
@@ -430,6 +487,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--skip-baseline", action="store_true", help="measure VRS only")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, data)")
+    parser.add_argument(
+        "--only", default="", help=f"comma-separated phases to run, of {','.join(PHASES)} (default: all)"
+    )
+    parser.add_argument(
+        "--fixed-rate", type=float, default=500.0, help="the max the fixed-rate share is of when single is not run"
+    )
+    parser.add_argument("--profile", default="", help="py-spy records and stats during each load phase into DIR")
+    parser.add_argument("--profile-lines", type=int, default=15)
     parser.add_argument(
         "--pg-statements", action="store_true", help="print PostgreSQL's busiest statements of each VRS phase"
     )
