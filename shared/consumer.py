@@ -13,9 +13,10 @@ Several processes can share a topic's partitions: with ``group`` set, the source
 Kafka consumer group; the embedded log's lease) and each member applies the partitions it is given,
 positioned at the offsets the database holds — a partition moving between members resumes exactly where the
 last database commit left it. Offsets only move forward, so a member that applied a batch just before
-losing its partitions cannot undo the new owner's progress. After each database commit the offsets are
-also committed to the bus, only so that operators see the group's lag there; a member killed between the
-two commits leaves the bus's offsets behind, which costs nothing because they are never read back.
+losing its partitions cannot undo the new owner's progress. After a database commit the offsets are also
+committed to the bus (at most once per ``bus_commit_interval``: a later step commits the rest), only so that
+operators see the group's lag there; a member killed between the two commits leaves the bus's offsets
+behind, which costs nothing because they are never read back.
 
 Processed ids do not pile up for ever when the tables keep where each event was read
 (``consumer_tables(..., positions=True)``): :meth:`IdempotentConsumer.prune` forgets those far behind the
@@ -194,6 +195,7 @@ class IdempotentConsumer:
         on_error: Callable[[], None] | None = None,
         on_positions: Callable[[dict[int, int], set[int]], None] | None = None,
         on_lag: Callable[[int, int], None] | None = None,
+        bus_commit_interval: float = 1.0,
     ) -> None:
         self.database = database
         self._on_commit = on_commit
@@ -220,6 +222,11 @@ class IdempotentConsumer:
         # The partitions held and their committed next offsets.
         self.positions: dict[int, int] = {}
         self._lag_due = 0.0
+        # The bus's offsets are a lag signal for operators: committed at most once per interval (each is a write
+        # on the broker and a round trip that holds up the next poll), the latest positions at each.
+        self.bus_commit_interval = bus_commit_interval
+        self._bus_pending: dict[int, int] = {}
+        self._bus_committed = -float("inf")  # when the last commit to the bus went out (monotonic)
         self._prune_due = time.monotonic() + prune_interval
 
     async def _open(self) -> Source:
@@ -279,6 +286,7 @@ class IdempotentConsumer:
     async def _reset(self) -> None:
         """Forget the source: its position may be ahead of what the database committed."""
         source, self._source = self._source, None
+        self._bus_pending.clear()
         if source is not None:
             try:
                 await source.close()
@@ -296,6 +304,7 @@ class IdempotentConsumer:
                 messages = await self._rebalanced(source, messages)
             await self._housekeeping(source)
             if not messages:
+                await self._signal_lag(source, {})  # what an earlier batch left for the next interval
                 return None
             positions = next_offsets(messages)
             async with self.database.sessionmaker() as session, session.begin():
@@ -313,11 +322,19 @@ class IdempotentConsumer:
         return applied
 
     async def _signal_lag(self, source: Source, positions: dict[int, int]) -> None:
-        """Commit to the bus what the database already holds: monitoring only, so a failure is just logged."""
-        if self.group is None or not positions:
+        """Commit to the bus what the database already holds, at most once per ``bus_commit_interval`` (the
+        rest is committed by a later step, busy or idle): monitoring only, so a failure is just logged."""
+        if self.group is None:
             return
+        for partition, offset in positions.items():
+            self._bus_pending[partition] = max(offset, self._bus_pending.get(partition, 0))
+        now = time.monotonic()
+        if not self._bus_pending or now < self._bus_committed + self.bus_commit_interval:
+            return
+        pending, self._bus_pending = self._bus_pending, {}
+        self._bus_committed = now
         try:
-            await source.commit(positions)
+            await source.commit(pending)
         except Exception:
             log.warning("committing offsets to the bus (lag signal) failed", exc_info=True)
 

@@ -74,6 +74,7 @@ class StatsConsumer(IdempotentConsumer):
         keep_offsets: int = 1_000_000,
         keep_seconds: float = 7 * 24 * 3600,
         aggregates: Aggregates = LIVE,
+        bus_commit_interval: float = 1.0,
     ) -> None:
         self.bus = bus
         self.aggregates = aggregates  # the live aggregates, or a rebuild's shadow tables
@@ -97,6 +98,7 @@ class StatsConsumer(IdempotentConsumer):
             on_error=CONSUMER_ERRORS.inc,
             on_positions=self._positions_metrics,
             on_lag=lambda partition, lag: CONSUMER_LAG.labels(self.name, str(partition)).set(lag),
+            bus_commit_interval=bus_commit_interval,
         )
 
     @classmethod

@@ -42,7 +42,12 @@ async def main() -> None:
         return wrapped
 
     consumer = StatsConsumer(
-        database, bus=settings.bus, group=settings.consumer_name, max_records=20, source_factory=source
+        database,
+        bus=settings.bus,
+        group=settings.consumer_name,
+        max_records=20,
+        source_factory=source,
+        bus_commit_interval=0,  # a bus commit after every database commit: the crash lands between the two
     )
     await consumer.run()
 

@@ -22,6 +22,7 @@ from sqlalchemy import func, select
 from services.stats.consumer import StatsConsumer
 from services.stats.models import dose_counts, processed_events
 from services.stats.service import stored_offsets
+from shared.bus import Source, make_source
 from shared.db import Database
 from shared.events import DoseEvent
 from shared.migrations import upgrade
@@ -104,6 +105,53 @@ async def test_two_group_members_share_the_work_and_one_takes_over_when_the_othe
     finally:
         await first.stop()
         await second.stop()
+
+
+async def test_the_bus_offsets_are_committed_at_most_once_an_interval_and_the_rest_when_due(
+    stats_db: Database, any_bus: BusSettings
+) -> None:
+    """The bus's offsets are a lag signal only: a busy consumer does not commit them after every batch (each
+    is a broker write and a round trip), but the last positions do reach the bus, busy or idle."""
+    commits: list[dict[int, int]] = []
+
+    class Counting:
+        def __init__(self, inner: Source) -> None:
+            self.inner = inner
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.inner, name)
+
+        async def commit(self, positions: dict[int, int]) -> None:
+            commits.append(dict(positions))
+            await self.inner.commit(positions)
+
+    def source(bus: BusSettings, name: str) -> Source:
+        counting: Source = Counting(make_source(bus, consumer=name))  # type: ignore[assignment]
+        return counting
+
+    group = f"stats-{uuid.uuid4().hex[:8]}"
+    consumer = StatsConsumer(
+        stats_db, bus=any_bus, group=group, poll_timeout=0.1, max_records=10, source_factory=source,
+        bus_commit_interval=3600,
+    )  # fmt: skip
+    consumer.start()
+    try:
+        deadline = time.monotonic() + 60
+        while len(consumer.positions) < 3:
+            assert time.monotonic() < deadline, "the group never settled"
+            await asyncio.sleep(0.1)
+        await publish(any_bus, events(60))
+        await wait_total(stats_db, 60)
+        assert len(commits) == 1  # six batches or more, one commit: the first
+        consumer.bus_commit_interval = 0  # due now: the next step, idle, commits what the database holds
+        async with stats_db.sessionmaker() as session:
+            in_db = await stored_offsets(session, consumer="stats", topic=any_bus.topic)
+        deadline = time.monotonic() + 30
+        while {p: max(c.get(p, 0) for c in commits) for p in in_db} != in_db:
+            assert time.monotonic() < deadline, f"the bus never got the offsets {in_db}: {commits}"
+            await asyncio.sleep(0.1)
+    finally:
+        await consumer.stop()
 
 
 # --- processes on real Kafka: a member killed between its two commits ---------------------------------
