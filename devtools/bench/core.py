@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import resource
@@ -128,6 +129,8 @@ class LoadResult:
     ok_in_window: int = 0  # answered with the expected status inside the measured window
     items_in_window: int = 0  # accepted doses inside the window (batch: items; single: = ok_in_window)
     latencies: list[float] = field(default_factory=list)  # seconds, ok answers inside the window
+    # Every answer, warm-up included: (when it was due, from the window's start; latency), for by_second
+    timeline: list[tuple[float, float]] = field(default_factory=list)
     errors: int = 0  # every request, warm-up included
     errors_in_window: int = 0
     items_rejected: int = 0  # batch items answered 'rejected' (every request)
@@ -144,6 +147,14 @@ class LoadResult:
     @property
     def item_rate(self) -> float:
         return self.items_in_window / self.window
+
+    def by_second(self) -> str:
+        """p99 (max) in ms of the answers (errors too) due in each second, warm-up included (negative
+        seconds): a stall shows as a bad second or two, plain queueing as all of them high."""
+        seconds: dict[int, list[float]] = {}
+        for due, latency in self.timeline:
+            seconds.setdefault(math.floor(due), []).append(latency * 1000)
+        return "  ".join(f"{s}:{percentile(v, 0.99):.0f}({max(v):.0f})" for s, v in sorted(seconds.items()))
 
 
 # -- the load generator (its own process) -----------------------------------------------------------------
@@ -198,6 +209,7 @@ async def _loadgen(spec: LoadSpec, conn: Connection) -> LoadResult:
 
         def account(status: int, payload: bytes, sent: float, done: float) -> None:
             in_window = window_start <= done < window_end
+            result.timeline.append((sent - window_start, done - sent))
             if status != expected:
                 result.errors += 1
                 result.errors_in_window += in_window

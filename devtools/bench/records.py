@@ -202,6 +202,7 @@ def render(report: Report, args: argparse.Namespace) -> str:
             f"p50 {percentile(ms, 0.5):6.1f} ms  p99 {percentile(ms, 0.99):6.1f} ms  errors {fixed.errors}"
         )
         lines += details(fixed, report.fixed_cpu)
+        lines.append(f"    p99 (max) ms by second due (warm-up < 0): {fixed.by_second()}")
     lines += [
         f"{'accepted→visible lag (idle)':<34} {report.lag_idle.describe()}",
         f"{'accepted→visible lag (under load)':<34} {report.lag_load.describe()}",
