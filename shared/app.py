@@ -9,7 +9,7 @@ from fastapi import APIRouter, FastAPI
 
 from shared.auth import GatewayOnly, InternalTokenVerifier
 from shared.errors import install_error_handlers
-from shared.observability import configure_logging, install_health
+from shared.observability import configure_logging, install_health, watch_gc
 from shared.settings import ServiceSettings
 
 
@@ -27,6 +27,7 @@ def build_app(
     """``behind_gateway``: every request needs the gateway's internal token (all but the gateway itself),
     except on ``grant_only_paths``, whose endpoints require a registry-signed grant instead."""
     configure_logging(settings.log_level, service)
+    watch_gc()
     app = FastAPI(
         title=f"VRS {service}",
         version="1",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import json
 import logging
 import re
@@ -51,7 +52,39 @@ EVENT_AGE = Histogram(
     # Seconds when live; hours or days while a replay catches up.
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 24 * 3600, 7 * 24 * 3600),
 )
+GC_PAUSE = Histogram(
+    "vrs_gc_pause_seconds",
+    "Python garbage collections: how long each held the process (every request in it waits)",
+    ["generation"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+)
+# A collection at least this long is logged too: a tail of latency with no slow statement behind it.
+GC_PAUSE_LOGGED = 0.05
 COLLECT_FAILURES = Counter("vrs_metrics_collect_failures_total", "Scrape-time samplers that failed", ["service"])
+
+
+def watch_gc() -> None:
+    """Time every garbage collection of this process (:data:`GC_PAUSE`); once per process, however many apps."""
+    if any(getattr(callback, "__name__", "") == "_gc_timer" for callback in gc.callbacks):
+        return
+    started = 0.0
+
+    def _gc_timer(phase: str, info: dict[str, int]) -> None:
+        nonlocal started
+        if phase == "start":
+            started = time.perf_counter()
+            return
+        took = time.perf_counter() - started
+        GC_PAUSE.labels(str(info["generation"])).observe(took)
+        if took >= GC_PAUSE_LOGGED:
+            logging.getLogger("vrs.gc").warning(
+                "garbage collection of generation %d held the process %.0f ms (%d objects freed)",
+                info["generation"],
+                took * 1000,
+                info["collected"],
+            )
+
+    gc.callbacks.append(_gc_timer)
 
 
 def serve_metrics(port: int | None) -> None:
