@@ -478,7 +478,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--records-workers",
         type=int,
         default=int(env("VRS_BENCH_RECORDS_WORKERS", "2")),
-        help="records' processes, each on a socket of its own (production runs 3 replicas; one process uses one core at most)",
+        help="records' processes, each on a socket of its own (production runs 3 replicas; one process uses one "
+        "core at most)",
     )
     parser.add_argument(
         "--worker-processes",
