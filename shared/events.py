@@ -118,3 +118,15 @@ class DoseEvent(Event):
     dose_id: uuid.UUID  # opaque record id; lets a consumer trace, never identifies a person
     cell: StatsCell | None  # None once voided
     previous_cell: StatsCell | None  # None for a new dose
+
+
+_DOSE_EVENTS = TypeAdapter(list[DoseEvent])
+
+
+def dose_events_from_bytes(raw: bytes) -> list[DoseEvent]:
+    """The events of one ``dose-events`` message: one event (a JSON object), or several (a JSON array: a dose
+    batch's events of one municipality, one outbox row and one message, see :func:`shared.outbox.outbox_rows`).
+    Each event keeps its own id, so a consumer's idempotency is unchanged."""
+    if raw.lstrip()[:1] == b"[":
+        return _DOSE_EVENTS.validate_json(raw)
+    return [DoseEvent.from_bytes(raw)]

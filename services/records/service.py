@@ -56,7 +56,7 @@ from shared.domain.vaccines import VaccineRules
 from shared.errors import Conflict, InvalidField, NotFound, ServiceUnavailable, VRSError
 from shared.events import CouponEvent, DoseEvent, DoseEventType, StatsCell
 from shared.ids import random_uuids
-from shared.outbox import OutboxRepository, outbox_row
+from shared.outbox import OutboxRepository, outbox_rows
 
 CouponKey = tuple[str, str]  # (issuing municipality, coupon number)
 
@@ -360,7 +360,7 @@ async def _try_record(
     written = await doses.record(
         key_rows,
         dose_rows,
-        [outbox_row(e) for e in events],
+        outbox_rows(events),
         scope=scope,
         coupons=coupon_keys,
         seen=seen,

@@ -35,7 +35,7 @@ from shared.consumer import Bookkeeping
 from shared.db import Database
 from shared.domain.codes import is_valid_prefecture_code, municipality_code_problem
 from shared.errors import InvalidField, ServiceUnavailable
-from shared.events import DoseEvent, StatsCell
+from shared.events import DoseEvent, StatsCell, dose_events_from_bytes
 
 log = logging.getLogger(__name__)
 
@@ -84,20 +84,25 @@ def fold_deltas(events: Iterable[DoseEvent]) -> dict[StatsCell, int]:
 
 
 def decode_messages(
-    messages: Sequence[Message], *, positions: dict[uuid.UUID, tuple[int, int]] | None = None
+    messages: Sequence[Message],
+    *,
+    positions: dict[uuid.UUID, tuple[int, int]] | None = None,
+    sizes: list[int] | None = None,
 ) -> tuple[list[DoseEvent], int]:
     """The batch's events, each event id once, and how many messages could not be decoded.
 
-    A message that is not a valid event of a known schema version is skipped: waiting for it would stop
-    the statistics for good. The payload is never logged (only where it sits and what was wrong).
-    ``positions``, when given, receives each event's (partition, offset) of its first message.
+    A message holds one event or several (a batch's, see :func:`shared.events.dose_events_from_bytes`). One
+    that is not valid events of a known schema version is skipped whole: waiting for it would stop the
+    statistics for good. The payload is never logged (only where it sits and what was wrong).
+    ``positions``, when given, receives each event's (partition, offset) of its first message; ``sizes`` the
+    number of events of each message decoded.
     """
     events: list[DoseEvent] = []
     seen: set[uuid.UUID] = set()
     undecodable = 0
     for message in messages:
         try:
-            event = DoseEvent.from_bytes(message.value)
+            decoded = dose_events_from_bytes(message.value)
         except ValidationError as exc:  # also what invalid JSON or invalid UTF-8 raise
             undecodable += 1
             problems = [
@@ -110,11 +115,14 @@ def decode_messages(
                 ", ".join(problems[:5]),
             )
             continue
-        if event.event_id not in seen:
-            seen.add(event.event_id)
-            events.append(event)
-            if positions is not None:
-                positions[event.event_id] = (message.partition, message.offset)
+        if sizes is not None:
+            sizes.append(len(decoded))
+        for event in decoded:
+            if event.event_id not in seen:
+                seen.add(event.event_id)
+                events.append(event)
+                if positions is not None:
+                    positions[event.event_id] = (message.partition, message.offset)
     return events, undecodable
 
 
@@ -139,7 +147,8 @@ async def apply_messages(
     recognised by their id and change nothing.
     """
     positions: dict[uuid.UUID, tuple[int, int]] = {}
-    events, undecodable = decode_messages(messages, positions=positions)
+    sizes: list[int] = []
+    events, undecodable = decode_messages(messages, positions=positions, sizes=sizes)
     fresh_ids = await Bookkeeping(session, consumer_bookkeeping).claim(consumer, positions, at=now)
     applied = [e for e in events if e.event_id in fresh_ids]
     repo = ConsumerRepository(session, aggregates=aggregates)
@@ -148,8 +157,8 @@ async def apply_messages(
         await repo.store_state(consumer, last_event_at=max(to_utc(e.occurred_at) for e in applied), updated_at=now)
     return BatchOutcome(
         applied=applied,
-        # Counted per message: a batch that carries one event twice has one duplicate too.
-        duplicates=len(messages) - undecodable - len(applied),
+        # Counted per event decoded: a batch that carries one event twice has one duplicate too.
+        duplicates=sum(sizes) - len(applied),
         undecodable=undecodable,
     )
 

@@ -1,13 +1,23 @@
-"""A coupon-events message is one event or a JSON array of them (a bulk import's), each with its own id."""
+"""A coupon-events or dose-events message is one event or a JSON array of them (a bulk import's, a dose
+batch's), each with its own id."""
 
 from __future__ import annotations
 
+import uuid
 from datetime import date
 
 import pytest
 from pydantic import ValidationError
 
-from shared.events import CouponEvent, CouponEventType, CouponState, coupon_events_from_bytes
+from shared.events import (
+    CouponEvent,
+    CouponEventType,
+    CouponState,
+    DoseEvent,
+    DoseEventType,
+    coupon_events_from_bytes,
+    dose_events_from_bytes,
+)
 
 
 def event(number: str) -> CouponEvent:
@@ -26,3 +36,18 @@ def test_an_unreadable_message_is_a_validation_error() -> None:
     for raw in (b"[{}]", b"{}", b"[1,2]"):
         with pytest.raises(ValidationError):
             coupon_events_from_bytes(raw)
+
+
+def dose_event() -> DoseEvent:
+    return DoseEvent(
+        type=DoseEventType.VOIDED, dose_id=uuid.uuid4(), municipality="131016", cell=None, previous_cell=None
+    )
+
+
+def test_a_dose_message_is_one_event_or_an_array() -> None:
+    one, two = dose_event(), dose_event()
+    assert dose_events_from_bytes(one.to_bytes()) == [one]
+    assert dose_events_from_bytes(b" [" + one.to_bytes() + b"," + two.to_bytes() + b"]") == [one, two]
+    for raw in (b"[{}]", b"{}", b"[1,2]", b"[" + one.to_bytes()):
+        with pytest.raises(ValidationError):
+            dose_events_from_bytes(raw)

@@ -18,7 +18,7 @@ from shared.auth import Principal, Role
 from shared.db import Databases, UnitOfWork, utcnow
 from shared.domain.coupon import compose_coupon_line
 from shared.domain.vaccines import default_rules
-from shared.events import DoseEvent
+from shared.events import DoseEvent, dose_events_from_bytes
 from shared.migrations import SERVICES_DIR, upgrade
 
 TREES = SERVICES_DIR / "records" / "migrations"
@@ -84,7 +84,7 @@ async def doses_in(databases: Databases, shard: str) -> list[Dose]:
 async def events_in(databases: Databases, shard: str) -> list[DoseEvent]:
     async with databases.shards[shard].sessionmaker() as session:
         rows = (await session.execute(select(outbox.c.payload).order_by(outbox.c.id))).scalars()
-        return [DoseEvent.from_bytes(p) for p in rows]
+        return [event for payload in rows for event in dose_events_from_bytes(payload)]
 
 
 async def count(databases: Databases, shard: str) -> int:

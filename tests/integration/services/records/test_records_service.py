@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select, update
 
-from services.records.models import CouponProjection, Dose, DoseHistory
+from services.records.models import CouponProjection, Dose, DoseHistory, outbox
 from services.records.schemas import CorrectionIn
 from services.records.service import Submission, apply_coupon_events, correct_dose
 from shared.db import Databases, UnitOfWork
@@ -130,6 +130,25 @@ async def test_a_batch_records_its_good_items_and_reports_each_bad_one_in_order(
         "dose_number",
     ]
     assert (await count(databases, "s0"), await count(databases, "s1")) == (1, 1)
+
+
+async def test_a_batchs_events_travel_as_one_outbox_row_per_municipality_and_shard(
+    record: Record, databases: Databases
+) -> None:
+    outcomes = await record(
+        *(Submission(key=f"e:{n}", dose=dose(f"{n:010d}")) for n in range(1, 4)),
+        Submission(key="e:9", dose=dose("0000000009", municipality=SAPPORO)),
+    )
+    assert all(o.accepted is not None for o in outcomes)
+    async with databases.shards["s0"].sessionmaker() as session:
+        [row] = (await session.execute(select(outbox.c.key, outbox.c.payload))).all()
+    assert row.key == CHIYODA and row.payload.startswith(b"[")  # one message for the three, not three
+    chiyoda = await events_in(databases, "s0")
+    assert [str(e.dose_id) for e in chiyoda] == [o.accepted.dose_id for o in outcomes[:3] if o.accepted]
+    assert len({e.event_id for e in chiyoda}) == 3  # each keeps its own id: stats counts each once
+    [sapporo] = await events_in(databases, "s1")  # alone in its shard: a single event, as a single dose writes
+    async with databases.shards["s1"].sessionmaker() as session:
+        assert (await session.scalar(select(outbox.c.payload))) == sapporo.to_bytes()
 
 
 # --- findings ------------------------------------------------------------------------------------------

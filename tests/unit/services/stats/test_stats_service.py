@@ -153,6 +153,19 @@ def test_decode_skips_garbage_and_repeats_without_logging_payloads(caplog: pytes
     assert next_offsets(batch) == {0: 5, 1: 1}
 
 
+def test_a_message_of_several_events_gives_each_its_position_and_is_skipped_whole_if_unreadable() -> None:
+    first, second, third = (event(DoseEventType.RECORDED, A) for _ in range(3))
+    array = b"[" + first.to_bytes() + b"," + second.to_bytes() + b"]"
+    broken = b"[" + third.to_bytes() + b',{"type": "dose.recorded"}]'
+    positions: dict[uuid.UUID, tuple[int, int]] = {}
+    sizes: list[int] = []
+    batch = [message(array, 7), message(broken, 8), message(first.to_bytes(), 9)]
+    events, undecodable = service.decode_messages(batch, positions=positions, sizes=sizes)
+    assert events == [first, second] and undecodable == 1  # no part of a broken message is applied
+    assert positions == {first.event_id: (0, 7), second.event_id: (0, 7)}  # where each was first read
+    assert sizes == [2, 1]  # events per message decoded, the repeat of ``first`` included
+
+
 # --- parameters -------------------------------------------------------------------------------------------
 
 
