@@ -124,6 +124,12 @@ def outbox_row(event: OutboxEvent) -> dict[str, Any]:
 EVENTS_PER_ROW = 1000
 
 
+# The events an outbox row holds, in SQL (PostgreSQL): one, or the length of its JSON array (see outbox_rows).
+EVENTS_OF_ROW_SQL = (
+    "CASE WHEN get_byte(payload, 0) = 91 THEN json_array_length(convert_from(payload, 'UTF8')::json) ELSE 1 END"
+)
+
+
 def outbox_rows(events: Sequence[OutboxEvent], *, per_row: int = EVENTS_PER_ROW) -> list[dict[str, Any]]:
     """Events as outbox rows: an event alone as itself; several of one key as one row holding a JSON array
     of up to ``per_row`` of them, in their order. A batch then costs the outbox, the relay, the bus and its

@@ -67,6 +67,7 @@ from devtools.bench.core import (
 )
 from devtools.bench.profile import Profiles
 from devtools.harness import scratch_directory
+from shared.outbox import EVENTS_OF_ROW_SQL
 
 OPENDATA = "opendata/prefecture-2021-07-15.ndjson"
 BIRTH = {"-64": "1980-04-01", "65-": "1940-04-01", "UNK": ""}  # 41 and 81 on any day of 2021; unknown
@@ -413,7 +414,9 @@ class Pipeline:
                 accepted = self.accepted
                 waiting = 0
                 for connection in connections:
-                    waiting += await connection.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+                    waiting += await connection.fetchval(
+                        f"SELECT coalesce(sum({EVENTS_OF_ROW_SQL}), 0) FROM outbox WHERE published_at IS NULL"
+                    )
                 applied = await self.applied() - base
                 self.samples.append((time.monotonic() - started, accepted, waiting, applied))
                 with contextlib.suppress(TimeoutError):
