@@ -10,6 +10,7 @@ Start it with :meth:`StatsConsumer.start` (a background task) and stop it with :
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
@@ -134,10 +135,13 @@ class StatsConsumer(IdempotentConsumer):
 
     def _observe(self, outcome: BatchOutcome) -> None:
         committed_at = utcnow()
-        for event in outcome.applied:
-            EVENTS_APPLIED.labels(event.type.value).inc()
-            EVENT_LAG.observe(max(0.0, (committed_at - service.to_utc(event.occurred_at)).total_seconds()))
-        observe_event_ages(self.name, self.topic, [service.to_utc(e.occurred_at) for e in outcome.applied])
+        occurred = [service.to_utc(e.occurred_at) for e in outcome.applied]
+        for at in occurred:
+            EVENT_LAG.observe(max(0.0, (committed_at - at).total_seconds()))
+        # A batch's events come in a few types: one labelled child and one increment per type.
+        for kind, n in collections.Counter(e.type.value for e in outcome.applied).items():
+            EVENTS_APPLIED.labels(kind).inc(n)
+        observe_event_ages(self.name, self.topic, occurred)
         if outcome.duplicates:
             EVENTS_DUPLICATE.inc(outcome.duplicates)
         if outcome.undecodable:

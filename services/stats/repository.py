@@ -5,6 +5,7 @@ Queries are built from the whitelist below: a caller names dimensions, never col
 
 from __future__ import annotations
 
+import operator
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -321,7 +322,7 @@ class ConsumerRepository:
     async def _add(self, table: Table, rows: list[dict[str, Any]]) -> None:
         key = [column.name for column in table.primary_key.columns]
         # One fixed order for every writer, so two consumers touching the same rows cannot deadlock.
-        rows = sorted((r for r in rows if r["count"]), key=lambda r: tuple(r[k] for k in key))
+        rows = sorted((r for r in rows if r["count"]), key=operator.itemgetter(*key))
         if not rows:
             return
         stmt, params = upsert_many(self.session, table, rows)
