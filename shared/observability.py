@@ -36,7 +36,11 @@ LATENCY = Histogram(
 # Outbox and consumer health, shared by every service that has an outbox or consumes a topic. Backlog and
 # age are sampled when /metrics is scraped (see ``install_health(collect=...)``), so they are true at scrape
 # time whichever replica runs the relay.
-OUTBOX_BACKLOG = Gauge("vrs_outbox_backlog_events", "Outbox events not yet published", ["service", "shard"])
+OUTBOX_BACKLOG = Gauge(
+    "vrs_outbox_backlog_events",
+    "Outbox rows (bus messages) not yet published: an event each, or a batch's events of one key together",
+    ["service", "shard"],
+)
 OUTBOX_OLDEST_AGE = Gauge(
     "vrs_outbox_oldest_unpublished_seconds",
     "Age of the oldest unpublished outbox event (0: none)",
