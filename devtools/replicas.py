@@ -13,11 +13,11 @@ then; each replica is its child, so CPU meters and profilers find them as its ch
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 from types import FrameType
 
 CHILD = "--replica"
@@ -65,9 +65,13 @@ def main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    os.wait()  # the first replica to stop (a crash, a signal) stops the others: one dead replica shows
-    forward(signal.SIGTERM, None)
-    return max(abs(child.wait()) for child in children)
+    while all(child.poll() is None for child in children):
+        time.sleep(0.2)
+    forward(signal.SIGTERM, None)  # the first replica to stop (a crash, a signal) stops the others
+    # uvicorn ends a graceful stop by raising the signal it caught again: that is a clean exit too.
+    clean = {0, -signal.SIGTERM, -signal.SIGINT}
+    codes = [child.wait() for child in children]
+    return next((abs(code) for code in codes if code not in clean), 0)
 
 
 if __name__ == "__main__":
