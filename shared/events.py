@@ -19,7 +19,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, date, datetime
 from enum import StrEnum
-from typing import Literal, Self
+from typing import Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -76,16 +76,27 @@ class CouponEvent(Event):
     state: CouponState
 
 
+# Events a message may carry: a batch's events of one key travel as one outbox row and one message holding a
+# JSON array (a dose event is ~400 bytes, so a message stays well under Kafka's 1 MB limit).
+EVENTS_PER_MESSAGE = 1000
+_E = TypeVar("_E", bound=Event)
+
+
+def _events_from_bytes(raw: bytes, model: type[_E], many: TypeAdapter[list[_E]]) -> list[_E]:
+    """One event (a JSON object) or several (a JSON array); each keeps its own id, so a consumer that counts
+    each id once is unchanged."""
+    if raw.lstrip()[:1] == b"[":
+        return many.validate_json(raw)
+    return [model.from_bytes(raw)]
+
+
 _COUPON_EVENTS = TypeAdapter(list[CouponEvent])
 
 
 def coupon_events_from_bytes(raw: bytes) -> list[CouponEvent]:
-    """The events of one ``coupon-events`` message: one event (a JSON object), or many (a JSON array: a bulk
-    import writes the coupons it issues by the thousand, one outbox row and one message per thousand). Each
-    event keeps its own id, so a consumer's idempotency is unchanged."""
-    if raw.lstrip()[:1] == b"[":
-        return _COUPON_EVENTS.validate_json(raw)
-    return [CouponEvent.from_bytes(raw)]
+    """The events of one ``coupon-events`` message: a bulk import writes the coupons it issues by the thousand,
+    one outbox row and one message per thousand."""
+    return _events_from_bytes(raw, CouponEvent, _COUPON_EVENTS)
 
 
 class DoseEventType(StrEnum):
@@ -124,9 +135,6 @@ _DOSE_EVENTS = TypeAdapter(list[DoseEvent])
 
 
 def dose_events_from_bytes(raw: bytes) -> list[DoseEvent]:
-    """The events of one ``dose-events`` message: one event (a JSON object), or several (a JSON array: a dose
-    batch's events of one municipality, one outbox row and one message, see :func:`shared.outbox.outbox_rows`).
-    Each event keeps its own id, so a consumer's idempotency is unchanged."""
-    if raw.lstrip()[:1] == b"[":
-        return _DOSE_EVENTS.validate_json(raw)
-    return [DoseEvent.from_bytes(raw)]
+    """The events of one ``dose-events`` message: a dose batch's events of one municipality travel together
+    (see :func:`shared.outbox.outbox_rows`), a single dose's alone."""
+    return _events_from_bytes(raw, DoseEvent, _DOSE_EVENTS)

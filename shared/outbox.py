@@ -49,6 +49,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.bus import OutgoingMessage, Publisher, make_publisher
 from shared.db import Database, Databases, utcnow
+from shared.events import EVENTS_PER_MESSAGE
 from shared.ids import random_uuid_strings
 from shared.observability import observe_outbox
 from shared.settings import PublisherSettings
@@ -119,18 +120,13 @@ def outbox_row(event: OutboxEvent) -> dict[str, Any]:
     }
 
 
-# Events per outbox row (one bus message) when a batch writes many of one key: a dose event is ~400 bytes, so a
-# message stays well under Kafka's 1 MB limit.
-EVENTS_PER_ROW = 1000
-
-
 # The events an outbox row holds, in SQL (PostgreSQL): one, or the length of its JSON array (see outbox_rows).
 EVENTS_OF_ROW_SQL = (
     "CASE WHEN get_byte(payload, 0) = 91 THEN json_array_length(convert_from(payload, 'UTF8')::json) ELSE 1 END"
 )
 
 
-def outbox_rows(events: Sequence[OutboxEvent], *, per_row: int = EVENTS_PER_ROW) -> list[dict[str, Any]]:
+def outbox_rows(events: Sequence[OutboxEvent], *, per_row: int = EVENTS_PER_MESSAGE) -> list[dict[str, Any]]:
     """Events as outbox rows: an event alone as itself; several of one key as one row holding a JSON array
     of up to ``per_row`` of them, in their order. A batch then costs the outbox, the relay, the bus and its
     consumers one row and one message per key instead of one per event; each event keeps its id."""

@@ -240,7 +240,8 @@ def prepare(job: ChunkJob, vault: MyNumberVault) -> PreparedChunk:
     return out
 
 
-# Coupon events per outbox row (one bus message): ~330 bytes each, well under Kafka's 1 MB message limit.
+# Coupon events per outbox row (one bus message): ~330 bytes each, well under Kafka's 1 MB message limit. The
+# same as shared.events.EVENTS_PER_MESSAGE, not imported from there: the workers do not load pydantic.
 EVENTS_PER_MESSAGE = 1000
 
 

@@ -11,6 +11,7 @@ from services.registry.bulk import (
     BINARY_TRAILER,
     COUPON_COLUMNS,
     DIRECTORY_COLUMNS,
+    EVENTS_PER_MESSAGE,
     HISTORY_COLUMNS,
     RESIDENT_COLUMNS,
     ChunkJob,
@@ -21,6 +22,7 @@ from services.registry.bulk import (
 from services.registry.crypto import MyNumberVault
 from services.registry.service import history_changes, snapshot
 from services.registry.settings import RegistrySettings
+from shared import events
 from shared.domain.codes import my_number_check_digit
 from shared.domain.keyset import text_key
 from shared.events import CouponEvent, CouponEventType, CouponState, coupon_events_from_bytes
@@ -141,6 +143,8 @@ def test_outbox_rows_carry_a_thousand_events_each() -> None:
     microseconds = {int.from_bytes(at, "big") for *_, at in lines}
     assert microseconds == {(NOW - datetime(2000, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)}
     assert outbox_copy("131016", [], NOW.isoformat()) == b""
+    # The workers keep their own copy of the shared limit (they do not import pydantic): the same number.
+    assert EVENTS_PER_MESSAGE == events.EVENTS_PER_MESSAGE
 
 
 def test_keys_only_and_taking_rows() -> None:
