@@ -196,6 +196,7 @@ class IdempotentConsumer:
         on_positions: Callable[[dict[int, int], set[int]], None] | None = None,
         on_lag: Callable[[int, int], None] | None = None,
         bus_commit_interval: float = 1.0,
+        rebalance_timeout: float = 330.0,
     ) -> None:
         self.database = database
         self._on_commit = on_commit
@@ -228,6 +229,11 @@ class IdempotentConsumer:
         self._bus_pending: dict[int, int] = {}
         self._bus_committed = -float("inf")  # when the last commit to the bus went out (monotonic)
         self._prune_due = time.monotonic() + prune_interval
+        # A group member still without the group's assignment this long after joining or losing its partitions
+        # leaves and joins again. Past Kafka's own rebalance timeout (kafka-python's max_poll_interval, 300 s)
+        # the group has settled or dropped it, so a slow peer never triggers it; a join seen stalled in CI
+        # (the broker had expired the member, the client never noticed) would otherwise hold it for good.
+        self.rebalance_timeout = rebalance_timeout
 
     async def _open(self) -> Source:
         """A source positioned at the offsets committed with the effects (0 for a partition never read).
@@ -302,6 +308,17 @@ class IdempotentConsumer:
             )
             if self.group is not None:
                 messages = await self._rebalanced(source, messages)
+                waiting = source.rebalancing_for()
+                if waiting is not None and waiting > self.rebalance_timeout:
+                    log.warning(
+                        "consumer %s (%s) has had no assignment for %.0f s since the group's rebalance began: "
+                        "leaving and joining again",
+                        self.name,
+                        self.topic,
+                        waiting,
+                    )
+                    await self._reset()
+                    return None
             await self._housekeeping(source)
             if not messages:
                 await self._signal_lag(source, {})  # what an earlier batch left for the next interval

@@ -72,6 +72,10 @@ class Source(Protocol):
     def take_assignment(self) -> Assignment | None:
         """The change of partitions since the last call (group members only); None when there was none."""
 
+    def rebalancing_for(self) -> float | None:
+        """Seconds since this member joined or lost its partitions without the group's next assignment having
+        come (group members only); None when it is not waiting for one."""
+
     async def commit(self, positions: dict[int, int]) -> None:
         """Tell the bus how far this group got — for lag monitoring only, after the consumer's own commit."""
 

@@ -135,6 +135,10 @@ class EmbeddedLog:
         pending, self._pending = self._pending, None
         return pending
 
+    def rebalancing_for(self) -> float | None:
+        """Never: the group's lease changes hands in one write, there is no rebalance to wait for."""
+        return None
+
     async def commit(self, positions: dict[int, int]) -> None:
         """Nothing to do: the lag metric compares :meth:`end_offsets` with the consumer's own positions."""
 

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -181,6 +182,9 @@ class KafkaSource:
         self._group: str | None = None
         self._owned: set[int] = set()
         self._pending: Assignment | None = None
+        # When this member joined, or last lost its partitions, without the group's next assignment since
+        # (monotonic); None otherwise. Written on the polling thread, read by the consumer's loop.
+        self._rebalance_since: float | None = None
 
     def _get_consumer(self) -> Any:
         if self._consumer is None:
@@ -210,6 +214,8 @@ class KafkaSource:
 
     # Called by kafka-python inside poll(), on the thread that holds the lock.
     def _revoked(self, partitions: set[int]) -> None:
+        if self._rebalance_since is None:
+            self._rebalance_since = time.monotonic()
         pending = self._pending or Assignment()
         self._owned -= partitions
         pending.owned = set(self._owned)
@@ -218,6 +224,8 @@ class KafkaSource:
         self._pending = pending
 
     def _assigned(self, partitions: set[int]) -> None:
+        # kafka-python calls this after every completed join, with nothing too: the rebalance is over.
+        self._rebalance_since = None
         if partitions:
             self._consumer.pause(*(TopicPartition(self._topic, p) for p in partitions))
         pending = self._pending or Assignment()
@@ -233,7 +241,12 @@ class KafkaSource:
         # its metadata next refreshes (minutes).
         await self.partitions()
         self._group = group
+        self._rebalance_since = time.monotonic()
         await asyncio.to_thread(self._locked_get)
+
+    def rebalancing_for(self) -> float | None:
+        since = self._rebalance_since
+        return None if since is None else time.monotonic() - since
 
     def _locked_get(self) -> None:
         with self._lock:

@@ -157,6 +157,57 @@ async def test_the_bus_offsets_are_committed_at_most_once_an_interval_and_the_re
         await consumer.stop()
 
 
+@pytest.mark.kafka
+async def test_a_member_whose_rebalance_never_ends_leaves_and_joins_again(
+    stats_db: Database, kafka_server: Any
+) -> None:
+    """kafka-python was seen waiting for good on a join the broker had already given up on (the member expired
+    mid-join, CI): a member without the group's assignment for longer than ``rebalance_timeout`` closes its
+    client and joins again, from where the database left off — nothing lost, nothing counted twice."""
+    bus = BusSettings(
+        kind="kafka",
+        topic=f"stats-{uuid.uuid4().hex[:12]}",
+        partitions=3,
+        kafka_bootstrap_servers=kafka_server.bootstrap_servers,
+        group_session_seconds=12.0,
+    )
+    opened: list[Any] = []
+
+    class Stalled:
+        """The real source; the first one opened says its rebalance never ended."""
+
+        def __init__(self, inner: Source) -> None:
+            self.inner = inner
+            self.closed = False
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.inner, name)
+
+        def rebalancing_for(self) -> float | None:
+            return 1e9 if self is opened[0] else self.inner.rebalancing_for()
+
+        async def close(self) -> None:
+            self.closed = True
+            await self.inner.close()
+
+    def source(bus: BusSettings, name: str) -> Source:
+        opened.append(Stalled(make_source(bus, consumer=name)))
+        stalled: Source = opened[-1]
+        return stalled
+
+    await publish(bus, events(30))
+    group = f"stats-{uuid.uuid4().hex[:8]}"
+    consumer = StatsConsumer(stats_db, bus=bus, group=group, poll_timeout=0.1, max_records=10, source_factory=source)
+    consumer.rebalance_timeout = 60.0
+    consumer.start()
+    try:
+        await wait_total(stats_db, 30)
+        assert len(opened) == 2 and opened[0].closed and not opened[1].closed
+        assert await processed(stats_db) == 30
+    finally:
+        await consumer.stop()
+
+
 # --- processes on real Kafka: a member killed between its two commits ---------------------------------
 
 
