@@ -189,8 +189,8 @@ class OutboxRepository:
     async def mark_published(self, ids: Sequence[int], at: datetime | None = None) -> None:
         column = self.table.c.id
         if self.session.get_bind().dialect.name == "postgresql":
-            # One array parameter: ``IN`` of a batch's ids is a statement of its own per batch size (parsed and
-            # planned again each time: 10-15 ms a 500-event batch, measured under a batch load).
+            # One array parameter, one prepared statement: ``IN`` of a batch's ids is a statement text of its own
+            # per batch size. (The UPDATE itself stayed 10-12 ms per 500 rows under a batch load: writing them.)
             where = column == any_(bindparam("ids", list(ids), type_=postgresql.ARRAY(BigInteger)))
         else:
             where = column.in_(ids)

@@ -39,7 +39,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -322,6 +322,24 @@ async def measure(system: System, args: argparse.Namespace, cleanup: contextlib.
         phases = set(args.only.split(",")) if args.only else set(PHASES)
         expected = 0
 
+        async def load(
+            spec: LoadSpec, alongside: Callable[[float, float], Awaitable[None]] | None = None
+        ) -> tuple[LoadResult, CpuMeter]:
+            """One load phase through the gateway, metered and (``--profile``, ``--pg-statements``) profiled."""
+            profile(spec.name)
+            meter = CpuMeter(dict(vrs_groups))
+            result = await run_load(spec, meter, alongside)
+            profile(spec.name, done=True)
+            return result, meter
+
+        async def drained(accepted: int) -> Drain:
+            """The phase's backlog: how long until stats counted ``accepted`` more doses."""
+            nonlocal expected
+            expected += accepted
+            drain = await wait_drained(session, gateway, expected + prober.accepted)
+            say(f"  backlog: {drain.describe()}")
+            return drain
+
         async def settled() -> None:
             """Every dose accepted so far counted before the next phase starts, so that no phase measures the
             previous one's backlog; how long that took is printed."""
@@ -334,21 +352,15 @@ async def measure(system: System, args: argparse.Namespace, cleanup: contextlib.
         if "single" in phases:
             await settled()
             say("load: single doses through the gateway (lag probes alongside) ...")
-            profile("single")
-            report.single_cpu = CpuMeter(dict(vrs_groups))
-            report.single = await run_load(
+            report.single, report.single_cpu = await load(
                 LoadSpec(
                     name="single", url=gateway + DOSE_PATH, kind="single", phase=PHASE_SINGLE, tag=f"{tag}-single",
                     matched=tuple(matched), **base,
                 ),
-                report.single_cpu,
                 probe_under_load,
             )  # fmt: skip
-            profile("single", done=True)
             say(f"  {report.single.rate:.0f} req/s, {len(report.lag_load.values)} lag probes alongside")
-            expected += report.single.accepted_total
-            report.drain_single = await wait_drained(session, gateway, expected + prober.accepted)
-            say(f"  backlog: {report.drain_single.describe()}")
+            report.drain_single = await drained(report.single.accepted_total)
 
         if "lag" in phases:
             await settled()
@@ -359,50 +371,36 @@ async def measure(system: System, args: argparse.Namespace, cleanup: contextlib.
         if "batch" in phases:
             await settled()
             say("load: dose batches through the gateway ...")
-            profile("batch")
-            report.batch_cpu = CpuMeter(dict(vrs_groups))
-            report.batch = await run_load(
+            report.batch, report.batch_cpu = await load(
                 LoadSpec(
                     name="batch", url=gateway + DOSE_PATH + "/batch", kind="batch", phase=PHASE_BATCH,
                     tag=f"{tag}-batch", concurrency=args.batch_clients, warmup=args.warmup,
                     duration=args.batch_duration, headers=clinic, batch_size=args.batch_size,
                 ),
-                report.batch_cpu,
             )  # fmt: skip
-            profile("batch", done=True)
             say(f"  {report.batch.item_rate:.0f} doses/s")
-            expected += report.batch.accepted_total
-            report.drain_batch = await wait_drained(session, gateway, expected + prober.accepted)
-            say(f"  backlog: {report.drain_batch.describe()}")
+            report.drain_batch = await drained(report.batch.accepted_total)
 
         if args.csv_rows and "csv" in phases:
             await settled()
             say(f"CSV import of {args.csv_rows} rows through the gateway ...")
             report.csv = await import_csv(session, gateway, tag, args.csv_rows)
             say(f"  {report.csv.rate:.0f} doses/s {report.csv.error}")
-            expected += report.csv.rows_ok
-            report.drain_csv = await wait_drained(session, gateway, expected + prober.accepted)
-            say(f"  backlog: {report.drain_csv.describe()}")
+            report.drain_csv = await drained(report.csv.rows_ok)
 
         rate = (report.single.rate if report.single else args.fixed_rate) * args.fixed_share
         if "fixed" in phases and rate >= 1:
             await settled()
             say(f"load: fixed rate {rate:.0f} doses/s ({args.fixed_share:.0%} of the single-dose max) ...")
-            profile("fixed")
-            report.fixed_cpu = CpuMeter(dict(vrs_groups))
-            report.fixed = await run_load(
+            report.fixed, report.fixed_cpu = await load(
                 LoadSpec(
                     name="fixed", url=gateway + DOSE_PATH, kind="single", phase=PHASE_FIXED, tag=f"{tag}-fixed",
                     concurrency=max(64, args.concurrency), warmup=args.warmup, duration=args.duration,
                     headers=clinic, rate=rate,
                 ),
-                report.fixed_cpu,
             )  # fmt: skip
-            profile("fixed", done=True)
             say(f"  {report.fixed.rate:.0f} req/s")
-            expected += report.fixed.accepted_total
-            report.drain_fixed = await wait_drained(session, gateway, expected + prober.accepted)
-            say(f"  backlog: {report.drain_fixed.describe()}")
+            report.drain_fixed = await drained(report.fixed.accepted_total)
 
 
 def statement_profiler(system: System, args: argparse.Namespace, report: Report) -> Callable[..., None]:
@@ -428,7 +426,7 @@ def statement_profiler(system: System, args: argparse.Namespace, report: Report)
         for name, process in system.stack.processes.items():
             if not name.startswith(("records", "stats")):
                 continue
-            workers = children_of(process.pid)  # uvicorn's worker processes, when it has several
+            workers = children_of(process.pid)  # its replicas, when it runs several (devtools.replicas)
             if workers:
                 pids |= {f"{name}-{i}": pid for i, pid in enumerate(workers)}
             else:
