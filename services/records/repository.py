@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import time
@@ -48,6 +49,7 @@ from services.records.models import (
     IdempotencyKey,
     outbox,
 )
+from shared.coalesce import Coalescer
 from shared.db import Database, Databases, UnitOfWork
 from shared.shardmove import MovableTable
 
@@ -210,23 +212,27 @@ SELECT 2, NULL, NULL, NULL, d.municipality_code, d.coupon_number, NULL, NULL, NU
 ORDER BY kind, dose_number, vaccinated_on, recorded_at
 """
 # Claims in one statement: insert what is new, read back what another request claimed first (its
-# snapshot may miss a claim committed while this one waited on it: those are read again, see claim()).
+# snapshot may miss a claim committed while this one waited on it: those are read again, see claim()). The
+# rows may be of several callers (scopes): concurrent requests' claims go together (see ClaimRepository).
 _CLAIM_PG = """
-WITH wanted AS (SELECT * FROM unnest($2::varchar[], $3::varchar[], $4::varchar[]) AS w(key, request_hash, shard)),
+WITH wanted AS (
+    SELECT * FROM unnest($1::varchar[], $2::varchar[], $3::varchar[], $4::varchar[], $5::timestamptz[])
+        AS w(scope, key, request_hash, shard, created_at)
+),
 claimed AS (
     INSERT INTO idempotency_claims (scope, key, request_hash, shard, created_at)
-    SELECT $1, key, request_hash, shard, $5 FROM wanted ORDER BY key
-    ON CONFLICT (scope, key) DO NOTHING RETURNING key, request_hash
+    SELECT scope, key, request_hash, shard, created_at FROM wanted ORDER BY scope, key
+    ON CONFLICT (scope, key) DO NOTHING RETURNING scope, key, request_hash
 )
-SELECT key, request_hash FROM claimed
+SELECT scope, key, request_hash FROM claimed
 UNION ALL
-SELECT c.key, c.request_hash FROM wanted w CROSS JOIN LATERAL (
-    SELECT * FROM idempotency_claims c WHERE c.scope = $1 AND c.key = w.key OFFSET 0
+SELECT c.scope, c.key, c.request_hash FROM wanted w CROSS JOIN LATERAL (
+    SELECT * FROM idempotency_claims c WHERE c.scope = w.scope AND c.key = w.key OFFSET 0
 ) AS c
 """
 _CLAIMED_PG = """
-SELECT c.key, c.request_hash FROM unnest($2::varchar[]) AS w(key) CROSS JOIN LATERAL (
-    SELECT * FROM idempotency_claims c WHERE c.scope = $1 AND c.key = w.key OFFSET 0
+SELECT c.scope, c.key, c.request_hash FROM unnest($1::varchar[], $2::varchar[]) AS w(scope, key) CROSS JOIN LATERAL (
+    SELECT * FROM idempotency_claims c WHERE c.scope = w.scope AND c.key = w.key OFFSET 0
 ) AS c
 """
 
@@ -253,6 +259,11 @@ class RecordsDatabases(Databases):
 
     spare: dict[str, list[tuple[Any, float]]] = field(default_factory=dict)  # database URL → (fairy, parked at)
     spare_limit: int = 0  # per database
+    # Concurrent requests' claims of their keys, one statement for those that arrive together (PostgreSQL).
+    claims: Coalescer[dict[str, Any], str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.claims = Coalescer(functools.partial(claim_rows, self))
 
     def spare_of(self, database: Database) -> list[tuple[Any, float]]:
         return self.spare.setdefault(database.url, [])
@@ -593,28 +604,23 @@ class ClaimRepository:
         harmless — the retry with the same body finds its own claim and records the dose. It spares the
         dose path a second transaction (BEGIN and COMMIT) in the main database. Keys are inserted in a
         fixed order, so concurrent batches cannot deadlock; a key claimed by someone else is read back.
+
+        PostgreSQL: a few keys (a single dose) are claimed together with those of the other requests of this
+        process that arrive meanwhile (:class:`shared.coalesce.Coalescer`): one statement and one commit for
+        them all instead of one each. A batch's keys go in a statement of their own.
         """
         if not rows:
             return {}
+        if self.database.engine.dialect.name == "postgresql":
+            coalesced = len(rows) <= COALESCED_CLAIM_ROWS and isinstance(self.databases, RecordsDatabases)
+            if coalesced:
+                assert isinstance(self.databases, RecordsDatabases)
+                hashes = await self.databases.claims.submit(rows)
+            else:
+                hashes = await claim_rows(self.databases, rows)
+            return {r["key"]: h for r, h in zip(rows, hashes, strict=True)}
         t = _claims
         ordered = sorted(rows, key=lambda r: str(r["key"]))
-        if self.database.engine.dialect.name == "postgresql":
-            scope = rows[0]["scope"]
-            # No transaction: asyncpg autocommits a statement run outside one.
-            async with _leased(self.database, _spare(self.databases, self.database)) as conn:
-                found = await conn.fetch(
-                    _CLAIM_PG,
-                    scope,
-                    [r["key"] for r in ordered],
-                    [r["request_hash"] for r in ordered],
-                    [r["shard"] for r in ordered],
-                    ordered[0]["created_at"],
-                )
-                claimed = {r["key"]: r["request_hash"] for r in found}
-                missing = [r["key"] for r in rows if r["key"] not in claimed]
-                if missing:
-                    claimed |= {r["key"]: r["request_hash"] for r in await conn.fetch(_CLAIMED_PG, scope, missing)}
-            return claimed
         async with self.database.engine.connect() as conn:
             conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
             claim = _CLAIM[conn.dialect.name == "postgresql"]
@@ -624,6 +630,39 @@ class ClaimRepository:
                 found = select(t.c.key, t.c.request_hash).where(t.c.scope == rows[0]["scope"], t.c.key.in_(missing))
                 claimed |= {row.key: row.request_hash for row in await conn.execute(found)}
         return claimed
+
+
+# A submission of at most this many keys waits for the claim in flight and goes with the next (a single dose,
+# a small batch); a larger one (a batch of hundreds) is claimed by a statement of its own, so that the single
+# doses behind it do not wait for it.
+COALESCED_CLAIM_ROWS = 20
+
+
+async def claim_rows(databases: Databases, rows: Sequence[dict[str, Any]]) -> list[str]:
+    """PostgreSQL: claim these rows (of any callers) in one statement; each row's stored request hash, in order.
+
+    Two rows with the same caller and key (a retry racing its original) are claimed once: the first body
+    wins, as it would have if they had come one after the other."""
+    first: dict[tuple[str, str], dict[str, Any]] = {}
+    for row in rows:
+        first.setdefault((row["scope"], row["key"]), row)
+    ordered = [first[k] for k in sorted(first)]
+    database = databases.main
+    async with _leased(database, _spare(databases, database)) as conn:  # no transaction: autocommitted
+        found = await conn.fetch(
+            _CLAIM_PG,
+            [r["scope"] for r in ordered],
+            [r["key"] for r in ordered],
+            [r["request_hash"] for r in ordered],
+            [r["shard"] for r in ordered],
+            [r["created_at"] for r in ordered],
+        )
+        claimed = {(r["scope"], r["key"]): r["request_hash"] for r in found}
+        missing = [k for k in first if k not in claimed]
+        if missing:
+            again = await conn.fetch(_CLAIMED_PG, [s for s, _ in missing], [k for _, k in missing])
+            claimed |= {(r["scope"], r["key"]): r["request_hash"] for r in again}
+    return [claimed[(r["scope"], r["key"])] for r in rows]
 
 
 class ProjectionRepository:

@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 
-from services.records.repository import DoseRepository
+from services.records.repository import DoseRepository, claim_rows
 from services.records.service import Submission, apply_coupon_events
 from shared.auth import Principal, Role
 from shared.db import Databases, utcnow
 from shared.domain.sex import Sex
 from shared.events import CouponEvent, CouponEventType, CouponState
-from tests.integration.services.records.records_support import CHIYODA, CLINIC, count, dose, events_in
+from tests.integration.services.records.records_support import CHIYODA, CLINIC, SAPPORO, count, dose, events_in
 
 pytestmark = pytest.mark.usefixtures("pg_server")
 Record = Callable[..., Any]
@@ -95,3 +95,55 @@ async def test_a_write_decided_on_a_stale_read_stores_nothing(record: Record, da
         await session.commit()
         assert current
         assert "late" in (await repo.on_file(CLINIC.scope_key, ["late"], coupon))[0]
+
+
+CALLERS = [CLINIC, OTHER_CLINIC, Principal(role=Role.INSTITUTION, subject="tablet-3", institution="1310000003")]
+
+
+async def test_single_doses_arriving_together_claim_their_keys_in_shared_statements(
+    record: Record, databases: Databases
+) -> None:
+    """Concurrent requests of several callers, on both shards: their keys are claimed together (fewer
+    statements than requests), and each request gets its own answer, as if it had been alone."""
+    claims = databases.claims  # type: ignore[attr-defined]
+    calls_before = claims.calls
+    requests = [
+        (caller, Submission(key=f"k-{n}", dose=dose(f"{10 * n + i:010d}", municipality=(CHIYODA, SAPPORO)[n % 2])))
+        for n in range(1, 31)
+        for i, caller in enumerate(CALLERS)
+    ]  # the same keys under each caller: keys are the caller's, so none of these collide
+    results = await asyncio.gather(*(record(sub, principal=caller) for caller, sub in requests))
+    assert all(o.error is None and o.accepted is not None for [o] in results)
+    ids = {o.accepted.dose_id for [o] in results if o.accepted}
+    assert len(ids) == len(requests)
+    assert claims.calls - calls_before < len(requests)  # shared statements
+    # Each answer is the request's own: the same key again replays that very dose.
+    for (caller, sub), [first] in zip(requests[:6], results[:6], strict=True):
+        [again] = await record(sub, principal=caller)
+        assert again.accepted == first.accepted
+
+
+async def test_one_key_sent_at_once_with_two_bodies_records_one_and_refuses_the_other(
+    record: Record, databases: Databases
+) -> None:
+    """The same caller's key in one shared claim with two bodies (on two shards): the first body claimed
+    wins, the other is a 409 — as when they come one after the other. The same body twice is one dose."""
+    for n in range(1, ROUNDS + 1):
+        chiyoda = Submission(key=f"twice-{n}", dose=dose(f"{n:010d}"))
+        sapporo = Submission(key=f"twice-{n}", dose=dose(f"{n:010d}", municipality=SAPPORO))
+        same = Submission(key=f"same-{n}", dose=dose(f"{n + 100:010d}"))
+        [a], [b], [c], [d] = await asyncio.gather(record(chiyoda), record(sapporo), record(same), record(same))
+        assert sorted([a.error is None, b.error is None]) == [False, True]
+        refused = a if a.error is not None else b
+        assert refused.error is not None and refused.error.status_code == 409
+        assert c.accepted is not None and c.accepted == d.accepted
+    assert await count(databases, "s0") + await count(databases, "s1") == 2 * ROUNDS
+
+
+async def test_a_key_twice_in_one_claim_statement_is_bound_to_its_first_body(databases: Databases) -> None:
+    def row(scope: str, key: str, request_hash: str) -> dict[str, Any]:
+        return {"scope": scope, "key": key, "request_hash": request_hash, "shard": "s0", "created_at": utcnow()}
+
+    rows = [row("a", "k", "first"), row("b", "k", "other caller"), row("a", "k", "second"), row("a", "j", "j")]
+    assert await claim_rows(databases, rows) == ["first", "other caller", "first", "j"]
+    assert await claim_rows(databases, [row("a", "k", "third")]) == ["first"]  # and stays so

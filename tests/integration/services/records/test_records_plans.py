@@ -94,10 +94,12 @@ async def busy(databases: Databases, record: Any) -> Databases:
     ("database", "types", "sql", "args"),
     [
         pytest.param(
-            "main", "varchar, varchar[], varchar[], varchar[], timestamptz", _CLAIM_PG,
-            "'{scope}', ARRAY['k0000000007'], ARRAY['h'], ARRAY['s0'], now()", id="claim",
+            "main", "varchar[], varchar[], varchar[], varchar[], timestamptz[]", _CLAIM_PG,
+            "ARRAY['{scope}'], ARRAY['k0000000007'], ARRAY['h'], ARRAY['s0'], ARRAY[now()]", id="claim",
         ),
-        pytest.param("main", "varchar, varchar[]", _CLAIMED_PG, "'{scope}', ARRAY['k0000000007']", id="claimed"),
+        pytest.param(
+            "main", "varchar[], varchar[]", _CLAIMED_PG, "ARRAY['{scope}'], ARRAY['k0000000007']", id="claimed"
+        ),
         pytest.param(
             "s0", "varchar, varchar[], varchar[], varchar[]", _ON_FILE_PG,
             f"'{{scope}}', ARRAY['{CHIYODA}'], ARRAY['0000000007'], ARRAY['k0000000007']", id="on-file",
