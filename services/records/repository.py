@@ -7,7 +7,8 @@ import functools
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -183,26 +184,27 @@ _RECORD_PG = (
 # array) hashed the wanted rows and scanned the caller's keys, the coupons and the doses whole (EXPLAIN of a
 # single dose: 1.2-1.5 ms and growing with the tables, against 0.24 ms; a third of PostgreSQL's CPU under load).
 # ``tests/integration/services/records/test_records_plans.py`` holds every hot statement to index probes.
+# The keys come as (caller, key) pairs: concurrent requests' reads of one shard go together (see on_file).
 _ON_FILE_PG = """
 WITH wanted AS (SELECT * FROM unnest($2::varchar[], $3::varchar[]) AS w(municipality_code, coupon_number))
-SELECT 0 AS kind, k.key, k.request_hash, k.response::text AS response,
+SELECT 0 AS kind, k.scope, k.key, k.request_hash, k.response::text AS response,
        NULL::varchar AS municipality_code, NULL::varchar AS coupon_number, NULL::varchar AS resident_id,
        NULL::varchar AS sex, NULL::date AS birth_date, NULL::date AS invalid_from, NULL::varchar AS invalid_reason,
        NULL::varchar AS dose_id, NULL::varchar AS coupon_line, NULL::integer AS dose_number,
        NULL::date AS vaccinated_on, NULL::varchar AS vaccine, NULL::varchar AS lot_number,
        NULL::timestamptz AS recorded_at
-  FROM unnest($4::varchar[]) AS a(key) CROSS JOIN LATERAL (
-       SELECT * FROM idempotency_keys k WHERE k.scope = $1 AND k.key = a.key OFFSET 0
+  FROM unnest($1::varchar[], $4::varchar[]) AS a(scope, key) CROSS JOIN LATERAL (
+       SELECT * FROM idempotency_keys k WHERE k.scope = a.scope AND k.key = a.key OFFSET 0
   ) AS k
 UNION ALL
-SELECT 1, NULL, NULL, NULL, c.municipality_code, c.coupon_number, c.resident_id, c.sex, c.birth_date,
+SELECT 1, NULL, NULL, NULL, NULL, c.municipality_code, c.coupon_number, c.resident_id, c.sex, c.birth_date,
        c.invalid_from, c.invalid_reason, NULL, NULL, NULL, NULL, NULL, NULL, NULL
   FROM wanted w CROSS JOIN LATERAL (
        SELECT * FROM coupons c WHERE c.municipality_code = w.municipality_code AND c.coupon_number = w.coupon_number
         OFFSET 0
   ) AS c
 UNION ALL
-SELECT 2, NULL, NULL, NULL, d.municipality_code, d.coupon_number, NULL, NULL, NULL, NULL, NULL,
+SELECT 2, NULL, NULL, NULL, NULL, d.municipality_code, d.coupon_number, NULL, NULL, NULL, NULL, NULL,
        d.dose_id, d.coupon_line, d.dose_number, d.vaccinated_on, d.vaccine, d.lot_number, d.recorded_at
   FROM wanted w CROSS JOIN LATERAL (
        SELECT * FROM doses d
@@ -262,8 +264,16 @@ class RecordsDatabases(Databases):
     # Concurrent requests' claims of their keys, one statement for those that arrive together (PostgreSQL).
     claims: Coalescer[dict[str, Any], str] = field(init=False)
 
+    # Concurrent requests' reads of a shard's doses on file, one statement for those that arrive together.
+    reads: dict[str, OnFileReads] = field(init=False, default_factory=dict)
+
     def __post_init__(self) -> None:
         self.claims = Coalescer(functools.partial(claim_rows, self))
+
+    def reads_of(self, shard: str) -> OnFileReads:
+        if shard not in self.reads:
+            self.reads[shard] = Coalescer(functools.partial(read_on_file, self, shard))
+        return self.reads[shard]
 
     def spare_of(self, database: Database) -> list[tuple[Any, float]]:
         return self.spare.setdefault(database.url, [])
@@ -392,6 +402,51 @@ class _Row(dict[str, Any]):
             raise AttributeError(name) from None
 
 
+# What the dose path reads of a shard for one request (see DoseRepository.on_file): its answered keys, the
+# coupons' holders and their doses on file.
+OnFile = tuple[dict[str, tuple[str, Any]], dict[tuple[str, str], Any], list[Any]]
+OnFileRequest = tuple[str, Sequence[str], Sequence[tuple[str, str]]]  # (caller's scope, keys, coupons)
+OnFileReads = Coalescer[OnFileRequest, OnFile]
+
+
+def _on_file_args(requests: Sequence[OnFileRequest]) -> list[list[str]]:
+    """:data:`_ON_FILE_PG`'s arrays for these requests: (scope, key) pairs and the coupons, each once."""
+    keys = sorted({(scope, key) for scope, request_keys, _ in requests for key in request_keys})
+    coupons = sorted({coupon for _, _, request_coupons in requests for coupon in request_coupons})
+    return [[s for s, _ in keys], [m for m, _ in coupons], [n for _, n in coupons], [k for _, k in keys]]
+
+
+def _split_on_file(records: Sequence[Any], requests: Sequence[OnFileRequest]) -> list[OnFile]:
+    """The rows of one :data:`_ON_FILE_PG` → what each request read (its own keys and coupons only)."""
+    answers: dict[tuple[str, str], tuple[str, Any]] = {}
+    holders: dict[tuple[str, str], Any] = {}
+    doses: dict[tuple[str, str], list[Any]] = defaultdict(list)
+    for record in records:
+        r = _Row(record)
+        if r.kind == 0:  # asyncpg hands JSON back as its text
+            answers[(r.scope, r.key)] = (r.request_hash, json.loads(r.response))
+        elif r.kind == 1:
+            holders[(r.municipality_code, r.coupon_number)] = r
+        else:  # in each coupon's order: dose number, date, time recorded
+            doses[(r.municipality_code, r.coupon_number)].append(r)
+    return [
+        (
+            {key: answers[(scope, key)] for key in keys if (scope, key) in answers},
+            {coupon: holders[coupon] for coupon in coupons if coupon in holders},
+            [dose for coupon in dict.fromkeys(coupons) for dose in doses.get(coupon, ())],
+        )
+        for scope, keys, coupons in requests
+    ]
+
+
+async def read_on_file(databases: Databases, shard: str, requests: list[OnFileRequest]) -> list[OnFile]:
+    """PostgreSQL: :meth:`DoseRepository.on_file` of several requests for ``shard``, in one statement."""
+    database = databases.shards[shard]
+    async with _leased(database, _spare(databases, database)) as conn:
+        records = await conn.fetch(_ON_FILE_PG, *_on_file_args(requests))
+    return _split_on_file(records, requests)
+
+
 def _of_coupons(statement: Any, entity: Any, session: AsyncSession, coupons: Sequence[tuple[str, str]]) -> Any:
     """``statement`` narrowed to these (municipality, coupon number) pairs. PostgreSQL: joined to the pairs'
     arrays, one index probe per pair, with a statement text that does not change with their number (a
@@ -420,9 +475,18 @@ _CLAIM = {
 
 
 class DoseRepository:
-    def __init__(self, session: AsyncSession | None, *, driver: Any = None) -> None:
+    def __init__(
+        self,
+        session: AsyncSession | None,
+        *,
+        lease: Callable[[], contextlib.AbstractAsyncContextManager[Any]] | None = None,
+        reads: OnFileReads | None = None,
+    ) -> None:
         self._session = session
-        self._driver = driver  # PostgreSQL's dose path: an asyncpg connection leased for it (see dose_path)
+        # PostgreSQL's dose path: an asyncpg connection leased per statement (see dose_path), and the shard's
+        # reads shared by concurrent requests.
+        self._lease = lease
+        self._reads = reads
 
     @property
     def session(self) -> AsyncSession:
@@ -431,12 +495,13 @@ class DoseRepository:
         return self._session
 
     def _on_postgres(self) -> bool:
-        return self._driver is not None or self.session.get_bind().dialect.name == "postgresql"
+        return self._lease is not None or self.session.get_bind().dialect.name == "postgresql"
 
     async def _run(self, method: str, query: str, *args: Any) -> Any:
         """``query`` run by asyncpg's ``method`` (fetch, fetchval) on the leased connection, or the session's."""
-        if self._driver is not None:
-            return await getattr(self._driver, method)(query, *args)
+        if self._lease is not None:
+            async with self._lease() as conn:
+                return await getattr(conn, method)(query, *args)
         async with _asyncpg(await self.session.connection()) as conn:
             return await getattr(conn, method)(query, *args)
 
@@ -498,26 +563,31 @@ class DoseRepository:
             if not driver.in_transaction:  # else the caller's transaction already wrote, and holds the lock
                 await self.session.execute(_BEGIN_IMMEDIATE)
 
-    async def on_file(
-        self, scope: str, keys: Sequence[str], coupons: Sequence[tuple[str, str]]
-    ) -> tuple[dict[str, tuple[str, Any]], dict[tuple[str, str], Any], list[Any]]:
+    async def on_file(self, scope: str, keys: Sequence[str], coupons: Sequence[tuple[str, str]]) -> OnFile:
         """Everything the dose path reads, in one statement (one round trip whatever the batch size):
 
         - ``key → (request hash, answer)`` of the keys already answered;
         - ``(municipality, coupon) → holder`` from the coupon projection;
         - the coupons' doses not voided, oldest first.
+
+        PostgreSQL: a few keys (a single dose) are read together with those of the other requests of this
+        process for the same shard that arrive meanwhile (:class:`shared.coalesce.Coalescer`): one statement
+        for them all. What each request gets is what it would have read alone, a moment later at most — and the
+        write checks, under the coupons' locks, that nothing changed since (:meth:`record`).
         """
-        rows: Any
         if self._on_postgres():
-            coupon_args = [m for m, _ in coupons], [c for _, c in coupons]
-            rows = [_Row(r) for r in await self._run("fetch", _ON_FILE_PG, scope, *coupon_args, list(keys))]
-        else:
-            rows = await self.session.execute(_ON_FILE, {"scope": scope, "keys": list(keys), "coupons": list(coupons)})
+            request = (scope, keys, coupons)
+            if self._reads is not None and len(keys) <= COALESCED_CLAIM_ROWS:
+                [found] = await self._reads.submit([request])
+                return found
+            [found] = _split_on_file(await self._run("fetch", _ON_FILE_PG, *_on_file_args([request])), [request])
+            return found
+        rows = await self.session.execute(_ON_FILE, {"scope": scope, "keys": list(keys), "coupons": list(coupons)})
         answers: dict[str, tuple[str, Any]] = {}
         holders: dict[tuple[str, str], Any] = {}
         doses: list[Any] = []
         for r in rows:
-            if r.kind == 0:  # asyncpg hands JSON back as its text
+            if r.kind == 0:
                 answers[r.key] = (r.request_hash, json.loads(r.response) if isinstance(r.response, str) else r.response)
             elif r.kind == 1:
                 holders[(r.municipality_code, r.coupon_number)] = r
@@ -576,17 +646,20 @@ class DoseRepository:
 async def dose_path(uow: UnitOfWork, shard: str) -> AsyncIterator[DoseRepository]:
     """The dose path's repository for ``shard``: :meth:`DoseRepository.on_file` and :meth:`DoseRepository.record`.
 
-    PostgreSQL: on a connection leased for the path alone (:func:`_leased`); its write commits by itself, so
-    the unit of work has nothing to commit there, but learns the shard was written (its relay is woken).
-    SQLite: the unit of work's session, whose transaction holds the write lock from the read to the write.
+    PostgreSQL: each statement on a connection leased for it alone (:func:`_leased`), which commits by itself,
+    so the unit of work has nothing to commit there, but learns the shard was written (its relay is woken).
+    No connection is held between the read and the write: a request waiting for a read shared with others
+    holds none. SQLite: the unit of work's session, whose transaction holds the write lock from the read to
+    the write.
     """
     database = uow.databases.shards[shard]
     if database.engine.dialect.name != "postgresql":
         yield DoseRepository(uow.shard(shard))
         return
     uow.touch(shard)
-    async with _leased(database, _spare(uow.databases, database)) as conn:
-        yield DoseRepository(None, driver=conn)
+    databases = uow.databases
+    reads = databases.reads_of(shard) if isinstance(databases, RecordsDatabases) else None
+    yield DoseRepository(None, lease=functools.partial(_leased, database, _spare(databases, database)), reads=reads)
 
 
 class ClaimRepository:

@@ -103,10 +103,11 @@ CALLERS = [CLINIC, OTHER_CLINIC, Principal(role=Role.INSTITUTION, subject="table
 async def test_single_doses_arriving_together_claim_their_keys_in_shared_statements(
     record: Record, databases: Databases
 ) -> None:
-    """Concurrent requests of several callers, on both shards: their keys are claimed together (fewer
-    statements than requests), and each request gets its own answer, as if it had been alone."""
-    claims = databases.claims  # type: ignore[attr-defined]
-    calls_before = claims.calls
+    """Concurrent requests of several callers, on both shards: their keys are claimed together and their
+    doses on file read together (fewer statements than requests), and each request gets its own answer, as
+    if it had been alone — a key answered for one caller is not another caller's key of the same name."""
+    claims, reads = databases.claims, databases.reads_of("s0")  # type: ignore[attr-defined]
+    calls_before, reads_before = claims.calls, reads.calls
     requests = [
         (caller, Submission(key=f"k-{n}", dose=dose(f"{10 * n + i:010d}", municipality=(CHIYODA, SAPPORO)[n % 2])))
         for n in range(1, 31)
@@ -117,10 +118,19 @@ async def test_single_doses_arriving_together_claim_their_keys_in_shared_stateme
     ids = {o.accepted.dose_id for [o] in results if o.accepted}
     assert len(ids) == len(requests)
     assert claims.calls - calls_before < len(requests)  # shared statements
-    # Each answer is the request's own: the same key again replays that very dose.
-    for (caller, sub), [first] in zip(requests[:6], results[:6], strict=True):
-        [again] = await record(sub, principal=caller)
-        assert again.accepted == first.accepted
+    assert reads.calls - reads_before < len(requests) / 2  # half the doses are on s0
+    # All again, beside a new caller using the same key names for doses of its own: each retry replays its
+    # very dose, and the new caller's doses are new.
+    newcomer = Principal(role=Role.INSTITUTION, subject="tablet-4", institution="1310000004")
+    fresh = [Submission(key=f"k-{n}", dose=dose(f"{10 * n + 5:010d}")) for n in range(1, 31)]
+    again = await asyncio.gather(
+        *(record(sub, principal=caller) for caller, sub in requests),
+        *(record(sub, principal=newcomer) for sub in fresh),
+    )
+    assert [o.accepted for [o] in again[: len(requests)]] == [o.accepted for [o] in results]
+    newcomers = [o.accepted for [o] in again[len(requests) :] if o.accepted]
+    assert len(newcomers) == len(fresh) and all(a.status == "unmatched" for a in newcomers)  # not registered
+    assert len({a.dose_id for a in newcomers} - ids) == len(fresh)
 
 
 async def test_one_key_sent_at_once_with_two_bodies_records_one_and_refuses_the_other(

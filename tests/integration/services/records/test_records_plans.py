@@ -101,8 +101,8 @@ async def busy(databases: Databases, record: Any) -> Databases:
             "main", "varchar[], varchar[]", _CLAIMED_PG, "ARRAY['{scope}'], ARRAY['k0000000007']", id="claimed"
         ),
         pytest.param(
-            "s0", "varchar, varchar[], varchar[], varchar[]", _ON_FILE_PG,
-            f"'{{scope}}', ARRAY['{CHIYODA}'], ARRAY['0000000007'], ARRAY['k0000000007']", id="on-file",
+            "s0", "varchar[], varchar[], varchar[], varchar[]", _ON_FILE_PG,
+            f"ARRAY['{{scope}}'], ARRAY['{CHIYODA}'], ARRAY['0000000007'], ARRAY['k0000000007']", id="on-file",
         ),
         pytest.param(
             "s0", "varchar[]", "SELECT " + _migration("20261126_01_seen_probes").PROBE_COUNT.replace("seen", "$1"),
