@@ -147,6 +147,11 @@ def details(result: LoadResult | None, meter: CpuMeter | None) -> list[str]:
     return lines
 
 
+def fixed_rate(report: Report, args: argparse.Namespace) -> float:
+    """The open-loop run's rate: its share of the single-dose max measured, or of ``--fixed-rate`` without it."""
+    return float((report.single.rate if report.single else args.fixed_rate) * args.fixed_share)
+
+
 def render(report: Report, args: argparse.Namespace) -> str:
     cores = len(os.sched_getaffinity(0))
     single, baseline, batch = report.single, report.baseline, report.batch
@@ -198,7 +203,7 @@ def render(report: Report, args: argparse.Namespace) -> str:
         ms = [v * 1000 for v in fixed.latencies]
         lines.append(
             f"{f'fixed rate {args.fixed_share:.0%} of max via gateway':<34} {fixed.rate:8.0f} req/s  "
-            f"(asked {report.single.rate * args.fixed_share if report.single else 0:.0f}/s)  "
+            f"(asked {fixed_rate(report, args):.0f}/s)  "
             f"p50 {percentile(ms, 0.5):6.1f} ms  p99 {percentile(ms, 0.99):6.1f} ms  errors {fixed.errors}"
         )
         lines += details(fixed, report.fixed_cpu)
@@ -388,7 +393,7 @@ async def measure(system: System, args: argparse.Namespace, cleanup: contextlib.
             say(f"  {report.csv.rate:.0f} doses/s {report.csv.error}")
             report.drain_csv = await drained(report.csv.rows_ok)
 
-        rate = (report.single.rate if report.single else args.fixed_rate) * args.fixed_share
+        rate = fixed_rate(report, args)
         if "fixed" in phases and rate >= 1:
             await settled()
             say(f"load: fixed rate {rate:.0f} doses/s ({args.fixed_share:.0%} of the single-dose max) ...")
