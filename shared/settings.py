@@ -85,6 +85,13 @@ class BusSettings(BaseSettings):
     # How long a group member that stopped (killed, hung) keeps its partitions before others take them:
     # the Kafka consumer group's session timeout, the embedded log's lease.
     group_session_seconds: float = Field(default=10.0, ge=1)
+    # A consumer's fetch waits on the broker until this many bytes are there or kafka_fetch_max_wait_ms has
+    # passed. Every batch costs its consumer a transaction (a few statements and a commit) and the broker a
+    # fetch, whatever its size: below full speed, answering each fetch at the first message made batches of a
+    # few events, and the consumers' and broker's CPU per event several times what it is at full speed. The
+    # price: an event may wait up to the wait on the broker before it is applied.
+    kafka_fetch_min_bytes: int = Field(default=64 * 1024, ge=1)
+    kafka_fetch_max_wait_ms: int = Field(default=100, ge=0, le=5000)
     # "SSL": TLS to the brokers, and a client certificate when certfile/keyfile are set (a Strimzi KafkaUser
     # with tls authentication; PEM files mounted from its secret, the CA from the cluster's CA secret).
     kafka_security_protocol: Literal["PLAINTEXT", "SSL"] = "PLAINTEXT"

@@ -203,6 +203,8 @@ class KafkaSource:
                 bootstrap_timeout_ms=CONNECT_TIMEOUT * 1000,
                 session_timeout_ms=session_ms,
                 heartbeat_interval_ms=max(1000, session_ms // 3),
+                fetch_min_bytes=self._settings.kafka_fetch_min_bytes,
+                fetch_max_wait_ms=self._settings.kafka_fetch_max_wait_ms,
             )
             if self._group is not None:
                 # The topic's partitions in this client's metadata before it joins: a leader that assigns

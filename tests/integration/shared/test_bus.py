@@ -4,6 +4,7 @@ delivered twice; deduplication is the consumer's job)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections import defaultdict
@@ -155,3 +156,47 @@ async def test_kafka_publisher_survives_a_broker_that_is_down(monkeypatch: pytes
                 await publisher.publish(keyed(1))
     finally:
         await publisher.close()
+
+
+@pytest.mark.kafka
+async def test_a_trickle_of_messages_reaches_a_kafka_consumer_in_fuller_batches_than_one_a_fetch(
+    kafka_server: object,
+) -> None:
+    """Below full speed each batch would carry a message or two: the broker holds a consumer's fetch for
+    ``kafka_fetch_max_wait_ms`` (or until ``kafka_fetch_min_bytes`` are there), so a trickle comes in fuller
+    batches — against one a fetch when the fetch is answered at the first message."""
+
+    async def batches(**fetch: int) -> list[int]:
+        settings = BusSettings(
+            kind="kafka",
+            topic=f"test-{uuid.uuid4().hex[:12]}",
+            partitions=1,
+            kafka_bootstrap_servers=kafka_server.bootstrap_servers,  # type: ignore[attr-defined]
+        ).model_copy(update=fetch)
+        await publish(settings, keyed(1, "first"))  # the topic exists, the connections are up
+        publisher, source = make_publisher(settings), make_source(settings, consumer="test")
+        sizes: list[int] = []
+        try:
+            await source.assign({p: 1 for p in await source.partitions()})
+
+            async def trickle() -> None:
+                for message in keyed(40):
+                    await publisher.publish([message])
+                    await asyncio.sleep(0.01)
+
+            sending = asyncio.create_task(trickle())
+            while sum(sizes) < 40:
+                got = await source.poll(max_records=500, timeout=2)
+                assert got or not sending.done(), "messages missing"
+                if got:
+                    sizes.append(len(got))
+            await sending
+        finally:
+            await publisher.close()
+            await source.close()
+        return sizes
+
+    eager = await batches(kafka_fetch_min_bytes=1, kafka_fetch_max_wait_ms=500)
+    held = await batches()  # the defaults
+    assert sum(eager) == sum(held) == 40
+    assert len(held) * 2 <= len(eager), (held, eager)
