@@ -162,9 +162,9 @@ async def test_kafka_publisher_survives_a_broker_that_is_down(monkeypatch: pytes
 async def test_a_trickle_of_messages_reaches_a_kafka_consumer_in_fuller_batches_than_one_a_fetch(
     kafka_server: object,
 ) -> None:
-    """Below full speed each batch would carry a message or two: the broker holds a consumer's fetch for
-    ``kafka_fetch_max_wait_ms`` (or until ``kafka_fetch_min_bytes`` are there), so a trickle comes in fuller
-    batches — against one a fetch when the fetch is answered at the first message."""
+    """With ``kafka_fetch_min_bytes`` above what a trickle brings, the broker holds a consumer's fetch for
+    ``kafka_fetch_max_wait_ms``, so the trickle comes in fuller batches — against about one message a batch
+    with Kafka's defaults (a fetch answered at the first message). The settings reach the consumer."""
 
     async def batches(**fetch: int) -> list[int]:
         settings = BusSettings(
@@ -196,7 +196,7 @@ async def test_a_trickle_of_messages_reaches_a_kafka_consumer_in_fuller_batches_
             await source.close()
         return sizes
 
-    eager = await batches(kafka_fetch_min_bytes=1, kafka_fetch_max_wait_ms=500)
-    held = await batches()  # the defaults
+    eager = await batches()  # Kafka's defaults: a fetch is answered at the first message
+    held = await batches(kafka_fetch_min_bytes=64 * 1024, kafka_fetch_max_wait_ms=100)
     assert sum(eager) == sum(held) == 40
     assert len(held) * 2 <= len(eager), (held, eager)
