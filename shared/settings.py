@@ -88,9 +88,10 @@ class BusSettings(BaseSettings):
     # A consumer's fetch waits on the broker until this many bytes are there or kafka_fetch_max_wait_ms has
     # passed (Kafka's own defaults: answered at the first message, an idle fetch every 500 ms). Every batch
     # costs its consumer a transaction, so a larger minimum makes fuller batches below full speed, for up to
-    # the wait in lag. Measured on the 2-core bench at ~270 doses/s, 64 KiB / 100 ms took 0.11 cores off
-    # stats' consumer and put 0.09 on the broker and 0.05 on records (its idle coupon consumers fetch five
-    # times as often): no gain there, so the defaults stay Kafka's.
+    # the wait in lag. On the 2-core bench at ~280 doses/s: 16 KiB / 500 ms took stats' consumer from 0.26-0.29
+    # cores to 0.12-0.13 (the machine 0.05 less in all); 64 KiB / 100 ms saved stats 0.11 but its idle
+    # consumers, fetching five times as often, cost the broker and records as much. The defaults stay Kafka's:
+    # below full speed a dose would reach the dashboard up to half a second later.
     kafka_fetch_min_bytes: int = Field(default=1, ge=1)
     kafka_fetch_max_wait_ms: int = Field(default=500, ge=0, le=5000)
     # "SSL": TLS to the brokers, and a client certificate when certfile/keyfile are set (a Strimzi KafkaUser
