@@ -33,6 +33,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from services.stats.models import (
+    CELL_DIMENSIONS,
     LIVE,
     Aggregates,
     aggregates_version,
@@ -303,21 +304,36 @@ class ConsumerRepository:
         self.session = session
         self.aggregates = aggregates
 
-    async def add_to_counts(self, deltas: Mapping[StatsCell, int]) -> None:
-        """``count += delta`` per cell and per rollup row, creating rows on first sight; the version grows.
+    async def add_to_counts(self, deltas: Mapping[StatsCell, int], *, state: ConsumerState | None = None) -> None:
+        """``count += delta`` per cell and per rollup row, creating rows on first sight; the version grows; and
+        the consumer's ``state`` stored when given.
 
-        The finest table first and the coarsest rollup last: its few rows are the ones every batch touches,
-        so they stay locked for the shortest time before the commit.
+        PostgreSQL: one statement for all of it (:func:`_apply_statement`): a batch of single doses costs its
+        consumer few round trips, whatever number of tables it keeps. Elsewhere one statement a table, the
+        finest table first and the coarsest rollup last: its few rows are the ones every batch touches, so
+        they stay locked for the shortest time before the commit.
         """
-        if not deltas:
+        rows = [{**_cell_values(cell), "count": delta} for cell, delta in deltas.items() if delta]
+        if rows and self.session.get_bind().dialect.name == "postgresql":
+            await self._apply_in_one(rows, state)
             return
-        rows = [{**_cell_values(cell), "count": delta} for cell, delta in deltas.items()]
-        await self._add(self.aggregates.counts, rows)
-        for table in reversed(self.aggregates.rollups):
-            await self._add(table, _fold(rows, [column.name for column in table.primary_key.columns]))
-        stmt = upsert(self.session, aggregates_version).values(id=1, version=1)
-        stmt = stmt.on_conflict_do_update(index_elements=["id"], set_={"version": aggregates_version.c.version + 1})
-        await self.session.execute(stmt)
+        if rows:
+            await self._add(self.aggregates.counts, rows)
+            for table in reversed(self.aggregates.rollups):
+                await self._add(table, _fold(rows, [column.name for column in table.primary_key.columns]))
+            stmt = upsert(self.session, aggregates_version).values(id=1, version=1)
+            stmt = stmt.on_conflict_do_update(index_elements=["id"], set_={"version": aggregates_version.c.version + 1})
+            await self.session.execute(stmt)
+        if state is not None:
+            await self.store_state(state.consumer, last_event_at=state.last_event_at, updated_at=state.updated_at)
+
+    async def _apply_in_one(self, rows: list[dict[str, Any]], state: ConsumerState | None) -> None:
+        key = operator.itemgetter(*CELL_DIMENSIONS)
+        rows.sort(key=key)  # one order for every writer: two consumers touching the same rows cannot deadlock
+        params: dict[str, Any] = {name: [row[name] for row in rows] for name in (*CELL_DIMENSIONS, "count")}
+        if state is not None:
+            params |= {"consumer": state.consumer, "last_event_at": state.last_event_at, "updated_at": state.updated_at}
+        await self.session.execute(_apply_statement(self.aggregates, with_state=state is not None), params)
 
     async def _add(self, table: Table, rows: list[dict[str, Any]]) -> None:
         key = [column.name for column in table.primary_key.columns]
@@ -361,6 +377,54 @@ def _fold(rows: list[dict[str, Any]], dimensions: list[str]) -> list[dict[str, A
         key = tuple(row[d] for d in dimensions)
         sums[key] = sums.get(key, 0) + row["count"]
     return [{**dict(zip(dimensions, key, strict=True)), "count": count} for key, count in sums.items()]
+
+
+@dataclass(frozen=True)
+class ConsumerState:
+    """What a consumer's batch stores beside the counts (the API's ``as_of``)."""
+
+    consumer: str
+    last_event_at: datetime
+    updated_at: datetime
+
+
+_CELL_TYPES = {
+    "date": "DATE", "prefecture": "VARCHAR", "municipality": "VARCHAR", "sex": "VARCHAR", "age_band": "VARCHAR",
+    "age_band_10": "VARCHAR", "medical_worker": "BOOLEAN", "dose_number": "SMALLINT", "vaccine": "VARCHAR",
+}  # fmt: skip
+_apply_statements: dict[tuple[str, bool], Any] = {}
+
+
+def _apply_statement(aggregates: Aggregates, *, with_state: bool) -> Any:
+    """PostgreSQL: a batch's cells added to the counts and every rollup, the version grown and (``with_state``)
+    the consumer's state stored, in one statement: each table one ``INSERT … SELECT … ON CONFLICT DO UPDATE`` in
+    a ``WITH`` of its own, fed by ``unnest`` of one array per dimension; a rollup sums the cells in SQL. Every
+    insert takes its rows in key order, and the tables in one order: concurrent consumers cannot deadlock.
+    Built once per set of tables (a rebuild's shadows have their own)."""
+    cache_key = (aggregates.counts.name, with_state)
+    if cache_key not in _apply_statements:
+        arrays = ", ".join(f"CAST(:{d} AS {_CELL_TYPES[d]}[])" for d in CELL_DIMENSIONS)
+        names = ", ".join(CELL_DIMENSIONS)
+        parts = [f"cells AS (SELECT * FROM unnest({arrays}, CAST(:count AS BIGINT[])) AS c({names}, count))"]
+        for i, table in enumerate((aggregates.counts, *aggregates.rollups)):
+            dims = ", ".join(column.name for column in table.primary_key.columns)
+            parts.append(
+                f"t{i} AS (INSERT INTO {table.name} ({dims}, count) "
+                f"SELECT {dims}, sum(count)::bigint FROM cells GROUP BY {dims} HAVING sum(count) <> 0 ORDER BY {dims} "
+                f"ON CONFLICT ({dims}) DO UPDATE SET count = {table.name}.count + excluded.count)"
+            )
+        parts.append(
+            "version AS (INSERT INTO aggregates_version (id, version) VALUES (1, 1) "
+            "ON CONFLICT (id) DO UPDATE SET version = aggregates_version.version + 1)"
+        )
+        if with_state:
+            parts.append(
+                "state AS (INSERT INTO consumer_state (consumer, last_event_at, updated_at) "
+                "VALUES (:consumer, :last_event_at, :updated_at) ON CONFLICT (consumer) "
+                "DO UPDATE SET last_event_at = excluded.last_event_at, updated_at = excluded.updated_at)"
+            )
+        _apply_statements[cache_key] = text("WITH " + ",\n".join(parts) + "\nSELECT 1")
+    return _apply_statements[cache_key]
 
 
 class RebuildRepository:

@@ -23,6 +23,7 @@ from services.stats.repository import (
     DIMENSIONS,
     FINE_DIMENSIONS,
     ConsumerRepository,
+    ConsumerState,
     Dimension,
     DoseFilter,
     StatsRepository,
@@ -151,10 +152,10 @@ async def apply_messages(
     events, undecodable = decode_messages(messages, positions=positions, sizes=sizes)
     fresh_ids = await Bookkeeping(session, consumer_bookkeeping).claim(consumer, positions, at=now)
     applied = [e for e in events if e.event_id in fresh_ids]
-    repo = ConsumerRepository(session, aggregates=aggregates)
-    await repo.add_to_counts(fold_deltas(applied))
+    state = None
     if applied:
-        await repo.store_state(consumer, last_event_at=max(to_utc(e.occurred_at) for e in applied), updated_at=now)
+        state = ConsumerState(consumer, last_event_at=max(to_utc(e.occurred_at) for e in applied), updated_at=now)
+    await ConsumerRepository(session, aggregates=aggregates).add_to_counts(fold_deltas(applied), state=state)
     return BatchOutcome(
         applied=applied,
         # Counted per event decoded: a batch that carries one event twice has one duplicate too.

@@ -321,10 +321,10 @@ async def test_a_batch_that_fails_midway_is_retried_whole(
     real_add = repository.ConsumerRepository.add_to_counts
     calls = 0
 
-    async def flaky_add(self: repository.ConsumerRepository, deltas: Any) -> None:
+    async def flaky_add(self: repository.ConsumerRepository, deltas: Any, **kwargs: Any) -> None:
         nonlocal calls
         calls += 1
-        await real_add(self, deltas)  # the counts are written, then the "crash" comes
+        await real_add(self, deltas, **kwargs)  # the counts are written, then the "crash" comes
         if calls in (2, 3):
             raise ConnectionError("database went away")
 
