@@ -402,6 +402,11 @@ class _Row(dict[str, Any]):
             raise AttributeError(name) from None
 
 
+# A request of at most this many keys (a single dose, a small batch) waits for the claim or read in flight and
+# goes with the next (see ClaimRepository.claim, DoseRepository.on_file); a larger one (a batch of hundreds)
+# has statements of its own, so that the single doses behind it do not wait for it.
+SHARED_STATEMENT_KEYS = 20
+
 # What the dose path reads of a shard for one request (see DoseRepository.on_file): its answered keys, the
 # coupons' holders and their doses on file.
 OnFile = tuple[dict[str, tuple[str, Any]], dict[tuple[str, str], Any], list[Any]]
@@ -577,7 +582,7 @@ class DoseRepository:
         """
         if self._on_postgres():
             request = (scope, keys, coupons)
-            if self._reads is not None and len(keys) <= COALESCED_CLAIM_ROWS:
+            if self._reads is not None and len(keys) <= SHARED_STATEMENT_KEYS:
                 [found] = await self._reads.submit([request])
                 return found
             [found] = _split_on_file(await self._run("fetch", _ON_FILE_PG, *_on_file_args([request])), [request])
@@ -685,9 +690,7 @@ class ClaimRepository:
         if not rows:
             return {}
         if self.database.engine.dialect.name == "postgresql":
-            coalesced = len(rows) <= COALESCED_CLAIM_ROWS and isinstance(self.databases, RecordsDatabases)
-            if coalesced:
-                assert isinstance(self.databases, RecordsDatabases)
+            if isinstance(self.databases, RecordsDatabases) and len(rows) <= SHARED_STATEMENT_KEYS:
                 hashes = await self.databases.claims.submit(rows)
             else:
                 hashes = await claim_rows(self.databases, rows)
@@ -703,12 +706,6 @@ class ClaimRepository:
                 found = select(t.c.key, t.c.request_hash).where(t.c.scope == rows[0]["scope"], t.c.key.in_(missing))
                 claimed |= {row.key: row.request_hash for row in await conn.execute(found)}
         return claimed
-
-
-# A submission of at most this many keys waits for the claim in flight and goes with the next (a single dose,
-# a small batch); a larger one (a batch of hundreds) is claimed by a statement of its own, so that the single
-# doses behind it do not wait for it.
-COALESCED_CLAIM_ROWS = 20
 
 
 async def claim_rows(databases: Databases, rows: Sequence[dict[str, Any]]) -> list[str]:

@@ -328,8 +328,6 @@ class ConsumerRepository:
             await self.store_state(state.consumer, last_event_at=state.last_event_at, updated_at=state.updated_at)
 
     async def _apply_in_one(self, rows: list[dict[str, Any]], state: ConsumerState | None) -> None:
-        key = operator.itemgetter(*CELL_DIMENSIONS)
-        rows.sort(key=key)  # one order for every writer: two consumers touching the same rows cannot deadlock
         params: dict[str, Any] = {name: [row[name] for row in rows] for name in (*CELL_DIMENSIONS, "count")}
         if state is not None:
             params |= {"consumer": state.consumer, "last_event_at": state.last_event_at, "updated_at": state.updated_at}
