@@ -51,7 +51,7 @@ from services.records.models import (
     outbox,
 )
 from shared.coalesce import Coalescer
-from shared.db import Database, Databases, UnitOfWork
+from shared.db import Database, Databases, UnitOfWork, pg_array_type
 from shared.shardmove import MovableTable
 
 _doses: Table = Dose.__table__  # type: ignore[assignment]
@@ -129,12 +129,6 @@ _WRITE_COLUMNS = {
 }
 
 
-def _pg_array_type(column: Any) -> str:
-    if isinstance(column.type, JSON):
-        return "text[]"  # sent as JSON text, cast back per value
-    return f"{column.type.compile(dialect=postgresql.dialect())}[]"  # type: ignore[no-untyped-call]
-
-
 # One encoder for every value: ``json.dumps`` with options builds a new encoder per call (a third of its cost
 # for the small values of a single dose).
 _json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
@@ -145,7 +139,7 @@ def _unnest_insert(prefix: str, table: Table, first: int) -> str:
     only if the check (the ``ok`` of :data:`_RECORD_PG`) passed."""
     names = _WRITE_COLUMNS[prefix]
     columns = {c.name: c for c in table.c}
-    arrays = ", ".join(f"${first + i}::{_pg_array_type(columns[n])}" for i, n in enumerate(names))
+    arrays = ", ".join(f"${first + i}::{pg_array_type(columns[n])}" for i, n in enumerate(names))
     values = ", ".join(f"{n}::json" if isinstance(columns[n].type, JSON) else n for n in names)
     return (
         f"INSERT INTO {table.name} ({', '.join(names)}) SELECT {values} FROM unnest({arrays}) AS t({', '.join(names)}) "

@@ -42,7 +42,7 @@ from services.stats.models import (
     dose_counts,
     processed_events,
 )
-from shared.db import upsert, upsert_many
+from shared.db import pg_array_type, upsert, upsert_many
 from shared.domain.age import AgeBand10
 from shared.events import StatsCell
 
@@ -386,10 +386,6 @@ class ConsumerState:
     updated_at: datetime
 
 
-_CELL_TYPES = {
-    "date": "DATE", "prefecture": "VARCHAR", "municipality": "VARCHAR", "sex": "VARCHAR", "age_band": "VARCHAR",
-    "age_band_10": "VARCHAR", "medical_worker": "BOOLEAN", "dose_number": "SMALLINT", "vaccine": "VARCHAR",
-}  # fmt: skip
 _apply_statements: dict[tuple[str, bool], Any] = {}
 
 
@@ -401,7 +397,8 @@ def _apply_statement(aggregates: Aggregates, *, with_state: bool) -> Any:
     Built once per set of tables (a rebuild's shadows have their own)."""
     cache_key = (aggregates.counts.name, with_state)
     if cache_key not in _apply_statements:
-        arrays = ", ".join(f"CAST(:{d} AS {_CELL_TYPES[d]}[])" for d in CELL_DIMENSIONS)
+        cells = aggregates.counts.c
+        arrays = ", ".join(f"CAST(:{d} AS {pg_array_type(cells[d])})" for d in CELL_DIMENSIONS)
         names = ", ".join(CELL_DIMENSIONS)
         parts = [f"cells AS (SELECT * FROM unnest({arrays}, CAST(:count AS BIGINT[])) AS c({names}, count))"]
         for i, table in enumerate((aggregates.counts, *aggregates.rollups)):
