@@ -213,7 +213,8 @@ class Ledger:
     retries: int = 0
     same_key_replays: int = 0
     replay_mismatches: int = 0
-    failures: list[tuple[float, str]] = field(default_factory=list)  # (when, what) of 5xx and broken connections
+    # (when, what and on which route) of 5xx answers and broken connections
+    failures: list[tuple[float, str]] = field(default_factory=list)
     corrections: int = 0
     resident_changes: int = 0
 
@@ -246,7 +247,7 @@ class Client:
                     what = f"{r.status}"
             except (aiohttp.ClientError, TimeoutError) as exc:
                 what = type(exc).__name__
-            self.ledger.failures.append((time.monotonic(), what))
+            self.ledger.failures.append((time.monotonic(), f"{what} ({method} {path})"))
             self.ledger.retries += 1
             await asyncio.sleep(delay)
             delay = min(delay * 2, 3.0)

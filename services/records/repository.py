@@ -6,6 +6,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import logging
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -53,6 +54,8 @@ from services.records.models import (
 from shared.coalesce import Coalescer
 from shared.db import Database, Databases, UnitOfWork, pg_array_type
 from shared.shardmove import MovableTable
+
+log = logging.getLogger(__name__)
 
 _doses: Table = Dose.__table__  # type: ignore[assignment]
 _keys: Table = IdempotencyKey.__table__  # type: ignore[assignment]
@@ -134,16 +137,20 @@ _WRITE_COLUMNS = {
 _json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
-def _unnest_insert(prefix: str, table: Table, first: int) -> str:
+def _unnest_insert(prefix: str, table: Table, first: int, *, grouped: bool = False) -> str:
     """``INSERT ... SELECT FROM unnest($n::type[], ...)``: one array parameter per column, from ``$first``;
-    only if the check (the ``ok`` of :data:`_RECORD_PG`) passed."""
+    only if the check (the ``ok`` of :data:`_RECORD_PG`) passed. ``grouped``: the first array numbers each
+    row's member, and only the rows of the members that passed (:data:`_RECORD_GROUP_PG`) are stored."""
     names = _WRITE_COLUMNS[prefix]
     columns = {c.name: c for c in table.c}
-    arrays = ", ".join(f"${first + i}::{pg_array_type(columns[n])}" for i, n in enumerate(names))
+    types = ["integer[]"] * grouped + [pg_array_type(columns[n]) for n in names]
+    arrays = ", ".join(f"${first + i}::{t}" for i, t in enumerate(types))
     values = ", ".join(f"{n}::json" if isinstance(columns[n].type, JSON) else n for n in names)
+    aliases = ", ".join(["member_"] * grouped + names)
+    only = "t.member_ = ANY((SELECT passed FROM ok)::integer[])" if grouped else "(SELECT ok FROM ok)"
     return (
-        f"INSERT INTO {table.name} ({', '.join(names)}) SELECT {values} FROM unnest({arrays}) AS t({', '.join(names)}) "
-        "WHERE (SELECT ok FROM ok)"
+        f"INSERT INTO {table.name} ({', '.join(names)}) SELECT {values} FROM unnest({arrays}) AS t({aliases}) "
+        f"WHERE {only}"
     )
 
 
@@ -169,6 +176,22 @@ _RECORD_PG = (
     f"new_events AS ({_unnest_insert('o', outbox, _FIRST['o'])}), "
     f"new_keys AS ({_unnest_insert('k', _keys, _FIRST['k'])}) "
     "SELECT ok FROM ok"
+)
+# Concurrent small writes of one shard in one statement (see write_together): the same inserts, each row
+# numbered by its member (the request it is from); records_writes_unchanged (migration 20261126_02) checks
+# each member as records_doses_unchanged would alone and returns those that passed, whose rows alone are stored.
+_GROUP_CHECK_ARGS = 10
+_GROUP_FIRST = {"d": _GROUP_CHECK_ARGS + 1}
+_GROUP_FIRST["o"] = _GROUP_FIRST["d"] + 1 + len(_WRITE_COLUMNS["d"])
+_GROUP_FIRST["k"] = _GROUP_FIRST["o"] + 1 + len(_WRITE_COLUMNS["o"])
+_RECORD_GROUP_PG = (
+    "WITH ok AS MATERIALIZED (SELECT records_writes_unchanged($1::integer, $2::bigint[], $3::integer[], "
+    "$4::varchar[], $5::varchar[], $6::integer[], $7::varchar[], $8::integer[], $9::varchar[], $10::varchar[]) "
+    "AS passed), "
+    f"new_doses AS ({_unnest_insert('d', _doses, _GROUP_FIRST['d'], grouped=True)}), "
+    f"new_events AS ({_unnest_insert('o', outbox, _GROUP_FIRST['o'], grouped=True)}), "
+    f"new_keys AS ({_unnest_insert('k', _keys, _GROUP_FIRST['k'], grouped=True)}) "
+    "SELECT passed FROM ok"
 )
 # LATERAL ... OFFSET 0: one index probe per coupon and per key, whatever the prepared statement's generic plan
 # guesses of the arrays. Keys especially: all of a caller's keys share its scope, and ``scope = $1 AND key =
@@ -260,6 +283,8 @@ class RecordsDatabases(Databases):
 
     # Concurrent requests' reads of a shard's doses on file, one statement for those that arrive together.
     reads: dict[str, OnFileReads] = field(init=False, default_factory=dict)
+    # Concurrent requests' writes of a shard's doses, one statement for those that arrive together.
+    writes: dict[str, DoseWrites] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.claims = Coalescer(functools.partial(claim_rows, self))
@@ -268,6 +293,11 @@ class RecordsDatabases(Databases):
         if shard not in self.reads:
             self.reads[shard] = Coalescer(functools.partial(read_on_file, self, shard))
         return self.reads[shard]
+
+    def writes_of(self, shard: str) -> DoseWrites:
+        if shard not in self.writes:
+            self.writes[shard] = Coalescer(functools.partial(write_together, self, shard))
+        return self.writes[shard]
 
     def spare_of(self, database: Database) -> list[tuple[Any, float]]:
         return self.spare.setdefault(database.url, [])
@@ -446,6 +476,123 @@ async def read_on_file(databases: Databases, shard: str, requests: list[OnFileRe
     return _split_on_file(records, requests)
 
 
+def _columns(prefix: str, rows: Sequence[dict[str, Any]]) -> list[list[Any]]:
+    """The write's arrays for ``rows`` of one table (``prefix`` of :data:`_WRITE_COLUMNS`), one per column."""
+    return [
+        [_json(r[name]) for r in rows] if is_json else [r[name] for r in rows] for name, is_json in _WRITE_JSON[prefix]
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class DoseWrite:
+    """One request's write of a shard (see :meth:`DoseRepository.record`): what its check compares with what
+    it read, and the rows it stores if the check passes."""
+
+    scope: str  # the caller's; ``keys`` are its keys
+    coupons: Sequence[tuple[str, str]]  # (municipality, coupon number) read
+    seen: Sequence[str]  # the ids of those coupons' doses on file when read
+    keys: Sequence[dict[str, Any]]
+    doses: Sequence[dict[str, Any]]
+    events: Sequence[dict[str, Any]]
+
+    def args(self) -> list[Any]:
+        """:data:`_RECORD_PG`'s parameters."""
+        check: list[Any] = [
+            sorted({coupon_lock_key(m, c) for m, c in self.coupons}),
+            [m for m, _ in self.coupons],
+            [c for _, c in self.coupons],
+            list(self.seen),
+            self.scope,
+            [k["key"] for k in self.keys],
+        ]
+        return check + _columns("d", self.doses) + _columns("o", self.events) + _columns("k", self.keys)
+
+    def holds(self) -> list[tuple[str, ...]]:
+        """What no other write of the same statement may share: its coupons and its (caller, key) pairs."""
+        return [*self.coupons, *((self.scope, k["key"]) for k in self.keys)]
+
+
+def _unzip(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows of ``width`` values → ``width`` arrays (empty ones for no rows)."""
+    return [[row[i] for row in rows] for i in range(width)]
+
+
+def _group_args(writes: Sequence[DoseWrite]) -> list[Any]:
+    """:data:`_RECORD_GROUP_PG`'s parameters: every write's rows, each numbered by its member (its index)."""
+    members = range(len(writes))
+    coupons = [(g, m, c) for g in members for m, c in writes[g].coupons]
+    seen = [(g, dose_id) for g in members for dose_id in writes[g].seen]
+    keys = [(g, k["scope"], k["key"]) for g in members for k in writes[g].keys]
+    args: list[Any] = [
+        len(writes),
+        sorted({coupon_lock_key(m, c) for _, m, c in coupons}),
+        *_unzip(coupons, 3),
+        *_unzip(seen, 2),
+        *_unzip(keys, 3),
+    ]
+    for prefix, attr in (("d", "doses"), ("o", "events"), ("k", "keys")):
+        rows = [(g, row) for g in members for row in getattr(writes[g], attr)]
+        args += [[g for g, _ in rows], *_columns(prefix, [row for _, row in rows])]
+    return args
+
+
+def statements_of(writes: Sequence[DoseWrite]) -> list[list[int]]:
+    """The writes' indexes, as statements of writes that share no coupon and no key: each write goes in the
+    statement after the last one holding something it holds (in the order they came), else in the first."""
+    statements: list[list[int]] = []
+    last: dict[tuple[str, ...], int] = {}
+    for i, write in enumerate(writes):
+        held = write.holds()
+        n = max((last[h] + 1 for h in held if h in last), default=0)
+        if n == len(statements):
+            statements.append([])
+        statements[n].append(i)
+        for h in held:
+            last[h] = n
+    return statements
+
+
+DoseWrites = Coalescer[DoseWrite, bool | DBAPIError]
+
+
+async def write_together(databases: Databases, shard: str, writes: list[DoseWrite]) -> list[bool | DBAPIError]:
+    """PostgreSQL: :meth:`DoseRepository.record` of several requests for ``shard``, one statement for those that
+    share no coupon and no key (usually all of them). Each gets what it would have got alone: True (stored),
+    False (its check failed: nothing of it stored) or the database's error. If a shared statement fails (a
+    shard fence for one member's municipality, a lost connection) nothing of it was stored, and each of its
+    members is written alone, so that one request's error is its own."""
+    database = databases.shards[shard]
+    spares = _spare(databases, database)
+    results: list[bool | DBAPIError] = [False] * len(writes)
+
+    async def alone(i: int) -> None:
+        try:
+            async with _leased(database, spares) as conn:
+                results[i] = bool(await conn.fetchval(_RECORD_PG, *writes[i].args()))
+        except DBAPIError as exc:
+            results[i] = exc
+
+    for members in statements_of(writes):
+        if len(members) == 1:
+            await alone(members[0])
+            continue
+        try:
+            async with _leased(database, spares) as conn:
+                passed = set(await conn.fetchval(_RECORD_GROUP_PG, *_group_args([writes[i] for i in members])))
+        except DBAPIError as exc:
+            # Expected while a municipality of this shard is fenced for a move (a few tenths of a second); a
+            # statement that keeps failing would cost every dose a second round trip, so it is said.
+            log.warning(
+                "a shared dose write failed (%s): its %d writes go one by one", type(exc.orig).__name__, len(members)
+            )
+            for i in members:
+                await alone(i)
+            continue
+        for g, i in enumerate(members):
+            results[i] = g in passed
+    return results
+
+
 def _of_coupons(statement: Any, entity: Any, session: AsyncSession, coupons: Sequence[tuple[str, str]]) -> Any:
     """``statement`` narrowed to these (municipality, coupon number) pairs. PostgreSQL: joined to the pairs'
     arrays, one index probe per pair, with a statement text that does not change with their number (a
@@ -480,12 +627,14 @@ class DoseRepository:
         *,
         lease: Callable[[], contextlib.AbstractAsyncContextManager[Any]] | None = None,
         reads: OnFileReads | None = None,
+        writes: DoseWrites | None = None,
     ) -> None:
         self._session = session
         # PostgreSQL's dose path: an asyncpg connection leased per statement (see dose_path), and the shard's
-        # reads shared by concurrent requests.
+        # reads and writes shared by concurrent requests.
         self._lease = lease
         self._reads = reads
+        self._writes = writes
 
     @property
     def session(self) -> AsyncSession:
@@ -613,22 +762,19 @@ class DoseRepository:
         before it checks: two requests for the same coupon cannot both write on a view without the other's
         dose; the second reads the first's dose and answers ``duplicate`` or ``needs_review``. Each table is
         fed by ``unnest`` of one array per column, so its text and plan are the same whatever the batch size.
+        A few keys (a single dose) are written together with the other requests of this process for the same
+        shard that arrive meanwhile (:func:`write_together`): one statement and one commit for them all, each
+        checked and stored, or not, as it would have been alone.
         SQLite: under the write lock :meth:`begin` took nothing can have changed; one statement per table.
         """
         if self._on_postgres():
-            args: list[Any] = [
-                sorted({coupon_lock_key(m, c) for m, c in coupons}),
-                [m for m, _ in coupons],
-                [c for _, c in coupons],
-                list(seen),
-                scope,
-                [k["key"] for k in keys],
-            ]
-            for prefix, rows in (("d", doses), ("o", events), ("k", keys)):
-                for name, is_json in _WRITE_JSON[prefix]:
-                    values = [r[name] for r in rows]
-                    args.append([_json(v) for v in values] if is_json else values)
-            return bool(await self._run("fetchval", _RECORD_PG, *args))
+            write = DoseWrite(scope, coupons, seen, keys, doses, events)
+            if self._writes is not None and len(keys) <= SHARED_STATEMENT_KEYS:
+                [written] = await self._writes.submit([write])
+                if isinstance(written, DBAPIError):
+                    raise written
+                return written
+            return bool(await self._run("fetchval", _RECORD_PG, *write.args()))
         for table, rows in ((_keys, keys), (_doses, doses), (outbox, events)):
             if rows:
                 await self.session.execute(insert(table), list(rows))
@@ -657,8 +803,11 @@ async def dose_path(uow: UnitOfWork, shard: str) -> AsyncIterator[DoseRepository
         return
     uow.touch(shard)
     databases = uow.databases
-    reads = databases.reads_of(shard) if isinstance(databases, RecordsDatabases) else None
-    yield DoseRepository(None, lease=functools.partial(_leased, database, _spare(databases, database)), reads=reads)
+    lease = functools.partial(_leased, database, _spare(databases, database))
+    if isinstance(databases, RecordsDatabases):
+        yield DoseRepository(None, lease=lease, reads=databases.reads_of(shard), writes=databases.writes_of(shard))
+    else:
+        yield DoseRepository(None, lease=lease)
 
 
 class ClaimRepository:

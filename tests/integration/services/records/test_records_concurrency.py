@@ -4,19 +4,31 @@ PostgreSQL: the per-coupon lock (taken before the doses on file are read) lets a
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from datetime import date
 from typing import Any
 
 import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
-from services.records.repository import DoseRepository, claim_rows
+from services.records.repository import (
+    _RECORD_GROUP_PG,
+    DoseRepository,
+    DoseWrite,
+    _group_args,
+    claim_rows,
+    statements_of,
+    write_together,
+)
 from services.records.service import Submission, apply_coupon_events
 from shared.auth import Principal, Role
 from shared.db import Databases, utcnow
 from shared.domain.sex import Sex
 from shared.events import CouponEvent, CouponEventType, CouponState
+from shared.shardmove import fenced_municipality
 from tests.integration.services.records.records_support import CHIYODA, CLINIC, SAPPORO, count, dose, events_in
 
 pytestmark = pytest.mark.usefixtures("pg_server")
@@ -100,14 +112,14 @@ async def test_a_write_decided_on_a_stale_read_stores_nothing(record: Record, da
 CALLERS = [CLINIC, OTHER_CLINIC, Principal(role=Role.INSTITUTION, subject="tablet-3", institution="1310000003")]
 
 
-async def test_single_doses_arriving_together_claim_their_keys_in_shared_statements(
-    record: Record, databases: Databases
-) -> None:
-    """Concurrent requests of several callers, on both shards: their keys are claimed together and their
-    doses on file read together (fewer statements than requests), and each request gets its own answer, as
+async def test_single_doses_arriving_together_share_their_statements(record: Record, databases: Databases) -> None:
+    """Concurrent requests of several callers, on both shards: their keys are claimed together, their doses
+    on file read together and their doses written together (fewer statements than requests), and each
+    request gets its own answer, as
     if it had been alone — a key answered for one caller is not another caller's key of the same name."""
     claims, reads = databases.claims, databases.reads_of("s0")  # type: ignore[attr-defined]
-    calls_before, reads_before = claims.calls, reads.calls
+    writes = databases.writes_of("s0")  # type: ignore[attr-defined]
+    calls_before, reads_before, writes_before = claims.calls, reads.calls, writes.calls
     requests = [
         (caller, Submission(key=f"k-{n}", dose=dose(f"{10 * n + i:010d}", municipality=(CHIYODA, SAPPORO)[n % 2])))
         for n in range(1, 31)
@@ -119,6 +131,7 @@ async def test_single_doses_arriving_together_claim_their_keys_in_shared_stateme
     assert len(ids) == len(requests)
     assert claims.calls - calls_before < len(requests)  # shared statements
     assert reads.calls - reads_before < len(requests) / 2  # half the doses are on s0
+    assert writes.calls - writes_before < len(requests) / 2
     # All again, beside a new caller using the same key names for doses of its own: each retry replays its
     # very dose, and the new caller's doses are new.
     newcomer = Principal(role=Role.INSTITUTION, subject="tablet-4", institution="1310000004")
@@ -157,3 +170,75 @@ async def test_a_key_twice_in_one_claim_statement_is_bound_to_its_first_body(dat
     rows = [row("a", "k", "first"), row("b", "k", "other caller"), row("a", "k", "second"), row("a", "j", "j")]
     assert await claim_rows(databases, rows) == ["first", "other caller", "first", "j"]
     assert await claim_rows(databases, [row("a", "k", "third")]) == ["first"]  # and stays so
+
+
+def _answer(key: str, scope: str = CLINIC.scope_key) -> dict[str, Any]:
+    """An Idempotency-Key's answer row, as a write stores it (a write of answers alone: simplest to check)."""
+    return {
+        "scope": scope, "key": key, "request_hash": "h", "dose_id": key,
+        "response": {"dose_id": key, "status": "duplicate", "findings": []}, "created_at": utcnow(),
+    }  # fmt: skip
+
+
+async def _answered(databases: Databases, shard: str, keys: list[str]) -> set[str]:
+    async with databases.shards[shard].sessionmaker() as session:
+        found, _, _ = await DoseRepository(session).on_file(CLINIC.scope_key, keys, [])
+    return set(found)
+
+
+async def test_writes_arriving_together_are_each_checked_and_stored_as_if_alone(
+    record: Record, databases: Databases
+) -> None:
+    """Concurrent writes of one shard go in one statement (records_writes_unchanged): a member whose coupon
+    changed since its read stores nothing and is told so, the others are stored; a write sharing a key (or a
+    coupon) with an earlier one goes in the statement after it, and sees what that one stored."""
+    [first] = await record(Submission(key="first", dose=dose("0000000001")))
+    assert first.accepted is not None
+    on_file = first.accepted.dose_id
+
+    def write(key: str, coupon: str, seen: list[str]) -> DoseWrite:
+        return DoseWrite(CLINIC.scope_key, [(CHIYODA, coupon)], seen, [_answer(key)], [], [])
+
+    writes = [
+        write("current", "0000000001", [on_file]),  # read after the first dose: still true
+        write("stale", "0000000001", []),  # read before it (the same coupon: a statement of its own)
+        write("elsewhere", "0000000002", []),  # a coupon without doses
+        write("current", "0000000003", []),  # the first one's key again: after it, and finds it answered
+    ]
+    assert statements_of(writes) == [[0, 2], [1, 3]]
+    assert await write_together(databases, "s0", writes) == [True, False, True, False]
+    assert await _answered(databases, "s0", ["current", "stale", "elsewhere"]) == {"current", "elsewhere"}
+
+    # The shared statement itself (not the one-by-one path it falls back to): members 0 and 2 pass.
+    together = [
+        write("a", "0000000001", [on_file]),
+        write("b", "0000000005", ["a dose since voided"]),  # read, and not on file any more
+        write("c", "0000000004", []),
+    ]
+    async with databases.shards["s0"].engine.connect() as conn:
+        driver = (await conn.get_raw_connection()).driver_connection
+        assert driver is not None
+        passed = await driver.fetchval(_RECORD_GROUP_PG, *_group_args(together))
+    assert passed == [0, 2]
+    assert await _answered(databases, "s0", ["a", "b", "c"]) == {"a", "c"}
+
+
+async def test_a_shared_write_failing_for_one_member_fails_that_member_alone(databases: Databases) -> None:
+    """A shard fence (a municipality moving away) refuses one member's rows: the shared statement stores
+    nothing, and each member is written alone — only the fenced one gets the error."""
+    moving = "012025"
+    async with databases.shards["s0"].engine.begin() as conn:
+        await conn.execute(
+            text("INSERT INTO shard_fences (municipality_code, moving_to, fenced_at) VALUES (:m, 's1', now())"),
+            {"m": moving},
+        )
+    event = {"event_id": str(uuid.uuid4()), "key": moving, "payload": b"{}", "created_at": utcnow()}
+    writes = [
+        DoseWrite(CLINIC.scope_key, [(CHIYODA, "0000000001")], [], [_answer("before")], [], []),
+        DoseWrite(CLINIC.scope_key, [(moving, "0000000001")], [], [_answer("fenced")], [], [event]),
+        DoseWrite(CLINIC.scope_key, [(CHIYODA, "0000000002")], [], [_answer("after")], [], []),
+    ]
+    before, fenced, after = await write_together(databases, "s0", writes)
+    assert before is True and after is True
+    assert isinstance(fenced, DBAPIError) and fenced_municipality(fenced) == moving
+    assert await _answered(databases, "s0", ["before", "fenced", "after"]) == {"before", "after"}

@@ -199,6 +199,19 @@ async def test_a_shard_written_on_a_leased_connection_counts_as_touched(client: 
     assert touched == [await app.state.databases.shard_of("131016")]
 
 
+async def several_at_once(record: Callable[..., Any], requests: int) -> None:
+    """Requests at once that each lease shard connections of their own: batches larger than the statements
+    that single doses share (those take one connection at a time for them all)."""
+    size = repository.SHARED_STATEMENT_KEYS + 1
+    outcomes = await asyncio.gather(
+        *(
+            record(*(Submission(key=f"many-{n}-{i}", dose=dose(f"1000{n:02d}{i:04d}")) for i in range(size)))
+            for n in range(requests)
+        )
+    )
+    assert all(o.accepted is not None for batch in outcomes for o in batch)
+
+
 async def test_the_dose_path_keeps_its_connections_between_requests(
     databases: RecordsDatabases, record: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -214,8 +227,7 @@ async def test_the_dose_path_keeps_its_connections_between_requests(
     assert [f.driver_connection for f, _ in shard] == [parked]  # the same connection served the next one
 
     # Many at once: each takes its own connection; no more than pool_size (5 here) of them are kept.
-    outcomes = await asyncio.gather(*(record(Submission(key=f"c{n}", dose=dose(f"00000001{n:02d}"))) for n in range(8)))
-    assert all(o.accepted is not None for [o] in outcomes)
+    await several_at_once(record, 8)
     assert databases.spare_limit == 5
     assert 1 < len(shard) <= 5
 
@@ -250,7 +262,7 @@ async def test_a_lost_connection_takes_the_parked_ones_with_it(
 ) -> None:
     """A statement that loses its connection fails the request (503, retryable) and drops every parked
     connection of that database with it (a restarted server closed them all): none is tried again."""
-    await asyncio.gather(*(record(Submission(key=f"a{n}", dose=dose(f"00000002{n:02d}"))) for n in range(4)))
+    await several_at_once(record, 4)
     database = databases.shards["s0"]
     shard = databases.spare_of(database)
     parked = [fairy for fairy, _ in shard]
@@ -269,7 +281,7 @@ async def test_a_lost_connection_takes_the_parked_ones_with_it(
 async def test_parked_connections_the_server_closed_are_not_used(
     databases: RecordsDatabases, record: Callable[..., Any]
 ) -> None:
-    await asyncio.gather(*(record(Submission(key=f"a{n}", dose=dose(f"00000002{n:02d}"))) for n in range(4)))
+    await several_at_once(record, 4)
     shard = databases.spare_of(databases.shards["s0"])
     parked = [fairy for fairy, _ in shard]
     async with databases.main.engine.connect() as conn:

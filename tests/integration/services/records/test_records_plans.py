@@ -38,6 +38,14 @@ def _migration(name: str) -> Any:
     return module
 
 
+def _group_check(query: str, *names: str) -> str:
+    """One query of records_writes_unchanged (migration 20261126_02), its arguments as ``$1``, ``$2``, ..."""
+    sql = getattr(_migration("20261126_02_group_writes"), query)
+    for n, name in enumerate(names, start=1):
+        sql = re.sub(rf"\b{name}\b", f"${n}", sql)
+    return str(sql)
+
+
 def _nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
     yield plan
     for child in plan.get("Plans", []):
@@ -108,6 +116,20 @@ async def busy(databases: Databases, record: Any) -> Databases:
             "s0", "varchar[]", "SELECT " + _migration("20261126_01_seen_probes").PROBE_COUNT.replace("seen", "$1"),
             "ARRAY['x']", id="write-check-doses-seen",
         ),
+        pytest.param(
+            "s0", "integer[], varchar[], varchar[], varchar[]",
+            _group_check("OTHER_DOSES", "coupon_members", "municipalities", "coupon_numbers", "seen"),
+            f"ARRAY[0], ARRAY['{CHIYODA}'], ARRAY['0000000007'], ARRAY['x']", id="group-write-check-other-doses",
+        ),
+        pytest.param(
+            "s0", "integer[], varchar[]", _group_check("SEEN_GONE", "seen_members", "seen"),
+            "ARRAY[0], ARRAY['x']", id="group-write-check-seen-gone",
+        ),
+        pytest.param(
+            "s0", "integer[], varchar[], varchar[]",
+            _group_check("KEYS_ANSWERED", "key_members", "key_scopes", "answered"),
+            "ARRAY[0], ARRAY['{scope}'], ARRAY['k0000000007']", id="group-write-check-keys-answered",
+        ),
     ],
 )  # fmt: skip
 async def test_each_hot_statement_probes_an_index_per_wanted_row(
@@ -125,6 +147,6 @@ async def test_each_hot_statement_probes_an_index_per_wanted_row(
     assert probes, "the plan reads no table at all"
     # The column naming the one row (or the one coupon's rows) wanted must be in the index condition: a scan
     # of every key of the caller's scope, or of a whole table, is what this guards against.
-    unprobed = {t: c for t, c in probes.items() if not re.search(r"\((key|coupon_number|dose_id)\)::text = ", c)}
+    unprobed = {t: c for t, c in probes.items() if not re.search(r"\(\(?(key|coupon_number|dose_id)\)?(::text)? = ", c)}
     assert not unprobed, f"tables not probed by the wanted row's key: {unprobed}"
     assert not [n["Node Type"] for n in nodes if n["Node Type"] in ("Hash Join", "Merge Join")]
