@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
+import json
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from datetime import UTC, date, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
@@ -18,7 +20,7 @@ from shared.bus.embedded import EmbeddedLog
 from shared.db import Databases, utcnow
 from shared.events import DoseEvent
 from shared.migrations import upgrade
-from shared.outbox import OutboxNotifier, OutboxRelay, OutboxRepository, sample_backlog
+from shared.outbox import CLAIM_PLAN, OutboxNotifier, OutboxRelay, OutboxRepository, claim_statement, sample_backlog
 from shared.settings import BusSettings
 from tests.factories import recorded
 
@@ -176,3 +178,42 @@ async def test_a_writer_in_another_process_wakes_an_idle_relay_by_notify(make_da
         await notifier.close()
         await writer.dispose()
         await relay_side.dispose()
+
+
+async def test_the_relay_claim_reads_the_unpublished_rows_alone(databases: Databases, tmp_path: Path) -> None:
+    """The outbox keeps a day of published rows, and until a vacuum each row marked published leaves a dead
+    version behind: the claim must reach the few unpublished rows without walking those (an index scan of the
+    partial index, in id order, no sort), whatever the day's count."""
+    engine = databases.shards["s0"].engine
+    postgres = engine.dialect.name == "postgresql"
+    if postgres:
+        async with engine.begin() as conn:  # the dead versions stay: no vacuum comes to clean them up
+            await conn.exec_driver_sql("ALTER TABLE outbox SET (autovacuum_enabled = false)")
+    log = EmbeddedLog(BusSettings(embedded_path=tmp_path / "log.db", partitions=3))
+    await write_outbox(databases, 2000)
+    await OutboxRelay(databases, log, outbox, topic="dose-events", batch_size=500, idle_seconds=0.05).drain()
+    waiting = await write_outbox(databases, 3)
+    claim = claim_statement(outbox, 500).compile(engine, compile_kwargs={"literal_binds": True})
+    async with engine.begin() as conn:
+        if not postgres:  # SQLite: the plan's text
+            plan = " ".join(str(r[-1]) for r in await conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {claim}"))
+            assert "ix_outbox_unpublished" in plan and "TEMP B-TREE" not in plan, plan
+            return
+        await conn.execute(CLAIM_PLAN)  # as OutboxRepository.claim_unpublished does
+        raw = (await conn.exec_driver_sql(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {claim}")).scalar_one()
+        claimed = (await conn.exec_driver_sql(str(claim))).all()
+    [explained] = json.loads(raw) if isinstance(raw, str) else raw
+    nodes = list(_nodes(explained["Plan"]))
+    scans = {n["Node Type"] for n in nodes if n.get("Relation Name") == "outbox"}
+    assert scans == {"Index Scan"} and {n.get("Index Name") for n in nodes if n.get("Relation Name") == "outbox"} == {
+        "ix_outbox_unpublished"
+    }
+    assert "Sort" not in {n["Node Type"] for n in nodes}
+    assert explained["Plan"]["Shared Hit Blocks"] + explained["Plan"].get("Shared Read Blocks", 0) < 50
+    assert len(claimed) == len(waiting)
+
+
+def _nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from _nodes(child)
