@@ -145,18 +145,19 @@ def _may_see_detail(principal: Principal, municipality_code: str) -> bool:
     return principal.role is Role.MUNICIPALITY and principal.municipality == municipality_code
 
 
-async def _emit(outbox_repo: OutboxRepository, kind: DoseEventType, dose: Dose, previous: StatsCell | None) -> None:
-    await outbox_repo.add(
-        [
-            DoseEvent(
-                type=kind,
-                dose_id=uuid.UUID(dose.dose_id),
-                municipality=dose.municipality_code,
-                cell=cell_of(dose),
-                previous_cell=previous,
-            )
-        ]
+def _event(kind: DoseEventType, dose: Dose, previous: StatsCell | None) -> DoseEvent:
+    """The event of ``dose`` as it now is."""
+    return DoseEvent(
+        type=kind,
+        dose_id=uuid.UUID(dose.dose_id),
+        municipality=dose.municipality_code,
+        cell=cell_of(dose),
+        previous_cell=previous,
     )
+
+
+async def _emit(outbox_repo: OutboxRepository, kind: DoseEventType, dose: Dose, previous: StatsCell | None) -> None:
+    await outbox_repo.add([_event(kind, dose, previous)])
 
 
 async def record_doses(
@@ -569,14 +570,20 @@ async def apply_coupon_events(session: Any, events: Sequence[CouponEvent]) -> in
         on_file: dict[CouponKey, list[Dose]] = defaultdict(list)
         for dose in await doses.of_coupons([(c.municipality_code, c.coupon_number) for c in changed], for_update=True):
             on_file[(dose.municipality_code, dose.coupon_number)].append(dose)
+        # The doses' events are written once, after them all: an outbox insert per dose made the session flush
+        # per dose too (an UPDATE, a history row, an INSERT: three round trips a dose), and the batch held the
+        # doses' row locks the while — after a Kafka outage the backlog's batch took 8-12 s in the soak, and a
+        # municipality's correction of one of those doses waited that long. Now one flush and one insert.
+        moved: list[DoseEvent] = []
         for coupon in changed:
-            await _follow_holder(doses, outbox_repo, coupon, on_file[(coupon.municipality_code, coupon.coupon_number)])
+            moved += _follow_holder(doses, coupon, on_file[(coupon.municipality_code, coupon.coupon_number)])
+        await outbox_repo.add(moved)
     return len(changed)
 
 
-async def _follow_holder(
-    doses: DoseRepository, outbox_repo: OutboxRepository, coupon: CouponProjection, on_file: Sequence[Dose]
-) -> None:
+def _follow_holder(doses: DoseRepository, coupon: CouponProjection, on_file: Sequence[Dose]) -> list[DoseEvent]:
+    """Move ``coupon``'s doses to its holder's cell (in the session); the events of those that moved."""
+    events = []
     for dose in on_file:
         band = age_band(coupon.birth_date, dose.vaccinated_on).value
         band_10 = age_band_10(coupon.birth_date, dose.vaccinated_on).value
@@ -597,7 +604,8 @@ async def _follow_holder(
             dose.status = DoseStatus.RECORDED.value
         dose.version += 1
         dose.updated_at = utcnow()
-        await _emit(outbox_repo, DoseEventType.MATCHED if was_unmatched else DoseEventType.CORRECTED, dose, previous)
+        events.append(_event(DoseEventType.MATCHED if was_unmatched else DoseEventType.CORRECTED, dose, previous))
+    return events
 
 
 # --- corrections ---------------------------------------------------------------------------------------
