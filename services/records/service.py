@@ -573,7 +573,8 @@ async def apply_coupon_events(session: Any, events: Sequence[CouponEvent]) -> in
         # The doses' events are written once, after them all: an outbox insert per dose made the session flush
         # per dose too (an UPDATE, a history row, an INSERT: three round trips a dose), and the batch held the
         # doses' row locks the while — after a Kafka outage the backlog's batch took 8-12 s in the soak, and a
-        # municipality's correction of one of those doses waited that long. Now one flush and one insert.
+        # municipality's correction of one of those doses waited that long. Now one flush (its doses' UPDATE
+        # one executemany, see DoseRepository.moved) and one insert.
         moved: list[DoseEvent] = []
         for coupon in changed:
             moved += _follow_holder(doses, coupon, on_file[(coupon.municipality_code, coupon.coupon_number)])
@@ -604,6 +605,7 @@ def _follow_holder(doses: DoseRepository, coupon: CouponProjection, on_file: Seq
             dose.status = DoseStatus.RECORDED.value
         dose.version += 1
         dose.updated_at = utcnow()
+        doses.moved(dose)
         events.append(_event(DoseEventType.MATCHED if was_unmatched else DoseEventType.CORRECTED, dose, previous))
     return events
 
