@@ -24,6 +24,7 @@ import contextlib
 import itertools
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -148,19 +149,38 @@ class System:
         return [line.split("|") for line in out.splitlines() if line]
 
 
+# Every lock wait of deadlock_timeout (1 s) or more is logged, and the longest are reported: a request that
+# times out outside any fault window has most often waited on a lock (found so: a correction waiting 12 s on
+# records' coupon consumer, 2026-11-26).
+LOCK_WAITS = {"log_lock_waits": "on"}
+_LOCK_ACQUIRED = re.compile(
+    r"\[(\d+)\] LOG:  process \d+ acquired (\w+) on (.*) after ([0-9.]+) ms\n(?:.*CONTEXT:  (.*)\n)?"
+)
+
+
+def lock_waits(log_dir: Path) -> list[tuple[float, str]]:
+    """(seconds, what) of each lock wait the PostgreSQL logs under ``log_dir`` show, longest first."""
+    waits = []
+    for path in sorted(log_dir.glob("postgres*.log")):
+        for match in _LOCK_ACQUIRED.finditer(path.read_text(errors="replace")):
+            pid, mode, what, ms, context = match.groups()
+            waits.append((float(ms) / 1000, f"{mode} on {what}{', ' + context if context else ''}; backend {pid}"))
+    return sorted(waits, reverse=True)
+
+
 def start_system(tmp: Path, cleanup: contextlib.ExitStack, *, streamed: tuple[str, ...] = ()) -> System:
     """The whole system under ``tmp``; each database named in ``streamed`` gets a PostgreSQL cluster of its
     own whose WAL is streamed synchronously to ``tmp/<database>-wal`` (the backup's object store)."""
     logs = tmp / "log"
     logs.mkdir(parents=True, exist_ok=True)
-    pg = PostgresServer(tmp / "postgres", free_port(), log_path=logs / "postgres.log")
+    pg = PostgresServer(tmp / "postgres", free_port(), log_path=logs / "postgres.log", settings=LOCK_WAITS)
     kafka = KafkaServer(tmp / "kafka", free_port(), free_port(), log_path=logs / "kafka.log")
     placement = {
         name: PostgresServer(
             tmp / f"postgres-{name}",
             free_port(),
             log_path=logs / f"postgres-{name}.log",
-            settings=WalStream.server_settings(),
+            settings=WalStream.server_settings() | LOCK_WAITS,
         )
         for name in streamed
     }
@@ -588,6 +608,13 @@ async def soak(system: System, args: argparse.Namespace) -> int:
     return report(system, ledger, faults, drain_seconds)
 
 
+def _waits_summary(waits: list[tuple[float, str]]) -> str:
+    if not waits:
+        return "none"
+    longest, what = waits[0]
+    return f"{len(waits)}, the longest {longest:.1f} s ({what})"
+
+
 def report(system: System, ledger: Ledger, faults: list[Fault], drain_seconds: float) -> int:
     live = records_live(system)
     told = ledger.live()
@@ -598,6 +625,7 @@ def report(system: System, ledger: Ledger, faults: list[Fault], drain_seconds: f
     under = sum(max(0, r_cells[c] - s_cells[c]) for c in s_cells.keys() | r_cells.keys())
     written, applied = events_written(system), events_applied(system)
     projection_ok = coupon_versions(system, "registry") == coupon_versions(system, "records")
+    waits = lock_waits(system.tmp / "log")
     late = [
         (when, what) for when, what in ledger.failures if not any(f.started - 1 <= when <= f.ended + 10 for f in faults)
     ]
@@ -625,6 +653,7 @@ def report(system: System, ledger: Ledger, faults: list[Fault], drain_seconds: f
         ("LOST (told stored, not in records; or in records, not in stats)", f"{lost + under:,}"),
         ("DOUBLE-COUNTED (in records unasked; or in stats twice)", f"{extra + over:,}"),
         ("time to drain", f"{drain_seconds:.1f}s"),
+        ("lock waits of 1 s or more (PostgreSQL's log)", _waits_summary(waits)),
     ]
     width = max(len(k) for k, _ in rows)
     print("\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows), flush=True)
