@@ -156,10 +156,6 @@ def _event(kind: DoseEventType, dose: Dose, previous: StatsCell | None) -> DoseE
     )
 
 
-async def _emit(outbox_repo: OutboxRepository, kind: DoseEventType, dose: Dose, previous: StatsCell | None) -> None:
-    await outbox_repo.add([_event(kind, dose, previous)])
-
-
 async def record_doses(
     uow: UnitOfWork,
     *,
@@ -653,7 +649,7 @@ async def correct_dose(
         await _apply_changes(dose, correction.changes or {}, repo, holder, rules=rules, today=today)
     dose.version += 1
     dose.updated_at = utcnow()
-    await _emit(OutboxRepository(session, outbox), kind, dose, previous)
+    await OutboxRepository(session, outbox).add([_event(kind, dose, previous)])
     return dose
 
 
