@@ -138,20 +138,18 @@ _WRITE_COLUMNS = {
 _json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
-def _unnest_insert(prefix: str, table: Table, first: int, *, grouped: bool = False) -> str:
-    """``INSERT ... SELECT FROM unnest($n::type[], ...)``: one array parameter per column, from ``$first``;
-    only if the check (the ``ok`` of :data:`_RECORD_PG`) passed. ``grouped``: the first array numbers each
-    row's member, and only the rows of the members that passed (:data:`_RECORD_GROUP_PG`) are stored."""
+def _unnest_insert(prefix: str, table: Table, first: int) -> str:
+    """``INSERT ... SELECT FROM unnest($n::type[], ...)``: one array parameter per column, from ``$first``, the
+    first numbering each row's member; only the rows of the members whose check passed (the ``ok`` of
+    :data:`_RECORD_PG`) are stored."""
     names = _WRITE_COLUMNS[prefix]
     columns = {c.name: c for c in table.c}
-    types = ["integer[]"] * grouped + [pg_array_type(columns[n]) for n in names]
+    types = ["integer[]"] + [pg_array_type(columns[n]) for n in names]
     arrays = ", ".join(f"${first + i}::{t}" for i, t in enumerate(types))
     values = ", ".join(f"{n}::json" if isinstance(columns[n].type, JSON) else n for n in names)
-    aliases = ", ".join(["member_"] * grouped + names)
-    only = "t.member_ = ANY((SELECT passed FROM ok)::integer[])" if grouped else "(SELECT ok FROM ok)"
     return (
-        f"INSERT INTO {table.name} ({', '.join(names)}) SELECT {values} FROM unnest({arrays}) AS t({aliases}) "
-        f"WHERE {only}"
+        f"INSERT INTO {table.name} ({', '.join(names)}) SELECT {values} FROM unnest({arrays}) "
+        f"AS t(member_, {', '.join(names)}) WHERE t.member_ = ANY((SELECT passed FROM ok)::integer[])"
     )
 
 
@@ -163,35 +161,23 @@ _WRITE_JSON = {
 # asyncpg's statement cache): SQLAlchemy's per-statement work (compiling, bind and result processing) cost
 # more CPU than the database did. Round trips cost most (each is a write and a wake-up on both sides), so the
 # write is one autocommitted statement: it takes the coupons' locks and checks, under them, that the doses
-# on file and the keys answered are still what was read (records_doses_unchanged, migration 20261125_12);
-# if not, nothing is written and the caller reads again and decides again. Same outcome as holding the
-# locks from before the read, in three round trips (claim, read, write) instead of six.
-_CHECK_ARGS = 6
+# on file and the keys answered are still what was read; if not, nothing is written and the caller reads
+# again and decides again. Same outcome as holding the locks from before the read, in three round trips
+# (claim, read, write) instead of six.
+# The statement serves several requests ("members") at once (see write_together): every row is numbered by
+# its member; records_writes_unchanged (migrations 20261126_02, 20261126_04) checks each member as if alone
+# and returns those that passed, whose rows alone are stored. A batch, or a lone request, is one member.
+_CHECK_ARGS = 10
 _FIRST = {"d": _CHECK_ARGS + 1}
-_FIRST["o"] = _FIRST["d"] + len(_WRITE_COLUMNS["d"])
-_FIRST["k"] = _FIRST["o"] + len(_WRITE_COLUMNS["o"])
+_FIRST["o"] = _FIRST["d"] + 1 + len(_WRITE_COLUMNS["d"])
+_FIRST["k"] = _FIRST["o"] + 1 + len(_WRITE_COLUMNS["o"])
 _RECORD_PG = (
-    "WITH ok AS MATERIALIZED (SELECT records_doses_unchanged("
-    "$1::bigint[], $2::varchar[], $3::varchar[], $4::varchar[], $5::varchar, $6::varchar[]) AS ok), "
-    f"new_doses AS ({_unnest_insert('d', _doses, _FIRST['d'])}), "
-    f"new_events AS ({_unnest_insert('o', outbox, _FIRST['o'])}), "
-    f"new_keys AS ({_unnest_insert('k', _keys, _FIRST['k'])}) "
-    "SELECT ok FROM ok"
-)
-# Concurrent small writes of one shard in one statement (see write_together): the same inserts, each row
-# numbered by its member (the request it is from); records_writes_unchanged (migration 20261126_02) checks
-# each member as records_doses_unchanged would alone and returns those that passed, whose rows alone are stored.
-_GROUP_CHECK_ARGS = 10
-_GROUP_FIRST = {"d": _GROUP_CHECK_ARGS + 1}
-_GROUP_FIRST["o"] = _GROUP_FIRST["d"] + 1 + len(_WRITE_COLUMNS["d"])
-_GROUP_FIRST["k"] = _GROUP_FIRST["o"] + 1 + len(_WRITE_COLUMNS["o"])
-_RECORD_GROUP_PG = (
     "WITH ok AS MATERIALIZED (SELECT records_writes_unchanged($1::integer, $2::bigint[], $3::integer[], "
     "$4::varchar[], $5::varchar[], $6::integer[], $7::varchar[], $8::integer[], $9::varchar[], $10::varchar[]) "
     "AS passed), "
-    f"new_doses AS ({_unnest_insert('d', _doses, _GROUP_FIRST['d'], grouped=True)}), "
-    f"new_events AS ({_unnest_insert('o', outbox, _GROUP_FIRST['o'], grouped=True)}), "
-    f"new_keys AS ({_unnest_insert('k', _keys, _GROUP_FIRST['k'], grouped=True)}) "
+    f"new_doses AS ({_unnest_insert('d', _doses, _FIRST['d'])}), "
+    f"new_events AS ({_unnest_insert('o', outbox, _FIRST['o'])}), "
+    f"new_keys AS ({_unnest_insert('k', _keys, _FIRST['k'])}) "
     "SELECT passed FROM ok"
 )
 # LATERAL ... OFFSET 0: one index probe per coupon and per key, whatever the prepared statement's generic plan
@@ -496,18 +482,6 @@ class DoseWrite:
     doses: Sequence[dict[str, Any]]
     events: Sequence[dict[str, Any]]
 
-    def args(self) -> list[Any]:
-        """:data:`_RECORD_PG`'s parameters."""
-        check: list[Any] = [
-            sorted({coupon_lock_key(m, c) for m, c in self.coupons}),
-            [m for m, _ in self.coupons],
-            [c for _, c in self.coupons],
-            list(self.seen),
-            self.scope,
-            [k["key"] for k in self.keys],
-        ]
-        return check + _columns("d", self.doses) + _columns("o", self.events) + _columns("k", self.keys)
-
     def holds(self) -> list[tuple[str, ...]]:
         """What no other write of the same statement may share: its coupons and its (caller, key) pairs."""
         return [*self.coupons, *((self.scope, k["key"]) for k in self.keys)]
@@ -518,8 +492,8 @@ def _unzip(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
     return [[row[i] for row in rows] for i in range(width)]
 
 
-def _group_args(writes: Sequence[DoseWrite]) -> list[Any]:
-    """:data:`_RECORD_GROUP_PG`'s parameters: every write's rows, each numbered by its member (its index)."""
+def _write_args(writes: Sequence[DoseWrite]) -> list[Any]:
+    """:data:`_RECORD_PG`'s parameters: every write's rows, each numbered by its member (its index)."""
     members = range(len(writes))
     coupons = [(g, m, c) for g in members for m, c in writes[g].coupons]
     seen = [(g, dose_id) for g in members for dose_id in writes[g].seen]
@@ -569,7 +543,7 @@ async def write_together(databases: Databases, shard: str, writes: list[DoseWrit
     async def alone(i: int) -> None:
         try:
             async with _leased(database, spares) as conn:
-                results[i] = bool(await conn.fetchval(_RECORD_PG, *writes[i].args()))
+                results[i] = await conn.fetchval(_RECORD_PG, *_write_args([writes[i]])) == [0]
         except DBAPIError as exc:
             results[i] = exc
 
@@ -579,7 +553,7 @@ async def write_together(databases: Databases, shard: str, writes: list[DoseWrit
             continue
         try:
             async with _leased(database, spares) as conn:
-                passed = set(await conn.fetchval(_RECORD_GROUP_PG, *_group_args([writes[i] for i in members])))
+                passed = set(await conn.fetchval(_RECORD_PG, *_write_args([writes[i] for i in members])))
         except DBAPIError as exc:
             # Expected while a municipality of this shard is fenced for a move (a few tenths of a second); a
             # statement that keeps failing would cost every dose a second round trip, so it is said.
@@ -778,7 +752,7 @@ class DoseRepository:
                 if isinstance(written, DBAPIError):
                     raise written
                 return written
-            return bool(await self._run("fetchval", _RECORD_PG, *write.args()))
+            return bool(await self._run("fetchval", _RECORD_PG, *_write_args([write])) == [0])
         for table, rows in ((_keys, keys), (_doses, doses), (outbox, events)):
             if rows:
                 await self.session.execute(insert(table), list(rows))

@@ -15,10 +15,10 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from services.records.repository import (
-    _RECORD_GROUP_PG,
+    _RECORD_PG,
     DoseRepository,
     DoseWrite,
-    _group_args,
+    _write_args,
     claim_rows,
     statements_of,
     write_together,
@@ -218,7 +218,7 @@ async def test_writes_arriving_together_are_each_checked_and_stored_as_if_alone(
     async with databases.shards["s0"].engine.connect() as conn:
         driver = (await conn.get_raw_connection()).driver_connection
         assert driver is not None
-        passed = await driver.fetchval(_RECORD_GROUP_PG, *_group_args(together))
+        passed = await driver.fetchval(_RECORD_PG, *_write_args(together))
     assert passed == [0, 2]
     assert await _answered(databases, "s0", ["a", "b", "c"]) == {"a", "c"}
 
