@@ -52,6 +52,7 @@ from shared.schemas import (
     DoseVersionsIn,
     TransferDosesIn,
 )
+from shared.trusted import built
 
 router = APIRouter(prefix="/api/v1", tags=["doses"])
 internal = APIRouter(prefix="/internal/v1", tags=["internal"], include_in_schema=False)
@@ -190,7 +191,8 @@ async def record_dose_batch(body: DoseBatchIn, principal: Recorder, uow: UnitOfW
         if outcome.accepted is not None:
             accepted = outcome.accepted  # already validated: built from its fields, not re-validated
             results.append(
-                BatchItemResult.model_construct(
+                built(
+                    BatchItemResult,
                     client_id=item.client_id,
                     dose_id=accepted.dose_id,
                     status=accepted.status,

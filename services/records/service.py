@@ -57,6 +57,7 @@ from shared.errors import Conflict, InvalidField, NotFound, ServiceUnavailable, 
 from shared.events import CouponEvent, DoseEvent, DoseEventType, StatsCell
 from shared.ids import random_uuids
 from shared.outbox import OutboxRepository, outbox_rows
+from shared.trusted import built
 
 CouponKey = tuple[str, str]  # (issuing municipality, coupon number)
 
@@ -325,7 +326,7 @@ async def _try_record(
             )
             shown = _shown(findings, with_detail=_may_see_detail(principal, item.coupon.municipality_code))
             # Not validated again: the id is new, the status one of DoseStatus, the findings FindingOut already.
-            accepted = DoseAccepted.model_construct(dose_id=row["dose_id"], status=status.value, findings=shown)
+            accepted = built(DoseAccepted, dose_id=row["dose_id"], status=status.value, findings=shown)
         answers.append((item, accepted))
         key_rows.append(
             {
@@ -338,16 +339,16 @@ async def _try_record(
             }
         )
 
-    # Built without re-validation: every field comes from a dose the rules just accepted. The id and time
-    # are given, not left to the defaults: a default_factory costs an inspect.signature per construct.
+    # Built without re-validation (shared.trusted): every field comes from a dose the rules just accepted.
     events = [
-        DoseEvent.model_construct(
+        built(
+            DoseEvent,
             schema_version=1,
             event_id=next(ids),
             occurred_at=now,
+            municipality=row["municipality_code"],
             type=DoseEventType.RECORDED,
             dose_id=dose_id,
-            municipality=row["municipality_code"],
             cell=_cell(row),
             previous_cell=None,
         )
@@ -376,7 +377,8 @@ def _replay(stored: tuple[str, dict[str, Any]], item: _Item) -> Outcome:
 
 
 def _cell(row: dict[str, Any]) -> StatsCell:
-    return StatsCell.model_construct(
+    return built(
+        StatsCell,
         date=row["vaccinated_on"],
         prefecture=row["municipality_code"][:2],
         municipality=row["municipality_code"],
