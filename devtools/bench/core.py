@@ -633,11 +633,19 @@ class Prober:
         day = PROBE_FIRST_DAY + timedelta(days=n)
         body = json.dumps(dose_doc(PROBE_MUNICIPALITY, coupon_number(PHASE_PROBE, n), day, n)).encode()
         headers = {**self._clinic, "Idempotency-Key": f"{self._tag}-probe-{n}"}
-        async with self._session.post(self._gateway + DOSE_PATH, data=body, headers=headers) as response:
-            payload = await response.read()
-            if response.status != 201:
-                lags.errors[f"POST {response.status} {payload[:120]!r}"] += 1
-                return
+        for attempt in range(2):
+            try:
+                async with self._session.post(self._gateway + DOSE_PATH, data=body, headers=headers) as response:
+                    payload, status = await response.read(), response.status
+                break
+            except aiohttp.ServerDisconnectedError:
+                # A kept-alive connection the server closed as the probe reused it (after an idle stretch):
+                # sent again on a new one, which the idempotency key makes safe.
+                if attempt:
+                    raise
+        if status != 201:
+            lags.errors[f"POST {status} {payload[:120]!r}"] += 1
+            return
         accepted = time.monotonic()
         self.accepted += 1
         params = {
