@@ -19,7 +19,7 @@ from services.gateway.router import FastPath, audit_reader, router
 from services.gateway.service import Gateway, Limits
 from services.gateway.settings import GatewaySettings
 from services.gateway.tokens import IdentityVerifier, InternalTokenIssuer, JwksSource
-from shared.app import build_app
+from shared.app import build_app, settle_heap
 from shared.auth import Keyset, TokenRules
 from shared.db import Databases
 from shared.dev_keys import DEV_IDENTITY_JWK, jwks_of
@@ -134,10 +134,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 local={"/api/v1/municipalities/{code}/audit": audit_reader(app.state.databases)},
             )
             # What is built by now lives as long as the process (the services' code and schemas, imported for
-            # the OpenAPI document: ~170,000 objects): out of the cyclic collector's way. A full collection of them
-            # took 40-90 ms on this machine, a pause that every request in flight would wait out.
-            gc.collect()
-            gc.freeze()
+            # the OpenAPI document: ~170,000 objects).
+            settle_heap()
             yield
         finally:
             gc.unfreeze()

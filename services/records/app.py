@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -16,7 +15,7 @@ from services.records.imports import ImportWorker
 from services.records.models import outbox
 from services.records.router import GRANT_ONLY_PATHS, internal, router
 from services.records.settings import RecordsSettings
-from shared.app import build_app
+from shared.app import build_app, settle_heap
 from shared.bus.offsets import report_lag
 from shared.consumer import stored_positions
 from shared.db import UnitOfWork
@@ -53,9 +52,7 @@ def create_app(settings: RecordsSettings | None = None) -> FastAPI:
                         after_commit=_wake_relay(relay),
                     )
                     imports = asyncio.create_task(app.state.imports.run(), name="dose-imports")
-                # Everything built so far lives as long as the process: out of the collector's sight, so that
-                # the full collections a batch's thousands of short-lived objects trigger stay short.
-                gc.freeze()
+                settle_heap()  # everything built so far lives as long as the process
                 try:
                     yield
                 finally:

@@ -4,8 +4,9 @@ FastAPI's handler of the same endpoint; both answer alike, byte for byte, and ev
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from services.records.app import create_app
 from services.records.repository import RecordsDatabases
 from services.records.service import Submission, record_doses
 from services.records.settings import RecordsSettings
+from shared.app import YOUNG_OBJECTS
 from shared.auth import Role
 from shared.db import UnitOfWork
 from shared.domain.vaccines import default_rules
@@ -55,6 +57,26 @@ async def client(make_database: Callable[..., str], tmp_path: Path) -> AsyncIter
         httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://records") as http,
     ):
         yield http
+
+
+@pytest.fixture
+def default_collector() -> Iterator[None]:
+    """Python's own collector settings, as before any app of this test process started."""
+    before = gc.get_threshold()
+    gc.unfreeze()
+    gc.set_threshold(700, 10, 10)
+    yield
+    gc.set_threshold(*before)
+
+
+async def test_once_started_records_keeps_the_collector_off_its_lasting_and_its_young_objects(
+    default_collector: None, client: httpx.AsyncClient
+) -> None:
+    """What the app keeps for life is frozen out of the cyclic collector's sight, and young collections wait
+    for YOUNG_OBJECTS allocations: a batch's ~50,000 objects are mostly freed before one sees them
+    (``shared.app.settle_heap``)."""
+    assert gc.get_threshold()[0] == YOUNG_OBJECTS
+    assert gc.get_freeze_count() > 10_000
 
 
 @pytest.fixture
