@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest, start_http_server
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared.heap import settle_heap
 from shared.redaction import redact_my_numbers
 
 REQUESTS = Counter("vrs_http_requests_total", "HTTP requests", ["service", "method", "route", "status"])
@@ -96,6 +97,7 @@ def setup_worker(*, service: str, log_level: str, metrics_port: int | None) -> N
     API processes, and its metrics on ``metrics_port`` (``VRS_<SERVICE>_METRICS_PORT``)."""
     configure_logging(log_level, service)
     serve_metrics(metrics_port)
+    settle_heap()
 
 
 def observe_outbox(service: str, shard: str, *, backlog: int, oldest: datetime | None) -> None:

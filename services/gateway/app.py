@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import cast
@@ -19,7 +18,7 @@ from services.gateway.router import FastPath, audit_reader, router
 from services.gateway.service import Gateway, Limits
 from services.gateway.settings import GatewaySettings
 from services.gateway.tokens import IdentityVerifier, InternalTokenIssuer, JwksSource
-from shared.app import build_app, settle_heap
+from shared.app import build_app
 from shared.auth import Keyset, TokenRules
 from shared.db import Databases
 from shared.dev_keys import DEV_IDENTITY_JWK, jwks_of
@@ -133,12 +132,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 ),
                 local={"/api/v1/municipalities/{code}/audit": audit_reader(app.state.databases)},
             )
-            # What is built by now lives as long as the process (the services' code and schemas, imported for
-            # the OpenAPI document: ~170,000 objects).
-            settle_heap()
             yield
         finally:
-            gc.unfreeze()
             await app.state.audit.stop()
             await source.stop()
             await app.state.transport.close()

@@ -15,7 +15,7 @@ from services.records.imports import ImportWorker
 from services.records.models import outbox
 from services.records.router import GRANT_ONLY_PATHS, internal, router
 from services.records.settings import RecordsSettings
-from shared.app import build_app, settle_heap
+from shared.app import build_app
 from shared.bus.offsets import report_lag
 from shared.consumer import stored_positions
 from shared.db import UnitOfWork
@@ -52,7 +52,6 @@ def create_app(settings: RecordsSettings | None = None) -> FastAPI:
                         after_commit=_wake_relay(relay),
                     )
                     imports = asyncio.create_task(app.state.imports.run(), name="dose-imports")
-                settle_heap()  # everything built so far lives as long as the process
                 try:
                     yield
                 finally:

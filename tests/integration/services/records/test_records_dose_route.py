@@ -20,10 +20,10 @@ from services.records.app import create_app
 from services.records.repository import RecordsDatabases
 from services.records.service import Submission, record_doses
 from services.records.settings import RecordsSettings
-from shared.app import YOUNG_OBJECTS
 from shared.auth import Role
 from shared.db import UnitOfWork
 from shared.domain.vaccines import default_rules
+from shared.heap import YOUNG_OBJECTS
 from shared.migrations import SERVICES_DIR, upgrade
 from shared.settings import BusSettings
 from tests.factories import internal_headers
@@ -74,7 +74,7 @@ async def test_once_started_records_keeps_the_collector_off_its_lasting_and_its_
 ) -> None:
     """What the app keeps for life is frozen out of the cyclic collector's sight, and young collections wait
     for YOUNG_OBJECTS allocations: a batch's ~50,000 objects are mostly freed before one sees them
-    (``shared.app.settle_heap``)."""
+    (``shared.heap.settle_heap``)."""
     assert gc.get_threshold()[0] == YOUNG_OBJECTS
     assert gc.get_freeze_count() > 10_000
 
