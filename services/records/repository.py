@@ -12,6 +12,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from itertools import chain
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
@@ -487,27 +488,33 @@ class DoseWrite:
         return [*self.coupons, *((self.scope, k["key"]) for k in self.keys)]
 
 
-def _unzip(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
-    """Rows of ``width`` values → ``width`` arrays (empty ones for no rows)."""
-    return [[row[i] for row in rows] for i in range(width)]
+def _numbered(writes: Sequence[DoseWrite], attr: str) -> tuple[list[int], list[Any]]:
+    """Every write's ``attr`` items in order, and beside them the member (index) each is from."""
+    parts = [getattr(write, attr) for write in writes]
+    members = list(chain.from_iterable([g] * len(part) for g, part in enumerate(parts)))
+    return members, list(chain.from_iterable(parts))
 
 
 def _write_args(writes: Sequence[DoseWrite]) -> list[Any]:
     """:data:`_RECORD_PG`'s parameters: every write's rows, each numbered by its member (its index)."""
-    members = range(len(writes))
-    coupons = [(g, m, c) for g in members for m, c in writes[g].coupons]
-    seen = [(g, dose_id) for g in members for dose_id in writes[g].seen]
-    keys = [(g, k["scope"], k["key"]) for g in members for k in writes[g].keys]
+    coupon_members, coupons = _numbered(writes, "coupons")
+    seen_members, seen = _numbered(writes, "seen")
+    key_members, keys = _numbered(writes, "keys")
     args: list[Any] = [
         len(writes),
-        sorted({coupon_lock_key(m, c) for _, m, c in coupons}),
-        *_unzip(coupons, 3),
-        *_unzip(seen, 2),
-        *_unzip(keys, 3),
+        sorted({coupon_lock_key(m, c) for m, c in coupons}),
+        coupon_members,
+        [m for m, _ in coupons],
+        [c for _, c in coupons],
+        seen_members,
+        seen,
+        key_members,
+        [k["scope"] for k in keys],
+        [k["key"] for k in keys],
     ]
     for prefix, attr in (("d", "doses"), ("o", "events"), ("k", "keys")):
-        rows = [(g, row) for g in members for row in getattr(writes[g], attr)]
-        args += [[g for g, _ in rows], *_columns(prefix, [row for _, row in rows])]
+        members, rows = _numbered(writes, attr)
+        args += [members, *_columns(prefix, rows)]
     return args
 
 
