@@ -42,6 +42,8 @@ PROBE_MUNICIPALITY = "141003"
 INSTITUTION = "1312345678"
 LOAD_FIRST_DAY = date(2021, 3, 1)
 LOAD_DAYS = 306  # up to 2021-12-31
+# Days after the first dose that the bench records a person's later doses (each within the rules' intervals).
+DAYS_AFTER_FIRST = (0, 28, 28 + 240, 28 + 2 * 240, 28 + 3 * 240, 28 + 4 * 240)
 PROBE_FIRST_DAY = date(2021, 3, 1)
 # Coupon numbers are "<phase digit><9-digit serial>": unique across the run without any bookkeeping.
 PHASE_SINGLE, PHASE_BATCH, PHASE_PROBE, PHASE_BASELINE, PHASE_CSV, PHASE_FIXED, PHASE_RESIDENT = 1, 2, 3, 4, 5, 6, 9
@@ -64,10 +66,10 @@ def coupon_number(phase: int, serial: int) -> str:
     return f"{phase}{serial:09d}"
 
 
-def dose_doc(municipality: str, number: str, day: date, serial: int) -> dict[str, Any]:
+def dose_doc(municipality: str, number: str, day: date, serial: int, dose_number: int = 1) -> dict[str, Any]:
     return {
-        "coupon": f"11{municipality}{number}",
-        "dose_number": 1,
+        "coupon": f"1{dose_number}{municipality}{number}",  # kind 1 (a coupon of a course), the dose's own digit
+        "dose_number": dose_number,
         "vaccinated_on": day.isoformat(),
         "vaccine": "moderna" if serial % 5 == 0 else "pfizer",
         # Each product's own lot format (vaccine_rules.toml): Spikevax 7 digits, Comirnaty 2 letters + 4 digits.
@@ -93,6 +95,9 @@ class LoadSpec:
     # run (whatever its rate), so 'recorded' and 'unmatched' doses are mixed from start to end.
     matched: tuple[tuple[str, str], ...] = ()
     batch_size: int = 1000
+    # Batches of later doses: the coupons of the batch phase's first ``coupon_batches`` batches, each already
+    # holding its first dose; dose 2 of each, then (a second time round) dose 3, and so on (0: first doses).
+    coupon_batches: int = 0
     # Open loop: requests are sent at this fixed rate (per second) whatever the answers' pace, and latency is
     # measured from when each was due, so a stall shows in the percentiles. 0: closed loop, ``concurrency``.
     rate: float = 0.0
@@ -111,13 +116,15 @@ class LoadSpec:
 
     def batch_body(self, b: int) -> bytes:
         doses = []
+        rounds = self.coupon_batches or 1 << 62
+        dose_number = 1 + (b // rounds + 1 if self.coupon_batches else 0)
         for k in range(self.batch_size):
-            i = b * self.batch_size + k
-            day = LOAD_FIRST_DAY + timedelta(days=i % LOAD_DAYS)
+            n = b * self.batch_size + k
+            i = (b % rounds) * self.batch_size + k
+            day = LOAD_FIRST_DAY + timedelta(days=i % LOAD_DAYS + DAYS_AFTER_FIRST[dose_number - 1])
             municipality = MUNICIPALITIES[i % len(MUNICIPALITIES)]
-            doses.append(
-                {"client_id": f"{self.tag}-{i}", **dose_doc(municipality, coupon_number(self.phase, i), day, i)}
-            )
+            doc = dose_doc(municipality, coupon_number(self.phase, i), day, i, dose_number)
+            doses.append({"client_id": f"{self.tag}-{n}", **doc})
         return json.dumps({"doses": doses}, ensure_ascii=False).encode()
 
 

@@ -21,7 +21,7 @@ printed with everyone else's, so a generator that became the bottleneck shows. A
 numbers, not a test: every non-2xx answer is counted and printed, never dropped.
 
     python -m devtools.bench records [--duration 12] [--warmup 2] [--probes 200] [--csv-rows 20000] [--keep]
-        [--records-workers 2] [--worker-processes] [--pg-statements] [--only single,lag,batch,csv,fixed]
+        [--records-workers 2] [--worker-processes] [--pg-statements] [--only single,lag,batch,later,csv,fixed]
         [--profile DIR]
 
 Before each phase the bench waits until stats counts every dose accepted so far (printed as "settled"), so
@@ -85,7 +85,7 @@ from devtools.bench.core import (
     wait_quiet,
 )
 
-PHASES = ("single", "lag", "batch", "csv", "fixed")
+PHASES = ("single", "lag", "batch", "later", "csv", "fixed")
 
 # -- the run ----------------------------------------------------------------------------------------------
 
@@ -104,6 +104,9 @@ class Report:
     batch: LoadResult | None = None
     batch_cpu: CpuMeter | None = None
     drain_batch: Drain | None = None
+    later: LoadResult | None = None
+    later_cpu: CpuMeter | None = None
+    drain_later: Drain | None = None
     baseline: LoadResult | None = None
     baseline_cpu: CpuMeter | None = None
     proxied: LoadResult | None = None
@@ -174,14 +177,21 @@ def render(report: Report, args: argparse.Namespace) -> str:
         if report.proxied is not None and report.proxied.rate:
             ratio += f"   (VRS / gateway+baseline {single.rate / report.proxied.rate:.2f})"
         lines.append(f"{'ratio VRS / ceiling':<34} {ratio}")
-    if batch is not None:
-        ms = [v * 1000 for v in batch.latencies]
+    for label, result, meter in (
+        (f"batch ({args.batch_size}/req) via gateway", batch, report.batch_cpu),
+        ("batch of later doses, same size", report.later, report.later_cpu),
+    ):
+        if result is None:
+            continue
+        ms = [v * 1000 for v in result.latencies]
         lines.append(
-            f"{f'batch ({args.batch_size}/req) via gateway':<34} {batch.item_rate:8.0f} doses/s  "
-            f"({batch.rate:.1f} batches/s, p50 {percentile(ms, 0.5):.0f} ms, p99 {percentile(ms, 0.99):.0f} ms)  "
-            f"errors {batch.errors} ({batch.errors * args.batch_size} doses), {batch.items_rejected} items rejected"
+            f"{label:<34} {result.item_rate:8.0f} doses/s  "
+            f"({result.rate:.1f} batches/s, p50 {percentile(ms, 0.5):.0f} ms, p99 {percentile(ms, 0.99):.0f} ms)  "
+            f"errors {result.errors} ({result.errors * args.batch_size} doses), {result.items_rejected} items rejected"
         )
-        lines += details(batch, report.batch_cpu)
+        lines += details(result, meter)
+    if report.later is not None:
+        lines.append(f"{'  (their coupons hold doses on file)':<34} statuses {dict(report.later.statuses)}")
     ceiling = report.batch_baseline
     if ceiling is not None:
         lines.append(
@@ -213,6 +223,7 @@ def render(report: Report, args: argparse.Namespace) -> str:
         f"{'accepted→visible lag (under load)':<34} {report.lag_load.describe()}",
         f"{'backlog after single-dose load':<34} {report.drain_single.describe() if report.drain_single else '-'}",
         f"{'backlog after batch load':<34} {report.drain_batch.describe() if report.drain_batch else '-'}",
+        f"{'backlog after later-dose batches':<34} {report.drain_later.describe() if report.drain_later else '-'}",
         f"{'backlog after CSV import':<34} {report.drain_csv.describe() if report.drain_csv else '-'}",
         f"{'backlog after fixed-rate load':<34} {report.drain_fixed.describe() if report.drain_fixed else '-'}",
         f"{'residents seeded (PUT via gateway)':<34} {report.seeded} at {report.seed_rate:.0f}/s",
@@ -224,6 +235,7 @@ def render(report: Report, args: argparse.Namespace) -> str:
         "baseline": report.baseline_cpu,
         "gateway+baseline": report.proxied_cpu,
         "batch": report.batch_cpu,
+        "later-dose batch": report.later_cpu,
         "batch ceiling": report.batch_baseline_cpu,
         "fixed-rate": report.fixed_cpu,
     }
@@ -385,6 +397,20 @@ async def measure(system: System, args: argparse.Namespace, cleanup: contextlib.
             )  # fmt: skip
             say(f"  {report.batch.item_rate:.0f} doses/s")
             report.drain_batch = await drained(report.batch.accepted_total)
+
+        if "later" in phases and report.batch is not None:
+            await settled()
+            say("load: batches of later doses (their coupons' earlier doses on file) through the gateway ...")
+            report.later, report.later_cpu = await load(
+                LoadSpec(
+                    name="later", url=gateway + DOSE_PATH + "/batch", kind="batch", phase=PHASE_BATCH,
+                    tag=f"{tag}-later", concurrency=args.batch_clients, warmup=args.warmup,
+                    duration=args.batch_duration, headers=clinic, batch_size=args.batch_size,
+                    coupon_batches=report.batch.requests,
+                ),
+            )  # fmt: skip
+            say(f"  {report.later.item_rate:.0f} doses/s")
+            report.drain_later = await drained(report.later.accepted_total)
 
         if args.csv_rows and "csv" in phases:
             await settled()
