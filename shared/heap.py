@@ -20,8 +20,9 @@ def settle_heap() -> None:
     the collector's way (``gc.freeze``: a full collection of the ~170,000 a service imports took 40-90 ms, and
     stats' full collections under batches 166 ms each), and young collections only every :data:`YOUNG_OBJECTS`
     allocations. Every service does it once started (``shared.app.build_app``), every worker process once set up
-    (``shared.observability.setup_worker``)."""
-    gc.collect()
+    (``shared.observability.setup_worker``). No collection first: the little garbage of imports stays frozen, and
+    a process that starts apps again and again (the tests: a fifth longer with one) does not walk its heap each
+    time."""
     gc.freeze()
     gc.set_threshold(YOUNG_OBJECTS, 10, 10)
 
