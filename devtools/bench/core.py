@@ -42,8 +42,6 @@ PROBE_MUNICIPALITY = "141003"
 INSTITUTION = "1312345678"
 LOAD_FIRST_DAY = date(2021, 3, 1)
 LOAD_DAYS = 306  # up to 2021-12-31
-# Days after the first dose that the bench records a person's later doses (each within the rules' intervals).
-DAYS_AFTER_FIRST = (0, 28, 28 + 240, 28 + 2 * 240, 28 + 3 * 240, 28 + 4 * 240)
 PROBE_FIRST_DAY = date(2021, 3, 1)
 # Coupon numbers are "<phase digit><9-digit serial>": unique across the run without any bookkeeping.
 PHASE_SINGLE, PHASE_BATCH, PHASE_PROBE, PHASE_BASELINE, PHASE_CSV, PHASE_FIXED, PHASE_RESIDENT = 1, 2, 3, 4, 5, 6, 9
@@ -64,6 +62,12 @@ def say(message: str) -> None:
 
 def coupon_number(phase: int, serial: int) -> str:
     return f"{phase}{serial:09d}"
+
+
+def days_after_first(dose_number: int) -> int:
+    """When the bench records a person's later dose, within the rules' intervals: 4 weeks after the first, then
+    every 8 months."""
+    return 0 if dose_number == 1 else 28 + 240 * (dose_number - 2)
 
 
 def dose_doc(municipality: str, number: str, day: date, serial: int, dose_number: int = 1) -> dict[str, Any]:
@@ -116,12 +120,15 @@ class LoadSpec:
 
     def batch_body(self, b: int) -> bytes:
         doses = []
-        rounds = self.coupon_batches or 1 << 62
-        dose_number = 1 + (b // rounds + 1 if self.coupon_batches else 0)
+        if self.coupon_batches:  # the b-th batch of later doses: an earlier batch's coupons, the next dose
+            laps, first = divmod(b, self.coupon_batches)
+            dose_number = 2 + laps
+        else:
+            first, dose_number = b, 1
         for k in range(self.batch_size):
             n = b * self.batch_size + k
-            i = (b % rounds) * self.batch_size + k
-            day = LOAD_FIRST_DAY + timedelta(days=i % LOAD_DAYS + DAYS_AFTER_FIRST[dose_number - 1])
+            i = first * self.batch_size + k
+            day = LOAD_FIRST_DAY + timedelta(days=i % LOAD_DAYS + days_after_first(dose_number))
             municipality = MUNICIPALITIES[i % len(MUNICIPALITIES)]
             doc = dose_doc(municipality, coupon_number(self.phase, i), day, i, dose_number)
             doses.append({"client_id": f"{self.tag}-{n}", **doc})

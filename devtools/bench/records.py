@@ -190,8 +190,6 @@ def render(report: Report, args: argparse.Namespace) -> str:
             f"errors {result.errors} ({result.errors * args.batch_size} doses), {result.items_rejected} items rejected"
         )
         lines += details(result, meter)
-    if report.later is not None:
-        lines.append(f"{'  (their coupons hold doses on file)':<34} statuses {dict(report.later.statuses)}")
     ceiling = report.batch_baseline
     if ceiling is not None:
         lines.append(
@@ -267,6 +265,10 @@ async def measure(system: System, args: argparse.Namespace, cleanup: contextlib.
     gateway = system.gateway()
     clinic = {**bearer(role=Role.INSTITUTION, institution=INSTITUTION), "Content-Type": "application/json"}
     base = {"concurrency": args.concurrency, "warmup": args.warmup, "duration": args.duration, "headers": clinic}
+    batched = {
+        "url": gateway + DOSE_PATH + "/batch", "kind": "batch", "phase": PHASE_BATCH, "concurrency": args.batch_clients,
+        "warmup": args.warmup, "duration": args.batch_duration, "headers": clinic, "batch_size": args.batch_size,
+    }  # fmt: skip
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=32)) as session:
         say(f"seeding {args.residents} residents through the gateway ...")
@@ -388,13 +390,7 @@ async def measure(system: System, args: argparse.Namespace, cleanup: contextlib.
         if "batch" in phases:
             await settled()
             say("load: dose batches through the gateway ...")
-            report.batch, report.batch_cpu = await load(
-                LoadSpec(
-                    name="batch", url=gateway + DOSE_PATH + "/batch", kind="batch", phase=PHASE_BATCH,
-                    tag=f"{tag}-batch", concurrency=args.batch_clients, warmup=args.warmup,
-                    duration=args.batch_duration, headers=clinic, batch_size=args.batch_size,
-                ),
-            )  # fmt: skip
+            report.batch, report.batch_cpu = await load(LoadSpec(name="batch", tag=f"{tag}-batch", **batched))
             say(f"  {report.batch.item_rate:.0f} doses/s")
             report.drain_batch = await drained(report.batch.accepted_total)
 
@@ -402,13 +398,8 @@ async def measure(system: System, args: argparse.Namespace, cleanup: contextlib.
             await settled()
             say("load: batches of later doses (their coupons' earlier doses on file) through the gateway ...")
             report.later, report.later_cpu = await load(
-                LoadSpec(
-                    name="later", url=gateway + DOSE_PATH + "/batch", kind="batch", phase=PHASE_BATCH,
-                    tag=f"{tag}-later", concurrency=args.batch_clients, warmup=args.warmup,
-                    duration=args.batch_duration, headers=clinic, batch_size=args.batch_size,
-                    coupon_batches=report.batch.requests,
-                ),
-            )  # fmt: skip
+                LoadSpec(name="later", tag=f"{tag}-later", coupon_batches=report.batch.requests, **batched)
+            )
             say(f"  {report.later.item_rate:.0f} doses/s")
             report.drain_later = await drained(report.later.accepted_total)
 
