@@ -22,6 +22,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
+from operator import itemgetter
 from typing import Any, Protocol
 
 from prometheus_client import Counter, Gauge
@@ -204,6 +205,24 @@ def claim_statement(t: Table, limit: int) -> Any:
     return stmt
 
 
+def claim_and_mark_sql(t: Table, limit: int) -> str:
+    """The relay's claim on PostgreSQL as one statement: the rows :func:`claim_statement` reads, locked, marked
+    published and returned (to be published before the transaction commits: a failed publish rolls the mark
+    back). With :data:`CLAIM_BEGIN` and the commit, a pass is three round trips instead of five. Rows come
+    back in no particular order; the caller sorts them by id."""
+    claimed = claim_statement(t, limit).with_only_columns(t.c.id)
+    dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
+    compiled = claimed.compile(dialect=dialect, compile_kwargs={"literal_binds": True})
+    return (
+        f"WITH claimed AS ({compiled}) UPDATE {t.name} SET published_at = now() FROM claimed "
+        f"WHERE {t.name}.id = claimed.id RETURNING {t.name}.id, {t.name}.key, {t.name}.payload"
+    )
+
+
+# The claim's transaction begun with its plan setting (CLAIM_PLAN) in one round trip.
+CLAIM_BEGIN = f"BEGIN; {CLAIM_PLAN.text}"
+
+
 class OutboxRepository:
     def __init__(self, session: AsyncSession, table: Table) -> None:
         self.session = session
@@ -331,6 +350,7 @@ class OutboxRelay:
         self._table = table
         self._topic = topic
         self._batch_size = batch_size
+        self._claim_sql = claim_and_mark_sql(table, batch_size)
         self._idle = idle_seconds
         self._linger = linger_seconds
         self._retention = retention
@@ -384,13 +404,24 @@ class OutboxRelay:
 
     async def publish_pending(self, name: str, db: Database) -> int:
         """Publish one batch of this shard's outbox; the number of events published."""
-        async with db.sessionmaker() as session, session.begin():
-            outbox = OutboxRepository(session, self._table)
-            rows = await outbox.claim_unpublished(self._batch_size)
-            if not rows:
-                return 0
-            await self._publisher.publish([OutgoingMessage(key=row.key, value=row.payload) for row in rows])
-            await outbox.mark_published([row.id for row in rows])
+        if db.engine.dialect.name == "postgresql":
+            # On the asyncpg connection itself: a pass through a session cost 2.7 ms of this process's CPU
+            # (five statements, each built, compiled and run through a greenlet), 0.3-0.4 ms this way
+            # (measured one event a pass). Below full speed a pass carries a dose or two, and the relay was a
+            # fifth of records' CPU.
+            async with db.driver_transaction(CLAIM_BEGIN) as conn:
+                rows = sorted(await conn.fetch(self._claim_sql), key=itemgetter(0))
+                if not rows:
+                    return 0
+                await self._publisher.publish([OutgoingMessage(key=key, value=payload) for _, key, payload in rows])
+        else:
+            async with db.sessionmaker() as session, session.begin():
+                outbox = OutboxRepository(session, self._table)
+                rows = await outbox.claim_unpublished(self._batch_size)
+                if not rows:
+                    return 0
+                await self._publisher.publish([OutgoingMessage(key=row.key, value=row.payload) for row in rows])
+                await outbox.mark_published([row.id for row in rows])
         PUBLISHED.labels(self._topic, name).inc(len(rows))
         LAST_BATCH.labels(self._topic, name).set(len(rows))
         return len(rows)
