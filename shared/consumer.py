@@ -32,6 +32,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import BigInteger, Column, DateTime, Index, Integer, MetaData, String, Table, Uuid, case, delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 
 # Applies one batch in the given session; returns how many events took effect (repeats excluded).
 Handler = Callable[[AsyncSession, Sequence[Message]], Awaitable[int]]
+# The same on the batch transaction's asyncpg connection itself (PostgreSQL; see IdempotentConsumer).
+DriverHandler = Callable[[Any, Sequence[Message]], Awaitable[int]]
 SourceFactory = Callable[[], Source]
 # Event id → (partition, offset) of the message it was first read from.
 Positions = Mapping[uuid.UUID, tuple[int, int]]
@@ -164,6 +167,48 @@ class Bookkeeping:
         return deleted
 
 
+class DriverBookkeeping:
+    """:class:`Bookkeeping`'s :meth:`~Bookkeeping.claim` and :meth:`~Bookkeeping.store_offsets` on an asyncpg
+    connection, in its transaction (PostgreSQL): the same rows and answers, one prepared statement each, the
+    ids and offsets as arrays."""
+
+    def __init__(self, connection: Any, tables: tuple[Table, Table]) -> None:
+        self.connection = connection
+        processed, offsets = tables
+        self.has_positions = "event_offset" in processed.c
+        where = (", event_partition, event_offset", ", e.p, e.o", ", $4::integer[], $5::bigint[]", ", p, o")
+        position = where if self.has_positions else ("", "", "", "")
+        # Rows in id order: concurrent consumers then take the rows' locks in one order (as Bookkeeping does).
+        self._claim = (
+            f"INSERT INTO {processed.name} (consumer, event_id, processed_at{position[0]}) "
+            f"SELECT $1, e.id, $2{position[1]} FROM unnest($3::uuid[]{position[2]}) AS e(id{position[3]}) "
+            "ORDER BY e.id ON CONFLICT (consumer, event_id) DO NOTHING RETURNING event_id"
+        )
+        self._store = (
+            f"INSERT INTO {offsets.name} (consumer, topic, partition, next_offset, updated_at) "
+            "SELECT $1, $2, x.p, x.o, $3 FROM unnest($4::integer[], $5::bigint[]) AS x(p, o) ORDER BY x.p "
+            "ON CONFLICT (consumer, topic, partition) DO UPDATE SET updated_at = excluded.updated_at, "
+            f"next_offset = greatest({offsets.name}.next_offset, excluded.next_offset)"
+        )
+
+    async def claim(self, consumer: str, event_ids: Sequence[uuid.UUID] | Positions, *, at: datetime) -> set[uuid.UUID]:
+        """As :meth:`Bookkeeping.claim`."""
+        if not event_ids:
+            return set()
+        ids = list(event_ids)
+        args: list[Any] = [consumer, at, ids]
+        if self.has_positions:
+            where = event_ids if isinstance(event_ids, Mapping) else {}
+            places = [where.get(e, (None, None)) for e in ids]
+            args += [[p for p, _ in places], [o for _, o in places]]
+        return {row[0] for row in await self.connection.fetch(self._claim, *args)}
+
+    async def store_offsets(self, consumer: str, topic: str, positions: Mapping[int, int], *, at: datetime) -> None:
+        """As :meth:`Bookkeeping.store_offsets`."""
+        if positions:
+            await self.connection.execute(self._store, consumer, topic, at, list(positions), list(positions.values()))
+
+
 def next_offsets(messages: Sequence[Message]) -> dict[int, int]:
     """The next offset to read per partition after ``messages``."""
     out: dict[int, int] = {}
@@ -182,6 +227,7 @@ class IdempotentConsumer:
         topic: str,
         source_factory: SourceFactory,
         handler: Handler,
+        driver_handler: DriverHandler | None = None,
         max_records: int = 500,
         poll_timeout: float = 1.0,
         retry_initial: float = 0.5,
@@ -209,6 +255,10 @@ class IdempotentConsumer:
         self.retry_max = retry_max
         self._source_factory = source_factory
         self._handler = handler
+        # On PostgreSQL a batch's transaction runs on the asyncpg connection itself when the handler has a
+        # version for it: through a session, the four statements and the commit of a batch of single doses
+        # cost stats 4 ms of CPU, 10-20 times the statements' own, and below full speed a batch is a dose or two.
+        self._driver_handler = driver_handler if database.engine.dialect.name == "postgresql" else None
         self._source: Source | None = None
         self._task: asyncio.Task[None] | None = None
         # ``group``: share the partitions with the other members of this group on the bus.
@@ -324,9 +374,16 @@ class IdempotentConsumer:
                 await self._signal_lag(source, {})  # what an earlier batch left for the next interval
                 return None
             positions = next_offsets(messages)
-            async with self.database.sessionmaker() as session, session.begin():
-                applied = await self._handler(session, messages)
-                await Bookkeeping(session, self.tables).store_offsets(self.name, self.topic, positions, at=utcnow())
+            if self._driver_handler is not None:
+                async with self.database.driver_transaction() as connection:
+                    applied = await self._driver_handler(connection, messages)
+                    await DriverBookkeeping(connection, self.tables).store_offsets(
+                        self.name, self.topic, positions, at=utcnow()
+                    )
+            else:
+                async with self.database.sessionmaker() as session, session.begin():
+                    applied = await self._handler(session, messages)
+                    await Bookkeeping(session, self.tables).store_offsets(self.name, self.topic, positions, at=utcnow())
         except BaseException:
             # Cancellation included: a batch cut off mid-transaction was rolled back, so the source must not
             # go on from where it had read to.

@@ -14,6 +14,7 @@ import collections
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -87,6 +88,7 @@ class StatsConsumer(IdempotentConsumer):
             topic=bus.topic,
             source_factory=lambda: source_factory(bus, name),
             handler=self._apply,
+            driver_handler=self._apply_driver,
             max_records=max_records,
             poll_timeout=poll_timeout,
             retry_initial=retry_initial,
@@ -120,9 +122,22 @@ class StatsConsumer(IdempotentConsumer):
 
     async def _apply(self, session: AsyncSession, messages: Sequence[Message]) -> int:
         self._outcome = None  # a batch whose transaction fails leaves nothing to observe
-        outcome = await service.apply_messages(
-            session, consumer=self.name, topic=self.topic, messages=messages, now=utcnow(), aggregates=self.aggregates
-        )
+        return self._took(await service.apply_messages(session, **self._batch(messages)))
+
+    async def _apply_driver(self, connection: Any, messages: Sequence[Message]) -> int:
+        self._outcome = None
+        return self._took(await service.apply_messages_driver(connection, **self._batch(messages)))
+
+    def _batch(self, messages: Sequence[Message]) -> dict[str, Any]:
+        return {
+            "consumer": self.name,
+            "topic": self.topic,
+            "messages": messages,
+            "now": utcnow(),
+            "aggregates": self.aggregates,
+        }
+
+    def _took(self, outcome: BatchOutcome) -> int:
         self._outcome = outcome
         return len(outcome.applied)
 

@@ -6,7 +6,7 @@ Queries are built from the whitelist below: a caller names dimensions, never col
 from __future__ import annotations
 
 import operator
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, Literal, get_args
@@ -387,39 +387,86 @@ class ConsumerState:
 
 
 _apply_statements: dict[tuple[str, bool], Any] = {}
+_apply_sql_pg: dict[tuple[str, bool], tuple[str, list[str]]] = {}
+_STATE_SQL = (
+    "INSERT INTO consumer_state (consumer, last_event_at, updated_at) VALUES ({consumer}, {last_event_at}, "
+    "{updated_at}) ON CONFLICT (consumer) DO UPDATE SET last_event_at = excluded.last_event_at, "
+    "updated_at = excluded.updated_at"
+)
+_STATE_PARAMS = ("consumer", "last_event_at", "updated_at")
 
 
-def _apply_statement(aggregates: Aggregates, *, with_state: bool) -> Any:
+def _apply_sql(aggregates: Aggregates, *, with_state: bool, param: Callable[[str], str]) -> str:
     """PostgreSQL: a batch's cells added to the counts and every rollup, the version grown and (``with_state``)
     the consumer's state stored, in one statement: each table one ``INSERT … SELECT … ON CONFLICT DO UPDATE`` in
     a ``WITH`` of its own, fed by ``unnest`` of one array per dimension; a rollup sums the cells in SQL. Every
     insert takes its rows in key order, and the tables in one order: concurrent consumers cannot deadlock.
-    Built once per set of tables (a rebuild's shadows have their own)."""
+    ``param`` writes a parameter's placeholder from its name."""
+    cells = aggregates.counts.c
+    arrays = ", ".join(f"CAST({param(d)} AS {pg_array_type(cells[d])})" for d in CELL_DIMENSIONS)
+    names = ", ".join(CELL_DIMENSIONS)
+    parts = [f"cells AS (SELECT * FROM unnest({arrays}, CAST({param('count')} AS BIGINT[])) AS c({names}, count))"]
+    for i, table in enumerate((aggregates.counts, *aggregates.rollups)):
+        dims = ", ".join(column.name for column in table.primary_key.columns)
+        parts.append(
+            f"t{i} AS (INSERT INTO {table.name} ({dims}, count) "
+            f"SELECT {dims}, sum(count)::bigint FROM cells GROUP BY {dims} HAVING sum(count) <> 0 ORDER BY {dims} "
+            f"ON CONFLICT ({dims}) DO UPDATE SET count = {table.name}.count + excluded.count)"
+        )
+    parts.append(
+        "version AS (INSERT INTO aggregates_version (id, version) VALUES (1, 1) "
+        "ON CONFLICT (id) DO UPDATE SET version = aggregates_version.version + 1)"
+    )
+    if with_state:
+        parts.append(f"state AS ({_STATE_SQL.format_map({n: param(n) for n in _STATE_PARAMS})})")
+    return "WITH " + ",\n".join(parts) + "\nSELECT 1"
+
+
+def _apply_statement(aggregates: Aggregates, *, with_state: bool) -> Any:
+    """:func:`_apply_sql` for a session (named parameters); built once per set of tables (a rebuild's shadows
+    have their own)."""
     cache_key = (aggregates.counts.name, with_state)
     if cache_key not in _apply_statements:
-        cells = aggregates.counts.c
-        arrays = ", ".join(f"CAST(:{d} AS {pg_array_type(cells[d])})" for d in CELL_DIMENSIONS)
-        names = ", ".join(CELL_DIMENSIONS)
-        parts = [f"cells AS (SELECT * FROM unnest({arrays}, CAST(:count AS BIGINT[])) AS c({names}, count))"]
-        for i, table in enumerate((aggregates.counts, *aggregates.rollups)):
-            dims = ", ".join(column.name for column in table.primary_key.columns)
-            parts.append(
-                f"t{i} AS (INSERT INTO {table.name} ({dims}, count) "
-                f"SELECT {dims}, sum(count)::bigint FROM cells GROUP BY {dims} HAVING sum(count) <> 0 ORDER BY {dims} "
-                f"ON CONFLICT ({dims}) DO UPDATE SET count = {table.name}.count + excluded.count)"
-            )
-        parts.append(
-            "version AS (INSERT INTO aggregates_version (id, version) VALUES (1, 1) "
-            "ON CONFLICT (id) DO UPDATE SET version = aggregates_version.version + 1)"
-        )
-        if with_state:
-            parts.append(
-                "state AS (INSERT INTO consumer_state (consumer, last_event_at, updated_at) "
-                "VALUES (:consumer, :last_event_at, :updated_at) ON CONFLICT (consumer) "
-                "DO UPDATE SET last_event_at = excluded.last_event_at, updated_at = excluded.updated_at)"
-            )
-        _apply_statements[cache_key] = text("WITH " + ",\n".join(parts) + "\nSELECT 1")
+        _apply_statements[cache_key] = text(_apply_sql(aggregates, with_state=with_state, param=lambda n: f":{n}"))
     return _apply_statements[cache_key]
+
+
+def _apply_statement_pg(aggregates: Aggregates, *, with_state: bool) -> tuple[str, list[str]]:
+    """:func:`_apply_sql` for asyncpg (``$n``), and the parameters' names in their order; built once."""
+    cache_key = (aggregates.counts.name, with_state)
+    if cache_key not in _apply_sql_pg:
+        order: list[str] = []
+
+        def numbered(name: str) -> str:
+            order.append(name)
+            return f"${len(order)}"
+
+        _apply_sql_pg[cache_key] = (_apply_sql(aggregates, with_state=with_state, param=numbered), order)
+    return _apply_sql_pg[cache_key]
+
+
+class DriverConsumerRepository:
+    """:class:`ConsumerRepository`'s :meth:`~ConsumerRepository.add_to_counts` on an asyncpg connection, in its
+    transaction (PostgreSQL; the consumer's batch on the driver itself, see :mod:`shared.consumer`)."""
+
+    def __init__(self, connection: Any, *, aggregates: Aggregates = LIVE) -> None:
+        self.connection = connection
+        self.aggregates = aggregates
+
+    async def add_to_counts(self, deltas: Mapping[StatsCell, int], *, state: ConsumerState | None = None) -> None:
+        """As :meth:`ConsumerRepository.add_to_counts`."""
+        rows = [{**_cell_values(cell), "count": delta} for cell, delta in deltas.items() if delta]
+        values: dict[str, Any] = {}
+        if state is not None:
+            values = {"consumer": state.consumer, "last_event_at": state.last_event_at, "updated_at": state.updated_at}
+        if rows:
+            values |= {name: [row[name] for row in rows] for name in (*CELL_DIMENSIONS, "count")}
+            sql, order = _apply_statement_pg(self.aggregates, with_state=state is not None)
+            await self.connection.execute(sql, *(values[name] for name in order))
+        elif state is not None:
+            await self.connection.execute(
+                _STATE_SQL.format(consumer="$1", last_event_at="$2", updated_at="$3"), *values.values()
+            )
 
 
 class RebuildRepository:

@@ -13,6 +13,7 @@ from collections import OrderedDict
 from collections.abc import AsyncGenerator, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
+from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -26,13 +27,14 @@ from services.stats.repository import (
     ConsumerState,
     Dimension,
     DoseFilter,
+    DriverConsumerRepository,
     StatsRepository,
     read_version,
 )
 from services.stats.schemas import CoverageOut, CoverageRow, RowValue
 from shared.auth import Principal, Role
 from shared.bus import Message
-from shared.consumer import Bookkeeping
+from shared.consumer import Bookkeeping, DriverBookkeeping
 from shared.db import Database
 from shared.domain.codes import is_valid_prefecture_code, municipality_code_problem
 from shared.errors import InvalidField, ServiceUnavailable
@@ -147,15 +149,41 @@ async def apply_messages(
     Events already processed by ``consumer`` (a relay that published twice, a replay after a crash) are
     recognised by their id and change nothing.
     """
+    bookkeeping = Bookkeeping(session, consumer_bookkeeping)
+    return await _apply_batch(bookkeeping, ConsumerRepository(session, aggregates=aggregates), consumer, messages, now)
+
+
+async def apply_messages_driver(
+    connection: Any,
+    *,
+    consumer: str,
+    topic: str,
+    messages: Sequence[Message],
+    now: datetime,
+    aggregates: Aggregates = LIVE,
+) -> BatchOutcome:
+    """:func:`apply_messages` on the batch transaction's asyncpg connection (PostgreSQL)."""
+    bookkeeping = DriverBookkeeping(connection, consumer_bookkeeping)
+    counts = DriverConsumerRepository(connection, aggregates=aggregates)
+    return await _apply_batch(bookkeeping, counts, consumer, messages, now)
+
+
+async def _apply_batch(
+    bookkeeping: Bookkeeping | DriverBookkeeping,
+    counts: ConsumerRepository | DriverConsumerRepository,
+    consumer: str,
+    messages: Sequence[Message],
+    now: datetime,
+) -> BatchOutcome:
     positions: dict[uuid.UUID, tuple[int, int]] = {}
     sizes: list[int] = []
     events, undecodable = decode_messages(messages, positions=positions, sizes=sizes)
-    fresh_ids = await Bookkeeping(session, consumer_bookkeeping).claim(consumer, positions, at=now)
+    fresh_ids = await bookkeeping.claim(consumer, positions, at=now)
     applied = [e for e in events if e.event_id in fresh_ids]
     state = None
     if applied:
         state = ConsumerState(consumer, last_event_at=max(to_utc(e.occurred_at) for e in applied), updated_at=now)
-    await ConsumerRepository(session, aggregates=aggregates).add_to_counts(fold_deltas(applied), state=state)
+    await counts.add_to_counts(fold_deltas(applied), state=state)
     return BatchOutcome(
         applied=applied,
         # Counted per event decoded: a batch that carries one event twice has one duplicate too.

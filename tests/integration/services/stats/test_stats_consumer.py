@@ -318,17 +318,18 @@ async def test_a_batch_that_fails_midway_is_retried_whole(
     """The failed batch's processed ids and offsets roll back with its counts; the retry applies it once."""
     events = [event(DoseEventType.RECORDED, cell(dose_number=1 + i % 3)) for i in range(30)]
     await publish(bus, events)
-    real_add = repository.ConsumerRepository.add_to_counts
     calls = 0
+    # A session's batch on SQLite, the asyncpg connection's on PostgreSQL (shared.consumer.DriverHandler).
+    for kind in (repository.ConsumerRepository, repository.DriverConsumerRepository):
 
-    async def flaky_add(self: repository.ConsumerRepository, deltas: Any, **kwargs: Any) -> None:
-        nonlocal calls
-        calls += 1
-        await real_add(self, deltas, **kwargs)  # the counts are written, then the "crash" comes
-        if calls in (2, 3):
-            raise ConnectionError("database went away")
+        async def flaky_add(self: Any, deltas: Any, *, real_add: Any = kind.add_to_counts, **kwargs: Any) -> None:
+            nonlocal calls
+            calls += 1
+            await real_add(self, deltas, **kwargs)  # the counts are written, then the "crash" comes
+            if calls in (2, 3):
+                raise ConnectionError("database went away")
 
-    monkeypatch.setattr(repository.ConsumerRepository, "add_to_counts", flaky_add)
+        monkeypatch.setattr(kind, "add_to_counts", flaky_add)
     errors_before = metric("vrs_stats_consumer_errors_total")
     consumer = consumer_for(stats_db, bus, max_records=7, poll_timeout=0.05)
     consumer.start()
