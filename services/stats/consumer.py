@@ -88,7 +88,7 @@ class StatsConsumer(IdempotentConsumer):
             topic=bus.topic,
             source_factory=lambda: source_factory(bus, name),
             handler=self._apply,
-            driver_handler=self._apply_driver,
+            driver_handler=self._apply,
             max_records=max_records,
             poll_timeout=poll_timeout,
             retry_initial=retry_initial,
@@ -120,26 +120,13 @@ class StatsConsumer(IdempotentConsumer):
             keep_seconds=settings.processed_keep_seconds,
         )
 
-    async def _apply(self, session: AsyncSession, messages: Sequence[Message]) -> int:
+    async def _apply(self, database: AsyncSession | Any, messages: Sequence[Message]) -> int:
+        """The handler of a batch, in its session or (PostgreSQL) on its transaction's asyncpg connection."""
         self._outcome = None  # a batch whose transaction fails leaves nothing to observe
-        return self._took(await service.apply_messages(session, **self._batch(messages)))
-
-    async def _apply_driver(self, connection: Any, messages: Sequence[Message]) -> int:
-        self._outcome = None
-        return self._took(await service.apply_messages_driver(connection, **self._batch(messages)))
-
-    def _batch(self, messages: Sequence[Message]) -> dict[str, Any]:
-        return {
-            "consumer": self.name,
-            "topic": self.topic,
-            "messages": messages,
-            "now": utcnow(),
-            "aggregates": self.aggregates,
-        }
-
-    def _took(self, outcome: BatchOutcome) -> int:
-        self._outcome = outcome
-        return len(outcome.applied)
+        self._outcome = await service.apply_messages(
+            database, consumer=self.name, topic=self.topic, messages=messages, now=utcnow(), aggregates=self.aggregates
+        )
+        return len(self._outcome.applied)
 
     async def step(self, *, timeout: float | None = None) -> int | None:
         applied = await super().step(timeout=timeout)

@@ -135,7 +135,7 @@ def to_utc(moment: datetime) -> datetime:
 
 
 async def apply_messages(
-    session: AsyncSession,
+    database: AsyncSession | Any,
     *,
     consumer: str,
     topic: str,
@@ -144,27 +144,18 @@ async def apply_messages(
     aggregates: Aggregates = LIVE,
 ) -> BatchOutcome:
     """Apply one polled batch inside the caller's transaction: processed ids, counts, state (the loop stores
-    the offsets in the same transaction).
+    the offsets in the same transaction). ``database`` is the batch's session, or on PostgreSQL the asyncpg
+    connection of the batch's transaction (see :data:`shared.consumer.DriverHandler`).
 
     Events already processed by ``consumer`` (a relay that published twice, a replay after a crash) are
     recognised by their id and change nothing.
     """
-    bookkeeping = Bookkeeping(session, consumer_bookkeeping)
-    return await _apply_batch(bookkeeping, ConsumerRepository(session, aggregates=aggregates), consumer, messages, now)
-
-
-async def apply_messages_driver(
-    connection: Any,
-    *,
-    consumer: str,
-    topic: str,
-    messages: Sequence[Message],
-    now: datetime,
-    aggregates: Aggregates = LIVE,
-) -> BatchOutcome:
-    """:func:`apply_messages` on the batch transaction's asyncpg connection (PostgreSQL)."""
-    bookkeeping = DriverBookkeeping(connection, consumer_bookkeeping)
-    counts = DriverConsumerRepository(connection, aggregates=aggregates)
+    if isinstance(database, AsyncSession):
+        bookkeeping: Bookkeeping | DriverBookkeeping = Bookkeeping(database, consumer_bookkeeping)
+        counts: ConsumerRepository | DriverConsumerRepository = ConsumerRepository(database, aggregates=aggregates)
+    else:
+        bookkeeping = DriverBookkeeping(database, consumer_bookkeeping)
+        counts = DriverConsumerRepository(database, aggregates=aggregates)
     return await _apply_batch(bookkeeping, counts, consumer, messages, now)
 
 
