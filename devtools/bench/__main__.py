@@ -6,7 +6,7 @@ import importlib
 import itertools
 import sys
 
-AREAS = ("records", "gateway", "registry", "stats")
+AREAS = ("records", "gateway", "registry", "stats", "loops")
 
 
 def main(argv: list[str] | None = None) -> int:
