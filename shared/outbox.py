@@ -405,10 +405,10 @@ class OutboxRelay:
     async def publish_pending(self, name: str, db: Database) -> int:
         """Publish one batch of this shard's outbox; the number of events published."""
         if db.engine.dialect.name == "postgresql":
-            # On the asyncpg connection itself: a pass through a session cost 2.7 ms of this process's CPU
-            # (five statements, each built, compiled and run through a greenlet), 0.3-0.4 ms this way
-            # (measured one event a pass). Below full speed a pass carries a dose or two, and the relay was a
-            # fifth of records' CPU.
+            # On the asyncpg connection itself: a pass through a session cost 1.7-2.4 ms of this process's CPU
+            # (five statements, each built, compiled and run through a greenlet), 0.35-0.41 ms this way
+            # (python -m devtools.bench loops). Below full speed a pass carries a dose or two, and the relay was
+            # a fifth of records' CPU.
             async with db.driver_transaction(CLAIM_BEGIN) as conn:
                 rows = sorted(await conn.fetch(self._claim_sql), key=itemgetter(0))
                 if not rows:

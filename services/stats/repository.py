@@ -464,9 +464,8 @@ class DriverConsumerRepository:
             sql, order = _apply_statement_pg(self.aggregates, with_state=state is not None)
             await self.connection.execute(sql, *(values[name] for name in order))
         elif state is not None:
-            await self.connection.execute(
-                _STATE_SQL.format(consumer="$1", last_event_at="$2", updated_at="$3"), *values.values()
-            )
+            sql = _STATE_SQL.format_map({name: f"${i}" for i, name in enumerate(_STATE_PARAMS, 1)})
+            await self.connection.execute(sql, *(values[name] for name in _STATE_PARAMS))
 
 
 class RebuildRepository:

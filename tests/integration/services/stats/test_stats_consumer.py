@@ -420,3 +420,22 @@ async def test_state_records_when_counts_last_changed(stats_db: Database, bus: B
     # A duplicate changes no count, so the time the counts last changed stays.
     assert second.updated_at == first.updated_at
     assert await counts(stats_db) == {key(cell()): 1}
+
+
+async def test_an_event_that_moves_no_count_still_advances_the_state(stats_db: Database, bus: BusSettings) -> None:
+    """A correction inside one cell (a lot number, say) writes no count, but the statistics are now as of it."""
+    recorded = event(DoseEventType.RECORDED, cell(), occurred_at=datetime(2021, 6, 1, 9, 30, tzinfo=UTC))
+    later = datetime(2021, 6, 2, 10, 0, tzinfo=UTC)
+    corrected = event(DoseEventType.CORRECTED, cell(), cell(), dose_id=recorded.dose_id, occurred_at=later)
+    consumer = consumer_for(stats_db, bus)
+    try:
+        await publish(bus, [recorded])
+        await consumer.drain()
+        await publish(bus, [corrected])
+        await consumer.drain()
+    finally:
+        await consumer.stop()
+    async with stats_db.sessionmaker() as session:
+        state = (await session.execute(select(consumer_state))).one()
+    assert aware(state.last_event_at) == later
+    assert await counts(stats_db) == {key(cell()): 1}
