@@ -245,6 +245,7 @@ class IdempotentConsumer:
         on_lag: Callable[[int, int], None] | None = None,
         bus_commit_interval: float = 1.0,
         rebalance_timeout: float = 330.0,
+        linger: float = 0.0,
     ) -> None:
         self.database = database
         self._on_commit = on_commit
@@ -287,6 +288,11 @@ class IdempotentConsumer:
         # the group has settled or dropped it, so a slow peer never triggers it; a join seen stalled in CI
         # (the broker had expired the member, the client never noticed) would otherwise hold it for good.
         self.rebalance_timeout = rebalance_timeout
+        # After a batch smaller than max_records, wait this long before polling again: below full speed the
+        # next batch then gathers what arrived meanwhile (for up to this much more lag) instead of a transaction
+        # and a fetch being paid for every event or two. Never when idle (a poll waits for data anyway).
+        self.linger = linger
+        self._last_batch = 0
 
     async def _open(self) -> Source:
         """A source positioned at the offsets committed with the effects (0 for a partition never read).
@@ -373,6 +379,7 @@ class IdempotentConsumer:
                     await self._reset()
                     return None
             await self._housekeeping(source)
+            self._last_batch = len(messages)
             if not messages:
                 await self._signal_lag(source, {})  # what an earlier batch left for the next interval
                 return None
@@ -463,6 +470,8 @@ class IdempotentConsumer:
             while True:
                 try:
                     await self.step()
+                    if self.linger and 0 < self._last_batch < self.max_records:
+                        await asyncio.sleep(self.linger)
                 except Exception:
                     if self._on_error is not None:
                         self._on_error()

@@ -77,6 +77,7 @@ class StatsConsumer(IdempotentConsumer):
         keep_seconds: float = 7 * 24 * 3600,
         aggregates: Aggregates = LIVE,
         bus_commit_interval: float = 1.0,
+        linger: float = 0.0,
     ) -> None:
         self.bus = bus
         self.aggregates = aggregates  # the live aggregates, or a rebuild's shadow tables
@@ -102,6 +103,7 @@ class StatsConsumer(IdempotentConsumer):
             on_positions=self._positions_metrics,
             on_lag=lambda partition, lag: CONSUMER_LAG.labels(self.name, str(partition)).set(lag),
             bus_commit_interval=bus_commit_interval,
+            linger=linger,
         )
 
     @classmethod
@@ -118,6 +120,7 @@ class StatsConsumer(IdempotentConsumer):
             prune_interval=settings.prune_interval_seconds,
             keep_offsets=settings.processed_keep_offsets,
             keep_seconds=settings.processed_keep_seconds,
+            linger=settings.poll_linger_seconds,
         )
 
     async def _apply(self, database: AsyncSession | Any, messages: Sequence[Message]) -> int:

@@ -38,6 +38,7 @@ class StatsSettings(ServiceSettings):
     prune_interval_seconds: float = Field(default=300, gt=0)
     poll_max_records: int = Field(default=500, ge=1, le=10_000)
     poll_timeout_seconds: float = Field(default=1.0, gt=0)
+    poll_linger_seconds: float = Field(default=0.05, ge=0, le=1)
     retry_initial_seconds: float = Field(default=0.5, gt=0)
     retry_max_seconds: float = Field(default=30.0, gt=0)
     # Fine cuts (municipality, vaccine) for callers other than national users hide counts below this

@@ -19,7 +19,7 @@ from sqlalchemy import delete, func, select
 from services.stats import repository
 from services.stats.consumer import StatsConsumer
 from services.stats.models import consumer_offsets, consumer_state, dose_counts, processed_events
-from shared.bus import OutgoingMessage, make_publisher
+from shared.bus import Message, OutgoingMessage, make_publisher
 from shared.db import Database
 from shared.domain.age import AgeBand, AgeBand10
 from shared.events import DoseEvent, DoseEventType, StatsCell
@@ -439,3 +439,41 @@ async def test_an_event_that_moves_no_count_still_advances_the_state(stats_db: D
         state = (await session.execute(select(consumer_state))).one()
     assert aware(state.last_event_at) == later
     assert await counts(stats_db) == {key(cell()): 1}
+
+
+class BatchSizes(StatsConsumer):
+    """The stats consumer, noting how many messages each batch it applied held."""
+
+    batches: list[int]
+
+    async def _apply(self, database: Any, messages: Sequence[Message]) -> int:
+        self.batches.append(len(messages))
+        return await super()._apply(database, messages)
+
+
+async def test_below_full_speed_a_batch_gathers_what_arrives_while_the_consumer_lingers(
+    stats_db: Database, bus: BusSettings
+) -> None:
+    """``linger``: after a batch smaller than a full poll the consumer waits before it polls again, so a
+    trickle of events is applied a few at a time, not one transaction (and one fetch) per event; after an idle
+    spell the first event is applied without waiting."""
+    consumer = BatchSizes(stats_db, bus=bus, poll_timeout=0.05, retry_initial=0.01, linger=0.6)
+    consumer.batches = []
+    consumer.start()
+    try:
+        await asyncio.sleep(0.3)  # idle: polls that bring nothing
+        started = time.monotonic()
+        await publish(bus, [event(DoseEventType.RECORDED, cell())])
+        while sum(consumer.batches) < 1:
+            assert time.monotonic() - started < 0.5, "the first event after idle waited"  # no linger
+            await asyncio.sleep(0.01)
+        for _ in range(3):  # a trickle, all within the linger after that batch
+            await publish(bus, [event(DoseEventType.RECORDED, cell())])
+            await asyncio.sleep(0.05)
+        deadline = time.monotonic() + 10
+        while await counts(stats_db) != {key(cell()): 4}:
+            assert time.monotonic() < deadline, consumer.batches
+            await asyncio.sleep(0.02)
+    finally:
+        await consumer.stop()
+    assert consumer.batches == [1, 3]
