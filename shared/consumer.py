@@ -259,8 +259,8 @@ class IdempotentConsumer:
         self._source_factory = source_factory
         self._handler = handler
         # On PostgreSQL a batch's transaction runs on the asyncpg connection itself when the handler has a
-        # version for it: through a session, stats' four statements and commit cost it 4.1 ms of CPU for a
-        # one-event batch, on the connection 1.1 ms (python -m devtools.bench loops), and below full speed a
+        # version for it: through a session, stats' four statements and commit cost it 2.2 ms of CPU for a
+        # one-event batch, on the connection 0.7 ms (python -m devtools.bench loops), and below full speed a
         # batch is a dose or two.
         self._driver_handler = driver_handler if database.engine.dialect.name == "postgresql" else None
         self._source: Source | None = None
