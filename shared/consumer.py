@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -384,16 +385,9 @@ class IdempotentConsumer:
                 await self._signal_lag(source, {})  # what an earlier batch left for the next interval
                 return None
             positions = next_offsets(messages)
-            if self._driver_handler is not None:
-                async with self.database.driver_transaction() as connection:
-                    applied = await self._driver_handler(connection, messages)
-                    await DriverBookkeeping(connection, self.tables).store_offsets(
-                        self.name, self.topic, positions, at=utcnow()
-                    )
-            else:
-                async with self.database.sessionmaker() as session, session.begin():
-                    applied = await self._handler(session, messages)
-                    await Bookkeeping(session, self.tables).store_offsets(self.name, self.topic, positions, at=utcnow())
+            async with self._transaction() as (apply, bookkeeping):
+                applied = await apply(messages)
+                await bookkeeping.store_offsets(self.name, self.topic, positions, at=utcnow())
         except BaseException:
             # Cancellation included: a batch cut off mid-transaction was rolled back, so the source must not
             # go on from where it had read to.
@@ -404,6 +398,20 @@ class IdempotentConsumer:
             self._on_commit(applied)
         await self._signal_lag(source, positions)
         return applied
+
+    @contextlib.asynccontextmanager
+    async def _transaction(
+        self,
+    ) -> AsyncIterator[tuple[Callable[[Sequence[Message]], Awaitable[int]], Bookkeeping | DriverBookkeeping]]:
+        """A batch's transaction: the handler bound to it and the bookkeeping in it, on the asyncpg connection
+        when the handler has a version for that (PostgreSQL), else in a session."""
+        if self._driver_handler is not None:
+            driver_handler = self._driver_handler
+            async with self.database.driver_transaction() as connection:
+                yield functools.partial(driver_handler, connection), DriverBookkeeping(connection, self.tables)
+        else:
+            async with self.database.sessionmaker() as session, session.begin():
+                yield functools.partial(self._handler, session), Bookkeeping(session, self.tables)
 
     async def _signal_lag(self, source: Source, positions: dict[int, int]) -> None:
         """Commit to the bus what the database already holds, at most once per ``bus_commit_interval`` (the

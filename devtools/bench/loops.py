@@ -71,16 +71,6 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
-async def relay_through_session(relay: OutboxRelay, db: Database) -> int:
-    """A pass as it ran before 2026-11-26 on PostgreSQL too (and still runs on SQLite): five statements."""
-    async with db.sessionmaker() as session, session.begin():
-        repository = OutboxRepository(session, outbox)
-        rows = await repository.claim_unpublished(500)
-        await NullPublisher().publish([OutgoingMessage(key=r.key, value=r.payload) for r in rows])
-        await repository.mark_published([r.id for r in rows])
-    return len(rows)
-
-
 async def relay_turns(databases: Databases, turns: int, per: int, driver: bool) -> float:
     db = databases.shards["s0"]
     relay = OutboxRelay(databases, NullPublisher(), outbox, topic="dose-events", batch_size=500, idle_seconds=1)
@@ -89,7 +79,7 @@ async def relay_turns(databases: Databases, turns: int, per: int, driver: bool) 
         async with db.sessionmaker() as session, session.begin():
             await OutboxRepository(session, outbox).add([recorded() for _ in range(per)])
         started = time.process_time()
-        published = await (relay.publish_pending("s0", db) if driver else relay_through_session(relay, db))
+        published = await (relay.publish_on_connection(db) if driver else relay.publish_through_session(db))
         spent += time.process_time() - started
         assert published == per, (published, per)
     return spent / turns

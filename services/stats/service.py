@@ -156,16 +156,6 @@ async def apply_messages(
     else:
         bookkeeping = DriverBookkeeping(database, consumer_bookkeeping)
         counts = DriverConsumerRepository(database, aggregates=aggregates)
-    return await _apply_batch(bookkeeping, counts, consumer, messages, now)
-
-
-async def _apply_batch(
-    bookkeeping: Bookkeeping | DriverBookkeeping,
-    counts: ConsumerRepository | DriverConsumerRepository,
-    consumer: str,
-    messages: Sequence[Message],
-    now: datetime,
-) -> BatchOutcome:
     positions: dict[uuid.UUID, tuple[int, int]] = {}
     sizes: list[int] = []
     events, undecodable = decode_messages(messages, positions=positions, sizes=sizes)
