@@ -1,8 +1,10 @@
 """py-spy beside a bench phase: one sampling profile per service process, and its top lines.
 
 Speed work starts from a profile: ``Profiles(dir, {"records": pid, ...})`` records each process (``py-spy
-record --format raw``: one line per distinct stack and its sample count) from :meth:`Profiles.start` to
-:meth:`Profiles.stop`; :func:`top_lines` turns a file into the functions that held the CPU themselves (the
+record --format raw --gil``: one line per distinct stack and its sample count) from :meth:`Profiles.start`
+to :meth:`Profiles.stop`. ``--gil`` samples only the thread holding the GIL: without it, kafka-python's
+threads, idle in ``select`` at about 0.02 cores each, took a quarter of records' samples
+(docs/performance.md). :func:`top_lines` turns a file into the functions that held the CPU themselves (the
 stack's innermost frame, "self") and those on the stack the longest (inclusive).
 """
 
@@ -40,7 +42,7 @@ class Profiles:
         for name, pid in self.pids.items():
             log = (self.directory / f"{name}.log").open("wb")
             self._running[name] = subprocess.Popen(
-                [binary, "record", "--pid", str(pid), "--rate", str(self.rate), "--format", "raw",
+                [binary, "record", "--pid", str(pid), "--rate", str(self.rate), "--format", "raw", "--gil",
                  "--nonblocking", "--output", str(self.path(name))],
                 stdout=log,
                 stderr=subprocess.STDOUT,
