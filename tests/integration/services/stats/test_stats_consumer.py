@@ -457,15 +457,17 @@ async def test_below_full_speed_a_batch_gathers_what_arrives_while_the_consumer_
     """``linger``: after a batch smaller than a full poll the consumer waits before it polls again, so a
     trickle of events is applied a few at a time, not one transaction (and one fetch) per event; after an idle
     spell the first event is applied without waiting."""
-    consumer = BatchSizes(stats_db, bus=bus, poll_timeout=0.05, retry_initial=0.01, linger=0.6)
+    # The linger is long beside the trickle below (three publishes 0.05 s apart), so that a slow machine's
+    # publishes still fall within it; without one, each of the three is a batch of its own.
+    consumer = BatchSizes(stats_db, bus=bus, poll_timeout=0.05, retry_initial=0.01, linger=2.0)
     consumer.batches = []
     consumer.start()
     try:
         await asyncio.sleep(0.3)  # idle: polls that bring nothing
-        started = time.monotonic()
         await publish(bus, [event(DoseEventType.RECORDED, cell())])
+        published = time.monotonic()
         while sum(consumer.batches) < 1:
-            assert time.monotonic() - started < 0.5, "the first event after idle waited"  # no linger
+            assert time.monotonic() - published < 1.0, "the first event after idle waited"  # no linger
             await asyncio.sleep(0.01)
         for _ in range(3):  # a trickle, all within the linger after that batch
             await publish(bus, [event(DoseEventType.RECORDED, cell())])
