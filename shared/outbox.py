@@ -8,8 +8,9 @@ several relays (replicas, or relay processes of their own) share the work withou
 
 A relay sleeps until a commit wakes it for the shards it wrote, or ``idle_seconds`` pass (then it looks at
 every shard). A commit in the relay's own process wakes it directly; a relay in a process of its own (the
-production layout) is woken by ``NOTIFY`` from the writers' :class:`OutboxNotifier`. Wake-ups within
-``linger_seconds`` are gathered into one pass, so under load one publish carries many events. A bus
+production layout) is woken by ``NOTIFY`` from the writers' :class:`OutboxNotifier`. Passes are paced: one
+starts no sooner than ``linger_seconds`` after the last one that published something ended, so under load each
+publish carries what committed meanwhile, while the first commit after a quiet spell is published at once. A bus
 outage only delays events, which wait in the outbox.
 """
 
@@ -357,6 +358,7 @@ class OutboxRelay:
         self._next_purge = 0.0
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
+        self._passed = 0.0  # when the last round of passes that published something ended (monotonic)
 
     async def listen(self) -> None:
         """Wake on commits to a PostgreSQL shard's outbox in other processes (``LISTEN``; see :class:`OutboxNotifier`).
@@ -467,9 +469,11 @@ class OutboxRelay:
                 except Exception as exc:
                     log.warning("outbox purge failed (%s)", type(exc).__name__)
             busy: set[str] = set()
+            published = 0
             for name in sorted(due):
                 try:
-                    if await self.publish_pending(name, self._databases.shards[name]) == self._batch_size:
+                    published += (n := await self.publish_pending(name, self._databases.shards[name]))
+                    if n == self._batch_size:
                         busy.add(name)
                     backoff = 0.5
                 except asyncio.CancelledError:
@@ -489,9 +493,11 @@ class OutboxRelay:
             if busy:
                 due = busy
                 continue
+            if published:  # a pass that found nothing (an idle look) paces nothing
+                self._passed = time.monotonic()
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self._idle)
-                await asyncio.sleep(self._linger)
+                await asyncio.sleep(max(0.0, self._passed + self._linger - time.monotonic()))
             except TimeoutError:
                 self._dirty.update(self._databases.shards)
             self._wake.clear()

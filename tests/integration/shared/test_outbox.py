@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from datetime import UTC, date, timedelta
 from pathlib import Path
@@ -143,6 +144,48 @@ async def test_backlog_counts_what_waits_and_since_when(databases: Databases, tm
 
 
 @pytest.mark.postgres
+async def test_passes_are_paced_by_the_linger_and_a_quiet_relay_publishes_at_once(databases: Databases) -> None:
+    """A pass starts no sooner than ``linger_seconds`` after the last one that published something ended:
+    commits arriving meanwhile go out together in the next pass (under load, fewer and fuller publishes), while
+    the first commit after a quiet spell is published at once, without waiting for one."""
+    linger = 1.0
+    publishes: list[tuple[float, int]] = []
+
+    class Collect:
+        async def publish(self, messages: Sequence[OutgoingMessage]) -> None:
+            publishes.append((time.monotonic(), len(messages)))
+
+        async def close(self) -> None:
+            pass
+
+    relay = OutboxRelay(
+        databases, Collect(), outbox, topic="dose-events", batch_size=100, idle_seconds=60, linger_seconds=linger
+    )
+    task = asyncio.create_task(relay.run())
+    try:
+        await asyncio.sleep(0.5)  # the looks at start are over (they found nothing, so they pace nothing)
+        await write_outbox(databases, 1)
+        woken = time.monotonic()
+        relay.wake("s0")
+        while not publishes:
+            assert time.monotonic() - woken < linger * 0.6, "the first commit after a quiet spell waited"
+            await asyncio.sleep(0.01)
+        for _ in range(3):  # a trickle right after that pass: within the linger
+            await write_outbox(databases, 1)
+            relay.wake("s0")
+            await asyncio.sleep(0.05)
+        deadline = time.monotonic() + 10
+        while sum(n for _, n in publishes) < 4:
+            assert time.monotonic() < deadline, publishes
+            await asyncio.sleep(0.02)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert [n for _, n in publishes] == [1, 3]
+    assert publishes[1][0] - publishes[0][0] >= linger * 0.9  # paced (the first pass ended after its publish)
+
+
 async def test_a_writer_in_another_process_wakes_an_idle_relay_by_notify(make_database: Callable[..., str]) -> None:
     """The production layout: the relay runs in a process of its own and looks by itself only every
     ``idle_seconds`` (here a minute); a writer's notifier wakes it within a fraction of a second, however many
