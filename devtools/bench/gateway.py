@@ -60,7 +60,7 @@ from fastapi import FastAPI, Request, Response
 from sqlalchemy import text
 from yarl import URL
 
-from devtools.bench.core import CpuMeter, children_of, wait_quiet
+from devtools.bench.core import UNLIMITED_CALLER, CpuMeter, children_of, wait_quiet
 from devtools.harness import free_port
 from devtools.harness.postgres import PostgresServer
 from devtools.tokens import bearer_headers, dev_gateway_issuer
@@ -549,9 +549,7 @@ def main(argv: list[str] | None = None) -> int:
             "VRS_GATEWAY_STATS_URL": upstream,
             "VRS_GATEWAY_LOG_LEVEL": "WARNING",
             "VRS_GATEWAY_PROXY_TRANSPORT": args.transport,
-            # The bench is one caller at full speed: its own rate limit must not be what is measured.
-            "VRS_GATEWAY_RATE_PER_PRINCIPAL": "1000000",
-            "VRS_GATEWAY_BURST_PER_PRINCIPAL": "1000000",
+            **UNLIMITED_CALLER,
             **({"PYTHONPATH": str(args.gateway_src)} if args.gateway_src else {}),
         }
         direct_dose = Target("POST", upstream + DOSE_PATH, dose_headers, 201, BODY)
