@@ -358,7 +358,6 @@ class OutboxRelay:
         self._next_purge = 0.0
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
-        self._passed = 0.0  # when the last round of passes that published something ended (monotonic)
 
     async def listen(self) -> None:
         """Wake on commits to a PostgreSQL shard's outbox in other processes (``LISTEN``; see :class:`OutboxNotifier`).
@@ -461,6 +460,7 @@ class OutboxRelay:
     async def _run(self) -> None:
         backoff = 0.5
         due = set(self._databases.shards)
+        passed = 0.0  # when the last round of passes that published something ended (monotonic)
         while True:
             if time.monotonic() >= self._next_purge:
                 self._next_purge = time.monotonic() + 600
@@ -494,10 +494,10 @@ class OutboxRelay:
                 due = busy
                 continue
             if published:  # a pass that found nothing (an idle look) paces nothing
-                self._passed = time.monotonic()
+                passed = time.monotonic()
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self._idle)
-                await asyncio.sleep(max(0.0, self._passed + self._linger - time.monotonic()))
+                await asyncio.sleep(max(0.0, passed + self._linger - time.monotonic()))
             except TimeoutError:
                 self._dirty.update(self._databases.shards)
             self._wake.clear()

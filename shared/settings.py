@@ -135,8 +135,8 @@ class PublisherSettings(ServiceSettings):
     run_relay: bool = True
     relay_batch_size: int = Field(default=500, ge=1)
     relay_idle_seconds: float = Field(default=0.2, gt=0)
-    # The relay's passes start no sooner than this after the last one ended: under load each publishes what
-    # committed meanwhile (fewer, fuller produce requests), while the first commit after a quiet spell goes at
-    # once. Under load an event waits up to this long more before it reaches Kafka (README, "Production
-    # configuration").
+    # A relay's pass starts no sooner than this after its last one that published something ended: under load
+    # each publishes what committed meanwhile (fewer, fuller produce requests), while the first commit after a
+    # quiet spell goes at once. Under load an event waits up to this long more before it reaches Kafka (README,
+    # "Production configuration").
     relay_linger_seconds: float = Field(default=0.1, ge=0)

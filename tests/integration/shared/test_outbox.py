@@ -73,6 +73,22 @@ class FlakyBus:
         await self.log.close()
 
 
+class Collect:
+    """A bus that keeps what each publish carried, and when it came."""
+
+    def __init__(self) -> None:
+        self.publishes: list[tuple[float, list[bytes]]] = []
+
+    async def publish(self, messages: Sequence[OutgoingMessage]) -> None:
+        self.publishes.append((time.monotonic(), [m.value for m in messages]))
+
+    def values(self) -> list[bytes]:
+        return [value for _, values in self.publishes for value in values]
+
+    async def close(self) -> None:
+        pass
+
+
 async def read_all(log: EmbeddedLog) -> list[DoseEvent]:
     await log.assign(dict.fromkeys(await log.partitions(), 0))
     return [DoseEvent.from_bytes(m.value) for m in await log.poll(max_records=10_000, timeout=0.1)]
@@ -143,23 +159,15 @@ async def test_backlog_counts_what_waits_and_since_when(databases: Databases, tm
     assert sample("vrs_outbox_backlog_events") == 0 and sample("vrs_outbox_oldest_unpublished_seconds") == 0
 
 
-@pytest.mark.postgres
 async def test_passes_are_paced_by_the_linger_and_a_quiet_relay_publishes_at_once(databases: Databases) -> None:
     """A pass starts no sooner than ``linger_seconds`` after the last one that published something ended:
     commits arriving meanwhile go out together in the next pass (under load, fewer and fuller publishes), while
     the first commit after a quiet spell is published at once, without waiting for one."""
     linger = 1.0
-    publishes: list[tuple[float, int]] = []
-
-    class Collect:
-        async def publish(self, messages: Sequence[OutgoingMessage]) -> None:
-            publishes.append((time.monotonic(), len(messages)))
-
-        async def close(self) -> None:
-            pass
-
+    bus = Collect()
+    publishes = bus.publishes
     relay = OutboxRelay(
-        databases, Collect(), outbox, topic="dose-events", batch_size=100, idle_seconds=60, linger_seconds=linger
+        databases, bus, outbox, topic="dose-events", batch_size=100, idle_seconds=60, linger_seconds=linger
     )
     task = asyncio.create_task(relay.run())
     try:
@@ -175,17 +183,18 @@ async def test_passes_are_paced_by_the_linger_and_a_quiet_relay_publishes_at_onc
             relay.wake("s0")
             await asyncio.sleep(0.05)
         deadline = time.monotonic() + 10
-        while sum(n for _, n in publishes) < 4:
+        while len(bus.values()) < 4:
             assert time.monotonic() < deadline, publishes
             await asyncio.sleep(0.02)
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-    assert [n for _, n in publishes] == [1, 3]
+    assert [len(values) for _, values in publishes] == [1, 3]
     assert publishes[1][0] - publishes[0][0] >= linger * 0.9  # paced (the first pass ended after its publish)
 
 
+@pytest.mark.postgres
 async def test_a_writer_in_another_process_wakes_an_idle_relay_by_notify(make_database: Callable[..., str]) -> None:
     """The production layout: the relay runs in a process of its own and looks by itself only every
     ``idle_seconds`` (here a minute); a writer's notifier wakes it within a fraction of a second, however many
@@ -194,16 +203,8 @@ async def test_a_writer_in_another_process_wakes_an_idle_relay_by_notify(make_da
     await asyncio.to_thread(upgrade, main, TREES / "main")
     await asyncio.to_thread(upgrade, shard, TREES / "shard")
     writer, relay_side = (Databases.connect(main, {"s0": shard}, pool_size=2) for _ in range(2))
-    published: list[bytes] = []
-
-    class Collect:
-        async def publish(self, messages: Sequence[OutgoingMessage]) -> None:
-            published.extend(m.value for m in messages)
-
-        async def close(self) -> None:
-            pass
-
-    relay = OutboxRelay(relay_side, Collect(), outbox, topic="dose-events", batch_size=100, idle_seconds=60)
+    bus = Collect()
+    relay = OutboxRelay(relay_side, bus, outbox, topic="dose-events", batch_size=100, idle_seconds=60)
     task = asyncio.create_task(relay.run())
     notifier = OutboxNotifier(writer, min_interval=0.01)
     try:
@@ -218,10 +219,10 @@ async def test_a_writer_in_another_process_wakes_an_idle_relay_by_notify(make_da
             events += await write_outbox(writer, 3)
             notifier.wake("s0")
         for _ in range(100):
-            if len(published) == len(events):
+            if len(bus.values()) == len(events):
                 break
             await asyncio.sleep(0.02)
-        assert sorted(DoseEvent.from_bytes(v).event_id for v in published) == sorted(e.event_id for e in events)
+        assert sorted(DoseEvent.from_bytes(v).event_id for v in bus.values()) == sorted(e.event_id for e in events)
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
