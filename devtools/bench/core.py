@@ -332,16 +332,30 @@ def _machine_ticks() -> tuple[int, int]:
     return sum(values[:8]) - idle, sum(values[:8])
 
 
+def _run_delay_ns() -> int:
+    """Nanoseconds every thread now on the machine has spent runnable but waiting for a CPU, since it started
+    (``/proc/<pid>/task/<tid>/schedstat``, second field). The difference over a span, per second, is how many
+    threads waited for a CPU on average: what a busy figure near the machine's cores cannot say."""
+    total = 0
+    for task in Path("/proc").glob("[0-9]*/task/[0-9]*/schedstat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += int(task.read_text().split()[1])
+    return total
+
+
 class CpuMeter:
-    """CPU used by named groups of processes between :meth:`start` and :meth:`stop`, in cores."""
+    """CPU used by named groups of processes between :meth:`start` and :meth:`stop`, in cores; and how many
+    threads of the machine waited for a CPU, on average (an oversubscribed machine queues every request)."""
 
     def __init__(self, groups: dict[str, Callable[[], list[int]]]) -> None:
         self._groups = groups
         self._before: dict[int, int] = {}
         self._machine: tuple[int, int] = (0, 0)
         self._started = 0.0
+        self._delay = 0
         self.cores: dict[str, float] = {}
         self.machine_busy = 0.0
+        self.waiting = 0.0  # threads runnable but waiting for a CPU, on average
 
     def add_group(self, name: str, pids: Callable[[], list[int]]) -> None:
         self._groups[name] = pids
@@ -357,11 +371,14 @@ class CpuMeter:
     def start(self) -> None:
         self._before = {pid: ticks for pid, (_, ticks) in self._snapshot().items()}
         self._machine = _machine_ticks()
+        self._delay = _run_delay_ns()
         self._started = time.monotonic()
 
     def stop(self) -> None:
         elapsed = time.monotonic() - self._started
         busy, total = _machine_ticks()
+        # Threads that ended meanwhile take their waits with them: an undercount, never more than was waited.
+        self.waiting = max(0, _run_delay_ns() - self._delay) / 1e9 / elapsed
         self.machine_busy = (busy - self._machine[0]) / max(1, total - self._machine[1]) * (os.cpu_count() or 1)
         used: Counter[str] = Counter()
         for pid, (group, ticks) in self._snapshot().items():
@@ -377,7 +394,8 @@ class CpuMeter:
         parts = [f"{group} {cores:.2f}" for group, cores in self.cores.items()]
         return (
             f"CPU (cores): {', '.join(parts)}, not ours {self.others:.2f}; "
-            f"machine busy {self.machine_busy:.2f} of {os.cpu_count()}"
+            f"machine busy {self.machine_busy:.2f} of {os.cpu_count()}, "
+            f"threads waiting for a CPU {self.waiting:.1f} on average"
         )
 
 

@@ -1,0 +1,42 @@
+"""The bench's CPU meter: besides cores used, how many threads waited for a CPU — a machine near its cores'
+worth of busy may be exactly full or queueing several threads deep, and only the second explains a long p99."""
+
+import multiprocessing
+import os
+import time
+
+from devtools.bench.core import CpuMeter
+
+
+def _spin(seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+def test_more_busy_processes_than_cores_show_as_threads_waiting_for_a_cpu() -> None:
+    cores = os.cpu_count() or 1
+    spinners = [multiprocessing.Process(target=_spin, args=(3.0,)) for _ in range(2 * cores)]
+    for p in spinners:
+        p.start()
+    try:
+        time.sleep(0.5)  # all of them running
+        meter = CpuMeter({"spinners": lambda: [p.pid for p in spinners if p.pid is not None]})
+        meter.start()
+        time.sleep(1.5)
+        meter.stop()
+    finally:
+        for p in spinners:
+            p.join()
+    # 2 × cores spinning on cores CPUs: about ``cores`` of them wait at any moment (less what others run).
+    assert meter.waiting >= cores / 2
+    assert meter.cores["spinners"] >= cores / 2
+    assert "threads waiting for a CPU" in meter.line()
+
+
+def test_an_idle_span_has_hardly_anyone_waiting() -> None:
+    meter = CpuMeter({})
+    meter.start()
+    time.sleep(0.5)
+    meter.stop()
+    assert meter.waiting < (os.cpu_count() or 1) * 2  # whatever else runs on the machine, not a spinning queue
