@@ -82,3 +82,29 @@ async def test_a_worker_reports_lag_until_cancelled(tmp_path: Path) -> None:
         for p in ("0", "1")
     )
     assert total == len(KEYS)
+
+
+async def test_kafka_answers_from_one_kept_client_that_sees_new_messages_and_new_topics(kafka_server: Any) -> None:
+    """A scrape asks a client kept per cluster (building one per scrape cost ~0.1-0.5 s of a thread that holds
+    the GIL): what it answers must still be the broker's now, for topics created after it was built too."""
+    from shared.bus import offsets
+
+    first, later = f"kept-{uuid.uuid4().hex[:8]}", f"kept-{uuid.uuid4().hex[:8]}"
+    kafka_server.create_topic(first, 2)
+    settings = BusSettings(
+        kind="kafka", topic=first, partitions=2, kafka_bootstrap_servers=kafka_server.bootstrap_servers
+    )
+    assert await end_offsets(settings, first) == {0: 0, 1: 0}
+    kept = dict(offsets._clients)
+    assert kept
+
+    publisher = KafkaPublisher(settings)
+    try:
+        await publisher.publish([OutgoingMessage(key=k, value=b"{}") for k in KEYS])
+    finally:
+        await publisher.close()
+    assert sum((await end_offsets(settings, first)).values()) == len(KEYS)
+
+    kafka_server.create_topic(later, 3)
+    assert await end_offsets(settings, later) == {0: 0, 1: 0, 2: 0}
+    assert offsets._clients == kept  # the same client answered all three
