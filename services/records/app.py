@@ -16,7 +16,7 @@ from services.records.models import outbox
 from services.records.router import GRANT_ONLY_PATHS, internal, router
 from services.records.settings import RecordsSettings
 from shared.app import build_app
-from shared.bus.offsets import report_lag
+from shared.bus.offsets import close_clients, report_lag
 from shared.consumer import stored_positions
 from shared.db import UnitOfWork
 from shared.outbox import OutboxNotifier, OutboxRelay, relay_in_background, sample_backlog
@@ -62,6 +62,7 @@ def create_app(settings: RecordsSettings | None = None) -> FastAPI:
                     for consumer in consumers:
                         await consumer.stop()
         finally:
+            await asyncio.to_thread(close_clients)  # the Kafka client /metrics kept for the consumers' lag
             await databases.dispose()
 
     async def ready(app: FastAPI) -> None:

@@ -112,3 +112,14 @@ def _kafka_end_offsets(settings: BusSettings, topic: str) -> dict[int, int]:
             with contextlib.suppress(Exception):
                 consumer.close(autocommit=False)
             raise
+
+
+def close_clients() -> None:
+    """Close the kept clients (at an app's shutdown): their I/O threads stop, and stop retrying a cluster that
+    has gone away. A later call builds a client again."""
+    with _clients_lock:
+        clients = list(_clients.values())
+        _clients.clear()
+    for consumer in clients:
+        with contextlib.suppress(Exception):
+            consumer.close(autocommit=False)

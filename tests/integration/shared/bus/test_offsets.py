@@ -108,3 +108,9 @@ async def test_kafka_answers_from_one_kept_client_that_sees_new_messages_and_new
     kafka_server.create_topic(later, 3)
     assert await end_offsets(settings, later) == {0: 0, 1: 0, 2: 0}
     assert offsets._clients == kept  # the same client answered all three
+
+    offsets.close_clients()  # as records' shutdown does: the client stops retrying a cluster that went away
+    assert not offsets._clients
+    assert all(client._closed for client in kept.values())
+    assert sum((await end_offsets(settings, first)).values()) == len(KEYS)  # a client built again
+    offsets.close_clients()
