@@ -78,7 +78,26 @@ def _embedded_end_offsets(path: Path, topic: str) -> dict[int, int]:
 # loop: scraping every 2 s put 10-15 ms on the open-loop run's p99. A kept client has one I/O thread, idle
 # between scrapes, and does not hold its process at exit.
 _clients: dict[tuple[str, ...], Any] = {}
-_clients_lock = threading.Lock()  # kafka-python's clients are not thread-safe; scrapes may overlap
+# kafka-python's clients are not thread-safe: one call at a time per cluster. A call that finds another still
+# under way (Kafka down: each waits up to its 10 s timeout) fails at once instead of queueing behind it, so
+# scrapes during an outage never hold more than one of the worker threads the relay also needs.
+_in_use: dict[tuple[str, ...], threading.Lock] = {}
+_clients_lock = threading.Lock()  # guards the two dicts' entries being made or cleared
+
+
+class EndOffsetsBusy(RuntimeError):
+    """Another call is asking the same cluster (and waiting for it): this one gives up rather than queue."""
+
+
+def _client_key(settings: BusSettings) -> tuple[str, ...]:
+    from shared.bus.kafka import security_options
+
+    options = security_options(settings)
+    return (
+        settings.kafka_bootstrap_servers,
+        settings.kafka_client_id,
+        *(f"{k}={v}" for k, v in sorted(options.items())),
+    )
 
 
 def _kafka_end_offsets(settings: BusSettings, topic: str) -> dict[int, int]:
@@ -86,17 +105,16 @@ def _kafka_end_offsets(settings: BusSettings, topic: str) -> dict[int, int]:
 
     from shared.bus.kafka import CONNECT_TIMEOUT, REQUEST_TIMEOUT, security_options
 
-    options = security_options(settings)
-    key = (
-        settings.kafka_bootstrap_servers,
-        settings.kafka_client_id,
-        *(f"{k}={v}" for k, v in sorted(options.items())),
-    )
+    key = _client_key(settings)
     with _clients_lock:
+        in_use = _in_use.setdefault(key, threading.Lock())
+    if not in_use.acquire(blocking=False):
+        raise EndOffsetsBusy(f"the end offsets of {settings.kafka_bootstrap_servers} are being asked already")
+    try:
         consumer = _clients.get(key)
         if consumer is None:
             consumer = _clients[key] = KafkaConsumer(
-                **options,
+                **security_options(settings),
                 bootstrap_servers=settings.kafka_bootstrap_servers,
                 client_id=f"{settings.kafka_client_id}-lag",
                 group_id=None,
@@ -108,10 +126,12 @@ def _kafka_end_offsets(settings: BusSettings, topic: str) -> dict[int, int]:
             partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
             return {tp.partition: int(offset) for tp, offset in consumer.end_offsets(partitions).items()}
         except Exception:
-            del _clients[key]  # a failed client is not trusted again: the next scrape starts afresh
+            _clients.pop(key, None)  # a failed client is not trusted again: the next call starts afresh
             with contextlib.suppress(Exception):
                 consumer.close(autocommit=False)
             raise
+    finally:
+        in_use.release()
 
 
 def close_clients() -> None:

@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client import REGISTRY
 
 from shared.bus import OutgoingMessage
@@ -113,4 +114,28 @@ async def test_kafka_answers_from_one_kept_client_that_sees_new_messages_and_new
     assert not offsets._clients
     assert all(client._closed for client in kept.values())
     assert sum((await end_offsets(settings, first)).values()) == len(KEYS)  # a client built again
+    offsets.close_clients()
+
+
+async def test_a_call_while_another_asks_the_same_cluster_gives_up_at_once(kafka_server: Any) -> None:
+    """With Kafka down each call waits up to its timeout; a scrape arriving meanwhile must not queue a worker
+    thread behind it (the relay publishes from the same pool), but fail at once, the gauges keeping their values."""
+    from shared.bus import offsets
+
+    topic = f"busy-{uuid.uuid4().hex[:8]}"
+    kafka_server.create_topic(topic, 1)
+    settings = BusSettings(
+        kind="kafka", topic=topic, partitions=1, kafka_bootstrap_servers=kafka_server.bootstrap_servers
+    )
+    assert await end_offsets(settings, topic) == {0: 0}
+    in_use = offsets._in_use[offsets._client_key(settings)]
+    in_use.acquire()  # as a call stuck waiting for a broker that went away
+    try:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(offsets.EndOffsetsBusy):
+            await end_offsets(settings, topic)
+        assert asyncio.get_running_loop().time() - started < 1.0
+    finally:
+        in_use.release()
+    assert await end_offsets(settings, topic) == {0: 0}
     offsets.close_clients()
