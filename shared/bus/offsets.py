@@ -82,7 +82,9 @@ _clients: dict[tuple[str, ...], Any] = {}
 # under way (Kafka down: each waits up to its 10 s timeout) fails at once instead of queueing behind it, so
 # scrapes during an outage never hold more than one of the worker threads the relay also needs.
 _in_use: dict[tuple[str, ...], threading.Lock] = {}
-_clients_lock = threading.Lock()  # guards the two dicts' entries being made or cleared
+# Makes each cluster's lock, and takes every client at close_clients; a cluster's client itself is built and
+# dropped under that cluster's lock.
+_clients_lock = threading.Lock()
 
 
 class EndOffsetsBusy(RuntimeError):
