@@ -45,6 +45,7 @@ LOAD_DAYS = 306  # up to 2021-12-31
 PROBE_FIRST_DAY = date(2021, 3, 1)
 # Coupon numbers are "<phase digit><9-digit serial>": unique across the run without any bookkeeping.
 PHASE_SINGLE, PHASE_BATCH, PHASE_PROBE, PHASE_BASELINE, PHASE_CSV, PHASE_FIXED, PHASE_RESIDENT = 1, 2, 3, 4, 5, 6, 9
+PHASE_MAX_AGAIN = 7
 # Upper bound of what one generator can drive: bodies beyond it are built on the fly (and counted).
 PREBUILD_RATE = 6000
 DOSE_PATH = "/api/v1/doses"
@@ -54,6 +55,19 @@ STATS_PATH = "/api/v1/stats/doses"
 UNLIMITED_CALLER = {"VRS_GATEWAY_RATE_PER_PRINCIPAL": "1000000", "VRS_GATEWAY_BURST_PER_PRINCIPAL": "1000000"}
 
 _T0 = time.monotonic()
+
+# PostgreSQL as production configures it: the parameters of deploy/k8s's Cluster that size one server's memory and
+# WAL. Its connections and archiving are not among them: the harness sets its own, and nothing archives here.
+PRODUCTION_CLUSTER = Path(__file__).resolve().parents[2] / "deploy/k8s/base/postgres/cluster-defaults.yaml"
+SERVER_PARAMETERS = ("shared_buffers", "max_wal_size", "checkpoint_timeout")
+
+
+def production_pg_settings() -> dict[str, str]:
+    """:data:`SERVER_PARAMETERS` as production's Cluster sets them, for the harness's ``postgresql.conf``."""
+    import yaml
+
+    parameters = yaml.safe_load(PRODUCTION_CLUSTER.read_text())["spec"]["postgresql"]["parameters"]
+    return {name: f"'{parameters[name]}'" for name in SERVER_PARAMETERS}
 
 
 def say(message: str) -> None:
@@ -399,6 +413,41 @@ class CpuMeter:
         )
 
 
+class WalMeter:
+    """What PostgreSQL wrote to its WAL between :meth:`start` and :meth:`stop` (``pg_stat_wal``), and the
+    checkpoints that ended meanwhile. A full-page image is a whole 8 kB page written to the WAL again: the first
+    change to a page after each checkpoint, so checkpoints that come often make every change dearer."""
+
+    _QUERY = (
+        "SELECT w.wal_bytes::bigint, w.wal_fpi, b.checkpoints_timed + b.checkpoints_req "
+        "FROM pg_stat_wal w, pg_stat_bgwriter b"
+    )
+
+    def __init__(self, pg: PostgresServer) -> None:
+        self._pg = pg
+        self._before = (0, 0, 0)
+        self.bytes = self.full_pages = self.checkpoints = 0
+
+    def _read(self) -> tuple[int, int, int]:
+        wal_bytes, full_pages, checkpoints = (int(v) for v in self._pg.execute(self._QUERY).strip().split("|"))
+        return wal_bytes, full_pages, checkpoints
+
+    async def start(self) -> None:
+        self._before = await asyncio.to_thread(self._read)
+
+    async def stop(self) -> None:
+        after = await asyncio.to_thread(self._read)
+        self.bytes, self.full_pages, self.checkpoints = (a - b for a, b in zip(after, self._before, strict=True))
+
+    def line(self, doses: int) -> str:
+        per = max(doses, 1)
+        return (
+            f"WAL (whole server): {self.bytes / per / 1024:.2f} kB a dose accepted, "
+            f"{self.full_pages * 1000 / per:.0f} full-page images a 1,000 doses; "
+            f"{self.checkpoints} checkpoint{'s' if self.checkpoints != 1 else ''} ended"
+        )
+
+
 async def machine_busy(seconds: float) -> float:
     """Cores busy on the whole machine over the next ``seconds``."""
     busy, total = _machine_ticks()
@@ -475,8 +524,10 @@ def top_statements(pg: PostgresServer, limit: int = 12) -> list[str]:
 
 
 def start_infrastructure(
-    tmp: Path, cleanup: contextlib.ExitStack, *, pg_settings: dict[str, str] | None = None
+    tmp: Path, cleanup: contextlib.ExitStack, *, pg_settings: dict[str, str] | None = None, production_pg: bool = True
 ) -> tuple[PostgresServer, KafkaServer]:
+    """PostgreSQL (with production's :data:`SERVER_PARAMETERS` unless ``production_pg`` is false, then with
+    PostgreSQL's defaults; ``pg_settings`` on top) and Kafka, both started."""
     from concurrent.futures import ThreadPoolExecutor
 
     from devtools.harness import free_port
@@ -485,7 +536,8 @@ def start_infrastructure(
 
     logs = tmp / "log"
     logs.mkdir(parents=True, exist_ok=True)
-    pg = PostgresServer(tmp / "postgres", free_port(), log_path=logs / "postgres.log", settings=pg_settings)
+    settings = (production_pg_settings() if production_pg else {}) | (pg_settings or {})
+    pg = PostgresServer(tmp / "postgres", free_port(), log_path=logs / "postgres.log", settings=settings)
     kafka = KafkaServer(tmp / "kafka", free_port(), free_port(), log_path=logs / "kafka.log")
     cleanup.callback(pg.stop)
     cleanup.callback(kafka.stop)
@@ -501,6 +553,7 @@ def start_system(
     cleanup: contextlib.ExitStack,
     *,
     pg_settings: dict[str, str] | None = None,
+    production_pg: bool = True,
     workers: bool = False,
     env: dict[str, str] | None = None,
     replicas: dict[str, int] | None = None,
@@ -513,7 +566,7 @@ def start_system(
     from devtools.stack import SERVICES, WORKERS, WORKERS_ENV, postgres_databases, postgres_env, wiring_env
 
     say("starting PostgreSQL and Kafka ...")
-    pg, kafka = start_infrastructure(tmp, cleanup, pg_settings=pg_settings)
+    pg, kafka = start_infrastructure(tmp, cleanup, pg_settings=pg_settings, production_pg=production_pg)
     for name in [*postgres_databases(), "bench_baseline"]:
         pg.create_database(name)
     kafka.create_topic("dose-events", 4)

@@ -22,7 +22,10 @@ numbers, not a test: every non-2xx answer is counted and printed, never dropped.
 
     python -m devtools.bench records [--duration 12] [--warmup 2] [--probes 200] [--csv-rows 20000] [--keep]
         [--records-workers 1] [--worker-processes] [--pg-statements] [--only single,lag,batch,later,csv,fixed]
-        [--profile DIR]
+        [--profile DIR] [--pg-defaults]
+
+PostgreSQL runs with production's memory and WAL parameters (``deploy/k8s``; ``--pg-defaults``: its own), and
+each VRS phase prints what the server wrote to its WAL per dose accepted.
 
 Before each phase the bench waits until stats counts every dose accepted so far (printed as "settled"), so
 that a phase never measures the previous one's backlog. ``--profile DIR`` runs py-spy on records' and stats'
@@ -60,7 +63,9 @@ from devtools.bench.core import (
     PHASE_BASELINE,
     PHASE_BATCH,
     PHASE_FIXED,
+    PHASE_MAX_AGAIN,
     PHASE_SINGLE,
+    SERVER_PARAMETERS,
     CpuMeter,
     CsvImport,
     Drain,
@@ -69,11 +74,13 @@ from devtools.bench.core import (
     LoadSpec,
     Prober,
     System,
+    WalMeter,
     bearer,
     children_of,
     dump_logs,
     import_csv,
     percentile,
+    production_pg_settings,
     reset_statements,
     run_load,
     say,
@@ -115,9 +122,12 @@ class Report:
     batch_baseline_cpu: CpuMeter | None = None
     csv: CsvImport | None = None
     drain_csv: Drain | None = None
+    max_again: LoadResult | None = None  # the single-dose max measured again just before the fixed-rate run
+    max_again_cpu: CpuMeter | None = None
     fixed: LoadResult | None = None
     fixed_cpu: CpuMeter | None = None
     drain_fixed: Drain | None = None
+    wal: dict[str, WalMeter] = field(default_factory=dict)  # by phase (the load's name)
     statements: dict[str, list[str]] = field(default_factory=dict)
     profiles: dict[str, str] = field(default_factory=dict)
     settle: list[float] = field(default_factory=list)  # seconds waited for the backlog before each phase
@@ -133,7 +143,7 @@ def load_line(label: str, result: LoadResult | None) -> str:
     )
 
 
-def details(result: LoadResult | None, meter: CpuMeter | None) -> list[str]:
+def details(result: LoadResult | None, meter: CpuMeter | None, wal: WalMeter | None = None) -> list[str]:
     if result is None:
         return []
     lines = [
@@ -145,14 +155,27 @@ def details(result: LoadResult | None, meter: CpuMeter | None) -> list[str]:
         lines.append(f"    dose statuses: {dict(sorted(result.statuses.items()))}")
     if meter is not None and meter.cores:
         lines.append(f"    {meter.line()}")
+    if wal is not None:
+        lines.append(f"    {wal.line(result.accepted_total)}")
     for sample, n in result.error_samples.most_common(5):
         lines.append(f"    ERROR x{n}: {sample}")
     return lines
 
 
+def pg_parameters() -> str:
+    return ", ".join(value.strip("'") for value in production_pg_settings().values())
+
+
+def fixed_max(report: Report, args: argparse.Namespace) -> float:
+    """What the open-loop run's rate is a share of: ``--fixed-rate``, else the single-dose max measured just
+    before it (the database then holds every earlier phase's doses: its first measurement did not)."""
+    if args.fixed_rate is not None:
+        return float(args.fixed_rate)
+    return report.max_again.rate if report.max_again is not None else 0.0
+
+
 def fixed_rate(report: Report, args: argparse.Namespace) -> float:
-    """The open-loop run's rate: its share of the single-dose max measured, or of ``--fixed-rate`` without it."""
-    return float((report.single.rate if report.single else args.fixed_rate) * args.fixed_share)
+    return fixed_max(report, args) * float(args.fixed_share)
 
 
 def render(report: Report, args: argparse.Namespace) -> str:
@@ -164,9 +187,12 @@ def render(report: Report, args: argparse.Namespace) -> str:
         f"{args.concurrency} connections, {args.duration:.0f} s (+{args.warmup:.0f} s warm-up), "
         f"records as {args.records_workers} process{'es' if args.records_workers > 1 else ''}, relays and consumers "
         + ("as processes of their own" if args.worker_processes else "inside the services"),
+        "PostgreSQL's "
+        + ", ".join(SERVER_PARAMETERS)
+        + (": its defaults (--pg-defaults)" if args.pg_defaults else f": production's ({pg_parameters()})"),
         "",
         load_line("single dose POST via gateway", single),
-        *details(single, report.single_cpu),
+        *details(single, report.single_cpu, report.wal.get("single")),
         load_line("baseline FastAPI+asyncpg INSERT", baseline),
         *details(baseline, report.baseline_cpu),
         load_line("baseline behind a 2nd gateway", report.proxied),
@@ -177,9 +203,9 @@ def render(report: Report, args: argparse.Namespace) -> str:
         if report.proxied is not None and report.proxied.rate:
             ratio += f"   (VRS / gateway+baseline {single.rate / report.proxied.rate:.2f})"
         lines.append(f"{'ratio VRS / ceiling':<34} {ratio}")
-    for label, result, meter in (
-        (f"batch ({args.batch_size}/req) via gateway", batch, report.batch_cpu),
-        ("batch of later doses, same size", report.later, report.later_cpu),
+    for label, result, meter, wal in (
+        (f"batch ({args.batch_size}/req) via gateway", batch, report.batch_cpu, report.wal.get("batch")),
+        ("batch of later doses, same size", report.later, report.later_cpu, report.wal.get("later")),
     ):
         if result is None:
             continue
@@ -189,7 +215,7 @@ def render(report: Report, args: argparse.Namespace) -> str:
             f"({result.rate:.1f} batches/s, p50 {percentile(ms, 0.5):.0f} ms, p99 {percentile(ms, 0.99):.0f} ms)  "
             f"errors {result.errors} ({result.errors * args.batch_size} doses), {result.items_rejected} items rejected"
         )
-        lines += details(result, meter)
+        lines += details(result, meter, wal)
     ceiling = report.batch_baseline
     if ceiling is not None:
         lines.append(
@@ -206,15 +232,18 @@ def render(report: Report, args: argparse.Namespace) -> str:
         )
         if ceiling is not None and ceiling.item_rate:
             lines.append(f"{'ratio CSV import / batch ceiling':<34} {csv.rate / ceiling.item_rate:.2f}")
+    if report.max_again is not None:
+        lines.append(load_line("single-dose max again, just before", report.max_again))
+        lines += details(report.max_again, report.max_again_cpu, report.wal.get("max-again"))
     fixed = report.fixed
     if fixed is not None:
         ms = [v * 1000 for v in fixed.latencies]
         lines.append(
             f"{f'fixed rate {args.fixed_share:.0%} of max via gateway':<34} {fixed.rate:8.0f} req/s  "
-            f"(asked {fixed_rate(report, args):.0f}/s)  "
+            f"(asked {fixed_rate(report, args):.0f}/s of {fixed_max(report, args):.0f})  "
             f"p50 {percentile(ms, 0.5):6.1f} ms  p99 {percentile(ms, 0.99):6.1f} ms  errors {fixed.errors}"
         )
-        lines += details(fixed, report.fixed_cpu)
+        lines += details(fixed, report.fixed_cpu, report.wal.get("fixed"))
         lines.append(f"    p99 (max) ms by second due (warm-up < 0): {fixed.by_second()}")
     lines += [
         f"{'accepted→visible lag (idle)':<34} {report.lag_idle.describe()}",
@@ -235,6 +264,7 @@ def render(report: Report, args: argparse.Namespace) -> str:
         "batch": report.batch_cpu,
         "later-dose batch": report.later_cpu,
         "batch ceiling": report.batch_baseline_cpu,
+        "max again": report.max_again_cpu,
         "fixed-rate": report.fixed_cpu,
     }
     for phase, meter in meters.items():
@@ -347,7 +377,10 @@ async def measure(system: System, args: argparse.Namespace, cleanup: contextlib.
             """One load phase through the gateway, metered and (``--profile``, ``--pg-statements``) profiled."""
             profile(spec.name)
             meter = CpuMeter(dict(vrs_groups))
+            wal = report.wal[spec.name] = WalMeter(system.pg)
+            await wal.start()
             result = await run_load(spec, meter, alongside)
+            await wal.stop()
             profile(spec.name, done=True)
             return result, meter
 
@@ -410,10 +443,23 @@ async def measure(system: System, args: argparse.Namespace, cleanup: contextlib.
             say(f"  {report.csv.rate:.0f} doses/s {report.csv.error}")
             report.drain_csv = await drained(report.csv.rows_ok)
 
+        if "fixed" in phases and args.fixed_rate is None:
+            # The max again, in the state the open-loop run will find: after the phases above the database
+            # holds some 300,000 more doses and PostgreSQL is cleaning up after them.
+            await settled()
+            say("load: the single-dose max again, for the fixed-rate run ...")
+            report.max_again, report.max_again_cpu = await load(
+                LoadSpec(
+                    name="max-again", url=gateway + DOSE_PATH, kind="single", phase=PHASE_MAX_AGAIN,
+                    tag=f"{tag}-max-again", **base,
+                ),
+            )  # fmt: skip
+            say(f"  {report.max_again.rate:.0f} req/s")
+            await drained(report.max_again.accepted_total)
         rate = fixed_rate(report, args)
         if "fixed" in phases and rate >= 1:
             await settled()
-            say(f"load: fixed rate {rate:.0f} doses/s ({args.fixed_share:.0%} of the single-dose max) ...")
+            say(f"load: fixed rate {rate:.0f} doses/s ({args.fixed_share:.0%} of {fixed_max(report, args):.0f}) ...")
             report.fixed, report.fixed_cpu = await load(
                 LoadSpec(
                     name="fixed", url=gateway + DOSE_PATH, kind="single", phase=PHASE_FIXED, tag=f"{tag}-fixed",
@@ -514,12 +560,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--only", default="", help=f"comma-separated phases to run, of {','.join(PHASES)} (default: all)"
     )
     parser.add_argument(
-        "--fixed-rate", type=float, default=500.0, help="the max the fixed-rate share is of when single is not run"
+        "--fixed-rate",
+        type=float,
+        default=None,
+        help="the max the fixed-rate share is of (default: the single-dose max, measured again just before)",
     )
     parser.add_argument("--profile", default="", help="py-spy records and stats during each load phase into DIR")
     parser.add_argument("--profile-lines", type=int, default=15)
     parser.add_argument(
         "--pg-statements", action="store_true", help="print PostgreSQL's busiest statements of each VRS phase"
+    )
+    parser.add_argument(
+        "--pg-defaults",
+        action="store_true",
+        help="PostgreSQL with its own defaults, not production's memory and WAL parameters (deploy/k8s)",
     )
     return parser.parse_args(argv)
 
@@ -539,6 +593,7 @@ def main(argv: list[str] | None = None) -> int:
                 tmp,
                 cleanup,
                 pg_settings=PG_STATEMENTS if args.pg_statements else None,
+                production_pg=not args.pg_defaults,
                 replicas={"records": args.records_workers},
                 workers=args.worker_processes,
             )
