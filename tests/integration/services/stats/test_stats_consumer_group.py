@@ -204,7 +204,11 @@ async def test_a_member_whose_rebalance_never_ends_leaves_and_joins_again(
     consumer.start()
     try:
         await wait_total(stats_db, 30)
-        assert len(opened) == 2 and opened[0].closed and not opened[1].closed
+        # The stalled member was replaced. The real client may stall too (CI, 2026-11-27: the second member's
+        # rejoin after a metadata update never got its assignment) and be replaced the same way: every member
+        # but the last is closed, and none of them counted an event twice.
+        assert len(opened) >= 2 and opened[0].closed
+        assert all(member.closed for member in opened[:-1]) and not opened[-1].closed
         assert await processed(stats_db) == 30
     finally:
         await consumer.stop()
