@@ -124,8 +124,8 @@ def outbox_table(metadata: MetaData) -> Table:
 
 # Room left on each page of the outbox for its rows' publish marks. ``published_at`` is in the partial index's
 # predicate, so the mark is never a HOT update; on a full page its new version went to another page and the
-# whole row (~480 bytes of a dose event) was written to the WAL again: as much WAL as the insert, a sixth of
-# a single dose's (docs/performance.md). On the same page PostgreSQL logs only the part of the row that changed.
+# whole row (~480 bytes of a dose event) was written to the WAL again: as much WAL as the insert
+# (docs/performance.md). On the same page PostgreSQL logs only the part of the row that changed.
 OUTBOX_FILLFACTOR = 50
 
 

@@ -62,12 +62,17 @@ PRODUCTION_CLUSTER = Path(__file__).resolve().parents[2] / "deploy/k8s/base/post
 SERVER_PARAMETERS = ("shared_buffers", "max_wal_size", "checkpoint_timeout")
 
 
-def production_pg_settings() -> dict[str, str]:
-    """:data:`SERVER_PARAMETERS` as production's Cluster sets them, for the harness's ``postgresql.conf``."""
+def production_pg_parameters() -> dict[str, str]:
+    """:data:`SERVER_PARAMETERS` as production's Cluster sets them."""
     import yaml
 
     parameters = yaml.safe_load(PRODUCTION_CLUSTER.read_text())["spec"]["postgresql"]["parameters"]
-    return {name: f"'{parameters[name]}'" for name in SERVER_PARAMETERS}
+    return {name: str(parameters[name]) for name in SERVER_PARAMETERS}
+
+
+def production_pg_settings() -> dict[str, str]:
+    """:func:`production_pg_parameters` quoted for the harness's ``postgresql.conf``."""
+    return {name: f"'{value}'" for name, value in production_pg_parameters().items()}
 
 
 def say(message: str) -> None:

@@ -65,7 +65,6 @@ from devtools.bench.core import (
     PHASE_FIXED,
     PHASE_MAX_AGAIN,
     PHASE_SINGLE,
-    SERVER_PARAMETERS,
     CpuMeter,
     CsvImport,
     Drain,
@@ -80,7 +79,7 @@ from devtools.bench.core import (
     dump_logs,
     import_csv,
     percentile,
-    production_pg_settings,
+    production_pg_parameters,
     reset_statements,
     run_load,
     say,
@@ -162,10 +161,6 @@ def details(result: LoadResult | None, meter: CpuMeter | None, wal: WalMeter | N
     return lines
 
 
-def pg_parameters() -> str:
-    return ", ".join(value.strip("'") for value in production_pg_settings().values())
-
-
 def fixed_max(report: Report, args: argparse.Namespace) -> float:
     """What the open-loop run's rate is a share of: ``--fixed-rate``, else the single-dose max measured just
     before it (the database then holds every earlier phase's doses: its first measurement did not)."""
@@ -187,9 +182,9 @@ def render(report: Report, args: argparse.Namespace) -> str:
         f"{args.concurrency} connections, {args.duration:.0f} s (+{args.warmup:.0f} s warm-up), "
         f"records as {args.records_workers} process{'es' if args.records_workers > 1 else ''}, relays and consumers "
         + ("as processes of their own" if args.worker_processes else "inside the services"),
-        "PostgreSQL's "
-        + ", ".join(SERVER_PARAMETERS)
-        + (": its defaults (--pg-defaults)" if args.pg_defaults else f": production's ({pg_parameters()})"),
+        "PostgreSQL: its defaults (--pg-defaults)"
+        if args.pg_defaults
+        else "PostgreSQL: production's " + ", ".join(f"{k} {v}" for k, v in production_pg_parameters().items()),
         "",
         load_line("single dose POST via gateway", single),
         *details(single, report.single_cpu, report.wal.get("single")),
