@@ -31,7 +31,7 @@ from kafka import (
     OffsetAndMetadata,
     TopicPartition,
 )
-from kafka.errors import TopicAlreadyExistsError, for_code
+from kafka.errors import KafkaTimeoutError, TopicAlreadyExistsError, for_code
 
 from shared.bus import Assignment, Message, OutgoingMessage
 from shared.settings import BusSettings
@@ -97,6 +97,26 @@ def ensure_topic(
         admin.close()
 
 
+def close_producer(producer: KafkaProducer, timeout: float) -> None:
+    """Close ``producer``, giving what it still holds up to ``timeout`` s to be delivered, then stop it regardless:
+    its network thread ends and the records left fail (their outbox rows are still unpublished, so they go again).
+
+    kafka-python 3's ``close()`` flushes first, and raises when the flush times out (the broker is away) before it
+    stops the network thread. A publish that failed in an outage left its producer like that: the thread, its
+    connections and its records lived on, retrying the broker, after the relay had moved to a new producer. So on
+    that timeout the thread is force-closed here, as ``close()`` goes on to do when its flush returns.
+    """
+    try:
+        producer.close(timeout=timeout)
+        return
+    except KafkaTimeoutError:
+        pass
+    sender = producer._sender  # no public call abandons a producer's records: its own attribute
+    sender.force_close()  # fails every record not yet acknowledged, then closes the connections
+    sender.join(REQUEST_TIMEOUT)
+    producer.close(timeout=0)  # the flush finds every record done now; the rest of close() runs
+
+
 class KafkaPublisher:
     """A :class:`~shared.bus.Publisher` on Kafka; messages are partitioned by key (Kafka's murmur2)."""
 
@@ -140,7 +160,7 @@ class KafkaPublisher:
         producer, self._producer = self._producer, None
         if producer is not None:
             with contextlib.suppress(Exception):
-                producer.close(timeout=0)
+                close_producer(producer, timeout=0)
 
     def _publish(self, messages: Sequence[OutgoingMessage]) -> None:
         with self._lock:
@@ -164,7 +184,7 @@ class KafkaPublisher:
         with self._lock:
             producer, self._producer = self._producer, None
             if producer is not None:
-                producer.close(timeout=REQUEST_TIMEOUT)
+                close_producer(producer, timeout=REQUEST_TIMEOUT)
 
     async def close(self) -> None:
         await asyncio.to_thread(self._close)

@@ -1,11 +1,13 @@
 """Kafka down for over 30 s while doses keep coming, on real PostgreSQL and the harness's real broker: doses
 are accepted as fast as before, the backlog shows on the relay's gauges, and when the broker returns the outbox
-drains with every event on the topic, none counted twice, in order per municipality."""
+drains with every event on the topic, none counted twice, in order per municipality; the relay's failed publishes
+leave no Kafka client running behind them."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -32,6 +34,19 @@ pytestmark = pytest.mark.usefixtures("pg_server")
 Record = Callable[..., Any]
 OUTAGE_SECONDS = 32
 BATCH = 20
+
+
+def producer_threads() -> int:
+    """Live network threads of this process's Kafka publishers (kafka-python names them after the client id)."""
+    return sum(t.name.endswith("-publisher-network-thread") for t in threading.enumerate())
+
+
+async def most_producer_threads(stop: asyncio.Event) -> int:
+    most = 0
+    while not stop.is_set():
+        most = max(most, producer_threads())
+        await asyncio.sleep(0.05)
+    return most
 
 
 def gauge(metric: Any, shard: str) -> float:
@@ -98,11 +113,13 @@ async def test_a_kafka_outage_delays_dose_events_and_loses_none(
     settings = BusSettings(
         kind="kafka", topic=topic, partitions=4, kafka_bootstrap_servers=kafka_server.bootstrap_servers
     )
+    threads_before = producer_threads()
     publisher = make_publisher(settings, topic=topic)
     relay = OutboxRelay(databases, publisher, outbox, topic=topic, batch_size=200, idle_seconds=0.5)
     relay_task = asyncio.create_task(relay.run())
     load, stop = Load(record), asyncio.Event()
     load_task = asyncio.create_task(load.run(stop))
+    threads_task = asyncio.create_task(most_producer_threads(stop))
     try:
         await asyncio.sleep(4)
         load.phase = "outage"
@@ -118,6 +135,7 @@ async def test_a_kafka_outage_delays_dose_events_and_loses_none(
     finally:
         stop.set()
         await load_task
+        most_threads = await threads_task
     try:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
@@ -137,6 +155,10 @@ async def test_a_kafka_outage_delays_dose_events_and_loses_none(
     # Doses kept being accepted at the rate they were before the outage (loose: the machine is shared).
     assert load.rate("outage") >= 0.5 * load.rate("before"), dict(load.accepted)
     assert sum(gauge(OUTBOX_BACKLOG, s) for s in ("s0", "s1")) == 0, "the outbox did not drain"
+    # Each publish that failed in the outage stopped its producer before the next one started: one Kafka client
+    # at a time, and none once the relay is closed (a client left behind retried the broker for good).
+    assert most_threads - threads_before <= 1
+    assert producer_threads() == threads_before
 
     written: list[tuple[str, str]] = []  # (key, event id), in outbox order per shard
     rows = 0  # a batch's events of one municipality share a row (one message)
