@@ -22,13 +22,15 @@ numbers, not a test: every non-2xx answer is counted and printed, never dropped.
 
     python -m devtools.bench records [--duration 12] [--warmup 2] [--probes 200] [--csv-rows 20000] [--keep]
         [--records-workers 1] [--worker-processes] [--pg-statements] [--only single,lag,batch,later,csv,fixed]
-        [--profile DIR] [--pg-defaults]
+        [--profile DIR] [--pg-defaults] [--no-write-back]
 
 PostgreSQL runs with production's memory and WAL parameters (``deploy/k8s``; ``--pg-defaults``: its own), and
 each VRS phase prints what the server wrote to its WAL per dose accepted.
 
 Before each phase the bench waits until stats counts every dose accepted so far (printed as "settled"), so
-that a phase never measures the previous one's backlog. ``--profile DIR`` runs py-spy on records' and stats'
+that a phase never measures the previous one's backlog, and then has the kernel write what the earlier phases
+left dirty in the page cache (``sync``; ``--no-write-back``: not), so that a phase never waits behind the
+previous one's disk writes either. ``--profile DIR`` runs py-spy on records' and stats'
 processes during each load phase and prints their top lines.
 """
 
@@ -89,6 +91,7 @@ from devtools.bench.core import (
     top_statements,
     wait_drained,
     wait_quiet,
+    write_back,
 )
 
 PHASES = ("single", "lag", "batch", "later", "csv", "fixed")
@@ -130,6 +133,7 @@ class Report:
     statements: dict[str, list[str]] = field(default_factory=dict)
     profiles: dict[str, str] = field(default_factory=dict)
     settle: list[float] = field(default_factory=list)  # seconds waited for the backlog before each phase
+    written_back: list[tuple[int, float]] = field(default_factory=list)  # (bytes, seconds) synced before each phase
 
 
 def load_line(label: str, result: LoadResult | None) -> str:
@@ -273,6 +277,11 @@ def render(report: Report, args: argparse.Namespace) -> str:
             + ", ".join(f"{s:.1f} s" for s in report.settle)
             + " (before each phase)"
         )
+    if report.written_back:
+        lines.append(
+            f"{'then wrote back to disk':<34} "
+            + ", ".join(f"{size / 1e6:.0f} MB in {seconds:.1f} s" for size, seconds in report.written_back)
+        )
     for phase, top in report.statements.items():
         lines += ["", f"PostgreSQL's busiest statements during the {phase} run (pg_stat_statements):", *top]
     for phase, text in report.profiles.items():
@@ -395,6 +404,8 @@ async def measure(system: System, args: argparse.Namespace, cleanup: contextlib.
             if drain.seen != drain.expected:
                 say(f"  before the next phase: {drain.describe()}")
             await wait_quiet(args.quiet_cores, args.quiet_wait)
+            if not args.no_write_back:
+                report.written_back.append(await write_back())
 
         if "single" in phases:
             await settled()
@@ -569,6 +580,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--pg-defaults",
         action="store_true",
         help="PostgreSQL with its own defaults, not production's memory and WAL parameters (deploy/k8s)",
+    )
+    parser.add_argument(
+        "--no-write-back",
+        action="store_true",
+        help="do not write the page cache's dirty data to disk before each phase (sync): for comparison",
     )
     return parser.parse_args(argv)
 
