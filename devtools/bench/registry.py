@@ -15,6 +15,8 @@ coupon events wait in the outbox, which the import writes all the same).
    time (``--no-move`` skips it).
 
 ``--only sweep`` runs part 4 alone; ``--only import`` runs part 1 alone (the import and the raw ``COPY``).
+PostgreSQL runs with production's memory and WAL parameters (``deploy/k8s``; ``--pg-defaults``: its own), as in
+the records bench; before the look-ups, what the imports left dirty in the page cache is written to disk.
 """
 
 from __future__ import annotations
@@ -35,7 +37,15 @@ import asyncpg  # type: ignore[import-untyped]
 import httpx
 import uvicorn
 
-from devtools.bench.core import CpuMeter, children_of, percentile, say
+from devtools.bench.core import (
+    CpuMeter,
+    children_of,
+    percentile,
+    production_pg_parameters,
+    production_pg_settings,
+    say,
+    write_back,
+)
 from devtools.harness import free_port
 from devtools.harness.postgres import PostgresServer
 from devtools.tokens import dev_gateway_issuer
@@ -351,8 +361,14 @@ async def bench_move(registry: tuple[str, dict[str, str]], records: tuple[str, d
 async def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="vrs-bench-registry-") as tmp_name, contextlib.ExitStack() as cleanup:
         tmp = Path(tmp_name)
-        pg = PostgresServer(tmp / "postgres", free_port(), log_path=tmp / "postgres.log")
+        pg_settings = {} if args.pg_defaults else production_pg_settings()
+        pg = PostgresServer(tmp / "postgres", free_port(), log_path=tmp / "postgres.log", settings=pg_settings)
         pg.start()
+        say(
+            "PostgreSQL: its defaults (--pg-defaults)"
+            if args.pg_defaults
+            else "PostgreSQL: production's " + ", ".join(f"{k} {v}" for k, v in production_pg_parameters().items())
+        )
         cleanup.callback(pg.stop)
         csv_path = tmp / "juki.csv"
         if args.only != "sweep":
@@ -415,6 +431,10 @@ async def run(args: argparse.Namespace) -> int:
                 )
                 await bench_import(client, app, movers_csv, SAPPORO, pg)
                 await bench_import(client, app, arrived_csv, CHIYODA, pg)
+                # What the imports left dirty in the page cache, written now rather than in the middle of the
+                # look-ups (see devtools.bench.core.write_back).
+                size, seconds = await write_back()
+                say(f"wrote back {size / 1e6:.0f} MB in {seconds:.1f} s")
                 await bench_lookups(client, movers, args.lookups)
             records_dbs = Databases.connect(records_main, records_shard_dsns, pool_size=2)
             try:
@@ -438,5 +458,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--certificates", type=int, default=100_000, help="cards for the sweep (0: no sweep part)")
     parser.add_argument("--only", choices=["sweep", "import"], help="run one part alone")
     parser.add_argument("--no-move", dest="move", action="store_false", help="skip the shard move")
+    parser.add_argument(
+        "--pg-defaults",
+        action="store_true",
+        help="PostgreSQL with its own defaults, not production's memory and WAL parameters (deploy/k8s)",
+    )
     args = parser.parse_args(argv or [])
     return asyncio.run(run(args))
