@@ -43,7 +43,7 @@ import aiohttp
 
 from devtools.harness import free_port, scratch_directory
 from devtools.harness.kafka import KafkaServer
-from devtools.harness.postgres import PostgresServer, WalStream, restore_cluster
+from devtools.harness.postgres import PostgresServer, WalStream, production_pg_settings, restore_cluster
 from devtools.launcher import Stack
 from devtools.stack import (
     SERVICES,
@@ -173,14 +173,16 @@ def start_system(tmp: Path, cleanup: contextlib.ExitStack, *, streamed: tuple[st
     own whose WAL is streamed synchronously to ``tmp/<database>-wal`` (the backup's object store)."""
     logs = tmp / "log"
     logs.mkdir(parents=True, exist_ok=True)
-    pg = PostgresServer(tmp / "postgres", free_port(), log_path=logs / "postgres.log", settings=LOCK_WAITS)
+    # PostgreSQL with production's memory and WAL parameters (deploy/k8s), as the benches run it.
+    settings = production_pg_settings() | LOCK_WAITS
+    pg = PostgresServer(tmp / "postgres", free_port(), log_path=logs / "postgres.log", settings=settings)
     kafka = KafkaServer(tmp / "kafka", free_port(), free_port(), log_path=logs / "kafka.log")
     placement = {
         name: PostgresServer(
             tmp / f"postgres-{name}",
             free_port(),
             log_path=logs / f"postgres-{name}.log",
-            settings=WalStream.server_settings() | LOCK_WAITS,
+            settings=settings | WalStream.server_settings(),
         )
         for name in streamed
     }

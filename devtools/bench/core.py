@@ -56,24 +56,6 @@ UNLIMITED_CALLER = {"VRS_GATEWAY_RATE_PER_PRINCIPAL": "1000000", "VRS_GATEWAY_BU
 
 _T0 = time.monotonic()
 
-# PostgreSQL as production configures it: the parameters of deploy/k8s's Cluster that size one server's memory and
-# WAL. Its connections and archiving are not among them: the harness sets its own, and nothing archives here.
-PRODUCTION_CLUSTER = Path(__file__).resolve().parents[2] / "deploy/k8s/base/postgres/cluster-defaults.yaml"
-SERVER_PARAMETERS = ("shared_buffers", "max_wal_size", "checkpoint_timeout")
-
-
-def production_pg_parameters() -> dict[str, str]:
-    """:data:`SERVER_PARAMETERS` as production's Cluster sets them."""
-    import yaml
-
-    parameters = yaml.safe_load(PRODUCTION_CLUSTER.read_text())["spec"]["postgresql"]["parameters"]
-    return {name: str(parameters[name]) for name in SERVER_PARAMETERS}
-
-
-def production_pg_settings() -> dict[str, str]:
-    """:func:`production_pg_parameters` quoted for the harness's ``postgresql.conf``."""
-    return {name: f"'{value}'" for name, value in production_pg_parameters().items()}
-
 
 def say(message: str) -> None:
     print(f"[{time.monotonic() - _T0:6.1f}s] {message}", file=sys.stderr, flush=True)
@@ -552,13 +534,13 @@ def top_statements(pg: PostgresServer, limit: int = 12) -> list[str]:
 def start_infrastructure(
     tmp: Path, cleanup: contextlib.ExitStack, *, pg_settings: dict[str, str] | None = None, production_pg: bool = True
 ) -> tuple[PostgresServer, KafkaServer]:
-    """PostgreSQL (with production's :data:`SERVER_PARAMETERS` unless ``production_pg`` is false, then with
-    PostgreSQL's defaults; ``pg_settings`` on top) and Kafka, both started."""
+    """PostgreSQL (with production's :data:`~devtools.harness.postgres.SERVER_PARAMETERS` unless
+    ``production_pg`` is false, then with PostgreSQL's defaults; ``pg_settings`` on top) and Kafka, both started."""
     from concurrent.futures import ThreadPoolExecutor
 
     from devtools.harness import free_port
     from devtools.harness.kafka import KafkaServer
-    from devtools.harness.postgres import PostgresServer
+    from devtools.harness.postgres import PostgresServer, production_pg_settings
 
     logs = tmp / "log"
     logs.mkdir(parents=True, exist_ok=True)

@@ -53,6 +53,7 @@ import aiohttp
 
 from devtools.bench.profile import Profiles
 from devtools.harness import scratch_directory
+from devtools.harness.postgres import production_pg_parameters
 from devtools.stack import WORKERS
 
 if TYPE_CHECKING:
@@ -81,7 +82,6 @@ from devtools.bench.core import (
     dump_logs,
     import_csv,
     percentile,
-    production_pg_parameters,
     reset_statements,
     run_load,
     say,

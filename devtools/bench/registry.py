@@ -41,13 +41,11 @@ from devtools.bench.core import (
     CpuMeter,
     children_of,
     percentile,
-    production_pg_parameters,
-    production_pg_settings,
     say,
     write_back,
 )
 from devtools.harness import free_port
-from devtools.harness.postgres import PostgresServer
+from devtools.harness.postgres import PostgresServer, production_pg_parameters, production_pg_settings
 from devtools.tokens import dev_gateway_issuer
 from services.records.app import create_app as create_records
 from services.records.models import shard_assignments as records_shards

@@ -22,12 +22,30 @@ import tempfile
 import time
 from pathlib import Path
 
-from devtools.harness import kill_quietly, pid_alive, tail, wait_for_exit
+from devtools.harness import PROJECT_ROOT, kill_quietly, pid_alive, tail, wait_for_exit
 
 SUPERUSER = "vrs"
 SYSTEM_USER = "postgres"  # who runs the server when we are root
 _DB_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,62}$")
 _SOCKET_PATH_MAX = 100  # sun_path is 108 bytes; leave room for "/.s.PGSQL.NNNNN"
+
+# PostgreSQL as production configures it: the parameters of deploy/k8s's Cluster that size one server's memory and
+# WAL. Its connections and archiving are not among them: the harness sets its own, and nothing archives here.
+PRODUCTION_CLUSTER = PROJECT_ROOT / "deploy/k8s/base/postgres/cluster-defaults.yaml"
+SERVER_PARAMETERS = ("shared_buffers", "max_wal_size", "checkpoint_timeout")
+
+
+def production_pg_parameters() -> dict[str, str]:
+    """:data:`SERVER_PARAMETERS` as production's Cluster sets them."""
+    import yaml
+
+    parameters = yaml.safe_load(PRODUCTION_CLUSTER.read_text())["spec"]["postgresql"]["parameters"]
+    return {name: str(parameters[name]) for name in SERVER_PARAMETERS}
+
+
+def production_pg_settings() -> dict[str, str]:
+    """:func:`production_pg_parameters` quoted for the harness's ``postgresql.conf``."""
+    return {name: f"'{value}'" for name, value in production_pg_parameters().items()}
 
 
 class PostgresError(RuntimeError):

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import yaml
 
-from devtools.bench.core import PRODUCTION_CLUSTER, SERVER_PARAMETERS, WalMeter, production_pg_settings
+from devtools.bench.core import WalMeter
 from devtools.harness import free_port
-from devtools.harness.postgres import PostgresServer
+from devtools.harness.postgres import PRODUCTION_CLUSTER, SERVER_PARAMETERS, PostgresServer, production_pg_settings
 
 
 def test_the_bench_takes_the_parameters_production_sets() -> None:
