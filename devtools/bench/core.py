@@ -8,6 +8,7 @@ that became the bottleneck shows. Every non-2xx answer is counted and printed, n
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import itertools
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import aiohttp
+
+from devtools.harness.postgres import production_pg_parameters
 
 if TYPE_CHECKING:
     from devtools.harness.kafka import KafkaServer
@@ -448,6 +451,26 @@ def dirty_bytes() -> int:
     Dirty and Writeback)."""
     fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
     return sum(int(fields[name].split()[0]) * 1024 for name in ("Dirty", "Writeback"))
+
+
+def pg_defaults_option(parser: argparse.ArgumentParser) -> None:
+    """``--pg-defaults``, for a bench whose PostgreSQL otherwise runs with production's parameters."""
+    parser.add_argument(
+        "--pg-defaults",
+        action="store_true",
+        help="PostgreSQL with its own defaults, not production's memory and WAL parameters (deploy/k8s)",
+    )
+
+
+def pg_parameters_line(defaults: bool) -> str:
+    """Which parameters the bench's PostgreSQL runs with, for its report."""
+    if defaults:
+        return "PostgreSQL: its defaults (--pg-defaults)"
+    return "PostgreSQL: production's " + ", ".join(f"{k} {v}" for k, v in production_pg_parameters().items())
+
+
+def describe_write_back(size: int, seconds: float) -> str:
+    return f"{size / 1e6:.0f} MB in {seconds:.1f} s"
 
 
 async def write_back() -> tuple[int, float]:

@@ -53,7 +53,6 @@ import aiohttp
 
 from devtools.bench.profile import Profiles
 from devtools.harness import scratch_directory
-from devtools.harness.postgres import production_pg_parameters
 from devtools.stack import WORKERS
 
 if TYPE_CHECKING:
@@ -79,9 +78,12 @@ from devtools.bench.core import (
     WalMeter,
     bearer,
     children_of,
+    describe_write_back,
     dump_logs,
     import_csv,
     percentile,
+    pg_defaults_option,
+    pg_parameters_line,
     reset_statements,
     run_load,
     say,
@@ -186,9 +188,7 @@ def render(report: Report, args: argparse.Namespace) -> str:
         f"{args.concurrency} connections, {args.duration:.0f} s (+{args.warmup:.0f} s warm-up), "
         f"records as {args.records_workers} process{'es' if args.records_workers > 1 else ''}, relays and consumers "
         + ("as processes of their own" if args.worker_processes else "inside the services"),
-        "PostgreSQL: its defaults (--pg-defaults)"
-        if args.pg_defaults
-        else "PostgreSQL: production's " + ", ".join(f"{k} {v}" for k, v in production_pg_parameters().items()),
+        pg_parameters_line(args.pg_defaults),
         "",
         load_line("single dose POST via gateway", single),
         *details(single, report.single_cpu, report.wal.get("single")),
@@ -280,7 +280,7 @@ def render(report: Report, args: argparse.Namespace) -> str:
     if report.written_back:
         lines.append(
             f"{'then wrote back to disk':<34} "
-            + ", ".join(f"{size / 1e6:.0f} MB in {seconds:.1f} s" for size, seconds in report.written_back)
+            + ", ".join(describe_write_back(size, seconds) for size, seconds in report.written_back)
         )
     for phase, top in report.statements.items():
         lines += ["", f"PostgreSQL's busiest statements during the {phase} run (pg_stat_statements):", *top]
@@ -576,11 +576,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--pg-statements", action="store_true", help="print PostgreSQL's busiest statements of each VRS phase"
     )
-    parser.add_argument(
-        "--pg-defaults",
-        action="store_true",
-        help="PostgreSQL with its own defaults, not production's memory and WAL parameters (deploy/k8s)",
-    )
+    pg_defaults_option(parser)
     parser.add_argument(
         "--no-write-back",
         action="store_true",

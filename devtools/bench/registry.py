@@ -40,12 +40,15 @@ import uvicorn
 from devtools.bench.core import (
     CpuMeter,
     children_of,
+    describe_write_back,
     percentile,
+    pg_defaults_option,
+    pg_parameters_line,
     say,
     write_back,
 )
 from devtools.harness import free_port
-from devtools.harness.postgres import PostgresServer, production_pg_parameters, production_pg_settings
+from devtools.harness.postgres import PostgresServer, production_pg_settings
 from devtools.tokens import dev_gateway_issuer
 from services.records.app import create_app as create_records
 from services.records.models import shard_assignments as records_shards
@@ -362,11 +365,7 @@ async def run(args: argparse.Namespace) -> int:
         pg_settings = {} if args.pg_defaults else production_pg_settings()
         pg = PostgresServer(tmp / "postgres", free_port(), log_path=tmp / "postgres.log", settings=pg_settings)
         pg.start()
-        say(
-            "PostgreSQL: its defaults (--pg-defaults)"
-            if args.pg_defaults
-            else "PostgreSQL: production's " + ", ".join(f"{k} {v}" for k, v in production_pg_parameters().items())
-        )
+        say(pg_parameters_line(args.pg_defaults))
         cleanup.callback(pg.stop)
         csv_path = tmp / "juki.csv"
         if args.only != "sweep":
@@ -431,8 +430,7 @@ async def run(args: argparse.Namespace) -> int:
                 await bench_import(client, app, arrived_csv, CHIYODA, pg)
                 # What the imports left dirty in the page cache, written now rather than in the middle of the
                 # look-ups (see devtools.bench.core.write_back).
-                size, seconds = await write_back()
-                say(f"wrote back {size / 1e6:.0f} MB in {seconds:.1f} s")
+                say(f"wrote back {describe_write_back(*await write_back())}")
                 await bench_lookups(client, movers, args.lookups)
             records_dbs = Databases.connect(records_main, records_shard_dsns, pool_size=2)
             try:
@@ -456,10 +454,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--certificates", type=int, default=100_000, help="cards for the sweep (0: no sweep part)")
     parser.add_argument("--only", choices=["sweep", "import"], help="run one part alone")
     parser.add_argument("--no-move", dest="move", action="store_false", help="skip the shard move")
-    parser.add_argument(
-        "--pg-defaults",
-        action="store_true",
-        help="PostgreSQL with its own defaults, not production's memory and WAL parameters (deploy/k8s)",
-    )
+    pg_defaults_option(parser)
     args = parser.parse_args(argv or [])
     return asyncio.run(run(args))
