@@ -10,12 +10,13 @@ projection does not know yet is ``unmatched`` and moves to its holder's cell whe
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
 import uuid
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
@@ -27,6 +28,7 @@ from services.records.repository import (
     ClaimRepository,
     DoseRepository,
     ImportRepository,
+    OnFile,
     ProjectionRepository,
     dose_path,
 )
@@ -168,10 +170,11 @@ async def record_doses(
     """Record doses; one outcome per submission, in order. A repeated key replays the first answer.
 
     The whole batch costs one statement per step, whatever its size: the claim of its keys (main database),
-    then per shard: one read (the keys already answered, the coupons' holders, their doses on file) and one
+    and per shard: one read (the keys already answered, the coupons' holders, their doses on file) and one
     write (keys, doses and outbox events), which on PostgreSQL takes the coupons' locks and stores nothing
     if another request changed those coupons' doses since the read — then the shard is read and decided
-    again (:meth:`DoseRepository.record`).
+    again (:meth:`DoseRepository.record`). The claim and the first shard's read run at the same time: the
+    read does not need the claim's answer, only the decision does (a key refused there stores nothing).
     """
     outcomes = [Outcome() for _ in submissions]
     admissible: list[_Item] = []
@@ -192,8 +195,9 @@ async def record_doses(
         by_shard[shards[item.coupon.municipality_code]].append(item)
     now = utcnow()
     scope = principal.scope_key  # a property: built once here, not once per item
-    # Keys are the caller's, not a shard's: claimed once in the main database, whatever the coupon.
-    claims = await ClaimRepository(uow.databases).claim(
+    # Keys are the caller's, not a shard's: claimed once in the main database, whatever the coupon; the claim is
+    # awaited beside the first shard's read (a single dose waits for two rounds, not three).
+    claims: Mapping[str, str] | Awaitable[dict[str, str]] = ClaimRepository(uow.databases).claim(
         [
             {"scope": scope, "key": item.sub.key, "request_hash": item.hash, "shard": shard} | {"created_at": now}
             for shard, items in by_shard.items()
@@ -201,14 +205,7 @@ async def record_doses(
         ]
     )
     for shard, items in by_shard.items():
-        valid = []
-        for item in items:
-            if claims[item.sub.key] != item.hash:
-                outcomes[item.index].error = _key_conflict(item.sub)
-            else:
-                valid.append(item)
-        if valid:
-            await _record_in_shard(uow, shard, valid, outcomes, principal=principal, rules=rules, now=now)
+        claims = await _record_in_shard(uow, shard, items, outcomes, claims, principal=principal, rules=rules, now=now)
     return outcomes
 
 
@@ -234,17 +231,40 @@ async def _record_in_shard(
     shard: str,
     items: Sequence[_Item],
     outcomes: list[Outcome],
+    claims: Mapping[str, str] | Awaitable[dict[str, str]],
     *,
     principal: Principal,
     rules: VaccineRules,
     now: datetime,
-) -> None:
+) -> Mapping[str, str]:
+    """Record ``items`` in ``shard``; returns the keys' claims (``claims`` awaited, if it had not been yet)."""
+    scope = principal.scope_key
+    keys = [item.sub.key for item in items]
     coupon_keys = sorted({item.coupon_key for item in items})
     async with dose_path(uow, shard) as doses:
-        await doses.begin()
+
+        async def first_read() -> OnFile:
+            await doses.begin()
+            return await doses.on_file(scope, keys, coupon_keys)
+
+        claimed: Mapping[str, str]
+        if isinstance(claims, Mapping):
+            read, claimed = await first_read(), claims
+        else:
+            read, claimed = await asyncio.gather(first_read(), claims)
+        valid = []
+        for item in items:
+            if claimed[item.sub.key] != item.hash:
+                outcomes[item.index].error = _key_conflict(item.sub)
+            else:
+                valid.append(item)
+        if not valid:
+            return claimed
+        # The read and the checks under the coupons' locks cover every item's coupon, a refused key's too.
         for _ in range(_MAX_ATTEMPTS):
-            if await _try_record(doses, items, outcomes, coupon_keys, principal=principal, rules=rules, now=now):
-                return
+            if await _try_record(doses, valid, outcomes, coupon_keys, read, principal=principal, rules=rules, now=now):
+                return claimed
+            read = await doses.on_file(scope, keys, coupon_keys)
     # Another request changed these coupons' doses between each read and write: only a storm on one coupon.
     raise ServiceUnavailable("these coupons are being changed by other requests; try again")
 
@@ -259,14 +279,15 @@ async def _try_record(
     items: Sequence[_Item],
     outcomes: list[Outcome],
     coupon_keys: Sequence[CouponKey],
+    read: OnFile,
     *,
     principal: Principal,
     rules: VaccineRules,
     now: datetime,
 ) -> bool:
-    """Read, decide and write once; False when what was read changed before the write (nothing stored)."""
+    """Decide on what was ``read`` and write once; False when it changed before the write (nothing stored)."""
     scope = principal.scope_key
-    stored, holders, on_file_rows = await doses.on_file(scope, [item.sub.key for item in items], coupon_keys)
+    stored, holders, on_file_rows = read
     # Answer repeats first: a retry must not change anything.
     fresh = []
     for item in items:
