@@ -62,7 +62,7 @@ from yarl import URL
 
 from devtools.bench.core import UNLIMITED_CALLER, CpuMeter, children_of, wait_quiet
 from devtools.harness import free_port
-from devtools.harness.postgres import PostgresServer
+from devtools.harness.postgres import PostgresServer, production_pg_settings
 from devtools.tokens import bearer_headers, dev_gateway_issuer
 from services.gateway.server import UVICORN_OPTIONS
 from shared.auth import Principal, Role
@@ -529,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         env = {**os.environ, "VRS_VAR_DIR": var, "VRS_ENVIRONMENT": "development"}
         pg: PostgresServer | None = None
         if args.audit_db == "postgres" or with_records:
-            pg = PostgresServer(Path(var) / "postgres", free_port())
+            pg = PostgresServer(Path(var) / "postgres", free_port(), settings=production_pg_settings())
             pg.start()
             cleanup.callback(pg.stop)
         if args.audit_db == "postgres":

@@ -25,7 +25,7 @@ from pathlib import Path
 import uvloop
 
 from devtools.harness import free_port, scratch_directory
-from devtools.harness.postgres import PostgresServer
+from devtools.harness.postgres import PostgresServer, production_pg_settings
 from services.records.models import outbox
 from services.stats import service
 from services.stats.models import consumer_bookkeeping
@@ -147,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args(argv)
     with scratch_directory("vrs-bench-loops-", keep=args.keep, say=say) as tmp:
-        pg = PostgresServer(tmp / "postgres", free_port(), log_path=tmp / "postgres.log")
+        pg = PostgresServer(
+            tmp / "postgres", free_port(), log_path=tmp / "postgres.log", settings=production_pg_settings()
+        )
         pg.start()
         try:
             for name, tree in (("records_main", "records/migrations/main"), ("records_s0", "records/migrations/shard")):
