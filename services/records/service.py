@@ -195,17 +195,22 @@ async def record_doses(
         by_shard[shards[item.coupon.municipality_code]].append(item)
     now = utcnow()
     scope = principal.scope_key  # a property: built once here, not once per item
-    # Keys are the caller's, not a shard's: claimed once in the main database, whatever the coupon; the claim is
-    # awaited beside the first shard's read (a single dose waits for two rounds, not three).
-    claims: Mapping[str, str] | Awaitable[dict[str, str]] = ClaimRepository(uow.databases).claim(
-        [
-            {"scope": scope, "key": item.sub.key, "request_hash": item.hash, "shard": shard} | {"created_at": now}
-            for shard, items in by_shard.items()
-            for item in items
-        ]
+    # Keys are the caller's, not a shard's: claimed once in the main database, whatever the coupon. The claim runs
+    # beside the first shard's read (a single dose waits for two rounds, not three); later shards find it done.
+    claims = asyncio.ensure_future(
+        ClaimRepository(uow.databases).claim(
+            [
+                {"scope": scope, "key": item.sub.key, "request_hash": item.hash, "shard": shard} | {"created_at": now}
+                for shard, items in by_shard.items()
+                for item in items
+            ]
+        )
     )
-    for shard, items in by_shard.items():
-        claims = await _record_in_shard(uow, shard, items, outcomes, claims, principal=principal, rules=rules, now=now)
+    try:
+        for shard, items in by_shard.items():
+            await _record_in_shard(uow, shard, items, outcomes, claims, principal=principal, rules=rules, now=now)
+    finally:
+        claims.cancel()  # a no-op once the claim is done; else the request failed before it needed the claim
     return outcomes
 
 
@@ -231,13 +236,12 @@ async def _record_in_shard(
     shard: str,
     items: Sequence[_Item],
     outcomes: list[Outcome],
-    claims: Mapping[str, str] | Awaitable[dict[str, str]],
+    claims: Awaitable[dict[str, str]],
     *,
     principal: Principal,
     rules: VaccineRules,
     now: datetime,
-) -> Mapping[str, str]:
-    """Record ``items`` in ``shard``; returns the keys' claims (``claims`` awaited, if it had not been yet)."""
+) -> None:
     scope = principal.scope_key
     keys = [item.sub.key for item in items]
     coupon_keys = sorted({item.coupon_key for item in items})
@@ -247,11 +251,7 @@ async def _record_in_shard(
             await doses.begin()
             return await doses.on_file(scope, keys, coupon_keys)
 
-        claimed: Mapping[str, str]
-        if isinstance(claims, Mapping):
-            read, claimed = await first_read(), claims
-        else:
-            read, claimed = await asyncio.gather(first_read(), claims)
+        read, claimed = await asyncio.gather(first_read(), claims)
         valid = []
         for item in items:
             if claimed[item.sub.key] != item.hash:
@@ -259,11 +259,11 @@ async def _record_in_shard(
             else:
                 valid.append(item)
         if not valid:
-            return claimed
+            return
         # The read and the checks under the coupons' locks cover every item's coupon, a refused key's too.
         for _ in range(_MAX_ATTEMPTS):
             if await _try_record(doses, valid, outcomes, coupon_keys, read, principal=principal, rules=rules, now=now):
-                return claimed
+                return
             read = await doses.on_file(scope, keys, coupon_keys)
     # Another request changed these coupons' doses between each read and write: only a storm on one coupon.
     raise ServiceUnavailable("these coupons are being changed by other requests; try again")
