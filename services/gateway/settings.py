@@ -55,10 +55,12 @@ class GatewaySettings(ServiceSettings):
     )
     # Chains written side by side by this process (<instance_id>, <instance_id>.1, ...). Intents go to whichever
     # chain's writer is free first: with one chain a request that arrives while a batch commits waits for that
-    # commit and then its own; with two it waits for one, and under load the two commits overlap (PostgreSQL
-    # flushes them together). At idle the second chain stays unused; under full load the two commit in turn, each
-    # batch carrying what queued meanwhile (half the entries a batch of one chain: a little more CPU per entry).
-    audit_chains: int = Field(default=2, ge=1, le=99)
+    # commit and goes in the next batch with whatever queued meanwhile; with two it is taken by the other writer at
+    # once, and under load the two commit in turn, each batch about half as large (more commits, more of
+    # PostgreSQL's CPU an entry). One is the default: with records behind the gateway, its fewer commits left
+    # PostgreSQL's CPU to the doses (docs/performance.md, "one audit chain by default"). Two or more carry more
+    # audited requests a second when the upstream is cheap and the trail's commits are the limit.
+    audit_chains: int = Field(default=1, ge=1, le=99)
     # Where each chain's head is anchored after every batch: outside the database (see audit.py).
     audit_anchor_dir: Path = Field(default_factory=lambda: var_dir() / "gateway" / "audit-anchors")
     audit_batch_max: int = Field(default=1000, ge=1)
