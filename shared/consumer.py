@@ -1,9 +1,10 @@
 """The idempotent consumer: each event of a topic takes effect exactly once in one database.
 
 One polled batch is one database transaction holding the effects, the ids of the events applied and the
-next offset per partition. The bus's in-memory position is never trusted beyond that transaction: after any
-error the source is closed and reopened at the offsets the database holds, so a crash at any point neither
-loses an event nor applies one twice, and a redelivered event is recognised by its id.
+next offset per partition (or its first messages only, when the handler says it took no more: :class:`Taken`;
+the rest go to the next transactions). The bus's in-memory position is never trusted beyond that
+transaction: after any error the source is closed and reopened at the offsets the database holds, so a crash
+at any point neither loses an event nor applies one twice, and a redelivered event is recognised by its id.
 
 The tables live in the consumer's own database (:func:`consumer_tables`); what an event *does* is the
 handler's business (:data:`Handler`): it decodes the messages, claims their event ids with
@@ -32,6 +33,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -43,10 +45,23 @@ from shared.db import Database, upsert, upsert_many, utcnow
 
 log = logging.getLogger(__name__)
 
-# Applies one batch in the given session; returns how many events took effect (repeats excluded).
-Handler = Callable[[AsyncSession, Sequence[Message]], Awaitable[int]]
+
+@dataclass(frozen=True)
+class Taken:
+    """A handler's answer when it applied only the batch's first ``messages`` (at least one): the consumer
+    commits the offsets of those alone and hands the rest, in order, to the next steps before it polls again.
+    A handler whose batch can lock without bound (records' coupon events, each moving its coupon's doses)
+    keeps every transaction short this way, and with it what a writer of those rows may have to wait for."""
+
+    applied: int
+    messages: int
+
+
+# Applies one batch in the given session; returns how many events took effect (repeats excluded), or what it
+# took of the batch (:class:`Taken`).
+Handler = Callable[[AsyncSession, Sequence[Message]], Awaitable["int | Taken"]]
 # The same on the batch transaction's asyncpg connection itself (PostgreSQL; see IdempotentConsumer).
-DriverHandler = Callable[[Any, Sequence[Message]], Awaitable[int]]
+DriverHandler = Callable[[Any, Sequence[Message]], Awaitable["int | Taken"]]
 SourceFactory = Callable[[], Source]
 # Event id → (partition, offset) of the message it was first read from.
 Positions = Mapping[uuid.UUID, tuple[int, int]]
@@ -294,6 +309,8 @@ class IdempotentConsumer:
         # and a fetch being paid for every event or two. Never when idle (a poll waits for data anyway).
         self.linger = linger
         self._last_batch = 0
+        # What the handler left of the last batch (see Taken): applied before anything is polled again.
+        self._held: list[Message] = []
 
     async def _open(self) -> Source:
         """A source positioned at the offsets committed with the effects (0 for a partition never read).
@@ -353,6 +370,7 @@ class IdempotentConsumer:
         """Forget the source: its position may be ahead of what the database committed."""
         source, self._source = self._source, None
         self._bus_pending.clear()
+        self._held = []
         if source is not None:
             try:
                 await source.close()
@@ -360,34 +378,35 @@ class IdempotentConsumer:
                 log.warning("closing the event source failed", exc_info=True)
 
     async def step(self, *, timeout: float | None = None) -> int | None:
-        """Poll once and apply the batch in one transaction; the events applied, or None when nothing came."""
+        """Poll once and apply the batch in one transaction; the events applied, or None when nothing came.
+
+        What the handler did not take of a batch is applied by the next steps, before the next poll."""
         try:
             source = await self._open()
-            messages = await source.poll(
-                max_records=self.max_records, timeout=self.poll_timeout if timeout is None else timeout
-            )
-            if self.group is not None:
-                messages = await self._rebalanced(source, messages)
-                waiting = source.rebalancing_for()
-                if waiting is not None and waiting > self.rebalance_timeout:
-                    log.warning(
-                        "consumer %s (%s) has had no assignment for %.0f s since the group's rebalance began: "
-                        "leaving and joining again",
-                        self.name,
-                        self.topic,
-                        waiting,
-                    )
-                    await self._reset()
+            if self._held:
+                # Read already, after the offsets the database holds: no poll (and so no change of the group's
+                # assignment) until they are applied.
+                messages, self._held = self._held, []
+            else:
+                polled = await self._poll(source, timeout)
+                if polled is None:
                     return None
-            await self._housekeeping(source)
+                messages = polled
             self._last_batch = len(messages)
+            await self._housekeeping(source)
             if not messages:
                 await self._signal_lag(source, {})  # what an earlier batch left for the next interval
                 return None
-            positions = next_offsets(messages)
             async with self._transaction() as (apply, bookkeeping):
-                applied = await apply(messages)
+                result = await apply(messages)
+                applied, taken = (
+                    (result.applied, max(1, min(result.messages, len(messages))))
+                    if isinstance(result, Taken)
+                    else (result, len(messages))
+                )
+                positions = next_offsets(messages[:taken])
                 await bookkeeping.store_offsets(self.name, self.topic, positions, at=utcnow())
+            self._held = list(messages[taken:])
         except BaseException:
             # Cancellation included: a batch cut off mid-transaction was rolled back, so the source must not
             # go on from where it had read to.
@@ -399,10 +418,32 @@ class IdempotentConsumer:
         await self._signal_lag(source, positions)
         return applied
 
+    async def _poll(self, source: Source, timeout: float | None) -> list[Message] | None:
+        """The next batch from the bus (in a group: only what is still this member's after a rebalance); None
+        when the member, without an assignment for too long, left the group to join it again."""
+        messages = await source.poll(
+            max_records=self.max_records, timeout=self.poll_timeout if timeout is None else timeout
+        )
+        if self.group is None:
+            return messages
+        messages = await self._rebalanced(source, messages)
+        waiting = source.rebalancing_for()
+        if waiting is not None and waiting > self.rebalance_timeout:
+            log.warning(
+                "consumer %s (%s) has had no assignment for %.0f s since the group's rebalance began: "
+                "leaving and joining again",
+                self.name,
+                self.topic,
+                waiting,
+            )
+            await self._reset()
+            return None
+        return messages
+
     @contextlib.asynccontextmanager
     async def _transaction(
         self,
-    ) -> AsyncIterator[tuple[Callable[[Sequence[Message]], Awaitable[int]], Bookkeeping | DriverBookkeeping]]:
+    ) -> AsyncIterator[tuple[Callable[[Sequence[Message]], Awaitable[int | Taken]], Bookkeeping | DriverBookkeeping]]:
         """A batch's transaction: the handler bound to it and the bookkeeping in it, on the asyncpg connection
         when the handler has a version for that (PostgreSQL), else in a session."""
         if self._driver_handler is not None:
@@ -478,7 +519,7 @@ class IdempotentConsumer:
             while True:
                 try:
                     await self.step()
-                    if self.linger and 0 < self._last_batch < self.max_records:
+                    if self.linger and 0 < self._last_batch < self.max_records and not self._held:
                         await asyncio.sleep(self.linger)
                 except Exception:
                     if self._on_error is not None:

@@ -21,7 +21,7 @@ from services.records import service
 from services.records.models import consumer_bookkeeping
 from services.records.settings import RecordsSettings
 from shared.bus import Message, make_source
-from shared.consumer import Bookkeeping, Handler, IdempotentConsumer
+from shared.consumer import Bookkeeping, Handler, IdempotentConsumer, Taken
 from shared.db import Databases, utcnow
 from shared.events import CouponEvent, coupon_events_from_bytes
 from shared.outbox import OutboxNotifier, OutboxRelay
@@ -30,21 +30,29 @@ from shared.shardmove import ShardMoveError
 log = logging.getLogger(__name__)
 
 
-def coupon_event_handler(databases: Databases, shard: str, *, name: str) -> Handler:
-    async def handle(session: AsyncSession, messages: Sequence[Message]) -> int:
-        events: list[CouponEvent] = []
+def coupon_event_handler(databases: Databases, shard: str, *, name: str, max_doses: int | None = None) -> Handler:
+    """Applies a batch's events of this shard's municipalities; with ``max_doses``, only as many messages as
+    lock that many doses at most (the rest goes to the next transactions: see apply_coupon_messages)."""
+
+    async def handle(session: AsyncSession, messages: Sequence[Message]) -> int | Taken:
+        decoded: list[list[CouponEvent]] = []
         for message in messages:
             try:
-                events.extend(coupon_events_from_bytes(message.value))
+                decoded.append(coupon_events_from_bytes(message.value))
             except ValidationError:
                 # Never blocks the partition: a message no version of us can read is logged and passed.
                 log.error("undecodable coupon event at partition %s offset %s", message.partition, message.offset)
+                decoded.append([])
         # The map as it is now, not a cached copy: right after a shard move (shared/shardmove.py) the new shard
         # must take the municipality's next event, which cannot have been published before the move ended.
-        shards = await databases.current_shards(e.municipality for e in events)
-        mine = [e for e in events if shards[e.municipality] == shard]
-        new = await Bookkeeping(session, consumer_bookkeeping).claim(name, [e.event_id for e in mine], at=utcnow())
-        return await service.apply_coupon_events(session, [e for e in mine if e.event_id in new])
+        shards = await databases.current_shards(e.municipality for events in decoded for e in events)
+        mine = [[e for e in events if shards[e.municipality] == shard] for events in decoded]
+        # Repeats change nothing (an event no newer than the projection is skipped), so the events are applied
+        # first and the ids of those taken claimed after.
+        changed, taken = await service.apply_coupon_messages(session, mine, max_doses=max_doses)
+        ids = [e.event_id for events in mine[:taken] for e in events]
+        await Bookkeeping(session, consumer_bookkeeping).claim(name, ids, at=utcnow())
+        return changed if taken == len(messages) else Taken(changed, taken)
 
     return handle
 
@@ -65,7 +73,9 @@ def coupon_consumers(
                 source_factory=lambda shard=shard: make_source(  # type: ignore[misc]
                     settings.bus, consumer=f"{settings.consumer_name}-{shard}", topic=topic
                 ),
-                handler=coupon_event_handler(databases, shard, name=settings.consumer_name),
+                handler=coupon_event_handler(
+                    databases, shard, name=settings.consumer_name, max_doses=settings.coupon_batch_max_doses
+                ),
                 max_records=settings.poll_max_records,
                 poll_timeout=settings.poll_timeout_seconds,
                 on_commit=None if relay is None else (lambda _n, shard=shard: relay.wake(shard)),  # type: ignore[misc]

@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 _doses: Table = Dose.__table__  # type: ignore[assignment]
 _keys: Table = IdempotencyKey.__table__  # type: ignore[assignment]
 _claims: Table = IdempotencyClaim.__table__  # type: ignore[assignment]
+_history: Table = DoseHistory.__table__  # type: ignore[assignment]
 _coupons: Table = CouponProjection.__table__  # type: ignore[assignment]
 
 
@@ -659,6 +660,16 @@ class DoseRepository:
             stmt = stmt.with_for_update(of=Dose)
         return list((await self.session.execute(stmt)).scalars())
 
+    async def count_of_coupons(self, coupons: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        """How many doses (not voided) each of these coupons has, those with none left out: read, not locked."""
+        if not coupons:
+            return {}
+        stmt = _of_coupons(
+            select(Dose.municipality_code, Dose.coupon_number, func.count()), Dose, self.session, coupons
+        ).where(Dose.voided.is_(False))
+        rows = await self.session.execute(stmt.group_by(Dose.municipality_code, Dose.coupon_number))
+        return {(m, c): n for m, c, n in rows}
+
     async def versions(self, doses: Sequence[tuple[str, str]]) -> list[tuple[str, int, str, bool]]:
         """(dose id, version, status, voided) of these (municipality, dose id) pairs: columns only, by key.
 
@@ -777,8 +788,10 @@ class DoseRepository:
         for name in _MOVED_COLUMNS:
             flag_modified(dose, name)
 
-    def add_history(self, entry: DoseHistory) -> None:
-        self.session.add(entry)
+    async def add_history(self, rows: Sequence[dict[str, Any]]) -> None:
+        """History rows (see :class:`DoseHistory`), in one multi-row insert."""
+        if rows:
+            await self.session.execute(insert(_history), list(rows))
 
 
 @contextlib.asynccontextmanager

@@ -16,14 +16,14 @@ import io
 import json
 import uuid
 from collections import defaultdict
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
 from pydantic import ValidationError
 
-from services.records.models import CouponProjection, Dose, DoseHistory, DoseImport, outbox
+from services.records.models import CouponProjection, Dose, DoseImport, outbox
 from services.records.repository import (
     ClaimRepository,
     DoseRepository,
@@ -512,25 +512,42 @@ async def dose_versions(uow: UnitOfWork, wanted: Mapping[str, str]) -> list[tupl
 
 
 def _snapshot(dose: Dose) -> dict[str, Any]:
-    return to_out(dose).model_dump(mode="json") | {
+    """The dose as its issuing municipality reads it (:func:`to_out`, as JSON) and its statistics cell: built
+    from the columns, whose findings were validated when they were stored (validating each again through
+    pydantic was a third of the time of a coupon-event batch moving thousands of doses)."""
+    return {
+        "dose_id": dose.dose_id,
+        "municipality": dose.municipality_code,
+        "coupon_number": dose.coupon_number,
+        "dose_number": dose.dose_number,
+        "vaccinated_on": dose.vaccinated_on.isoformat(),
+        "vaccine": dose.vaccine,
+        "lot_number": dose.lot_number,
+        "venue": dose.venue,
+        "doctor": dose.doctor,
+        "medical_worker": dose.medical_worker,
+        "status": dose.status,
+        "findings": [{"code": f["code"], "message": f["message"], "detail": f.get("detail")} for f in dose.findings],
+        "matched": dose.resident_id is not None,
+        "voided": dose.voided,
+        "version": dose.version,
         "sex": dose.sex,
         "age_band": dose.age_band,
         "age_band_10": dose.age_band_10,
     }
 
 
-def _record_history(repo: DoseRepository, dose: Dose, *, change: str, reason: str, by: str) -> None:
-    repo.add_history(
-        DoseHistory(
-            dose_id=dose.dose_id,
-            version=dose.version,
-            change=change,
-            reason=reason,
-            changed_by=by,
-            before=_snapshot(dose),
-            changed_at=utcnow(),
-        )
-    )
+def _history(dose: Dose, *, change: str, reason: str, by: str, at: datetime) -> dict[str, Any]:
+    """The history row of a change to ``dose`` about to be made: who, why, and the dose before it."""
+    return {
+        "dose_id": dose.dose_id,
+        "version": dose.version,
+        "change": change,
+        "reason": reason,
+        "changed_by": by,
+        "before": _snapshot(dose),
+        "changed_at": at,
+    }
 
 
 async def coupon_status(uow: UnitOfWork, *, coupon_line: str, today: date) -> CouponStatusOut:
@@ -552,29 +569,43 @@ async def coupon_status(uow: UnitOfWork, *, coupon_line: str, today: date) -> Co
 
 
 async def apply_coupon_events(session: Any, events: Sequence[CouponEvent]) -> int:
-    """Bring the projection and the doses of these coupons to the events' states, in the caller's transaction.
+    """Bring the projection and the doses of these coupons to the events' states, in the caller's transaction;
+    how many coupon states changed. All of them, however many doses they move: see :func:`apply_coupon_messages`.
+    """
+    changed, _ = await apply_coupon_messages(session, [events])
+    return changed
+
+
+async def apply_coupon_messages(
+    session: Any, messages: Sequence[Sequence[CouponEvent]], *, max_doses: int | None = None
+) -> tuple[int, int]:
+    """Apply the events of the first messages (each a sequence of events) in the caller's transaction: all of
+    them, or, with ``max_doses``, as many as keep the doses this transaction locks within that number (at least
+    one message, whatever its doses). Returns (coupon states changed, messages taken).
 
     An event older than (or as old as) the projection's version changes nothing, so repeats and events out of
     order are harmless. A coupon whose holder is now known matches its unmatched doses; a holder whose sex or
     birth date changed moves the coupon's doses to the new cell; each moved dose gets a ``dose.matched`` or
-    ``dose.corrected`` event. Returns how many coupon states changed.
+    ``dose.corrected`` event, and its state before goes to ``dose_history``.
+
+    The doses of a changing coupon are locked until the transaction commits, and a municipality correcting one
+    of them waits that long. A real coupon has ten doses at most, but after a Kafka outage one batch may bring
+    hundreds of coupons' changes: in make soak (hundreds of doses a coupon) one batch moved 15,500 doses and a
+    correction waited 15 s. ``max_doses`` bounds that wait.
     """
     projection, doses = ProjectionRepository(session), DoseRepository(session)
-    outbox_repo = OutboxRepository(session, outbox)
-    # Only the newest state of each coupon in the batch matters: its doses follow that state.
-    newest: dict[CouponKey, CouponEvent] = {}
-    for event in events:
-        key = (event.municipality, event.coupon_number)
-        if key not in newest or newest[key].version < event.version:
-            newest[key] = event
-    # Two reads for the whole batch (a bulk import announces its coupons a thousand to a message): the coupons
-    # as projected, locked, then the doses of those that change.
-    current = await projection.get_many(list(newest), for_update=True)
-    changed: list[CouponProjection] = []
+    # The coupons as projected, locked (a bulk import announces its coupons a thousand to a message: one read
+    # for the batch), and how many doses each coupon that may change has (read, not locked).
+    keys = {(e.municipality, e.coupon_number) for events in messages for e in events}
+    current = await projection.get_many(list(keys), for_update=True)
+    newest = _newest(e for events in messages for e in events)
+    on_file = await doses.count_of_coupons([k for k, e in newest.items() if _changes(current.get(k), e)])
+    taken = _within(messages, on_file, max_doses)
     now = utcnow()
-    for key, event in sorted(newest.items()):
+    changed: list[CouponProjection] = []
+    for key, event in sorted(_newest(e for events in messages[:taken] for e in events).items()):
         coupon = current.get(key)
-        if coupon is not None and coupon.version >= event.version:
+        if not _changes(coupon, event):
             continue
         state = event.state
         if coupon is None:
@@ -585,48 +616,74 @@ async def apply_coupon_events(session: Any, events: Sequence[CouponEvent]) -> in
         coupon.invalid_reason = state.invalid_reason.value if state.invalid_reason else None
         coupon.version, coupon.updated_at = event.version, now
         changed.append(coupon)
-    if changed:
-        on_file: dict[CouponKey, list[Dose]] = defaultdict(list)
-        for dose in await doses.of_coupons([(c.municipality_code, c.coupon_number) for c in changed], for_update=True):
-            on_file[(dose.municipality_code, dose.coupon_number)].append(dose)
-        # The doses' events are written once, after them all: an outbox insert per dose made the session flush
-        # per dose too (an UPDATE, a history row, an INSERT: three round trips a dose), and the batch held the
-        # doses' row locks the while — after a Kafka outage the backlog's batch took 8-12 s in the soak, and a
-        # municipality's correction of one of those doses waited that long. Now one flush (its doses' UPDATE
-        # one executemany, see DoseRepository.moved) and one insert.
+    with_doses = [(c.municipality_code, c.coupon_number) for c in changed]
+    with_doses = [k for k in with_doses if on_file.get(k)]
+    if with_doses:
+        holders = {(c.municipality_code, c.coupon_number): c for c in changed}
+        history: list[dict[str, Any]] = []
         moved: list[DoseEvent] = []
-        for coupon in changed:
-            moved += _follow_holder(doses, coupon, on_file[(coupon.municipality_code, coupon.coupon_number)])
-        await outbox_repo.add(moved)
-    return len(changed)
+        # The moves are written once, after them all: the doses' UPDATE one executemany (see
+        # DoseRepository.moved), the history and the events one insert each.
+        for dose in await doses.of_coupons(with_doses, for_update=True):
+            dose_event = _follow_holder(holders[(dose.municipality_code, dose.coupon_number)], dose, history, now=now)
+            if dose_event is not None:
+                doses.moved(dose)
+                moved.append(dose_event)
+        await doses.add_history(history)
+        await OutboxRepository(session, outbox).add(moved)
+    return len(changed), taken
 
 
-def _follow_holder(doses: DoseRepository, coupon: CouponProjection, on_file: Sequence[Dose]) -> list[DoseEvent]:
-    """Move ``coupon``'s doses to its holder's cell (in the session); the events of those that moved."""
-    events = []
-    for dose in on_file:
-        band = age_band(coupon.birth_date, dose.vaccinated_on).value
-        band_10 = age_band_10(coupon.birth_date, dose.vaccinated_on).value
-        if (dose.resident_id, dose.sex, dose.age_band, dose.age_band_10) == (
-            coupon.resident_id,
-            coupon.sex,
-            band,
-            band_10,
-        ):
-            continue
-        previous = cell_of(dose)
-        was_unmatched = dose.resident_id is None
-        _record_history(
-            doses, dose, change="matched" if was_unmatched else "corrected", reason="coupon event", by="registry"
-        )
-        dose.resident_id, dose.sex, dose.age_band, dose.age_band_10 = coupon.resident_id, coupon.sex, band, band_10
-        if dose.status == DoseStatus.UNMATCHED:
-            dose.status = DoseStatus.RECORDED.value
-        dose.version += 1
-        dose.updated_at = utcnow()
-        doses.moved(dose)
-        events.append(_event(DoseEventType.MATCHED if was_unmatched else DoseEventType.CORRECTED, dose, previous))
-    return events
+def _newest(events: Iterable[CouponEvent]) -> dict[CouponKey, CouponEvent]:
+    """The newest event of each coupon: only its state matters, its doses follow that."""
+    newest: dict[CouponKey, CouponEvent] = {}
+    for event in events:
+        key = (event.municipality, event.coupon_number)
+        if key not in newest or newest[key].version < event.version:
+            newest[key] = event
+    return newest
+
+
+def _changes(coupon: CouponProjection | None, event: CouponEvent) -> bool:
+    return coupon is None or coupon.version < event.version
+
+
+def _within(messages: Sequence[Sequence[CouponEvent]], on_file: Mapping[CouponKey, int], max_doses: int | None) -> int:
+    """How many of the first messages to take so that the doses of their coupons stay within ``max_doses``
+    (at least one message)."""
+    if max_doses is None:
+        return len(messages)
+    counted: set[CouponKey] = set()
+    total = 0
+    for taken, events in enumerate(messages):
+        keys = {(e.municipality, e.coupon_number) for e in events} - counted
+        more = sum(on_file.get(k, 0) for k in keys)
+        if taken and total + more > max_doses:
+            return taken
+        total += more
+        counted |= keys
+    return len(messages)
+
+
+def _follow_holder(
+    coupon: CouponProjection, dose: Dose, history: list[dict[str, Any]], *, now: datetime
+) -> DoseEvent | None:
+    """Move ``dose`` to its coupon's holder's cell (its state before added to ``history``): its event, or None
+    when it is in that cell already."""
+    band = age_band(coupon.birth_date, dose.vaccinated_on).value
+    band_10 = age_band_10(coupon.birth_date, dose.vaccinated_on).value
+    if (dose.resident_id, dose.sex, dose.age_band, dose.age_band_10) == (coupon.resident_id, coupon.sex, band, band_10):
+        return None
+    previous = cell_of(dose)
+    was_unmatched = dose.resident_id is None
+    change = "matched" if was_unmatched else "corrected"
+    history.append(_history(dose, change=change, reason="coupon event", by="registry", at=now))
+    dose.resident_id, dose.sex, dose.age_band, dose.age_band_10 = coupon.resident_id, coupon.sex, band, band_10
+    if dose.status == DoseStatus.UNMATCHED:
+        dose.status = DoseStatus.RECORDED.value
+    dose.version += 1
+    dose.updated_at = now
+    return _event(DoseEventType.MATCHED if was_unmatched else DoseEventType.CORRECTED, dose, previous)
 
 
 # --- corrections ---------------------------------------------------------------------------------------
@@ -656,12 +713,9 @@ async def correct_dose(
     if dose.voided:
         raise Conflict("dose is voided; it cannot be changed")
     previous = cell_of(dose)
-    _record_history(
-        repo,
-        dose,
-        change="voided" if correction.void else "corrected",
-        reason=correction.reason,
-        by=principal.scope_key,
+    change = "voided" if correction.void else "corrected"
+    await repo.add_history(
+        [_history(dose, change=change, reason=correction.reason, by=principal.scope_key, at=utcnow())]
     )
     if correction.void:
         dose.voided = True

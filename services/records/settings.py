@@ -22,6 +22,10 @@ class RecordsSettings(PublisherSettings):
     consumer_name: str = Field(default="records-coupons", min_length=1, max_length=64)
     poll_max_records: int = Field(default=500, ge=1, le=10_000)
     poll_timeout_seconds: float = Field(default=1.0, gt=0)
+    # A coupon-event batch locks the doses it moves until it commits; past this many doses it commits and
+    # takes the rest of what it polled in the next transaction (a municipality correcting one of those doses
+    # waits for one transaction, not for a whole backlog).
+    coupon_batch_max_doses: int = Field(default=2000, ge=1)
     max_batch_doses: int = 1000
     # Dose CSV imports: processed in the API process (each replica leases whole imports), in chunks of rows.
     run_imports: bool = True

@@ -1,0 +1,125 @@
+"""records' coupon consumer after a backlog, on real PostgreSQL and the embedded log: the doses its
+coupon events move are locked until the transaction commits, and a municipality correcting one of them waits
+that long. A batch takes only as many messages as keep those doses within ``coupon_batch_max_doses``; the
+rest goes to the next transactions, before anything new is read — every dose moved once, a restart between
+two of them included."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from services.records.consumer import coupon_consumers
+from services.records.models import Dose
+from services.records.service import Submission
+from services.records.settings import RecordsSettings
+from shared.bus import OutgoingMessage, make_publisher
+from shared.consumer import IdempotentConsumer
+from shared.db import Databases
+from shared.domain.sex import Sex
+from shared.events import CouponEvent, CouponEventType, CouponState, DoseEventType
+from shared.settings import BusSettings
+from tests.integration.services.records.records_support import CHIYODA, dose, events_in
+
+pytestmark = pytest.mark.usefixtures("pg_server")
+Record = Callable[..., Any]
+COUPONS = [f"{n:010d}" for n in range(1, 7)]
+DOSES_EACH = 30
+
+
+@pytest.fixture
+async def backlog(record: Record, databases: Databases, tmp_path: Path) -> BusSettings:
+    """Six coupons with thirty unmatched doses each, and their holders' events waiting on the bus, one message
+    each (as registry's relay publishes single changes)."""
+    for number in COUPONS:
+        await record(
+            *(
+                Submission(
+                    key=f"{number}-{n}",
+                    dose=dose(number, dose_number=1 + n % 10, vaccinated_on=date(2021, 5, 1) + timedelta(days=n)),
+                )
+                for n in range(DOSES_EACH)
+            )
+        )
+    bus = BusSettings(kind="embedded", embedded_path=tmp_path / "events.db", partitions=1)
+    publisher = make_publisher(bus, topic=bus.coupon_topic)
+    try:
+        for number in COUPONS:
+            event = CouponEvent(
+                type=CouponEventType.ISSUED,
+                municipality=CHIYODA,
+                coupon_number=number,
+                version=1,
+                state=CouponState(resident_id=f"R{number}", sex=Sex("F"), birth_date=date(1950, 4, 2)),
+            )
+            await publisher.publish([OutgoingMessage(key=event.key, value=event.to_bytes())])
+    finally:
+        await publisher.close()
+    return bus
+
+
+def consumer_of_chiyoda(bus: BusSettings, databases: Databases, max_doses: int) -> IdempotentConsumer:
+    settings = RecordsSettings(bus=bus, coupon_batch_max_doses=max_doses, poll_max_records=500)
+    [s0, _s1] = coupon_consumers(settings, databases)
+    return s0
+
+
+async def matched(databases: Databases) -> int:
+    async with databases.shards["s0"].sessionmaker() as session:
+        return int(await session.scalar(select(func.count()).where(Dose.resident_id.is_not(None))) or 0)
+
+
+async def steps(consumer: IdempotentConsumer, databases: Databases, *, most: int) -> list[int]:
+    """The doses matched after each step, up to ``most`` steps or until a poll brings nothing."""
+    after: list[int] = []
+    while len(after) < most and await consumer.step(timeout=0.5) is not None:
+        after.append(await matched(databases))
+    return after
+
+
+async def assert_each_dose_moved_once(databases: Databases) -> None:
+    async with databases.shards["s0"].sessionmaker() as session:
+        doses = (await session.execute(select(Dose))).scalars().all()
+    assert len(doses) == len(COUPONS) * DOSES_EACH
+    assert {(d.resident_id is not None, d.version) for d in doses} == {(True, 2)}
+    moves = [e.dose_id for e in await events_in(databases, "s0") if e.type is DoseEventType.MATCHED]
+    assert sorted(str(m) for m in moves) == sorted(d.dose_id for d in doses)
+
+
+@pytest.mark.parametrize(
+    ("max_doses", "after_each"),
+    [
+        (60, [60, 120, 180]),  # two coupons a transaction: exactly the bound
+        (59, [30, 60, 90, 120, 150, 180]),  # one below it: one coupon each
+        (20, [30, 60, 90, 120, 150, 180]),  # a message over the bound alone is taken whole, never stuck
+        (10_000, [180]),  # everything one poll brought
+    ],
+)
+async def test_a_backlog_is_applied_in_transactions_that_lock_at_most_the_bound(
+    backlog: BusSettings, databases: Databases, max_doses: int, after_each: list[int]
+) -> None:
+    consumer = consumer_of_chiyoda(backlog, databases, max_doses)
+    try:
+        assert await steps(consumer, databases, most=10) == after_each
+    finally:
+        await consumer.stop()
+    await assert_each_dose_moved_once(databases)
+
+
+async def test_a_restart_with_part_of_a_batch_unapplied_neither_loses_nor_repeats_a_move(
+    backlog: BusSettings, databases: Databases
+) -> None:
+    first = consumer_of_chiyoda(backlog, databases, 60)
+    assert await steps(first, databases, most=1) == [60]  # one poll read all six; two applied, four held
+    await first.stop()  # the process ends: what it held in memory is gone, the offsets of what it applied stay
+    second = consumer_of_chiyoda(backlog, databases, 60)
+    try:
+        assert await steps(second, databases, most=10) == [120, 180]
+    finally:
+        await second.stop()
+    await assert_each_dose_moved_once(databases)
