@@ -83,6 +83,7 @@ _ON_FILE_COLUMNS: tuple[tuple[str, Any], ...] = (
     ("birth_date", Date()),
     ("invalid_from", Date()),
     ("invalid_reason", String()),
+    ("version", Integer()),
     ("dose_id", String()),
     ("coupon_line", String()),
     ("dose_number", Integer()),
@@ -93,6 +94,7 @@ _ON_FILE_COLUMNS: tuple[tuple[str, Any], ...] = (
 )
 _HOLDER_COLUMNS = (
     "municipality_code", "coupon_number", "resident_id", "sex", "birth_date", "invalid_from", "invalid_reason",
+    "version",
 )  # fmt: skip
 _DOSE_COLUMNS = (
     "municipality_code", "coupon_number", "dose_id", "coupon_line", "dose_number", "vaccinated_on", "vaccine",
@@ -167,16 +169,18 @@ _WRITE_JSON = {
 # again and decides again. Same outcome as holding the locks from before the read, in three round trips
 # (claim, read, write) instead of six.
 # The statement serves several requests ("members") at once (see write_together): every row is numbered by
-# its member; records_writes_unchanged (migrations 20261126_02, 20261126_04) checks each member as if alone
-# and returns those that passed, whose rows alone are stored. A batch, or a lone request, is one member.
-_CHECK_ARGS = 10
+# its member; records_writes_current (migrations 20261126_02, 20261126_04, 20261127_02) checks each member as if
+# alone and returns those that passed, whose rows alone are stored. A batch, or a lone request, is one member.
+# What it checks: the doses on file of the member's coupons, the coupons' holders (their projection versions)
+# and its keys, each still as the member read them.
+_CHECK_ARGS = 11
 _FIRST = {"d": _CHECK_ARGS + 1}
 _FIRST["o"] = _FIRST["d"] + 1 + len(_WRITE_COLUMNS["d"])
 _FIRST["k"] = _FIRST["o"] + 1 + len(_WRITE_COLUMNS["o"])
 _RECORD_PG = (
-    "WITH ok AS MATERIALIZED (SELECT records_writes_unchanged($1::integer, $2::bigint[], $3::integer[], "
-    "$4::varchar[], $5::varchar[], $6::integer[], $7::varchar[], $8::integer[], $9::varchar[], $10::varchar[]) "
-    "AS passed), "
+    "WITH ok AS MATERIALIZED (SELECT records_writes_current($1::integer, $2::bigint[], $3::integer[], "
+    "$4::varchar[], $5::varchar[], $6::integer[], $7::integer[], $8::varchar[], $9::integer[], $10::varchar[], "
+    "$11::varchar[]) AS passed), "
     f"new_doses AS ({_unnest_insert('d', _doses, _FIRST['d'])}), "
     f"new_events AS ({_unnest_insert('o', outbox, _FIRST['o'])}), "
     f"new_keys AS ({_unnest_insert('k', _keys, _FIRST['k'])}) "
@@ -196,7 +200,7 @@ WITH wanted AS (SELECT * FROM unnest($2::varchar[], $3::varchar[]) AS w(municipa
 SELECT 0 AS kind, k.scope, k.key, k.request_hash, k.response::text AS response,
        NULL::varchar AS municipality_code, NULL::varchar AS coupon_number, NULL::varchar AS resident_id,
        NULL::varchar AS sex, NULL::date AS birth_date, NULL::date AS invalid_from, NULL::varchar AS invalid_reason,
-       NULL::varchar AS dose_id, NULL::varchar AS coupon_line, NULL::integer AS dose_number,
+       NULL::integer AS version, NULL::varchar AS dose_id, NULL::varchar AS coupon_line, NULL::integer AS dose_number,
        NULL::date AS vaccinated_on, NULL::varchar AS vaccine, NULL::varchar AS lot_number,
        NULL::timestamptz AS recorded_at
   FROM unnest($1::varchar[], $4::varchar[]) AS a(scope, key) CROSS JOIN LATERAL (
@@ -204,13 +208,13 @@ SELECT 0 AS kind, k.scope, k.key, k.request_hash, k.response::text AS response,
   ) AS k
 UNION ALL
 SELECT 1, NULL, NULL, NULL, NULL, c.municipality_code, c.coupon_number, c.resident_id, c.sex, c.birth_date,
-       c.invalid_from, c.invalid_reason, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+       c.invalid_from, c.invalid_reason, c.version, NULL, NULL, NULL, NULL, NULL, NULL, NULL
   FROM wanted w CROSS JOIN LATERAL (
        SELECT * FROM coupons c WHERE c.municipality_code = w.municipality_code AND c.coupon_number = w.coupon_number
         OFFSET 0
   ) AS c
 UNION ALL
-SELECT 2, NULL, NULL, NULL, NULL, d.municipality_code, d.coupon_number, NULL, NULL, NULL, NULL, NULL,
+SELECT 2, NULL, NULL, NULL, NULL, d.municipality_code, d.coupon_number, NULL, NULL, NULL, NULL, NULL, NULL,
        d.dose_id, d.coupon_line, d.dose_number, d.vaccinated_on, d.vaccine, d.lot_number, d.recorded_at
   FROM wanted w CROSS JOIN LATERAL (
        SELECT * FROM doses d
@@ -479,6 +483,7 @@ class DoseWrite:
 
     scope: str  # the caller's; ``keys`` are its keys
     coupons: Sequence[tuple[str, str]]  # (municipality, coupon number) read
+    versions: Sequence[int]  # each coupon's holder (its projection version) when read, 0 for none
     seen: Sequence[str]  # the ids of those coupons' doses on file when read
     keys: Sequence[dict[str, Any]]
     doses: Sequence[dict[str, Any]]
@@ -507,6 +512,7 @@ def _write_args(writes: Sequence[DoseWrite]) -> list[Any]:
         coupon_members,
         [m for m, _ in coupons],
         [c for _, c in coupons],
+        list(chain.from_iterable(write.versions for write in writes)),
         seen_members,
         seen,
         key_members,
@@ -602,6 +608,8 @@ _CLAIM = {
     for postgres in (False, True)
 }
 
+
+_LOCK_COUPONS = text("SELECT count(pg_advisory_xact_lock(k)) FROM unnest(CAST(:keys AS bigint[])) AS k")
 
 _MOVED_COLUMNS = ("resident_id", "sex", "age_band", "age_band_10", "status", "version", "updated_at")
 
@@ -747,10 +755,12 @@ class DoseRepository:
         *,
         scope: str,
         coupons: Sequence[tuple[str, str]],
+        versions: Sequence[int],
         seen: Sequence[str],
     ) -> bool:
         """Store the answers, the new doses and their outbox events — if the doses on file of ``coupons`` are
-        still ``seen`` (the ids :meth:`on_file` returned) and none of the keys was answered since. False when
+        still ``seen`` (the ids :meth:`on_file` returned), their holders still those of ``versions`` (the
+        projection's versions read, 0 for none) and none of the keys was answered since. False when
         something changed: nothing was stored, read again and decide again.
 
         PostgreSQL: one autocommitted statement (unless the session's transaction already began), which takes
@@ -760,11 +770,13 @@ class DoseRepository:
         fed by ``unnest`` of one array per column, so its text and plan are the same whatever the batch size.
         A few keys (a single dose) are written together with the other requests of this process for the same
         shard that arrive meanwhile (:func:`write_together`): one statement and one commit for them all, each
-        checked and stored, or not, as it would have been alone.
+        checked and stored, or not, as it would have been alone. records' coupon consumer takes the same locks
+        before it reads the doses of the coupons it changes (:meth:`lock_coupons`): a write waiting for it
+        finds the holder changed; a write it waits for, it reads.
         SQLite: under the write lock :meth:`begin` took nothing can have changed; one statement per table.
         """
         if self._on_postgres():
-            write = DoseWrite(scope, coupons, seen, keys, doses, events)
+            write = DoseWrite(scope, coupons, versions, seen, keys, doses, events)
             if self._writes is not None and len(keys) <= SHARED_STATEMENT_KEYS:
                 [written] = await self._writes.submit([write])
                 if isinstance(written, DBAPIError):
@@ -775,6 +787,13 @@ class DoseRepository:
             if rows:
                 await self.session.execute(insert(table), list(rows))
         return True
+
+    async def lock_coupons(self, coupons: Sequence[tuple[str, str]]) -> None:
+        """Take, to the end of the session's transaction, the coupons' advisory locks the dose path's writes
+        take (:meth:`record`), in the same sorted order. PostgreSQL; on SQLite one writer at a time already."""
+        if coupons and self._on_postgres():
+            keys = sorted({coupon_lock_key(m, c) for m, c in coupons})
+            await self.session.execute(_LOCK_COUPONS, {"keys": keys})
 
     def add(self, dose: Dose) -> None:
         self.session.add(dose)

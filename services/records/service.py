@@ -382,6 +382,7 @@ async def _try_record(
         outbox_rows(events),
         scope=scope,
         coupons=coupon_keys,
+        versions=[holders[k].version if k in holders else 0 for k in coupon_keys],
         seen=seen,
     )
     if written:
@@ -580,8 +581,9 @@ async def apply_coupon_messages(
     session: Any, messages: Sequence[Sequence[CouponEvent]], *, max_doses: int | None = None
 ) -> tuple[int, int]:
     """Apply the events of the first messages (each a sequence of events) in the caller's transaction: all of
-    them, or, with ``max_doses``, as many as keep the doses this transaction locks within that number (at least
-    one message, whatever its doses). Returns (coupon states changed, messages taken).
+    them, or, with ``max_doses``, as many as keep the doses this transaction locks within that number and its
+    events within :data:`MAX_EVENTS` (at least one message, whatever it holds). Returns (coupon states changed,
+    messages taken).
 
     An event older than (or as old as) the projection's version changes nothing, so repeats and events out of
     order are harmless. A coupon whose holder is now known matches its unmatched doses; a holder whose sex or
@@ -593,14 +595,17 @@ async def apply_coupon_messages(
     hundreds of coupons' changes: in make soak (hundreds of doses a coupon) one batch moved 15,500 doses and a
     correction waited 15 s. ``max_doses`` bounds that wait.
     """
+    if max_doses is not None:
+        messages = _window(messages)
     projection, doses = ProjectionRepository(session), DoseRepository(session)
     # The coupons as projected, locked (a bulk import announces its coupons a thousand to a message: one read
-    # for the batch), and how many doses each coupon that may change has (read, not locked).
+    # for the batch), and how many doses each coupon that may change has (read, not locked: a bound's estimate).
     keys = {(e.municipality, e.coupon_number) for events in messages for e in events}
     current = await projection.get_many(list(keys), for_update=True)
     newest = _newest(e for events in messages for e in events)
-    on_file = await doses.count_of_coupons([k for k, e in newest.items() if _changes(current.get(k), e)])
-    taken = _within(messages, on_file, max_doses)
+    changing = {k for k, e in newest.items() if _changes(current.get(k), e)}
+    on_file = await doses.count_of_coupons(sorted(changing))
+    taken = _within(messages, changing, on_file, max_doses)
     now = utcnow()
     changed: list[CouponProjection] = []
     for key, event in sorted(_newest(e for events in messages[:taken] for e in events).items()):
@@ -616,21 +621,23 @@ async def apply_coupon_messages(
         coupon.invalid_reason = state.invalid_reason.value if state.invalid_reason else None
         coupon.version, coupon.updated_at = event.version, now
         changed.append(coupon)
-    with_doses = [(c.municipality_code, c.coupon_number) for c in changed]
-    with_doses = [k for k in with_doses if on_file.get(k)]
-    if with_doses:
-        holders = {(c.municipality_code, c.coupon_number): c for c in changed}
-        history: list[dict[str, Any]] = []
-        moved: list[DoseEvent] = []
-        # The moves are written once, after them all: the doses' UPDATE one executemany (see
-        # DoseRepository.moved), the history and the events one insert each.
-        for dose in await doses.of_coupons(with_doses, for_update=True):
-            dose_event = _follow_holder(holders[(dose.municipality_code, dose.coupon_number)], dose, history, now=now)
-            if dose_event is not None:
-                doses.moved(dose)
-                moved.append(dose_event)
-        await doses.add_history(history)
-        await OutboxRepository(session, outbox).add(moved)
+    if not changed:
+        return 0, taken
+    holders = {(c.municipality_code, c.coupon_number): c for c in changed}
+    # The dose path's coupon locks, before the doses are read: a dose being written now is waited for and read
+    # here; one written after finds the holder changed and is decided again (records_writes_current).
+    await doses.lock_coupons(list(holders))
+    history: list[dict[str, Any]] = []
+    moved: list[DoseEvent] = []
+    # The moves are written once, after them all: the doses' UPDATE one executemany (see DoseRepository.moved),
+    # the history and the events one insert each.
+    for dose in await doses.of_coupons(list(holders), for_update=True):
+        dose_event = _follow_holder(holders[(dose.municipality_code, dose.coupon_number)], dose, history, now=now)
+        if dose_event is not None:
+            doses.moved(dose)
+            moved.append(dose_event)
+    await doses.add_history(history)
+    await OutboxRepository(session, outbox).add(moved)
     return len(changed), taken
 
 
@@ -648,19 +655,42 @@ def _changes(coupon: CouponProjection | None, event: CouponEvent) -> bool:
     return coupon is None or coupon.version < event.version
 
 
-def _within(messages: Sequence[Sequence[CouponEvent]], on_file: Mapping[CouponKey, int], max_doses: int | None) -> int:
-    """How many of the first messages to take so that the doses of their coupons stay within ``max_doses``
-    (at least one message)."""
+# The events one bounded coupon-event transaction applies at most (whole messages: one over it goes alone). Each
+# coupon it changes holds an advisory lock to the end of the transaction, in PostgreSQL's shared lock table
+# (max_locks_per_transaction x max_connections slots: 19,200 on the test harness, 25,600 in production), which
+# a bulk import's backlog (a thousand coupons a message, 500 messages a poll) would fill.
+MAX_EVENTS = 5000
+
+
+def _window(messages: Sequence[Sequence[CouponEvent]]) -> Sequence[Sequence[CouponEvent]]:
+    """The first messages holding at most :data:`MAX_EVENTS` events (at least one message): all the rest of a
+    bounded transaction reads and locks is of these alone."""
+    events = 0
+    for n, message in enumerate(messages):
+        events += len(message)
+        if n and events > MAX_EVENTS:
+            return messages[:n]
+    return messages
+
+
+def _within(
+    messages: Sequence[Sequence[CouponEvent]],
+    changing: set[CouponKey],
+    on_file: Mapping[CouponKey, int],
+    max_doses: int | None,
+) -> int:
+    """How many of the first messages to take so that the doses of the coupons they change (of ``changing``)
+    stay within ``max_doses`` (at least one message; all of them when ``max_doses`` is None)."""
     if max_doses is None:
         return len(messages)
     counted: set[CouponKey] = set()
-    total = 0
+    doses = 0
     for taken, events in enumerate(messages):
-        keys = {(e.municipality, e.coupon_number) for e in events} - counted
+        keys = ({(e.municipality, e.coupon_number) for e in events} & changing) - counted
         more = sum(on_file.get(k, 0) for k in keys)
-        if taken and total + more > max_doses:
+        if taken and doses + more > max_doses:
             return taken
-        total += more
+        doses += more
         counted |= keys
     return len(messages)
 

@@ -1,5 +1,6 @@
 """Two tablets recording the same dose of one coupon at the same moment, under different keys, on real
-PostgreSQL: the per-coupon lock (taken before the doses on file are read) lets at most one be ``recorded``."""
+PostgreSQL: the per-coupon lock (taken before the doses on file are read) lets at most one be ``recorded``.
+And a dose recorded while its coupon's event is applied follows the coupon's new holder, whichever is first."""
 
 from __future__ import annotations
 
@@ -27,9 +28,17 @@ from services.records.service import Submission, apply_coupon_events
 from shared.auth import Principal, Role
 from shared.db import Databases, utcnow
 from shared.domain.sex import Sex
-from shared.events import CouponEvent, CouponEventType, CouponState
+from shared.events import CouponEvent, CouponEventType, CouponState, DoseEventType
 from shared.shardmove import fenced_municipality
-from tests.integration.services.records.records_support import CHIYODA, CLINIC, SAPPORO, count, dose, events_in
+from tests.integration.services.records.records_support import (
+    CHIYODA,
+    CLINIC,
+    SAPPORO,
+    count,
+    dose,
+    doses_in,
+    events_in,
+)
 
 pytestmark = pytest.mark.usefixtures("pg_server")
 Record = Callable[..., Any]
@@ -38,16 +47,10 @@ OTHER_CLINIC = Principal(role=Role.INSTITUTION, subject="tablet-9", institution=
 
 
 async def registered(databases: Databases, numbers: list[str]) -> None:
-    events = [
-        CouponEvent(
-            type=CouponEventType.ISSUED,
-            municipality=CHIYODA,
-            coupon_number=n,
-            version=1,
-            state=CouponState(resident_id=f"R{n}", sex=Sex("F"), birth_date=date(1960, 1, 1)),
-        )
-        for n in numbers
-    ]
+    await registered_by(databases, issued(numbers))
+
+
+async def registered_by(databases: Databases, events: list[CouponEvent]) -> None:
     async with databases.shards["s0"].sessionmaker() as session, session.begin():
         await apply_coupon_events(session, events)
 
@@ -83,6 +86,63 @@ async def test_the_same_dose_under_two_keys_at_once_is_recorded_once(
     assert len(await events_in(databases, "s0")) == stored
 
 
+def issued(numbers: list[str]) -> list[CouponEvent]:
+    return [
+        CouponEvent(
+            type=CouponEventType.ISSUED,
+            municipality=CHIYODA,
+            coupon_number=n,
+            version=1,
+            state=CouponState(resident_id=f"R{n}", sex=Sex("F"), birth_date=date(1960, 1, 1)),
+        )
+        for n in numbers
+    ]
+
+
+async def assert_recorded_in_the_holders_cell(databases: Databases) -> None:
+    [stored] = await doses_in(databases, "s0")
+    assert (stored.status, stored.resident_id, stored.sex) == ("recorded", "R0000000001", "F")
+    [recorded] = await events_in(databases, "s0")  # counted once, in the holder's cell
+    assert recorded.type is DoseEventType.RECORDED
+    assert recorded.cell is not None and recorded.cell.sex == "F"
+
+
+async def test_a_holder_learned_between_the_read_and_the_write_is_the_new_doses_holder(
+    record: Record, databases: Databases, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dose path read the coupon before its holder was known; the coupon's event is applied (and finds no
+    dose to match) before the write: the write's check finds the holder changed, and the dose is decided again
+    with it — not left ``unmatched`` with nothing that would ever match it."""
+    original = DoseRepository.record
+    events = issued(["0000000001"])
+
+    async def event_first(self: DoseRepository, *args: Any, **kwargs: Any) -> bool:
+        if events:
+            await registered_by(databases, [events.pop()])
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DoseRepository, "record", event_first)
+    [out] = await record(Submission(key="k", dose=dose("0000000001")))
+    assert out.accepted is not None and out.accepted.status == "recorded"
+    await assert_recorded_in_the_holders_cell(databases)
+
+
+async def test_a_dose_written_while_its_coupons_event_is_applied_waits_and_follows_the_new_holder(
+    record: Record, databases: Databases
+) -> None:
+    """The coupon's event is being applied (its transaction has read the coupon's doses: none) when a tablet
+    records a dose: the write waits for that transaction's coupon lock, then finds the holder changed, and the
+    dose is decided again with it."""
+    async with databases.shards["s0"].sessionmaker() as session, session.begin():
+        assert await apply_coupon_events(session, issued(["0000000001"])) == 1
+        recording = asyncio.create_task(record(Submission(key="k", dose=dose("0000000001"))))
+        await asyncio.sleep(0.5)
+        assert not recording.done(), "the write did not wait for the coupon event's transaction"
+    [out] = await recording
+    assert out.accepted is not None and out.accepted.status == "recorded"
+    await assert_recorded_in_the_holders_cell(databases)
+
+
 async def test_a_write_decided_on_a_stale_read_stores_nothing(record: Record, databases: Databases) -> None:
     """The write checks, under the coupon's lock, that the doses on file are still those the rules saw: a
     dose recorded in between makes it store nothing (the service then reads and decides again)."""
@@ -95,14 +155,14 @@ async def test_a_write_decided_on_a_stale_read_stores_nothing(record: Record, da
     coupon = [(CHIYODA, "0000000001")]
     async with databases.shards["s0"].sessionmaker() as session:
         repo = DoseRepository(session)
-        stale = await repo.record([answer], [], [], scope=CLINIC.scope_key, coupons=coupon, seen=[])
+        stale = await repo.record([answer], [], [], scope=CLINIC.scope_key, coupons=coupon, versions=[0], seen=[])
         await session.commit()
     async with databases.shards["s0"].sessionmaker() as session:
         repo = DoseRepository(session)
         assert not stale
         assert (await repo.on_file(CLINIC.scope_key, ["late"], coupon))[0] == {}  # the answer was not stored
         current = await repo.record(
-            [answer], [], [], scope=CLINIC.scope_key, coupons=coupon, seen=[first.accepted.dose_id]
+            [answer], [], [], scope=CLINIC.scope_key, coupons=coupon, versions=[0], seen=[first.accepted.dose_id]
         )
         await session.commit()
         assert current
@@ -189,15 +249,17 @@ async def _answered(databases: Databases, shard: str, keys: list[str]) -> set[st
 async def test_writes_arriving_together_are_each_checked_and_stored_as_if_alone(
     record: Record, databases: Databases
 ) -> None:
-    """Concurrent writes of one shard go in one statement (records_writes_unchanged): a member whose coupon
-    changed since its read stores nothing and is told so, the others are stored; a write sharing a key (or a
-    coupon) with an earlier one goes in the statement after it, and sees what that one stored."""
+    """Concurrent writes of one shard go in one statement (records_writes_current): a member whose coupon
+    changed since its read (its doses, or its holder) stores nothing and is told so, the others are stored; a
+    write sharing a key (or a coupon) with an earlier one goes in the statement after it, and sees what that one
+    stored."""
     [first] = await record(Submission(key="first", dose=dose("0000000001")))
     assert first.accepted is not None
     on_file = first.accepted.dose_id
+    await registered(databases, ["0000000006", "0000000007"])  # holders at version 1
 
-    def write(key: str, coupon: str, seen: list[str]) -> DoseWrite:
-        return DoseWrite(CLINIC.scope_key, [(CHIYODA, coupon)], seen, [_answer(key)], [], [])
+    def write(key: str, coupon: str, seen: list[str], holder: int = 0) -> DoseWrite:
+        return DoseWrite(CLINIC.scope_key, [(CHIYODA, coupon)], [holder], seen, [_answer(key)], [], [])
 
     writes = [
         write("current", "0000000001", [on_file]),  # read after the first dose: still true
@@ -214,13 +276,15 @@ async def test_writes_arriving_together_are_each_checked_and_stored_as_if_alone(
         write("a", "0000000001", [on_file]),
         write("b", "0000000005", ["a dose since voided"]),  # read, and not on file any more
         write("c", "0000000004", []),
+        write("d", "0000000006", [], holder=0),  # read before its holder was known
+        write("e", "0000000007", [], holder=1),  # read with its holder
     ]
     async with databases.shards["s0"].engine.connect() as conn:
         driver = (await conn.get_raw_connection()).driver_connection
         assert driver is not None
         passed = await driver.fetchval(_RECORD_PG, *_write_args(together))
-    assert passed == [0, 2]
-    assert await _answered(databases, "s0", ["a", "b", "c"]) == {"a", "c"}
+    assert passed == [0, 2, 4]
+    assert await _answered(databases, "s0", ["a", "b", "c", "d", "e"]) == {"a", "c", "e"}
 
 
 async def test_a_shared_write_failing_for_one_member_fails_that_member_alone(databases: Databases) -> None:
@@ -234,9 +298,9 @@ async def test_a_shared_write_failing_for_one_member_fails_that_member_alone(dat
         )
     event = {"event_id": str(uuid.uuid4()), "key": moving, "payload": b"{}", "created_at": utcnow()}
     writes = [
-        DoseWrite(CLINIC.scope_key, [(CHIYODA, "0000000001")], [], [_answer("before")], [], []),
-        DoseWrite(CLINIC.scope_key, [(moving, "0000000001")], [], [_answer("fenced")], [], [event]),
-        DoseWrite(CLINIC.scope_key, [(CHIYODA, "0000000002")], [], [_answer("after")], [], []),
+        DoseWrite(CLINIC.scope_key, [(CHIYODA, "0000000001")], [0], [], [_answer("before")], [], []),
+        DoseWrite(CLINIC.scope_key, [(moving, "0000000001")], [0], [], [_answer("fenced")], [], [event]),
+        DoseWrite(CLINIC.scope_key, [(CHIYODA, "0000000002")], [0], [], [_answer("after")], [], []),
     ]
     before, fenced, after = await write_together(databases, "s0", writes)
     assert before is True and after is True

@@ -39,8 +39,8 @@ def _migration(name: str) -> Any:
 
 
 def _write_check(query: str, *names: str) -> str:
-    """One query of records_writes_unchanged (migration 20261126_04), its arguments as ``$1``, ``$2``, ..."""
-    sql = getattr(_migration("20261126_04_writes_compare_sets"), query)
+    """One query of records_writes_current (migration 20261127_02), its arguments as ``$1``, ``$2``, ..."""
+    sql = getattr(_migration("20261127_02_writes_check_holders"), query)
     for n, name in enumerate(names, start=1):
         sql = re.sub(rf"\b{name}\b", f"${n}", sql)
     return str(sql)
@@ -118,17 +118,24 @@ async def busy(databases: Databases, record: Any) -> Databases:
             f"ARRAY[0], ARRAY['{CHIYODA}'], ARRAY['0000000007']", id="write-check-on-file",
         ),
         pytest.param(
+            "s0", "integer[], varchar[], varchar[], integer[]",
+            _write_check("HOLDERS_CHANGED", "coupon_members", "municipalities", "coupon_numbers", "holder_versions"),
+            f"ARRAY[0], ARRAY['{CHIYODA}'], ARRAY['0000000007'], ARRAY[1]", id="write-check-holders-changed",
+        ),
+        pytest.param(
             "s0", "integer[], varchar[], varchar[]",
             _write_check("KEYS_ANSWERED", "key_members", "key_scopes", "answered"),
             "ARRAY[0], ARRAY['{scope}'], ARRAY['k0000000007']", id="write-check-keys-answered",
         ),
         pytest.param(
-            "s0", "integer, integer[], varchar[], varchar[], integer[], varchar[], integer[], varchar[], varchar[]",
+            "s0",
+            "integer, integer[], varchar[], varchar[], integer[], integer[], varchar[], integer[], varchar[], "
+            "varchar[]",
             _write_check(
-                "PASSED", "members", "coupon_members", "municipalities", "coupon_numbers", "seen_members", "seen",
-                "key_members", "key_scopes", "answered",
+                "PASSED", "members", "coupon_members", "municipalities", "coupon_numbers", "holder_versions",
+                "seen_members", "seen", "key_members", "key_scopes", "answered",
             ),
-            f"1, ARRAY[0], ARRAY['{CHIYODA}'], ARRAY['0000000007'], ARRAY[0], ARRAY['x'], "
+            f"1, ARRAY[0], ARRAY['{CHIYODA}'], ARRAY['0000000007'], ARRAY[1], ARRAY[0], ARRAY['x'], "
             "ARRAY[0], ARRAY['{scope}'], ARRAY['k0000000007']",
             id="write-check",
         ),
