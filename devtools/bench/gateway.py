@@ -329,6 +329,11 @@ _AUDIT_METRICS = (
     "vrs_gateway_audit_entries_total",
     "vrs_gateway_audit_batch_seconds_count",
     "vrs_gateway_audit_batch_seconds_sum",
+    *(
+        f'vrs_gateway_audit_wait_seconds_{part}{{entry="{entry}"}}'
+        for entry in ("intent", "read")
+        for part in ("count", "sum")
+    ),
 )
 
 
@@ -345,6 +350,18 @@ def audit_counters(gateway: str) -> dict[str, float]:
         if name in _AUDIT_METRICS:
             found[name] = float(value)
     return found
+
+
+def _waited(audit: dict[str, float]) -> str:
+    """What a request waited for its own entry, on average: an intent before it was forwarded, a read's entry
+    before its answer left."""
+    out = ""
+    for entry, what in (("intent", "an intent"), ("read", "a read's entry")):
+        count = audit.get(f'vrs_gateway_audit_wait_seconds_count{{entry="{entry}"}}', 0.0)
+        if count:
+            total = audit[f'vrs_gateway_audit_wait_seconds_sum{{entry="{entry}"}}']
+            out += f"; {what} waited {total / count * 1000:.2f} ms"
+    return out
 
 
 def audited(gateway: str, run: Callable[[], Result]) -> Result:
@@ -708,7 +725,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"  audit writer, {name}: {r.audit['vrs_gateway_audit_entries_total'] / batches:.1f} entries a batch, "
                 f"{r.audit['vrs_gateway_audit_batch_seconds_sum'] / batches * 1000:.2f} ms to store one "
-                f"(write + commit), {batches:,.0f} batches"
+                f"(write + commit), {batches:,.0f} batches" + _waited(r.audit)
             )
     for route, label in (
         ("dose→records", "dose route (records on PostgreSQL)"),

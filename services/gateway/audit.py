@@ -74,6 +74,15 @@ AUDIT_BATCH_SECONDS = Histogram(
     buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
 )
 AUDIT_FAILED_BATCHES = Counter("vrs_gateway_audit_failed_batches", "Audit batches not stored (retried or refused)")
+AUDIT_WAIT_SECONDS = Histogram(
+    "vrs_gateway_audit_wait_seconds",
+    "Time a request waited for its audit entry to be stored: an intent before the request is forwarded "
+    "(entry=intent), a read's entry before its answer leaves (entry=read)",
+    ["entry"],
+    buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
+)
+# Resolved once: a label lookup per audited request costs more than the observation.
+_WAITED = {True: AUDIT_WAIT_SECONDS.labels("intent"), False: AUDIT_WAIT_SECONDS.labels("read")}
 
 GENESIS_MAC = "0" * 64
 # Fields of an entry that its MAC covers (the canonical form sorts them).
@@ -403,7 +412,8 @@ class _Work:
 
 
 async def _stored(pending: _Pending, put: Callable[[_Pending], None], timeout: float, late_outcome: int) -> int:
-    """Hand ``pending`` over with ``put`` and wait for its seq, at most ``timeout`` seconds."""
+    """Hand ``pending`` over with ``put`` and wait for its seq, at most ``timeout`` seconds (the wait of one
+    that was stored goes to :data:`AUDIT_WAIT_SECONDS`)."""
     done = pending.done
     assert done is not None
     # The future's loop: asyncio.get_running_loop() costs a getpid() system call on Python 3.11.
@@ -417,11 +427,14 @@ async def _stored(pending: _Pending, put: Callable[[_Pending], None], timeout: f
         done.set_exception(AuditUnavailable(f"the audit entry was not stored within {timeout} s"))
 
     # One timer handle, not asyncio.timeout + shield + callbacks: this runs for every audited request.
+    started = loop.time()
     timer = loop.call_later(timeout, expire)
     try:
-        return await done
+        seq = await done
     finally:
         timer.cancel()
+    _WAITED[pending.facts.outcome is None].observe(loop.time() - started)
+    return seq
 
 
 def _drain(queue: collections.deque[_Pending]) -> int:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import Table, delete, select, text, update
 
 from services.gateway import cli as gateway_cli
@@ -306,6 +307,28 @@ async def test_concurrent_requests_share_batches_and_form_one_chain(
         assert writer.batches < 300 / 5  # many entries per commit under load
     assert [e.seq for e in await rows(audit_dbs.main, "gw-a")] == list(range(1, 301))
     assert await problems_of(audit_dbs, anchors) == []
+
+
+async def test_what_each_request_waited_for_its_entry_is_on_metrics_by_kind(
+    audit_dbs: Databases, anchors: FileAnchorStore
+) -> None:
+    """Operators see how long requests wait on the trail: an intent before its request is forwarded, a read's
+    entry before its answer leaves; an outcome entry (nobody waits) is not counted."""
+
+    def waited(entry: str) -> tuple[float, float]:
+        labels = {"entry": entry}
+        count = REGISTRY.get_sample_value("vrs_gateway_audit_wait_seconds_count", labels) or 0.0
+        return count, REGISTRY.get_sample_value("vrs_gateway_audit_wait_seconds_sum", labels) or 0.0
+
+    before = {entry: waited(entry) for entry in ("intent", "read")}
+    async with trail(audit_dbs, anchors) as writer:
+        intent_seq = await writer.append(facts(1, outcome=None))
+        writer.record(facts(1).with_outcome(201, intent_seq))
+        await asyncio.gather(*(writer.append(facts(n)) for n in range(2, 5)))
+        await writer.flush(timeout=5)
+    counted = {entry: (waited(entry)[0] - n, waited(entry)[1] - s) for entry, (n, s) in before.items()}
+    assert counted["intent"][0] == 1 and counted["read"][0] == 3
+    assert counted["intent"][1] > 0 and counted["read"][1] > 0
 
 
 async def test_replicas_write_separate_chains_and_never_fail(audit_dbs: Databases, anchors: FileAnchorStore) -> None:
