@@ -36,13 +36,20 @@ def coupon_event_handler(databases: Databases, shard: str, *, name: str, max_dos
 
     async def handle(session: AsyncSession, messages: Sequence[Message]) -> int | Taken:
         decoded: list[list[CouponEvent]] = []
+        events = 0
         for message in messages:
             try:
-                decoded.append(coupon_events_from_bytes(message.value))
+                read = coupon_events_from_bytes(message.value)
             except ValidationError:
                 # Never blocks the partition: a message no version of us can read is logged and passed.
                 log.error("undecodable coupon event at partition %s offset %s", message.partition, message.offset)
-                decoded.append([])
+                read = []
+            if decoded and max_doses is not None and events + len(read) > service.MAX_EVENTS:
+                # Bounded: the rest is for the next transactions, and decoded then (decoding a bulk import's
+                # backlog again at every step made its catch-up twice as slow).
+                break
+            decoded.append(read)
+            events += len(read)
         # The map as it is now, not a cached copy: right after a shard move (shared/shardmove.py) the new shard
         # must take the municipality's next event, which cannot have been published before the move ended.
         shards = await databases.current_shards(e.municipality for events in decoded for e in events)

@@ -581,9 +581,9 @@ async def apply_coupon_messages(
     session: Any, messages: Sequence[Sequence[CouponEvent]], *, max_doses: int | None = None
 ) -> tuple[int, int]:
     """Apply the events of the first messages (each a sequence of events) in the caller's transaction: all of
-    them, or, with ``max_doses``, as many as keep the doses this transaction locks within that number and its
-    events within :data:`MAX_EVENTS` (at least one message, whatever it holds). Returns (coupon states changed,
-    messages taken).
+    them, or, with ``max_doses``, as many as keep the doses this transaction locks within that number (at least
+    one message, whatever it holds; the caller passes at most :data:`MAX_EVENTS` events, see
+    ``services/records/consumer.py``). Returns (coupon states changed, messages taken).
 
     An event older than (or as old as) the projection's version changes nothing, so repeats and events out of
     order are harmless. A coupon whose holder is now known matches its unmatched doses; a holder whose sex or
@@ -595,16 +595,14 @@ async def apply_coupon_messages(
     hundreds of coupons' changes: in make soak (hundreds of doses a coupon) one batch moved 15,500 doses and a
     correction waited 15 s. ``max_doses`` bounds that wait.
     """
-    if max_doses is not None:
-        messages = _window(messages)
     projection, doses = ProjectionRepository(session), DoseRepository(session)
     # The coupons as projected, locked (a bulk import announces its coupons a thousand to a message: one read
-    # for the batch), and how many doses each coupon that may change has (read, not locked: a bound's estimate).
+    # for the batch), and how many doses each coupon that may change has.
     keys = {(e.municipality, e.coupon_number) for events in messages for e in events}
     current = await projection.get_many(list(keys), for_update=True)
     newest = _newest(e for events in messages for e in events)
     changing = {k for k, e in newest.items() if _changes(current.get(k), e)}
-    on_file = await doses.count_of_coupons(sorted(changing))
+    on_file = await doses.count_of_coupons(sorted(changing))  # not locked: what the bound goes by
     taken = _within(messages, changing, on_file, max_doses)
     now = utcnow()
     changed: list[CouponProjection] = []
@@ -655,22 +653,12 @@ def _changes(coupon: CouponProjection | None, event: CouponEvent) -> bool:
     return coupon is None or coupon.version < event.version
 
 
-# The events one bounded coupon-event transaction applies at most (whole messages: one over it goes alone). Each
-# coupon it changes holds an advisory lock to the end of the transaction, in PostgreSQL's shared lock table
-# (max_locks_per_transaction x max_connections slots: 19,200 on the test harness, 25,600 in production), which
-# a bulk import's backlog (a thousand coupons a message, 500 messages a poll) would fill.
+# The events one bounded coupon-event transaction applies at most (whole messages: one over it goes alone; the
+# consumer's handler takes no more). Each coupon it changes holds an advisory lock to the end of the
+# transaction, in PostgreSQL's shared lock table (max_locks_per_transaction x max_connections slots: 19,200 on
+# the test harness, 25,600 in production), which a bulk import's backlog (a thousand coupons a message, 500
+# messages a poll) would fill.
 MAX_EVENTS = 5000
-
-
-def _window(messages: Sequence[Sequence[CouponEvent]]) -> Sequence[Sequence[CouponEvent]]:
-    """The first messages holding at most :data:`MAX_EVENTS` events (at least one message): all the rest of a
-    bounded transaction reads and locks is of these alone."""
-    events = 0
-    for n, message in enumerate(messages):
-        events += len(message)
-        if n and events > MAX_EVENTS:
-            return messages[:n]
-    return messages
 
 
 def _within(

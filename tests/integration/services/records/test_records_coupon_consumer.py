@@ -14,15 +14,16 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
+from services.records import consumer as records_consumer
 from services.records.consumer import coupon_consumers
-from services.records.models import Dose
-from services.records.service import Submission
+from services.records.models import CouponProjection, Dose
+from services.records.service import MAX_EVENTS, Submission
 from services.records.settings import RecordsSettings
 from shared.bus import OutgoingMessage, make_publisher
 from shared.consumer import IdempotentConsumer
 from shared.db import Databases
 from shared.domain.sex import Sex
-from shared.events import CouponEvent, CouponEventType, CouponState, DoseEventType
+from shared.events import CouponEvent, CouponEventType, CouponState, DoseEventType, coupon_events_from_bytes
 from shared.settings import BusSettings
 from tests.integration.services.records.records_support import CHIYODA, dose, events_in
 
@@ -123,3 +124,47 @@ async def test_a_restart_with_part_of_a_batch_unapplied_neither_loses_nor_repeat
     finally:
         await second.stop()
     await assert_each_dose_moved_once(databases)
+
+
+async def test_a_bulk_imports_backlog_is_applied_a_few_thousand_coupons_a_transaction(
+    databases: Databases, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bulk import announces its coupons a thousand to a message, and one poll brings hundreds of messages: a
+    transaction takes at most MAX_EVENTS of them (each coupon it changes holds a lock to its end), and each
+    message is decoded about once — not again at every step while it waits (that made the catch-up twice as
+    slow)."""
+    assert MAX_EVENTS == 5000
+    bus = BusSettings(kind="embedded", embedded_path=tmp_path / "events.db", partitions=1)
+    publisher = make_publisher(bus, topic=bus.coupon_topic)
+    try:
+        for m in range(12):
+            events = [
+                CouponEvent(
+                    type=CouponEventType.ISSUED,
+                    municipality=CHIYODA,
+                    coupon_number=f"{m * 1000 + n:010d}",
+                    version=1,
+                    state=CouponState(resident_id=f"R{m}-{n}", sex=Sex("M"), birth_date=date(1980, 1, 1)),
+                ).model_dump_json()
+                for n in range(1000)
+            ]
+            await publisher.publish([OutgoingMessage(key=CHIYODA, value=f"[{','.join(events)}]".encode())])
+    finally:
+        await publisher.close()
+    decoded: list[int] = []
+
+    def counting(raw: bytes) -> list[CouponEvent]:
+        decoded.append(1)
+        return coupon_events_from_bytes(raw)
+
+    monkeypatch.setattr(records_consumer, "coupon_events_from_bytes", counting)
+    consumer = consumer_of_chiyoda(bus, databases, 2000)
+    known: list[int] = []
+    try:
+        while await consumer.step(timeout=0.5) is not None:
+            async with databases.shards["s0"].sessionmaker() as session:
+                known.append(int(await session.scalar(select(func.count()).select_from(CouponProjection)) or 0))
+    finally:
+        await consumer.stop()
+    assert known == [5000, 10000, 12000]
+    assert len(decoded) <= 12 + len(known)  # each message once, and the one that did not fit each step again
