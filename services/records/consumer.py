@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 def coupon_event_handler(databases: Databases, shard: str, *, name: str, max_doses: int | None = None) -> Handler:
     """Applies a batch's events of this shard's municipalities; with ``max_doses``, only as many messages as
-    lock that many doses at most (the rest goes to the next transactions: see apply_coupon_messages)."""
+    hold :data:`service.MAX_EVENTS` events and lock ``max_doses`` doses at most (the rest goes to the next
+    transactions, see :class:`shared.consumer.Taken` and :func:`service.apply_coupon_messages`)."""
 
     async def handle(session: AsyncSession, messages: Sequence[Message]) -> int | Taken:
         decoded: list[list[CouponEvent]] = []
