@@ -836,6 +836,22 @@ async def dose_path(uow: UnitOfWork, shard: str) -> AsyncIterator[DoseRepository
         yield DoseRepository(None, lease=lease)
 
 
+@contextlib.asynccontextmanager
+async def locked_dose_path(
+    uow: UnitOfWork, shard: str, coupons: Sequence[tuple[str, str]]
+) -> AsyncIterator[DoseRepository]:
+    """PostgreSQL: the dose path for ``shard`` in a transaction of its own that holds ``coupons``' locks from
+    before its read until it commits, so nothing its write checks can change meanwhile and the write passes.
+    The fallback of a request whose writes kept finding their coupons changed (a coupon-event backlog moving
+    them one transaction after another, a storm of doses on one coupon): it holds the locks while it decides,
+    so it is not the rule. It commits before the request goes on to another shard: the locks of two databases
+    are never held together (a wait across databases is a deadlock neither would detect)."""
+    async with uow.databases.shards[shard].sessionmaker() as session, session.begin():
+        repo = DoseRepository(session)
+        await repo.lock_coupons(coupons)
+        yield repo
+
+
 class ClaimRepository:
     """Idempotency keys claimed in records' main database, one per caller and key across all shards."""
 

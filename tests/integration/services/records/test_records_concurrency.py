@@ -143,6 +143,43 @@ async def test_a_dose_written_while_its_coupons_event_is_applied_waits_and_follo
     await assert_recorded_in_the_holders_cell(databases)
 
 
+async def test_a_request_whose_coupons_keep_changing_decides_under_their_locks(
+    record: Record, databases: Databases, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A coupon-event backlog can change a request's coupon between each of its reads and writes, one bounded
+    transaction after another (make soak: a batch refused ten times, answered 503). After a few refused writes
+    the request reads and decides holding its coupons' locks, and is answered with the holder as it is then."""
+    original = DoseRepository.record
+    changes: list[CouponEvent] = []
+
+    async def holder_changed_first(self: DoseRepository, *args: Any, **kwargs: Any) -> bool:
+        if self._lease is not None:  # an optimistic write (the locked path's runs in a session of its own)
+            version = len(changes) + 1
+            state = CouponState(
+                resident_id="R0000000001", sex=Sex("M" if version % 2 else "F"), birth_date=date(1960, 1, 1)
+            )
+            changes.append(
+                CouponEvent(
+                    type=CouponEventType.ISSUED if version == 1 else CouponEventType.HOLDER_CHANGED,
+                    municipality=CHIYODA,
+                    coupon_number="0000000001",
+                    version=version,
+                    state=state,
+                )
+            )
+            await registered_by(databases, changes[-1:])
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DoseRepository, "record", holder_changed_first)
+    [out] = await record(Submission(key="k", dose=dose("0000000001")))
+    assert len(changes) == 3  # three optimistic writes refused, then one under the lock
+    assert out.accepted is not None and out.accepted.status == "recorded"
+    [stored] = await doses_in(databases, "s0")
+    assert (stored.resident_id, stored.sex) == ("R0000000001", "M")  # version 3's holder
+    [recorded] = await events_in(databases, "s0")
+    assert recorded.type is DoseEventType.RECORDED and recorded.cell is not None and recorded.cell.sex == "M"
+
+
 async def test_a_write_decided_on_a_stale_read_stores_nothing(record: Record, databases: Databases) -> None:
     """The write checks, under the coupon's lock, that the doses on file are still those the rules saw: a
     dose recorded in between makes it store nothing (the service then reads and decides again)."""
