@@ -266,7 +266,9 @@ class Client:
                     body = await r.json(content_type=None)
                     if r.status < 500 and r.status != 429:
                         return r.status, body
-                    what = f"{r.status}"
+                    # What the system said (a problem document's detail), so a report names the cause.
+                    detail = body.get("detail") if isinstance(body, dict) else None
+                    what = f"{r.status} {detail}" if detail else f"{r.status}"
             except (aiohttp.ClientError, TimeoutError) as exc:
                 what = type(exc).__name__
             self.ledger.failures.append((time.monotonic(), f"{what} ({method} {path})"))

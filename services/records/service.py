@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import io
 import json
+import logging
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
@@ -61,6 +62,8 @@ from shared.events import CouponEvent, DoseEvent, DoseEventType, StatsCell
 from shared.ids import random_uuids
 from shared.outbox import OutboxRepository, outbox_rows
 from shared.trusted import built
+
+log = logging.getLogger(__name__)
 
 CouponKey = tuple[str, str]  # (issuing municipality, coupon number)
 
@@ -267,12 +270,23 @@ async def _record_in_shard(
                 read = await doses.on_file(scope, keys, coupon_keys)
             if await _try_record(doses, valid, outcomes, coupon_keys, read, principal=principal, rules=rules, now=now):
                 return
-    if uow.databases.shards[shard].engine.dialect.name == "postgresql":
+    locked = uow.databases.shards[shard].engine.dialect.name == "postgresql"
+    if locked:
         # Its coupons kept changing between each read and write: read and decide under their locks.
-        async with locked_dose_path(uow, shard, coupon_keys) as locked:
-            read = await locked.on_file(scope, keys, coupon_keys)
-            if await _try_record(locked, valid, outcomes, coupon_keys, read, principal=principal, rules=rules, now=now):
+        async with locked_dose_path(uow, shard, coupon_keys) as under_locks:
+            read = await under_locks.on_file(scope, keys, coupon_keys)
+            if await _try_record(
+                under_locks, valid, outcomes, coupon_keys, read, principal=principal, rules=rules, now=now
+            ):
                 return
+    log.warning(
+        "a write of %d doses on %d coupons to shard %s was refused %d times%s: answered 503",
+        len(valid),
+        len(coupon_keys),
+        shard,
+        _OPTIMISTIC_WRITES,
+        " and once under the coupons' locks" if locked else "",
+    )
     raise ServiceUnavailable("these coupons are being changed by other requests; try again")
 
 
