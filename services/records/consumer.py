@@ -30,9 +30,9 @@ from shared.shardmove import ShardMoveError
 log = logging.getLogger(__name__)
 
 
-def coupon_event_handler(databases: Databases, shard: str, *, name: str, max_doses: int | None = None) -> Handler:
-    """Applies a batch's events of this shard's municipalities; with ``max_doses``, only as many messages as
-    hold :data:`service.MAX_EVENTS` events and lock ``max_doses`` doses at most (the rest goes to the next
+def coupon_event_handler(databases: Databases, shard: str, *, name: str, max_doses: int) -> Handler:
+    """Applies a batch's events of this shard's municipalities: only as many messages as hold
+    :data:`service.MAX_EVENTS` events and lock ``max_doses`` doses at most (the rest goes to the next
     transactions, see :class:`shared.consumer.Taken` and :func:`service.apply_coupon_messages`)."""
 
     async def handle(session: AsyncSession, messages: Sequence[Message]) -> int | Taken:
@@ -45,7 +45,7 @@ def coupon_event_handler(databases: Databases, shard: str, *, name: str, max_dos
                 # Never blocks the partition: a message no version of us can read is logged and passed.
                 log.error("undecodable coupon event at partition %s offset %s", message.partition, message.offset)
                 read = []
-            if decoded and max_doses is not None and events + len(read) > service.MAX_EVENTS:
+            if decoded and events + len(read) > service.MAX_EVENTS:
                 # Bounded: the rest is for the next transactions, and decoded then (decoding a bulk import's
                 # backlog again at every step made its catch-up twice as slow).
                 break

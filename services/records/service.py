@@ -621,15 +621,16 @@ async def apply_coupon_messages(
     projection, doses = ProjectionRepository(session), DoseRepository(session)
     # The coupons as projected, locked (a bulk import announces its coupons a thousand to a message: one read
     # for the batch), and how many doses each coupon that may change has.
-    keys = {(e.municipality, e.coupon_number) for events in messages for e in events}
-    current = await projection.get_many(list(keys), for_update=True)
     newest = _newest(e for events in messages for e in events)
+    current = await projection.get_many(list(newest), for_update=True)
     changing = {k for k, e in newest.items() if _changes(current.get(k), e)}
     on_file = await doses.count_of_coupons(sorted(changing))  # not locked: what the bound goes by
     taken = _within(messages, changing, on_file, max_doses)
+    if taken < len(messages):
+        newest = _newest(e for events in messages[:taken] for e in events)
     now = utcnow()
     changed: list[CouponProjection] = []
-    for key, event in sorted(_newest(e for events in messages[:taken] for e in events).items()):
+    for key, event in sorted(newest.items()):
         coupon = current.get(key)
         if not _changes(coupon, event):
             continue
