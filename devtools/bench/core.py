@@ -336,15 +336,26 @@ def _machine_ticks() -> tuple[int, int]:
     return sum(values[:8]) - idle, sum(values[:8])
 
 
-def _run_delay_ns() -> int:
-    """Nanoseconds every thread now on the machine has spent runnable but waiting for a CPU, since it started
-    (``/proc/<pid>/task/<tid>/schedstat``, second field). The difference over a span, per second, is how many
-    threads waited for a CPU on average: what a busy figure near the machine's cores cannot say."""
-    total = 0
+def _run_delays() -> dict[str, int]:
+    """Nanoseconds each thread now on the machine has spent runnable but waiting for a CPU, since it started
+    (``/proc/<pid>/task/<tid>/schedstat``, second field), by thread. The growth over a span, per second, is how
+    many threads waited for a CPU on average: what a busy figure near the machine's cores cannot say."""
+    delays: dict[str, int] = {}
     for task in Path("/proc").glob("[0-9]*/task/[0-9]*/schedstat"):
         with contextlib.suppress(OSError, ValueError, IndexError):
-            total += int(task.read_text().split()[1])
-    return total
+            delays[task.parent.name] = int(task.read_text().split()[1])
+    return delays
+
+
+def waited_since(before: dict[str, int], now: dict[str, int]) -> int:
+    """What the threads alive at the end waited between two :func:`_run_delays`, in ns. Thread by thread: a
+    total would lose the whole lifetime's wait of every thread that ended meanwhile (another test's server
+    shutting down could cancel the span out). A thread id seen lower than before is a new thread: all of it."""
+    waited = 0
+    for tid, delay in now.items():
+        earlier = before.get(tid, 0)
+        waited += delay - earlier if delay >= earlier else delay
+    return waited
 
 
 class CpuMeter:
@@ -356,7 +367,7 @@ class CpuMeter:
         self._before: dict[int, int] = {}
         self._machine: tuple[int, int] = (0, 0)
         self._started = 0.0
-        self._delay = 0
+        self._delays: dict[str, int] = {}
         self.cores: dict[str, float] = {}
         self.machine_busy = 0.0
         self.waiting = 0.0  # threads runnable but waiting for a CPU, on average
@@ -375,14 +386,14 @@ class CpuMeter:
     def start(self) -> None:
         self._before = {pid: ticks for pid, (_, ticks) in self._snapshot().items()}
         self._machine = _machine_ticks()
-        self._delay = _run_delay_ns()
+        self._delays = _run_delays()
         self._started = time.monotonic()
 
     def stop(self) -> None:
         elapsed = time.monotonic() - self._started
         busy, total = _machine_ticks()
-        # Threads that ended meanwhile take their waits with them: an undercount, never more than was waited.
-        self.waiting = max(0, _run_delay_ns() - self._delay) / 1e9 / elapsed
+        # Threads that ended meanwhile take their span's wait with them: an undercount, never more than was waited.
+        self.waiting = waited_since(self._delays, _run_delays()) / 1e9 / elapsed
         self.machine_busy = (busy - self._machine[0]) / max(1, total - self._machine[1]) * (os.cpu_count() or 1)
         used: Counter[str] = Counter()
         for pid, (group, ticks) in self._snapshot().items():

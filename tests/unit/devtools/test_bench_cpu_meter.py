@@ -5,7 +5,9 @@ import multiprocessing
 import os
 import time
 
-from devtools.bench.core import CpuMeter
+import pytest
+
+from devtools.bench.core import CpuMeter, waited_since
 
 
 def _spin(seconds: float) -> None:
@@ -40,3 +42,17 @@ def test_an_idle_span_has_hardly_anyone_waiting() -> None:
     time.sleep(0.5)
     meter.stop()
     assert meter.waiting < (os.cpu_count() or 1) * 2  # whatever else runs on the machine, not a spinning queue
+
+
+@pytest.mark.parametrize(
+    ("before", "now", "waited"),
+    [
+        ({"1": 100, "2": 50}, {"1": 130, "2": 55}, 35),  # both alive: what each waited meanwhile
+        ({"1": 100, "2": 10_000}, {"1": 130}, 30),  # thread 2 ended: its lifetime's wait does not cancel the span
+        ({"1": 100}, {"1": 130, "3": 40}, 70),  # thread 3 started meanwhile: all of its wait is in the span
+        ({"1": 100}, {"1": 20}, 20),  # thread id 1 reused by a new thread: all of the new one's wait
+        ({}, {}, 0),
+    ],
+)
+def test_the_wait_is_counted_thread_by_thread(before: dict[str, int], now: dict[str, int], waited: int) -> None:
+    assert waited_since(before, now) == waited
