@@ -649,8 +649,8 @@ class DoseRepository:
 
     async def get(self, dose_id: str, *, for_update: bool = False) -> Dose | None:
         stmt = select(Dose).where(Dose.dose_id == dose_id)
-        if for_update:
-            stmt = stmt.with_for_update()
+        if for_update:  # as it is now, not as this session loaded it before it waited for the row
+            stmt = stmt.with_for_update().execution_options(populate_existing=True)
         return (await self.session.execute(stmt)).scalar_one_or_none()
 
     async def of_coupons(

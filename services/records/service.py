@@ -749,8 +749,16 @@ async def correct_dose(
     """
     session = await uow.for_municipality(municipality_code)
     repo = DoseRepository(session)
+    found = await repo.get(dose_id)
+    if found is None or found.municipality_code != municipality_code:
+        raise dose_not_found()
+    # The coupon's lock before the dose's row, in the order the coupon consumer takes them: a dose being
+    # recorded on this coupon is waited for and its siblings are read as they are (the findings below); and a
+    # request deciding under the coupon's lock (locked_dose_path) is not refused by a correction committed
+    # between its read and its write. A dose's coupon is never corrected: this is the lock to hold.
+    await repo.lock_coupons([(found.municipality_code, found.coupon_number)])
     dose = await repo.get(dose_id, for_update=True)
-    if dose is None or dose.municipality_code != municipality_code:
+    if dose is None:
         raise dose_not_found()
     if dose.voided:
         raise Conflict("dose is voided; it cannot be changed")

@@ -12,8 +12,8 @@ from sqlalchemy import func, select
 
 from services.records import repository
 from services.records.models import Dose, outbox, shard_assignments
-from services.records.schemas import DoseIn
-from services.records.service import Outcome, Submission, record_doses
+from services.records.schemas import CorrectionIn, DoseIn
+from services.records.service import Outcome, Submission, correct_dose, record_doses
 from shared.auth import Principal, Role
 from shared.db import Databases, UnitOfWork, utcnow
 from shared.domain.coupon import compose_coupon_line
@@ -90,3 +90,17 @@ async def events_in(databases: Databases, shard: str) -> list[DoseEvent]:
 async def count(databases: Databases, shard: str) -> int:
     async with databases.shards[shard].sessionmaker() as session:
         return int(await session.scalar(select(func.count()).select_from(Dose)) or 0)
+
+
+async def correct(databases: Databases, dose_id: str, correction: CorrectionIn) -> None:
+    """Chiyoda's office corrects (or voids) one of its doses."""
+    async with UnitOfWork(databases) as uow:
+        await correct_dose(
+            uow,
+            principal=CHIYODA_OFFICE,
+            municipality_code=CHIYODA,
+            dose_id=dose_id,
+            correction=correction,
+            rules=default_rules(),
+            today=TODAY,
+        )

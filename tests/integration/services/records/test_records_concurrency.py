@@ -24,6 +24,7 @@ from services.records.repository import (
     statements_of,
     write_together,
 )
+from services.records.schemas import CorrectionIn
 from services.records.service import Submission, apply_coupon_events
 from shared.auth import Principal, Role
 from shared.db import Databases, utcnow
@@ -34,6 +35,7 @@ from tests.integration.services.records.records_support import (
     CHIYODA,
     CLINIC,
     SAPPORO,
+    correct,
     count,
     dose,
     doses_in,
@@ -178,6 +180,36 @@ async def test_a_request_whose_coupons_keep_changing_decides_under_their_locks(
     assert (stored.resident_id, stored.sex) == ("R0000000001", "M")  # version 3's holder
     [recorded] = await events_in(databases, "s0")
     assert recorded.type is DoseEventType.RECORDED and recorded.cell is not None and recorded.cell.sex == "M"
+
+
+async def test_a_correction_waits_for_a_dose_decided_under_its_coupons_lock(
+    record: Record, databases: Databases, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request that decides under its coupon's lock (after refused writes, see above) is not refused again by
+    the municipality voiding a sibling dose between its read and its write (make soak: a batch answered 503
+    under the lock): the correction takes the coupon's lock too, waits, and then finds the new dose on file."""
+    await registered(databases, ["0000000001"])
+    [first] = await record(Submission(key="first", dose=dose("0000000001")))
+    assert first.accepted is not None
+    voiding: list[asyncio.Task[None]] = []
+    original = DoseRepository.record
+
+    async def contended(self: DoseRepository, *args: Any, **kwargs: Any) -> bool:
+        if self._lease is not None:  # an optimistic write: lost to another request on the coupon
+            return False
+        void = CorrectionIn(void=True, reason="recorded on the wrong coupon")
+        voiding.append(asyncio.create_task(correct(databases, first.accepted.dose_id, void)))
+        await asyncio.sleep(0.5)  # time enough to commit, if it did not wait
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DoseRepository, "record", contended)
+    [second] = await record(
+        Submission(key="second", dose=dose("0000000001", dose_number=2, vaccinated_on=date(2021, 6, 22)))
+    )
+    assert second.accepted is not None and second.accepted.status == "recorded"
+    await voiding[0]
+    stored = {d.dose_id: d for d in await doses_in(databases, "s0")}
+    assert stored[first.accepted.dose_id].voided and not stored[second.accepted.dose_id].voided
 
 
 async def test_a_write_decided_on_a_stale_read_stores_nothing(record: Record, databases: Databases) -> None:

@@ -27,6 +27,7 @@ from tests.integration.services.records.records_support import (
     CHIYODA_OFFICE,
     SAPPORO,
     TODAY,
+    correct,
     count,
     dose,
     doses_in,
@@ -48,20 +49,6 @@ def issued(
         version=version,
         state=CouponState(resident_id="A0001", sex=Sex(sex), birth_date=birth, **state),
     )
-
-
-async def correct(databases: Databases, dose_id: str, correction: CorrectionIn) -> None:
-    """Chiyoda's office corrects (or voids) one of its doses."""
-    async with UnitOfWork(databases) as uow:
-        await correct_dose(
-            uow,
-            principal=CHIYODA_OFFICE,
-            municipality_code=CHIYODA,
-            dose_id=dose_id,
-            correction=correction,
-            rules=default_rules(),
-            today=TODAY,
-        )
 
 
 async def apply(databases: Databases, *events: CouponEvent, shard: str = "s0") -> int:
