@@ -98,7 +98,7 @@ _HOLDER_COLUMNS = (
 )  # fmt: skip
 _DOSE_COLUMNS = (
     "municipality_code", "coupon_number", "dose_id", "coupon_line", "dose_number", "vaccinated_on", "vaccine",
-    "lot_number", "recorded_at",
+    "lot_number", "recorded_at", "version",
 )  # fmt: skip
 _DOSE_ORDER = ("dose_number", "vaccinated_on", "recorded_at")
 
@@ -169,18 +169,18 @@ _WRITE_JSON = {
 # again and decides again. Same outcome as holding the locks from before the read, in three round trips
 # (claim, read, write) instead of six.
 # The statement serves several requests ("members") at once (see write_together): every row is numbered by
-# its member; records_writes_current (migrations 20261126_02, 20261126_04, 20261127_02) checks each member as if
-# alone and returns those that passed, whose rows alone are stored. A batch, or a lone request, is one member.
-# What it checks: the doses on file of the member's coupons, the coupons' holders (their projection versions)
-# and its keys, each still as the member read them.
-_CHECK_ARGS = 11
+# its member; records_writes_as_read (migrations 20261126_02, 20261126_04, 20261127_02, 20261127_03) checks each
+# member as if alone and returns those that passed, whose rows alone are stored. A batch, or a lone request, is
+# one member. What it checks: the doses on file of the member's coupons (their ids and versions), the coupons'
+# holders (their projection versions) and its keys, each still as the member read them.
+_CHECK_ARGS = 12
 _FIRST = {"d": _CHECK_ARGS + 1}
 _FIRST["o"] = _FIRST["d"] + 1 + len(_WRITE_COLUMNS["d"])
 _FIRST["k"] = _FIRST["o"] + 1 + len(_WRITE_COLUMNS["o"])
 _RECORD_PG = (
-    "WITH ok AS MATERIALIZED (SELECT records_writes_current($1::integer, $2::bigint[], $3::integer[], "
-    "$4::varchar[], $5::varchar[], $6::integer[], $7::integer[], $8::varchar[], $9::integer[], $10::varchar[], "
-    "$11::varchar[]) AS passed), "
+    "WITH ok AS MATERIALIZED (SELECT records_writes_as_read($1::integer, $2::bigint[], $3::integer[], "
+    "$4::varchar[], $5::varchar[], $6::integer[], $7::integer[], $8::varchar[], $9::integer[], $10::integer[], "
+    "$11::varchar[], $12::varchar[]) AS passed), "
     f"new_doses AS ({_unnest_insert('d', _doses, _FIRST['d'])}), "
     f"new_events AS ({_unnest_insert('o', outbox, _FIRST['o'])}), "
     f"new_keys AS ({_unnest_insert('k', _keys, _FIRST['k'])}) "
@@ -214,7 +214,7 @@ SELECT 1, NULL, NULL, NULL, NULL, c.municipality_code, c.coupon_number, c.reside
         OFFSET 0
   ) AS c
 UNION ALL
-SELECT 2, NULL, NULL, NULL, NULL, d.municipality_code, d.coupon_number, NULL, NULL, NULL, NULL, NULL, NULL,
+SELECT 2, NULL, NULL, NULL, NULL, d.municipality_code, d.coupon_number, NULL, NULL, NULL, NULL, NULL, d.version,
        d.dose_id, d.coupon_line, d.dose_number, d.vaccinated_on, d.vaccine, d.lot_number, d.recorded_at
   FROM wanted w CROSS JOIN LATERAL (
        SELECT * FROM doses d
@@ -485,6 +485,7 @@ class DoseWrite:
     coupons: Sequence[tuple[str, str]]  # (municipality, coupon number) read
     versions: Sequence[int]  # each coupon's holder (its projection version) when read, 0 for none
     seen: Sequence[str]  # the ids of those coupons' doses on file when read
+    seen_versions: Sequence[int]  # and their versions, in the same order
     keys: Sequence[dict[str, Any]]
     doses: Sequence[dict[str, Any]]
     events: Sequence[dict[str, Any]]
@@ -505,6 +506,7 @@ def _write_args(writes: Sequence[DoseWrite]) -> list[Any]:
     """:data:`_RECORD_PG`'s parameters: every write's rows, each numbered by its member (its index)."""
     coupon_members, coupons = _numbered(writes, "coupons")
     seen_members, seen = _numbered(writes, "seen")
+    _, seen_versions = _numbered(writes, "seen_versions")
     key_members, keys = _numbered(writes, "keys")
     args: list[Any] = [
         len(writes),
@@ -515,6 +517,7 @@ def _write_args(writes: Sequence[DoseWrite]) -> list[Any]:
         list(chain.from_iterable(write.versions for write in writes)),
         seen_members,
         seen,
+        seen_versions,
         key_members,
         [k["scope"] for k in keys],
         [k["key"] for k in keys],
@@ -757,9 +760,11 @@ class DoseRepository:
         coupons: Sequence[tuple[str, str]],
         versions: Sequence[int],
         seen: Sequence[str],
+        seen_versions: Sequence[int],
     ) -> bool:
         """Store the answers, the new doses and their outbox events — if the doses on file of ``coupons`` are
-        still ``seen`` (the ids :meth:`on_file` returned), their holders still those of ``versions`` (the
+        still ``seen`` (the ids :meth:`on_file` returned, at ``seen_versions``: a correction since changes the
+        facts a new dose is decided on), their holders still those of ``versions`` (the
         projection's versions read, 0 for none) and none of the keys was answered since. False when
         something changed: nothing was stored, read again and decide again.
 
@@ -776,7 +781,7 @@ class DoseRepository:
         SQLite: under the write lock :meth:`begin` took nothing can have changed; one statement per table.
         """
         if self._on_postgres():
-            write = DoseWrite(scope, coupons, versions, seen, keys, doses, events)
+            write = DoseWrite(scope, coupons, versions, seen, seen_versions, keys, doses, events)
             if self._writes is not None and len(keys) <= SHARED_STATEMENT_KEYS:
                 [written] = await self._writes.submit([write])
                 if isinstance(written, DBAPIError):

@@ -398,7 +398,6 @@ async def _try_record(
         )
         for row, dose_id in zip(dose_rows, dose_ids, strict=True)
     ]
-    seen = [d.dose_id for d in on_file_rows]
     written = await doses.record(
         key_rows,
         dose_rows,
@@ -406,7 +405,8 @@ async def _try_record(
         scope=scope,
         coupons=coupon_keys,
         versions=[holders[k].version if k in holders else 0 for k in coupon_keys],
-        seen=seen,
+        seen=[d.dose_id for d in on_file_rows],
+        seen_versions=[d.version for d in on_file_rows],
     )
     if written:
         for item, accepted in answers:
@@ -647,7 +647,7 @@ async def apply_coupon_messages(
         return 0, taken
     holders = {(c.municipality_code, c.coupon_number): c for c in changed}
     # The dose path's coupon locks, before the doses are read: a dose being written now is waited for and read
-    # here; one written after finds the holder changed and is decided again (records_writes_current).
+    # here; one written after finds the holder changed and is decided again (records_writes_as_read).
     await doses.lock_coupons(list(holders))
     history: list[dict[str, Any]] = []
     moved: list[DoseEvent] = []

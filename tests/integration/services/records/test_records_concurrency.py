@@ -212,6 +212,34 @@ async def test_a_correction_waits_for_a_dose_decided_under_its_coupons_lock(
     assert stored[first.accepted.dose_id].voided and not stored[second.accepted.dose_id].voided
 
 
+async def test_a_dose_whose_sibling_is_corrected_between_the_read_and_the_write_is_decided_again(
+    record: Record, databases: Databases, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dose 2 is decided on dose 1 as read (three weeks before: recorded); the municipality corrects dose 1's
+    date to twelve days before dose 2 before dose 2 is written. The write's check sees dose 1's version changed,
+    and dose 2 is decided again on dose 1 as it is now: too early, ``needs_review`` — not stored on a view of
+    dose 1 that no longer holds."""
+    await registered(databases, ["0000000001"])
+    [first] = await record(Submission(key="first", dose=dose("0000000001")))
+    assert first.accepted is not None
+    corrections: list[str] = []
+    original = DoseRepository.record
+
+    async def corrected_first(self: DoseRepository, *args: Any, **kwargs: Any) -> bool:
+        if not corrections:
+            corrections.append(first.accepted.dose_id)
+            moved = CorrectionIn(changes={"vaccinated_on": "2021-06-10"}, reason="date mistyped")
+            await correct(databases, first.accepted.dose_id, moved)
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DoseRepository, "record", corrected_first)
+    second_dose = dose("0000000001", dose_number=2, vaccinated_on=date(2021, 6, 22), lot_number="FA5765")
+    [second] = await record(Submission(key="second", dose=second_dose))
+    assert corrections
+    assert second.accepted is not None and second.accepted.status == "needs_review"
+    assert [f.code for f in second.accepted.findings] == ["interval_too_short"]
+
+
 async def test_a_write_decided_on_a_stale_read_stores_nothing(record: Record, databases: Databases) -> None:
     """The write checks, under the coupon's lock, that the doses on file are still those the rules saw: a
     dose recorded in between makes it store nothing (the service then reads and decides again)."""
@@ -224,15 +252,18 @@ async def test_a_write_decided_on_a_stale_read_stores_nothing(record: Record, da
     coupon = [(CHIYODA, "0000000001")]
     async with databases.shards["s0"].sessionmaker() as session:
         repo = DoseRepository(session)
-        stale = await repo.record([answer], [], [], scope=CLINIC.scope_key, coupons=coupon, versions=[0], seen=[])
+        stale = await repo.record(
+            [answer], [], [], scope=CLINIC.scope_key, coupons=coupon, versions=[0], seen=[], seen_versions=[]
+        )
         await session.commit()
     async with databases.shards["s0"].sessionmaker() as session:
         repo = DoseRepository(session)
         assert not stale
         assert (await repo.on_file(CLINIC.scope_key, ["late"], coupon))[0] == {}  # the answer was not stored
         current = await repo.record(
-            [answer], [], [], scope=CLINIC.scope_key, coupons=coupon, versions=[0], seen=[first.accepted.dose_id]
-        )
+            [answer], [], [], scope=CLINIC.scope_key, coupons=coupon, versions=[0], seen=[first.accepted.dose_id],
+            seen_versions=[1],
+        )  # fmt: skip
         await session.commit()
         assert current
         assert "late" in (await repo.on_file(CLINIC.scope_key, ["late"], coupon))[0]
@@ -318,7 +349,7 @@ async def _answered(databases: Databases, shard: str, keys: list[str]) -> set[st
 async def test_writes_arriving_together_are_each_checked_and_stored_as_if_alone(
     record: Record, databases: Databases
 ) -> None:
-    """Concurrent writes of one shard go in one statement (records_writes_current): a member whose coupon
+    """Concurrent writes of one shard go in one statement (records_writes_as_read): a member whose coupon
     changed since its read (its doses, or its holder) stores nothing and is told so, the others are stored; a
     write sharing a key (or a coupon) with an earlier one goes in the statement after it, and sees what that one
     stored."""
@@ -328,7 +359,7 @@ async def test_writes_arriving_together_are_each_checked_and_stored_as_if_alone(
     await registered(databases, ["0000000006", "0000000007"])  # holders at version 1
 
     def write(key: str, coupon: str, seen: list[str], holder: int = 0) -> DoseWrite:
-        return DoseWrite(CLINIC.scope_key, [(CHIYODA, coupon)], [holder], seen, [_answer(key)], [], [])
+        return DoseWrite(CLINIC.scope_key, [(CHIYODA, coupon)], [holder], seen, [1] * len(seen), [_answer(key)], [], [])
 
     writes = [
         write("current", "0000000001", [on_file]),  # read after the first dose: still true
@@ -367,9 +398,9 @@ async def test_a_shared_write_failing_for_one_member_fails_that_member_alone(dat
         )
     event = {"event_id": str(uuid.uuid4()), "key": moving, "payload": b"{}", "created_at": utcnow()}
     writes = [
-        DoseWrite(CLINIC.scope_key, [(CHIYODA, "0000000001")], [0], [], [_answer("before")], [], []),
-        DoseWrite(CLINIC.scope_key, [(moving, "0000000001")], [0], [], [_answer("fenced")], [], [event]),
-        DoseWrite(CLINIC.scope_key, [(CHIYODA, "0000000002")], [0], [], [_answer("after")], [], []),
+        DoseWrite(CLINIC.scope_key, [(CHIYODA, "0000000001")], [0], [], [], [_answer("before")], [], []),
+        DoseWrite(CLINIC.scope_key, [(moving, "0000000001")], [0], [], [], [_answer("fenced")], [], [event]),
+        DoseWrite(CLINIC.scope_key, [(CHIYODA, "0000000002")], [0], [], [], [_answer("after")], [], []),
     ]
     before, fenced, after = await write_together(databases, "s0", writes)
     assert before is True and after is True

@@ -39,8 +39,8 @@ def _migration(name: str) -> Any:
 
 
 def _write_check(query: str, *names: str) -> str:
-    """One query of records_writes_current (migration 20261127_02), its arguments as ``$1``, ``$2``, ..."""
-    sql = getattr(_migration("20261127_02_writes_check_holders"), query)
+    """One query of records_writes_as_read (migration 20261127_03), its arguments as ``$1``, ``$2``, ..."""
+    sql = getattr(_migration("20261127_03_writes_check_dose_versions"), query)
     for n, name in enumerate(names, start=1):
         sql = re.sub(rf"\b{name}\b", f"${n}", sql)
     return str(sql)
@@ -129,14 +129,14 @@ async def busy(databases: Databases, record: Any) -> Databases:
         ),
         pytest.param(
             "s0",
-            "integer, integer[], varchar[], varchar[], integer[], integer[], varchar[], integer[], varchar[], "
-            "varchar[]",
+            "integer, integer[], varchar[], varchar[], integer[], integer[], varchar[], integer[], integer[], "
+            "varchar[], varchar[]",
             _write_check(
                 "PASSED", "members", "coupon_members", "municipalities", "coupon_numbers", "holder_versions",
-                "seen_members", "seen", "key_members", "key_scopes", "answered",
+                "seen_members", "seen", "seen_versions", "key_members", "key_scopes", "answered",
             ),
             f"1, ARRAY[0], ARRAY['{CHIYODA}'], ARRAY['0000000007'], ARRAY[1], ARRAY[0], ARRAY['x'], "
-            "ARRAY[0], ARRAY['{scope}'], ARRAY['k0000000007']",
+            "ARRAY[1], ARRAY[0], ARRAY['{scope}'], ARRAY['k0000000007']",
             id="write-check",
         ),
     ],

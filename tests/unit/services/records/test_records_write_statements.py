@@ -10,7 +10,7 @@ from services.records.repository import DoseWrite, statements_of
 
 def write(scope: str, key: str, *coupons: str) -> DoseWrite:
     return DoseWrite(
-        scope, [("131016", c) for c in coupons], [0] * len(coupons), [], [{"scope": scope, "key": key}], [], []
+        scope, [("131016", c) for c in coupons], [0] * len(coupons), [], [], [{"scope": scope, "key": key}], [], []
     )
 
 
