@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
+from prometheus_client import Counter
 from pydantic import ValidationError
 
 from services.records.models import CouponProjection, Dose, DoseImport, outbox
@@ -270,6 +271,7 @@ async def _record_in_shard(
                 read = await doses.on_file(scope, keys, coupon_keys)
             if await _try_record(doses, valid, outcomes, coupon_keys, read, principal=principal, rules=rules, now=now):
                 return
+            WRITES_REFUSED.labels(shard=shard, decided="on_a_read").inc()
     locked = uow.databases.shards[shard].engine.dialect.name == "postgresql"
     if locked:
         # Its coupons kept changing between each read and write: read and decide under their locks.
@@ -279,6 +281,7 @@ async def _record_in_shard(
                 under_locks, valid, outcomes, coupon_keys, read, principal=principal, rules=rules, now=now
             ):
                 return
+        WRITES_REFUSED.labels(shard=shard, decided="under_locks").inc()
     log.warning(
         "a write of %d doses on %d coupons to shard %s was refused %d times%s: answered 503",
         len(valid),
@@ -289,6 +292,15 @@ async def _record_in_shard(
     )
     raise ServiceUnavailable("these coupons are being changed by other requests; try again")
 
+
+# Every refused write, by how it was decided: on an unlocked read (then decided again; after
+# _OPTIMISTIC_WRITES of them, under the coupons' locks) or under the locks (then answered 503). A rate that
+# climbs says requests keep meeting each other on the same coupons, or a coupon-event backlog is moving them.
+WRITES_REFUSED = Counter(
+    "vrs_records_dose_writes_refused_total",
+    "Dose writes refused because their coupons' doses, holders or keys changed since they were read",
+    ["shard", "decided"],
+)
 
 # A write is refused (and decided again) when, between its read and its write, another request recorded a dose
 # of one of its coupons or a coupon event changed one's holder. After this many such refusals the request reads

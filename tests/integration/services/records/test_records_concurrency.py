@@ -12,6 +12,7 @@ from datetime import date
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
@@ -29,6 +30,7 @@ from services.records.service import Submission, apply_coupon_events
 from shared.auth import Principal, Role
 from shared.db import Databases, utcnow
 from shared.domain.sex import Sex
+from shared.errors import ServiceUnavailable
 from shared.events import CouponEvent, CouponEventType, CouponState, DoseEventType
 from shared.shardmove import fenced_municipality
 from tests.integration.services.records.records_support import (
@@ -145,6 +147,11 @@ async def test_a_dose_written_while_its_coupons_event_is_applied_waits_and_follo
     await assert_recorded_in_the_holders_cell(databases)
 
 
+def refused(decided: str) -> float:
+    sample = REGISTRY.get_sample_value("vrs_records_dose_writes_refused_total", {"shard": "s0", "decided": decided})
+    return sample or 0.0
+
+
 async def test_a_request_whose_coupons_keep_changing_decides_under_their_locks(
     record: Record, databases: Databases, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -173,13 +180,33 @@ async def test_a_request_whose_coupons_keep_changing_decides_under_their_locks(
         return await original(self, *args, **kwargs)
 
     monkeypatch.setattr(DoseRepository, "record", holder_changed_first)
+    before = refused("on_a_read"), refused("under_locks")
     [out] = await record(Submission(key="k", dose=dose("0000000001")))
     assert len(changes) == 3  # three optimistic writes refused, then one under the lock
+    assert (refused("on_a_read"), refused("under_locks")) == (before[0] + 3, before[1])  # on records' /metrics
     assert out.accepted is not None and out.accepted.status == "recorded"
     [stored] = await doses_in(databases, "s0")
     assert (stored.resident_id, stored.sex) == ("R0000000001", "M")  # version 3's holder
     [recorded] = await events_in(databases, "s0")
     assert recorded.type is DoseEventType.RECORDED and recorded.cell is not None and recorded.cell.sex == "M"
+
+
+async def test_a_request_refused_even_under_its_coupons_locks_is_answered_503_logged_and_counted(
+    record: Record, databases: Databases, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Should the write under the locks be refused too (nothing the dose path knows of changes a coupon without
+    its lock), the caller is told to try again, nothing is stored, and an operator can see it happened."""
+
+    async def always_refused(self: DoseRepository, *args: Any, **kwargs: Any) -> bool:
+        return False
+
+    monkeypatch.setattr(DoseRepository, "record", always_refused)
+    before = refused("on_a_read"), refused("under_locks")
+    with pytest.raises(ServiceUnavailable):
+        await record(Submission(key="k", dose=dose("0000000001")))
+    assert (refused("on_a_read"), refused("under_locks")) == (before[0] + 3, before[1] + 1)
+    assert "refused 3 times and once under the coupons' locks: answered 503" in caplog.text
+    assert await count(databases, "s0") == 0
 
 
 async def test_a_correction_waits_for_a_dose_decided_under_its_coupons_lock(
