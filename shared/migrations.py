@@ -72,6 +72,14 @@ def upgrade(url: str, location: Path, revision: str = "head") -> None:
     command.upgrade(cfg, revision)
 
 
+def downgrade(url: str, location: Path, revision: str) -> None:
+    """Take the database at ``url`` back to ``revision``. Synchronous, as :func:`upgrade`."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(location))
+    cfg.attributes["url"] = url
+    command.downgrade(cfg, revision)
+
+
 def run_env(metadata: MetaData) -> None:
     """The body of every migration tree's ``env.py``."""
     url = context.config.attributes.get("url") or context.get_x_argument(as_dictionary=True)["url"]

@@ -8,16 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from alembic import command
 from alembic.autogenerate import compare_metadata
-from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from services.stats.models import MainBase
 from shared.db import Database
-from shared.migrations import upgrade
+from shared.migrations import downgrade, upgrade
 from tests.integration.services.stats.conftest import MIGRATIONS
 
 
@@ -36,13 +34,6 @@ def empty_dsn(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         make_database: Callable[..., str] = request.getfixturevalue("make_database")
         return make_database("stats")
     return f"sqlite+aiosqlite:///{tmp_path / 'stats.db'}"
-
-
-def downgrade(url: str, revision: str) -> None:
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
-    cfg.attributes["url"] = url
-    command.downgrade(cfg, revision)
 
 
 async def cells(database: Database) -> list[tuple[Any, ...]]:
@@ -72,7 +63,7 @@ async def test_the_10_year_band_and_rollup_migrations_keep_every_count(empty_dsn
                     "VALUES ('2021-06-01', '13', '131016', 'F', '-64', '30-39', false, 1, 'pfizer', 2)"
                 )
             )
-        await asyncio.to_thread(downgrade, empty_dsn, "20261125_01")
+        await asyncio.to_thread(downgrade, empty_dsn, MIGRATIONS, "20261125_01")
         async with database.engine.connect() as connection:
             rows = (await connection.execute(text("SELECT sex, count FROM dose_counts"))).all()
         assert [tuple(r) for r in rows] == [("F", 7)]
