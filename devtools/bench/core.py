@@ -358,6 +358,22 @@ def waited_since(before: dict[str, int], now: dict[str, int]) -> int:
     return waited
 
 
+def _runs(pid: int) -> int | None:
+    """How many times the threads of a process now alive were put on a CPU since each started
+    (``/proc/<pid>/task/<tid>/schedstat``, third field): a wake-up each, or a turn after a preemption. None if
+    the process is gone."""
+    tasks = Path(f"/proc/{pid}/task")
+    try:
+        stats = list(tasks.glob("[0-9]*/schedstat"))
+    except OSError:
+        return None
+    total = 0
+    for stat in stats:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += int(stat.read_text().split()[2])
+    return total if stats else None
+
+
 class CpuMeter:
     """CPU used by named groups of processes between :meth:`start` and :meth:`stop`, in cores; and how many
     threads of the machine waited for a CPU, on average (an oversubscribed machine queues every request)."""
@@ -368,7 +384,9 @@ class CpuMeter:
         self._machine: tuple[int, int] = (0, 0)
         self._started = 0.0
         self._delays: dict[str, int] = {}
+        self._runs_before: dict[int, int] = {}
         self.cores: dict[str, float] = {}
+        self.runs: dict[str, int] = {}  # times a thread of each group was put on a CPU in the span
         self.machine_busy = 0.0
         self.waiting = 0.0  # threads runnable but waiting for a CPU, on average
 
@@ -385,6 +403,7 @@ class CpuMeter:
 
     def start(self) -> None:
         self._before = {pid: ticks for pid, (_, ticks) in self._snapshot().items()}
+        self._runs_before = {pid: runs for pid in self._before if (runs := _runs(pid)) is not None}
         self._machine = _machine_ticks()
         self._delays = _run_delays()
         self._started = time.monotonic()
@@ -396,9 +415,13 @@ class CpuMeter:
         self.waiting = waited_since(self._delays, _run_delays()) / 1e9 / elapsed
         self.machine_busy = (busy - self._machine[0]) / max(1, total - self._machine[1]) * (os.cpu_count() or 1)
         used: Counter[str] = Counter()
+        runs: Counter[str] = Counter()
         for pid, (group, ticks) in self._snapshot().items():
             used[group] += ticks - self._before.get(pid, 0)
+            if (now := _runs(pid)) is not None:  # a thread that ended meanwhile takes its runs with it
+                runs[group] += max(0, now - self._runs_before.get(pid, 0))
         self.cores = {group: used[group] / _TICK / elapsed for group in self._groups}
+        self.runs = {group: runs[group] for group in self._groups}
 
     @property
     def others(self) -> float:
@@ -412,6 +435,13 @@ class CpuMeter:
             f"machine busy {self.machine_busy:.2f} of {os.cpu_count()}, "
             f"threads waiting for a CPU {self.waiting:.1f} on average"
         )
+
+    def runs_line(self, requests: int) -> str:
+        """How often each group's threads were put on a CPU, per request: requests that arrive one at a time wake
+        every process on their path for each, where a burst shares the wake-ups."""
+        per = max(requests, 1)
+        parts = [f"{group} {n / per:.1f}" for group, n in self.runs.items() if n]
+        return f"put on a CPU a request (wake-ups and turns): {', '.join(parts)}"
 
 
 class WalMeter:

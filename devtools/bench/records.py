@@ -160,6 +160,7 @@ def details(result: LoadResult | None, meter: CpuMeter | None, wal: WalMeter | N
         lines.append(f"    dose statuses: {dict(sorted(result.statuses.items()))}")
     if meter is not None and meter.cores:
         lines.append(f"    {meter.line()}")
+        lines.append(f"    {meter.runs_line(result.ok_in_window)}")
     if wal is not None:
         lines.append(f"    {wal.line(result.accepted_total)}")
     for sample, n in result.error_samples.most_common(5):

@@ -56,3 +56,24 @@ def test_an_idle_span_has_hardly_anyone_waiting() -> None:
 )
 def test_the_wait_is_counted_thread_by_thread(before: dict[str, int], now: dict[str, int], waited: int) -> None:
     assert waited_since(before, now) == waited
+
+
+def _nap(times: int) -> None:
+    for _ in range(times):
+        time.sleep(0.002)
+
+
+def test_a_process_that_wakes_often_is_counted_on_a_cpu_as_often() -> None:
+    """Each wake-up from a sleep puts the thread on a CPU again: the meter counts them per group."""
+    napper = multiprocessing.Process(target=_nap, args=(400,))
+    napper.start()
+    try:
+        time.sleep(0.2)  # started
+        meter = CpuMeter({"napper": lambda: [napper.pid] if napper.pid is not None else []})
+        meter.start()
+        time.sleep(0.5)
+        meter.stop()
+    finally:
+        napper.join()
+    assert meter.runs["napper"] >= 100  # about 200 naps of 2 ms in half a second (longer on a busy machine)
+    assert "napper" in meter.runs_line(100)
