@@ -22,12 +22,12 @@ import sys
 import time
 import traceback
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import aiohttp
 
@@ -336,42 +336,31 @@ def _machine_ticks() -> tuple[int, int]:
     return sum(values[:8]) - idle, sum(values[:8])
 
 
-def _run_delays() -> dict[str, int]:
-    """Nanoseconds each thread now on the machine has spent runnable but waiting for a CPU, since it started
-    (``/proc/<pid>/task/<tid>/schedstat``, second field), by thread. The growth over a span, per second, is how
-    many threads waited for a CPU on average: what a busy figure near the machine's cores cannot say."""
-    delays: dict[str, int] = {}
-    for task in Path("/proc").glob("[0-9]*/task/[0-9]*/schedstat"):
+Thread = tuple[int, int]  # (pid, tid)
+K = TypeVar("K")
+
+
+def _schedstats() -> tuple[dict[Thread, int], dict[Thread, int]]:
+    """Of every thread now on the machine, since it started (``/proc/<pid>/task/<tid>/schedstat``), in one pass:
+    the nanoseconds it spent runnable but waiting for a CPU (second field), and how many times it was put on a
+    CPU (third field: a wake-up, or a turn after a preemption). Their growth over a span, per second, is how many
+    threads waited for a CPU on average (what a busy figure near the machine's cores cannot say), and how often
+    each process was woken."""
+    waits: dict[Thread, int] = {}
+    runs: dict[Thread, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/task/[0-9]*/schedstat"):
         with contextlib.suppress(OSError, ValueError, IndexError):
-            delays[task.parent.name] = int(task.read_text().split()[1])
-    return delays
+            fields = stat.read_text().split()
+            thread = (int(stat.parent.parent.parent.name), int(stat.parent.name))
+            waits[thread], runs[thread] = int(fields[1]), int(fields[2])
+    return waits, runs
 
 
-def waited_since(before: dict[str, int], now: dict[str, int]) -> int:
-    """What the threads alive at the end waited between two :func:`_run_delays`, in ns. Thread by thread: a
-    total would lose the whole lifetime's wait of every thread that ended meanwhile (another test's server
+def grown_since(before: Mapping[K, int], now: Mapping[K, int]) -> dict[K, int]:
+    """Each thread's counter's growth between two readings, for the threads alive at the end. Thread by thread: a
+    total would lose the whole lifetime's count of every thread that ended meanwhile (another test's server
     shutting down could cancel the span out). A thread id seen lower than before is a new thread: all of it."""
-    waited = 0
-    for tid, delay in now.items():
-        earlier = before.get(tid, 0)
-        waited += delay - earlier if delay >= earlier else delay
-    return waited
-
-
-def _runs(pid: int) -> int | None:
-    """How many times the threads of a process now alive were put on a CPU since each started
-    (``/proc/<pid>/task/<tid>/schedstat``, third field): a wake-up each, or a turn after a preemption. None if
-    the process is gone."""
-    tasks = Path(f"/proc/{pid}/task")
-    try:
-        stats = list(tasks.glob("[0-9]*/schedstat"))
-    except OSError:
-        return None
-    total = 0
-    for stat in stats:
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            total += int(stat.read_text().split()[2])
-    return total if stats else None
+    return {k: n - before.get(k, 0) if n >= before.get(k, 0) else n for k, n in now.items()}
 
 
 class CpuMeter:
@@ -383,8 +372,8 @@ class CpuMeter:
         self._before: dict[int, int] = {}
         self._machine: tuple[int, int] = (0, 0)
         self._started = 0.0
-        self._delays: dict[str, int] = {}
-        self._runs_before: dict[int, int] = {}
+        self._waits: dict[Thread, int] = {}
+        self._runs: dict[Thread, int] = {}
         self.cores: dict[str, float] = {}
         self.runs: dict[str, int] = {}  # times a thread of each group was put on a CPU in the span
         self.machine_busy = 0.0
@@ -403,23 +392,26 @@ class CpuMeter:
 
     def start(self) -> None:
         self._before = {pid: ticks for pid, (_, ticks) in self._snapshot().items()}
-        self._runs_before = {pid: runs for pid in self._before if (runs := _runs(pid)) is not None}
         self._machine = _machine_ticks()
-        self._delays = _run_delays()
+        self._waits, self._runs = _schedstats()
         self._started = time.monotonic()
 
     def stop(self) -> None:
         elapsed = time.monotonic() - self._started
         busy, total = _machine_ticks()
-        # Threads that ended meanwhile take their span's wait with them: an undercount, never more than was waited.
-        self.waiting = waited_since(self._delays, _run_delays()) / 1e9 / elapsed
+        # Threads that ended meanwhile take their span's counts with them: an undercount, never more than was.
+        waits, runs_now = _schedstats()
+        self.waiting = sum(grown_since(self._waits, waits).values()) / 1e9 / elapsed
         self.machine_busy = (busy - self._machine[0]) / max(1, total - self._machine[1]) * (os.cpu_count() or 1)
         used: Counter[str] = Counter()
-        runs: Counter[str] = Counter()
+        group_of: dict[int, str] = {}
         for pid, (group, ticks) in self._snapshot().items():
             used[group] += ticks - self._before.get(pid, 0)
-            if (now := _runs(pid)) is not None:  # a thread that ended meanwhile takes its runs with it
-                runs[group] += max(0, now - self._runs_before.get(pid, 0))
+            group_of[pid] = group
+        runs: Counter[str] = Counter()
+        for (pid, _), n in grown_since(self._runs, runs_now).items():
+            if pid in group_of:
+                runs[group_of[pid]] += n
         self.cores = {group: used[group] / _TICK / elapsed for group in self._groups}
         self.runs = {group: runs[group] for group in self._groups}
 
