@@ -2,7 +2,7 @@
 
 Starts a throwaway PostgreSQL and Kafka (the test harness, temporary directories, free ports), migrates,
 starts the four services as ``make run-full`` does; the load generator runs in a process of its own
-(aiohttp, one session, pre-built bodies) and its CPU use is printed with everyone else's, so a generator
+(the gateway's keep-alive HTTP client, pre-built bodies) and its CPU use is printed with everyone else's, so a generator
 that became the bottleneck shows. Every non-2xx answer is counted and printed, never dropped.
 """
 
@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import aiohttp
 
 from devtools.harness.postgres import production_pg_parameters
+from services.gateway.proxy import RawTransport, UpstreamTimeout, UpstreamUnreachable
 
 if TYPE_CHECKING:
     from devtools.harness.kafka import KafkaServer
@@ -206,9 +207,12 @@ async def _loadgen(spec: LoadSpec, conn: Connection) -> LoadResult:
     keys = [f"{spec.tag}-{i}" for i in range(len(prebuilt))]
     result = LoadResult(name=spec.name, window=spec.duration)
     expected = 201 if spec.kind == "single" else 200
-    connector = aiohttp.TCPConnector(limit=spec.concurrency)
-    timeout = aiohttp.ClientTimeout(total=120)
-    async with aiohttp.ClientSession(connector=connector, headers=spec.headers, timeout=timeout) as session:
+    # The gateway's own upstream client (keep-alive connections, answers parsed by httptools): on this 2-core
+    # machine every µs the generator spends is taken from the system it measures, and aiohttp's client cost
+    # 110-170 µs a request.
+    transport = RawTransport(pool_size=spec.concurrency, upstreams=1, connect_timeout=10, timeout=120, keepalive=3600)
+    headers = {**spec.headers, "Content-Type": "application/json"}
+    try:
         start = time.monotonic()
         window_start, window_end = start + spec.warmup, start + spec.warmup + spec.duration
         conn.send(("started", start))
@@ -253,13 +257,11 @@ async def _loadgen(spec: LoadSpec, conn: Connection) -> LoadResult:
                 result.latencies.append(done - sent)
 
         async def send(i: int, sent: float) -> None:
-            body, headers = body_of(i)
+            body, extra = body_of(i)
             result.requests += 1
             try:
-                async with session.post(spec.url, data=body, headers=headers) as response:
-                    payload = await response.read()
-                    status = response.status
-            except (aiohttp.ClientError, TimeoutError) as exc:
+                status, _, payload = await transport.send("POST", spec.url, {**headers, **extra}, body)
+            except (UpstreamUnreachable, UpstreamTimeout) as exc:
                 status, payload = -1, f"{type(exc).__name__}: {exc}".encode()
             account(status, payload, sent, time.monotonic())
 
@@ -287,6 +289,8 @@ async def _loadgen(spec: LoadSpec, conn: Connection) -> LoadResult:
 
         senders = [paced()] if spec.rate else [worker() for _ in range(spec.concurrency)]
         await asyncio.gather(cpu_meter(), *senders)
+    finally:
+        await transport.close()
     return result
 
 
