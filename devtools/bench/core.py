@@ -443,33 +443,37 @@ class CpuMeter:
 class WalMeter:
     """What PostgreSQL wrote to its WAL between :meth:`start` and :meth:`stop` (``pg_stat_wal``), and the
     checkpoints that ended meanwhile. A full-page image is a whole 8 kB page written to the WAL again: the first
-    change to a page after each checkpoint, so checkpoints that come often make every change dearer."""
+    change to a page after each checkpoint, so checkpoints that come often make every change dearer. A flush is
+    one ``fdatasync`` of the WAL: a commit waits for one, and commits that wait at the same moment share it."""
 
     _QUERY = (
-        "SELECT w.wal_bytes::bigint, w.wal_fpi, b.checkpoints_timed + b.checkpoints_req "
+        "SELECT w.wal_bytes::bigint, w.wal_fpi, w.wal_sync, b.checkpoints_timed + b.checkpoints_req "
         "FROM pg_stat_wal w, pg_stat_bgwriter b"
     )
 
     def __init__(self, pg: PostgresServer) -> None:
         self._pg = pg
-        self._before = (0, 0, 0)
-        self.bytes = self.full_pages = self.checkpoints = 0
+        self._before = (0, 0, 0, 0)
+        self.bytes = self.full_pages = self.flushes = self.checkpoints = 0
 
-    def _read(self) -> tuple[int, int, int]:
-        wal_bytes, full_pages, checkpoints = (int(v) for v in self._pg.execute(self._QUERY).strip().split("|"))
-        return wal_bytes, full_pages, checkpoints
+    def _read(self) -> tuple[int, int, int, int]:
+        wal_bytes, full_pages, flushes, checkpoints = (int(v) for v in self._pg.execute(self._QUERY).strip().split("|"))
+        return wal_bytes, full_pages, flushes, checkpoints
 
     async def start(self) -> None:
         self._before = await asyncio.to_thread(self._read)
 
     async def stop(self) -> None:
         after = await asyncio.to_thread(self._read)
-        self.bytes, self.full_pages, self.checkpoints = (a - b for a, b in zip(after, self._before, strict=True))
+        self.bytes, self.full_pages, self.flushes, self.checkpoints = (
+            a - b for a, b in zip(after, self._before, strict=True)
+        )
 
     def line(self, doses: int) -> str:
         per = max(doses, 1)
         return (
             f"WAL (whole server): {self.bytes / per / 1024:.2f} kB a dose accepted, "
+            f"{self.flushes * 1000 / per:.0f} flushes and "
             f"{self.full_pages * 1000 / per:.0f} full-page images a 1,000 doses; "
             f"{self.checkpoints} checkpoint{'s' if self.checkpoints != 1 else ''} ended"
         )

@@ -39,9 +39,12 @@ def test_the_wal_meter_counts_what_a_phase_wrote(pg_server: PostgresServer) -> N
     pg_server.execute("INSERT INTO wal_meter_probe SELECT n, repeat('x', 100) FROM generate_series(1, 10000) n")
     pg_server.execute("CHECKPOINT")
     pg_server.execute("UPDATE wal_meter_probe SET n = n + 1")  # each page's first change after the checkpoint
+    for n in range(3):  # three commits one after the other: a flush each
+        pg_server.execute(f"INSERT INTO wal_meter_probe VALUES ({n}, 'one')")
     asyncio.run(meter.stop())
     pg_server.execute("DROP TABLE wal_meter_probe")
     assert meter.bytes > 10_000 * 100  # at least the rows themselves
     assert meter.full_pages > 0
     assert meter.checkpoints >= 1
+    assert meter.flushes >= 5  # the INSERT's commit, the UPDATE's, the three above
     assert meter.line(10_000).startswith("WAL (whole server): ")
