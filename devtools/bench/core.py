@@ -74,8 +74,8 @@ def coupon_number(phase: int, serial: int) -> str:
 
 def days_after_first(dose_number: int) -> int:
     """When the bench records a person's later dose, within the rules' intervals: 4 weeks after the first, then
-    every 8 months."""
-    return 0 if dose_number == 1 else 28 + 240 * (dose_number - 2)
+    every 248 days (8 months of 31 days: never short of the longest booster rule, 8 months)."""
+    return 0 if dose_number == 1 else 28 + 248 * (dose_number - 2)
 
 
 def dose_doc(municipality: str, number: str, day: date, serial: int, dose_number: int = 1) -> dict[str, Any]:

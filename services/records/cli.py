@@ -88,7 +88,7 @@ def _import_file(args: argparse.Namespace) -> int:
             state: dict[str, Any] = client.get(f"/api/v1/dose-imports/{import_id}").raise_for_status().json()
             done = state["rows_ok"] + state["rows_failed"]
             print(f"\r{_bar(done, state['rows_total'])} {state['status']}", end="", file=sys.stderr, flush=True)
-            if state["status"] in ("done", "failed"):
+            if state["status"] == "done":
                 break
             time.sleep(args.poll)
     print(file=sys.stderr)

@@ -69,7 +69,7 @@ class DoseImport(MainBase):
     scope: Mapped[str] = mapped_column(String(80))  # the principal's scope key: only it may read the status
     principal: Mapped[dict[str, Any]] = mapped_column(JSON)  # recorded as this principal, as a batch would be
     content: Mapped[bytes] = mapped_column(LargeBinary)
-    status: Mapped[str] = mapped_column(String(16))  # queued, processing, done, failed
+    status: Mapped[str] = mapped_column(String(16))  # queued, processing, done (shown as running/done)
     next_row: Mapped[int] = mapped_column(Integer)  # file row number (the header is row 1)
     rows_total: Mapped[int] = mapped_column(Integer)
     rows_ok: Mapped[int] = mapped_column(Integer)

@@ -13,6 +13,7 @@ from pydantic import TypeAdapter, ValidationError
 from services.records import service
 from services.records.models import Dose
 from services.records.schemas import (
+    BatchDoseIn,
     BatchItemResult,
     CorrectionIn,
     CouponStatusOut,
@@ -25,6 +26,7 @@ from services.records.schemas import (
     DoseList,
     DoseOut,
     ImportAccepted,
+    InvalidBatchItem,
     ItemError,
 )
 from services.records.settings import RecordsSettings
@@ -171,7 +173,9 @@ router.add_api_route(
     responses=responses(Unauthorized, Forbidden, ServiceUnavailable),
 )
 async def record_dose_batch(body: DoseBatchIn, principal: Recorder, uow: UnitOfWorkDep) -> DoseBatchOut:
-    """Record up to 1,000 doses. Each item's ``client_id`` is its idempotency key; results keep the order."""
+    """Record up to 1,000 doses. Each item's ``client_id`` is its idempotency key; results keep the order. An
+    item whose fields do not validate is ``rejected`` with each field's error; the others are recorded."""
+    valid = [(i, item) for i, item in enumerate(body.doses) if isinstance(item, BatchDoseIn)]
     outcomes = await service.record_doses(
         uow,
         principal=principal,
@@ -181,13 +185,18 @@ async def record_dose_batch(body: DoseBatchIn, principal: Recorder, uow: UnitOfW
                 dose=item,  # a BatchDoseIn is a DoseIn; its client_id is the key, not a part of the dose
                 key_field=f"doses[{i}].client_id",
             )
-            for i, item in enumerate(body.doses)
+            for i, item in valid
         ],
         rules=default_rules(),
         today=japan_today(),
     )
+    by_index = {i: outcome for (i, _), outcome in zip(valid, outcomes, strict=True)}
     results = []
-    for item, outcome in zip(body.doses, outcomes, strict=True):
+    for i, item in enumerate(body.doses):
+        if isinstance(item, InvalidBatchItem):
+            results.append(_invalid_item(i, item))
+            continue
+        outcome = by_index[i]
         if outcome.accepted is not None:
             accepted = outcome.accepted  # already validated: built from its fields, not re-validated
             results.append(
@@ -206,6 +215,17 @@ async def record_dose_batch(body: DoseBatchIn, principal: Recorder, uow: UnitOfW
                 BatchItemResult(client_id=item.client_id, status="rejected", error=ItemError(**outcome.error.body()))
             )
     return DoseBatchOut(results=results)
+
+
+def _invalid_item(index: int, item: InvalidBatchItem) -> BatchItemResult:
+    """The answer to an item whose fields do not validate: the request-wide 422's shape, fields named in the batch."""
+    errors = [{"field": f"doses[{index}].{field}", "message": message} for field, message in item.errors]
+    detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+    return BatchItemResult(
+        client_id=item.client_id,
+        status="rejected",
+        error=ItemError(error="ValidationError", detail=detail, errors=errors),
+    )
 
 
 @router.post(
@@ -246,7 +266,8 @@ async def dose_import_status(
     """How far an import got, with each failed row's number, field and reason (only for whoever sent it)."""
     entry = await service.import_status(uow, principal=principal, import_id=import_id)
     return DoseImportStatusOut(
-        status=entry.status,
+        status="done" if entry.status == "done" else "running",
+        phase=entry.status,
         rows_total=entry.rows_total,
         rows_ok=entry.rows_ok,
         rows_failed=entry.rows_failed,

@@ -1,9 +1,19 @@
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import date
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    TypeAdapter,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
 
 from shared.domain.dose_rules import DoseStatus
 
@@ -25,10 +35,45 @@ class BatchDoseIn(DoseIn):
     client_id: str = Field(min_length=1, max_length=100, description="the tablet's id of this item; retries reuse it")
 
 
+@dataclass(frozen=True, slots=True)
+class InvalidBatchItem:
+    """A batch item with a valid ``client_id`` whose other fields do not validate: answered ``rejected`` with
+    each field's error, while the batch's other items are recorded."""
+
+    client_id: str
+    errors: tuple[tuple[str, str], ...]  # (the field within the item, why)
+
+
+_BATCH_DOSE = TypeAdapter(BatchDoseIn)
+
+
+def _item_or_invalid(value: Any) -> BatchDoseIn | InvalidBatchItem:
+    try:
+        return _BATCH_DOSE.validate_python(value)
+    except ValidationError as exc:
+        errors = exc.errors()
+        # Without a client_id there is nothing to key the item's result by (and a retry could not be matched to
+        # it): the whole batch is refused, naming the item.
+        if not isinstance(value, dict) or any(e["loc"][:1] == ("client_id",) for e in errors):
+            raise
+        return InvalidBatchItem(
+            client_id=value["client_id"].strip(),
+            errors=tuple((".".join(str(p) for p in e["loc"]) or "item", e["msg"]) for e in errors),
+        )
+
+
+# Documented as a BatchDoseIn: what a valid item is. An invalid one is rejected on its own (InvalidBatchItem).
+BatchItem = Annotated[
+    BatchDoseIn | InvalidBatchItem,
+    PlainValidator(_item_or_invalid),
+    WithJsonSchema(BatchDoseIn.model_json_schema()),
+]
+
+
 class DoseBatchIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    doses: list[BatchDoseIn] = Field(min_length=1, max_length=1000)
+    doses: list[BatchItem] = Field(min_length=1, max_length=1000)
 
     @model_validator(mode="after")
     def _unique_client_ids(self) -> DoseBatchIn:
@@ -127,7 +172,10 @@ class DoseImportRowError(BaseModel):
 
 
 class DoseImportStatusOut(BaseModel):
-    status: Literal["queued", "processing", "done", "failed"]
+    status: Literal["running", "done"] = Field(description="as a resident import's: running until every row is done")
+    phase: Literal["queued", "processing", "done"] = Field(
+        description="running's detail: queued (no row read yet) or processing"
+    )
     rows_total: int = Field(description="data rows in the file (0 until processing starts)")
     rows_ok: int = Field(description="rows recorded (or answered as before: a row sent again is not a new dose)")
     rows_failed: int

@@ -51,7 +51,9 @@ from shared.domain.dose_rules import (
     DoseStatus,
     EarlierDose,
     Finding,
+    FindingCode,
     check_admissible,
+    coupon_validity_findings,
     decide_status,
     find_exact_duplicate,
     review_findings,
@@ -666,9 +668,12 @@ async def apply_coupon_messages(
     # The moves are written once, after them all: the doses' UPDATE one executemany (see DoseRepository.moved),
     # the history and the events one insert each.
     for dose in await doses.of_coupons(list(holders), for_update=True):
-        dose_event = _follow_holder(holders[(dose.municipality_code, dose.coupon_number)], dose, history, now=now)
-        if dose_event is not None:
+        changed_dose, dose_event = _follow_coupon(
+            holders[(dose.municipality_code, dose.coupon_number)], dose, history, now=now
+        )
+        if changed_dose:
             doses.moved(dose)
+        if dose_event is not None:
             moved.append(dose_event)
     await doses.add_history(history)
     await OutboxRepository(session, outbox).add(moved)
@@ -719,25 +724,48 @@ def _within(
     return len(messages)
 
 
-def _follow_holder(
+def _follow_coupon(
     coupon: CouponProjection, dose: Dose, history: list[dict[str, Any]], *, now: datetime
-) -> DoseEvent | None:
-    """Move ``dose`` to its coupon's holder's cell (its state before added to ``history``): its event, or None
-    when it is in that cell already."""
+) -> tuple[bool, DoseEvent | None]:
+    """Bring ``dose`` to its coupon's state (its state before added to ``history``): the holder's cell, and
+    review when the dose is dated after the coupon stopped being valid. Returns whether the dose changed, and
+    its event when its cell moved (a finding alone changes no count)."""
     band = age_band(coupon.birth_date, dose.vaccinated_on).value
     band_10 = age_band_10(coupon.birth_date, dose.vaccinated_on).value
-    if (dose.resident_id, dose.sex, dose.age_band, dose.age_band_10) == (coupon.resident_id, coupon.sex, band, band_10):
-        return None
+    moves = (dose.resident_id, dose.sex, dose.age_band, dose.age_band_10) != (
+        coupon.resident_id,
+        coupon.sex,
+        band,
+        band_10,
+    )
+    # A dose recorded while the projection did not yet know the coupon (unmatched) or its end (a move-out whose
+    # event came later) was decided without it: held to it now, as it would have been then. Never twice.
+    invalid = None if dose.voided else _validity_findings_of(dose, validity_of(coupon))
+    if not moves and not invalid:
+        return False, None
     previous = cell_of(dose)
     was_unmatched = dose.resident_id is None
-    change = "matched" if was_unmatched else "corrected"
+    change = "matched" if was_unmatched and moves else "corrected"
     history.append(_history(dose, change=change, reason="coupon event", by="registry", at=now))
-    dose.resident_id, dose.sex, dose.age_band, dose.age_band_10 = coupon.resident_id, coupon.sex, band, band_10
-    if dose.status == DoseStatus.UNMATCHED:
+    if moves:
+        dose.resident_id, dose.sex, dose.age_band, dose.age_band_10 = coupon.resident_id, coupon.sex, band, band_10
+    if invalid:
+        dose.findings = [*dose.findings, *(f.as_dict(with_detail=True) for f in invalid)]
+        dose.status = DoseStatus.NEEDS_REVIEW.value
+    elif dose.status == DoseStatus.UNMATCHED and dose.resident_id is not None:
         dose.status = DoseStatus.RECORDED.value
     dose.version += 1
     dose.updated_at = now
-    return _event(DoseEventType.MATCHED if was_unmatched else DoseEventType.CORRECTED, dose, previous)
+    if not moves:
+        return True, None
+    return True, _event(DoseEventType.MATCHED if was_unmatched else DoseEventType.CORRECTED, dose, previous)
+
+
+def _validity_findings_of(dose: Dose, validity: CouponValidity | None) -> list[Finding]:
+    """The coupon_not_valid finding ``dose`` lacks, if its date is after ``validity`` ended."""
+    if any(f["code"] == FindingCode.COUPON_NOT_VALID for f in dose.findings):
+        return []
+    return coupon_validity_findings(dose.vaccinated_on, validity)
 
 
 # --- corrections ---------------------------------------------------------------------------------------
@@ -824,7 +852,9 @@ async def _apply_changes(
     rules: VaccineRules,
     today: date,
 ) -> None:
-    reviewed = bool(changes.pop("reviewed", False))
+    reviewed = changes.pop("reviewed", False)
+    if not isinstance(reviewed, bool):  # "false" is not false: a finding is never cleared by accident
+        raise InvalidField("changes.reviewed", "must be true or false")
     corrected = _corrected(dose, changes)
     try:
         coupon = check_admissible(_facts(corrected), today=today, rules=rules)

@@ -52,8 +52,12 @@ FINDING_MESSAGES: dict[FindingCode, str] = {
     FindingCode.COUPON_DOSE_MISMATCH: "the dose number printed on the coupon differs from the recorded dose number",
     FindingCode.DUPLICATE_DOSE: "another dose of this coupon has the same dose number",
     FindingCode.DOSE_ORDER: "another dose of this coupon conflicts with this one's order",
-    FindingCode.INTERVAL_TOO_SHORT: "the interval since the previous dose is shorter than the rule allows",
-    FindingCode.INTERVAL_TOO_LONG: "the interval since the previous dose is longer than the product allows",
+    FindingCode.INTERVAL_TOO_SHORT: (
+        "the interval between this dose and the one before or after it is shorter than the rule allows"
+    ),
+    FindingCode.INTERVAL_TOO_LONG: (
+        "the interval between this dose and the one before or after it is longer than the product allows"
+    ),
     FindingCode.LOT_FORMAT: "the lot number does not have the product's lot number format",
     FindingCode.COUPON_NOT_VALID: "the coupon was no longer valid on the vaccination date",
 }
@@ -166,11 +170,17 @@ def review_findings(
             )
         )
     findings.extend(_lot_findings(facts, rules))
-    findings.extend(_validity_findings(facts, validity))
+    findings.extend(coupon_validity_findings(facts.vaccinated_on, validity))
     findings.extend(_history_findings(facts, earlier))
+    this = EarlierDose(facts.dose_number, facts.vaccinated_on, facts.vaccine)
     previous = [d for d in earlier if d.dose_number == facts.dose_number - 1]
     if previous:
-        findings.extend(_interval_findings(facts, previous[0], rules))
+        findings.extend(_interval_findings(this, previous[0], rules))
+    # Doses are entered days late and not always in order: the dose after this one may be on file already,
+    # and the interval between the two is as wrong whichever of them came second.
+    following = [d for d in earlier if d.dose_number == facts.dose_number + 1]
+    if following:
+        findings.extend(_interval_findings(following[0], this, rules, later_on_file=True))
     return findings
 
 
@@ -187,13 +197,14 @@ def _lot_findings(facts: DoseFacts, rules: VaccineRules) -> list[Finding]:
     ]
 
 
-def _validity_findings(facts: DoseFacts, validity: CouponValidity | None) -> list[Finding]:
-    if validity is None or facts.vaccinated_on <= validity.valid_until:
+def coupon_validity_findings(vaccinated_on: date, validity: CouponValidity | None) -> list[Finding]:
+    """coupon_not_valid when a dose given on ``vaccinated_on`` is dated after the coupon's validity ended."""
+    if validity is None or vaccinated_on <= validity.valid_until:
         return []
     return [
         Finding(
             FindingCode.COUPON_NOT_VALID,
-            f"coupon valid until {validity.valid_until} ({validity.reason.value}), dose dated {facts.vaccinated_on}",
+            f"coupon valid until {validity.valid_until} ({validity.reason.value}), dose dated {vaccinated_on}",
         )
     ]
 
@@ -225,23 +236,41 @@ def _history_findings(facts: DoseFacts, earlier: Sequence[EarlierDose]) -> list[
     return findings
 
 
-def _interval_findings(facts: DoseFacts, previous: EarlierDose, rules: VaccineRules) -> list[Finding]:
-    gap = (facts.vaccinated_on - previous.vaccinated_on).days
+def _interval_findings(
+    later: EarlierDose, previous: EarlierDose, rules: VaccineRules, *, later_on_file: bool = False
+) -> list[Finding]:
+    """The interval from ``previous`` to ``later`` (dose numbers n-1 and n) against the rule in force. One of
+    them is the dose being decided: ``later``, or ``previous`` when ``later_on_file`` (then the detail says
+    which dose on file it is measured to)."""
+    gap = (later.vaccinated_on - previous.vaccinated_on).days
     if gap < 0:
         return []  # already reported as dose_order
-    if facts.dose_number == 2:
-        return _primary_interval_findings(gap, previous, rules)
-    general = rules.booster_min_months(facts.vaccinated_on)
-    product = rules.products.get(facts.vaccine)
+    found = (
+        _primary_interval_findings(gap, previous, rules)
+        if later.dose_number == 2
+        else _booster_interval_findings(gap, later, previous, rules)
+    )
+    if later_on_file:
+        found = [
+            Finding(f.code, f"dose {later.dose_number} on file ({later.vaccinated_on}): {f.detail}") for f in found
+        ]
+    return found
+
+
+def _booster_interval_findings(
+    gap: int, later: EarlierDose, previous: EarlierDose, rules: VaccineRules
+) -> list[Finding]:
+    general = rules.booster_min_months(later.vaccinated_on)
+    product = rules.products.get(later.vaccine)
     own = product.booster_min_months if product else None
     # The stricter of the rule in force on the booster's date and the booster product's own minimum.
     months = max((m for m in (general, own) if m is not None), default=None)
-    if months is not None and facts.vaccinated_on < add_months(previous.vaccinated_on, months):
+    if months is not None and later.vaccinated_on < add_months(previous.vaccinated_on, months):
         return [
             Finding(
                 FindingCode.INTERVAL_TOO_SHORT,
-                f"booster of {facts.vaccine} {gap} days after dose {previous.dose_number} on "
-                f"{previous.vaccinated_on}; the rule on {facts.vaccinated_on} is at least {months} months",
+                f"booster of {later.vaccine} {gap} days after dose {previous.dose_number} on "
+                f"{previous.vaccinated_on}; the rule on {later.vaccinated_on} is at least {months} months",
             )
         ]
     return []

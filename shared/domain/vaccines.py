@@ -44,12 +44,17 @@ class VaccineRules:
     booster_intervals: tuple[BoosterInterval, ...]  # sorted by effective_from
 
     def booster_min_months(self, on: date) -> int | None:
-        """Months that must separate a booster given on ``on`` from the dose before it."""
-        rule = None
-        for interval in self.booster_intervals:
+        """Months that must separate a booster given on ``on`` from the dose before it (None: no rule configured).
+
+        A booster dated before the first rule took effect (before boosters began: 2021-12-01 in Japan) is held to
+        that first rule, not to none: "8 months (2021)" is the rule a 2021 booster is judged by."""
+        if not self.booster_intervals:
+            return None
+        rule = self.booster_intervals[0]
+        for interval in self.booster_intervals[1:]:
             if interval.effective_from <= on:
                 rule = interval
-        return rule.min_months if rule else None
+        return rule.min_months
 
 
 def _as_date(value: object) -> date:

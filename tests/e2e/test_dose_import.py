@@ -51,4 +51,5 @@ def test_vrs_doses_import_uploads_and_follows_the_file(stack: Stack, tmp_path: P
         mine = gw.get(f"/api/v1/dose-imports/{import_id}", headers={"Authorization": f"Bearer {token}"})
         theirs = gw.get(f"/api/v1/dose-imports/{import_id}", headers={"Authorization": f"Bearer {other}"})
     assert mine.status_code == 200 and mine.json()["rows_ok"] == 40
+    assert (mine.json()["status"], mine.json()["phase"]) == ("done", "done")  # the resident import's shape
     assert theirs.status_code == 404

@@ -205,6 +205,50 @@ async def test_a_key_again_with_another_body_is_a_conflict_on_either_route(
     assert direct == ["k", "k"]  # the first and the conflicting one: refused by the rules, not the route
 
 
+async def test_a_batch_item_whose_fields_do_not_validate_is_rejected_alone(client: httpx.AsyncClient) -> None:
+    """A tablet's batch with one mistyped item records the others; each bad field is named in the batch."""
+    good = body("0000000001") | {"client_id": "t-1"}
+    bad = body("0000000002", vaccinated_on="2021-02-30", dose_number="two") | {"client_id": " t-2 "}
+    also_good = body("0000000003") | {"client_id": "t-3"}
+    answer = await client.post("/api/v1/doses/batch", json={"doses": [good, bad, also_good]}, headers=CLINIC_HEADERS)
+    assert answer.status_code == 200, answer.text
+    first, rejected, third = answer.json()["results"]
+    assert (first["client_id"], first["status"], third["client_id"], third["status"]) == (
+        "t-1",
+        "unmatched",
+        "t-3",
+        "unmatched",
+    )
+    assert (rejected["client_id"], rejected["status"], rejected["dose_id"]) == ("t-2", "rejected", None)
+    error = rejected["error"]
+    assert error["error"] == "ValidationError"
+    assert sorted(e["field"] for e in error["errors"]) == ["doses[1].dose_number", "doses[1].vaccinated_on"]
+    assert "2021-02-30" not in error["detail"]  # the input is never echoed
+
+    # The same batch again: the good items replay, the bad one is rejected again, nothing more is stored.
+    again = await client.post("/api/v1/doses/batch", json={"doses": [good, bad, also_good]}, headers=CLINIC_HEADERS)
+    assert again.json() == answer.json()
+
+
+@pytest.mark.parametrize(
+    ("item", "field"),
+    [
+        ({"client_id": ""}, "doses.1.client_id"),
+        ({"client_id": None}, "doses.1.client_id"),
+        ({}, "doses.1.client_id"),
+    ],
+)
+async def test_a_batch_item_without_a_usable_client_id_refuses_the_batch(
+    client: httpx.AsyncClient, item: dict[str, Any], field: str
+) -> None:
+    """Nothing would key that item's result, nor match a retry to it: the batch is refused, naming the item."""
+    unkeyed = {k: v for k, v in body("0000000002").items()} | item
+    good = body("0000000001") | {"client_id": "t-1"}
+    answer = await client.post("/api/v1/doses/batch", json={"doses": [good, unkeyed]}, headers=CLINIC_HEADERS)
+    assert answer.status_code == 422
+    assert [e["field"] for e in answer.json()["errors"]] == [field]
+
+
 async def test_a_shard_written_on_a_leased_connection_counts_as_touched(client: httpx.AsyncClient) -> None:
     """The dose path writes on a connection of its own, not through a session: the unit of work must still
     name the shard, or the outbox relay is not woken after the commit."""

@@ -192,6 +192,48 @@ async def test_a_dose_after_the_coupon_stopped_being_valid_is_kept_for_review(
     assert [f.code for f in after.accepted.findings] == ["coupon_not_valid"]
 
 
+def moved_out(coupon_number: str, on: date, *, version: int = 2) -> CouponEvent:
+    return issued(coupon_number, invalid_from=on, invalid_reason=CouponInvalidReason.MOVED_OUT, version=version)
+
+
+async def test_a_dose_matched_after_its_coupon_ended_goes_to_review(record: Record, databases: Databases) -> None:
+    """Recorded before the projection knew the coupon (unmatched), dated after its holder moved out: the coupon
+    event holds it to the coupon's end, as recording it later would have."""
+    [out] = await record(Submission(key="k", dose=dose("0000000001", vaccinated_on=date(2021, 6, 30))))
+    assert out.accepted is not None and out.accepted.status == "unmatched"
+    await apply(databases, moved_out("0000000001", date(2021, 6, 15)))
+    [stored] = await doses_in(databases, "s0")
+    assert (stored.status, stored.resident_id) == ("needs_review", "A0001")
+    assert [f["code"] for f in stored.findings] == ["coupon_not_valid"]
+    assert "2021-06-15" in stored.findings[0]["detail"]
+    assert [e.type for e in await events_in(databases, "s0")] == [DoseEventType.RECORDED, DoseEventType.MATCHED]
+
+
+async def test_a_move_out_learned_late_sends_the_doses_after_it_to_review(record: Record, databases: Databases) -> None:
+    await apply(databases, issued("0000000001"))
+    [before] = await record(Submission(key="a", dose=dose("0000000001", vaccinated_on=date(2021, 6, 1))))
+    [after] = await record(Submission(key="b", dose=dose("0000000001", dose_number=2, vaccinated_on=date(2021, 6, 30))))
+    assert before.accepted is not None and after.accepted is not None
+    assert (before.accepted.status, after.accepted.status) == ("recorded", "recorded")
+    await apply(databases, moved_out("0000000001", date(2021, 6, 15)))
+    await apply(databases, moved_out("0000000001", date(2021, 6, 15)))  # a repeat adds nothing
+    stored = {d.dose_id: d for d in await doses_in(databases, "s0")}
+    assert stored[before.accepted.dose_id].status == "recorded"
+    flagged = stored[after.accepted.dose_id]
+    assert (flagged.status, [f["code"] for f in flagged.findings], flagged.version) == (
+        "needs_review",
+        ["coupon_not_valid"],
+        2,
+    )
+    # Its count did not move: no dose event, but the state before is kept.
+    assert [e.type for e in await events_in(databases, "s0")] == [DoseEventType.RECORDED] * 2
+    async with databases.shards["s0"].sessionmaker() as session:
+        history = list((await session.execute(select(DoseHistory))).scalars())
+    assert [(h.dose_id, h.change, h.before["status"]) for h in history] == [
+        (after.accepted.dose_id, "corrected", "recorded")
+    ]
+
+
 async def test_a_double_scan_answers_with_the_first_dose_and_stores_nothing(
     record: Record, databases: Databases
 ) -> None:
@@ -360,6 +402,25 @@ async def test_a_dose_stored_before_the_10_year_band_takes_back_what_its_event_a
 
 
 # --- corrections and voids ------------------------------------------------------------------------------
+
+
+async def test_reviewed_true_clears_the_findings_and_anything_but_a_boolean_is_refused(
+    record: Record, databases: Databases
+) -> None:
+    await apply(databases, issued("0000000001"))
+    await record(Submission(key="a", dose=dose("0000000001")))
+    [again] = await record(Submission(key="b", dose=dose("0000000001", vaccinated_on=date(2021, 6, 2))))
+    assert again.accepted is not None and again.accepted.status == "needs_review"
+    dose_id = again.accepted.dose_id
+    for not_a_boolean in ("false", "true", 0, 1, None):
+        with pytest.raises(InvalidField) as refused:
+            await correct(databases, dose_id, CorrectionIn(changes={"reviewed": not_a_boolean}, reason="checked"))
+        assert refused.value.field == "changes.reviewed"
+    [unchanged] = [d for d in await doses_in(databases, "s0") if d.dose_id == dose_id]
+    assert (unchanged.status, unchanged.version) == ("needs_review", 1)
+    await correct(databases, dose_id, CorrectionIn(changes={"reviewed": True}, reason="second dose 1 confirmed"))
+    [reviewed] = [d for d in await doses_in(databases, "s0") if d.dose_id == dose_id]
+    assert (reviewed.status, reviewed.findings) == ("recorded", [])
 
 
 async def test_a_correction_keeps_the_state_before_and_moves_the_count(record: Record, databases: Databases) -> None:

@@ -169,8 +169,10 @@ def test_primary_series_interval(vaccine: str, gap_days: int, expected: list[str
 @pytest.mark.parametrize(
     ("previous", "booster", "expected"),
     [
-        # No booster rule before 2021-12-01.
-        (date(2021, 6, 1), date(2021, 11, 30), []),
+        # Before boosters began (2021-12-01): held to the first rule, 8 months.
+        (date(2021, 6, 1), date(2021, 11, 30), ["interval_too_short"]),
+        (date(2021, 3, 15), date(2021, 11, 15), []),
+        (date(2021, 3, 16), date(2021, 11, 15), ["interval_too_short"]),
         # 8 months in December 2021.
         (date(2021, 5, 1), date(2021, 12, 31), ["interval_too_short"]),
         (date(2021, 4, 1), date(2021, 12, 1), []),
@@ -193,6 +195,56 @@ def test_primary_series_interval(vaccine: str, gap_days: int, expected: list[str
 def test_booster_interval_by_the_rule_in_force(previous: date, booster: date, expected: list[str]) -> None:
     dose = facts(3, booster, "moderna")
     assert findings_for(dose, [d(1, date(2021, 3, 1)), d(2, previous)]) == expected
+
+
+# Doses are entered days late and not always in order: a dose recorded before the one after it on file is held to
+# the same interval, from its side.
+_JUNE_10 = date(2021, 6, 10)
+
+
+@pytest.mark.parametrize(
+    ("dose", "earlier", "expected"),
+    [
+        # Dose 1 entered after dose 2 (pfizer: at least 18 days).
+        (facts(1, _JUNE_10 - timedelta(days=5)), [d(2, _JUNE_10)], ["interval_too_short"]),
+        (facts(1, _JUNE_10 - timedelta(days=17)), [d(2, _JUNE_10)], ["interval_too_short"]),
+        (facts(1, _JUNE_10 - timedelta(days=18)), [d(2, _JUNE_10)], []),
+        # Judged by dose 1's product, as in order.
+        (facts(1, _JUNE_10 - timedelta(days=27), "moderna"), [d(2, _JUNE_10, "moderna")], ["interval_too_short"]),
+        (facts(1, _JUNE_10 - timedelta(days=28), "moderna"), [d(2, _JUNE_10, "moderna")], []),
+        (
+            facts(1, _JUNE_10 - timedelta(days=85), "astrazeneca"),
+            [d(2, _JUNE_10, "astrazeneca")],
+            ["interval_too_long"],
+        ),
+        (facts(1, _JUNE_10 - timedelta(days=84), "astrazeneca"), [d(2, _JUNE_10, "astrazeneca")], []),
+        # Dose 2 entered after the booster (7 months throughout 2022), its own interval from dose 1 fine.
+        (
+            facts(2, date(2022, 6, 1)),
+            [d(1, date(2022, 5, 1)), d(3, date(2022, 12, 31), "moderna")],
+            ["interval_too_short"],
+        ),
+        (facts(2, date(2022, 5, 31)), [d(1, date(2022, 5, 1)), d(3, date(2022, 12, 31), "moderna")], []),
+        # Both sides at once: too soon after dose 1 and too soon before dose 3.
+        (
+            facts(2, date(2022, 6, 1)),
+            [d(1, date(2022, 5, 20)), d(3, date(2022, 12, 31), "moderna")],
+            ["interval_too_short", "interval_too_short"],
+        ),
+    ],
+)
+def test_interval_to_the_dose_after_on_file(dose: DoseFacts, earlier: list[EarlierDose], expected: list[str]) -> None:
+    assert findings_for(dose, earlier) == expected
+
+
+def test_interval_to_the_dose_after_says_which_dose_it_is() -> None:
+    dose = facts(1, date(2021, 6, 5))
+    coupon = check_admissible(dose, today=TODAY, rules=RULES)
+    [finding] = review_findings(dose, coupon, [d(2, _JUNE_10)], rules=RULES)
+    assert (
+        finding.detail
+        == "dose 2 on file (2021-06-10): 5 days after dose 1 of pfizer on 2021-06-05; the rule is at least 18"
+    )
 
 
 def test_booster_interval_is_measured_from_the_dose_just_before() -> None:

@@ -42,8 +42,9 @@ def test_products(rules: VaccineRules, code: str, label: str, primary_min_days: 
 @pytest.mark.parametrize(
     ("on", "months"),
     [
-        (date(2021, 2, 17), None),
-        (date(2021, 11, 30), None),
+        # Before boosters began (2021-12-01) a booster is held to the first rule, not to none.
+        (date(2021, 2, 17), 8),
+        (date(2021, 11, 30), 8),
         (date(2021, 12, 1), 8),
         (date(2021, 12, 31), 8),
         (date(2022, 1, 1), 7),
