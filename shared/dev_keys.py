@@ -2,14 +2,18 @@
 
 Everyone who has read this repository holds these private keys, so nothing signed with them proves anything:
 every production check (``VRS_ENVIRONMENT=production``) refuses to start when any of them is configured —
-see :func:`is_development_jwk` and the settings validators. Production keys come from secrets, never from here.
+see :func:`is_development_jwk`, :func:`is_development_key` and the settings validators. Production keys come from
+secrets, never from here.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Mapping
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
 from jose import jwk
 
 # Signs the callers' identity tokens in development (``vrs token``): stands in for the identity provider.
@@ -60,3 +64,36 @@ def is_development_private_pem(pem: str) -> bool:
         return is_development_jwk(public_jwk(pem, ""))
     except Exception:
         return False
+
+
+def key_material(key: str) -> bytes:
+    """What a configured key is, whatever its spelling, for comparing it with a development key.
+
+    Secrets mounted from files often end in a newline, and base64 decoding ignores it, so text comparison
+    would let the development key through with a newline, spaces or another PEM wrapping. A PEM key is its
+    public half (DER: a private key and its public key are the same material); a base64 secret is its bytes;
+    anything else is its text without whitespace.
+    """
+    text = "".join(key.split())
+    if "-----BEGIN" in key:
+        try:
+            return _public_der(key.strip().encode())
+        except (ValueError, TypeError):
+            return text.encode()  # not a key at all: the service's own parsing says why
+    try:
+        return base64.b64decode(text, validate=True)
+    except binascii.Error:
+        return text.encode()
+
+
+def is_development_key(configured: str, development: str) -> bool:
+    """Whether ``configured`` holds the same key material as ``development`` (see :func:`key_material`)."""
+    return key_material(configured) == key_material(development)
+
+
+def _public_der(pem: bytes) -> bytes:
+    if b"PRIVATE KEY" in pem:
+        public = serialization.load_pem_private_key(pem, password=None).public_key()
+    else:
+        public = serialization.load_pem_public_key(pem)
+    return public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)

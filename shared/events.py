@@ -33,7 +33,7 @@ __all__ = ["CouponInvalidReason"]  # re-exported: part of the coupon event's con
 class CouponEventType(StrEnum):
     ISSUED = "coupon.issued"  # the coupon was issued to a resident (or re-issued to the same one)
     HOLDER_CHANGED = "coupon.holder_changed"  # the holder's sex or birth date changed
-    INVALIDATED = "coupon.invalidated"  # no longer valid from a date
+    INVALIDATED = "coupon.invalidated"  # stopped being valid: reason and date in the state (invalid_from)
 
 
 class CouponState(BaseModel):
@@ -42,7 +42,12 @@ class CouponState(BaseModel):
     resident_id: str  # the municipality's own person id (個別宛名番号); opaque to records
     sex: Sex
     birth_date: date | None
-    invalid_from: date | None = None  # first day the coupon is no longer valid
+    # The date the coupon stopped being valid, read according to ``invalid_reason`` (CouponValidity in
+    # shared/domain/dose_rules.py): for ``reissued`` and ``voided`` the first day it is no longer valid (the day
+    # the new number was issued, the day it was withdrawn); for ``moved_out`` the moving day (転出日), which is
+    # still the coupon's last valid day — a dose that day is the old municipality's, only later ones are not.
+    # None while the coupon is valid.
+    invalid_from: date | None = None
     invalid_reason: CouponInvalidReason | None = None
 
 

@@ -8,7 +8,13 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from shared.dev_keys import DEV_AUDIT_KEY, DEV_GATEWAY_KID, DEV_GATEWAY_PRIVATE_PEM, is_development_private_pem
+from shared.dev_keys import (
+    DEV_AUDIT_KEY,
+    DEV_GATEWAY_KID,
+    DEV_GATEWAY_PRIVATE_PEM,
+    is_development_key,
+    is_development_private_pem,
+)
 from shared.settings import ServiceSettings, sqlite_url, var_dir
 
 # HMAC keys shorter than this are refused in production (RFC 2104: at least the hash's output length).
@@ -98,7 +104,7 @@ class GatewaySettings(ServiceSettings):
         problems = []
         if is_development_private_pem(self.signing_key):
             problems.append("VRS_GATEWAY_SIGNING_KEY is the development key")
-        if self.audit_key == DEV_AUDIT_KEY:
+        if is_development_key(self.audit_key, DEV_AUDIT_KEY):
             problems.append("VRS_GATEWAY_AUDIT_KEY is the development key")
         elif len(self.audit_key) < MIN_AUDIT_KEY_LENGTH:
             problems.append(f"VRS_GATEWAY_AUDIT_KEY is shorter than {MIN_AUDIT_KEY_LENGTH} characters")

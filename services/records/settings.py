@@ -3,6 +3,7 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from shared.dev_keys import is_development_key
 from shared.grants import DEV_PUBLIC_KEY
 from shared.settings import PublisherSettings, sqlite_url
 
@@ -36,6 +37,6 @@ class RecordsSettings(PublisherSettings):
 
     @model_validator(mode="after")
     def _check_grant_key(self) -> RecordsSettings:
-        if self.environment == "production" and self.transfer_grant_public_key == DEV_PUBLIC_KEY:
+        if self.environment == "production" and is_development_key(self.transfer_grant_public_key, DEV_PUBLIC_KEY):
             raise ValueError("the development transfer-grant key is refused in production")
         return self

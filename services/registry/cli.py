@@ -14,10 +14,10 @@ from typing import Any
 
 import httpx
 
-from services.registry import certificates, service
+from services.registry import certificates, importer, service
 from services.registry.crypto import MyNumberVault
 from services.registry.models import outbox, shard_assignments, shard_moves
-from services.registry.repository import MOVABLE_TABLES, ResidentRepository
+from services.registry.repository import MOVABLE_TABLES, ImportRepository, ResidentRepository
 from services.registry.settings import RegistrySettings
 from shared.db import Databases
 from shared.errors import ServiceUnavailable
@@ -48,11 +48,14 @@ def register(subparsers: Any) -> None:
     keys = subparsers.add_parser("keys", help="My Number encryption keys (registry)")
     keys_sub = keys.add_subparsers(required=True, metavar="ACTION")
     rotate = keys_sub.add_parser(
-        "rotate", help="re-seal every My Number under the active key, in batches, while the service runs"
+        "rotate",
+        help="re-seal every My Number and stored import upload under the active key, in batches, while serving",
     )
     rotate.add_argument("--batch-size", type=int, default=500)
     rotate.set_defaults(func=lambda args: asyncio.run(_rotate(args.batch_size)))
-    status = keys_sub.add_parser("status", help="how many My Numbers each key id seals, per shard")
+    status = keys_sub.add_parser(
+        "status", help="how many My Numbers each key id seals, per shard, and stored import upload pieces"
+    )
     status.set_defaults(func=lambda _: asyncio.run(_key_status()))
 
     certs = subparsers.add_parser("certificates", help="issued certificates and their revocation (registry)")
@@ -69,6 +72,15 @@ async def _rotate(batch_size: int) -> int:
     vault = MyNumberVault(settings)
     databases = Databases.connect(settings.main_dsn, settings.shard_dsns, pool_size=2)
     try:
+        # Uploads of imports not yet finished hold My Numbers too (1 MiB pieces: a few per transaction).
+        total = 0
+        while True:
+            async with databases.main.sessionmaker() as session, session.begin():
+                done = await importer.reseal_chunks_batch(session, vault, limit=8)
+            if not done:
+                break
+            total += done
+        print(f"import uploads: {total:,} pieces re-sealed under {vault.active_key} — done", file=sys.stderr)
         for name, db in sorted(databases.shards.items()):
             total = 0
             while True:
@@ -112,6 +124,11 @@ async def _key_status() -> int:
     settings = RegistrySettings()
     databases = Databases.connect(settings.main_dsn, settings.shard_dsns, pool_size=2)
     try:
+        async with databases.main.sessionmaker() as session:
+            pieces = await ImportRepository(session).chunk_key_counts()
+        print(
+            "import uploads", " ".join(f"{kid or 'unsealed'}={n}" for kid, n in sorted(pieces.items(), key=str)) or "-"
+        )
         for name, db in sorted(databases.shards.items()):
             async with db.sessionmaker() as session:
                 counts = await ResidentRepository(session).key_counts()

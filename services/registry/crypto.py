@@ -109,10 +109,17 @@ class MyNumberVault:
         return self._active
 
     def reseal(self, key_id: str, blob: bytes, *, context: str) -> tuple[str, bytes]:
-        """(active key id, ciphertext under it) for a number sealed under ``key_id``; the hash is unchanged."""
-        nonce = os.urandom(12)
-        plain = self._keys[key_id].decrypt(blob[:12], blob[12:], context.encode())
-        return self._active, nonce + self._keys[self._active].encrypt(nonce, plain, context.encode())
+        """(active key id, ciphertext under it) for data sealed under ``key_id``; a number's hash is unchanged."""
+        return self.seal_bytes(self.open_bytes(key_id, blob, context=context), context=context)
 
     def open(self, key_id: str, blob: bytes, *, context: str) -> str:
-        return self._keys[key_id].decrypt(blob[:12], blob[12:], context.encode()).decode()
+        return self.open_bytes(key_id, blob, context=context).decode()
+
+    def seal_bytes(self, plain: bytes, *, context: str) -> tuple[str, bytes]:
+        """(active key id, nonce + ciphertext + tag): what else holds My Numbers (an uploaded resident CSV) is
+        sealed as the numbers are, ``context`` bound as associated data."""
+        nonce = os.urandom(12)
+        return self._active, nonce + self._keys[self._active].encrypt(nonce, plain, context.encode())
+
+    def open_bytes(self, key_id: str, blob: bytes, *, context: str) -> bytes:
+        return self._keys[key_id].decrypt(blob[:12], blob[12:], context.encode())

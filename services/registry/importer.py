@@ -1,15 +1,15 @@
 """Resident CSV imports: stored first, then run in the background, resumable after a crash.
 
-An upload is written to the main database (``resident_import_chunks``) and committed before the caller gets
-its 202, keyed by (municipality, sha256 of the file): the same file again answers with the same import id and
-changes nothing. A task of the registry process then streams the stored file through the resident CSV
-parser and writes ~1,000 rows per transaction with multi-row statements (:func:`service.import_rows`). Each
-batch commits its shard rows, then its directory entries, progress (``last_row``) and row errors in the main
-database; after a crash the import starts again from the stored file, re-reads the rows up to ``last_row``
-only to remember their keys (a later repeat is still an error), and writes from the next row on. A batch
-that was written to the shard but whose progress was lost is simply written again: an upsert of the same
-values changes nothing. Several registry replicas may pick up the same import; the import row is locked for
-each batch and a batch already counted is skipped.
+An upload is sealed (it holds My Numbers), written to the main database (``resident_import_chunks``) and
+committed before the caller gets its 202, keyed by (municipality, sha256 of the file): the same file again
+answers with the same import id and changes nothing. A task of the registry process then streams the stored
+file through the resident CSV parser and writes ~1,000 rows per transaction with multi-row statements
+(:func:`service.import_rows`). Each batch commits its shard rows, then its directory entries, progress
+(``last_row``) and row errors in the main database; after a crash the import starts again from the stored
+file, re-reads the rows up to ``last_row`` only to remember their keys (a later repeat is still an error), and
+writes from the next row on. A batch that was written to the shard but whose progress was lost is simply
+written again: an upsert of the same values changes nothing. Several registry replicas may pick up the same
+import; the import row is locked for each batch and a batch already counted is skipped.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import IO, Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.registry import bulk, service
 from services.registry.bulk import ChunkJob, PreparedChunk
@@ -69,11 +71,23 @@ async def spool(body: AsyncIterator[bytes]) -> tuple[IO[bytes], str, int]:
     return file, digest.hexdigest(), size
 
 
+def _chunk_context(import_id: str, seq: int) -> str:
+    # Bound to the sealed piece: a piece cannot be moved to another import or another place in the file.
+    return f"import/{import_id}/{seq}"
+
+
 async def submit(
-    uow: UnitOfWork, *, municipality_code: str, submitted_by: str, file: IO[bytes], sha256: str, size: int
+    uow: UnitOfWork,
+    *,
+    vault: MyNumberVault,
+    municipality_code: str,
+    submitted_by: str,
+    file: IO[bytes],
+    sha256: str,
+    size: int,
 ) -> tuple[str, bool]:
-    """Store the upload (in the caller's unit of work); (import id, whether it is new). The same file sent
-    again by the municipality returns the first import's id."""
+    """Store the upload, sealed (in the caller's unit of work); (import id, whether it is new). The same file
+    sent again by the municipality returns the first import's id."""
     imports = ImportRepository(uow.main())
     known = await imports.by_file(municipality_code, sha256)
     if known is not None:
@@ -98,9 +112,24 @@ async def submit(
     await imports.session.flush()
     seq = 0
     while piece := await asyncio.to_thread(file.read, CHUNK_BYTES):
-        await imports.add_chunk(entry.import_id, seq, piece)
+        key_id, sealed = vault.seal_bytes(piece, context=_chunk_context(entry.import_id, seq))
+        await imports.add_chunk(entry.import_id, seq, key_id, sealed)
         seq += 1
     return entry.import_id, True
+
+
+async def reseal_chunks_batch(session: AsyncSession, vault: MyNumberVault, *, limit: int) -> int:
+    """Re-seal up to ``limit`` stored upload pieces under the active key (``vrs keys rotate``); how many (0:
+    none left). An upload lives until its import ends, but one that keeps failing lives on: an old key may
+    only be removed once no piece names it either."""
+    imports = ImportRepository(session)
+    rows = await imports.chunks_under_other_keys(vault.active_key, limit)
+    for import_id, seq, key_id, data in rows:
+        context = _chunk_context(import_id, seq)
+        plain = bytes(data) if key_id is None else vault.open_bytes(key_id, bytes(data), context=context)
+        new_key, sealed = vault.seal_bytes(plain, context=context)
+        await imports.reseal_chunk(import_id, seq, key_id=new_key, data=sealed)
+    return len(rows)
 
 
 async def status(
@@ -398,9 +427,12 @@ class ResidentImporter:
         seq = 0
         while True:
             async with self._databases.main.sessionmaker() as session:
-                piece = await ImportRepository(session).chunk(import_id, seq)
-            if piece is None:
+                stored = await ImportRepository(session).chunk(import_id, seq)
+            if stored is None:
                 return
+            key_id, piece = stored
+            if key_id is not None:  # None: stored before uploads were sealed
+                piece = self._vault.open_bytes(key_id, piece, context=_chunk_context(import_id, seq))
             await asyncio.to_thread(local.write, piece)
             seq += 1
 

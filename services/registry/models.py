@@ -88,12 +88,19 @@ class ResidentImport(MainBase):
 
 
 class ResidentImportChunk(MainBase):
-    """The uploaded file, in order, in pieces small enough for one statement each."""
+    """The uploaded file, in order, in pieces small enough for one statement each.
+
+    The file holds My Numbers, so each piece is sealed as the residents' numbers are (AES-GCM under
+    ``key_id``, the import id and the piece's number bound to it): the database, its WAL and its backups never
+    hold them in the clear, however long an import keeps failing.
+    """
 
     __tablename__ = "resident_import_chunks"
 
     import_id: Mapped[str] = mapped_column(String(36), primary_key=True)
     seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # None only for a piece stored before pieces were sealed (migration 20261127_01): read as it is.
+    key_id: Mapped[str | None] = mapped_column(String(32))
     data: Mapped[bytes] = mapped_column(LargeBinary)
 
 

@@ -9,7 +9,21 @@ from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 from pydantic_core import to_json
-from sqlalchemy import ARRAY, JSON, Table, bindparam, delete, exists, func, insert, select, text, tuple_, update
+from sqlalchemy import (
+    ARRAY,
+    JSON,
+    Table,
+    bindparam,
+    delete,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    tuple_,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.registry import bulk
@@ -502,15 +516,39 @@ class ImportRepository:
     def add(self, entry: ResidentImport) -> None:
         self.session.add(entry)
 
-    async def add_chunk(self, import_id: str, seq: int, data: bytes) -> None:
-        await self.session.execute(insert(_import_chunks).values(import_id=import_id, seq=seq, data=data))
+    async def add_chunk(self, import_id: str, seq: int, key_id: str, data: bytes) -> None:
+        await self.session.execute(
+            insert(_import_chunks).values(import_id=import_id, seq=seq, key_id=key_id, data=data)
+        )
 
-    async def chunk(self, import_id: str, seq: int) -> bytes | None:
-        stmt = select(ResidentImportChunk.data).where(
+    async def chunk(self, import_id: str, seq: int) -> tuple[str | None, bytes] | None:
+        """(key id, sealed piece), or None past the file's end."""
+        stmt = select(ResidentImportChunk.key_id, ResidentImportChunk.data).where(
             ResidentImportChunk.import_id == import_id, ResidentImportChunk.seq == seq
         )
-        data = (await self.session.execute(stmt)).scalar_one_or_none()
-        return None if data is None else bytes(data)
+        row = (await self.session.execute(stmt)).one_or_none()
+        return None if row is None else (row.key_id, bytes(row.data))
+
+    async def chunks_under_other_keys(self, active_key: str, limit: int) -> list[Any]:
+        """Pieces of unfinished uploads sealed under another key than ``active_key`` (or not sealed), locked."""
+        stmt = (
+            select(_import_chunks.c.import_id, _import_chunks.c.seq, _import_chunks.c.key_id, _import_chunks.c.data)
+            .where(or_(_import_chunks.c.key_id.is_(None), _import_chunks.c.key_id != active_key))
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        return list(await self.session.execute(stmt))
+
+    async def reseal_chunk(self, import_id: str, seq: int, *, key_id: str, data: bytes) -> None:
+        await self.session.execute(
+            update(_import_chunks)
+            .where(_import_chunks.c.import_id == import_id, _import_chunks.c.seq == seq)
+            .values(key_id=key_id, data=data)
+        )
+
+    async def chunk_key_counts(self) -> dict[str | None, int]:
+        stmt = select(_import_chunks.c.key_id, func.count()).group_by(_import_chunks.c.key_id)
+        return {kid: int(n) for kid, n in await self.session.execute(stmt)}
 
     async def drop_chunks(self, import_id: str) -> None:
         await self.session.execute(delete(ResidentImportChunk).where(ResidentImportChunk.import_id == import_id))

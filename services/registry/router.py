@@ -256,7 +256,13 @@ async def post_resident_import(
     file, sha256, size = await importer.spool(request.stream())
     with file:
         import_id, new = await importer.submit(
-            uow, municipality_code=code, submitted_by=principal.scope_key, file=file, sha256=sha256, size=size
+            uow,
+            vault=_vault(request),
+            municipality_code=code,
+            submitted_by=principal.scope_key,
+            file=file,
+            sha256=sha256,
+            size=size,
         )
     runner: importer.ResidentImporter = request.app.state.importer
     if new:

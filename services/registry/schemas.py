@@ -49,8 +49,10 @@ class ResidentIn(BaseModel):
     @field_validator("birth_date")
     @classmethod
     def _birth_date(cls, value: date | None) -> date | None:
-        if value is not None and value > date.today():
-            raise ValueError("birth date is in the future")
+        # Japan's day, as the CSV import judges it: the server's own day is UTC's in production, and from
+        # midnight to 09:00 JST it would refuse a baby born today.
+        if value is not None and value > japan_today():
+            raise ValueError("birth date is in the future (in Japan)")
         return value
 
 

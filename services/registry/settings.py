@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.registry.shc import IssuerKey
+from shared.dev_keys import is_development_key
 from shared.grants import DEV_PRIVATE_KEY
 from shared.settings import PublisherSettings, sqlite_url
 
@@ -86,11 +87,12 @@ class RegistrySettings(PublisherSettings):
             # One secret for two jobs: whoever holds the encryption key could also rebuild the directory.
             raise ValueError("the My Number HMAC key must differ from every encryption key")
         if self.environment == "production" and (
-            DEV_MY_NUMBER_KEY in self.my_number_keys.values() or self.my_number_hash_key == DEV_MY_NUMBER_HASH_KEY
+            any(is_development_key(key, DEV_MY_NUMBER_KEY) for key in self.my_number_keys.values())
+            or is_development_key(self.my_number_hash_key, DEV_MY_NUMBER_HASH_KEY)
         ):
             raise ValueError("development My Number keys are refused in production")
         self._check_shc()
-        if self.environment == "production" and self.transfer_grant_private_key == DEV_PRIVATE_KEY:
+        if self.environment == "production" and is_development_key(self.transfer_grant_private_key, DEV_PRIVATE_KEY):
             raise ValueError("the development transfer-grant key is refused in production")
         if not self.shard_dsns:
             raise ValueError("VRS_REGISTRY_SHARD_DSNS needs at least one shard")
@@ -113,7 +115,9 @@ class RegistrySettings(PublisherSettings):
             raise ValueError("VRS_REGISTRY_SHC_RID_SECRET must be 32 bytes, base64-encoded")
         if self.environment == "production":
             # Compared by thumbprint: the same public key given as a JWK is still the development key.
-            if key.kid == IssuerKey.load(DEV_SHC_PRIVATE_KEY).kid or self.shc_rid_secret == DEV_SHC_RID_SECRET:
+            if key.kid == IssuerKey.load(DEV_SHC_PRIVATE_KEY).kid or is_development_key(
+                self.shc_rid_secret, DEV_SHC_RID_SECRET
+            ):
                 raise ValueError("the development SMART Health Card key and rid secret are refused in production")
             if issuer.scheme != "https":
                 raise ValueError("VRS_REGISTRY_SHC_ISSUER must be https in production (verifiers fetch its keys)")

@@ -9,13 +9,16 @@ from typing import Any
 
 import pytest
 from jwcrypto import jwk
+from sqlalchemy import text
 
 from services.registry.crypto import MyNumberVault
+from services.registry.importer import reseal_chunks_batch
+from services.registry.repository import ImportRepository
 from services.registry.service import rotate_keys_batch
 from services.registry.settings import DEV_MY_NUMBER_HASH_KEY, DEV_MY_NUMBER_KEY, RegistrySettings
 from shared.dev_keys import jwks_of
 from tests.integration.services.registry.registry_support import CHIYODA, SAPPORO, migrated_registry, serve
-from tests.integration.services.registry.test_registry_imports import csv_of, my_number
+from tests.integration.services.registry.test_registry_imports import csv_of, my_number, stored_upload
 from tests.unit.services.gateway.test_gateway_tokens import ec_key
 
 NEW_KEY = base64.b64encode(b"k2-rotation-test-key-32-bytes!!!").decode()
@@ -56,6 +59,47 @@ async def test_rotation_reseals_in_batches_and_resumes(make_database: Callable[.
         only_new = MyNumberVault(rotated.model_copy(update={"my_number_keys": {"k2": NEW_KEY}}))
         for r in after:
             only_new.open("k2", bytes(r.my_number_ciphertext or b""), context=f"{r.municipality_code}/{r.resident_id}")
+
+
+async def test_rotation_reseals_stored_uploads_so_the_old_key_can_go(make_database: Callable[..., str]) -> None:
+    # Three imports not yet run: one stored before uploads were sealed, one under dev1, one under the new key.
+    settings = await migrated_registry(make_database, run_imports=False)
+    files = [csv_of(f"U{n},名前,ナマエ,,1,{my_number(700 + n)},,") for n in range(3)]
+    async for registry in serve(settings):
+        legacy = await stored_upload(registry, files[0])
+        async with registry.databases.main.sessionmaker() as session, session.begin():
+            await session.execute(
+                text("UPDATE resident_import_chunks SET key_id = NULL, data = :d WHERE import_id = :i"),
+                {"d": files[0], "i": legacy},
+            )
+        under_dev1 = await stored_upload(registry, files[1])
+    rotated = settings.model_copy(
+        update={"my_number_keys": {"dev1": DEV_MY_NUMBER_KEY, "k2": NEW_KEY}, "my_number_active_key": "k2"}
+    )
+    vault = MyNumberVault(rotated)
+    async for registry in serve(rotated):
+        under_k2 = await stored_upload(registry, files[2])
+        main = registry.databases.main
+        async with main.sessionmaker() as session:
+            assert await ImportRepository(session).chunk_key_counts() == {None: 1, "dev1": 1, "k2": 1}
+        resealed = 0
+        while True:
+            async with main.sessionmaker() as session, session.begin():
+                if not (done := await reseal_chunks_batch(session, vault, limit=1)):
+                    break
+                resealed += done
+        assert resealed == 2
+        async with main.sessionmaker() as session:
+            assert await ImportRepository(session).chunk_key_counts() == {"k2": 3}
+
+    # The old key removed, as `vrs keys status` now allows: every stored import still runs to the end.
+    only_new = rotated.model_copy(update={"my_number_keys": {"k2": NEW_KEY}, "run_imports": True})
+    async for registry in serve(only_new):
+        for import_id in (legacy, under_dev1, under_k2):
+            await registry.importer.wait(import_id)
+        residents = await registry.residents()
+        assert sorted(r.resident_id for r in residents) == ["U0", "U1", "U2"]
+        assert {r.my_number_key_id for r in residents} == {"k2"}
 
 
 @pytest.mark.parametrize(

@@ -251,6 +251,7 @@ def test_a_complete_production_configuration_starts(monkeypatch: pytest.MonkeyPa
         ({"VRS_GATEWAY_SIGNING_KEY": ""}, "SIGNING_KEY is the development key"),
         ({"VRS_GATEWAY_AUDIT_KEY": ""}, "AUDIT_KEY is the development key"),
         ({"VRS_GATEWAY_AUDIT_KEY": DEV_AUDIT_KEY}, "AUDIT_KEY is the development key"),
+        ({"VRS_GATEWAY_AUDIT_KEY": DEV_AUDIT_KEY + "\n"}, "AUDIT_KEY is the development key"),
         ({"VRS_GATEWAY_AUDIT_KEY": "short"}, "shorter than 32"),
         ({"VRS_GATEWAY_IDENTITY_JWKS_URL": ""}, "exactly one of"),
         ({"VRS_GATEWAY_IDENTITY_JWKS_URL": "http://idp.example/jwks.json"}, "must be https"),

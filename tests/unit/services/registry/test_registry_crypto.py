@@ -7,6 +7,7 @@ import base64
 import hmac
 
 import pytest
+from cryptography.exceptions import InvalidTag
 
 from services.registry.crypto import KeyedSha256, MyNumberVault
 from services.registry.settings import RegistrySettings
@@ -35,3 +36,13 @@ def test_the_vault_hashes_and_seals_with_the_configured_hash_key() -> None:
     assert keyed_hash == expected
     assert vault.open(vault.active_key, ciphertext, context="131016/R1") == "123456789018"
     assert MyNumberVault.from_keys(vault.keys).keyed_hash("123456789018") == expected
+
+
+def test_sealed_bytes_open_only_under_their_key_and_context() -> None:
+    # An uploaded file's pieces: a piece cannot be read in another import or at another place in the file.
+    vault = MyNumberVault(RegistrySettings())
+    key_id, sealed = vault.seal_bytes(b"000123,123456789018\n", context="import/i1/0")
+    assert key_id == vault.active_key and b"123456789018" not in sealed
+    assert vault.open_bytes(key_id, sealed, context="import/i1/0") == b"000123,123456789018\n"
+    with pytest.raises(InvalidTag):
+        vault.open_bytes(key_id, sealed, context="import/i1/1")

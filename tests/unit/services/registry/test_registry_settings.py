@@ -8,7 +8,14 @@ import json
 import pytest
 from jwcrypto import jwk
 
-from services.registry.settings import DEV_SHC_PRIVATE_KEY, RegistrySettings
+from services.registry.settings import (
+    DEV_MY_NUMBER_HASH_KEY,
+    DEV_MY_NUMBER_KEY,
+    DEV_SHC_PRIVATE_KEY,
+    DEV_SHC_RID_SECRET,
+    RegistrySettings,
+)
+from shared.grants import DEV_PRIVATE_KEY
 
 SECRET = base64.b64encode(b"p" * 32).decode()
 PROD_KEYS = {
@@ -53,6 +60,12 @@ def test_production_with_its_own_key_and_secret() -> None:
         # The development key given as a JWK is still the development key.
         ({"shc_private_key": jwk.JWK.from_pem(DEV_SHC_PRIVATE_KEY.encode()).export_private()}, "development"),
         ({"shc_rid_secret": base64.b64encode(b"vrs-dev-shc-revocation-id-secret").decode()}, "development"),
+        # Secrets mounted from files end in a newline: the development key with one is still that key.
+        ({"my_number_keys": {"k1": DEV_MY_NUMBER_KEY + "\n"}}, "development My Number keys"),
+        ({"my_number_hash_key": DEV_MY_NUMBER_HASH_KEY + "\n"}, "development My Number keys"),
+        ({"shc_rid_secret": DEV_SHC_RID_SECRET + "\n"}, "development"),
+        ({"transfer_grant_private_key": DEV_PRIVATE_KEY.strip()}, "development transfer-grant key"),
+        ({"transfer_grant_private_key": f"  {DEV_PRIVATE_KEY}  "}, "development transfer-grant key"),
         ({"shc_issuer": "http://vrs.example.jp/issuer"}, "https"),
         ({"shc_issuer": "https://vrs.example.jp/shc"}, "path is /issuer"),
         ({"shc_issuer": "https://vrs.example.jp/issuer/"}, "path is /issuer"),

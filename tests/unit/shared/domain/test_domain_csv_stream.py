@@ -31,6 +31,10 @@ def feed(data: bytes, chunk_size: int) -> tuple[str, str | None]:
         ("ア".encode("cp932"), "ア", "cp932"),  # no newline at all: decided at the end
         ("ア".encode(), "ア", "utf-8"),
         (b"\xef\xbb", "\ufffdｻ", "cp932"),  # two bytes of a BOM and nothing else: not UTF-8
+        # UTF-8 with a damaged byte is still UTF-8: the byte alone becomes U+FFFD (a row error for the parsers).
+        ("氏名,山".encode() + b"\xff" + "田\r\n".encode(), "氏名,山\ufffd田\r\n", "utf-8"),
+        ("アイウエ".encode() + b"\xff\r\n", "アイウエ\ufffd\r\n", "utf-8"),  # 4 characters for the one bad byte
+        ("アイウ".encode() + b"\xff\r\n", ("アイウ".encode() + b"\xff\r\n").decode("cp932", "replace"), "cp932"),  # 3
         (b"", "", None),
     ],
 )

@@ -108,6 +108,64 @@ def test_invalid_bytes_are_a_row_error_not_a_file_error() -> None:
     assert rows[1] == (3, [RowError("name", "holds bytes that are not valid cp932")])
 
 
+SHORT_EN, SHORT_JA = "resident_id,name,name_kana,birth_date,sex\n", "個別宛名番号,氏名,氏名カナ,生年月日,性別\n"
+SUZUKI_ROW, SATO_ROW = "r1,鈴木,スズキ,19500401,1\n", "r3,佐藤,サトウ,19700101,2\n"
+SUZUKI = ResidentRow("r1", "鈴木", "スズキ", date(1950, 4, 1), Sex.MALE)
+SATO = ResidentRow("r3", "佐藤", "サトウ", date(1970, 1, 1), Sex.FEMALE)
+
+
+def damaged_utf8(field: str) -> list[RowError]:
+    return [RowError(field, "holds bytes that are not valid utf-8")]
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 1 << 16])  # decided on one line, or on the whole file
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ((SHORT_JA + SUZUKI_ROW).encode(), [(2, SUZUKI)]),
+        (b"\xef\xbb\xbf" + (SHORT_JA + SUZUKI_ROW).encode(), [(2, SUZUKI)]),
+        ((SHORT_JA + SUZUKI_ROW + SATO_ROW).encode("cp932"), [(2, SUZUKI), (3, SATO)]),
+        # UTF-8 with one bad byte: the good rows read as they are, the bad one is reported by row and field.
+        (
+            (SHORT_EN + SUZUKI_ROW).encode() + b"r2,\xff,x,19600101,2\n" + SATO_ROW.encode(),
+            [(2, SUZUKI), (3, damaged_utf8("name")), (4, SATO)],
+        ),
+        (
+            (SHORT_JA + SUZUKI_ROW).encode() + b"r2,\xff,x,19600101,2\n" + SATO_ROW.encode(),
+            [(2, SUZUKI), (3, damaged_utf8("name")), (4, SATO)],
+        ),
+        # The bad byte in the first line holding Japanese, which decides the encoding.
+        (
+            SHORT_EN.encode() + "r2,鈴木,スズキ".encode() + b"\xff,19600101,2\n" + SATO_ROW.encode(),
+            [(2, damaged_utf8("name_kana")), (3, SATO)],
+        ),
+        # cp932 with a byte cp932 has no character for (a lead byte without its trail byte).
+        (
+            (SHORT_JA + SUZUKI_ROW).encode("cp932") + b"r2,\x82\xff,x,19600101,2\n" + SATO_ROW.encode("cp932"),
+            [(2, SUZUKI), (3, [RowError("name", "holds bytes that are not valid cp932")]), (4, SATO)],
+        ),
+        (
+            b"resident_id,name,name_kana,birth_date,sex\nr1,Suzuki,Suzuki,19500401,1\n",
+            [(2, ResidentRow("r1", "Suzuki", "Suzuki", date(1950, 4, 1), Sex.MALE))],
+        ),
+    ],
+    ids=[
+        "utf-8",
+        "utf-8 with BOM",
+        "cp932",
+        "utf-8, one bad byte",
+        "utf-8, Japanese header, one bad byte",
+        "utf-8, bad byte in the deciding line",
+        "cp932, one bad byte",
+        "ascii",
+    ],
+)
+def test_the_encoding_is_detected_and_bad_bytes_are_row_errors(
+    data: bytes, expected: list[tuple[int, Result]], chunk_size: int
+) -> None:
+    assert list(parse_resident_csv(io.BytesIO(data), today=TODAY, chunk_size=chunk_size)) == expected
+
+
 def test_utf16_is_refused_with_a_clear_error() -> None:
     with pytest.raises(CsvFileError, match="UTF-16"):
         list(parse_resident_csv(io.BytesIO(f"{HEADER_EN}\n".encode("utf-16")), today=TODAY))
