@@ -26,7 +26,7 @@ from services.gateway.proxy import (
     returned_headers,
 )
 from services.gateway.tokens import IdentityVerifier, InternalTokenIssuer
-from shared.auth import Principal, Role
+from shared.auth import ANONYMOUS, Principal, Role
 from shared.errors import (
     BadGateway,
     BadRequest,
@@ -34,6 +34,7 @@ from shared.errors import (
     InvalidField,
     ServiceUnavailable,
     TooManyRequests,
+    Unauthorized,
     VRSError,
     error_response,
 )
@@ -123,13 +124,21 @@ class Gateway:
             return error_outcome(None, no_such_endpoint())
         rule = match.rule
         try:
-            principal = self._tokens.principal(inbound.headers.get("authorization"))
+            unverified: Unauthorized | None = None
+            try:
+                principal = self._tokens.principal(inbound.headers.get("authorization"))
+            except Unauthorized as err:
+                # A token that fails verification names nobody: it takes from its address's bucket, as a caller
+                # without one does, so a flood of forged tokens meets 429 like any other flood.
+                principal, unverified = ANONYMOUS, err
             if principal.role is Role.ANONYMOUS:
                 wait = self._limits.per_address.take(inbound.client)
             else:
                 wait = self._limits.per_principal.take(principal.scope_key)
             if wait:
                 raise TooManyRequests("too many requests; retry later", retry_after=wait)
+            if unverified is not None:
+                raise unverified
         except VRSError as err:
             return error_outcome(match, err)
         try:
