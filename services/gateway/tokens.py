@@ -106,7 +106,7 @@ class JwksSource:
         except Exception as exc:
             raise JwksUnavailable(f"identity JWKS from {self.description} unusable: {type(exc).__name__}") from None
         if not len(keyset):
-            raise JwksUnavailable(f"identity JWKS from {self.description} holds no key")
+            raise JwksUnavailable(f"identity JWKS from {self.description} holds no usable signing key")
         if self._refuse_dev and any(is_development_jwk(k) for k in keyset.jwks()["keys"]):
             raise JwksUnavailable(f"identity JWKS from {self.description} holds a development key")
         removed = self.keyset.kids - keyset.kids

@@ -249,10 +249,11 @@ async def test_only_keys_that_could_not_be_read_again_for_an_hour_stop_being_tru
 @pytest.mark.parametrize(
     ("document", "problem"),
     [
-        ({"keys": []}, "holds no key"),
+        ({"keys": []}, "holds no usable signing key"),
         ({"keys": [DEV_IDENTITY_JWK]}, "development key"),
         ({"keys": [{**JWK_A, "kid": None}]}, "unusable"),
-        ({"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "h"}]}, "unusable"),
+        ({"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "h"}]}, "holds no usable signing key"),
+        ({"keys": [{**RSA_JWK, "use": "enc", "alg": "RSA-OAEP"}]}, "holds no usable signing key"),
         ("not json", "unusable"),
     ],
 )
