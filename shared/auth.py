@@ -19,7 +19,9 @@ from __future__ import annotations
 import base64
 import binascii
 import contextvars
+import functools
 import json
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -35,6 +37,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from shared.domain.codes import is_valid_institution_code, is_valid_municipality_code
 from shared.errors import Forbidden, Unauthorized, VRSError, error_response
 from shared.settings import AuthSettings
+
+log = logging.getLogger(__name__)
 
 
 class Role(StrEnum):
@@ -90,14 +94,16 @@ class PublicKey:
 
 
 class Keyset:
-    """Public keys by ``kid``, parsed from a JWKS document. Every key needs a ``kid`` and an allowed type."""
+    """Public keys by ``kid``, parsed from a JWKS document: the signing keys of an allowed type. Every key needs a
+    ``kid``; others (an identity provider's encryption keys, key types we do not verify with) are skipped."""
 
     def __init__(self, keys: Iterable[PublicKey]) -> None:
         self._keys = {k.kid: k for k in keys}
 
     @classmethod
     def from_jwks(cls, document: str | Mapping[str, Any]) -> Keyset:
-        """Raises ``ValueError`` naming what is wrong (never a private key: ``d`` is refused)."""
+        """Raises ``ValueError`` naming what is wrong (never a private key: ``d`` is refused). A keyset left with no
+        key is its caller's to refuse, in its own words."""
         doc = json.loads(document) if isinstance(document, str) else document
         if not isinstance(doc, Mapping) or not isinstance(doc.get("keys"), list):
             raise ValueError("a JWKS is an object with a 'keys' list")
@@ -108,13 +114,17 @@ class Keyset:
             kid, kty = raw.get("kid"), raw.get("kty")
             if not isinstance(kid, str) or not kid:
                 raise ValueError("every JWKS key needs a 'kid'")
-            alg = ALGORITHM_OF_KEY_TYPE.get(str(kty))
-            if alg is None or raw.get("alg", alg) != alg:
-                raise ValueError(f"key {kid}: only EC P-256 (ES256) and RSA (RS256) keys are accepted")
             if "d" in raw:
                 raise ValueError(f"key {kid}: a JWKS publishes public keys only")
-            if kty == "EC" and raw.get("crv") != "P-256":
-                raise ValueError(f"key {kid}: only the P-256 curve is accepted")
+            alg = ALGORITHM_OF_KEY_TYPE.get(str(kty))
+            # Identity providers publish encryption keys ("use": "enc", RSA-OAEP) and keys of other types beside
+            # their signing keys: tokens we accept are never signed with those, so they are left out, not fatal.
+            if raw.get("use", "sig") != "sig":
+                _skipped(kid, "not a signing key (use is not sig)")
+                continue
+            if alg is None or raw.get("alg", alg) != alg or (kty == "EC" and raw.get("crv") != "P-256"):
+                _skipped(kid, "only EC P-256 (ES256) and RSA (RS256) keys are used")
+                continue
             if kty == "RSA" and len(_b64decode(str(raw.get("n", "")))) * 8 < _MIN_RSA_BITS:
                 raise ValueError(f"key {kid}: RSA keys need at least {_MIN_RSA_BITS} bits")
             try:
@@ -138,6 +148,12 @@ class Keyset:
 
     def __len__(self) -> int:
         return len(self._keys)
+
+
+@functools.lru_cache(maxsize=1024)
+def _skipped(kid: str, reason: str) -> None:
+    # Once a key: the gateway reads its identity provider's JWKS again every few minutes. The kid, never the key.
+    log.warning("JWKS key %s skipped: %s", kid, reason)
 
 
 @dataclass(frozen=True, slots=True)

@@ -61,7 +61,7 @@ class AuthSettings(BaseSettings):
         from shared.auth import Keyset
 
         if not len(Keyset.from_jwks(self.gateway_jwks)):  # a malformed JWKS stops the service here
-            raise ValueError("VRS_AUTH_GATEWAY_JWKS holds no key")
+            raise ValueError("VRS_AUTH_GATEWAY_JWKS holds no usable signing key")
         return self
 
     def holds_development_key(self) -> bool:

@@ -137,7 +137,8 @@ class AuditFacts:
     municipality: str | None
     action: str
     resource: str
-    legal_basis: LegalBasis
+    # One of :class:`LegalBasis`, or several sorted and comma-separated (a batch of transfer lookups).
+    legal_basis: str
     # The status the caller got; None in an intent entry (written before the request is forwarded).
     outcome: int | None
     # In an outcome entry: the seq of the entry it completes (an intent) or corrects (a read stored too late).
@@ -266,8 +267,7 @@ def _prepare(f: AuditFacts, redact: Callable[[str], str]) -> _Prepared:
         resource=resource,
         head=f'{{"action":{_json_text(f.action)},"caller_municipality":{_json_or_null(caller)},"instance":',
         institution_json=',"institution":' + _json_or_null(institution),
-        basis=f',"legal_basis":{_json_text(f.legal_basis.value)},"municipality":{_json_or_null(municipality)}'
-        ',"outcome":',
+        basis=f',"legal_basis":{_json_text(f.legal_basis)},"municipality":{_json_or_null(municipality)},"outcome":',
         principal_json=f',"principal":{_json_text(principal)},"recorded_at":',
         tail=f',"request_id":{_json_text(request_id)},"resource":{_json_text(resource)},"role":{_json_text(f.role)}'
         ',"seq":',
@@ -743,7 +743,7 @@ class AuditTrail:
                     "municipality": d.municipality,
                     "action": f.action,
                     "resource": d.resource,
-                    "legal_basis": f.legal_basis.value,
+                    "legal_basis": f.legal_basis,
                     "outcome": f.outcome,
                     "intent_seq": f.intent_seq,
                 }

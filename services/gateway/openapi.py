@@ -80,7 +80,11 @@ def _decorate(operation: dict[str, Any], rule: Rule) -> dict[str, Any]:
         if status == "413" and rule.body is Body.NONE:
             continue
         responses.setdefault(status, _error(description))
-    if rule.reads_personal_data:
+    if rule.purpose_field is not None:
+        # A transfer lookup states its legal basis in the body, and the gateway names it to registry itself: the
+        # header registry reads is not the caller's to send.
+        op["parameters"] = [p for p in op.get("parameters", []) if p["name"] != "X-Access-Purpose"]
+    elif rule.reads_personal_data:
         op.setdefault("parameters", []).append(
             {
                 "name": "X-Access-Purpose",

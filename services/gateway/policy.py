@@ -52,6 +52,7 @@ class Rule:
     scope: Scope
     reads_personal_data: bool  # reads or writes an identified person's data → an audit entry
     purpose_field: str | None = None  # a JSON body field that states the legal basis (the audit's "why")
+    purpose_items: str | None = None  # a JSON body list each of whose items states one in ``purpose_field``
     body: Body | None = None  # None: NONE for GET/HEAD/DELETE, IMPORT for POST .../*-imports, else JSON
     params: tuple[str, ...] = field(init=False)
 
@@ -85,6 +86,7 @@ def rule(
     *,
     reads_personal_data: bool = False,
     purpose_field: str | None = None,
+    purpose_items: str | None = None,
     body: Body | None = None,
 ) -> Rule:
     return Rule(
@@ -95,6 +97,7 @@ def rule(
         scope=scope,
         reads_personal_data=reads_personal_data,
         purpose_field=purpose_field,
+        purpose_items=purpose_items,
         body=body,
     )
 
@@ -140,8 +143,8 @@ POLICY: tuple[Rule, ...] = (
     rule("POST", "/api/v1/certificates/verify", REGISTRY, ANYONE),
     rule("GET", "/issuer/.well-known/jwks.json", REGISTRY, ANYONE),
     rule("GET", "/issuer/.well-known/crl/{file}", REGISTRY, ANYONE),
-    # A batch has a legal basis per item: the audit takes them from X-Access-Purpose, which registry
-    # requires to name every one the batch uses.
+    # A batch has a legal basis per item: the gateway reads every item's, audits the set and names it to
+    # registry in X-Access-Purpose, which registry requires to cover every one the batch uses.
     rule(
         "POST",
         f"{_M}/transfer-lookups/batch",
@@ -150,6 +153,7 @@ POLICY: tuple[Rule, ...] = (
         OWN_HIDDEN,
         reads_personal_data=True,
         purpose_field="legal_basis",
+        purpose_items="lookups",
     ),
     # records
     rule("POST", "/api/v1/doses", RECORDS, DOSE_WRITERS, reads_personal_data=True),

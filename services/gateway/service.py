@@ -26,7 +26,7 @@ from services.gateway.proxy import (
     returned_headers,
 )
 from services.gateway.tokens import IdentityVerifier, InternalTokenIssuer
-from shared.auth import Principal, Role
+from shared.auth import ANONYMOUS, Principal, Role
 from shared.errors import (
     BadGateway,
     BadRequest,
@@ -34,6 +34,7 @@ from shared.errors import (
     InvalidField,
     ServiceUnavailable,
     TooManyRequests,
+    Unauthorized,
     VRSError,
     error_response,
 )
@@ -123,13 +124,21 @@ class Gateway:
             return error_outcome(None, no_such_endpoint())
         rule = match.rule
         try:
-            principal = self._tokens.principal(inbound.headers.get("authorization"))
+            unverified: Unauthorized | None = None
+            try:
+                principal = self._tokens.principal(inbound.headers.get("authorization"))
+            except Unauthorized as err:
+                # A token that fails verification names nobody: it takes from its address's bucket, as a caller
+                # without one does, so a flood of forged tokens meets 429 like any other flood.
+                principal, unverified = ANONYMOUS, err
             if principal.role is Role.ANONYMOUS:
                 wait = self._limits.per_address.take(inbound.client)
             else:
                 wait = self._limits.per_principal.take(principal.scope_key)
             if wait:
                 raise TooManyRequests("too many requests; retry later", retry_after=wait)
+            if unverified is not None:
+                raise unverified
         except VRSError as err:
             return error_outcome(match, err)
         try:
@@ -160,6 +169,10 @@ class Gateway:
         if inbound.query_string:
             url += "?" + inbound.query_string
         headers = dict(inbound.headers)
+        if rule.purpose_field is not None:
+            # The bases the gateway read from the body and audits, whatever the caller sent: registry checks again
+            # that they cover every lookup.
+            headers[PURPOSE_HEADER] = basis
         # The caller's token stays here: the service gets the gateway's word for who is calling.
         headers["authorization"] = self._internal.authorization(principal)
         audited, intent, chain = rule.reads_personal_data, None, None
@@ -203,20 +216,12 @@ class Gateway:
         return Outcome(match, answer.status, returned_headers(answer.headers), answer.body)
 
     @staticmethod
-    def _legal_basis(inbound: Inbound, match: Match, body: bytes) -> LegalBasis:
-        """The basis the caller states (the rule's body field, else ``X-Access-Purpose``), from the fixed list."""
+    def _legal_basis(inbound: Inbound, match: Match, body: bytes) -> str:
+        """The legal basis of the access, from the fixed list: for a route whose body states it, what the body
+        states (a batch's bases sorted, comma-separated), else what ``X-Access-Purpose`` names."""
         field = match.rule.purpose_field
         if field is not None:
-            try:
-                doc = json.loads(body) if body else None
-            except (ValueError, RecursionError):
-                doc = None  # the service answers the malformed body itself
-            stated = doc.get(field) if isinstance(doc, dict) else None
-            if stated is not None:
-                basis = legal_basis(stated)
-                if basis is None or basis is LegalBasis.ADMINISTRATION:
-                    raise InvalidField(field, "must be consent or my-number-act-19-16")
-                return basis
+            return ",".join(sorted(_stated_bases(body, field, match.rule.purpose_items)))
         header = inbound.headers.get(PURPOSE_HEADER)
         if header is None:
             return DEFAULT_LEGAL_BASIS
@@ -241,7 +246,31 @@ class Gateway:
             raise NotReady("; ".join(problems))
 
 
-def _facts(inbound: Inbound, match: Match, principal: Principal, basis: LegalBasis, outcome: int | None) -> AuditFacts:
+def _stated_bases(body: bytes, field: str, items_field: str | None) -> set[str]:
+    """The legal bases a transfer lookup's body states in ``field``: its own, or each item's of its ``items_field``
+    list (a batch). One missing or not consent or my-number-act-19-16 is refused, naming its field
+    (``lookups[3].legal_basis``)."""
+    try:
+        doc = json.loads(body) if body else None
+    except (ValueError, RecursionError):
+        doc = None
+    if items_field is None:
+        statements = [(field, doc)]
+    else:
+        items = doc.get(items_field) if isinstance(doc, dict) else None
+        if not isinstance(items, list) or not items:
+            raise InvalidField(items_field, f"must be a non-empty list, each item with its {field}")
+        statements = [(f"{items_field}[{i}].{field}", item) for i, item in enumerate(items)]
+    bases = set()
+    for name, statement in statements:
+        basis = legal_basis(statement.get(field) if isinstance(statement, dict) else None)
+        if basis is None or basis is LegalBasis.ADMINISTRATION:
+            raise InvalidField(name, "must be consent or my-number-act-19-16")
+        bases.add(basis.value)
+    return bases
+
+
+def _facts(inbound: Inbound, match: Match, principal: Principal, basis: str, outcome: int | None) -> AuditFacts:
     return AuditFacts(
         request_id=inbound.headers["x-request-id"],
         principal=principal.subject,

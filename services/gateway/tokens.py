@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -66,7 +67,9 @@ class JwksSource:
         self._file, self._url, self._default = file, url, default
         self._refuse_dev = refuse_development_keys
         self._refresh_seconds = refresh_seconds
-        self._max_stale = max_stale_seconds
+        # Only keys that are read again can go stale (a fetch or a re-read of the file failing for so long): the
+        # built-in development keys cannot change while the process runs, and nothing refreshes them.
+        self._max_stale = max_stale_seconds if file is not None or url is not None else math.inf
         self._on_removed = on_keys_removed
         self._fetch_timeout = fetch_timeout
         self.keyset = Keyset([])
@@ -103,7 +106,7 @@ class JwksSource:
         except Exception as exc:
             raise JwksUnavailable(f"identity JWKS from {self.description} unusable: {type(exc).__name__}") from None
         if not len(keyset):
-            raise JwksUnavailable(f"identity JWKS from {self.description} holds no key")
+            raise JwksUnavailable(f"identity JWKS from {self.description} holds no usable signing key")
         if self._refuse_dev and any(is_development_jwk(k) for k in keyset.jwks()["keys"]):
             raise JwksUnavailable(f"identity JWKS from {self.description} holds a development key")
         removed = self.keyset.kids - keyset.kids
@@ -140,7 +143,8 @@ class JwksSource:
         self._kick = asyncio.get_running_loop().create_task(refresh_quietly())
 
     def usable(self) -> bool:
-        """Keys not refreshed for ``max_stale_seconds`` are no longer trusted: the gateway then refuses tokens."""
+        """Keys that could not be read again for ``max_stale_seconds`` are no longer trusted: the gateway then
+        refuses tokens."""
         return bool(len(self.keyset)) and time.monotonic() - self.loaded_at < self._max_stale
 
     async def stop(self) -> None:

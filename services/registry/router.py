@@ -357,8 +357,9 @@ async def transfer_lookup_batch(
     request: Request,
     access_purpose: Annotated[str | None, Header(alias="X-Access-Purpose")] = None,
 ) -> TransferLookupBatchOut:
-    """Up to 1,000 lookups in one answer, in the order asked. The gateway audits the batch with the legal
-    bases the ``X-Access-Purpose`` header names (comma-separated), so it must name every one used."""
+    """Up to 1,000 lookups in one answer, in the order asked. The gateway reads every item's legal basis, audits
+    the batch with them and names them in ``X-Access-Purpose`` (comma-separated); checked again here: it must
+    name every one used."""
     require_own_municipality(principal, code, deny=resident_not_found())
     stated = {part.strip() for part in (access_purpose or "").split(",") if part.strip()}
     used = {item.legal_basis for item in body.lookups}

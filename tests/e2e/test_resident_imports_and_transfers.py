@@ -103,12 +103,17 @@ async def test_import_move_and_transfer_lookup(stack: Stack, gw: httpx.AsyncClie
     r = await gw.post(lookup, json={"my_number": mover, "legal_basis": "because"}, headers=MUNI)
     assert r.status_code == 422
 
+    # The contract's batch: a legal basis per item, mixed, and no header; the gateway tells registry the bases.
     batch = {
         "lookups": [
             {"client_id": "x", "my_number": mover, "legal_basis": "my-number-act-19-16"},
-            {"client_id": "y", "my_number": stayer, "legal_basis": "my-number-act-19-16"},
+            {"client_id": "y", "my_number": stayer, "legal_basis": "consent"},
         ]
     }
-    r = await gw.post(f"{lookup}/batch", json=batch, headers=MUNI | {"X-Access-Purpose": "my-number-act-19-16"})
-    assert r.status_code == 200, r.text
-    assert [(x["client_id"], len(x["doses"])) for x in r.json()["results"]] == [("x", 1), ("y", 0)]
+    for extra in ({}, {"X-Access-Purpose": "administration"}):  # a header the client sends changes nothing
+        r = await gw.post(f"{lookup}/batch", json=batch, headers=MUNI | extra)
+        assert r.status_code == 200, r.text
+        assert [(x["client_id"], len(x["doses"])) for x in r.json()["results"]] == [("x", 1), ("y", 0)]
+    batch["lookups"][1]["legal_basis"] = "because"
+    r = await gw.post(f"{lookup}/batch", json=batch, headers=MUNI)
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "lookups[1].legal_basis"

@@ -140,6 +140,102 @@ async def test_the_legal_basis_comes_from_the_fixed_list_or_the_request_is_refus
     assert {b.value for b in LegalBasis} == {"administration", "consent", "my-number-act-19-16"}
 
 
+def lookups(*bases: str | None) -> dict[str, Any]:
+    """A batch of transfer lookups with these legal bases (None: the item states none)."""
+    items = [{"client_id": f"c{i}", "my_number": MY_NUMBER, "legal_basis": b} for i, b in enumerate(bases)]
+    return {"lookups": [{k: v for k, v in item.items() if v is not None} for item in items]}
+
+
+BATCH, SINGLE = f"{M}/{CHIYODA}/transfer-lookups/batch", f"{M}/{CHIYODA}/transfer-lookups"
+BOTH = "consent,my-number-act-19-16"
+NOT_A_BASIS = "must be consent or my-number-act-19-16"
+
+
+async def post_lookup(
+    settings: GatewaySettings,
+    upstreams: dict[str, FakeUpstream],
+    token: Token,
+    path: str,
+    body: Any,
+    purpose: str | None,
+) -> tuple[Any, list[str | None], list[AuditEntry]]:
+    """The answer, the ``X-Access-Purpose`` registry got (one per forwarded request) and the audit entries."""
+    headers = token(Role.MUNICIPALITY, municipality=CHIYODA)
+    if purpose is not None:
+        headers["X-Access-Purpose"] = purpose
+    async with running_gateway(settings) as (app, client):
+        before = len(upstreams["registry"].seen)
+        response = await client.post(path, json=body, headers=headers)
+        await app.state.audit.flush(timeout=5)
+        entries = await rows(app.state.databases.main, settings.instance_id)
+    return response, [seen.header("x-access-purpose") for seen in upstreams["registry"].seen[before:]], entries
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "sent_purpose", "bases"),
+    [
+        # A contract client sends no header: the bases come from the body, whatever a header says.
+        (BATCH, lookups("my-number-act-19-16", "consent", "consent"), None, BOTH),
+        (BATCH, lookups("consent", "consent"), None, "consent"),
+        (BATCH, lookups("consent", "consent"), "my-number-act-19-16", "consent"),
+        (BATCH, lookups("my-number-act-19-16"), "administration", "my-number-act-19-16"),
+        (SINGLE, {"my_number": MY_NUMBER, "legal_basis": "consent"}, "my-number-act-19-16", "consent"),
+        (BATCH, lookups(*["consent"] * 999, "my-number-act-19-16"), None, BOTH),  # the largest batch
+    ],
+)
+async def test_a_transfer_lookup_is_audited_with_the_bases_its_body_states_and_registry_is_told_them(
+    gateway_settings: Settings,
+    upstreams: dict[str, FakeUpstream],
+    token: Token,
+    path: str,
+    body: Any,
+    sent_purpose: str | None,
+    bases: str,
+) -> None:
+    settings = gateway_settings(registry_url=upstreams["registry"].url)
+    response, told, entries = await post_lookup(settings, upstreams, token, path, body, sent_purpose)
+    assert response.status_code == 404  # forwarded: the fake registry knows nobody
+    assert told == [bases]
+    assert [(e.outcome, e.legal_basis) for e in entries] == [(None, bases), (404, bases)]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "sent_purpose", "field", "message"),
+    [
+        (BATCH, lookups("consent", "consent", "consent", None), None, "lookups[3].legal_basis", NOT_A_BASIS),
+        (BATCH, lookups("consent", "administration"), BOTH, "lookups[1].legal_basis", NOT_A_BASIS),
+        (BATCH, lookups("curiosity"), None, "lookups[0].legal_basis", NOT_A_BASIS),
+        (BATCH, lookups(*["consent"] * 999, "because"), None, "lookups[999].legal_basis", NOT_A_BASIS),
+        (BATCH, {"lookups": []}, "consent", "lookups", "must be a non-empty list, each item with its legal_basis"),
+        (BATCH, {"lookups": "consent"}, None, "lookups", "must be a non-empty list, each item with its legal_basis"),
+        (
+            BATCH,
+            {"legal_basis": "consent"},
+            "consent",
+            "lookups",
+            "must be a non-empty list, each item with its legal_basis",
+        ),
+        (SINGLE, {"my_number": MY_NUMBER}, "consent", "legal_basis", NOT_A_BASIS),
+        (SINGLE, [{"legal_basis": "consent"}], None, "legal_basis", NOT_A_BASIS),
+    ],
+)
+async def test_a_transfer_lookup_without_a_known_basis_is_refused_naming_the_field_before_anything_acts(
+    gateway_settings: Settings,
+    upstreams: dict[str, FakeUpstream],
+    token: Token,
+    path: str,
+    body: Any,
+    sent_purpose: str | None,
+    field: str,
+    message: str,
+) -> None:
+    settings = gateway_settings(registry_url=upstreams["registry"].url)
+    response, told, entries = await post_lookup(settings, upstreams, token, path, body, sent_purpose)
+    assert response.status_code == 422
+    assert response.json()["errors"] == [{"field": field, "message": message}]
+    assert (told, entries) == ([], [])
+
+
 async def test_other_requests_and_unauthenticated_attempts_leave_no_entry(
     gateway_settings: Settings, upstreams: dict[str, FakeUpstream], token: Token
 ) -> None:

@@ -37,6 +37,40 @@ async def test_anonymous_callers_are_limited_per_address(
             assert (await other.get("/api/v1/stats/doses")).status_code == 200  # another address has its own bucket
 
 
+def forged(token: Token) -> dict[str, str]:
+    """A national caller's signature under a municipality's claims."""
+    header, _, signature = token(Role.NATIONAL)["Authorization"].split(".")
+    claims = token(Role.MUNICIPALITY, municipality=CHIYODA)["Authorization"].split(".")[1]
+    return {"Authorization": f"{header}.{claims}.{signature}"}
+
+
+BAD_TOKENS: dict[str, Callable[[Token], dict[str, str]]] = {
+    "forged": forged,
+    "malformed": lambda _: {"Authorization": "Bearer a.b.c"},
+    "not a bearer token": lambda _: {"Authorization": "Basic dXNlcjpwYXNz"},
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_TOKENS))
+async def test_callers_whose_token_fails_verification_are_limited_per_address(
+    gateway_settings: Settings, upstreams: dict[str, FakeUpstream], token: Token, bad: str
+) -> None:
+    settings = gateway_settings(stats_url=upstreams["stats"].url, rate_per_address=0.5, burst_per_address=2)
+    refused_token = BAD_TOKENS[bad](token)
+    async with running_gateway(settings) as (app, _):
+        first = httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=("10.0.0.1", 1)), base_url="http://g")
+        other = httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=("10.0.0.2", 1)), base_url="http://g")
+        async with first, other:
+            statuses = [(await first.get("/api/v1/stats/doses", headers=refused_token)).status_code for _ in range(3)]
+            assert statuses == [401, 401, 429]
+            assert (await first.get("/api/v1/stats/doses", headers=refused_token)).headers["retry-after"] == "2"
+            # The address's own bucket: a caller there without a token waits too; a valid token has its own
+            # bucket, and another address is not held up.
+            assert (await first.get("/api/v1/stats/doses")).status_code == 429
+            assert (await first.get("/api/v1/stats/doses", headers=token(Role.NATIONAL))).status_code == 200
+            assert (await other.get("/api/v1/stats/doses", headers=refused_token)).status_code == 401
+
+
 async def test_callers_with_a_token_are_limited_per_principal(
     gateway_settings: Settings, upstreams: dict[str, FakeUpstream], token: Token
 ) -> None:

@@ -101,6 +101,8 @@ def headers_of(caller: str, token: Token) -> dict[str, str]:
 
 
 BODY = b'{"legal_basis":"consent","my_number":"x"}'
+# A batch states a legal basis per item.
+BATCH_BODY = b'{"lookups":[{"client_id":"a","legal_basis":"consent","my_number":"x"}]}'
 
 
 @pytest.mark.parametrize(("method", "template"), ROUTES)
@@ -113,7 +115,7 @@ async def test_route_by_role_by_municipality(
         response = await client.request(
             method,
             concrete(template),
-            content=BODY if method != "GET" else None,
+            content=None if method == "GET" else BODY if rule.purpose_items is None else BATCH_BODY,
             headers={**headers_of(caller, token), "Content-Type": "application/json"},
         )
         forwarded = sum(len(u.seen) for u in upstreams.values()) - before

@@ -61,6 +61,22 @@ def test_operations_carry_the_gateways_security_and_errors() -> None:
     assert "HTTPValidationError" not in str(DOC["paths"])
 
 
+@pytest.mark.parametrize(
+    ("path", "method", "header"),
+    [
+        ("/api/v1/municipalities/{code}/residents/{resident_id}", "get", True),
+        # A transfer lookup states its legal basis in the body: the gateway names it to registry itself.
+        ("/api/v1/municipalities/{code}/transfer-lookups", "post", False),
+        ("/api/v1/municipalities/{code}/transfer-lookups/batch", "post", False),
+    ],
+)
+def test_x_access_purpose_is_documented_where_a_caller_states_a_basis_with_it(
+    path: str, method: str, header: bool
+) -> None:
+    names = [p["name"] for p in DOC["paths"][path][method].get("parameters", [])]
+    assert ("X-Access-Purpose" in names) is header
+
+
 def test_building_the_contract_leaves_the_gateways_own_log_lines(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -16,10 +18,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jose import jwk, jws
 from pydantic import ValidationError
 
+from services.gateway import tokens
 from services.gateway.settings import GatewaySettings
 from services.gateway.tokens import IdentityVerifier, JwksSource, JwksUnavailable, sign_es256
 from shared.auth import Principal, Role, TokenRules
-from shared.dev_keys import DEV_AUDIT_KEY, DEV_IDENTITY_JWK, jwks_of
+from shared.dev_keys import DEV_AUDIT_KEY, DEV_IDENTITY_JWK, DEV_IDENTITY_KID, DEV_IDENTITY_PRIVATE_PEM, jwks_of
 from shared.errors import ServiceUnavailable, Unauthorized
 
 RULES = TokenRules(issuer="idp", audience="vrs-api", max_lifetime_seconds=3600, leeway_seconds=30)
@@ -190,12 +193,67 @@ async def test_keys_too_long_unrefreshed_are_no_longer_trusted(keys: Source) -> 
 
 
 @pytest.mark.parametrize(
+    ("kind", "read_again", "trusted"),
+    [
+        # How `make run` starts: the built-in keys cannot change while the process runs, and nothing re-reads them.
+        ("development", None, True),
+        ("file", True, True),
+        ("file", False, False),
+        ("url", True, True),
+        ("url", False, False),
+    ],
+)
+async def test_only_keys_that_could_not_be_read_again_for_an_hour_stop_being_trusted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, read_again: bool | None, trusted: bool
+) -> None:
+    path = tmp_path / "jwks.json"
+    path.write_text(json.dumps(jwks_of(JWK_A)))
+    source = JwksSource(
+        file=path if kind == "file" else None,
+        url="https://idp.example/jwks.json" if kind == "url" else None,
+        default=jwks_of(DEV_IDENTITY_JWK),  # what development and test have, whatever else is configured
+        refuse_development_keys=False,
+        refresh_seconds=300,
+        max_stale_seconds=3600,
+    )
+
+    async def fetch() -> dict[str, Any]:
+        if not path.exists():
+            raise JwksUnavailable("https://idp.example/jwks.json answered 503")
+        doc: dict[str, Any] = json.loads(path.read_text())
+        return doc
+
+    if kind == "url":
+        monkeypatch.setattr(source, "_read", fetch)
+    await source.start()
+    try:
+        verifier = IdentityVerifier(source, RULES, cache_size=0, cache_seconds=300)
+        raw = "Bearer " + (token(DEV_IDENTITY_PRIVATE_PEM, DEV_IDENTITY_KID) if kind == "development" else token())
+        assert verifier.principal(raw).subject == "clerk-1"
+        later = time.monotonic() + 3601
+        monkeypatch.setattr(tokens, "time", SimpleNamespace(monotonic=lambda: later, time=time.time))
+        if read_again is False:
+            path.unlink()
+        if read_again is not None:  # what the refresh task has done meanwhile
+            with contextlib.suppress(JwksUnavailable):
+                await source.refresh()
+        if trusted:
+            assert verifier.principal(raw).subject == "clerk-1"
+        else:
+            with pytest.raises(ServiceUnavailable):
+                verifier.principal(raw)
+    finally:
+        await source.stop()
+
+
+@pytest.mark.parametrize(
     ("document", "problem"),
     [
-        ({"keys": []}, "holds no key"),
+        ({"keys": []}, "holds no usable signing key"),
         ({"keys": [DEV_IDENTITY_JWK]}, "development key"),
         ({"keys": [{**JWK_A, "kid": None}]}, "unusable"),
-        ({"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "h"}]}, "unusable"),
+        ({"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "h"}]}, "holds no usable signing key"),
+        ({"keys": [{**RSA_JWK, "use": "enc", "alg": "RSA-OAEP"}]}, "holds no usable signing key"),
         ("not json", "unusable"),
     ],
 )
