@@ -3,8 +3,11 @@
 A service writes its events into its own ``outbox`` table in the same transaction as the change they
 describe; :class:`OutboxRelay` publishes them to the service's topic and marks them. At-least-once by
 construction: rows are marked only after the bus acknowledged them, so a crash between the two publishes
-them again, and consumers absorb the repeat by event id. Rows are claimed ``FOR UPDATE SKIP LOCKED``, so
-several relays (replicas, or relay processes of their own) share the work without waiting on each other.
+them again, and consumers absorb the repeat by event id. Several relays (replicas, or relay processes of their
+own) may run: on PostgreSQL one at a time publishes a shard's outbox (:data:`RELAY_LOCK`), so each municipality's
+events reach the topic in the order they were written; the others find nothing to claim there and never wait, and
+take over when it stops. Rows are claimed ``FOR UPDATE SKIP LOCKED`` besides, so that a shard move can wait for
+the claims in flight.
 
 A relay sleeps until a commit wakes it for the shards it wrote, or ``idle_seconds`` pass (then it looks at
 every shard). A commit in the relay's own process wakes it directly; a relay in a process of its own (the
@@ -205,8 +208,17 @@ def outbox_rows(events: Sequence[OutboxEvent], *, per_row: int = EVENTS_PER_MESS
 CLAIM_PLAN = text("SET LOCAL enable_bitmapscan = off")
 
 
-def claim_statement(t: Table, limit: int) -> Any:
-    """:meth:`OutboxRepository.claim_unpublished`'s statement (read through the partial index, UNPUBLISHED)."""
+# One relay at a time publishes a database's outbox (PostgreSQL, a transaction-scoped advisory lock; the two-int
+# key space, apart from the coupons' one-bigint keys). Rows claimed FOR UPDATE SKIP LOCKED let a second relay take
+# the rows after the first one's, and publish them first: a municipality's later events on the topic before its
+# earlier ones, exactly when both drain a backlog after Kafka comes back. A second relay now finds nothing to
+# claim while the first publishes, and takes over the shard as soon as the first commits or dies.
+RELAY_LOCK = (0x56525352, 0)  # "VRSR"
+
+
+def claim_statement(t: Table, limit: int, *, one_relay: bool = False) -> Any:
+    """:meth:`OutboxRepository.claim_unpublished`'s statement (read through the partial index, UNPUBLISHED).
+    ``one_relay`` (PostgreSQL): nothing is claimed unless this transaction holds :data:`RELAY_LOCK`."""
     stmt = (
         select(t.c.id, t.c.key, t.c.payload)
         .where(t.c.published_at.is_(None))
@@ -214,6 +226,9 @@ def claim_statement(t: Table, limit: int) -> Any:
         .limit(limit)
         .with_for_update(of=t, skip_locked=True)
     )
+    if one_relay:
+        # A scalar subquery: evaluated once, before the scan (a one-time filter), not once a row.
+        stmt = stmt.where(select(func.pg_try_advisory_xact_lock(*RELAY_LOCK)).scalar_subquery())
     fences = t.metadata.tables.get("shard_fences")
     if fences is not None:
         # A municipality moving to another shard (shared/shardmove.py): its events move with it and are
@@ -228,7 +243,7 @@ def claim_and_mark_sql(t: Table, limit: int) -> str:
     published and returned (to be published before the transaction commits: a failed publish rolls the mark
     back). With :data:`CLAIM_BEGIN` and the commit, a pass is three round trips instead of five. Rows come
     back in no particular order; the caller sorts them by id."""
-    claimed = claim_statement(t, limit).with_only_columns(t.c.id)
+    claimed = claim_statement(t, limit, one_relay=True).with_only_columns(t.c.id)
     dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
     compiled = claimed.compile(dialect=dialect, compile_kwargs={"literal_binds": True})
     return (
@@ -260,10 +275,12 @@ class OutboxRepository:
         await self.session.execute(insert(self.table), [outbox_row(e) for e in events])
 
     async def claim_unpublished(self, limit: int) -> list[Any]:
-        """The oldest unpublished events, locked; another relay skips them instead of waiting."""
-        if self.session.get_bind().dialect.name == "postgresql":
+        """The oldest unpublished events, locked; on PostgreSQL nothing while another relay publishes this outbox
+        (:data:`RELAY_LOCK`)."""
+        postgres = self.session.get_bind().dialect.name == "postgresql"
+        if postgres:
             await self.session.execute(CLAIM_PLAN)
-        return list((await self.session.execute(claim_statement(self.table, limit))).all())
+        return list((await self.session.execute(claim_statement(self.table, limit, one_relay=postgres))).all())
 
     async def mark_published(self, ids: Sequence[int], at: datetime | None = None) -> None:
         column = self.table.c.id

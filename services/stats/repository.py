@@ -243,8 +243,9 @@ class StatsRepository:
     async def people_by_dose(self, *, prefecture: str | None, by_prefecture: bool) -> Sequence[AnyRow]:
         """Rows of ([prefecture,] dose_number, people, people_65_and_over), net of corrections and voids.
 
-        A cell's count is the number of live doses in it, and each person has at most one live dose of a
-        given number (records refuses a second one), so a sum over dose_number = N is a count of people.
+        A cell's count is the number of live doses in it, so a sum over dose_number = N counts people as long as
+        each has at most one live dose N: records stores nothing for a double scan, but keeps a different second
+        record of a dose number for review (``duplicate_dose``), counted until the municipality voids one.
         """
         t = table_for({"prefecture", "dose_number", "age_band"})
         keys: list[Column[Any]] = ([t.c.prefecture] if by_prefecture else []) + [t.c.dose_number]

@@ -272,6 +272,35 @@ async def test_the_relay_claim_reads_the_unpublished_rows_alone(databases: Datab
     assert await relay.drain() == len(waiting)
 
 
+@pytest.mark.postgres
+async def test_one_relay_at_a_time_publishes_a_shards_outbox(make_database: Callable[..., str], tmp_path: Path) -> None:
+    """Two relays on one shard: while the first holds its claim (publishing), the second claims nothing — it would
+    otherwise take the next rows and could publish a municipality's later events before its earlier ones — and it
+    takes over once the first commits. Neither waits for the other."""
+    shard = make_database("records_s0")
+    await asyncio.to_thread(upgrade, shard, TREES / "shard")
+    dbs = Databases.connect(shard, {"s0": shard}, pool_size=5)
+    try:
+        await write_outbox(dbs, 6)
+        claim = claim_and_mark_sql(outbox, 3)
+        db = dbs.shards["s0"]
+        async with db.driver_transaction(CLAIM_BEGIN) as first:
+            mine = sorted(r["id"] for r in await first.fetch(claim))
+            async with db.driver_transaction(CLAIM_BEGIN) as second:
+                started = time.monotonic()
+                assert await second.fetch(claim) == []
+                assert time.monotonic() - started < 1.0  # skipped, not waited for
+            log = EmbeddedLog(BusSettings(embedded_path=tmp_path / "log.db", partitions=3))
+            other = OutboxRelay(dbs, log, outbox, topic="dose-events", batch_size=500, idle_seconds=0.05)
+            assert await other.publish_pending("s0", db) == 0
+        assert len(mine) == 3
+        assert await other.drain() == 3  # the rest, once the first relay's pass is over
+        published = [e.event_id for e in await read_all(log)]
+        assert len(published) == len(set(published)) == 3
+    finally:
+        await dbs.dispose()
+
+
 def _nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
     yield plan
     for child in plan.get("Plans", []):
