@@ -39,6 +39,7 @@ class CertificateView:
     issued_on: date
     doses: Sequence[Dose]
     shc: str
+    doses_on_card: int | None = None  # the QR code holds only the latest this many of ``doses``; None: all
 
 
 @cache
@@ -119,6 +120,13 @@ def render(view: CertificateView, *, font_path: Path) -> bytes:
         qr_top - qr_size - 5 * mm,
         "SMART Health Card — 検証アプリで読み取れます / Scan with any SMART Health Card verifier",
     )
+    if view.doses_on_card is not None and view.doses_on_card < len(view.doses):
+        canvas.drawCentredString(
+            width / 2,
+            qr_top - qr_size - 10 * mm,
+            f"QRコードには直近{view.doses_on_card}回分の接種を収録 / "
+            f"The QR code holds the latest {view.doses_on_card} of the {len(view.doses)} doses",
+        )
     canvas.drawCentredString(
         width / 2,
         20 * mm,

@@ -85,7 +85,8 @@ class IssuedCard:
     shc: str
     issued_at: datetime
     resident: Resident
-    doses: list[fhir.Dose]
+    doses: list[fhir.Dose]  # every dose certified: the paper's table
+    on_card: list[fhir.Dose]  # those the QR code holds: the latest of ``doses``, all of them unless too many
 
 
 def certifiable(doses: Sequence[DoseSummary]) -> list[fhir.Dose]:
@@ -160,20 +161,41 @@ async def issue_card(
             issued_at=now.replace(microsecond=0),
         )
         repo.add(current)
-    payload = shc.card_payload(
+    jws, on_card = signed_card(
+        issuer.key,
         issuer=issuer.url,
         nbf=int(current.issued_at.timestamp()),
-        bundle=fhir.card_bundle(_person(resident), doses),
         rid=current.rid,
+        person=_person(resident),
+        doses=doses,
     )
-    jws = shc.sign(payload, issuer.key)
     return IssuedCard(
         certificate_id=current.certificate_id,
         shc=shc.to_numeric(jws),
         issued_at=current.issued_at,
         resident=resident,
         doses=doses,
+        on_card=on_card,
     )
+
+
+def signed_card(
+    key: shc.IssuerKey, *, issuer: str, nbf: int, rid: str, person: fhir.Person, doses: Sequence[fhir.Dose]
+) -> tuple[str, list[fhir.Dose]]:
+    """The card's JWS, and the doses it holds: always few enough characters for one version-22 QR code.
+
+    The spec deprecates splitting a card over several codes, so what does not fit is left out, in a fixed
+    order: first every dose's venue (the one element beyond what the spec requires), then the oldest doses,
+    one at a time. The same doses thus always give the same card. ``doses`` are in date order.
+    """
+    # Every dose with its venue; then without venues, from all doses down to the latest one alone.
+    attempts = [(list(doses), True)] + [(list(doses[first:]), False) for first in range(len(doses))]
+    for shown, performers in attempts:
+        bundle = fhir.card_bundle(person, shown, performers=performers)
+        jws = shc.sign(shc.card_payload(issuer=issuer, nbf=nbf, bundle=bundle, rid=rid), key)
+        if len(jws) <= shc.MAX_SINGLE_QR_JWS:
+            return jws, shown
+    raise ValueError("not even the latest dose alone fits a health card: is the issuer URL that long?")
 
 
 async def refresh_revocations(
@@ -212,6 +234,7 @@ async def certificate_pdf(card: IssuedCard, issuer: Issuer, *, issued_on: date) 
         issued_on=issued_on,
         doses=card.doses,
         shc=card.shc,
+        doses_on_card=len(card.on_card),
     )
     # reportlab and the QR encoder are CPU work: keep them off the event loop.
     return await asyncio.to_thread(render, view, font_path=issuer.font)

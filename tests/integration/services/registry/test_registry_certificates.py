@@ -18,6 +18,7 @@ import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -477,6 +478,53 @@ async def test_pdf_certificate_text_font_and_qr(
     page = Image.open(tmp_path / "page.png")
     [symbol] = pyzbar.decode(page)
     assert symbol.data.decode() == card["shc"]
+
+
+# The longest values records and registry accept, of characters that never repeat (nothing for DEFLATE).
+LONGEST_NAME = "".join(chr(0x4E00 + 7 * i) for i in range(49)) + " " + "".join(chr(0x5200 + 7 * i) for i in range(50))
+
+
+def longest_dose(n: int) -> dict[str, Any]:
+    on = date(2021, 6, 1) + timedelta(days=120 * (n - 1))
+    lot = "".join("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"[(7 * n + 13 * j + j * j) % 36] for j in range(20))
+    venue = "".join(chr(0x6000 + 11 * (30 * n + j)) for j in range(30))
+    return dose(n, on.isoformat(), lot=lot, venue=venue)
+
+
+async def test_ten_doses_with_the_longest_values_fit_one_qr_code_and_the_paper_says_which(
+    registry: tuple[httpx.AsyncClient, FakeRecords], tmp_path: Path
+) -> None:
+    client, records = registry
+    r = await client.put(
+        f"/api/v1/municipalities/{CHIYODA}/residents/A1", json={**RESIDENT, "name": LONGEST_NAME}, headers=muni()
+    )
+    assert r.status_code == 200, r.text
+    records.doses = [longest_dose(n) for n in range(1, 11)]
+    card = (await issue(client)).json()
+    assert (await issue(client)).json() == card  # the same doses: the same card, byte for byte
+
+    key, _ = await issuer_key(client)
+    _, payload = decode_independently(card["shc"], key)
+    assert len(card["shc"]) - len("shc:/") <= 2 * shc.MAX_SINGLE_QR_JWS
+    png = Image.open(io.BytesIO(base64.b64decode(card["qr_png"])))
+    assert (png.width // 4 - 2 * 4 - 17) // 4 <= 22  # 4 px a module, a 4-module quiet zone: version ≤ 22
+    [symbol] = pyzbar.decode(png)
+    assert symbol.data.decode() == card["shc"]
+    shots = [e["resource"] for e in payload["vc"]["credentialSubject"]["fhirBundle"]["entry"][1:]]
+    # The venues went first, then the oldest doses: the card holds the latest ones, lots and dates intact.
+    held = records.doses[-len(shots) :]
+    assert 0 < len(shots) < 10 and not any("performer" in s for s in shots)
+    assert [(s["occurrenceDateTime"], s["lotNumber"]) for s in shots] == [
+        (d["vaccinated_on"], d["lot_number"]) for d in held
+    ]
+
+    if shutil.which("pdftotext") is None:
+        unavailable("poppler-utils is not installed (apt-get install poppler-utils)")
+    pdf = tmp_path / "certificate.pdf"
+    pdf.write_bytes((await issue(client, "pdf")).content)
+    text = await run("pdftotext", "-layout", str(pdf), "-")
+    assert f"The QR code holds the latest {len(shots)} of the 10 doses" in text
+    assert all(d["lot_number"] in text for d in records.doses)  # the paper lists every dose
 
 
 async def test_reading_the_resident_revokes_a_stale_card_before_anyone_verifies_it(
