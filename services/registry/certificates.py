@@ -31,7 +31,7 @@ from services.registry.municipalities import municipality_name
 from services.registry.qr import qr_png
 from services.registry.repository import CertificateRepository
 from services.registry.settings import RegistrySettings
-from shared.db import Databases, UnitOfWork, utcnow
+from shared.db import Databases, UnitOfWork, as_utc, utcnow
 from shared.domain.dose_rules import DoseStatus
 from shared.errors import Conflict, NotFound, ServiceUnavailable
 from shared.grants import DoseVersionGrant, sign_grant
@@ -161,10 +161,13 @@ async def issue_card(
             issued_at=now.replace(microsecond=0),
         )
         repo.add(current)
+    # SQLite returns the stored instant without its zone: read as local time it would move the card's nbf
+    # (and the paper's issue date) by the host's UTC offset, and the same doses would no longer give the same card.
+    issued_at = as_utc(current.issued_at)
     jws, on_card = signed_card(
         issuer.key,
         issuer=issuer.url,
-        nbf=int(current.issued_at.timestamp()),
+        nbf=int(issued_at.timestamp()),
         rid=current.rid,
         person=_person(resident),
         doses=doses,
@@ -172,7 +175,7 @@ async def issue_card(
     return IssuedCard(
         certificate_id=current.certificate_id,
         shc=shc.to_numeric(jws),
-        issued_at=current.issued_at,
+        issued_at=issued_at,
         resident=resident,
         doses=doses,
         on_card=on_card,
@@ -292,7 +295,7 @@ async def verify(uow: UnitOfWork, records: InternalClient, issuer: Issuer, *, ca
         except ServiceUnavailable:
             return Verification(valid=False, reasons=[UNCHECKED], claims=claims)
     if cert.revoked_at is not None:
-        when = cert.revoked_at.replace(microsecond=0).isoformat()
+        when = as_utc(cert.revoked_at).replace(microsecond=0).isoformat()
         return Verification(valid=False, reasons=[f"revoked: {cert.revoked_reason} (revoked {when})"], claims=claims)
     return Verification(valid=True, reasons=[], claims=claims)
 

@@ -13,12 +13,13 @@ import io
 import json
 import shutil
 import subprocess
+import time
 import uuid
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from jwcrypto import jwk, jws
 from PIL import Image
 from pyzbar import pyzbar
 
-from services.registry import shc
+from services.registry import certificates, shc
 from services.registry.app import create_app
 from services.registry.settings import RegistrySettings
 from shared.auth import Role, forwarded_authorization, principal_from_claims
@@ -252,6 +253,39 @@ async def test_same_doses_same_certificate_and_our_verifier_accepts_it(
         headers={"Content-Type": "image/png"},
     )
     assert r.json()["valid"] is True
+
+
+@pytest.fixture
+def tokyo_host(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The process's local time zone is Japan's, as on a municipality's own server."""
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+async def test_a_reissued_card_and_paper_keep_their_issue_time_whatever_the_host_time_zone(
+    registry: tuple[httpx.AsyncClient, FakeRecords], tokyo_host: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client, records = registry
+    records.doses = [dose(1, "2021-06-01")]
+    # 20:00 UTC is 05:00 the next day in Japan: the paper's 発行年月日 is that next day.
+    issued = datetime(2024, 12, 10, 20, 0, 0, tzinfo=UTC)
+    monkeypatch.setattr(certificates, "utcnow", lambda: issued)
+    first = (await issue(client)).json()
+    # Read back from SQLite, which keeps no time zone, by a host whose local time is not UTC.
+    again = (await issue(client)).json()
+    pdf = (await issue(client, "pdf")).content
+    key, _ = await issuer_key(client)
+    assert decode_independently(first["shc"], key)[1]["nbf"] == int(issued.timestamp())
+    assert again == first
+    if shutil.which("pdftotext") is None:
+        unavailable("poppler-utils is not installed (apt-get install poppler-utils)")
+    text = await asyncio.to_thread(
+        subprocess.run, ["pdftotext", "-layout", "-", "-"], input=pdf, capture_output=True, check=True
+    )
+    assert "2024-12-11" in text.stdout.decode()
 
 
 async def test_tampered_card_is_rejected_by_us_and_by_the_independent_verifier(
