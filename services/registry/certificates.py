@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
 import logging
 import uuid
 from collections.abc import Sequence
@@ -36,7 +37,7 @@ from shared.domain.dose_rules import DoseStatus
 from shared.errors import Conflict, NotFound, ServiceUnavailable
 from shared.grants import DoseVersionGrant, sign_grant
 from shared.internal import InternalClient
-from shared.schemas import DoseSummary, DoseVersion, DoseVersionList
+from shared.schemas import MAX_DOSE_VERSION_GRANT, MAX_DOSE_VERSION_IDS, DoseSummary, DoseVersion, DoseVersionList
 
 log = logging.getLogger(__name__)
 
@@ -347,11 +348,46 @@ Certified = tuple[str, str, list[dict[str, Any]]]  # (certificate id, municipali
 
 async def dose_changes(records: InternalClient, issuer: Issuer, certificates: Sequence[Certified]) -> dict[str, str]:
     """certificate id → why it must be revoked, for those of ``certificates`` showing a dose that records
-    has since voided, corrected or no longer holds. One records call, under one grant naming exactly these
-    certificates' dose ids. Raises :class:`ServiceUnavailable` if records does not answer."""
-    shown = [(cid, municipality, doses) for cid, municipality, doses in certificates if doses]
-    if not shown:
-        return {}
+    has since voided, corrected or no longer holds. One records call under one grant naming exactly these
+    certificates' dose ids — several, each naming some of them, when one grant would be larger than records
+    accepts. Raises :class:`ServiceUnavailable` if records does not answer."""
+    changed: dict[str, str] = {}
+    for part in _grant_parts([c for c in certificates if c[2]]):
+        changed |= await _dose_changes(records, issuer, part)
+    return changed
+
+
+# The signed grant is base64url of its claims (4 characters for 3 bytes) between a header and a signature:
+# 1,000 characters cover those and the claims beside the certificates (iss, aud, jti, iat, exp).
+_GRANT_CERTIFICATES_BYTES = (MAX_DOSE_VERSION_GRANT - 1_000) * 3 // 4
+
+
+def _grant_parts(shown: Sequence[Certified]) -> list[list[Certified]]:
+    """``shown`` in order, cut where a grant naming more would exceed what records accepts (its length, the
+    dose ids asked about, the certificates named). Never a certificate split: a grant names all its doses."""
+    parts: list[list[Certified]] = []
+    part: list[Certified] = []
+    size = ids = 0
+    for cert in shown:
+        cid, municipality, doses = cert
+        named = {"certificate": cid, "municipality": municipality, "doses": [d["dose_id"] for d in doses]}
+        entry = len(json.dumps(named, separators=(",", ":"))) + 1  # and its comma
+        full = (
+            size + entry > _GRANT_CERTIFICATES_BYTES
+            or ids + len(doses) > MAX_DOSE_VERSION_IDS
+            or len(part) == DoseVersionGrant.MAX_CERTIFICATES
+        )
+        if part and full:
+            parts.append(part)
+            part, size, ids = [], 0, 0
+        part.append(cert)
+        size, ids = size + entry, ids + len(doses)
+    if part:
+        parts.append(part)
+    return parts
+
+
+async def _dose_changes(records: InternalClient, issuer: Issuer, shown: Sequence[Certified]) -> dict[str, str]:
     # One validation for the whole grant (a sweep names hundreds of certificates).
     grant = DoseVersionGrant.model_validate(
         {
@@ -396,9 +432,9 @@ class SweepPass:
 
 
 async def sweep(databases: Databases, records: InternalClient, issuer: Issuer, *, batch_size: int) -> SweepPass:
-    """One pass over every certificate not revoked yet, in pages of ``batch_size``: one records call per page,
-    revocations committed per page. Raises :class:`ServiceUnavailable` (pass abandoned, what was committed
-    stays) if records does not answer."""
+    """One pass over every certificate not revoked yet, in pages of ``batch_size``: one records call per page
+    (more if its grant would be too large for one), revocations committed per page. Raises
+    :class:`ServiceUnavailable` (pass abandoned, what was committed stays) if records does not answer."""
     result = SweepPass()
     async with databases.main.sessionmaker() as lock, lock.begin():
         if not await CertificateRepository(lock).take_sweep_lock():
