@@ -11,6 +11,7 @@ import asyncio
 import base64
 import io
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -35,8 +36,9 @@ from jwcrypto import jwk, jws
 from PIL import Image
 from pyzbar import pyzbar
 
-from services.registry import certificates, shc
+from services.registry import certificates, fhir, shc
 from services.registry.app import create_app
+from services.registry.certificate_pdf import DOSE_COLUMNS, LEFT, PERSON_COLUMNS, CertificateView, render
 from services.registry.settings import RegistrySettings
 from shared.auth import Role, forwarded_authorization, principal_from_claims
 from shared.errors import ServiceUnavailable
@@ -558,7 +560,57 @@ async def test_ten_doses_with_the_longest_values_fit_one_qr_code_and_the_paper_s
     pdf.write_bytes((await issue(client, "pdf")).content)
     text = await run("pdftotext", "-layout", str(pdf), "-")
     assert f"The QR code holds the latest {len(shots)} of the 10 doses" in text
-    assert all(d["lot_number"] in text for d in records.doses)  # the paper lists every dose
+    assert all(d["vaccinated_on"] in text for d in records.doses)  # the paper lists every dose
+
+
+FONT = Path("/usr/share/fonts/opentype/ipaexfont-gothic/ipaexg.ttf")
+WORD = re.compile(r'<word xMin="([\d.]+)" yMin="([\d.]+)" xMax="([\d.]+)" yMax="([\d.]+)">([^<]*)</word>')
+
+
+def test_the_longest_values_stay_inside_their_cells_on_paper(tmp_path: Path) -> None:
+    if shutil.which("pdftotext") is None or not FONT.is_file():
+        unavailable("poppler-utils or fonts-ipaexfont is not installed")
+    lot = "ABCDEFGHIJKLMNOPQRST"  # the longest lot records accepts
+    # 100 characters, the longest name registry accepts, of kanji the font has.
+    name = ("山田花子佐藤鈴木高橋伊藤渡辺中村小林加藤吉田松本井上清水斎森池阿部石川前野岡長谷坂遠藤原太郎" * 3)[:100]
+    kana = ("ヤマダハナコ" * 34)[:200]  # 200
+    doses = [
+        fhir.Dose(str(n), n, date(2021, 6, 1) + timedelta(days=120 * n), vaccine, lot, None, voided=False)
+        for n, vaccine in enumerate(["pfizer", "moderna", "astrazeneca", "novavax"] * 2 + ["pfizer"] * 2, start=1)
+    ]
+    jws_text, _ = certificates.signed_card(
+        shc.IssuerKey.from_private(ec.generate_private_key(ec.SECP256R1())),
+        issuer=ISSUER,
+        nbf=1733900000,
+        rid="M-EyzklSfdI",
+        person=fhir.Person(CHIYODA, "A1", name, kana, date(1950, 4, 2), "F"),
+        doses=doses,
+    )
+    view = CertificateView(
+        str(uuid.uuid4()), name, kana, date(1950, 4, 2), "千代田区", date(2024, 12, 11), doses, shc.to_numeric(jws_text)
+    )
+    pdf = tmp_path / "certificate.pdf"
+    pdf.write_bytes(render(view, font_path=FONT))
+    boxes = subprocess.run(["pdftotext", "-bbox", str(pdf), "-"], capture_output=True, check=True, text=True).stdout
+    words = [(float(x0), float(y0), float(x1), text) for x0, y0, x1, _, text in WORD.findall(boxes)]
+
+    def fragments(value: str, column: tuple[float, float]) -> list[str]:
+        """The words that are pieces of ``value``, each checked to lie inside ``column`` (x in points)."""
+        pieces = [(y, x0, x1, text) for x0, y, x1, text in words if len(text) > 1 and text in value]
+        for _, x0, x1, text in pieces:
+            assert column[0] <= x0 and x1 <= column[1], (text, x0, x1, column)
+        return [text for *_, text in sorted(pieces)]
+
+    # Both in points from the page's left edge: reportlab's unit and the PDF's, which pdftotext reports.
+    value_column = (LEFT + PERSON_COLUMNS[0], LEFT + sum(PERSON_COLUMNS))
+    lot_column = (LEFT + sum(DOSE_COLUMNS[:3]), LEFT + sum(DOSE_COLUMNS))
+    assert "".join(fragments(name, value_column)) == name  # wrapped, whole, inside its cell
+    assert "".join(fragments(kana, value_column)) == kana
+    assert "".join(fragments(lot, lot_column)) == lot * len(doses)
+    # The QR code is still read back, whether or not it had to go to a page of its own.
+    subprocess.run(["pdftoppm", "-r", "150", "-png", str(pdf), str(tmp_path / "page")], check=True)
+    found = [s.data.decode() for page in sorted(tmp_path.glob("page*.png")) for s in pyzbar.decode(Image.open(page))]
+    assert found == [view.shc]
 
 
 async def test_reading_the_resident_revokes_a_stale_card_before_anyone_verifies_it(
