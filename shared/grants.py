@@ -86,7 +86,9 @@ class DoseVersionGrant(Grant):
     LIFETIME = timedelta(seconds=15)
     NAME = "dose-version grant"
 
-    certificates: list[CertifiedDoses] = Field(min_length=1, max_length=1000)
+    MAX_CERTIFICATES: ClassVar[int] = 1000
+
+    certificates: list[CertifiedDoses] = Field(min_length=1, max_length=MAX_CERTIFICATES)
 
     def dose_ids(self) -> dict[str, str]:
         """Each named dose id → the municipality whose records hold it."""

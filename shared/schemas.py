@@ -35,12 +35,17 @@ class TransferDosesIn(BaseModel):
     grants: list[str] = Field(min_length=1, max_length=1000)
 
 
+# What records accepts in one certificate check; registry splits a larger question (certificates.py).
+MAX_DOSE_VERSION_GRANT = 500_000  # characters of the signed grant
+MAX_DOSE_VERSION_IDS = 50_000
+
+
 class DoseVersionsIn(BaseModel):
     """registry → records on a certificate check: a dose-version grant, and the dose ids asked about (each
     must be named in the grant)."""
 
-    grant: str = Field(min_length=1, max_length=500_000)
-    dose_ids: list[str] = Field(min_length=1, max_length=50_000)
+    grant: str = Field(min_length=1, max_length=MAX_DOSE_VERSION_GRANT)
+    dose_ids: list[str] = Field(min_length=1, max_length=MAX_DOSE_VERSION_IDS)
 
 
 class DoseVersion(BaseModel):

@@ -12,21 +12,27 @@ from dataclasses import dataclass
 from datetime import date
 from functools import cache
 from pathlib import Path
+from xml.sax.saxutils import escape
 
 from reportlab.lib import colors
 from reportlab.lib.pagesizes import A4
+from reportlab.lib.styles import ParagraphStyle
 from reportlab.lib.units import mm
 from reportlab.lib.utils import ImageReader
 from reportlab.pdfbase import pdfmetrics
 from reportlab.pdfbase.ttfonts import TTFont
 from reportlab.pdfgen.canvas import Canvas
-from reportlab.platypus import Table, TableStyle
+from reportlab.platypus import Paragraph, Table, TableStyle
 
 from services.registry.fhir import VACCINES, Dose
 from services.registry.qr import qr_image
 from shared.domain.vaccines import default_rules
 
 FONT = "VRSCertificateFont"
+LEFT = 20 * mm
+PERSON_COLUMNS = (62 * mm, 108 * mm)  # also the issuer table's
+DOSE_COLUMNS = (30 * mm, 28 * mm, 82 * mm, 30 * mm)
+FOOTER = 20 * mm  # the certifying sentence's baseline, from the page's bottom edge
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +45,7 @@ class CertificateView:
     issued_on: date
     doses: Sequence[Dose]
     shc: str
+    doses_on_card: int | None = None  # the QR code holds only the latest this many of ``doses``; None: all
 
 
 @cache
@@ -70,42 +77,45 @@ def render(view: CertificateView, *, font_path: Path) -> bytes:
     canvas.setFont(font, 13)
     canvas.drawCentredString(width / 2, height - 38 * mm, "Vaccination Certificate of COVID-19")
 
-    person = Table(
+    person = _table(
         [
             ["氏名 / Name", view.name],
             ["氏名カナ / Name (kana)", view.name_kana],
             ["生年月日 / Date of birth", view.birth_date.isoformat() if view.birth_date else "不明 / Unknown"],
         ],
-        colWidths=[62 * mm, 108 * mm],
+        PERSON_COLUMNS,
+        font,
+        header=False,
     )
-    person.setStyle(_style(font, header=False))
-    _place(canvas, person, 20 * mm, height - 48 * mm)
+    person_bottom = _place(canvas, person, LEFT, height - 48 * mm)
 
     rows = [["回数 / Dose", "接種日 / Date", "ワクチン / Vaccine", "ロット番号 / Lot"]]
     rows += [
         [f"{d.dose_number}回目 / No. {d.dose_number}", d.vaccinated_on.isoformat(), _product(d.vaccine), d.lot_number]
         for d in view.doses
     ]
-    doses = Table(rows, colWidths=[30 * mm, 28 * mm, 82 * mm, 30 * mm])
-    doses.setStyle(_style(font, header=True, size=8.5))
-    _, dose_height = doses.wrap(0, 0)
-    doses_top = height - 78 * mm
-    _place(canvas, doses, 20 * mm, doses_top)
+    doses = _table(rows, DOSE_COLUMNS, font, header=True, size=8.5)
+    # Where the usual page has them; lower when a long name or kana took more lines.
+    doses_bottom = _place(canvas, doses, LEFT, min(height - 78 * mm, person_bottom - 8 * mm))
 
-    issuer = Table(
+    issuer = _table(
         [
             ["発行自治体 / Issuing municipality", view.municipality_name],
             ["発行年月日 / Date of issue", view.issued_on.isoformat()],
             ["証明書番号 / Certificate ID", view.certificate_id],
         ],
-        colWidths=[62 * mm, 108 * mm],
+        PERSON_COLUMNS,
+        font,
+        header=False,
     )
-    issuer.setStyle(_style(font, header=False))
-    issuer_top = doses_top - dose_height - 8 * mm
-    _place(canvas, issuer, 20 * mm, issuer_top)
+    issuer_bottom = _place(canvas, issuer, LEFT, doses_bottom - 8 * mm)
 
     qr_size = 70 * mm
-    qr_top = issuer_top - 30 * mm
+    qr_top = min(issuer_bottom - 12 * mm, doses_bottom - 38 * mm)
+    if qr_top - qr_size - 12 * mm < FOOTER + 8 * mm:
+        # The longest names and ten doses fill the page: the QR code, whole, goes on the next one.
+        canvas.showPage()
+        qr_top = height - 30 * mm
     canvas.drawImage(
         ImageReader(qr_image(view.shc, box_size=8)),
         (width - qr_size) / 2,
@@ -119,9 +129,16 @@ def render(view: CertificateView, *, font_path: Path) -> bytes:
         qr_top - qr_size - 5 * mm,
         "SMART Health Card — 検証アプリで読み取れます / Scan with any SMART Health Card verifier",
     )
+    if view.doses_on_card is not None and view.doses_on_card < len(view.doses):
+        canvas.drawCentredString(
+            width / 2,
+            qr_top - qr_size - 10 * mm,
+            f"QRコードには直近{view.doses_on_card}回分の接種を収録 / "
+            f"The QR code holds the latest {view.doses_on_card} of the {len(view.doses)} doses",
+        )
     canvas.drawCentredString(
         width / 2,
-        20 * mm,
+        FOOTER,
         "上記のとおり予防接種を受けたことを証明します。 / This is to certify that the above person was vaccinated.",
     )
     canvas.showPage()
@@ -129,9 +146,18 @@ def render(view: CertificateView, *, font_path: Path) -> bytes:
     return buffer.getvalue()
 
 
-def _style(font: str, *, header: bool, size: float = 10) -> TableStyle:
+def _table(rows: list[list[str]], columns: Sequence[float], font: str, *, header: bool, size: float = 10) -> Table:
+    """Each cell's text wrapped to its column, between any two characters (wordWrap CJK): a 20-character lot
+    or a 100-character name has no space to break at, and must not cross the cell's border."""
+    style = ParagraphStyle("cell", fontName=font, fontSize=size, leading=size * 1.25, wordWrap="CJK")
+    table = Table([[Paragraph(escape(text), style) for text in row] for row in rows], colWidths=list(columns))
+    table.setStyle(_style(font, header=header))
+    return table
+
+
+def _style(font: str, *, header: bool) -> TableStyle:
     commands: list[tuple[object, ...]] = [
-        ("FONT", (0, 0), (-1, -1), font, size),
+        ("FONT", (0, 0), (-1, -1), font),  # the cells' paragraphs have theirs; this keeps Helvetica off the page
         ("GRID", (0, 0), (-1, -1), 0.5, colors.grey),
         ("VALIGN", (0, 0), (-1, -1), "MIDDLE"),
         ("BOTTOMPADDING", (0, 0), (-1, -1), 5),
@@ -143,6 +169,8 @@ def _style(font: str, *, header: bool, size: float = 10) -> TableStyle:
     return TableStyle(commands)
 
 
-def _place(canvas: Canvas, table: Table, x: float, top: float) -> None:
+def _place(canvas: Canvas, table: Table, x: float, top: float) -> float:
+    """Draws ``table`` with its top edge at ``top``; returns where its bottom edge is."""
     _, h = table.wrap(0, 0)
     table.drawOn(canvas, x, top - h)
+    return float(top - h)

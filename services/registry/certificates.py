@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
 import logging
 import uuid
 from collections.abc import Sequence
@@ -31,12 +32,12 @@ from services.registry.municipalities import municipality_name
 from services.registry.qr import qr_png
 from services.registry.repository import CertificateRepository
 from services.registry.settings import RegistrySettings
-from shared.db import Databases, UnitOfWork, utcnow
+from shared.db import Databases, UnitOfWork, as_utc, utcnow
 from shared.domain.dose_rules import DoseStatus
 from shared.errors import Conflict, NotFound, ServiceUnavailable
 from shared.grants import DoseVersionGrant, sign_grant
 from shared.internal import InternalClient
-from shared.schemas import DoseSummary, DoseVersion, DoseVersionList
+from shared.schemas import MAX_DOSE_VERSION_GRANT, MAX_DOSE_VERSION_IDS, DoseSummary, DoseVersion, DoseVersionList
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,8 @@ class IssuedCard:
     shc: str
     issued_at: datetime
     resident: Resident
-    doses: list[fhir.Dose]
+    doses: list[fhir.Dose]  # every dose certified: the paper's table
+    on_card: list[fhir.Dose]  # those the QR code holds: the latest of ``doses``, all of them unless too many
 
 
 def certifiable(doses: Sequence[DoseSummary]) -> list[fhir.Dose]:
@@ -160,20 +162,44 @@ async def issue_card(
             issued_at=now.replace(microsecond=0),
         )
         repo.add(current)
-    payload = shc.card_payload(
+    # SQLite returns the stored instant without its zone: read as local time it would move the card's nbf
+    # (and the paper's issue date) by the host's UTC offset, and the same doses would no longer give the same card.
+    issued_at = as_utc(current.issued_at)
+    jws, on_card = signed_card(
+        issuer.key,
         issuer=issuer.url,
-        nbf=int(current.issued_at.timestamp()),
-        bundle=fhir.card_bundle(_person(resident), doses),
+        nbf=int(issued_at.timestamp()),
         rid=current.rid,
+        person=_person(resident),
+        doses=doses,
     )
-    jws = shc.sign(payload, issuer.key)
     return IssuedCard(
         certificate_id=current.certificate_id,
         shc=shc.to_numeric(jws),
-        issued_at=current.issued_at,
+        issued_at=issued_at,
         resident=resident,
         doses=doses,
+        on_card=on_card,
     )
+
+
+def signed_card(
+    key: shc.IssuerKey, *, issuer: str, nbf: int, rid: str, person: fhir.Person, doses: Sequence[fhir.Dose]
+) -> tuple[str, list[fhir.Dose]]:
+    """The card's JWS, and the doses it holds: always few enough characters for one version-22 QR code.
+
+    The spec deprecates splitting a card over several codes, so what does not fit is left out, in a fixed
+    order: first every dose's venue (the one element beyond what the spec requires), then the oldest doses,
+    one at a time. The same doses thus always give the same card. ``doses`` are in date order.
+    """
+    # Every dose with its venue; then without venues, from all doses down to the latest one alone.
+    attempts = [(list(doses), True)] + [(list(doses[first:]), False) for first in range(len(doses))]
+    for shown, performers in attempts:
+        bundle = fhir.card_bundle(person, shown, performers=performers)
+        jws = shc.sign(shc.card_payload(issuer=issuer, nbf=nbf, bundle=bundle, rid=rid), key)
+        if len(jws) <= shc.MAX_SINGLE_QR_JWS:
+            return jws, shown
+    raise ValueError("not even the latest dose alone fits a health card: is the issuer URL that long?")
 
 
 async def refresh_revocations(
@@ -212,6 +238,7 @@ async def certificate_pdf(card: IssuedCard, issuer: Issuer, *, issued_on: date) 
         issued_on=issued_on,
         doses=card.doses,
         shc=card.shc,
+        doses_on_card=len(card.on_card),
     )
     # reportlab and the QR encoder are CPU work: keep them off the event loop.
     return await asyncio.to_thread(render, view, font_path=issuer.font)
@@ -269,7 +296,7 @@ async def verify(uow: UnitOfWork, records: InternalClient, issuer: Issuer, *, ca
         except ServiceUnavailable:
             return Verification(valid=False, reasons=[UNCHECKED], claims=claims)
     if cert.revoked_at is not None:
-        when = cert.revoked_at.replace(microsecond=0).isoformat()
+        when = as_utc(cert.revoked_at).replace(microsecond=0).isoformat()
         return Verification(valid=False, reasons=[f"revoked: {cert.revoked_reason} (revoked {when})"], claims=claims)
     return Verification(valid=True, reasons=[], claims=claims)
 
@@ -321,11 +348,46 @@ Certified = tuple[str, str, list[dict[str, Any]]]  # (certificate id, municipali
 
 async def dose_changes(records: InternalClient, issuer: Issuer, certificates: Sequence[Certified]) -> dict[str, str]:
     """certificate id → why it must be revoked, for those of ``certificates`` showing a dose that records
-    has since voided, corrected or no longer holds. One records call, under one grant naming exactly these
-    certificates' dose ids. Raises :class:`ServiceUnavailable` if records does not answer."""
-    shown = [(cid, municipality, doses) for cid, municipality, doses in certificates if doses]
-    if not shown:
-        return {}
+    has since voided, corrected or no longer holds. One records call under one grant naming exactly these
+    certificates' dose ids — several, each naming some of them, when one grant would be larger than records
+    accepts. Raises :class:`ServiceUnavailable` if records does not answer."""
+    changed: dict[str, str] = {}
+    for part in _grant_parts([c for c in certificates if c[2]]):
+        changed |= await _dose_changes(records, issuer, part)
+    return changed
+
+
+# The signed grant is base64url of its claims (4 characters for 3 bytes) between a header and a signature:
+# 1,000 characters cover those and the claims beside the certificates (iss, aud, jti, iat, exp).
+_GRANT_CERTIFICATES_BYTES = (MAX_DOSE_VERSION_GRANT - 1_000) * 3 // 4
+
+
+def _grant_parts(shown: Sequence[Certified]) -> list[list[Certified]]:
+    """``shown`` in order, cut where a grant naming more would exceed what records accepts (its length, the
+    dose ids asked about, the certificates named). Never a certificate split: a grant names all its doses."""
+    parts: list[list[Certified]] = []
+    part: list[Certified] = []
+    size = ids = 0
+    for cert in shown:
+        cid, municipality, doses = cert
+        named = {"certificate": cid, "municipality": municipality, "doses": [d["dose_id"] for d in doses]}
+        entry = len(json.dumps(named, separators=(",", ":"))) + 1  # and its comma
+        full = (
+            size + entry > _GRANT_CERTIFICATES_BYTES
+            or ids + len(doses) > MAX_DOSE_VERSION_IDS
+            or len(part) == DoseVersionGrant.MAX_CERTIFICATES
+        )
+        if part and full:
+            parts.append(part)
+            part, size, ids = [], 0, 0
+        part.append(cert)
+        size, ids = size + entry, ids + len(doses)
+    if part:
+        parts.append(part)
+    return parts
+
+
+async def _dose_changes(records: InternalClient, issuer: Issuer, shown: Sequence[Certified]) -> dict[str, str]:
     # One validation for the whole grant (a sweep names hundreds of certificates).
     grant = DoseVersionGrant.model_validate(
         {
@@ -370,9 +432,9 @@ class SweepPass:
 
 
 async def sweep(databases: Databases, records: InternalClient, issuer: Issuer, *, batch_size: int) -> SweepPass:
-    """One pass over every certificate not revoked yet, in pages of ``batch_size``: one records call per page,
-    revocations committed per page. Raises :class:`ServiceUnavailable` (pass abandoned, what was committed
-    stays) if records does not answer."""
+    """One pass over every certificate not revoked yet, in pages of ``batch_size``: one records call per page
+    (more if its grant would be too large for one), revocations committed per page. Raises
+    :class:`ServiceUnavailable` (pass abandoned, what was committed stays) if records does not answer."""
     result = SweepPass()
     async with databases.main.sessionmaker() as lock, lock.begin():
         if not await CertificateRepository(lock).take_sweep_lock():

@@ -75,10 +75,11 @@ def vaccine_code(product: str, *, display: bool) -> dict[str, Any]:
     return {"coding": [coding]}
 
 
-def card_bundle(person: Person, doses: Sequence[Dose]) -> dict[str, Any]:
+def card_bundle(person: Person, doses: Sequence[Dose], *, performers: bool = True) -> dict[str, Any]:
     """The health card's bundle, minimised as the spec requires for QR codes.
 
     No ids, meta, text or displays; ``resource:N`` references; the Patient has only name and birth date.
+    ``performers=False`` leaves out the venues, the one element the spec does not ask for.
     """
     patient: dict[str, Any] = {"resourceType": "Patient", "name": [human_name(person.name)]}
     if person.birth_date is not None:
@@ -92,7 +93,7 @@ def card_bundle(person: Person, doses: Sequence[Dose]) -> dict[str, Any]:
             "patient": {"reference": "resource:0"},
             "occurrenceDateTime": dose.vaccinated_on.isoformat(),
         }
-        if dose.venue:
+        if dose.venue and performers:
             immunization["performer"] = [{"actor": {"display": dose.venue}}]
         immunization["lotNumber"] = dose.lot_number
         entries.append({"fullUrl": f"resource:{i}", "resource": immunization})

@@ -9,7 +9,7 @@ import qrcode.util
 import zxingcpp
 from PIL import Image, UnidentifiedImageError
 
-from services.registry.shc import CardError
+from services.registry.shc import MAX_SINGLE_QR_JWS, CardError
 
 # A version-22 QR (the spec's ceiling for one card) at 4 px a module is about 450 px wide.
 BOX_SIZE = 4
@@ -19,6 +19,9 @@ MAX_PNG_PIXELS = 4000 * 4000
 def qr_image(shc: str, *, box_size: int = BOX_SIZE) -> Image.Image:
     if not shc.startswith("shc:/"):
         raise ValueError('expected an "shc:/" string')
+    # Two digits a JWS character. Refused rather than grown: a bigger code is one that phones fail to read.
+    if len(shc) - len("shc:/") > 2 * MAX_SINGLE_QR_JWS:
+        raise ValueError(f"a card longer than {MAX_SINGLE_QR_JWS} JWS characters does not fit a version-22 QR code")
     qr = qrcode.QRCode(error_correction=qrcode.constants.ERROR_CORRECT_L, border=4)
     # The spec's segments: "shc:/" in byte mode, the digits in numeric mode (3.3 bits a digit, not 8).
     qr.add_data(qrcode.util.QRData(b"shc:/", mode=qrcode.util.MODE_8BIT_BYTE))

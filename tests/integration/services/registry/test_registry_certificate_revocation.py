@@ -9,6 +9,7 @@ endpoint; registry learns of it only by asking records under a dose-version gran
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -26,8 +27,9 @@ from services.records.app import create_app as create_records
 from services.records.service import Submission, apply_coupon_events
 from services.records.settings import RecordsSettings
 from services.registry import certificates
+from services.registry.models import IssuedCertificate
 from shared.auth import Role
-from shared.db import Databases
+from shared.db import Databases, utcnow
 from shared.errors import ServiceUnavailable
 from shared.grants import DEV_PRIVATE_KEY, CertifiedDoses, DoseVersionGrant, TransferGrant, sign_grant
 from shared.internal import InternalClient
@@ -211,6 +213,38 @@ async def test_the_sweep_revokes_corrected_and_voided_cards_nobody_presented(sta
         assert records.calls == ["/internal/v1/dose-versions"]
     finally:
         await records.close()
+
+
+async def test_a_page_whose_grant_would_be_too_large_for_records_is_asked_in_parts(stack: Stack) -> None:
+    await resident_with_doses(stack, "E1", "0000000007", doses=2)
+    card = await issue(stack, "E1")
+    # 999 more cards of eight doses each that records never recorded: one page of 1,000 cards would need a
+    # grant of some 535,000 characters, beyond the 500,000 records accepts.
+    async with stack.registry.databases.main.sessionmaker() as session, session.begin():
+        for n in range(999):
+            certificate_id = str(uuid.uuid4())
+            session.add(
+                IssuedCertificate(
+                    certificate_id=certificate_id,
+                    municipality_code=CHIYODA,
+                    resident_id=f"F{n}",
+                    kid=stack.issuer.key.kid,
+                    rid=f"rid-{n}",
+                    doses=[{"dose_id": str(uuid.uuid4()), "version": 1} for _ in range(8)],
+                    subject_digest="0" * 64,
+                    issued_at=utcnow().replace(microsecond=0),
+                )
+            )
+
+    records = CountingClient(stack.registry.settings.records_url)
+    try:
+        done = await certificates.sweep(stack.registry.databases, records, stack.issuer, batch_size=1000)
+        assert (done.checked, done.revoked, done.skipped) == (1000, 999, False)
+        assert records.calls == ["/internal/v1/dose-versions"] * 2  # one page, two grants that each fit
+    finally:
+        await records.close()
+    assert (await verify(stack, card))["valid"] is True
+    assert len((await crl(stack))["rids"]) == 999
 
 
 async def test_records_answers_only_what_a_fresh_registry_grant_names(stack: Stack) -> None:

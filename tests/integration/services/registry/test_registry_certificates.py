@@ -11,13 +11,16 @@ import asyncio
 import base64
 import io
 import json
+import re
 import shutil
 import subprocess
+import time
 import uuid
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +36,9 @@ from jwcrypto import jwk, jws
 from PIL import Image
 from pyzbar import pyzbar
 
-from services.registry import shc
+from services.registry import certificates, fhir, shc
 from services.registry.app import create_app
+from services.registry.certificate_pdf import DOSE_COLUMNS, LEFT, PERSON_COLUMNS, CertificateView, render
 from services.registry.settings import RegistrySettings
 from shared.auth import Role, forwarded_authorization, principal_from_claims
 from shared.errors import ServiceUnavailable
@@ -251,6 +255,39 @@ async def test_same_doses_same_certificate_and_our_verifier_accepts_it(
         headers={"Content-Type": "image/png"},
     )
     assert r.json()["valid"] is True
+
+
+@pytest.fixture
+def tokyo_host(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The process's local time zone is Japan's, as on a municipality's own server."""
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+async def test_a_reissued_card_and_paper_keep_their_issue_time_whatever_the_host_time_zone(
+    registry: tuple[httpx.AsyncClient, FakeRecords], tokyo_host: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client, records = registry
+    records.doses = [dose(1, "2021-06-01")]
+    # 20:00 UTC is 05:00 the next day in Japan: the paper's 発行年月日 is that next day.
+    issued = datetime(2024, 12, 10, 20, 0, 0, tzinfo=UTC)
+    monkeypatch.setattr(certificates, "utcnow", lambda: issued)
+    first = (await issue(client)).json()
+    # Read back from SQLite, which keeps no time zone, by a host whose local time is not UTC.
+    again = (await issue(client)).json()
+    pdf = (await issue(client, "pdf")).content
+    key, _ = await issuer_key(client)
+    assert decode_independently(first["shc"], key)[1]["nbf"] == int(issued.timestamp())
+    assert again == first
+    if shutil.which("pdftotext") is None:
+        unavailable("poppler-utils is not installed (apt-get install poppler-utils)")
+    text = await asyncio.to_thread(
+        subprocess.run, ["pdftotext", "-layout", "-", "-"], input=pdf, capture_output=True, check=True
+    )
+    assert "2024-12-11" in text.stdout.decode()
 
 
 async def test_tampered_card_is_rejected_by_us_and_by_the_independent_verifier(
@@ -477,6 +514,103 @@ async def test_pdf_certificate_text_font_and_qr(
     page = Image.open(tmp_path / "page.png")
     [symbol] = pyzbar.decode(page)
     assert symbol.data.decode() == card["shc"]
+
+
+# The longest values records and registry accept, of characters that never repeat (nothing for DEFLATE).
+LONGEST_NAME = "".join(chr(0x4E00 + 7 * i) for i in range(49)) + " " + "".join(chr(0x5200 + 7 * i) for i in range(50))
+
+
+def longest_dose(n: int) -> dict[str, Any]:
+    on = date(2021, 6, 1) + timedelta(days=120 * (n - 1))
+    lot = "".join("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"[(7 * n + 13 * j + j * j) % 36] for j in range(20))
+    venue = "".join(chr(0x6000 + 11 * (30 * n + j)) for j in range(30))
+    return dose(n, on.isoformat(), lot=lot, venue=venue)
+
+
+async def test_ten_doses_with_the_longest_values_fit_one_qr_code_and_the_paper_says_which(
+    registry: tuple[httpx.AsyncClient, FakeRecords], tmp_path: Path
+) -> None:
+    client, records = registry
+    r = await client.put(
+        f"/api/v1/municipalities/{CHIYODA}/residents/A1", json={**RESIDENT, "name": LONGEST_NAME}, headers=muni()
+    )
+    assert r.status_code == 200, r.text
+    records.doses = [longest_dose(n) for n in range(1, 11)]
+    card = (await issue(client)).json()
+    assert (await issue(client)).json() == card  # the same doses: the same card, byte for byte
+
+    key, _ = await issuer_key(client)
+    _, payload = decode_independently(card["shc"], key)
+    assert len(card["shc"]) - len("shc:/") <= 2 * shc.MAX_SINGLE_QR_JWS
+    png = Image.open(io.BytesIO(base64.b64decode(card["qr_png"])))
+    assert (png.width // 4 - 2 * 4 - 17) // 4 <= 22  # 4 px a module, a 4-module quiet zone: version ≤ 22
+    [symbol] = pyzbar.decode(png)
+    assert symbol.data.decode() == card["shc"]
+    shots = [e["resource"] for e in payload["vc"]["credentialSubject"]["fhirBundle"]["entry"][1:]]
+    # The venues went first, then the oldest doses: the card holds the latest ones, lots and dates intact.
+    held = records.doses[-len(shots) :]
+    assert 0 < len(shots) < 10 and not any("performer" in s for s in shots)
+    assert [(s["occurrenceDateTime"], s["lotNumber"]) for s in shots] == [
+        (d["vaccinated_on"], d["lot_number"]) for d in held
+    ]
+
+    if shutil.which("pdftotext") is None:
+        unavailable("poppler-utils is not installed (apt-get install poppler-utils)")
+    pdf = tmp_path / "certificate.pdf"
+    pdf.write_bytes((await issue(client, "pdf")).content)
+    text = await run("pdftotext", "-layout", str(pdf), "-")
+    assert f"The QR code holds the latest {len(shots)} of the 10 doses" in text
+    assert all(d["vaccinated_on"] in text for d in records.doses)  # the paper lists every dose
+
+
+FONT = Path("/usr/share/fonts/opentype/ipaexfont-gothic/ipaexg.ttf")
+WORD = re.compile(r'<word xMin="([\d.]+)" yMin="([\d.]+)" xMax="([\d.]+)" yMax="([\d.]+)">([^<]*)</word>')
+
+
+def test_the_longest_values_stay_inside_their_cells_on_paper(tmp_path: Path) -> None:
+    if shutil.which("pdftotext") is None or not FONT.is_file():
+        unavailable("poppler-utils or fonts-ipaexfont is not installed")
+    lot = "ABCDEFGHIJKLMNOPQRST"  # the longest lot records accepts
+    # 100 characters, the longest name registry accepts, of kanji the font has.
+    name = ("山田花子佐藤鈴木高橋伊藤渡辺中村小林加藤吉田松本井上清水斎森池阿部石川前野岡長谷坂遠藤原太郎" * 3)[:100]
+    kana = ("ヤマダハナコ" * 34)[:200]  # 200
+    doses = [
+        fhir.Dose(str(n), n, date(2021, 6, 1) + timedelta(days=120 * n), vaccine, lot, None, voided=False)
+        for n, vaccine in enumerate(["pfizer", "moderna", "astrazeneca", "novavax"] * 2 + ["pfizer"] * 2, start=1)
+    ]
+    jws_text, _ = certificates.signed_card(
+        shc.IssuerKey.from_private(ec.generate_private_key(ec.SECP256R1())),
+        issuer=ISSUER,
+        nbf=1733900000,
+        rid="M-EyzklSfdI",
+        person=fhir.Person(CHIYODA, "A1", name, kana, date(1950, 4, 2), "F"),
+        doses=doses,
+    )
+    view = CertificateView(
+        str(uuid.uuid4()), name, kana, date(1950, 4, 2), "千代田区", date(2024, 12, 11), doses, shc.to_numeric(jws_text)
+    )
+    pdf = tmp_path / "certificate.pdf"
+    pdf.write_bytes(render(view, font_path=FONT))
+    boxes = subprocess.run(["pdftotext", "-bbox", str(pdf), "-"], capture_output=True, check=True, text=True).stdout
+    words = [(float(x0), float(y0), float(x1), text) for x0, y0, x1, _, text in WORD.findall(boxes)]
+
+    def fragments(value: str, column: tuple[float, float]) -> list[str]:
+        """The words that are pieces of ``value``, each checked to lie inside ``column`` (x in points)."""
+        pieces = [(y, x0, x1, text) for x0, y, x1, text in words if len(text) > 1 and text in value]
+        for _, x0, x1, text in pieces:
+            assert column[0] <= x0 and x1 <= column[1], (text, x0, x1, column)
+        return [text for *_, text in sorted(pieces)]
+
+    # Both in points from the page's left edge: reportlab's unit and the PDF's, which pdftotext reports.
+    value_column = (LEFT + PERSON_COLUMNS[0], LEFT + sum(PERSON_COLUMNS))
+    lot_column = (LEFT + sum(DOSE_COLUMNS[:3]), LEFT + sum(DOSE_COLUMNS))
+    assert "".join(fragments(name, value_column)) == name  # wrapped, whole, inside its cell
+    assert "".join(fragments(kana, value_column)) == kana
+    assert "".join(fragments(lot, lot_column)) == lot * len(doses)
+    # The QR code is still read back, whether or not it had to go to a page of its own.
+    subprocess.run(["pdftoppm", "-r", "150", "-png", str(pdf), str(tmp_path / "page")], check=True)
+    found = [s.data.decode() for page in sorted(tmp_path.glob("page*.png")) for s in pyzbar.decode(Image.open(page))]
+    assert found == [view.shc]
 
 
 async def test_reading_the_resident_revokes_a_stale_card_before_anyone_verifies_it(

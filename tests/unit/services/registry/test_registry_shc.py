@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import zlib
-from datetime import date
+from datetime import date, timedelta
 
 import pytest
 from jwcrypto import jwk, jws
 
-from services.registry import fhir, shc
+from services.registry import certificates, fhir, qr, shc
 from services.registry.settings import DEV_SHC_PRIVATE_KEY
 from shared.domain.vaccines import default_rules
 
@@ -139,3 +139,86 @@ def test_card_bundle_is_minimal() -> None:
             },
         ],
     }
+
+
+# The longest values records and registry accept — a 100-character name, 30-character venues, 20-character
+# lots — made of characters that never repeat, so that DEFLATE finds nothing to shorten.
+LONGEST_NAME = "".join(chr(0x4E00 + 7 * i) for i in range(49)) + " " + "".join(chr(0x5200 + 7 * i) for i in range(50))
+ALPHANUMERIC = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+
+
+def longest_venue(i: int) -> str:
+    return "".join(chr(0x6000 + 11 * (30 * i + j)) for j in range(30))
+
+
+def longest_lot(i: int) -> str:
+    return "".join(ALPHANUMERIC[(7 * i + 13 * j + j * j) % 36] for j in range(20))
+
+
+def card_of(n: int, *, name: str = LONGEST_NAME) -> tuple[str, list[fhir.Dose]]:
+    person = fhir.Person("131016", "A1", name, "ヤマダ ハナコ", date(1950, 4, 2), "F")
+    doses = [
+        fhir.Dose(
+            f"{i:08d}-0000-4000-8000-000000000000",
+            i + 1,
+            date(2021, 6, 1) + timedelta(days=120 * i),
+            ("pfizer", "moderna", "novavax")[i % 3],
+            longest_lot(i),
+            longest_venue(i),
+            voided=False,
+        )
+        for i in range(n)
+    ]
+    return certificates.signed_card(
+        KEY, issuer="https://vrs.example.jp/issuer", nbf=1733900000, rid="M-EyzklSfdI", person=person, doses=doses
+    )
+
+
+@pytest.mark.parametrize("n", range(1, 11))
+def test_a_card_always_fits_one_version_22_qr_code(n: int) -> None:
+    jws_text, shown = card_of(n)
+    assert len(jws_text) <= shc.MAX_SINGLE_QR_JWS
+    assert qr_version(shc.to_numeric(jws_text)) <= 22
+    payload = json.loads(zlib.decompress(shc.b64url_decode(jws_text.split(".")[1]), -15))
+    shots = [e["resource"] for e in payload["vc"]["credentialSubject"]["fhirBundle"]["entry"][1:]]
+    # What is left out, oldest first: never the name, birth date, a shown dose's date, product or lot.
+    assert payload["vc"]["credentialSubject"]["fhirBundle"]["entry"][0]["resource"]["name"] == [
+        fhir.human_name(LONGEST_NAME)
+    ]
+    assert [s["lotNumber"] for s in shots] == [d.lot_number for d in shown]
+    assert [s["occurrenceDateTime"] for s in shots] == [d.vaccinated_on.isoformat() for d in shown]
+    assert shown and shown[-1].dose_number == n  # the latest doses are the ones kept
+
+
+def test_what_a_card_leaves_out_comes_in_a_fixed_order() -> None:
+    # Short values: everything fits.
+    jws_text, shown = card_of(2, name="山田 花子")
+    assert len(shown) == 2 and all("performer" in s for s in _shots(jws_text))
+    # Too long with venues: the venues go, every dose stays.
+    jws_text, shown = card_of(5, name="山田 花子")
+    assert len(shown) == 5 and not any("performer" in s for s in _shots(jws_text))
+    # Too long even without venues: the oldest doses go too.
+    jws_text, shown = card_of(10)
+    assert 1 <= len(shown) < 10 and [d.dose_number for d in shown] == list(range(11 - len(shown), 11))
+    assert not any("performer" in s for s in _shots(jws_text))
+
+
+def test_the_same_doses_give_the_same_card_byte_for_byte() -> None:
+    assert card_of(10) == card_of(10)
+
+
+def qr_version(shc_text: str) -> int:
+    modules = qr.qr_image(shc_text, box_size=1).size[0] - 2 * 4  # less the 4-module quiet zone
+    return (modules - 17) // 4
+
+
+def test_a_qr_code_is_never_grown_past_version_22() -> None:
+    longest = "eyJ" + "A" * (shc.MAX_SINGLE_QR_JWS - 3)
+    assert qr_version(shc.to_numeric(longest)) == 22
+    with pytest.raises(ValueError, match="version-22"):
+        qr.qr_image(shc.to_numeric(longest + "A"))
+
+
+def _shots(jws_text: str) -> list[dict[str, object]]:
+    payload = json.loads(zlib.decompress(shc.b64url_decode(jws_text.split(".")[1]), -15))
+    return [e["resource"] for e in payload["vc"]["credentialSubject"]["fhirBundle"]["entry"][1:]]
