@@ -35,7 +35,9 @@ selects the municipality's rows) in a :class:`MoveSpec`; this module does the re
    entry and finds the new shard when it retries.
 
 Every step is recorded in ``shard_moves`` (main database) and is safe to repeat, so an interrupted move is
-resumed by running the same command again. The write pause — fence to flip — is stored with the move.
+resumed by running the same command again. One run at a time: a run holds an advisory lock per municipality in
+each service's main database (:func:`move_lock`), and a second run is refused at once; a killed run's lock goes
+with its connection. The write pause — fence to flip — is stored with the move.
 Shard moves need PostgreSQL; the embedded SQLite mode has no fences.
 """
 
@@ -47,15 +49,30 @@ import re
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Float, Index, LargeBinary, MetaData, String, Table, Text, select, update
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    Float,
+    Index,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql
 
 from shared.db import SHARD_MAP_TTL_SECONDS, Database, Databases, is_sqlite, upsert, utcnow
+from shared.domain.codes import municipality_code_problem
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +81,9 @@ FENCE_SQLSTATE = "VR503"
 BYPASS_SQL = "SET LOCAL vrs.shard_move = 'on'"
 # How much longer than the cache's lifetime the mover waits before deleting the source rows.
 CLEAN_MARGIN_SECONDS = 1.0
+# The first key of a move's advisory lock (the municipality code is the second): "VRSM", apart from any other
+# advisory lock of the main databases.
+MOVE_LOCK_CLASS = 0x5652534D
 
 
 def shard_fences_table(metadata: MetaData) -> Table:
@@ -290,6 +310,44 @@ async def _transaction(db: Database, *, isolation: str = "read_committed") -> As
         raw: Any = (await conn.get_raw_connection()).driver_connection
         async with raw.transaction(isolation=isolation):
             yield raw
+
+
+@asynccontextmanager
+async def move_lock(specs: Sequence[MoveSpec], code: str) -> AsyncIterator[None]:
+    """Hold, for a whole run, every service's lock on moving ``code``: a session-level advisory lock in the main
+    database where the service records its moves, on a connection kept for the run.
+
+    A second run for the municipality stops at once instead of working beside the first: the two would copy
+    ``dose_history`` (no key on the target) twice, both checksums passing, and one's abort could delete rows the
+    other verified. A killed run's lock ends with its connection, so running the move again resumes it."""
+    problem = municipality_code_problem(code)
+    if problem is not None:
+        raise ShardMoveError(f"{code!r} is not a municipality code: {problem}")
+    async with AsyncExitStack() as held:
+        for spec in specs:
+            if is_sqlite(spec.databases.main.url):
+                raise ShardMoveError("shard moves need PostgreSQL (the embedded SQLite mode has no fences)")
+            conn = await held.enter_async_context(spec.databases.main.engine.connect())
+            # Autocommit: the connection waits idle for the run, not idle in a transaction (which a server's
+            # idle_in_transaction_session_timeout would end, lock and all).
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            key = {"c": MOVE_LOCK_CLASS, "k": int(code)}
+            if not await conn.scalar(text("SELECT pg_try_advisory_lock(:c, :k)"), key):
+                raise ShardMoveError(
+                    f"{spec.service}: a move of {code} is already running (another `vrs shards move` holds its "
+                    "lock); let it end, or stop it, then run the move again to resume it"
+                )
+            held.push_async_callback(_unlock, conn, key)
+        yield
+
+
+async def _unlock(conn: Any, key: dict[str, int]) -> None:
+    try:
+        await conn.execute(text("SELECT pg_advisory_unlock(:c, :k)"), key)
+    except Exception:
+        # The connection is gone (and the lock with it): it must not go back to the pool.
+        log.warning("shard move lock of %s: its connection was lost before the move ended", key["k"], exc_info=True)
+        await conn.invalidate()
 
 
 async def _read_move(spec: MoveSpec, code: str) -> dict[str, Any] | None:
@@ -802,6 +860,13 @@ async def move_municipality(
     consumes (registry) is fenced first and released last, so nothing it publishes for the municipality
     reaches the consumer (records) while the consumer's rows are moving.
     """
+    async with move_lock(specs, code):
+        return await _move_municipality(specs, code, to, grace_seconds=grace_seconds, progress=progress)
+
+
+async def _move_municipality(
+    specs: Sequence[MoveSpec], code: str, to: str, *, grace_seconds: float, progress: Callable[[str], None]
+) -> dict[str, dict[str, Any]]:
     moves: dict[str, dict[str, Any]] = {}
     for spec in specs:
         move = await plan(spec, code, to)
