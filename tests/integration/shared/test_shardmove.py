@@ -493,3 +493,36 @@ async def test_a_killed_run_leaves_no_lock_behind_and_running_the_move_again_fin
     assert {m["state"] for m in finished.values()} == {"done"}
     assert await rows(stack.registry.databases, "s1", Resident.__table__, CHIYODA) == 1
     assert await rows(stack.records_dbs, "s1", Dose.__table__, CHIYODA) == 1
+
+
+async def test_a_lock_held_by_a_long_transaction_delays_other_writers_only_briefly_and_stops_the_move_clearly(
+    stack: Stack,
+) -> None:
+    """The fence (and the start of the recording) lock the shard's tables against writes for a moment; a
+    transaction already writing one of them (a relay publishing to a slow Kafka holds its claim open) makes that
+    lock wait, and every writer of the shard queues behind a waiting lock. So the mover waits a short time per
+    attempt, lets the queue through, and tries again until its deadline: other writers wait a fraction of a
+    second at most; then the move stops, saying what it could not lock, and runs again once the shard is quiet."""
+    assert (await put_resident(stack, CHIYODA, "R1", "0000000001")).status_code == 201
+    registry = dataclasses.replace(stack.movers[0], lock_deadline_seconds=2.0)
+    source = stack.registry.databases.shards["s0"]
+    waits: list[float] = []
+    async with source.engine.connect() as blocker:
+        await blocker.execute(text("LOCK TABLE outbox IN ROW EXCLUSIVE MODE"))  # what an INSERT or UPDATE takes
+        move = asyncio.create_task(move_municipality([registry], CHIYODA, "s1", grace_seconds=0.5))
+        await asyncio.sleep(0.3)
+        i = 2
+        while not move.done():  # the municipality's own writes, and so any other of the shard
+            started = time.monotonic()
+            assert (await put_resident(stack, CHIYODA, f"R{i}", f"{i:010d}")).status_code == 201
+            waits.append(time.monotonic() - started)
+            i += 1
+            await asyncio.sleep(0.02)
+        with pytest.raises(ShardMoveError, match=r"could not lock outbox on s0 within 2s.*run the move again"):
+            await move
+        await blocker.commit()
+    assert len(waits) > 10 and max(waits) < 0.6, waits
+    # The shard is quiet again: the move resumes and finishes, with every write made meanwhile.
+    finished = await move_municipality([registry], CHIYODA, "s1", grace_seconds=0.5)
+    assert finished["registry"]["state"] == "done" and finished["registry"]["rows"]["residents"] == i - 1
+    assert await rows(stack.registry.databases, "s1", Resident.__table__, CHIYODA) == i - 1
