@@ -14,7 +14,10 @@ selects the municipality's rows) in a :class:`MoveSpec`; this module does the re
    ``shard_fences``. From its commit on, a statement-level trigger on every table with a municipality column
    refuses any write of the municipality's rows in that shard (SQLSTATE ``VR503``, which the services answer
    as ``503`` + ``Retry-After``), and the outbox relay skips its unpublished events. Other municipalities are
-   not affected. The relay's claims in flight are waited for (``FOR UPDATE``).
+   not affected. The relay's claims in flight are waited for (``FOR UPDATE``). A lock that waits makes every
+   later writer of its table wait behind it, so it is tried ``LOCK_ATTEMPT_MS`` at a time until the spec's
+   ``lock_deadline_seconds`` (a relay publishing to a slow Kafka holds a write open that long), then the move
+   stops with a :class:`ShardMoveError` naming the table.
 2. **Catch up and flip**: each table is brought up to date on the target in one transaction of its own. A
    captured table carries only the rows of the recorded keys (deleted on the target, copied again from the
    source if still there, their hashes compared): no unchanged row is read, so the pause follows the writes
@@ -35,7 +38,9 @@ selects the municipality's rows) in a :class:`MoveSpec`; this module does the re
    entry and finds the new shard when it retries.
 
 Every step is recorded in ``shard_moves`` (main database) and is safe to repeat, so an interrupted move is
-resumed by running the same command again. The write pause — fence to flip — is stored with the move.
+resumed by running the same command again. One run at a time: a run holds an advisory lock per municipality in
+each service's main database (:func:`move_lock`), and a second run is refused at once; a killed run's lock goes
+with its connection. The write pause — fence to flip — is stored with the move.
 Shard moves need PostgreSQL; the embedded SQLite mode has no fences.
 """
 
@@ -47,15 +52,31 @@ import re
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Float, Index, LargeBinary, MetaData, String, Table, Text, select, update
+import asyncpg  # type: ignore[import-untyped]
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    Float,
+    Index,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql
 
 from shared.db import SHARD_MAP_TTL_SECONDS, Database, Databases, is_sqlite, upsert, utcnow
+from shared.domain.codes import municipality_code_problem
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +85,17 @@ FENCE_SQLSTATE = "VR503"
 BYPASS_SQL = "SET LOCAL vrs.shard_move = 'on'"
 # How much longer than the cache's lifetime the mover waits before deleting the source rows.
 CLEAN_MARGIN_SECONDS = 1.0
+# The fence and the start of the recording lock a shard's tables against writes (SHARE). A lock that waits (behind
+# a transaction writing one of them: an outbox relay publishing to a slow Kafka holds its claim open for as long
+# as it takes) queues every later writer of the table, of every municipality, behind it. So each attempt waits
+# at most LOCK_ATTEMPT_MS, lets the queue through for LOCK_PAUSE_SECONDS, and tries again until the move's
+# ``lock_deadline_seconds``.
+LOCK_ATTEMPT_MS = 150
+LOCK_PAUSE_SECONDS = 0.1
+LOCK_DEADLINE_SECONDS = 30.0
+# The first key of a move's advisory lock (the municipality code is the second): "VRSM", apart from any other
+# advisory lock of the main databases.
+MOVE_LOCK_CLASS = 0x5652534D
 
 
 def shard_fences_table(metadata: MetaData) -> Table:
@@ -276,6 +308,8 @@ class MoveSpec:
     outbox: str | None = "outbox"
     before_fence: Callable[[], Awaitable[None]] | None = None
     rows: dict[str, int] = field(default_factory=dict)
+    # How long the fence (or the start of the recording) keeps trying to lock a shard's tables (see LOCK_ATTEMPT_MS).
+    lock_deadline_seconds: float = LOCK_DEADLINE_SECONDS
 
 
 class ShardMoveError(RuntimeError):
@@ -290,6 +324,44 @@ async def _transaction(db: Database, *, isolation: str = "read_committed") -> As
         raw: Any = (await conn.get_raw_connection()).driver_connection
         async with raw.transaction(isolation=isolation):
             yield raw
+
+
+@asynccontextmanager
+async def move_lock(specs: Sequence[MoveSpec], code: str) -> AsyncIterator[None]:
+    """Hold, for a whole run, every service's lock on moving ``code``: a session-level advisory lock in the main
+    database where the service records its moves, on a connection kept for the run.
+
+    A second run for the municipality stops at once instead of working beside the first: the two would copy
+    ``dose_history`` (no key on the target) twice, both checksums passing, and one's abort could delete rows the
+    other verified. A killed run's lock ends with its connection, so running the move again resumes it."""
+    problem = municipality_code_problem(code)
+    if problem is not None:
+        raise ShardMoveError(f"{code!r} is not a municipality code: {problem}")
+    async with AsyncExitStack() as held:
+        for spec in specs:
+            if is_sqlite(spec.databases.main.url):
+                raise ShardMoveError("shard moves need PostgreSQL (the embedded SQLite mode has no fences)")
+            conn = await held.enter_async_context(spec.databases.main.engine.connect())
+            # Autocommit: the connection waits idle for the run, not idle in a transaction (which a server's
+            # idle_in_transaction_session_timeout would end, lock and all).
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            key = {"c": MOVE_LOCK_CLASS, "k": int(code)}
+            if not await conn.scalar(text("SELECT pg_try_advisory_lock(:c, :k)"), key):
+                raise ShardMoveError(
+                    f"{spec.service}: a move of {code} is already running (another `vrs shards move` holds its "
+                    "lock); let it end, or stop it, then run the move again to resume it"
+                )
+            held.push_async_callback(_unlock, conn, key)
+        yield
+
+
+async def _unlock(conn: Any, key: dict[str, int]) -> None:
+    try:
+        await conn.execute(text("SELECT pg_advisory_unlock(:c, :k)"), key)
+    except Exception:
+        # The connection is gone (and the lock with it): it must not go back to the pool.
+        log.warning("shard move lock of %s: its connection was lost before the move ended", key["k"], exc_info=True)
+        await conn.invalidate()
 
 
 async def _read_move(spec: MoveSpec, code: str) -> dict[str, Any] | None:
@@ -341,12 +413,33 @@ async def plan(spec: MoveSpec, code: str, to: str) -> dict[str, Any] | None:
     return row
 
 
-async def _fence_shard(spec: MoveSpec, db: Database, code: str, to: str) -> None:
-    names = ", ".join(t.name for t in spec.tables)
-    async with _transaction(db) as raw:
-        await raw.execute("SET LOCAL lock_timeout = '10s'")
+async def _lock_for_share(spec: MoveSpec, raw: Any, shard: str) -> None:
+    """``SHARE`` locks on the spec's tables in the transaction of ``raw``: once they are held no write of them (any
+    municipality) is in flight. Short attempts (a savepoint each) until the spec's deadline, so that the writers
+    queued behind a waiting attempt wait a fraction of a second, not until a long transaction ends."""
+    deadline = time.monotonic() + spec.lock_deadline_seconds
+    while True:
+        name = ""
+        try:
+            async with raw.transaction():
+                await raw.execute(f"SET LOCAL lock_timeout = '{LOCK_ATTEMPT_MS}ms'")
+                for name in (t.name for t in spec.tables):  # one by one: the one that waited is named below
+                    await raw.execute(f"LOCK TABLE {name} IN SHARE MODE")
+            return
+        except asyncpg.exceptions.LockNotAvailableError:
+            if time.monotonic() + LOCK_PAUSE_SECONDS >= deadline:
+                raise ShardMoveError(
+                    f"{spec.service}: could not lock {name} on {shard} within {spec.lock_deadline_seconds:g}s: a "
+                    "transaction writing it has been running all that time (an outbox relay waiting on a slow Kafka "
+                    "holds one open); nothing was switched — run the move again, it resumes"
+                ) from None
+            await asyncio.sleep(LOCK_PAUSE_SECONDS)
+
+
+async def _fence_shard(spec: MoveSpec, shard: str, code: str, to: str) -> None:
+    async with _transaction(spec.databases.shards[shard]) as raw:
         # Waits for the writes in flight (any municipality): after the commit every new one sees the fence.
-        await raw.execute(f"LOCK TABLE {names} IN SHARE MODE")
+        await _lock_for_share(spec, raw, shard)
         await raw.execute(
             "INSERT INTO shard_fences (municipality_code, moving_to, fenced_at) VALUES ($1, $2, now()) "
             "ON CONFLICT (municipality_code) DO UPDATE SET moving_to = EXCLUDED.moving_to, fenced_at = now()",
@@ -362,7 +455,7 @@ async def fence(spec: MoveSpec, move: dict[str, Any]) -> None:
     if spec.before_fence is not None:
         await spec.before_fence()
     for name in (source, target):
-        await _fence_shard(spec, spec.databases.shards[name], code, target)
+        await _fence_shard(spec, name, code, target)
     if spec.outbox is not None:
         # A relay that claimed some of these events before the fence publishes them; wait for it to finish.
         async with _transaction(spec.databases.shards[source]) as raw:
@@ -421,10 +514,10 @@ async def precopy(spec: MoveSpec, move: dict[str, Any]) -> dict[str, int] | None
     code, source, target = move["municipality_code"], move["from_shard"], move["to_shard"]
     if move["state"] != "fencing":
         return None
-    await _fence_shard(spec, spec.databases.shards[target], code, target)
+    await _fence_shard(spec, target, code, target)
     captured = any(t.captured for t in spec.tables)
     if captured:
-        await _start_capture(spec, spec.databases.shards[source], code)
+        await _start_capture(spec, source, code)
     started, rows, expected = time.monotonic(), dict[str, int](), dict[str, tuple[Any, ...]]()
     with tempfile.TemporaryDirectory(prefix="vrs-shard-precopy-") as spool:
         # One snapshot for every table: a table found through another (records' keys through its doses) must
@@ -456,14 +549,12 @@ async def precopy(spec: MoveSpec, move: dict[str, Any]) -> dict[str, int] | None
     return rows
 
 
-async def _start_capture(spec: MoveSpec, db: Database, code: str) -> None:
+async def _start_capture(spec: MoveSpec, shard: str, code: str) -> None:
     """From this commit on, the source records the key of every row of ``code`` written (by anyone but the
     mover). Like the fence it waits for the writes in flight: any transaction the pre-copy's snapshot (taken
     after this) does not see wrote after the capture began, so its rows are recorded."""
-    names = ", ".join(t.name for t in spec.tables)
-    async with _transaction(db) as raw:
-        await raw.execute("SET LOCAL lock_timeout = '10s'")
-        await raw.execute(f"LOCK TABLE {names} IN SHARE MODE")
+    async with _transaction(spec.databases.shards[shard]) as raw:
+        await _lock_for_share(spec, raw, shard)
         await raw.execute("DELETE FROM shard_move_changes WHERE municipality_code = $1", code)  # an earlier attempt's
         await raw.execute(
             "INSERT INTO shard_captures (municipality_code, started_at) VALUES ($1, now()) "
@@ -802,6 +893,13 @@ async def move_municipality(
     consumes (registry) is fenced first and released last, so nothing it publishes for the municipality
     reaches the consumer (records) while the consumer's rows are moving.
     """
+    async with move_lock(specs, code):
+        return await _move_municipality(specs, code, to, grace_seconds=grace_seconds, progress=progress)
+
+
+async def _move_municipality(
+    specs: Sequence[MoveSpec], code: str, to: str, *, grace_seconds: float, progress: Callable[[str], None]
+) -> dict[str, dict[str, Any]]:
     moves: dict[str, dict[str, Any]] = {}
     for spec in specs:
         move = await plan(spec, code, to)

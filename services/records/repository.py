@@ -172,7 +172,9 @@ _WRITE_JSON = {
 # its member; records_writes_as_read (migrations 20261126_02, 20261126_04, 20261127_02, 20261127_03) checks each
 # member as if alone and returns those that passed, whose rows alone are stored. A batch, or a lone request, is
 # one member. What it checks: the doses on file of the member's coupons (their ids and versions), the coupons'
-# holders (their projection versions) and its keys, each still as the member read them.
+# holders (their projection versions) and its keys, each still as the member read them. Before all that, once
+# per statement, that none of the coupons' municipalities is fenced for a shard move (20261127_06): a double
+# scan stores key rows only, which no fence trigger sees; it fails the statement as the triggers do.
 _CHECK_ARGS = 12
 _FIRST = {"d": _CHECK_ARGS + 1}
 _FIRST["o"] = _FIRST["d"] + 1 + len(_WRITE_COLUMNS["d"])

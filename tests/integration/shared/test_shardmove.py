@@ -6,6 +6,7 @@ interrupted move is finished by running it again."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
@@ -37,7 +38,16 @@ from shared.events import CouponEvent
 from shared.migrations import upgrade
 from shared.outbox import OutboxRepository
 from shared.settings import BusSettings
-from shared.shardmove import MoveSpec, ShardMoveError, copy_and_flip, fence, move_municipality, plan, precopy
+from shared.shardmove import (
+    MoveSpec,
+    ShardMoveError,
+    copy_and_flip,
+    fence,
+    move_lock,
+    move_municipality,
+    plan,
+    precopy,
+)
 from tests.factories import internal_headers
 from tests.integration.services.gateway.gateway_fakes import MIGRATIONS as GATEWAY_MIGRATIONS
 from tests.integration.services.gateway.gateway_fakes import running_gateway
@@ -419,3 +429,100 @@ async def test_a_write_through_the_gateway_during_a_move_gets_503_and_retry_afte
             await copy_and_flip(registry, move)
             accepted = await gateway.put(url, json=PERSON | {"name": "山田 花"}, headers=caller)
             assert accepted.status_code == 200, accepted.text
+
+
+async def test_a_second_run_of_a_move_is_refused_while_the_first_runs_and_works_once_it_ended(stack: Stack) -> None:
+    """An operator who runs the move again because it looks hung: the second run stops at once, naming the
+    municipality, and touches nothing (two runs would copy dose_history twice, or one's abort delete what the
+    other verified); once the first run has ended, running it again works."""
+    assert (await put_resident(stack, CHIYODA, "R1", "0000000001")).status_code == 201
+    assert (await record_dose(stack, CHIYODA, "k1", "0000000001")).status_code == 201
+    registry, records = stack.movers
+    # The first run, held after registry's fence, just before records' own (as if its consumers lagged).
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def held() -> None:
+        entered.set()
+        await release.wait()
+
+    first = asyncio.create_task(
+        move_municipality([registry, dataclasses.replace(records, before_fence=held)], CHIYODA, "s1", grace_seconds=0.5)
+    )
+    await asyncio.wait_for(entered.wait(), 30)
+    states = {s.service: (await plan(s, CHIYODA, "s1") or {}).get("state") for s in stack.movers}
+    assert states == {"registry": "fenced", "records": "fencing"}
+
+    started = time.monotonic()
+    with pytest.raises(ShardMoveError, match=f"a move of {CHIYODA} is already running"):
+        await asyncio.wait_for(move_municipality(stack.movers, CHIYODA, "s1", grace_seconds=0.5), 30)
+    assert time.monotonic() - started < 1.0
+    assert {s.service: (await plan(s, CHIYODA, "s1") or {}).get("state") for s in stack.movers} == states
+
+    release.set()
+    assert {m["state"] for m in (await first).values()} == {"done"}
+    assert await rows(stack.records_dbs, "s1", Dose.__table__, CHIYODA) == 1
+    # The first run ended: its lock went with it, and a run for the municipality goes ahead.
+    back = await move_municipality(stack.movers, CHIYODA, "s0", grace_seconds=0.5)
+    assert back["registry"]["rows"]["residents"] == 1 and back["records"]["rows"]["doses"] == 1
+
+
+async def test_a_killed_run_leaves_no_lock_behind_and_running_the_move_again_finishes_it(stack: Stack) -> None:
+    """A run killed mid-move (here: fenced everywhere, nothing copied) loses its lock with its connections: the
+    next run is not refused, and resumes the move as recorded."""
+    assert (await put_resident(stack, CHIYODA, "R1", "0000000001")).status_code == 201
+    assert (await record_dose(stack, CHIYODA, "k1", "0000000001")).status_code == 201
+    async with move_lock(stack.movers, CHIYODA):
+        for spec in stack.movers:
+            move = await plan(spec, CHIYODA, "s1")
+            assert move is not None
+            await fence(spec, move)
+        with pytest.raises(ShardMoveError, match=f"a move of {CHIYODA} is already running"):
+            await move_municipality(stack.movers, CHIYODA, "s1")
+        # Killed: the server ends its sessions (a process killed closes none of them itself).
+        for spec in stack.movers:
+            async with spec.databases.main.engine.connect() as conn:
+                ended = await conn.scalar(
+                    text(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_locks "
+                        "WHERE locktype = 'advisory' AND database = (SELECT oid FROM pg_database "
+                        "WHERE datname = current_database()) AND pid <> pg_backend_pid()"
+                    )
+                )
+            assert ended == 1, spec.service
+        finished = await move_municipality(stack.movers, CHIYODA, "s1", grace_seconds=0.5)
+    assert {m["state"] for m in finished.values()} == {"done"}
+    assert await rows(stack.registry.databases, "s1", Resident.__table__, CHIYODA) == 1
+    assert await rows(stack.records_dbs, "s1", Dose.__table__, CHIYODA) == 1
+
+
+async def test_a_lock_held_by_a_long_transaction_delays_other_writers_only_briefly_and_stops_the_move_clearly(
+    stack: Stack,
+) -> None:
+    """The fence (and the start of the recording) lock the shard's tables against writes for a moment; a
+    transaction already writing one of them (a relay publishing to a slow Kafka holds its claim open) makes that
+    lock wait, and every writer of the shard queues behind a waiting lock. So the mover waits a short time per
+    attempt, lets the queue through, and tries again until its deadline: other writers wait a fraction of a
+    second at most; then the move stops, saying what it could not lock, and runs again once the shard is quiet."""
+    assert (await put_resident(stack, CHIYODA, "R1", "0000000001")).status_code == 201
+    registry = dataclasses.replace(stack.movers[0], lock_deadline_seconds=2.0)
+    source = stack.registry.databases.shards["s0"]
+    waits: list[float] = []
+    async with source.engine.connect() as blocker:
+        await blocker.execute(text("LOCK TABLE outbox IN ROW EXCLUSIVE MODE"))  # what an INSERT or UPDATE takes
+        move = asyncio.create_task(move_municipality([registry], CHIYODA, "s1", grace_seconds=0.5))
+        await asyncio.sleep(0.3)
+        i = 2
+        while not move.done():  # the municipality's own writes, and so any other of the shard
+            started = time.monotonic()
+            assert (await put_resident(stack, CHIYODA, f"R{i}", f"{i:010d}")).status_code == 201
+            waits.append(time.monotonic() - started)
+            i += 1
+            await asyncio.sleep(0.02)
+        with pytest.raises(ShardMoveError, match=r"could not lock outbox on s0 within 2s.*run the move again"):
+            await move
+        await blocker.commit()
+    assert len(waits) > 10 and max(waits) < 0.6, waits
+    # The shard is quiet again: the move resumes and finishes, with every write made meanwhile.
+    finished = await move_municipality([registry], CHIYODA, "s1", grace_seconds=0.5)
+    assert finished["registry"]["state"] == "done" and finished["registry"]["rows"]["residents"] == i - 1
+    assert await rows(stack.registry.databases, "s1", Resident.__table__, CHIYODA) == i - 1

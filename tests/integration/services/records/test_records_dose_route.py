@@ -28,7 +28,7 @@ from shared.heap import YOUNG_OBJECTS
 from shared.migrations import SERVICES_DIR, upgrade
 from shared.settings import BusSettings
 from tests.factories import internal_headers
-from tests.integration.services.records.records_support import CLINIC, TODAY, dose, line
+from tests.integration.services.records.records_support import CHIYODA, CLINIC, TODAY, dose, line
 
 TREES = SERVICES_DIR / "records" / "migrations"
 PATH = "/api/v1/doses"
@@ -39,7 +39,8 @@ DIRECT = {"Content-Type": "application/json"}
 
 
 @pytest.fixture
-async def client(make_database: Callable[..., str], tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+async def served(make_database: Callable[..., str], tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
+    """records' app on two migrated PostgreSQL shards, and an HTTP client of it."""
     main, s0, s1 = make_database("records_main"), make_database("records_s0"), make_database("records_s1")
     await asyncio.to_thread(upgrade, main, TREES / "main")
     for shard in (s0, s1):
@@ -57,7 +58,12 @@ async def client(make_database: Callable[..., str], tmp_path: Path) -> AsyncIter
         app.router.lifespan_context(app),
         httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://records") as http,
     ):
-        yield http
+        yield http, app
+
+
+@pytest.fixture
+def client(served: tuple[httpx.AsyncClient, Any]) -> httpx.AsyncClient:
+    return served[0]
 
 
 @pytest.fixture
@@ -375,3 +381,35 @@ async def test_parked_connections_the_server_closed_are_not_used(
     [outcome] = await record(Submission(key="b", dose=dose("0000000003")))
     assert outcome.accepted is not None and outcome.accepted.status == "unmatched"
     assert all(not fairy.is_valid for fairy in parked)
+
+
+@pytest.mark.parametrize("route", [DIRECT, DOCUMENTED], ids=["direct", "fastapi"])
+async def test_a_double_scan_of_a_municipality_moving_away_is_refused_like_its_other_writes_and_stores_no_key(
+    served: tuple[httpx.AsyncClient, Any], route: dict[str, str]
+) -> None:
+    """A double scan stores only its key (the answer: the first dose). While the municipality is fenced for a
+    move, that key would stay on the old shard, to be deleted with the rest: the retry, after the move, would
+    be decided again. So it is refused like any write of the municipality, and answered alike; after the
+    move it is answered as before."""
+    client, app = served
+    first = await post(client, body("0000000001"), key="k1", route=route)
+    assert first.status_code == 201, first.text
+    shard = app.state.databases.shards["s0"]
+    async with shard.engine.begin() as conn:
+        await conn.execute(
+            text("INSERT INTO shard_fences (municipality_code, moving_to, fenced_at) VALUES (:m, 's1', now())"),
+            {"m": CHIYODA},
+        )
+    new = await post(client, body("0000000002"), key="k2", route=route)
+    again = await post(client, body("0000000001"), key="k3", route=route)
+    assert new.status_code == 503 and new.headers["Retry-After"] == "1", new.text
+    assert again.status_code == 503, again.text
+    assert (again.headers["Retry-After"], again.json()) == (new.headers["Retry-After"], new.json())
+    async with shard.engine.connect() as conn:
+        assert (await conn.execute(text("SELECT key FROM idempotency_keys"))).scalars().all() == ["k1"]
+
+    async with shard.engine.begin() as conn:
+        await conn.execute(text("DELETE FROM shard_fences"))
+    retried = await post(client, body("0000000001"), key="k3", route=route)
+    assert retried.status_code == 200, retried.text
+    assert retried.json()["status"] == "duplicate" and retried.json()["dose_id"] == first.json()["dose_id"]
