@@ -667,10 +667,10 @@ async def apply_coupon_messages(
     moved: list[DoseEvent] = []
     # The moves are written once, after them all: the doses' UPDATE one executemany (see DoseRepository.moved),
     # the history and the events one insert each.
+    validities = {key: validity_of(coupon) for key, coupon in holders.items()}
     for dose in await doses.of_coupons(list(holders), for_update=True):
-        changed_dose, dose_event = _follow_coupon(
-            holders[(dose.municipality_code, dose.coupon_number)], dose, history, now=now
-        )
+        key = (dose.municipality_code, dose.coupon_number)
+        changed_dose, dose_event = _follow_coupon(holders[key], validities[key], dose, history, now=now)
         if changed_dose:
             doses.moved(dose)
         if dose_event is not None:
@@ -725,7 +725,12 @@ def _within(
 
 
 def _follow_coupon(
-    coupon: CouponProjection, dose: Dose, history: list[dict[str, Any]], *, now: datetime
+    coupon: CouponProjection,
+    validity: CouponValidity | None,
+    dose: Dose,
+    history: list[dict[str, Any]],
+    *,
+    now: datetime,
 ) -> tuple[bool, DoseEvent | None]:
     """Bring ``dose`` to its coupon's state (its state before added to ``history``): the holder's cell, and
     review when the dose is dated after the coupon stopped being valid. Returns whether the dose changed, and
@@ -740,7 +745,7 @@ def _follow_coupon(
     )
     # A dose recorded while the projection did not yet know the coupon (unmatched) or its end (a move-out whose
     # event came later) was decided without it: held to it now, as it would have been then. Never twice.
-    invalid = None if dose.voided else _validity_findings_of(dose, validity_of(coupon))
+    invalid = None if dose.voided or validity is None else _validity_findings_of(dose, validity)
     if not moves and not invalid:
         return False, None
     previous = cell_of(dose)
@@ -761,7 +766,7 @@ def _follow_coupon(
     return True, _event(DoseEventType.MATCHED if was_unmatched else DoseEventType.CORRECTED, dose, previous)
 
 
-def _validity_findings_of(dose: Dose, validity: CouponValidity | None) -> list[Finding]:
+def _validity_findings_of(dose: Dose, validity: CouponValidity) -> list[Finding]:
     """The coupon_not_valid finding ``dose`` lacks, if its date is after ``validity`` ended."""
     if any(f["code"] == FindingCode.COUPON_NOT_VALID for f in dose.findings):
         return []
