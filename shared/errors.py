@@ -141,6 +141,13 @@ def _field_name(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "body"
 
 
+def validation_error_body(errors: list[dict[str, str]]) -> dict[str, Any]:
+    """The body of a 422 for input that does not validate: each field and why. Never the input itself: it may hold
+    a My Number."""
+    detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+    return {"error": "ValidationError", "detail": detail, "errors": errors}
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def vrs_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, VRSError)
@@ -148,10 +155,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def validation_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        # Never echo the input back: it may hold a My Number.
         errors = [{"field": _field_name(tuple(e["loc"])), "message": e["msg"]} for e in exc.errors()]
-        detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
-        return JSONResponse({"error": "ValidationError", "detail": detail, "errors": errors}, status_code=422)
+        return JSONResponse(validation_error_body(errors), status_code=422)
 
     async def http_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)

@@ -45,6 +45,7 @@ from shared.errors import (
     ServiceUnavailable,
     Unauthorized,
     responses,
+    validation_error_body,
 )
 from shared.grants import DoseVersionGrant, InvalidGrant, open_grant, verify_grant
 from shared.schemas import (
@@ -220,11 +221,8 @@ async def record_dose_batch(body: DoseBatchIn, principal: Recorder, uow: UnitOfW
 def _invalid_item(index: int, item: InvalidBatchItem) -> BatchItemResult:
     """The answer to an item whose fields do not validate: the request-wide 422's shape, fields named in the batch."""
     errors = [{"field": f"doses[{index}].{field}", "message": message} for field, message in item.errors]
-    detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
     return BatchItemResult(
-        client_id=item.client_id,
-        status="rejected",
-        error=ItemError(error="ValidationError", detail=detail, errors=errors),
+        client_id=item.client_id, status="rejected", error=ItemError(**validation_error_body(errors))
     )
 
 
