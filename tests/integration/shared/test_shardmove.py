@@ -478,12 +478,13 @@ async def test_a_killed_run_leaves_no_lock_behind_and_running_the_move_again_fin
             await fence(spec, move)
         with pytest.raises(ShardMoveError, match=f"a move of {CHIYODA} is already running"):
             await move_municipality(stack.movers, CHIYODA, "s1")
-        # Killed: the server ends its sessions (a process killed closes none of them itself).
+        # Killed: the server ends its sessions (a process killed closes none of them itself). The timeout makes
+        # pg_terminate_backend wait for each backend to exit, locks released, as a dead client's would have.
         for spec in stack.movers:
             async with spec.databases.main.engine.connect() as conn:
                 ended = await conn.scalar(
                     text(
-                        "SELECT count(pg_terminate_backend(pid)) FROM pg_locks "
+                        "SELECT count(pg_terminate_backend(pid, 10000)) FROM pg_locks "
                         "WHERE locktype = 'advisory' AND database = (SELECT oid FROM pg_database "
                         "WHERE datname = current_database()) AND pid <> pg_backend_pid()"
                     )

@@ -75,7 +75,7 @@ def set_connections(pg: PostgresServer, database: str, *, allowed: bool) -> None
     """Take the database away (no new connections, every open one killed) or give it back."""
     pg.execute(f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS {str(allowed).lower()}')
     if not allowed:
-        pg.execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{database}'")
+        pg.execute(f"SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity WHERE datname = '{database}'")
 
 
 async def test_the_audit_database_lost_while_the_service_acts_does_not_turn_its_answer_into_a_failure(
