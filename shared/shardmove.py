@@ -40,7 +40,8 @@ selects the municipality's rows) in a :class:`MoveSpec`; this module does the re
 Every step is recorded in ``shard_moves`` (main database) and is safe to repeat, so an interrupted move is
 resumed by running the same command again. One run at a time: a run holds an advisory lock per municipality in
 each service's main database (:func:`move_lock`), and a second run is refused at once; a killed run's lock goes
-with its connection. The write pause — fence to flip — is stored with the move.
+with its connection, and a run whose lock connection is lost stops at its next step (:meth:`MoveLock.check`).
+The write pause — fence to flip — is stored with the move.
 Shard moves need PostgreSQL; the embedded SQLite mode has no fences.
 """
 
@@ -326,17 +327,51 @@ async def _transaction(db: Database, *, isolation: str = "read_committed") -> As
             yield raw
 
 
+@dataclass
+class MoveLock:
+    """The locks a run holds (:func:`move_lock`): one connection per service's main database."""
+
+    code: str
+    held: list[tuple[str, Any]] = field(default_factory=list)  # (service, connection)
+
+    async def check(self, before: str) -> None:
+        """Stop the run, before the step named ``before``, if any of its locks is gone with its connection (a
+        database restart, a network cut, an operator's ``pg_terminate_backend``): a second run could have
+        started meanwhile, and two runs side by side are what the lock exists to prevent. Each step up to here
+        is recorded, so running the move again resumes it."""
+        for service, conn in self.held:
+            lost = ShardMoveError(
+                f"{service}: the lock on moving {self.code} was lost with its database connection; stopped before "
+                f"{before} — run the move again to resume it"
+            )
+            try:
+                held = await conn.scalar(_HOLDS_MOVE_LOCK, {"c": MOVE_LOCK_CLASS, "k": int(self.code)})
+            except Exception as e:
+                raise lost from e
+            if not held:
+                raise lost
+
+
+# Whether this session holds the move lock of a municipality (a two-key advisory lock: classid, objid, objsubid 2).
+_HOLDS_MOVE_LOCK = text(
+    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted "
+    "AND classid = :c AND objid = :k AND objsubid = 2)"
+)
+
+
 @asynccontextmanager
-async def move_lock(specs: Sequence[MoveSpec], code: str) -> AsyncIterator[None]:
+async def move_lock(specs: Sequence[MoveSpec], code: str) -> AsyncIterator[MoveLock]:
     """Hold, for a whole run, every service's lock on moving ``code``: a session-level advisory lock in the main
     database where the service records its moves, on a connection kept for the run.
 
     A second run for the municipality stops at once instead of working beside the first: the two would copy
     ``dose_history`` (no key on the target) twice, both checksums passing, and one's abort could delete rows the
-    other verified. A killed run's lock ends with its connection, so running the move again resumes it."""
+    other verified. A killed run's lock ends with its connection, so running the move again resumes it; a run
+    whose connection is lost while it goes on stops at its next step (:meth:`MoveLock.check`)."""
     problem = municipality_code_problem(code)
     if problem is not None:
         raise ShardMoveError(f"{code!r} is not a municipality code: {problem}")
+    lock = MoveLock(code)
     async with AsyncExitStack() as held:
         for spec in specs:
             if is_sqlite(spec.databases.main.url):
@@ -352,7 +387,8 @@ async def move_lock(specs: Sequence[MoveSpec], code: str) -> AsyncIterator[None]
                     "lock); let it end, or stop it, then run the move again to resume it"
                 )
             held.push_async_callback(_unlock, conn, key)
-        yield
+            lock.held.append((spec.service, conn))
+        yield lock
 
 
 async def _unlock(conn: Any, key: dict[str, int]) -> None:
@@ -893,13 +929,14 @@ async def move_municipality(
     consumes (registry) is fenced first and released last, so nothing it publishes for the municipality
     reaches the consumer (records) while the consumer's rows are moving.
     """
-    async with move_lock(specs, code):
-        return await _move_municipality(specs, code, to, grace_seconds=grace_seconds, progress=progress)
+    async with move_lock(specs, code) as lock:
+        return await _move_municipality(specs, lock, to, grace_seconds=grace_seconds, progress=progress)
 
 
 async def _move_municipality(
-    specs: Sequence[MoveSpec], code: str, to: str, *, grace_seconds: float, progress: Callable[[str], None]
+    specs: Sequence[MoveSpec], lock: MoveLock, to: str, *, grace_seconds: float, progress: Callable[[str], None]
 ) -> dict[str, dict[str, Any]]:
+    code = lock.code
     moves: dict[str, dict[str, Any]] = {}
     for spec in specs:
         move = await plan(spec, code, to)
@@ -915,6 +952,7 @@ async def _move_municipality(
             progress(f"{spec.service}: pre-copied {code} to {to} {copied_before}")
     # Each service's copy starts as soon as it is fenced and runs beside the next service's fence and copy.
     copies: dict[str, asyncio.Task[dict[str, int] | None]] = {}
+    await lock.check("the fences")
     try:
         for spec in active:
             await fence(spec, moves[spec.service])
@@ -935,6 +973,7 @@ async def _move_municipality(
     for result in copied.values():
         if isinstance(result, BaseException):
             raise result
+    await lock.check("the switch (the municipality stays fenced until then)")
     for spec in reversed(active):
         result = copied[spec.service]
         await flip(spec, moves[spec.service], None if isinstance(result, BaseException) else result)
@@ -942,6 +981,7 @@ async def _move_municipality(
             f"{spec.service}: {code} on {to}, write pause {moves[spec.service]['pause_seconds']:.3f}s, "
             f"rows {moves[spec.service]['rows']}"
         )
+    await lock.check("deleting the source's rows")
     for spec in active:
         await clean(spec, moves[spec.service], grace_seconds=grace_seconds)
         progress(f"{spec.service}: {code} deleted from {moves[spec.service]['from_shard']}")

@@ -20,6 +20,7 @@ import httpx
 import pytest
 from sqlalchemy import func, select, text
 
+from devtools.harness.postgres import PostgresServer
 from devtools.tokens import bearer_headers
 from services.gateway.settings import GatewaySettings
 from services.records.app import create_app as create_records
@@ -39,6 +40,7 @@ from shared.migrations import upgrade
 from shared.outbox import OutboxRepository
 from shared.settings import BusSettings
 from shared.shardmove import (
+    MOVE_LOCK_CLASS,
     MoveSpec,
     ShardMoveError,
     copy_and_flip,
@@ -491,6 +493,37 @@ async def test_a_killed_run_leaves_no_lock_behind_and_running_the_move_again_fin
                 )
             assert ended == 1, spec.service
         finished = await move_municipality(stack.movers, CHIYODA, "s1", grace_seconds=0.5)
+    assert {m["state"] for m in finished.values()} == {"done"}
+    assert await rows(stack.registry.databases, "s1", Resident.__table__, CHIYODA) == 1
+    assert await rows(stack.records_dbs, "s1", Dose.__table__, CHIYODA) == 1
+
+
+async def test_a_run_that_loses_its_lock_stops_before_the_switch_and_finishes_when_run_again(
+    stack: Stack, pg_server: PostgresServer
+) -> None:
+    """The lock's connection dropped while the run goes on (a restart, a network cut): a second run could start
+    beside it, so the run stops at its next step instead of switching (or deleting) what it has not the lock
+    for. It leaves the municipality fenced, as any interrupted move, and running it again finishes it."""
+    assert (await put_resident(stack, CHIYODA, "R1", "0000000001")).status_code == 201
+    assert (await record_dose(stack, CHIYODA, "k1", "0000000001")).status_code == 201
+
+    def cut(message: str) -> None:
+        if message.startswith("records: fenced"):  # every service fenced, the copies running
+            ended = pg_server.execute(
+                "SELECT count(pg_terminate_backend(pid, 10000)) FROM pg_locks WHERE locktype = 'advisory' "
+                f"AND classid = {MOVE_LOCK_CLASS} AND objid = {int(CHIYODA)} AND objsubid = 2"
+            )
+            assert ended.strip() == "2"  # registry's and records' main databases
+
+    with pytest.raises(ShardMoveError, match=f"lock on moving {CHIYODA} was lost.*stopped before the switch"):
+        await move_municipality(stack.movers, CHIYODA, "s1", grace_seconds=0.5, progress=cut)
+    for spec in stack.movers:
+        async with spec.databases.main.sessionmaker() as session:
+            state = await session.scalar(select(spec.moves.c.state).where(spec.moves.c.municipality_code == CHIYODA))
+        assert state == "fenced", spec.service
+    assert await rows(stack.registry.databases, "s0", Resident.__table__, CHIYODA) == 1
+    assert (await put_resident(stack, CHIYODA, "R2", "0000000002")).status_code == 503  # fenced until run again
+    finished = await move_municipality(stack.movers, CHIYODA, "s1", grace_seconds=0.5)
     assert {m["state"] for m in finished.values()} == {"done"}
     assert await rows(stack.registry.databases, "s1", Resident.__table__, CHIYODA) == 1
     assert await rows(stack.records_dbs, "s1", Dose.__table__, CHIYODA) == 1
