@@ -82,7 +82,7 @@ class TransferDisclosure(MainBase):
     source_municipality: Mapped[str] = mapped_column(String(6))  # 情報提供者: whose records were read
     source_resident_id: Mapped[str] = mapped_column(String(64))
     legal_basis: Mapped[str] = mapped_column(String(32))  # shared.grants.LegalBasis
-    doses: Mapped[int] = mapped_column(Integer)  # disclosed from that municipality; 0 still tells they lived there
+    doses: Mapped[int] = mapped_column(Integer)  # shown from that municipality; 0: read, and nothing to show
 
 
 class ResidentImport(MainBase):

@@ -208,7 +208,7 @@ class DisclosureOut(BaseModel):
     municipality: str = Field(description="the other municipality: the one read (received) or the reader (provided)")
     legal_basis: LegalBasis
     doses: int = Field(
-        description="doses shown from the municipality read; 0 still disclosed that the person lived there"
+        description="doses shown from the municipality read; 0: its records of the person were read, with none to show"
     )
     request_id: str = Field(description="the lookup's X-Request-ID, as in the gateway's audit trail")
 

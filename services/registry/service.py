@@ -719,7 +719,8 @@ async def log_disclosures(
 ) -> None:
     """情報提供等記録: for each lookup item and other municipality read, (the caller's resident id, that
     municipality, its resident id, the legal basis, the doses shown), one statement for the whole lookup. A
-    municipality that showed no dose is logged too: that the person lived there is itself disclosed."""
+    municipality that showed no dose is logged too: its records of the person were read for the caller all the
+    same."""
     await DisclosureRepository(uow.main()).record(disclosed, at=utcnow(), request_id=request_id, caller=caller)
 
 

@@ -174,7 +174,7 @@ async def test_a_lookup_logs_each_municipality_it_read_and_nothing_for_a_lookup_
 
     r = await lookup(registry, CHIYODA, MOVER, "my-number-act-19-16", request_id="single-1")
     assert r.status_code == 200 and len(r.json()["doses"]) == 2, r.text
-    # Osaka showed no dose, and is logged all the same: that the person lived there was disclosed.
+    # Osaka showed no dose, and is logged all the same: its records of the person were read for Chiyoda.
     assert sorted(await logged(registry)) == [
         ("single-1", CHIYODA, "C1", SAPPORO, "S1", "my-number-act-19-16", 2),
         ("single-1", CHIYODA, "C1", OSAKA, "O1", "my-number-act-19-16", 0),
