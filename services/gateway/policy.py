@@ -139,6 +139,15 @@ POLICY: tuple[Rule, ...] = (
         reads_personal_data=True,
     ),
     rule("GET", f"{_M}/residents/{{resident_id}}/fhir", REGISTRY, MUNICIPALITY, OWN_HIDDEN, reads_personal_data=True),
+    # 情報提供等記録: the transfer lookups that read the resident's doses (who, when, on what basis)
+    rule(
+        "GET",
+        f"{_M}/residents/{{resident_id}}/disclosures",
+        REGISTRY,
+        MUNICIPALITY,
+        OWN_HIDDEN,
+        reads_personal_data=True,
+    ),
     # certificates: anyone may check a card (its holder shows it) and read the issuer's keys and revocations
     rule("POST", "/api/v1/certificates/verify", REGISTRY, ANYONE),
     rule("GET", "/issuer/.well-known/jwks.json", REGISTRY, ANYONE),

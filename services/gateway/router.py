@@ -22,7 +22,7 @@ import logging
 import os
 import re
 from collections.abc import Awaitable, Callable
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import datetime
 from time import perf_counter
 from typing import Any
 from urllib.parse import parse_qs, quote
@@ -39,6 +39,7 @@ from services.gateway.proxy import FORWARDED_REQUEST_HEADERS, RawHeaders
 from services.gateway.service import Gateway, Inbound, Outcome, error_outcome
 from shared.auth import Principal
 from shared.db import Databases
+from shared.domain.period import period_bound
 from shared.errors import BadRequest, InvalidField, PayloadTooLarge, VRSError
 from shared.observability import LATENCY, REQUEST_ID, REQUESTS
 
@@ -155,17 +156,13 @@ class ProxyEndpoint:
 
 
 def _instant(name: str, value: str | None, *, end: bool) -> datetime | None:
-    """``from``/``to`` as a date (a whole day: ``to`` inclusive) or an ISO date-time (UTC if no zone)."""
+    """``from``/``to`` as :func:`period_bound` reads them; a bad one is a 422 naming the parameter."""
     if not value:
         return None
     try:
-        if len(value) == 10:
-            start = datetime.combine(date.fromisoformat(value), time(), tzinfo=UTC)
-            return start + timedelta(days=1) if end else start
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise InvalidField(name, "must be YYYY-MM-DD or an ISO 8601 date-time") from None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+        return period_bound(value, end=end)
+    except ValueError as exc:
+        raise InvalidField(name, str(exc)) from None
 
 
 def audit_reader(databases: Databases) -> Callable[[Inbound, Match, Principal], Awaitable[Outcome]]:

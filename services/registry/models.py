@@ -58,6 +58,33 @@ class MyNumberDirectoryEntry(MainBase):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+class TransferDisclosure(MainBase):
+    """情報提供等記録: one transfer lookup item that read another municipality's records of a person.
+
+    Written in the lookup's own transaction, one row per (item, other municipality) for a person the caller may
+    look up; a lookup that reads nothing (the person is not the caller's) writes nothing. The person is named by
+    both municipalities' own resident ids, never by their My Number or its hash: each side reads its rows by
+    its own id, and the rows outlive a rotation of the hash key.
+    """
+
+    __tablename__ = "transfer_disclosures"
+    __table_args__ = (
+        # One per direction: a resident's lookups made by its municipality, and those that read its records.
+        Index("ix_transfer_disclosures_caller", "caller_municipality", "caller_resident_id", "disclosed_at"),
+        Index("ix_transfer_disclosures_source", "source_municipality", "source_resident_id", "disclosed_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    disclosed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    request_id: Mapped[str] = mapped_column(String(128))  # X-Request-ID: the gateway's audit entry of the lookup
+    caller_municipality: Mapped[str] = mapped_column(String(6))  # 情報照会者: who read
+    caller_resident_id: Mapped[str] = mapped_column(String(64))
+    source_municipality: Mapped[str] = mapped_column(String(6))  # 情報提供者: whose records were read
+    source_resident_id: Mapped[str] = mapped_column(String(64))
+    legal_basis: Mapped[str] = mapped_column(String(32))  # shared.grants.LegalBasis
+    doses: Mapped[int] = mapped_column(Integer)  # shown from that municipality; 0: read, and nothing to show
+
+
 class ResidentImport(MainBase):
     """One uploaded resident CSV and how far its import got; keyed for re-sends by (municipality, sha256).
 

@@ -13,6 +13,7 @@ from sqlalchemy import (
     ARRAY,
     JSON,
     Table,
+    and_,
     bindparam,
     delete,
     exists,
@@ -36,6 +37,7 @@ from services.registry.models import (
     ResidentImport,
     ResidentImportChunk,
     ResidentImportError,
+    TransferDisclosure,
     outbox,
     shard_fences,
 )
@@ -151,6 +153,7 @@ _directory: Table = MyNumberDirectoryEntry.__table__  # type: ignore[assignment]
 _history: Table = ResidentHistory.__table__  # type: ignore[assignment]
 _import_chunks: Table = ResidentImportChunk.__table__  # type: ignore[assignment]
 _import_errors: Table = ResidentImportError.__table__  # type: ignore[assignment]
+_disclosures: Table = TransferDisclosure.__table__  # type: ignore[assignment]
 
 
 class ResidentRepository:
@@ -421,6 +424,67 @@ class DirectoryRepository:
         entry = await self.session.get(MyNumberDirectoryEntry, (my_number_hash, municipality_code))
         if entry is not None:
             await self.session.delete(entry)
+
+
+# What a lookup item disclosed, per other municipality: the columns that differ between the rows of one lookup.
+DISCLOSED = ("caller_resident_id", "source_municipality", "source_resident_id", "legal_basis", "doses")
+
+
+class DisclosureRepository:
+    """The transfer disclosure log (情報提供等記録), in registry's main database."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def record(
+        self, rows: Sequence[tuple[str, str, str, str, int]], *, at: datetime, request_id: str, caller: str
+    ) -> None:
+        """One lookup's disclosures (tuples in :data:`DISCLOSED` order), in one statement whatever their number:
+        on PostgreSQL ``INSERT … SELECT`` from one array per column (a fixed handful of parameters, where a
+        multi-row ``VALUES`` would bind thousands and hit the protocol's 32,767); on SQLite an executemany of
+        one prepared ``INSERT``."""
+        if not rows:
+            return
+        shared = {"disclosed_at": at, "request_id": request_id, "caller_municipality": caller}
+        if not _is_postgres(self.session):
+            await self.session.execute(
+                insert(_disclosures), [shared | dict(zip(DISCLOSED, row, strict=True)) for row in rows]
+            )
+            return
+        columns = list(zip(*rows, strict=True))
+        arrays = [
+            bindparam(f"{name}s", list(values), type_=ARRAY(_disclosures.c[name].type))
+            for name, values in zip(DISCLOSED, columns, strict=True)
+        ]
+        items = func.unnest(*arrays).table_valued(*DISCLOSED).render_derived()
+        constants = [bindparam(name, value, type_=_disclosures.c[name].type) for name, value in shared.items()]
+        source = select(*constants, *(items.c[name] for name in DISCLOSED))
+        await self.session.execute(insert(_disclosures).from_select([*shared, *DISCLOSED], source))
+
+    async def of_resident(
+        self,
+        municipality_code: str,
+        resident_id: str,
+        *,
+        since: datetime | None,
+        until: datetime | None,
+        limit: int,
+    ) -> list[TransferDisclosure]:
+        """The lookups ``municipality_code`` made about its resident and those that read its records of them,
+        newest first; ``since`` inclusive, ``until`` exclusive."""
+        d = TransferDisclosure
+        stmt = select(d).where(
+            or_(
+                and_(d.caller_municipality == municipality_code, d.caller_resident_id == resident_id),
+                and_(d.source_municipality == municipality_code, d.source_resident_id == resident_id),
+            )
+        )
+        if since is not None:
+            stmt = stmt.where(d.disclosed_at >= since)
+        if until is not None:
+            stmt = stmt.where(d.disclosed_at < until)
+        stmt = stmt.order_by(d.disclosed_at.desc(), d.id.desc()).limit(limit)
+        return list((await self.session.execute(stmt)).scalars())
 
 
 # Arbitrary but fixed: the advisory lock key of the certificate revocation sweep ("VRSCERTS" in ASCII).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from datetime import datetime
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo
 
@@ -19,6 +20,7 @@ from services.registry.schemas import (
     CardOut,
     CertificateIn,
     CouponReissueIn,
+    DisclosuresOut,
     ImportAccepted,
     ImportStatus,
     MoveOutIn,
@@ -37,6 +39,7 @@ from services.registry.settings import SHC_ISSUER_PATH
 from services.registry.shc import CardError
 from shared.auth import Principal, Role, require, require_own_municipality
 from shared.db import UnitOfWorkDep
+from shared.domain.period import period_bound
 from shared.errors import (
     BadRequest,
     Conflict,
@@ -319,6 +322,20 @@ def _grant_key(request: Request) -> str:
     return key
 
 
+def _request_id(request: Request) -> str:
+    # Always there: shared.observability's middleware keeps the gateway's X-Request-ID or sets a new one.
+    return request.headers["x-request-id"]
+
+
+def _period_bound(name: str, value: str | None, *, end: bool) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return period_bound(value, end=end)
+    except ValueError as exc:
+        raise InvalidField(name, str(exc)) from None
+
+
 @router.post(
     "/transfer-lookups",
     response_model=TransferLookupOut,
@@ -340,6 +357,7 @@ async def transfer_lookup(
         caller=code,
         lookups=[(body.my_number, body.legal_basis)],
         grant_key=_grant_key(request),
+        request_id=_request_id(request),
     )
     return TransferLookupOut(doses=doses)
 
@@ -374,12 +392,41 @@ async def transfer_lookup_batch(
         caller=code,
         lookups=[(item.my_number, item.legal_basis) for item in body.lookups],
         grant_key=_grant_key(request),
+        request_id=_request_id(request),
     )
     return TransferLookupBatchOut(
         results=[
             TransferLookupResult(client_id=item.client_id, doses=doses)
             for item, doses in zip(body.lookups, answers, strict=True)
         ]
+    )
+
+
+_BOUND = "YYYY-MM-DD (a whole UTC day, as the gateway's audit read) or an ISO 8601 date-time"
+
+
+@router.get(
+    "/residents/{resident_id}/disclosures",
+    response_model=DisclosuresOut,
+    responses=responses(Unauthorized, Forbidden, NotFound, InvalidField),
+)
+async def get_disclosures(
+    code: MunicipalityCode,
+    resident_id: ResidentId,
+    principal: MunicipalityPrincipal,
+    uow: UnitOfWorkDep,
+    since: Annotated[str | None, Query(alias="from", max_length=64, description=_BOUND)] = None,
+    until: Annotated[str | None, Query(alias="to", max_length=64, description=_BOUND)] = None,
+) -> DisclosuresOut:
+    """情報提供等記録: the transfer lookups that read this resident's doses, newest first (at most 1,000) —
+    received (this municipality read another's records) and provided (another municipality read this one's)."""
+    require_own_municipality(principal, code, deny=resident_not_found())
+    return await service.disclosures_of(
+        uow,
+        municipality_code=code,
+        resident_id=resident_id,
+        since=_period_bound("from", since, end=False),
+        until=_period_bound("to", until, end=True),
     )
 
 

@@ -197,6 +197,27 @@ class TransferLookupBatchOut(BaseModel):
     results: list[TransferLookupResult]
 
 
+class DisclosureOut(BaseModel):
+    """One transfer lookup that read a municipality's records of the resident (情報提供等記録)."""
+
+    at: UtcDatetime
+    direction: Literal["received", "provided"] = Field(
+        description="received: this municipality looked the resident up and read another's records; "
+        "provided: another municipality's lookup read this municipality's records"
+    )
+    municipality: str = Field(description="the other municipality: the one read (received) or the reader (provided)")
+    legal_basis: LegalBasis
+    doses: int = Field(
+        description="doses shown from the municipality read; 0: its records of the person were read, with none to show"
+    )
+    request_id: str = Field(description="the lookup's X-Request-ID, as in the gateway's audit trail")
+
+
+class DisclosuresOut(BaseModel):
+    disclosures: list[DisclosureOut] = Field(description="newest first")
+    truncated: bool = Field(description="more matched than the 1,000 shown: narrow from/to")
+
+
 class CouponReissueIn(BaseModel):
     """A lost coupon: a new number replaces ``replaces``, which is invalid from today. Naming the number
     being replaced makes a retry harmless: once it is replaced, the same request changes nothing."""

@@ -21,8 +21,21 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from services.registry.bulk import PreparedChunk, outbox_copy
 from services.registry.crypto import MyNumberVault
 from services.registry.models import Coupon, Resident
-from services.registry.repository import CouponRepository, DirectoryRepository, ResidentRepository
-from services.registry.schemas import AUTO, ResidentIn, ResidentOut, ResidentWithDoses, TransferDose
+from services.registry.repository import (
+    CouponRepository,
+    DirectoryRepository,
+    DisclosureRepository,
+    ResidentRepository,
+)
+from services.registry.schemas import (
+    AUTO,
+    DisclosureOut,
+    DisclosuresOut,
+    ResidentIn,
+    ResidentOut,
+    ResidentWithDoses,
+    TransferDose,
+)
 from shared.db import UnitOfWork, utcnow
 from shared.domain.codes import mask_my_number
 from shared.domain.coupon import candidate_coupon_numbers, compose_coupon_line
@@ -40,6 +53,7 @@ log = logging.getLogger(__name__)
 
 
 COUPON_KIND = 1  # 券種 as printed on the coupons registry issues
+MAX_DISCLOSURES = 1000  # a resident's disclosures in one answer: the newest
 
 
 def coupon_line(municipality_code: str, coupon_number: str | None) -> str | None:
@@ -623,12 +637,14 @@ async def transfer_lookups(
     caller: str,
     lookups: Sequence[tuple[str, str]],
     grant_key: str,
+    request_id: str,
 ) -> list[list[TransferDose]]:
     """For each (My Number, legal basis): the doses recorded under the other municipalities the person is
     or was registered in — only if they are now registered (not moved out) in ``caller``; otherwise no
     doses, exactly as for a number nobody registered. One directory query, one query per shard, one
     records call (as the caller: its internal token is forwarded) carrying one signed grant per municipality
-    (see :mod:`shared.grants`)."""
+    (see :mod:`shared.grants`). What was read is logged (:func:`log_disclosures`) in the caller's transaction:
+    a lookup whose log cannot be written fails rather than answer unlogged."""
     hashes = [vault.keyed_hash(number) for number, _ in lookups]
     entries = await DirectoryRepository(uow.main()).entries(hashes)
     here = {h: r for h, m, r in entries if m == caller}
@@ -682,16 +698,64 @@ async def transfer_lookups(
                     lot_number=dose.lot_number,
                 )
             )
-    answers = []
-    for h in hashes:
-        doses = [
-            dose
-            for municipality, resident in elsewhere.get(h, [])
-            for number in coupons.get((municipality, resident), [])
-            for dose in found.get((municipality, number), [])
-        ]
+    answers, disclosed = [], []
+    for h, (_, basis) in zip(hashes, lookups, strict=True):
+        doses = []
+        for municipality, resident in elsewhere.get(h, []):
+            shown = [
+                dose
+                for number in coupons.get((municipality, resident), [])
+                for dose in found.get((municipality, number), [])
+            ]
+            disclosed.append((here[h], municipality, resident, basis, len(shown)))
+            doses += shown
         answers.append(sorted(doses, key=lambda d: (d.vaccinated_on, d.dose_number)))
+    await log_disclosures(uow, caller=caller, request_id=request_id, disclosed=disclosed)
     return answers
+
+
+async def log_disclosures(
+    uow: UnitOfWork, *, caller: str, request_id: str, disclosed: Sequence[tuple[str, str, str, str, int]]
+) -> None:
+    """情報提供等記録: for each lookup item and other municipality read, (the caller's resident id, that
+    municipality, its resident id, the legal basis, the doses shown), one statement for the whole lookup. A
+    municipality that showed no dose is logged too: its records of the person were read for the caller all the
+    same."""
+    await DisclosureRepository(uow.main()).record(disclosed, at=utcnow(), request_id=request_id, caller=caller)
+
+
+async def disclosures_of(
+    uow: UnitOfWork,
+    *,
+    municipality_code: str,
+    resident_id: str,
+    since: datetime | None,
+    until: datetime | None,
+) -> DisclosuresOut:
+    """The transfer lookups about a resident: those ``municipality_code`` made (received) and those that read its
+    records of them (provided), newest first, at most :data:`MAX_DISCLOSURES`. Of the other municipality only its
+    code is shown, never its resident id (that municipality's own number). An unknown resident (or one of another
+    municipality) is :func:`resident_not_found`; a moved-out one is still known here."""
+    residents = ResidentRepository(await uow.for_municipality(municipality_code))
+    if not await residents.known(municipality_code, [resident_id]):
+        raise resident_not_found()
+    rows = await DisclosureRepository(uow.main()).of_resident(
+        municipality_code, resident_id, since=since, until=until, limit=MAX_DISCLOSURES + 1
+    )
+    out = []
+    for row in rows[:MAX_DISCLOSURES]:
+        received = row.caller_municipality == municipality_code
+        out.append(
+            DisclosureOut(
+                at=row.disclosed_at,
+                direction="received" if received else "provided",
+                municipality=row.source_municipality if received else row.caller_municipality,
+                legal_basis=row.legal_basis,
+                doses=row.doses,
+                request_id=row.request_id,
+            )
+        )
+    return DisclosuresOut(disclosures=out, truncated=len(rows) > MAX_DISCLOSURES)
 
 
 async def allocate_coupon_number(coupons: CouponRepository, municipality_code: str) -> str:

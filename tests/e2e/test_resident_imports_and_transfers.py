@@ -88,6 +88,7 @@ async def test_import_move_and_transfer_lookup(stack: Stack, gw: httpx.AsyncClie
     lookup = f"/api/v1/municipalities/{CHIYODA}/transfer-lookups"
     r = await gw.post(lookup, json={"my_number": mover, "legal_basis": "consent"}, headers=MUNI)
     assert r.status_code == 200, r.text
+    single_request = r.headers["x-request-id"]  # the gateway's: the id of its audit entry
     assert r.json()["doses"] == [
         {
             "municipality": SAPPORO,
@@ -117,3 +118,29 @@ async def test_import_move_and_transfer_lookup(stack: Stack, gw: httpx.AsyncClie
     batch["lookups"][1]["legal_basis"] = "because"
     r = await gw.post(f"{lookup}/batch", json=batch, headers=MUNI)
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == "lookups[1].legal_basis"
+
+    # The disclosure log (情報提供等記録): each lookup that read Sapporo's records of the mover, newest first, seen
+    # by both; lookups that read nothing (the stayer, nobody) and the refused batch left nothing.
+    def log_of(code: str, resident_id: str) -> str:
+        return f"/api/v1/municipalities/{code}/residents/{resident_id}/disclosures"
+
+    r = await gw.get(log_of(CHIYODA, f"{tag}-c"), headers=MUNI)
+    assert r.status_code == 200, r.text
+    received = r.json()["disclosures"]
+    assert [(d["direction"], d["municipality"], d["legal_basis"], d["doses"]) for d in received] == [
+        ("received", SAPPORO, "my-number-act-19-16", 1),
+        ("received", SAPPORO, "my-number-act-19-16", 1),
+        ("received", SAPPORO, "consent", 1),
+    ]
+    assert received[-1]["request_id"] == single_request
+    r = await gw.get(log_of(SAPPORO, f"{tag}-1"), headers=OTHER_MUNI)
+    assert r.status_code == 200, r.text
+    provided = r.json()["disclosures"]
+    assert [(d["direction"], d["municipality"], d["request_id"]) for d in provided] == [
+        ("provided", CHIYODA, d["request_id"]) for d in received
+    ]
+    assert f"{tag}-c" not in r.text  # Chiyoda's own resident id is not Sapporo's to see
+    r = await gw.get(log_of(SAPPORO, f"{tag}-2"), headers=OTHER_MUNI)
+    assert r.status_code == 200 and r.json()["disclosures"] == []
+    r = await gw.get(log_of(SAPPORO, f"{tag}-1"), headers=MUNI)  # another municipality's resident
+    assert r.status_code == 404

@@ -53,6 +53,7 @@ MATRIX: dict[tuple[str, str], tuple[object, ...]] = {
     ("GET", f"{M}/audit"): (LOCAL, 403, 403, 403, 401),
     ("POST", f"{M}/residents/{{resident_id}}/certificates"): MUNI_HIDDEN,
     ("GET", f"{M}/residents/{{resident_id}}/fhir"): MUNI_HIDDEN,
+    ("GET", f"{M}/residents/{{resident_id}}/disclosures"): MUNI_HIDDEN,
     ("POST", "/api/v1/certificates/verify"): ANYONE,
     ("GET", "/issuer/.well-known/jwks.json"): ANYONE,
     ("GET", "/issuer/.well-known/crl/{file}"): ANYONE,

@@ -1,0 +1,319 @@
+"""The transfer disclosure log (情報提供等記録): every transfer lookup that read another municipality's records of a
+person leaves a row, in the lookup's own transaction, that both municipalities read back by their own resident id.
+
+registry and records served for real — records over HTTP as in production — on SQLite (the embedded stack) and on
+PostgreSQL with two shards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from sqlalchemy import select, text
+
+from devtools.harness import free_port
+from services.records.app import create_app as create_records
+from services.records.service import Submission
+from services.records.settings import RecordsSettings
+from services.registry.crypto import MyNumberVault
+from services.registry.models import TransferDisclosure
+from shared.db import utcnow
+from shared.domain.japan_time import JAPAN
+from shared.internal import InternalClient
+from tests.integration.services.records.records_support import dose, recorder, records_databases
+from tests.integration.services.registry.registry_support import (
+    CHIYODA,
+    SAPPORO,
+    Registry,
+    auth,
+    migrated_registry,
+    serve,
+)
+from tests.integration.services.registry.test_registry_imports import my_number
+
+OSAKA = "271004"  # no shard pinned: assigned on first sight
+PERSON = {"name": "山田 花子", "name_kana": "ヤマダ ハナコ", "birth_date": "1950-04-02", "sex": "F"}
+MOVER, STAYER, NOBODY = my_number(41), my_number(42), my_number(99)
+BATCH = f"/api/v1/municipalities/{CHIYODA}/transfer-lookups/batch"
+
+
+@dataclass
+class Stack:
+    registry: Registry
+    record: Callable[..., Any]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def stack(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Stack]:
+    if request.param == "postgresql":
+        make_database: Callable[..., str] = request.getfixturevalue("make_database")
+    else:
+
+        def make_database(prefix: str = "test") -> str:
+            return f"sqlite+aiosqlite:///{tmp_path / prefix}.db"
+
+    async for records_dbs in records_databases(make_database):
+        port = free_port()
+        records_settings = RecordsSettings(
+            main_dsn=records_dbs.main.url,
+            shard_dsns={n: db.url for n, db in records_dbs.shards.items()},
+            run_relay=False,
+            run_consumer=False,
+            run_imports=False,
+            pool_size=5,
+        )
+        server = uvicorn.Server(uvicorn.Config(create_records(records_settings), port=port, log_level="warning"))
+        task = asyncio.create_task(server.serve())
+        while not server.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
+            await asyncio.sleep(0.05)
+        settings = await migrated_registry(make_database, records_url=f"http://127.0.0.1:{port}")
+        try:
+            async for registry in serve(settings):
+                yield Stack(registry, recorder(records_dbs))
+        finally:
+            server.should_exit = True
+            await task
+
+
+async def put(registry: Registry, code: str, resident_id: str, **body: Any) -> None:
+    r = await registry.client.put(
+        f"/api/v1/municipalities/{code}/residents/{resident_id}", json=PERSON | body, headers=auth(code)
+    )
+    assert r.status_code in (200, 201), r.text
+
+
+async def move_out(registry: Registry, code: str, resident_id: str) -> None:
+    r = await registry.client.post(
+        f"/api/v1/municipalities/{code}/residents/{resident_id}/move-out",
+        json={"moved_to": CHIYODA, "moved_on": "2021-08-31"},
+        headers=auth(code),
+    )
+    assert r.status_code == 200, r.text
+
+
+async def moved_to_chiyoda(stack: Stack) -> None:
+    """MOVER lived in Osaka (no dose) and Sapporo (two doses) and is now Chiyoda's C1; STAYER is Sapporo's S2."""
+    registry = stack.registry
+    await put(registry, OSAKA, "O1", my_number=MOVER, coupon_number="0000000003")
+    await put(registry, SAPPORO, "S1", my_number=MOVER, coupon_number="0000000001")
+    await put(registry, SAPPORO, "S2", my_number=STAYER, coupon_number="0000000002")
+    town = {"municipality": SAPPORO}
+    await stack.record(
+        Submission("k1", dose("0000000001", **town)),
+        Submission("k2", dose("0000000001", dose_number=2, vaccinated_on=date(2021, 6, 22), **town)),
+        Submission("k3", dose("0000000002", **town)),
+    )
+    await move_out(registry, OSAKA, "O1")
+    await move_out(registry, SAPPORO, "S1")
+    await put(registry, CHIYODA, "C1", my_number=MOVER, coupon_number="0000000077")
+
+
+async def lookup(registry: Registry, code: str, number: str, basis: str = "consent", request_id: str = "r") -> Any:
+    return await registry.client.post(
+        f"/api/v1/municipalities/{code}/transfer-lookups",
+        json={"my_number": number, "legal_basis": basis},
+        headers=auth(code) | {"X-Request-ID": request_id},
+    )
+
+
+async def batch(registry: Registry, items: list[tuple[str, str]], request_id: str) -> Any:
+    lookups = [{"client_id": str(i), "my_number": n, "legal_basis": b} for i, (n, b) in enumerate(items)]
+    return await registry.client.post(
+        BATCH,
+        json={"lookups": lookups},
+        headers=auth(CHIYODA)
+        | {"X-Access-Purpose": ",".join(sorted({b for _, b in items})), "X-Request-ID": request_id},
+    )
+
+
+async def logged(registry: Registry) -> list[tuple[Any, ...]]:
+    """Every row of the log as stored, oldest first, without its id and time."""
+    async with registry.databases.main.sessionmaker() as session:
+        rows = (await session.execute(select(TransferDisclosure).order_by(TransferDisclosure.id))).scalars()
+        return [
+            (
+                r.request_id,
+                r.caller_municipality,
+                r.caller_resident_id,
+                r.source_municipality,
+                r.source_resident_id,
+                r.legal_basis,
+                r.doses,
+            )
+            for r in rows
+        ]
+
+
+async def disclosures(registry: Registry, code: str, resident_id: str, **params: str) -> httpx.Response:
+    return await registry.client.get(
+        f"/api/v1/municipalities/{code}/residents/{resident_id}/disclosures", params=params, headers=auth(code)
+    )
+
+
+def shown(response: httpx.Response) -> list[tuple[Any, ...]]:
+    assert response.status_code == 200, response.text
+    return [
+        (d["direction"], d["municipality"], d["legal_basis"], d["doses"], d["request_id"])
+        for d in response.json()["disclosures"]
+    ]
+
+
+async def test_a_lookup_logs_each_municipality_it_read_and_nothing_for_a_lookup_that_read_nothing(
+    stack: Stack,
+) -> None:
+    registry = stack.registry
+    await moved_to_chiyoda(stack)
+
+    r = await lookup(registry, CHIYODA, MOVER, "my-number-act-19-16", request_id="single-1")
+    assert r.status_code == 200 and len(r.json()["doses"]) == 2, r.text
+    # Osaka showed no dose, and is logged all the same: its records of the person were read for Chiyoda.
+    assert sorted(await logged(registry)) == [
+        ("single-1", CHIYODA, "C1", SAPPORO, "S1", "my-number-act-19-16", 2),
+        ("single-1", CHIYODA, "C1", OSAKA, "O1", "my-number-act-19-16", 0),
+    ]
+
+    # Registered elsewhere, nowhere, or asked by a municipality the person left: nothing read, nothing logged.
+    for code, number in ((CHIYODA, STAYER), (CHIYODA, NOBODY), (SAPPORO, MOVER), (OSAKA, MOVER)):
+        r = await lookup(registry, code, number, request_id="nothing")
+        assert r.status_code == 200 and r.json() == {"doses": []}, r.text
+    r = await batch(registry, [(STAYER, "consent"), (NOBODY, "my-number-act-19-16")], "nothing-batch")
+    assert r.status_code == 200, r.text
+    assert len(await logged(registry)) == 2
+
+    # A batch: one row per item and municipality read, each with its item's own basis; the others none.
+    items = [(MOVER, "consent"), (STAYER, "consent"), (NOBODY, "consent"), (MOVER, "my-number-act-19-16")]
+    r = await batch(registry, items, "batch-1")
+    assert r.status_code == 200, r.text
+    assert [len(x["doses"]) for x in r.json()["results"]] == [2, 0, 0, 2]
+    assert sorted((await logged(registry))[2:]) == [
+        ("batch-1", CHIYODA, "C1", SAPPORO, "S1", "consent", 2),
+        ("batch-1", CHIYODA, "C1", SAPPORO, "S1", "my-number-act-19-16", 2),
+        ("batch-1", CHIYODA, "C1", OSAKA, "O1", "consent", 0),
+        ("batch-1", CHIYODA, "C1", OSAKA, "O1", "my-number-act-19-16", 0),
+    ]
+
+
+async def test_the_log_holds_no_my_number_nor_its_hash(stack: Stack) -> None:
+    registry = stack.registry
+    await moved_to_chiyoda(stack)
+    assert (await lookup(registry, CHIYODA, MOVER)).status_code == 200
+    assert (await batch(registry, [(MOVER, "consent")], "b")).status_code == 200
+    vault: MyNumberVault = registry.app.state.vault
+    secrets = {MOVER, MOVER[-4:], vault.keyed_hash(MOVER).hex()}
+    async with registry.databases.main.sessionmaker() as session:
+        result = await session.execute(text("SELECT * FROM transfer_disclosures"))
+        columns, rows = set(result.keys()), result.all()
+    assert columns == {
+        "id",
+        "disclosed_at",
+        "request_id",
+        "caller_municipality",
+        "caller_resident_id",
+        "source_municipality",
+        "source_resident_id",
+        "legal_basis",
+        "doses",
+    }
+    assert len(rows) == 4
+    values = [value for row in rows for value in row]
+    assert not any(isinstance(v, bytes | memoryview) for v in values)
+    assert not any(secret in str(v) for v in values for secret in secrets)
+
+
+async def test_a_lookup_that_fails_logs_nothing_and_one_that_cannot_log_fails(stack: Stack) -> None:
+    registry = stack.registry
+    await moved_to_chiyoda(stack)
+    app = registry.app
+    live = app.state.records
+    app.state.records = InternalClient("http://127.0.0.1:9")  # nothing listens there
+    try:
+        r = await lookup(registry, CHIYODA, MOVER)
+        assert r.status_code == 503, r.text
+        r = await batch(registry, [(MOVER, "consent")], "b")
+        assert r.status_code == 503, r.text
+    finally:
+        await app.state.records.close()
+        app.state.records = live
+    assert await logged(registry) == []
+
+    # The log cannot be written: the lookup is refused, never answered unlogged.
+    async with registry.databases.main.sessionmaker() as session, session.begin():
+        await session.execute(text("DROP TABLE transfer_disclosures"))
+    r = await lookup(registry, CHIYODA, MOVER)
+    assert r.status_code >= 500 and "doses" not in r.text
+    # A lookup that read nothing has nothing to log, and still answers.
+    assert (await lookup(registry, CHIYODA, STAYER)).status_code == 200
+
+
+async def test_both_municipalities_read_the_log_by_their_own_resident(stack: Stack) -> None:
+    registry = stack.registry
+    await moved_to_chiyoda(stack)
+    assert (await lookup(registry, CHIYODA, MOVER, "my-number-act-19-16", request_id="first")).status_code == 200
+    between = utcnow()
+    assert (await batch(registry, [(MOVER, "consent"), (STAYER, "consent")], "second")).status_code == 200
+
+    # Chiyoda received (newest first); Sapporo and Osaka provided, to Chiyoda.
+    received = shown(await disclosures(registry, CHIYODA, "C1"))
+    assert sorted(received[:2]) == [
+        ("received", SAPPORO, "consent", 2, "second"),
+        ("received", OSAKA, "consent", 0, "second"),
+    ]
+    assert sorted(received[2:]) == [
+        ("received", SAPPORO, "my-number-act-19-16", 2, "first"),
+        ("received", OSAKA, "my-number-act-19-16", 0, "first"),
+    ]
+    assert shown(await disclosures(registry, SAPPORO, "S1")) == [
+        ("provided", CHIYODA, "consent", 2, "second"),
+        ("provided", CHIYODA, "my-number-act-19-16", 2, "first"),
+    ]
+    assert shown(await disclosures(registry, OSAKA, "O1")) == [
+        ("provided", CHIYODA, "consent", 0, "second"),
+        ("provided", CHIYODA, "my-number-act-19-16", 0, "first"),
+    ]
+    assert shown(await disclosures(registry, SAPPORO, "S2")) == []  # looked up by Chiyoda, but never Chiyoda's
+    # The other side's resident id is that municipality's own: never shown.
+    answer = await disclosures(registry, SAPPORO, "S1")
+    assert set(answer.json()) == {"disclosures", "truncated"} and answer.json()["truncated"] is False
+    assert set(answer.json()["disclosures"][0]) == {
+        "at",
+        "direction",
+        "municipality",
+        "legal_basis",
+        "doses",
+        "request_id",
+    }
+    assert "C1" not in answer.text and "S1" not in (await disclosures(registry, CHIYODA, "C1")).text
+
+    # Another municipality's resident, on its own code or on the other's: the unknown-resident 404, byte for byte.
+    unknown = await registry.client.get(f"/api/v1/municipalities/{CHIYODA}/residents/nobody", headers=auth(CHIYODA))
+    assert unknown.status_code == 404
+    for answer in (
+        await disclosures(registry, CHIYODA, "nobody"),
+        await disclosures(registry, CHIYODA, "S1"),
+        await registry.client.get(f"/api/v1/municipalities/{SAPPORO}/residents/S1/disclosures", headers=auth(CHIYODA)),
+    ):
+        assert (answer.status_code, answer.content) == (404, unknown.content)
+
+    # from/to: whole UTC days (to inclusive) or moments.
+    today = utcnow().date()
+    assert len(shown(await disclosures(registry, CHIYODA, "C1", **{"from": str(today), "to": str(today)}))) == 4
+    assert shown(await disclosures(registry, CHIYODA, "C1", to=str(today - timedelta(days=1)))) == []
+    assert shown(await disclosures(registry, CHIYODA, "C1", **{"from": str(today + timedelta(days=1))})) == []
+    since = {"from": between.isoformat()}
+    assert [d[4] for d in shown(await disclosures(registry, CHIYODA, "C1", **since))] == ["second", "second"]
+    assert [d[4] for d in shown(await disclosures(registry, SAPPORO, "S1", to=between.isoformat()))] == ["first"]
+    # The same moment in Japan's time is the same moment.
+    japan = {"from": between.astimezone(JAPAN).isoformat()}
+    assert [d[4] for d in shown(await disclosures(registry, SAPPORO, "S1", **japan))] == ["second"]
+    for name, value in (("from", "yesterday"), ("to", "2026-02-30"), ("from", "2026-11-27T25:00")):
+        bad = await disclosures(registry, CHIYODA, "C1", **{name: value})
+        assert bad.status_code == 422, bad.text
+        assert [e["field"] for e in bad.json()["errors"]] == [name]
