@@ -184,8 +184,10 @@ def configure_logging(level: str, service: str = "vrs") -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
-    # Access logs print paths, and paths carry resident ids: keep them off by default.
-    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    # Access logs print paths, and paths carry resident ids and coupon numbers: keep them off by default. httpx's
+    # client logs every request's URL at INFO likewise (the CLIs' uploads, the harness's in-process clients).
+    for name in ("uvicorn.access", "httpx"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 class MetricsMiddleware:

@@ -183,3 +183,28 @@ def test_the_first_service_configured_labels_the_process() -> None:
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
+
+
+async def test_request_urls_are_not_logged_at_info(capsys: pytest.CaptureFixture[str]) -> None:
+    """Paths name residents (``/municipalities/131016/residents/R1``): neither the server's access log nor
+    httpx's client writes them at the default level."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    app = FastAPI()
+
+    @app.get("/municipalities/{code}/residents/{resident_id}")
+    async def resident(code: str, resident_id: str) -> dict[str, str]:
+        return {"resident_id": resident_id}
+
+    try:
+        root.handlers[:] = []
+        configure_logging("INFO", "registry")
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://registry") as client:
+            assert (await client.get("/municipalities/131016/residents/R1")).status_code == 200
+        logging.getLogger("uvicorn.access").info('127.0.0.1 - "GET /municipalities/131016/residents/R1"')
+        logging.getLogger("vrs.test").info("still logged")
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    err = capsys.readouterr().err
+    assert "still logged" in err and "R1" not in err
