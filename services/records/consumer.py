@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -30,9 +31,39 @@ from shared.shardmove import ShardMoveError
 log = logging.getLogger(__name__)
 
 
-def coupon_event_handler(databases: Databases, shard: str, *, name: str, max_doses: int) -> Handler:
+# The fewest doses a coupon-event transaction is bounded to, whatever the estimate: a slow moment (the
+# transaction waited for a dose write's coupon lock) must not shrink the catch-up to a crawl.
+MIN_BATCH_DOSES = 100
+
+
+@dataclass
+class DoseBudget:
+    """How many doses one coupon-event transaction may lock: as many as the last transactions moved in
+    ``seconds`` (each dose moved is locked to the commit, and a municipality correcting one waits that long), at
+    most ``max_doses``. The same bound in doses is a wait of 0.4 s on one host and 1 s on a host 2.5 times
+    slower (make soak); the cost a dose is measured as the consumer goes."""
+
+    max_doses: int
+    seconds: float
+    per_dose: float | None = None  # seconds a locked dose has cost of its transaction, smoothed
+
+    def bound(self) -> int:
+        if self.per_dose is None:
+            return self.max_doses
+        return min(self.max_doses, max(MIN_BATCH_DOSES, int(self.seconds / self.per_dose)))
+
+    def observe(self, doses: int, seconds: float) -> None:
+        """One transaction's apply: ``doses`` locked in ``seconds`` (its fixed cost counted in, which errs toward
+        shorter transactions)."""
+        if doses < MIN_BATCH_DOSES // 2:  # a handful of doses says more about the transaction than about them
+            return
+        sample = seconds / doses
+        self.per_dose = sample if self.per_dose is None else 0.7 * self.per_dose + 0.3 * sample
+
+
+def coupon_event_handler(databases: Databases, shard: str, *, name: str, budget: DoseBudget) -> Handler:
     """Applies a batch's events of this shard's municipalities: only as many messages as hold
-    :data:`service.MAX_EVENTS` events and lock ``max_doses`` doses at most (the rest goes to the next
+    :data:`service.MAX_EVENTS` events and lock at most the doses ``budget`` allows (the rest goes to the next
     transactions, see :class:`shared.consumer.Taken` and :func:`service.apply_coupon_messages`)."""
 
     async def handle(session: AsyncSession, messages: Sequence[Message]) -> int | Taken:
@@ -57,7 +88,9 @@ def coupon_event_handler(databases: Databases, shard: str, *, name: str, max_dos
         mine = [[e for e in events if shards[e.municipality] == shard] for events in decoded]
         # Repeats change nothing (an event no newer than the projection is skipped), so the events are applied
         # first and the ids of those taken claimed after.
-        changed, taken = await service.apply_coupon_messages(session, mine, max_doses=max_doses)
+        started = time.perf_counter()
+        changed, taken, doses = await service.apply_coupon_messages(session, mine, max_doses=budget.bound())
+        budget.observe(doses, time.perf_counter() - started)
         ids = [e.event_id for events in mine[:taken] for e in events]
         await Bookkeeping(session, consumer_bookkeeping).claim(name, ids, at=utcnow())
         return changed if taken == len(messages) else Taken(changed, taken)
@@ -82,7 +115,10 @@ def coupon_consumers(
                     settings.bus, consumer=f"{settings.consumer_name}-{shard}", topic=topic
                 ),
                 handler=coupon_event_handler(
-                    databases, shard, name=settings.consumer_name, max_doses=settings.coupon_batch_max_doses
+                    databases,
+                    shard,
+                    name=settings.consumer_name,
+                    budget=DoseBudget(settings.coupon_batch_max_doses, settings.coupon_batch_max_seconds),
                 ),
                 max_records=settings.poll_max_records,
                 poll_timeout=settings.poll_timeout_seconds,

@@ -20,7 +20,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from prometheus_client import Counter
 from pydantic import ValidationError
@@ -610,17 +610,22 @@ async def apply_coupon_events(session: Any, events: Sequence[CouponEvent]) -> in
     """Bring the projection and the doses of these coupons to the events' states, in the caller's transaction;
     how many coupon states changed. All of them, however many doses they move: see :func:`apply_coupon_messages`.
     """
-    changed, _ = await apply_coupon_messages(session, [events])
-    return changed
+    return (await apply_coupon_messages(session, [events])).changed
+
+
+class AppliedCoupons(NamedTuple):
+    changed: int  # coupon states changed
+    taken: int  # of the messages given, the first this many were applied
+    doses: int  # doses of the changed coupons read and locked
 
 
 async def apply_coupon_messages(
     session: Any, messages: Sequence[Sequence[CouponEvent]], *, max_doses: int | None = None
-) -> tuple[int, int]:
+) -> AppliedCoupons:
     """Apply the events of the first messages (each a sequence of events) in the caller's transaction: all of
     them, or, with ``max_doses``, as many as keep the doses this transaction locks within that number (at least
     one message, whatever it holds; the caller passes at most :data:`MAX_EVENTS` events, see
-    ``services/records/consumer.py``). Returns (coupon states changed, messages taken).
+    ``services/records/consumer.py``).
 
     An event older than (or as old as) the projection's version changes nothing, so repeats and events out of
     order are harmless. A coupon whose holder is now known matches its unmatched doses; a holder whose sex or
@@ -658,7 +663,7 @@ async def apply_coupon_messages(
         coupon.version, coupon.updated_at = event.version, now
         changed.append(coupon)
     if not changed:
-        return 0, taken
+        return AppliedCoupons(0, taken, 0)
     holders = {(c.municipality_code, c.coupon_number): c for c in changed}
     # The dose path's coupon locks, before the doses are read: a dose being written now is waited for and read
     # here; one written after finds the holder changed and is decided again (records_writes_as_read).
@@ -668,7 +673,8 @@ async def apply_coupon_messages(
     # The moves are written once, after them all: the doses' UPDATE one executemany (see DoseRepository.moved),
     # the history and the events one insert each.
     validities = {key: validity_of(coupon) for key, coupon in holders.items()}
-    for dose in await doses.of_coupons(list(holders), for_update=True):
+    locked = await doses.of_coupons(list(holders), for_update=True)
+    for dose in locked:
         key = (dose.municipality_code, dose.coupon_number)
         changed_dose, dose_event = _follow_coupon(holders[key], validities[key], dose, history, now=now)
         if changed_dose:
@@ -677,7 +683,7 @@ async def apply_coupon_messages(
             moved.append(dose_event)
     await doses.add_history(history)
     await OutboxRepository(session, outbox).add(moved)
-    return len(changed), taken
+    return AppliedCoupons(len(changed), taken, len(locked))
 
 
 def _newest(events: Iterable[CouponEvent]) -> dict[CouponKey, CouponEvent]:

@@ -23,10 +23,12 @@ class RecordsSettings(PublisherSettings):
     consumer_name: str = Field(default="records-coupons", min_length=1, max_length=64)
     poll_max_records: int = Field(default=500, ge=1, le=10_000)
     poll_timeout_seconds: float = Field(default=1.0, gt=0)
-    # A coupon-event batch locks the doses it moves until it commits; past this many doses it commits and
-    # takes the rest of what it polled in the next transaction (a municipality correcting one of those doses
-    # waits for one transaction, not for a whole backlog).
+    # A coupon-event batch locks the doses it moves until it commits; past this many doses, or as many as the
+    # last batches moved in coupon_batch_max_seconds, it commits and takes the rest of what it polled in the
+    # next transaction (a municipality correcting one of those doses waits for one transaction, not for a
+    # whole backlog). See services/records/consumer.py, DoseBudget.
     coupon_batch_max_doses: int = Field(default=2000, ge=1)
+    coupon_batch_max_seconds: float = Field(default=0.25, gt=0)
     max_batch_doses: int = 1000
     # Dose CSV imports: processed in the API process (each replica leases whole imports), in chunks of rows.
     run_imports: bool = True

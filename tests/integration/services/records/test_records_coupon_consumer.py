@@ -64,8 +64,12 @@ async def backlog(record: Record, databases: Databases, tmp_path: Path) -> BusSe
     return bus
 
 
-def consumer_of_chiyoda(bus: BusSettings, databases: Databases, max_doses: int) -> IdempotentConsumer:
-    settings = RecordsSettings(bus=bus, coupon_batch_max_doses=max_doses, poll_max_records=500)
+def consumer_of_chiyoda(
+    bus: BusSettings, databases: Databases, max_doses: int, *, max_seconds: float = 60.0, poll: int = 500
+) -> IdempotentConsumer:
+    settings = RecordsSettings(
+        bus=bus, coupon_batch_max_doses=max_doses, coupon_batch_max_seconds=max_seconds, poll_max_records=poll
+    )
     [s0, _s1] = coupon_consumers(settings, databases)
     return s0
 
@@ -105,6 +109,32 @@ async def test_a_backlog_is_applied_in_transactions_that_lock_at_most_the_bound(
     backlog: BusSettings, databases: Databases, max_doses: int, after_each: list[int]
 ) -> None:
     consumer = consumer_of_chiyoda(backlog, databases, max_doses)
+    try:
+        assert await steps(consumer, databases, most=10) == after_each
+    finally:
+        await consumer.stop()
+    await assert_each_dose_moved_once(databases)
+
+
+@pytest.mark.parametrize(
+    ("max_seconds", "after_each"),
+    [
+        (60.0, [60, 120, 180]),  # two messages a poll, each poll's whole within the budget
+        (1e-9, [60, 90, 120, 150, 180]),  # once the first transaction is measured: one message a transaction
+    ],
+)
+async def test_the_bound_follows_the_time_the_last_transactions_took_a_dose(
+    backlog: BusSettings,
+    databases: Databases,
+    monkeypatch: pytest.MonkeyPatch,
+    max_seconds: float,
+    after_each: list[int],
+) -> None:
+    """The same number of doses locks them twice as long on a host twice as slow: the bound is also the doses
+    the last transactions moved in ``coupon_batch_max_seconds``. Nothing is measured before the first
+    transaction, which takes up to ``coupon_batch_max_doses``."""
+    monkeypatch.setattr(records_consumer, "MIN_BATCH_DOSES", 1)  # this backlog is small
+    consumer = consumer_of_chiyoda(backlog, databases, 10_000, max_seconds=max_seconds, poll=2)
     try:
         assert await steps(consumer, databases, most=10) == after_each
     finally:
