@@ -49,7 +49,9 @@ class DoseBudget:
 
     def bound(self) -> int:
         if self.per_dose is None:
-            return self.max_doses
+            # Nothing measured yet (a consumer just started, say after a crash, with a backlog waiting): a
+            # quarter of the count, and more once the first transaction has shown what a dose costs.
+            return min(self.max_doses, max(MIN_BATCH_DOSES, self.max_doses // 4))
         return min(self.max_doses, max(MIN_BATCH_DOSES, int(self.seconds / self.per_dose)))
 
     def observe(self, doses: int, seconds: float) -> None:

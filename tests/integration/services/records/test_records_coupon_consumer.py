@@ -132,7 +132,7 @@ async def test_the_bound_follows_the_time_the_last_transactions_took_a_dose(
 ) -> None:
     """The same number of doses locks them twice as long on a host twice as slow: the bound is also the doses
     the last transactions moved in ``coupon_batch_max_seconds``. Nothing is measured before the first
-    transaction, which takes up to ``coupon_batch_max_doses``."""
+    transaction, which takes up to a quarter of ``coupon_batch_max_doses``."""
     monkeypatch.setattr(records_consumer, "MIN_BATCH_DOSES", 1)  # this backlog is small
     consumer = consumer_of_chiyoda(backlog, databases, 10_000, max_seconds=max_seconds, poll=2)
     try:
