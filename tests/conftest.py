@@ -76,7 +76,7 @@ def pg_server(pg_bindir: Path, server_root: Path) -> Iterator[PostgresServer]:
     try:
         yield server
     finally:
-        server.stop()
+        server.stop(discard=True)  # the session's databases go with server_root
 
 
 @pytest.fixture(scope="session")
@@ -100,7 +100,7 @@ def kafka_server(kafka_lib: Path, server_root: Path) -> Iterator[KafkaServer]:
     try:
         yield server
     finally:
-        server.stop()
+        server.kill()  # its log goes with server_root: no controlled shutdown of every test's topics
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

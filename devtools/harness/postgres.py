@@ -121,8 +121,10 @@ class PostgresServer:
                 f"--- {self.log_path} ---\n{tail(self.log_path)}"
             )
 
-    def stop(self, timeout: float = 60) -> None:
+    def stop(self, timeout: float = 60, *, discard: bool = False) -> None:
         """Stop the server (fast shutdown: sessions are cut, committed data is kept). No-op if not running.
+        ``discard``: the data is about to be thrown away, so no shutdown checkpoint either ("immediate": at the
+        end of a test session, writing back every test's databases took tens of seconds on a slow disk).
 
         Signals the postmaster directly rather than through ``pg_ctl``, which would have to reach the data
         directory as the postgres user: stopping must work even if a directory above it lost ``o+x``.
@@ -130,7 +132,7 @@ class PostgresServer:
         pid = self._running_postmaster()
         if pid is None:
             return
-        kill_quietly(pid, signal.SIGINT)  # "fast" shutdown
+        kill_quietly(pid, signal.SIGQUIT if discard else signal.SIGINT)  # "immediate" or "fast" shutdown
         if not wait_for_exit([pid], timeout):
             kill_quietly(pid, signal.SIGQUIT)  # "immediate": crash recovery at the next start
             if not wait_for_exit([pid], 10):

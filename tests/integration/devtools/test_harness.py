@@ -74,6 +74,11 @@ def test_postgres_keeps_committed_data_through_stop_and_sigkill(pg_bindir: Path,
         server.start()
         print(f"postgres: start after SIGKILL (crash recovery) {time.monotonic() - started:.2f} s")
         assert server.execute("SELECT string_agg(n::text, ',' ORDER BY n) FROM t", "durable") == "1,2"
+
+        crashed_pid = server.pid
+        server.stop(discard=True)  # the end of a session: no shutdown checkpoint, the data goes anyway
+        assert crashed_pid is not None and not pid_alive(crashed_pid)
+        assert "received immediate shutdown request" in server.log_path.read_text()
     finally:
         server.stop()
 
