@@ -8,6 +8,7 @@ errors appear in OpenAPI.
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
@@ -17,6 +18,7 @@ from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from shared.domain.period import period_bound
 from shared.shardmove import fenced_municipality
 
 log = logging.getLogger(__name__)
@@ -139,6 +141,18 @@ def responses(*errors: type[VRSError]) -> dict[int | str, dict[str, Any]]:
 def _field_name(loc: tuple[Any, ...]) -> str:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     return ".".join(parts) or "body"
+
+
+def period_parameters(since: str | None, until: str | None) -> tuple[datetime | None, datetime | None]:
+    """The ``from``/``to`` query parameters of a read by period, as :func:`period_bound` reads them (absent or
+    empty: no bound); a bad one is :class:`InvalidField` naming the parameter."""
+    bounds: list[datetime | None] = []
+    for name, value, end in (("from", since, False), ("to", until, True)):
+        try:
+            bounds.append(period_bound(value, end=end) if value else None)
+        except ValueError as exc:
+            raise InvalidField(name, str(exc)) from None
+    return bounds[0], bounds[1]
 
 
 def validation_error_body(errors: list[dict[str, str]]) -> dict[str, Any]:

@@ -22,7 +22,6 @@ import logging
 import os
 import re
 from collections.abc import Awaitable, Callable
-from datetime import datetime
 from time import perf_counter
 from typing import Any
 from urllib.parse import parse_qs, quote
@@ -39,8 +38,7 @@ from services.gateway.proxy import FORWARDED_REQUEST_HEADERS, RawHeaders
 from services.gateway.service import Gateway, Inbound, Outcome, error_outcome
 from shared.auth import Principal
 from shared.db import Databases
-from shared.domain.period import period_bound
-from shared.errors import BadRequest, InvalidField, PayloadTooLarge, VRSError
+from shared.errors import BadRequest, PayloadTooLarge, VRSError, period_parameters
 from shared.observability import LATENCY, REQUEST_ID, REQUESTS
 
 log = logging.getLogger(__name__)
@@ -155,24 +153,13 @@ class ProxyEndpoint:
             await _respond(send, answer)
 
 
-def _instant(name: str, value: str | None, *, end: bool) -> datetime | None:
-    """``from``/``to`` as :func:`period_bound` reads them; a bad one is a 422 naming the parameter."""
-    if not value:
-        return None
-    try:
-        return period_bound(value, end=end)
-    except ValueError as exc:
-        raise InvalidField(name, str(exc)) from None
-
-
 def audit_reader(databases: Databases) -> Callable[[Inbound, Match, Principal], Awaitable[Outcome]]:
     """``GET /api/v1/municipalities/{code}/audit?from=&to=``: answered by the gateway from its own trail."""
 
     async def read(inbound: Inbound, match: Match, _: Principal) -> Outcome:
         query = parse_qs(inbound.query_string)
         try:
-            since = _instant("from", next(iter(query.get("from", [])), None), end=False)
-            until = _instant("to", next(iter(query.get("to", [])), None), end=True)
+            since, until = period_parameters(query.get("from", [None])[0], query.get("to", [None])[0])
         except VRSError as err:
             return error_outcome(match, err)
         entries, more = await entries_of_municipality(databases, match.params["code"], since=since, until=until)

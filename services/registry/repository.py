@@ -41,7 +41,7 @@ from services.registry.models import (
     outbox,
     shard_fences,
 )
-from shared.db import upsert, utcnow
+from shared.db import upsert, upsert_many, utcnow
 from shared.errors import Conflict
 from shared.outbox import OutboxEvent, OutboxRepository
 from shared.shardmove import MovableTable
@@ -439,27 +439,15 @@ class DisclosureRepository:
     async def record(
         self, rows: Sequence[tuple[str, str, str, str, int]], *, at: datetime, request_id: str, caller: str
     ) -> None:
-        """One lookup's disclosures (tuples in :data:`DISCLOSED` order), in one statement whatever their number:
-        on PostgreSQL ``INSERT … SELECT`` from one array per column (a fixed handful of parameters, where a
-        multi-row ``VALUES`` would bind thousands and hit the protocol's 32,767); on SQLite an executemany of
-        one prepared ``INSERT``."""
+        """One lookup's disclosures (tuples in :data:`DISCLOSED` order), in one statement whatever their number
+        (:func:`shared.db.upsert_many`: one array per column on PostgreSQL)."""
         if not rows:
             return
         shared = {"disclosed_at": at, "request_id": request_id, "caller_municipality": caller}
-        if not _is_postgres(self.session):
-            await self.session.execute(
-                insert(_disclosures), [shared | dict(zip(DISCLOSED, row, strict=True)) for row in rows]
-            )
-            return
-        columns = list(zip(*rows, strict=True))
-        arrays = [
-            bindparam(f"{name}s", list(values), type_=ARRAY(_disclosures.c[name].type))
-            for name, values in zip(DISCLOSED, columns, strict=True)
-        ]
-        items = func.unnest(*arrays).table_valued(*DISCLOSED).render_derived()
-        constants = [bindparam(name, value, type_=_disclosures.c[name].type) for name, value in shared.items()]
-        source = select(*constants, *(items.c[name] for name in DISCLOSED))
-        await self.session.execute(insert(_disclosures).from_select([*shared, *DISCLOSED], source))
+        stmt, params = upsert_many(
+            self.session, _disclosures, [shared | dict(zip(DISCLOSED, row, strict=True)) for row in rows]
+        )
+        await self.session.execute(stmt, params)
 
     async def of_resident(
         self,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from datetime import datetime
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo
 
@@ -39,7 +38,6 @@ from services.registry.settings import SHC_ISSUER_PATH
 from services.registry.shc import CardError
 from shared.auth import Principal, Role, require, require_own_municipality
 from shared.db import UnitOfWorkDep
-from shared.domain.period import period_bound
 from shared.errors import (
     BadRequest,
     Conflict,
@@ -49,6 +47,7 @@ from shared.errors import (
     PayloadTooLarge,
     ServiceUnavailable,
     Unauthorized,
+    period_parameters,
     resident_not_found,
     responses,
 )
@@ -327,15 +326,6 @@ def _request_id(request: Request) -> str:
     return request.headers["x-request-id"]
 
 
-def _period_bound(name: str, value: str | None, *, end: bool) -> datetime | None:
-    if not value:
-        return None
-    try:
-        return period_bound(value, end=end)
-    except ValueError as exc:
-        raise InvalidField(name, str(exc)) from None
-
-
 @router.post(
     "/transfer-lookups",
     response_model=TransferLookupOut,
@@ -421,13 +411,8 @@ async def get_disclosures(
     """情報提供等記録: the transfer lookups that read this resident's doses, newest first (at most 1,000) —
     received (this municipality read another's records) and provided (another municipality read this one's)."""
     require_own_municipality(principal, code, deny=resident_not_found())
-    return await service.disclosures_of(
-        uow,
-        municipality_code=code,
-        resident_id=resident_id,
-        since=_period_bound("from", since, end=False),
-        until=_period_bound("to", until, end=True),
-    )
+    start, end = period_parameters(since, until)
+    return await service.disclosures_of(uow, municipality_code=code, resident_id=resident_id, since=start, until=end)
 
 
 @router.post(

@@ -4,14 +4,21 @@ municipalities pinned to different shards, and the app served in-process (lifesp
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
+import uvicorn
 from fastapi import FastAPI
 from sqlalchemy import select
 
+from devtools.harness import free_port
+from services.records.app import create_app as create_records
+from services.records.settings import RecordsSettings
 from services.registry.app import create_app
 from services.registry.importer import ResidentImporter
 from services.registry.models import Coupon, Resident, ResidentHistory, outbox, shard_assignments
@@ -30,6 +37,43 @@ HEADER = "個別宛名番号,氏名,氏名カナ,生年月日,性別,個人番�
 
 def auth(code: str = CHIYODA) -> InternalHeaders:
     return internal_headers(Role.MUNICIPALITY, municipality=code)
+
+
+def database_maker(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[..., str]:
+    """``make_database`` of a fixture parametrised ``sqlite`` (files under ``tmp_path``: the embedded stack) or
+    ``postgresql`` (the harness's server)."""
+    if request.param == "postgresql":
+        make_database: Callable[..., str] = request.getfixturevalue("make_database")
+        return make_database
+
+    def make_sqlite(prefix: str = "test") -> str:
+        return f"sqlite+aiosqlite:///{tmp_path / prefix}.db"
+
+    return make_sqlite
+
+
+@asynccontextmanager
+async def records_over_http(records_dbs: Databases) -> AsyncIterator[str]:
+    """records on these databases, served by uvicorn on a free port as registry reaches it in production (no
+    relay, consumer or imports); its URL."""
+    port = free_port()
+    settings = RecordsSettings(
+        main_dsn=records_dbs.main.url,
+        shard_dsns={n: db.url for n, db in records_dbs.shards.items()},
+        run_relay=False,
+        run_consumer=False,
+        run_imports=False,
+        pool_size=5,
+    )
+    server = uvicorn.Server(uvicorn.Config(create_records(settings), port=port, log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
+            await asyncio.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
 
 
 @dataclass

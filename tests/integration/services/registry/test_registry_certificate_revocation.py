@@ -8,7 +8,6 @@ endpoint; registry learns of it only by asking records under a dose-version gran
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -18,14 +17,10 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from devtools.harness import free_port
-from services.records.app import create_app as create_records
 from services.records.service import Submission, apply_coupon_events
-from services.records.settings import RecordsSettings
 from services.registry import certificates
 from services.registry.models import IssuedCertificate
 from shared.auth import Role
@@ -35,7 +30,15 @@ from shared.grants import DEV_PRIVATE_KEY, CertifiedDoses, DoseVersionGrant, Tra
 from shared.internal import InternalClient
 from tests.factories import internal_headers
 from tests.integration.services.records.records_support import dose, recorder, records_databases
-from tests.integration.services.registry.registry_support import CHIYODA, Registry, auth, migrated_registry, serve
+from tests.integration.services.registry.registry_support import (
+    CHIYODA,
+    Registry,
+    auth,
+    database_maker,
+    migrated_registry,
+    records_over_http,
+    serve,
+)
 
 PERSON = {"name": "山田 花子", "name_kana": "ヤマダ ハナコ", "birth_date": "1950-04-02", "sex": "F"}
 ANYONE = internal_headers(Role.ANONYMOUS)
@@ -68,37 +71,14 @@ class Stack:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def stack(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Stack]:
-    if request.param == "postgresql":
-        make_database: Callable[..., str] = request.getfixturevalue("make_database")
-    else:
-
-        def make_database(prefix: str = "test") -> str:
-            return f"sqlite+aiosqlite:///{tmp_path / prefix}.db"
-
+    make_database = database_maker(request, tmp_path)
     async for records_dbs in records_databases(make_database):
-        port = free_port()
-        records_settings = RecordsSettings(
-            main_dsn=records_dbs.main.url,
-            shard_dsns={n: db.url for n, db in records_dbs.shards.items()},
-            run_relay=False,
-            run_consumer=False,
-            run_imports=False,
-            pool_size=5,
-        )
-        server = uvicorn.Server(uvicorn.Config(create_records(records_settings), port=port, log_level="warning"))
-        task = asyncio.create_task(server.serve())
-        while not server.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
-            await asyncio.sleep(0.05)
-        url = f"http://127.0.0.1:{port}"
-        # The background sweep is off: the tests drive its passes, so nothing depends on timing.
-        settings = await migrated_registry(make_database, records_url=url, certificate_sweep_seconds=0)
-        try:
+        async with records_over_http(records_dbs) as url:
+            # The background sweep is off: the tests drive its passes, so nothing depends on timing.
+            settings = await migrated_registry(make_database, records_url=url, certificate_sweep_seconds=0)
             async for registry in serve(settings):
                 async with httpx.AsyncClient(base_url=url) as records:
                     yield Stack(registry, records_dbs, records, recorder(records_dbs))
-        finally:
-            server.should_exit = True
-            await task
 
 
 async def resident_with_doses(stack: Stack, resident_id: str, coupon: str, doses: int) -> list[str]:

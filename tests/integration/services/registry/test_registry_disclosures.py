@@ -7,7 +7,6 @@ PostgreSQL with two shards.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -16,13 +15,9 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from sqlalchemy import select, text
 
-from devtools.harness import free_port
-from services.records.app import create_app as create_records
 from services.records.service import Submission
-from services.records.settings import RecordsSettings
 from services.registry.crypto import MyNumberVault
 from services.registry.models import TransferDisclosure
 from shared.db import utcnow
@@ -34,7 +29,9 @@ from tests.integration.services.registry.registry_support import (
     SAPPORO,
     Registry,
     auth,
+    database_maker,
     migrated_registry,
+    records_over_http,
     serve,
 )
 from tests.integration.services.registry.test_registry_imports import my_number
@@ -53,34 +50,12 @@ class Stack:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def stack(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Stack]:
-    if request.param == "postgresql":
-        make_database: Callable[..., str] = request.getfixturevalue("make_database")
-    else:
-
-        def make_database(prefix: str = "test") -> str:
-            return f"sqlite+aiosqlite:///{tmp_path / prefix}.db"
-
+    make_database = database_maker(request, tmp_path)
     async for records_dbs in records_databases(make_database):
-        port = free_port()
-        records_settings = RecordsSettings(
-            main_dsn=records_dbs.main.url,
-            shard_dsns={n: db.url for n, db in records_dbs.shards.items()},
-            run_relay=False,
-            run_consumer=False,
-            run_imports=False,
-            pool_size=5,
-        )
-        server = uvicorn.Server(uvicorn.Config(create_records(records_settings), port=port, log_level="warning"))
-        task = asyncio.create_task(server.serve())
-        while not server.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
-            await asyncio.sleep(0.05)
-        settings = await migrated_registry(make_database, records_url=f"http://127.0.0.1:{port}")
-        try:
+        async with records_over_http(records_dbs) as url:
+            settings = await migrated_registry(make_database, records_url=url)
             async for registry in serve(settings):
                 yield Stack(registry, recorder(records_dbs))
-        finally:
-            server.should_exit = True
-            await task
 
 
 async def put(registry: Registry, code: str, resident_id: str, **body: Any) -> None:

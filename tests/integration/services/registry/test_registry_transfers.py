@@ -3,21 +3,16 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 from datetime import date
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from devtools.harness import free_port
-from services.records.app import create_app as create_records
 from services.records.service import Submission
-from services.records.settings import RecordsSettings
 from shared.grants import DEV_PRIVATE_KEY, TransferGrant, sign_grant
 from tests.integration.services.records.records_support import dose, recorder, records_databases
 from tests.integration.services.registry.registry_support import (
@@ -26,6 +21,7 @@ from tests.integration.services.registry.registry_support import (
     Registry,
     auth,
     migrated_registry,
+    records_over_http,
     serve,
 )
 from tests.integration.services.registry.test_registry_imports import my_number
@@ -37,25 +33,10 @@ PERSON = {"name": "山田 花子", "name_kana": "ヤマダ ハナコ", "birth_da
 @pytest.fixture
 async def stack(make_database: Callable[..., str]) -> AsyncIterator[tuple[Registry, Any]]:
     async for records_dbs in records_databases(make_database):
-        port = free_port()
-        records_settings = RecordsSettings(
-            main_dsn=records_dbs.main.url,
-            shard_dsns={n: db.url for n, db in records_dbs.shards.items()},
-            run_relay=False,
-            run_consumer=False,
-            pool_size=5,
-        )
-        server = uvicorn.Server(uvicorn.Config(create_records(records_settings), port=port, log_level="warning"))
-        task = asyncio.create_task(server.serve())
-        while not server.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
-            await asyncio.sleep(0.05)
-        settings = await migrated_registry(make_database, records_url=f"http://127.0.0.1:{port}")
-        try:
+        async with records_over_http(records_dbs) as url:
+            settings = await migrated_registry(make_database, records_url=url)
             async for registry in serve(settings):
                 yield registry, recorder(records_dbs)
-        finally:
-            server.should_exit = True
-            await task
 
 
 async def put(registry: Registry, code: str, resident_id: str, **body: Any) -> None:
