@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from prometheus_client import Counter, Gauge, Histogram
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -34,6 +35,22 @@ log = logging.getLogger(__name__)
 # The fewest doses a coupon-event transaction is bounded to, whatever the estimate: a slow moment (the
 # transaction waited for a dose write's coupon lock) must not shrink the catch-up to a crawl.
 MIN_BATCH_DOSES = 100
+
+# What an operator watches when dose writes wait on coupon locks (make soak logs every wait of 1 s or more).
+COUPON_APPLY_SECONDS = Histogram(
+    "vrs_records_coupon_apply_seconds",
+    "A coupon-event transaction's apply, by shard: the doses it moves stay locked at least this long",
+    ["shard"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+COUPON_DOSES_MOVED = Counter(
+    "vrs_records_coupon_doses_moved", "Doses that coupon events matched, moved or sent to review, by shard", ["shard"]
+)
+COUPON_DOSE_BOUND = Gauge(
+    "vrs_records_coupon_batch_bound_doses",
+    "The most doses the shard's next coupon-event transaction may lock (see DoseBudget)",
+    ["shard"],
+)
 
 
 @dataclass
@@ -68,6 +85,11 @@ def coupon_event_handler(databases: Databases, shard: str, *, name: str, budget:
     :data:`service.MAX_EVENTS` events and lock at most the doses ``budget`` allows (the rest goes to the next
     transactions, see :class:`shared.consumer.Taken` and :func:`service.apply_coupon_messages`)."""
 
+    apply_seconds = COUPON_APPLY_SECONDS.labels(shard)
+    doses_moved = COUPON_DOSES_MOVED.labels(shard)
+    dose_bound = COUPON_DOSE_BOUND.labels(shard)
+    dose_bound.set(budget.bound())
+
     async def handle(session: AsyncSession, messages: Sequence[Message]) -> int | Taken:
         decoded: list[list[CouponEvent]] = []
         events = 0
@@ -92,7 +114,11 @@ def coupon_event_handler(databases: Databases, shard: str, *, name: str, budget:
         # first and the ids of those taken claimed after.
         started = time.perf_counter()
         changed, taken, doses = await service.apply_coupon_messages(session, mine, max_doses=budget.bound())
-        budget.observe(doses, time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        budget.observe(doses, elapsed)
+        apply_seconds.observe(elapsed)
+        doses_moved.inc(doses)
+        dose_bound.set(budget.bound())
         ids = [e.event_id for events in mine[:taken] for e in events]
         await Bookkeeping(session, consumer_bookkeeping).claim(name, ids, at=utcnow())
         return changed if taken == len(messages) else Taken(changed, taken)

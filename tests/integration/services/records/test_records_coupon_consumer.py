@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import func, select
 
 from services.records import consumer as records_consumer
@@ -198,3 +199,29 @@ async def test_a_bulk_imports_backlog_is_applied_a_few_thousand_coupons_a_transa
         await consumer.stop()
     assert known == [5000, 10000, 12000]
     assert len(decoded) <= 12 + len(known)  # each message once, and the one that did not fit each step again
+
+
+async def test_each_transaction_shows_on_metrics_with_the_doses_it_moved_and_the_next_bound(
+    backlog: BusSettings, databases: Databases, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What an operator reads when dose writes wait on coupon locks: how long each transaction's apply took, how
+    many doses coupon events moved, and the bound the next transaction has."""
+    monkeypatch.setattr(records_consumer, "MIN_BATCH_DOSES", 1)
+
+    def sample(name: str) -> float:
+        return REGISTRY.get_sample_value(name, {"shard": "s0"}) or 0.0
+
+    before = {
+        name: sample(name)
+        for name in ("vrs_records_coupon_apply_seconds_count", "vrs_records_coupon_doses_moved_total")
+    }
+    consumer = consumer_of_chiyoda(backlog, databases, 10_000, max_seconds=1e-9, poll=2)
+    assert sample("vrs_records_coupon_batch_bound_doses") == 2500  # nothing measured: a quarter of the count
+    try:
+        after_each = await steps(consumer, databases, most=10)
+    finally:
+        await consumer.stop()
+    assert after_each == [60, 90, 120, 150, 180]
+    assert sample("vrs_records_coupon_apply_seconds_count") - before["vrs_records_coupon_apply_seconds_count"] == 5
+    assert sample("vrs_records_coupon_doses_moved_total") - before["vrs_records_coupon_doses_moved_total"] == 180
+    assert sample("vrs_records_coupon_batch_bound_doses") == 1  # measured: the floor, with a budget of a nanosecond
