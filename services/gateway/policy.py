@@ -148,6 +148,8 @@ POLICY: tuple[Rule, ...] = (
         OWN_HIDDEN,
         reads_personal_data=True,
     ),
+    # ...and the municipality's whole log, for a period (an audit of its My Number use)
+    rule("GET", f"{_M}/disclosures", REGISTRY, MUNICIPALITY, OWN, reads_personal_data=True),
     # certificates: anyone may check a card (its holder shows it) and read the issuer's keys and revocations
     rule("POST", "/api/v1/certificates/verify", REGISTRY, ANYONE),
     rule("GET", "/issuer/.well-known/jwks.json", REGISTRY, ANYONE),

@@ -72,6 +72,9 @@ class TransferDisclosure(MainBase):
         # One per direction: a resident's lookups made by its municipality, and those that read its records.
         Index("ix_transfer_disclosures_caller", "caller_municipality", "caller_resident_id", "disclosed_at"),
         Index("ix_transfer_disclosures_source", "source_municipality", "source_resident_id", "disclosed_at"),
+        # And a municipality's whole log by period, newest first, paged by (time, id).
+        Index("ix_transfer_disclosures_caller_time", "caller_municipality", "disclosed_at", "id"),
+        Index("ix_transfer_disclosures_source_time", "source_municipality", "disclosed_at", "id"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)

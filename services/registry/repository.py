@@ -12,6 +12,7 @@ from pydantic_core import to_json
 from sqlalchemy import (
     ARRAY,
     JSON,
+    Select,
     Table,
     and_,
     bindparam,
@@ -19,6 +20,7 @@ from sqlalchemy import (
     exists,
     func,
     insert,
+    literal,
     or_,
     select,
     text,
@@ -467,6 +469,43 @@ class DisclosureRepository:
                 and_(d.source_municipality == municipality_code, d.source_resident_id == resident_id),
             )
         )
+        return await self._newest(stmt, since=since, until=until, limit=limit)
+
+    async def of_municipality(
+        self,
+        municipality_code: str,
+        *,
+        received: bool,
+        since: datetime | None,
+        until: datetime | None,
+        before: tuple[datetime, int] | None,
+        limit: int,
+    ) -> list[TransferDisclosure]:
+        """The lookups ``municipality_code`` made (``received``) or those that read its records (not
+        ``received``), newest first from just before the position ``before`` (a row's time and id)."""
+        d = TransferDisclosure
+        column = d.caller_municipality if received else d.source_municipality
+        stmt = select(d).where(column == municipality_code)
+        if before is not None:
+            stmt = stmt.where(tuple_(d.disclosed_at, d.id) < tuple_(literal(before[0], d.disclosed_at.type), before[1]))
+        return await self._newest(stmt, since=since, until=until, limit=limit)
+
+    async def position(self, municipality_code: str, disclosure_id: int) -> tuple[datetime, int] | None:
+        """Where a row of ``municipality_code``'s log stands in its order (None: not one of its rows)."""
+        d = TransferDisclosure
+        at = await self.session.scalar(
+            select(d.disclosed_at).where(
+                d.id == disclosure_id,
+                or_(d.caller_municipality == municipality_code, d.source_municipality == municipality_code),
+            )
+        )
+        return None if at is None else (at, disclosure_id)
+
+    async def _newest(
+        self, stmt: Select[TransferDisclosure], *, since: datetime | None, until: datetime | None, limit: int
+    ) -> list[TransferDisclosure]:
+        """``stmt``'s rows in the period (``since`` inclusive, ``until`` exclusive), newest first."""
+        d = TransferDisclosure
         if since is not None:
             stmt = stmt.where(d.disclosed_at >= since)
         if until is not None:

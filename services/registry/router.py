@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response, status
@@ -23,6 +23,7 @@ from services.registry.schemas import (
     ImportAccepted,
     ImportStatus,
     MoveOutIn,
+    MunicipalityDisclosuresOut,
     ResidentIn,
     ResidentOut,
     ResidentWithDoses,
@@ -413,6 +414,39 @@ async def get_disclosures(
     require_own_municipality(principal, code, deny=resident_not_found())
     start, end = period_parameters(since, until)
     return await service.disclosures_of(uow, municipality_code=code, resident_id=resident_id, since=start, until=end)
+
+
+@router.get(
+    "/disclosures",
+    response_model=MunicipalityDisclosuresOut,
+    responses=responses(Unauthorized, Forbidden, InvalidField),
+)
+async def get_municipality_disclosures(
+    code: MunicipalityCode,
+    principal: MunicipalityPrincipal,
+    uow: UnitOfWorkDep,
+    since: Annotated[str | None, Query(alias="from", max_length=64, description=_BOUND)] = None,
+    until: Annotated[str | None, Query(alias="to", max_length=64, description=_BOUND)] = None,
+    direction: Annotated[
+        Literal["received", "provided"] | None, Query(description="only this municipality's lookups, or only others'")
+    ] = None,
+    before_id: Annotated[int | None, Query(ge=1, description="the last id of the previous page")] = None,
+    limit: Annotated[int, Query(ge=1, le=service.MAX_DISCLOSURES)] = service.MAX_DISCLOSURES,
+) -> MunicipalityDisclosuresOut:
+    """情報提供等記録 of the whole municipality for a period, newest first, a page at a time: the transfer lookups
+    it made (received) and other municipalities' lookups of its records (provided), each with its own resident's
+    id — what an audit of the municipality's My Number use reads."""
+    require_own_municipality(principal, code)
+    start, end = period_parameters(since, until)
+    return await service.disclosures_of_municipality(
+        uow,
+        municipality_code=code,
+        direction=direction,
+        since=start,
+        until=end,
+        before_id=before_id,
+        limit=limit,
+    )
 
 
 @router.post(

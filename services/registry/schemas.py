@@ -218,6 +218,18 @@ class DisclosuresOut(BaseModel):
     truncated: bool = Field(description="more matched than the 1,000 shown: narrow from/to")
 
 
+class MunicipalityDisclosureOut(DisclosureOut):
+    """One row of a municipality's whole disclosure log: :class:`DisclosureOut` with its own resident's id."""
+
+    id: int = Field(description="the row's number in the log; before_id=<the last one seen> reads the next page")
+    resident_id: str = Field(description="this municipality's resident: the one looked up, or whose records were read")
+
+
+class MunicipalityDisclosuresOut(BaseModel):
+    disclosures: list[MunicipalityDisclosureOut] = Field(description="newest first")
+    more: bool = Field(description="more follow: ask again with before_id set to the last id shown")
+
+
 class CouponReissueIn(BaseModel):
     """A lost coupon: a new number replaces ``replaces``, which is invalid from today. Naming the number
     being replaced makes a retry harmless: once it is replaced, the same request changes nothing."""

@@ -13,14 +13,14 @@ import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.registry.bulk import PreparedChunk, outbox_copy
 from services.registry.crypto import MyNumberVault
-from services.registry.models import Coupon, Resident
+from services.registry.models import Coupon, Resident, TransferDisclosure
 from services.registry.repository import (
     CouponRepository,
     DirectoryRepository,
@@ -31,6 +31,8 @@ from services.registry.schemas import (
     AUTO,
     DisclosureOut,
     DisclosuresOut,
+    MunicipalityDisclosureOut,
+    MunicipalityDisclosuresOut,
     ResidentIn,
     ResidentOut,
     ResidentWithDoses,
@@ -742,20 +744,64 @@ async def disclosures_of(
     rows = await DisclosureRepository(uow.main()).of_resident(
         municipality_code, resident_id, since=since, until=until, limit=MAX_DISCLOSURES + 1
     )
-    out = []
-    for row in rows[:MAX_DISCLOSURES]:
-        received = row.caller_municipality == municipality_code
-        out.append(
-            DisclosureOut(
-                at=row.disclosed_at,
-                direction="received" if received else "provided",
-                municipality=row.source_municipality if received else row.caller_municipality,
-                legal_basis=row.legal_basis,
-                doses=row.doses,
-                request_id=row.request_id,
-            )
-        )
+    out = [DisclosureOut.model_validate(_disclosure_fields(row, municipality_code)) for row in rows[:MAX_DISCLOSURES]]
     return DisclosuresOut(disclosures=out, truncated=len(rows) > MAX_DISCLOSURES)
+
+
+async def disclosures_of_municipality(
+    uow: UnitOfWork,
+    *,
+    municipality_code: str,
+    direction: Literal["received", "provided"] | None,
+    since: datetime | None,
+    until: datetime | None,
+    before_id: int | None,
+    limit: int,
+) -> MunicipalityDisclosuresOut:
+    """A municipality's whole disclosure log for a period, a page at a time, newest first: its lookups (received)
+    and other municipalities' lookups of its records (provided), each with this municipality's resident id (the
+    other's is never shown). ``before_id`` (the last id of the previous page) must be a row of this log, else it
+    is an :class:`InvalidField`: another municipality's row would tell when that municipality looked someone up."""
+    log = DisclosureRepository(uow.main())
+    before = None
+    if before_id is not None:
+        before = await log.position(municipality_code, before_id)
+        if before is None:
+            raise InvalidField("before_id", "not a row of this municipality's disclosure log")
+    rows: list[TransferDisclosure] = []
+    for received in (True, False):
+        if direction in (None, "received" if received else "provided"):
+            rows += await log.of_municipality(
+                municipality_code, received=received, since=since, until=until, before=before, limit=limit + 1
+            )
+    # Two index-ordered reads, each as long as a page, merged: never a sort of the whole period.
+    rows.sort(key=lambda row: (row.disclosed_at, row.id), reverse=True)
+    out = [
+        MunicipalityDisclosureOut.model_validate(
+            _disclosure_fields(row, municipality_code)
+            | {
+                "id": row.id,
+                "resident_id": row.caller_resident_id
+                if row.caller_municipality == municipality_code
+                else row.source_resident_id,
+            }
+        )
+        for row in rows[:limit]
+    ]
+    return MunicipalityDisclosuresOut(disclosures=out, more=len(rows) > limit)
+
+
+def _disclosure_fields(row: TransferDisclosure, municipality_code: str) -> dict[str, Any]:
+    """A log row as ``municipality_code`` sees it: which way it went, and the other municipality's code only."""
+    received = row.caller_municipality == municipality_code
+    return {
+        "at": row.disclosed_at,
+        "direction": "received" if received else "provided",
+        "municipality": row.source_municipality if received else row.caller_municipality,
+        "legal_basis": row.legal_basis,
+        "doses": row.doses,
+        "request_id": row.request_id,
+    }
 
 
 async def allocate_coupon_number(coupons: CouponRepository, municipality_code: str) -> str:

@@ -144,3 +144,21 @@ async def test_import_move_and_transfer_lookup(stack: Stack, gw: httpx.AsyncClie
     assert r.status_code == 200 and r.json()["disclosures"] == []
     r = await gw.get(log_of(SAPPORO, f"{tag}-1"), headers=MUNI)  # another municipality's resident
     assert r.status_code == 404
+
+    # Each municipality's whole log (an audit of its My Number use) holds the same rows, each with its own
+    # resident's id only; another municipality's whole log is refused.
+    lookups = {d["request_id"] for d in received}
+
+    async def whole_log(code: str, token: dict[str, str]) -> list[dict[str, Any]]:
+        r = await gw.get(f"/api/v1/municipalities/{code}/disclosures", headers=token)
+        assert r.status_code == 200, r.text
+        return [d for d in r.json()["disclosures"] if d["request_id"] in lookups]
+
+    assert [(d["direction"], d["resident_id"], d["municipality"]) for d in await whole_log(CHIYODA, MUNI)] == [
+        ("received", f"{tag}-c", SAPPORO)
+    ] * len(received)
+    assert [(d["direction"], d["resident_id"], d["municipality"]) for d in await whole_log(SAPPORO, OTHER_MUNI)] == [
+        ("provided", f"{tag}-1", CHIYODA)
+    ] * len(received)
+    r = await gw.get(f"/api/v1/municipalities/{SAPPORO}/disclosures", headers=MUNI)
+    assert r.status_code == 403

@@ -54,6 +54,7 @@ MATRIX: dict[tuple[str, str], tuple[object, ...]] = {
     ("POST", f"{M}/residents/{{resident_id}}/certificates"): MUNI_HIDDEN,
     ("GET", f"{M}/residents/{{resident_id}}/fhir"): MUNI_HIDDEN,
     ("GET", f"{M}/residents/{{resident_id}}/disclosures"): MUNI_HIDDEN,
+    ("GET", f"{M}/disclosures"): MUNI_ONLY,
     ("POST", "/api/v1/certificates/verify"): ANYONE,
     ("GET", "/issuer/.well-known/jwks.json"): ANYONE,
     ("GET", "/issuer/.well-known/crl/{file}"): ANYONE,

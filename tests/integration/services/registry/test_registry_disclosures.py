@@ -292,3 +292,75 @@ async def test_both_municipalities_read_the_log_by_their_own_resident(stack: Sta
         bad = await disclosures(registry, CHIYODA, "C1", **{name: value})
         assert bad.status_code == 422, bad.text
         assert [e["field"] for e in bad.json()["errors"]] == [name]
+
+
+async def whole_log(registry: Registry, code: str, token_of: str | None = None, **params: Any) -> httpx.Response:
+    return await registry.client.get(
+        f"/api/v1/municipalities/{code}/disclosures", params=params, headers=auth(token_of or code)
+    )
+
+
+def rows_of(response: httpx.Response) -> list[tuple[Any, ...]]:
+    assert response.status_code == 200, response.text
+    return [
+        (d["direction"], d["resident_id"], d["municipality"], d["legal_basis"], d["doses"], d["request_id"])
+        for d in response.json()["disclosures"]
+    ]
+
+
+async def test_a_municipality_reads_its_whole_log_for_a_period_a_page_at_a_time(stack: Stack) -> None:
+    """What an audit of a municipality's My Number use reads: every lookup it made and every lookup of its records
+    by another, newest first, each with its own resident's id and never the other's."""
+    registry = stack.registry
+    await moved_to_chiyoda(stack)
+    assert (await lookup(registry, CHIYODA, MOVER, "my-number-act-19-16", request_id="first")).status_code == 200
+    between = utcnow()
+    assert (await batch(registry, [(MOVER, "consent"), (STAYER, "consent")], "second")).status_code == 200
+
+    chiyoda = await whole_log(registry, CHIYODA)
+    assert chiyoda.json()["more"] is False
+    assert sorted(rows_of(chiyoda)[:2]) == [
+        ("received", "C1", SAPPORO, "consent", 2, "second"),
+        ("received", "C1", OSAKA, "consent", 0, "second"),
+    ]
+    assert sorted(rows_of(chiyoda)[2:]) == [
+        ("received", "C1", SAPPORO, "my-number-act-19-16", 2, "first"),
+        ("received", "C1", OSAKA, "my-number-act-19-16", 0, "first"),
+    ]
+    assert rows_of(await whole_log(registry, CHIYODA, direction="provided")) == []
+    sapporo = await whole_log(registry, SAPPORO)
+    assert rows_of(sapporo) == [
+        ("provided", "S1", CHIYODA, "consent", 2, "second"),
+        ("provided", "S1", CHIYODA, "my-number-act-19-16", 2, "first"),
+    ]
+    assert rows_of(await whole_log(registry, SAPPORO, direction="received")) == []
+    assert "C1" not in sapporo.text and "O1" not in chiyoda.text and "S1" not in chiyoda.text
+    assert [d[5] for d in rows_of(await whole_log(registry, OSAKA, **{"from": between.isoformat()}))] == ["second"]
+    assert [d[5] for d in rows_of(await whole_log(registry, CHIYODA, to=between.isoformat()))] == ["first", "first"]
+
+    # A page at a time, one row a page: the same rows in the same order, the two of one batch (the same moment)
+    # included, and `more` false on the last page only.
+    pages, before = [], None
+    while True:
+        page = await whole_log(registry, CHIYODA, limit="1", **({} if before is None else {"before_id": before}))
+        pages.append(page)
+        if not page.json()["more"]:
+            break
+        before = str(page.json()["disclosures"][-1]["id"])
+    assert [row for page in pages for row in rows_of(page)] == rows_of(chiyoda)
+    assert [len(rows_of(page)) for page in pages] == [1, 1, 1, 1]
+
+    # A position in another municipality's log is refused, not used: it would tell when that one looked up.
+    osaka_row = (await whole_log(registry, OSAKA)).json()["disclosures"][0]["id"]
+    sapporo_only = next(d["id"] for d in chiyoda.json()["disclosures"] if d["municipality"] == SAPPORO)
+    assert osaka_row != sapporo_only
+    for code, before_id in ((OSAKA, sapporo_only), (OSAKA, 10**9)):
+        bad = await whole_log(registry, code, before_id=str(before_id))
+        assert bad.status_code == 422, bad.text
+        assert [e["field"] for e in bad.json()["errors"]] == ["before_id"]
+    for params in ({"direction": "both"}, {"limit": "0"}, {"limit": "1001"}, {"from": "yesterday"}):
+        bad = await whole_log(registry, CHIYODA, **params)
+        assert bad.status_code == 422, bad.text
+        assert [e["field"] for e in bad.json()["errors"]] == list(params)
+    # Another municipality's log: refused.
+    assert (await whole_log(registry, CHIYODA, token_of=SAPPORO)).status_code == 403

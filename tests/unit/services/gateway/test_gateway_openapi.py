@@ -66,6 +66,7 @@ def test_operations_carry_the_gateways_security_and_errors() -> None:
     [
         ("/api/v1/municipalities/{code}/residents/{resident_id}", "get", True),
         ("/api/v1/municipalities/{code}/residents/{resident_id}/disclosures", "get", True),
+        ("/api/v1/municipalities/{code}/disclosures", "get", True),
         # A transfer lookup states its legal basis in the body: the gateway names it to registry itself.
         ("/api/v1/municipalities/{code}/transfer-lookups", "post", False),
         ("/api/v1/municipalities/{code}/transfer-lookups/batch", "post", False),
