@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import subprocess
 import tempfile
 import uuid
@@ -20,7 +21,7 @@ import pytest
 from devtools.harness import free_port
 from devtools.harness.kafka import KafkaError, KafkaServer, fetch_jars, missing_prerequisites
 from devtools.harness.postgres import PostgresServer, find_pg_bindir
-from tests.factories import unavailable
+from tests.factories import run_upgrade, unavailable
 
 
 @pytest.fixture(scope="session")
@@ -95,13 +96,43 @@ def pg_server(pg_bindir: Path, server_root: Path) -> Iterator[PostgresServer]:
 
 @pytest.fixture(scope="session")
 def make_database(pg_server: PostgresServer) -> Callable[..., str]:
-    """``make_database(prefix="test") -> dsn``: a new, empty database with a unique name."""
+    """``make_database(prefix="test", tree=None) -> dsn``: a new database with a unique name, empty or at the head
+    of the migration tree ``tree`` — a copy of a database that tree was migrated into once this session (a copy
+    takes ~0.06 s; migrating took 0.1–0.3 s, some 850 times a run)."""
     counter = itertools.count(1)
+    templates: dict[Path, str] = {}
 
-    def make(prefix: str = "test") -> str:
+    def make(prefix: str = "test", tree: Path | None = None) -> str:
+        template = None
+        if tree is not None:
+            template = templates.get(tree)
+            if template is None:
+                template = f"template_{next(counter)}_{uuid.uuid4().hex[:8]}"
+                pg_server.create_database(template)
+                run_upgrade(pg_server.dsn(template), tree)
+                templates[tree] = template
         name = f"{prefix}_{next(counter)}_{uuid.uuid4().hex[:8]}"
-        pg_server.create_database(name)
+        pg_server.create_database(name, template=template)
         return pg_server.dsn(name)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def migrated_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Path, Path], str]:
+    """``migrated_sqlite(path, tree) -> dsn``: a SQLite database at ``path`` at the head of the migration tree
+    ``tree``, copied from a file that tree was migrated into once this session."""
+    root = tmp_path_factory.mktemp("sqlite-templates")
+    templates: dict[Path, Path] = {}
+
+    def make(path: Path, tree: Path) -> str:
+        template = templates.get(tree)
+        if template is None:
+            template = root / f"{len(templates)}.db"
+            run_upgrade(f"sqlite+aiosqlite:///{template}", tree)
+            templates[tree] = template
+        shutil.copyfile(template, path)
+        return f"sqlite+aiosqlite:///{path}"
 
     return make
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 from pathlib import Path
 from typing import Any, NoReturn
@@ -16,6 +17,7 @@ from devtools.tokens import dev_gateway_issuer
 from shared.auth import Principal, Role
 from shared.domain.age import AgeBand
 from shared.events import DoseEvent, DoseEventType, StatsCell
+from shared.migrations import upgrade
 
 # What the gateway would forward, signed with the development gateway key the services trust in tests.
 _GATEWAY = dev_gateway_issuer()
@@ -94,6 +96,13 @@ def recorded(new: StatsCell | None = None, **changes: Any) -> DoseEvent:
     return DoseEvent(
         type=DoseEventType.RECORDED, dose_id=uuid.uuid4(), municipality=new.municipality, cell=new, previous_cell=None
     )
+
+
+def run_upgrade(url: str, tree: Path) -> None:
+    """:func:`shared.migrations.upgrade` from any thread, one with a running event loop included (alembic runs a loop
+    of its own): in a thread of its own, waited for."""
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(upgrade, url, tree).result()
 
 
 def unavailable(reason: str) -> NoReturn:

@@ -145,12 +145,14 @@ class PostgresServer:
             kill_quietly(pid, signal.SIGKILL)
             wait_for_exit([pid], timeout=10)
 
-    def create_database(self, name: str) -> None:
-        """Create a database owned by ``vrs``; nothing happens if it already exists."""
-        if not _DB_NAME.match(name):
-            raise ValueError(f"unsupported database name {name!r}")
+    def create_database(self, name: str, *, template: str | None = None) -> None:
+        """Create a database owned by ``vrs`` — a copy of the database ``template``, if given (nobody may be connected
+        to that one meanwhile); nothing happens if it already exists."""
+        for given in (name, template or name):
+            if not _DB_NAME.match(given):
+                raise ValueError(f"unsupported database name {given!r}")
         try:
-            self.execute(f'CREATE DATABASE "{name}"')
+            self.execute(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
         except PostgresError as exc:
             if "already exists" not in str(exc):
                 raise

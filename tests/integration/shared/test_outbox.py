@@ -20,7 +20,6 @@ from shared.bus import OutgoingMessage
 from shared.bus.embedded import EmbeddedLog
 from shared.db import Databases, utcnow
 from shared.events import DoseEvent
-from shared.migrations import upgrade
 from shared.outbox import (
     CLAIM_BEGIN,
     OutboxNotifier,
@@ -40,11 +39,13 @@ TREES = Path(__file__).resolve().parents[3] / "services" / "records" / "migratio
 async def databases(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Databases]:
     if request.param == "postgres":
         make_database: Callable[..., str] = request.getfixturevalue("make_database")
-        main, shard = make_database("records_main"), make_database("records_s0")
+        main, shard = make_database("records_main", TREES / "main"), make_database("records_s0", TREES / "shard")
     else:
-        main, shard = f"sqlite+aiosqlite:///{tmp_path / 'main.db'}", f"sqlite+aiosqlite:///{tmp_path / 's0.db'}"
-    await asyncio.to_thread(upgrade, main, TREES / "main")
-    await asyncio.to_thread(upgrade, shard, TREES / "shard")
+        migrated_sqlite: Callable[[Path, Path], str] = request.getfixturevalue("migrated_sqlite")
+        main, shard = (
+            migrated_sqlite(tmp_path / "main.db", TREES / "main"),
+            migrated_sqlite(tmp_path / "s0.db", TREES / "shard"),
+        )
     dbs = Databases.connect(main, {"s0": shard}, pool_size=5)
     yield dbs
     await dbs.dispose()
@@ -199,9 +200,7 @@ async def test_a_writer_in_another_process_wakes_an_idle_relay_by_notify(make_da
     """The production layout: the relay runs in a process of its own and looks by itself only every
     ``idle_seconds`` (here a minute); a writer's notifier wakes it within a fraction of a second, however many
     commits it announces, and a shard database has no trigger that notifies inside the writing transaction."""
-    main, shard = make_database("records_main"), make_database("records_s0")
-    await asyncio.to_thread(upgrade, main, TREES / "main")
-    await asyncio.to_thread(upgrade, shard, TREES / "shard")
+    main, shard = make_database("records_main", TREES / "main"), make_database("records_s0", TREES / "shard")
     writer, relay_side = (Databases.connect(main, {"s0": shard}, pool_size=2) for _ in range(2))
     bus = Collect()
     relay = OutboxRelay(relay_side, bus, outbox, topic="dose-events", batch_size=100, idle_seconds=60)
@@ -277,8 +276,7 @@ async def test_one_relay_at_a_time_publishes_a_shards_outbox(make_database: Call
     """Two relays on one shard: while the first holds its claim (publishing), the second claims nothing — it would
     otherwise take the next rows and could publish a municipality's later events before its earlier ones — and it
     takes over once the first commits. Neither waits for the other."""
-    shard = make_database("records_s0")
-    await asyncio.to_thread(upgrade, shard, TREES / "shard")
+    shard = make_database("records_s0", TREES / "shard")
     dbs = Databases.connect(shard, {"s0": shard}, pool_size=5)
     try:
         await write_outbox(dbs, 6)
@@ -313,8 +311,7 @@ async def test_a_publish_mark_writes_a_fraction_of_the_row_to_the_wal(make_datab
     new version went to another page, and the whole row was written to the WAL again — as much as its insert.
     With room on the page (the shard migration's fill factor) only what changed is logged: measured here, 314
     bytes a row against the insert's 750, and 862 without it."""
-    shard = make_database("records_s0")
-    await asyncio.to_thread(upgrade, shard, TREES / "shard")
+    shard = make_database("records_s0", TREES / "shard")
     dbs = Databases.connect(shard, {"s0": shard}, pool_size=2)
     try:
         rows = 400

@@ -321,10 +321,10 @@ async def test_a_municipality_reads_its_own_entries_and_no_one_elses(
 async def audit_dbs(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Databases]:
     if request.param == "postgres":
         make_database: Callable[..., str] = request.getfixturevalue("make_database")
-        dsn = make_database("gateway")
+        dsn = make_database("gateway", MIGRATIONS)
     else:
-        dsn = f"sqlite+aiosqlite:///{tmp_path / 'audit.db'}"
-    await asyncio.to_thread(upgrade, dsn, MIGRATIONS)
+        migrated_sqlite: Callable[[Path, Path], str] = request.getfixturevalue("migrated_sqlite")
+        dsn = migrated_sqlite(tmp_path / "audit.db", MIGRATIONS)
     databases = Databases.connect(dsn, pool_size=5)
     try:
         yield databases

@@ -3,7 +3,6 @@ with two municipalities pinned to different shards so that every cross-shard rul
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 from datetime import date
 from typing import Any
@@ -19,7 +18,7 @@ from shared.db import Databases, UnitOfWork, utcnow
 from shared.domain.coupon import compose_coupon_line
 from shared.domain.vaccines import default_rules
 from shared.events import DoseEvent, dose_events_from_bytes
-from shared.migrations import SERVICES_DIR, upgrade
+from shared.migrations import SERVICES_DIR
 
 TREES = SERVICES_DIR / "records" / "migrations"
 CHIYODA, SAPPORO = "131016", "011002"  # pinned to shards s0 and s1
@@ -47,10 +46,8 @@ def dose(coupon_number: str, **changes: Any) -> DoseIn:
 
 
 async def records_databases(make_database: Callable[..., str]) -> AsyncIterator[Databases]:
-    main, s0, s1 = make_database("records_main"), make_database("records_s0"), make_database("records_s1")
-    await asyncio.to_thread(upgrade, main, TREES / "main")
-    for shard in (s0, s1):
-        await asyncio.to_thread(upgrade, shard, TREES / "shard")
+    main = make_database("records_main", TREES / "main")
+    s0, s1 = make_database("records_s0", TREES / "shard"), make_database("records_s1", TREES / "shard")
     dbs = repository.connect(main, {"s0": s0, "s1": s1}, pool_size=5)
     async with dbs.main.sessionmaker() as session, session.begin():
         await session.execute(

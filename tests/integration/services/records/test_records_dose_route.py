@@ -25,7 +25,7 @@ from shared.auth import Role
 from shared.db import UnitOfWork
 from shared.domain.vaccines import default_rules
 from shared.heap import YOUNG_OBJECTS
-from shared.migrations import SERVICES_DIR, upgrade
+from shared.migrations import SERVICES_DIR
 from shared.settings import BusSettings
 from tests.factories import internal_headers
 from tests.integration.services.records.records_support import CHIYODA, CLINIC, TODAY, dose, line
@@ -41,10 +41,8 @@ DIRECT = {"Content-Type": "application/json"}
 @pytest.fixture
 async def served(make_database: Callable[..., str], tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
     """records' app on two migrated PostgreSQL shards, and an HTTP client of it."""
-    main, s0, s1 = make_database("records_main"), make_database("records_s0"), make_database("records_s1")
-    await asyncio.to_thread(upgrade, main, TREES / "main")
-    for shard in (s0, s1):
-        await asyncio.to_thread(upgrade, shard, TREES / "shard")
+    main = make_database("records_main", TREES / "main")
+    s0, s1 = make_database("records_s0", TREES / "shard"), make_database("records_s1", TREES / "shard")
     settings = RecordsSettings(
         main_dsn=main,
         shard_dsns={"s0": s0, "s1": s1},

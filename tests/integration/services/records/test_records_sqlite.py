@@ -4,7 +4,7 @@ scan, a batch's second dose of one person, and the events written beside the dos
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import date
 from pathlib import Path
 
@@ -14,7 +14,6 @@ from services.records.models import shard_assignments
 from services.records.service import Submission
 from shared.db import Databases, utcnow
 from shared.errors import Conflict
-from shared.migrations import upgrade
 from tests.integration.services.records.records_support import (
     CHIYODA,
     SAPPORO,
@@ -27,11 +26,11 @@ from tests.integration.services.records.records_support import (
 
 
 @pytest.fixture
-async def sqlite_databases(tmp_path: Path) -> AsyncIterator[Databases]:
-    urls = {name: f"sqlite+aiosqlite:///{tmp_path / name}.db" for name in ("main", "s0", "s1")}
-    await asyncio.to_thread(upgrade, urls["main"], TREES / "main")
-    for shard in ("s0", "s1"):
-        await asyncio.to_thread(upgrade, urls[shard], TREES / "shard")
+async def sqlite_databases(tmp_path: Path, migrated_sqlite: Callable[[Path, Path], str]) -> AsyncIterator[Databases]:
+    urls = {
+        name: migrated_sqlite(tmp_path / f"{name}.db", TREES / ("main" if name == "main" else "shard"))
+        for name in ("main", "s0", "s1")
+    }
     dbs = Databases.connect(urls["main"], {"s0": urls["s0"], "s1": urls["s1"]})
     async with dbs.main.sessionmaker() as session, session.begin():
         await session.execute(

@@ -26,7 +26,7 @@ from services.registry.settings import RegistrySettings
 from shared.auth import Role
 from shared.db import Databases, utcnow
 from shared.events import CouponEvent, coupon_events_from_bytes
-from shared.migrations import SERVICES_DIR, upgrade
+from shared.migrations import SERVICES_DIR
 from tests.factories import InternalHeaders, internal_headers
 
 TREES = SERVICES_DIR / "registry" / "migrations"
@@ -46,7 +46,10 @@ def database_maker(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[.
         make_database: Callable[..., str] = request.getfixturevalue("make_database")
         return make_database
 
-    def make_sqlite(prefix: str = "test") -> str:
+    def make_sqlite(prefix: str = "test", tree: Path | None = None) -> str:
+        if tree is not None:
+            migrated: Callable[[Path, Path], str] = request.getfixturevalue("migrated_sqlite")
+            return migrated(tmp_path / f"{prefix}.db", tree)
         return f"sqlite+aiosqlite:///{tmp_path / prefix}.db"
 
     return make_sqlite
@@ -135,10 +138,8 @@ class Registry:
 
 
 async def migrated_registry(make_database: Callable[..., str], **overrides: Any) -> RegistrySettings:
-    main, s0, s1 = make_database("registry_main"), make_database("registry_s0"), make_database("registry_s1")
-    await asyncio.to_thread(upgrade, main, TREES / "main")
-    for shard in (s0, s1):
-        await asyncio.to_thread(upgrade, shard, TREES / "shard")
+    main = make_database("registry_main", TREES / "main")
+    s0, s1 = make_database("registry_s0", TREES / "shard"), make_database("registry_s1", TREES / "shard")
     dbs = Databases.connect(main, {}, pool_size=1)
     async with dbs.main.sessionmaker() as session, session.begin():
         await session.execute(

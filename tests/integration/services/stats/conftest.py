@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
@@ -19,7 +18,6 @@ from services.stats.settings import StatsSettings
 from shared.auth import Role
 from shared.db import Database
 from shared.events import StatsCell
-from shared.migrations import upgrade
 from shared.settings import BusSettings
 from tests.factories import AddCells, internal_headers
 
@@ -31,12 +29,9 @@ async def stats_dsn(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A fresh stats database at the head migration."""
     if request.param == "postgres":
         make_database: Callable[..., str] = request.getfixturevalue("make_database")
-        dsn = make_database("stats")
-    else:
-        dsn = f"sqlite+aiosqlite:///{tmp_path / 'stats.db'}"
-    # Alembic runs its own event loop: keep it off the test's.
-    await asyncio.to_thread(upgrade, dsn, MIGRATIONS)
-    return dsn
+        return make_database("stats", MIGRATIONS)
+    migrated_sqlite: Callable[[Path, Path], str] = request.getfixturevalue("migrated_sqlite")
+    return migrated_sqlite(tmp_path / "stats.db", MIGRATIONS)
 
 
 @pytest.fixture
