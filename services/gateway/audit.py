@@ -64,6 +64,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from services.gateway.repository import AuditRepository, insert_json_autocommit
 from shared import redaction
 from shared.db import Databases, utcnow
+from shared.errors import InvalidField
 
 log = logging.getLogger(__name__)
 
@@ -901,10 +902,41 @@ def entry_out(row: Mapping[Any, Any]) -> dict[str, Any]:
     }
 
 
+def page_parameters(after: str | None, limit: str | None) -> tuple[tuple[str, int] | None, int]:
+    """The ``after`` (``<instance>:<seq>`` of the last entry read) and ``limit`` query parameters of the audit read; a
+    bad one is :class:`InvalidField` naming it."""
+    position = None
+    if after:
+        instance, _, seq = after.rpartition(":")
+        if not instance or not seq.isdigit() or int(seq) < 1:
+            raise InvalidField("after", "must be <instance>:<seq> of an entry, as `next` gives it")
+        position = (instance, int(seq))
+    size = READ_LIMIT
+    if limit:
+        if not limit.isdigit() or not 1 <= int(limit) <= READ_LIMIT:
+            raise InvalidField("limit", f"must be a whole number from 1 to {READ_LIMIT}")
+        size = int(limit)
+    return position, size
+
+
 async def entries_of_municipality(
-    databases: Databases, code: str, *, since: datetime | None, until: datetime | None
+    databases: Databases,
+    code: str,
+    *,
+    since: datetime | None,
+    until: datetime | None,
+    after: tuple[str, int] | None = None,
+    limit: int = READ_LIMIT,
 ) -> tuple[list[dict[str, Any]], bool]:
-    """(entries about ``code``'s data or made by it, oldest first; whether more were left off)."""
+    """(entries about ``code``'s data or made by it, oldest first, from just after the entry ``after`` (instance,
+    seq); whether more follow). ``after`` must be an entry of this municipality's trail, else it is an
+    :class:`InvalidField`: another's would tell when that municipality was read or read something."""
     async with databases.main.sessionmaker() as session:
-        rows = await AuditRepository(session).of_municipality(code, since=since, until=until, limit=READ_LIMIT + 1)
-    return [entry_out(r) for r in rows[:READ_LIMIT]], len(rows) > READ_LIMIT
+        audit = AuditRepository(session)
+        position = None
+        if after is not None:
+            position = await audit.position(code, *after)
+            if position is None:
+                raise InvalidField("after", "not an entry of this municipality's audit trail")
+        rows = await audit.of_municipality(code, since=since, until=until, after=position, limit=limit + 1)
+    return [entry_out(r) for r in rows[:limit]], len(rows) > limit

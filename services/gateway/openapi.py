@@ -146,10 +146,23 @@ def _gateway_paths() -> dict[str, Any]:
                     },
                     {"name": "from", "in": "query", "required": False, "schema": date_param},
                     {"name": "to", "in": "query", "required": False, "schema": date_param},
+                    {
+                        "name": "after",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string", "description": "the previous page's next: <instance>:<seq>"},
+                    },
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 1000},
+                    },
                 ],
                 "responses": {
                     "200": {
-                        "description": "oldest first, at most 1,000 (truncated tells whether more were left off)",
+                        "description": "oldest first, a page of at most limit entries; truncated tells whether more "
+                        "follow, and next is the after that reads them",
                         "content": {
                             "application/json": {
                                 "schema": {
@@ -157,13 +170,14 @@ def _gateway_paths() -> dict[str, Any]:
                                     "properties": {
                                         "entries": {"type": "array", "items": _AUDIT_ENTRY},
                                         "truncated": {"type": "boolean"},
+                                        "next": {"type": ["string", "null"]},
                                     },
-                                    "required": ["entries", "truncated"],
+                                    "required": ["entries", "truncated", "next"],
                                 }
                             }
                         },
                     },
-                    "422": _error("InvalidField: from or to"),
+                    "422": _error("InvalidField: from, to, after or limit"),
                 },
             }
         },

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import RowMapping, Table, insert, or_, select
+from sqlalchemy import RowMapping, Table, insert, literal, or_, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.gateway.models import AuditEntry
@@ -69,13 +69,40 @@ class AuditRepository:
         return (await self.session.execute(stmt)).mappings().all()
 
     async def of_municipality(
-        self, code: str, *, since: datetime | None, until: datetime | None, limit: int
-    ) -> Sequence[RowMapping]:
-        """Entries about the municipality's data or made by it, oldest first."""
-        stmt = select(_TABLE).where(or_(_TABLE.c.municipality == code, _TABLE.c.caller_municipality == code))
-        if since is not None:
-            stmt = stmt.where(_TABLE.c.recorded_at >= since)
-        if until is not None:
-            stmt = stmt.where(_TABLE.c.recorded_at < until)
-        stmt = stmt.order_by(_TABLE.c.recorded_at, _TABLE.c.instance, _TABLE.c.seq).limit(limit)
-        return (await self.session.execute(stmt)).mappings().all()
+        self,
+        code: str,
+        *,
+        since: datetime | None,
+        until: datetime | None,
+        after: tuple[datetime, str, int] | None,
+        limit: int,
+    ) -> list[RowMapping]:
+        """Entries about the municipality's data or made by it, oldest first, from just after the position ``after``
+        (an entry's time, instance and seq). One read per column, each in its index's order and as long as a page,
+        merged: never a sort of the whole period (an entry made by the municipality about its own data is in
+        both)."""
+        order = (_TABLE.c.recorded_at, _TABLE.c.instance, _TABLE.c.seq)
+        found: dict[tuple[str, int], RowMapping] = {}
+        for column in (_TABLE.c.municipality, _TABLE.c.caller_municipality):
+            stmt = select(_TABLE).where(column == code)
+            if since is not None:
+                stmt = stmt.where(_TABLE.c.recorded_at >= since)
+            if until is not None:
+                stmt = stmt.where(_TABLE.c.recorded_at < until)
+            if after is not None:
+                at, instance, seq = after
+                stmt = stmt.where(tuple_(*order) > tuple_(literal(at, _TABLE.c.recorded_at.type), instance, seq))
+            for row in (await self.session.execute(stmt.order_by(*order).limit(limit))).mappings():
+                found[(row["instance"], row["seq"])] = row
+        return sorted(found.values(), key=lambda row: (row["recorded_at"], row["instance"], row["seq"]))[:limit]
+
+    async def position(self, code: str, instance: str, seq: int) -> tuple[datetime, str, int] | None:
+        """Where an entry of ``code``'s audit trail stands in its order (None: not one of its entries)."""
+        at = await self.session.scalar(
+            select(_TABLE.c.recorded_at).where(
+                _TABLE.c.instance == instance,
+                _TABLE.c.seq == seq,
+                or_(_TABLE.c.municipality == code, _TABLE.c.caller_municipality == code),
+            )
+        )
+        return None if at is None else (at, instance, seq)

@@ -32,7 +32,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from services.gateway.audit import entries_of_municipality
+from services.gateway.audit import entries_of_municipality, page_parameters
 from services.gateway.policy import Match
 from services.gateway.proxy import FORWARDED_REQUEST_HEADERS, RawHeaders
 from services.gateway.service import Gateway, Inbound, Outcome, error_outcome
@@ -157,13 +157,17 @@ def audit_reader(databases: Databases) -> Callable[[Inbound, Match, Principal], 
     """``GET /api/v1/municipalities/{code}/audit?from=&to=``: answered by the gateway from its own trail."""
 
     async def read(inbound: Inbound, match: Match, _: Principal) -> Outcome:
-        query = parse_qs(inbound.query_string)
+        query = {name: values[0] for name, values in parse_qs(inbound.query_string).items()}
         try:
-            since, until = period_parameters(query.get("from", [None])[0], query.get("to", [None])[0])
+            since, until = period_parameters(query.get("from"), query.get("to"))
+            after, limit = page_parameters(query.get("after"), query.get("limit"))
+            entries, more = await entries_of_municipality(
+                databases, match.params["code"], since=since, until=until, after=after, limit=limit
+            )
         except VRSError as err:
             return error_outcome(match, err)
-        entries, more = await entries_of_municipality(databases, match.params["code"], since=since, until=until)
-        body = json.dumps({"entries": entries, "truncated": more}, ensure_ascii=False).encode()
+        last = f"{entries[-1]['instance']}:{entries[-1]['seq']}" if more else None
+        body = json.dumps({"entries": entries, "truncated": more, "next": last}, ensure_ascii=False).encode()
         return Outcome(match, 200, [(b"content-type", b"application/json")], body)
 
     return read

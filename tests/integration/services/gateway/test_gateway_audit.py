@@ -30,7 +30,7 @@ from services.gateway.audit import (
 from services.gateway.models import AuditEntry
 from services.gateway.settings import GatewaySettings
 from shared.auth import Role
-from shared.db import Database, Databases
+from shared.db import Database, Databases, utcnow
 from shared.domain.codes import my_number_check_digit
 from shared.migrations import upgrade
 from tests.integration.services.gateway.gateway_fakes import KNOWN_RESIDENT, MIGRATIONS, FakeUpstream, running_gateway
@@ -306,12 +306,69 @@ async def test_a_municipality_reads_its_own_entries_and_no_one_elses(
         assert (await client.get(f"{M}/{CHIYODA}/audit", headers=sapporo)).status_code == 403
         assert (await client.get(f"{M}/{CHIYODA}/audit")).status_code == 401
         future = await client.get(f"{M}/{CHIYODA}/audit?from=2999-01-01", headers=chiyoda)
-        assert future.json() == {"entries": [], "truncated": False}
+        assert future.json() == {"entries": [], "truncated": False, "next": None}
         today = entries[0]["recorded_at"][:10]
         window = await client.get(f"{M}/{CHIYODA}/audit?from={today}&to={today}", headers=chiyoda)
         assert len([e for e in window.json()["entries"] if e["instance"] == settings.instance_id]) == 2
         bad = await client.get(f"{M}/{CHIYODA}/audit?from=yesterday", headers=chiyoda)
         assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "from"
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_a_municipality_pages_through_its_entries_in_order_none_skipped_or_repeated(
+    gateway_settings: Settings,
+    upstreams: dict[str, FakeUpstream],
+    token: Token,
+    request: pytest.FixtureRequest,
+    backend: str,
+) -> None:
+    """A month of a city's entries is far more than one answer: ``next`` of one page is ``after`` of the next, and
+    the pages hold every entry once, in order — those made by the municipality about its own data too (they are
+    found through both its columns)."""
+    overrides: dict[str, Any] = {"registry_url": upstreams["registry"].url}
+    if backend == "postgres":
+        overrides["main_dsn"] = request.getfixturevalue("make_database")("gateway", MIGRATIONS)
+    settings = gateway_settings(**overrides)
+    chiyoda = token(Role.MUNICIPALITY, municipality=CHIYODA)
+    sapporo = token(Role.MUNICIPALITY, municipality=SAPPORO)
+    async with running_gateway(settings) as (app, client):
+        since = utcnow().isoformat()
+        for _ in range(3):
+            await client.get(f"{M}/{CHIYODA}/residents/{KNOWN_RESIDENT}", headers=chiyoda)  # its own data
+            await client.get(f"{M}/{CHIYODA}/residents/{KNOWN_RESIDENT}", headers=sapporo)  # about its data
+        await client.get(f"{M}/{SAPPORO}/residents/r-elsewhere", headers=sapporo)  # neither
+        await app.state.audit.flush(timeout=5)
+
+        whole = await client.get(f"{M}/{CHIYODA}/audit", params={"from": since}, headers=chiyoda)
+        assert whole.json()["truncated"] is False and whole.json()["next"] is None
+        assert [e["principal"] for e in whole.json()["entries"]] == [CHIYODA, SAPPORO] * 3
+        pages, after = [], None
+        while True:
+            params = {"from": since, "limit": "2"} | ({} if after is None else {"after": after})
+            page = (await client.get(f"{M}/{CHIYODA}/audit", params=params, headers=chiyoda)).json()
+            pages.append(page["entries"])
+            after = page["next"]
+            assert (after is None) is (page["truncated"] is False)
+            if after is None:
+                break
+        assert [len(p) for p in pages] == [2, 2, 2]
+        assert [e for p in pages for e in p] == whole.json()["entries"]
+
+        # An entry of another municipality's trail is not a place to start from: it would tell when that one read.
+        elsewhere = (await client.get(f"{M}/{SAPPORO}/audit", params={"from": since}, headers=sapporo)).json()
+        theirs = next(e for e in elsewhere["entries"] if e["municipality"] == SAPPORO)
+        for params in (
+            {"after": f"{theirs['instance']}:{theirs['seq']}"},
+            {"after": "no-colon"},
+            {"after": f"{settings.instance_id}:0"},
+            {"after": f"{settings.instance_id}:999999999"},
+            {"limit": "0"},
+            {"limit": "1001"},
+            {"limit": "ten"},
+        ):
+            bad = await client.get(f"{M}/{CHIYODA}/audit", params=params, headers=chiyoda)
+            assert bad.status_code == 422, (params, bad.text)
+            assert [e["field"] for e in bad.json()["errors"]] == list(params), params
 
 
 # --- the chains themselves, on SQLite and on PostgreSQL ---
