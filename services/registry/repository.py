@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime
 from operator import attrgetter, itemgetter
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg  # type: ignore[import-untyped]
 from pydantic_core import to_json
@@ -475,20 +475,25 @@ class DisclosureRepository:
         self,
         municipality_code: str,
         *,
-        received: bool,
+        directions: Sequence[Literal["received", "provided"]],
         since: datetime | None,
         until: datetime | None,
         before: tuple[datetime, int] | None,
         limit: int,
     ) -> list[TransferDisclosure]:
-        """The lookups ``municipality_code`` made (``received``) or those that read its records (not
-        ``received``), newest first from just before the position ``before`` (a row's time and id)."""
+        """The lookups ``municipality_code`` made (received) and those that read its records (provided), newest
+        first from just before the position ``before`` (a row's time and id). One read per direction, each in its
+        index's order and as long as a page, merged: never a sort of the whole period."""
         d = TransferDisclosure
-        column = d.caller_municipality if received else d.source_municipality
-        stmt = select(d).where(column == municipality_code)
-        if before is not None:
-            stmt = stmt.where(tuple_(d.disclosed_at, d.id) < tuple_(literal(before[0], d.disclosed_at.type), before[1]))
-        return await self._newest(stmt, since=since, until=until, limit=limit)
+        rows: list[TransferDisclosure] = []
+        for direction in directions:
+            column = d.caller_municipality if direction == "received" else d.source_municipality
+            stmt = select(d).where(column == municipality_code)
+            if before is not None:
+                at, row_id = before
+                stmt = stmt.where(tuple_(d.disclosed_at, d.id) < tuple_(literal(at, d.disclosed_at.type), row_id))
+            rows += await self._newest(stmt, since=since, until=until, limit=limit)
+        return sorted(rows, key=lambda row: (row.disclosed_at, row.id), reverse=True)[:limit]
 
     async def position(self, municipality_code: str, disclosure_id: int) -> tuple[datetime, int] | None:
         """Where a row of ``municipality_code``'s log stands in its order (None: not one of its rows)."""

@@ -768,14 +768,14 @@ async def disclosures_of_municipality(
         before = await log.position(municipality_code, before_id)
         if before is None:
             raise InvalidField("before_id", "not a row of this municipality's disclosure log")
-    rows: list[TransferDisclosure] = []
-    for received in (True, False):
-        if direction in (None, "received" if received else "provided"):
-            rows += await log.of_municipality(
-                municipality_code, received=received, since=since, until=until, before=before, limit=limit + 1
-            )
-    # Two index-ordered reads, each as long as a page, merged: never a sort of the whole period.
-    rows.sort(key=lambda row: (row.disclosed_at, row.id), reverse=True)
+    rows = await log.of_municipality(
+        municipality_code,
+        directions=("received", "provided") if direction is None else (direction,),
+        since=since,
+        until=until,
+        before=before,
+        limit=limit + 1,
+    )
     out = [
         MunicipalityDisclosureOut.model_validate(
             _disclosure_fields(row, municipality_code)

@@ -54,7 +54,7 @@ from tests.factories import internal_headers
 from tests.integration.services.gateway.gateway_fakes import MIGRATIONS as GATEWAY_MIGRATIONS
 from tests.integration.services.gateway.gateway_fakes import running_gateway
 from tests.integration.services.gateway.gateway_fakes import serve as serve_http
-from tests.integration.services.records.records_support import dose, records_databases
+from tests.integration.services.records.records_support import dose, records_databases, serving_settings
 from tests.integration.services.registry.registry_support import CHIYODA, SAPPORO, Registry, migrated_registry, serve
 
 pytestmark = pytest.mark.usefixtures("pg_server")
@@ -75,15 +75,7 @@ class Stack:
 async def stack(make_database: Callable[..., str], tmp_path: Path) -> AsyncIterator[Stack]:
     bus = BusSettings(embedded_path=tmp_path / "log.db")
     async for records_dbs in records_databases(make_database):
-        records_settings = RecordsSettings(
-            main_dsn=records_dbs.main.url,
-            shard_dsns={n: db.url for n, db in records_dbs.shards.items()},
-            run_relay=False,
-            run_consumer=False,
-            run_imports=False,
-            pool_size=5,
-            bus=bus,
-        )
+        records_settings = serving_settings(records_dbs, bus=bus)
         app = create_records(records_settings)
         settings = await migrated_registry(make_database)
         async with (

@@ -13,6 +13,7 @@ from services.records import repository
 from services.records.models import Dose, outbox, shard_assignments
 from services.records.schemas import CorrectionIn, DoseIn
 from services.records.service import Outcome, Submission, correct_dose, record_doses
+from services.records.settings import RecordsSettings
 from shared.auth import Principal, Role
 from shared.db import Databases, UnitOfWork, utcnow
 from shared.domain.coupon import compose_coupon_line
@@ -59,6 +60,20 @@ async def records_databases(make_database: Callable[..., str]) -> AsyncIterator[
         )
     yield dbs
     await dbs.dispose()
+
+
+def serving_settings(databases: Databases, **overrides: Any) -> RecordsSettings:
+    """records' settings on these databases with no relay, consumer or import worker of its own: the app serves
+    requests only (a test drives the rest itself)."""
+    return RecordsSettings(
+        main_dsn=databases.main.url,
+        shard_dsns={name: db.url for name, db in databases.shards.items()},
+        run_relay=False,
+        run_consumer=False,
+        run_imports=False,
+        pool_size=5,
+        **overrides,
+    )
 
 
 def recorder(databases: Databases) -> Callable[..., Any]:

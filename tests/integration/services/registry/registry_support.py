@@ -18,7 +18,6 @@ from sqlalchemy import select
 
 from devtools.harness import free_port
 from services.records.app import create_app as create_records
-from services.records.settings import RecordsSettings
 from services.registry.app import create_app
 from services.registry.importer import ResidentImporter
 from services.registry.models import Coupon, Resident, ResidentHistory, outbox, shard_assignments
@@ -28,6 +27,7 @@ from shared.db import Databases, utcnow
 from shared.events import CouponEvent, coupon_events_from_bytes
 from shared.migrations import SERVICES_DIR
 from tests.factories import InternalHeaders, internal_headers
+from tests.integration.services.records.records_support import serving_settings
 
 TREES = SERVICES_DIR / "registry" / "migrations"
 CHIYODA, SAPPORO = "131016", "011002"  # pinned to shards s0 and s1
@@ -60,14 +60,7 @@ async def records_over_http(records_dbs: Databases) -> AsyncIterator[str]:
     """records on these databases, served by uvicorn on a free port as registry reaches it in production (no
     relay, consumer or imports); its URL."""
     port = free_port()
-    settings = RecordsSettings(
-        main_dsn=records_dbs.main.url,
-        shard_dsns={n: db.url for n, db in records_dbs.shards.items()},
-        run_relay=False,
-        run_consumer=False,
-        run_imports=False,
-        pool_size=5,
-    )
+    settings = serving_settings(records_dbs)
     server = uvicorn.Server(uvicorn.Config(create_records(settings), port=port, log_level="warning"))
     task = asyncio.create_task(server.serve())
     try:
