@@ -131,7 +131,10 @@ _AUDIT_ENTRY = {
 
 
 def _gateway_paths() -> dict[str, Any]:
-    date_param = {"type": "string", "description": "YYYY-MM-DD (a whole day) or an ISO 8601 date-time"}
+    date_param = {
+        "type": "string",
+        "description": "YYYY-MM-DD (a whole Japanese day) or an ISO 8601 date-time (without a zone: Japan's)",
+    }
     return {
         "/api/v1/municipalities/{code}/audit": {
             "get": {

@@ -393,7 +393,9 @@ async def transfer_lookup_batch(
     )
 
 
-_BOUND = "YYYY-MM-DD (a whole UTC day, as the gateway's audit read) or an ISO 8601 date-time"
+_BOUND = (
+    "YYYY-MM-DD (a whole Japanese day, as the gateway's audit read) or an ISO 8601 date-time (without a zone: Japan's)"
+)
 
 
 @router.get(

@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import json
 from collections.abc import AsyncIterator, Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from services.gateway.settings import GatewaySettings
 from shared.auth import Role
 from shared.db import Database, Databases, utcnow
 from shared.domain.codes import my_number_check_digit
+from shared.domain.japan_time import JAPAN, japan_today
 from shared.migrations import upgrade
 from tests.integration.services.gateway.gateway_fakes import KNOWN_RESIDENT, MIGRATIONS, FakeUpstream, running_gateway
 
@@ -39,6 +41,7 @@ Token = Callable[..., dict[str, str]]
 Settings = Callable[..., GatewaySettings]
 CHIYODA, SAPPORO, CLINIC = "131016", "011002", "1312345678"
 M = "/api/v1/municipalities"
+DAY = timedelta(days=1)
 MY_NUMBER = "98765432101" + str(my_number_check_digit("98765432101"))
 KEY = b"test-audit-key-of-at-least-32-bytes!"
 TABLE: Table = AuditEntry.__table__  # type: ignore[assignment]
@@ -307,9 +310,19 @@ async def test_a_municipality_reads_its_own_entries_and_no_one_elses(
         assert (await client.get(f"{M}/{CHIYODA}/audit")).status_code == 401
         future = await client.get(f"{M}/{CHIYODA}/audit?from=2999-01-01", headers=chiyoda)
         assert future.json() == {"entries": [], "truncated": False, "next": None}
-        today = entries[0]["recorded_at"][:10]
-        window = await client.get(f"{M}/{CHIYODA}/audit?from={today}&to={today}", headers=chiyoda)
-        assert len([e for e in window.json()["entries"] if e["instance"] == settings.instance_id]) == 2
+        # A date is a whole Japanese day: the entries' own, and not the day before or after it.
+        recorded = datetime.fromisoformat(entries[0]["recorded_at"])
+        today = japan_today(recorded)
+        for since, until, expected in ((today, today, 2), (today - DAY, today - DAY, 0), (today + DAY, None, 0)):
+            window = await client.get(
+                f"{M}/{CHIYODA}/audit", params={"from": str(since), "to": str(until or "")}, headers=chiyoda
+            )
+            assert len([e for e in window.json()["entries"] if e["instance"] == settings.instance_id]) == expected
+        # A date-time without a zone is Japan's time: the same moment as with its zone.
+        moment = recorded.astimezone(JAPAN)
+        for spelled in (moment.isoformat(), moment.replace(tzinfo=None).isoformat()):
+            after = await client.get(f"{M}/{CHIYODA}/audit", params={"from": spelled}, headers=chiyoda)
+            assert entries[0] in after.json()["entries"]
         bad = await client.get(f"{M}/{CHIYODA}/audit?from=yesterday", headers=chiyoda)
         assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "from"
 

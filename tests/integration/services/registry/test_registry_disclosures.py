@@ -21,7 +21,7 @@ from services.records.service import Submission
 from services.registry.crypto import MyNumberVault
 from services.registry.models import TransferDisclosure
 from shared.db import utcnow
-from shared.domain.japan_time import JAPAN
+from shared.domain.japan_time import JAPAN, japan_today
 from shared.internal import InternalClient
 from tests.integration.services.records.records_support import dose, recorder, records_databases
 from tests.integration.services.registry.registry_support import (
@@ -277,8 +277,8 @@ async def test_both_municipalities_read_the_log_by_their_own_resident(stack: Sta
     ):
         assert (answer.status_code, answer.content) == (404, unknown.content)
 
-    # from/to: whole UTC days (to inclusive) or moments.
-    today = utcnow().date()
+    # from/to: whole Japanese days (to inclusive) or moments.
+    today = japan_today()
     assert len(shown(await disclosures(registry, CHIYODA, "C1", **{"from": str(today), "to": str(today)}))) == 4
     assert shown(await disclosures(registry, CHIYODA, "C1", to=str(today - timedelta(days=1)))) == []
     assert shown(await disclosures(registry, CHIYODA, "C1", **{"from": str(today + timedelta(days=1))})) == []
@@ -288,6 +288,9 @@ async def test_both_municipalities_read_the_log_by_their_own_resident(stack: Sta
     # The same moment in Japan's time is the same moment.
     japan = {"from": between.astimezone(JAPAN).isoformat()}
     assert [d[4] for d in shown(await disclosures(registry, SAPPORO, "S1", **japan))] == ["second"]
+    # ... and a moment without a zone is Japan's time.
+    naive = {"from": between.astimezone(JAPAN).replace(tzinfo=None).isoformat()}
+    assert [d[4] for d in shown(await disclosures(registry, SAPPORO, "S1", **naive))] == ["second"]
     for name, value in (("from", "yesterday"), ("to", "2026-02-30"), ("from", "2026-11-27T25:00")):
         bad = await disclosures(registry, CHIYODA, "C1", **{name: value})
         assert bad.status_code == 422, bad.text
