@@ -6,11 +6,13 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import timedelta
 
 from fastapi import FastAPI
 
 from services.records import repository
 from services.records.consumer import coupon_consumers
+from services.records.housekeeping import expire_forever
 from services.records.imports import ImportWorker
 from services.records.models import outbox
 from services.records.router import GRANT_ONLY_PATHS, internal, router
@@ -52,9 +54,23 @@ def create_app(settings: RecordsSettings | None = None) -> FastAPI:
                         after_commit=_wake_relay(relay),
                     )
                     imports = asyncio.create_task(app.state.imports.run(), name="dose-imports")
+                expiry = None
+                if settings.key_expiry_seconds > 0:
+                    expiry = asyncio.create_task(
+                        expire_forever(
+                            databases,
+                            keep=timedelta(days=settings.idempotency_keep_days),
+                            interval=settings.key_expiry_seconds,
+                        ),
+                        name="key-expiry",
+                    )
                 try:
                     yield
                 finally:
+                    if expiry is not None:
+                        expiry.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await expiry
                     if imports is not None:
                         imports.cancel()
                         with contextlib.suppress(asyncio.CancelledError):

@@ -52,6 +52,7 @@ from services.records.models import (
     IdempotencyClaim,
     IdempotencyKey,
     outbox,
+    shard_moves,
 )
 from shared.coalesce import Coalescer
 from shared.db import Database, Databases, UnitOfWork, pg_array_type
@@ -988,6 +989,38 @@ class ImportRepository:
                 update(DoseImport).where(t.import_id == import_id).values(lease_until=now + lease)
             )
         return import_id
+
+
+# Arbitrary but fixed: the advisory lock key of the idempotency keys' expiry ("VRSKEYEX" in ASCII).
+_EXPIRY_LOCK = 0x5652534B45594558
+
+
+class KeyExpiryRepository:
+    """Idempotency keys past their window (services/records/housekeeping.py): the claims in the main database,
+    the answers in each shard."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def take_lock(self) -> bool:
+        """Whether this transaction may delete: on PostgreSQL a transaction-scoped advisory lock, so that of
+        several replicas one deletes at a time; SQLite is one process anyway."""
+        if self.session.get_bind().dialect.name != "postgresql":
+            return True
+        return bool(await self.session.scalar(select(func.pg_try_advisory_xact_lock(_EXPIRY_LOCK))))
+
+    async def delete_created_before(self, table: Table, before: datetime, *, limit: int) -> int:
+        """Delete up to ``limit`` rows of ``table`` (claims or keys) created before ``before``; how many."""
+        older = select(table.c.scope, table.c.key).where(table.c.created_at < before).limit(limit)
+        stmt = table.delete().where(tuple_(table.c.scope, table.c.key).in_(older))
+        return int((await self.session.execute(stmt)).rowcount)  # type: ignore[attr-defined]
+
+    async def moving_shards(self) -> set[str]:
+        """The shards a shard move not yet done comes from or goes to (main database)."""
+        rows = await self.session.execute(
+            select(shard_moves.c.from_shard, shard_moves.c.to_shard).where(shard_moves.c.state != "done")
+        )
+        return {shard for row in rows for shard in row}
 
 
 _OF_DOSES = "dose_id IN (SELECT dose_id FROM doses WHERE municipality_code = $1)"

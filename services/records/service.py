@@ -1025,4 +1025,5 @@ async def record_import_rows(
     entry.status = "done" if done else "processing"
     if done:
         entry.finished_at = entry.lease_until = utcnow()
+        entry.content = b""  # the file is not needed any more: only its counts and errors are read
     return entry

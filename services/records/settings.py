@@ -34,6 +34,12 @@ class RecordsSettings(PublisherSettings):
     run_imports: bool = True
     import_chunk_rows: int = Field(default=1000, ge=1, le=1000)
     max_import_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    # Idempotency keys (a single dose's header, a batch item's or a CSV row's client_id) answer a retry with the
+    # first answer for this many days, then are deleted; a retry after that is recorded as new and, being the
+    # same dose, answered as a duplicate of the first (nothing is stored twice). Every replica looks every
+    # key_expiry_seconds (0: never); one at a time deletes (services/records/housekeeping.py).
+    idempotency_keep_days: int = Field(default=30, ge=1)
+    key_expiry_seconds: float = Field(default=600, ge=0)
     # ES256 public key (PEM) of registry's transfer-lookup grants (see shared/grants.py).
     transfer_grant_public_key: str = DEV_PUBLIC_KEY
 

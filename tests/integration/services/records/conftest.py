@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from shared.db import Databases
-from tests.integration.services.records.records_support import recorder, records_databases
+from services.records.models import shard_assignments
+from shared.db import Databases, utcnow
+from tests.integration.services.records.records_support import CHIYODA, SAPPORO, TREES, recorder, records_databases
 
 
 @pytest.fixture
@@ -20,3 +22,22 @@ async def databases(make_database: Callable[..., str]) -> AsyncIterator[Database
 @pytest.fixture
 def record(databases: Databases) -> Callable[..., Any]:
     return recorder(databases)
+
+
+@pytest.fixture
+async def sqlite_databases(tmp_path: Path, migrated_sqlite: Callable[[Path, Path], str]) -> AsyncIterator[Databases]:
+    urls = {
+        name: migrated_sqlite(tmp_path / f"{name}.db", TREES / ("main" if name == "main" else "shard"))
+        for name in ("main", "s0", "s1")
+    }
+    dbs = Databases.connect(urls["main"], {"s0": urls["s0"], "s1": urls["s1"]})
+    async with dbs.main.sessionmaker() as session, session.begin():
+        await session.execute(
+            shard_assignments.insert(),
+            [
+                {"municipality_code": CHIYODA, "shard": "s0", "assigned_at": utcnow()},
+                {"municipality_code": SAPPORO, "shard": "s1", "assigned_at": utcnow()},
+            ],
+        )
+    yield dbs
+    await dbs.dispose()

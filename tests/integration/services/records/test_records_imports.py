@@ -7,8 +7,10 @@ import io
 import itertools
 
 import pytest
+from sqlalchemy import select
 
 from services.records.imports import ImportWorker
+from services.records.models import DoseImport
 from services.records.service import import_status, record_import_rows, start_import
 from shared.auth import Principal, Role
 from shared.db import Databases, UnitOfWork
@@ -68,6 +70,9 @@ async def test_an_import_records_its_good_rows_and_reports_each_bad_one(database
     }  # fmt: skip
     assert await stored(databases) == 3
     assert not await ImportWorker(databases).run_once()  # nothing left to do
+    # The file is not kept once its import is done: its counts and errors are all that is read.
+    async with databases.main.sessionmaker() as session:
+        assert await session.scalar(select(DoseImport.content).where(DoseImport.import_id == import_id)) == b""
 
 
 async def test_the_same_file_again_records_nothing_more(databases: Databases) -> None:

@@ -4,44 +4,18 @@ scan, a batch's second dose of one person, and the events written beside the dos
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
 from datetime import date
-from pathlib import Path
 
-import pytest
-
-from services.records.models import shard_assignments
 from services.records.service import Submission
-from shared.db import Databases, utcnow
+from shared.db import Databases
 from shared.errors import Conflict
 from tests.integration.services.records.records_support import (
-    CHIYODA,
     SAPPORO,
-    TREES,
     count,
     dose,
     events_in,
     recorder,
 )
-
-
-@pytest.fixture
-async def sqlite_databases(tmp_path: Path, migrated_sqlite: Callable[[Path, Path], str]) -> AsyncIterator[Databases]:
-    urls = {
-        name: migrated_sqlite(tmp_path / f"{name}.db", TREES / ("main" if name == "main" else "shard"))
-        for name in ("main", "s0", "s1")
-    }
-    dbs = Databases.connect(urls["main"], {"s0": urls["s0"], "s1": urls["s1"]})
-    async with dbs.main.sessionmaker() as session, session.begin():
-        await session.execute(
-            shard_assignments.insert(),
-            [
-                {"municipality_code": CHIYODA, "shard": "s0", "assigned_at": utcnow()},
-                {"municipality_code": SAPPORO, "shard": "s1", "assigned_at": utcnow()},
-            ],
-        )
-    yield dbs
-    await dbs.dispose()
 
 
 async def test_the_dose_path_on_sqlite(sqlite_databases: Databases) -> None:

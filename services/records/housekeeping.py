@@ -1,0 +1,96 @@
+"""Idempotency keys expire: a retry is answered as first for ``VRS_RECORDS_IDEMPOTENCY_KEEP_DAYS``, then its key
+is deleted — the claim in the main database and the answer in the shard.
+
+Without this both tables grow by every dose ever sent (Japan's busiest day: 1.25 million), and the claims, in the
+one main database, with the whole country's. A retry after its key was deleted is a new request: the same dose
+again is an exact duplicate of the one on file and is answered ``duplicate`` with the first dose's id, so
+nothing is stored or counted twice; only the answer's wording differs from the first.
+
+Every replica runs a pass every ``VRS_RECORDS_KEY_EXPIRY_SECONDS``; on PostgreSQL an advisory lock lets one of them
+delete at a time (a replica that finds it taken leaves that database to the other). Rows go in batches, each
+its own short transaction, found by age through a BRIN index. A shard that a shard move is coming from or going
+to is left alone until the move is done: the move compares the municipality's rows on both sides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from prometheus_client import Counter
+from sqlalchemy import Table
+
+from services.records.models import IdempotencyClaim, IdempotencyKey
+from services.records.repository import KeyExpiryRepository
+from shared.db import Database, Databases, utcnow
+
+log = logging.getLogger(__name__)
+
+KEYS_EXPIRED = Counter(
+    "vrs_records_idempotency_keys_expired_total",
+    "Idempotency keys deleted once older than VRS_RECORDS_IDEMPOTENCY_KEEP_DAYS (database: main for the claims, "
+    "else the shard of the answers)",
+    ["database"],
+)
+
+BATCH_ROWS = 5000
+
+_claims: Table = IdempotencyClaim.__table__  # type: ignore[assignment]
+_keys: Table = IdempotencyKey.__table__  # type: ignore[assignment]
+
+
+@dataclass
+class Expired:
+    """What one pass deleted: claims (main database), answers per shard, and the shards it left for a move."""
+
+    claims: int = 0
+    keys: dict[str, int] = field(default_factory=dict)
+    moving: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.claims + sum(self.keys.values())
+
+
+async def _expire(db: Database, table: Table, label: str, before: datetime, batch_rows: int) -> int:
+    deleted = 0
+    while True:
+        async with db.sessionmaker() as session, session.begin():
+            expiry = KeyExpiryRepository(session)
+            if not await expiry.take_lock():  # another replica is deleting here
+                return deleted
+            count = await expiry.delete_created_before(table, before, limit=batch_rows)
+        KEYS_EXPIRED.labels(label).inc(count)
+        deleted += count
+        if count < batch_rows:
+            return deleted
+
+
+async def expire_keys(databases: Databases, *, before: datetime, batch_rows: int = BATCH_ROWS) -> Expired:
+    """One pass: delete every claim and answer created before ``before``."""
+    done = Expired(claims=await _expire(databases.main, _claims, "main", before, batch_rows))
+    async with databases.main.sessionmaker() as session:
+        moving = await KeyExpiryRepository(session).moving_shards()
+    for name, db in databases.shards.items():
+        if name in moving:
+            done.moving.append(name)
+            continue
+        done.keys[name] = await _expire(db, _keys, name, before, batch_rows)
+    return done
+
+
+async def expire_forever(databases: Databases, *, keep: timedelta, interval: float) -> None:
+    """The background expiry: ``interval`` seconds' rest, then a pass (passes never overlap), for good. Rest
+    first: a replica starting is busy enough, and the keys' window is days."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            done = await expire_keys(databases, before=utcnow() - keep)
+            if done.total:
+                log.info("idempotency keys older than %d days deleted: %d", keep.days, done.total)
+            if done.moving:
+                log.info("idempotency keys of shards %s kept until their shard move is done", done.moving)
+        except Exception:
+            log.exception("idempotency key expiry failed; retrying in %.0fs", interval)

@@ -1,0 +1,134 @@
+"""Idempotency keys expire (services/records/housekeeping.py): claims and answers older than the window are
+deleted, younger ones kept; a retry after its key is gone stores nothing twice; a shard being moved is left
+alone; of several replicas one deletes at a time. On PostgreSQL and SQLite."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import select, text, update
+
+from services.records.app import create_app
+from services.records.housekeeping import KEYS_EXPIRED, expire_keys
+from services.records.models import IdempotencyClaim, IdempotencyKey, shard_moves
+from services.records.service import Submission
+from shared.db import Database, Databases, utcnow
+from tests.integration.services.records.records_support import (
+    SAPPORO,
+    count,
+    dose,
+    events_in,
+    recorder,
+    serving_settings,
+)
+
+DAY = timedelta(days=1)
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def any_databases(request: pytest.FixtureRequest) -> Databases:
+    name = "databases" if request.param == "postgres" else "sqlite_databases"
+    return request.getfixturevalue(name)  # type: ignore[no-any-return]
+
+
+async def rows(db: Database, model: Any) -> list[str]:
+    async with db.sessionmaker() as session:
+        return sorted((await session.execute(select(model.key))).scalars())
+
+
+async def age(databases: Databases, key: str, by: timedelta) -> None:
+    """Make ``key``'s claim and answer ``by`` older."""
+    places: list[tuple[Database, Any]] = [(databases.main, IdempotencyClaim.__table__)]
+    places += [(shard, IdempotencyKey.__table__) for shard in databases.shards.values()]
+    for db, table in places:
+        async with db.sessionmaker() as session, session.begin():
+            await session.execute(update(table).where(table.c.key == key).values(created_at=table.c.created_at - by))
+
+
+async def keys_everywhere(databases: Databases) -> tuple[list[str], list[str], list[str]]:
+    return (
+        await rows(databases.main, IdempotencyClaim),
+        await rows(databases.shards["s0"], IdempotencyKey),
+        await rows(databases.shards["s1"], IdempotencyKey),
+    )
+
+
+async def test_keys_past_the_window_go_younger_ones_stay_and_a_late_retry_stores_nothing_twice(
+    any_databases: Databases,
+) -> None:
+    databases = any_databases
+    record = recorder(databases)
+    [first] = await record(Submission(key="old-chiyoda", dose=dose("0000000001")))
+    await record(Submission(key="old-sapporo", dose=dose("0000000002", municipality=SAPPORO)))
+    await record(Submission(key="new-chiyoda", dose=dose("0000000003")))
+    for key in ("old-chiyoda", "old-sapporo"):
+        await age(databases, key, 31 * DAY)
+    before = KEYS_EXPIRED.labels("main")._value.get()
+
+    # One row a batch: every batch is its own transaction, and the pass goes on until a batch comes back short.
+    done = await expire_keys(databases, before=utcnow() - 30 * DAY, batch_rows=1)
+    assert (done.claims, done.keys, done.moving, done.total) == (2, {"s0": 1, "s1": 1}, [], 4)
+    assert await keys_everywhere(databases) == (["new-chiyoda"], ["new-chiyoda"], [])
+    assert KEYS_EXPIRED.labels("main")._value.get() - before == 2
+    assert (await expire_keys(databases, before=utcnow() - 30 * DAY)).total == 0
+
+    # The first dose sent again under its expired key: a new request, and the same dose as the one on file.
+    assert first.accepted is not None and first.accepted.status == "unmatched"
+    events = len(await events_in(databases, "s0"))
+    [again] = await record(Submission(key="old-chiyoda", dose=dose("0000000001")))
+    assert again.accepted is not None
+    assert (again.accepted.status, again.accepted.dose_id) == ("duplicate", first.accepted.dose_id)
+    assert await count(databases, "s0") == 2 and len(await events_in(databases, "s0")) == events
+    # ... and its key is answered from now on as it was this time.
+    [replayed] = await record(Submission(key="old-chiyoda", dose=dose("0000000001")))
+    assert replayed.accepted == again.accepted
+
+
+async def test_a_shard_a_move_is_under_way_for_keeps_its_keys_until_the_move_is_done(
+    any_databases: Databases,
+) -> None:
+    databases = any_databases
+    record = recorder(databases)
+    await record(Submission(key="chiyoda", dose=dose("0000000001")))
+    await record(Submission(key="sapporo", dose=dose("0000000002", municipality=SAPPORO)))
+    async with databases.main.sessionmaker() as session, session.begin():
+        await session.execute(
+            shard_moves.insert().values(
+                municipality_code=SAPPORO, from_shard="s1", to_shard="s0", state="fenced", started_at=utcnow()
+            )
+        )
+    done = await expire_keys(databases, before=utcnow() + DAY)
+    assert (done.claims, done.keys, sorted(done.moving)) == (2, {}, ["s0", "s1"])
+    assert await keys_everywhere(databases) == ([], ["chiyoda"], ["sapporo"])
+
+    async with databases.main.sessionmaker() as session, session.begin():
+        await session.execute(update(shard_moves).values(state="done", finished_at=utcnow()))
+    done = await expire_keys(databases, before=utcnow() + DAY)
+    assert (done.keys, done.moving) == ({"s0": 1, "s1": 1}, [])
+    assert await keys_everywhere(databases) == ([], [], [])
+
+
+async def test_of_two_replicas_one_deletes_at_a_time(databases: Databases) -> None:
+    await recorder(databases)(Submission(key="chiyoda", dose=dose("0000000001")))
+    async with databases.main.sessionmaker() as session, session.begin():
+        # Another replica's pass is under way in the main database.
+        assert await session.scalar(text("SELECT pg_try_advisory_xact_lock(x'5652534B45594558'::bigint)"))
+        done = await expire_keys(databases, before=utcnow() + DAY)
+    assert (done.claims, done.keys) == (0, {"s0": 1, "s1": 0})
+    assert (await expire_keys(databases, before=utcnow() + DAY)).claims == 1
+
+
+async def test_records_expires_keys_in_the_background(databases: Databases) -> None:
+    await recorder(databases)(Submission(key="chiyoda", dose=dose("0000000001")))
+    await age(databases, "chiyoda", 3 * DAY)
+    settings = serving_settings(databases, idempotency_keep_days=2, key_expiry_seconds=0.05)
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        for _ in range(200):
+            if await keys_everywhere(databases) == ([], [], []):
+                break
+            await asyncio.sleep(0.05)
+    assert await keys_everywhere(databases) == ([], [], [])
