@@ -8,9 +8,8 @@ from typing import Any
 
 import pytest
 
-from services.records.models import shard_assignments
-from shared.db import Databases, utcnow
-from tests.integration.services.records.records_support import CHIYODA, SAPPORO, TREES, recorder, records_databases
+from shared.db import Databases
+from tests.integration.services.records.records_support import TREES, pin_municipalities, recorder, records_databases
 
 
 @pytest.fixture
@@ -31,13 +30,6 @@ async def sqlite_databases(tmp_path: Path, migrated_sqlite: Callable[[Path, Path
         for name in ("main", "s0", "s1")
     }
     dbs = Databases.connect(urls["main"], {"s0": urls["s0"], "s1": urls["s1"]})
-    async with dbs.main.sessionmaker() as session, session.begin():
-        await session.execute(
-            shard_assignments.insert(),
-            [
-                {"municipality_code": CHIYODA, "shard": "s0", "assigned_at": utcnow()},
-                {"municipality_code": SAPPORO, "shard": "s1", "assigned_at": utcnow()},
-            ],
-        )
+    await pin_municipalities(dbs)
     yield dbs
     await dbs.dispose()

@@ -50,7 +50,14 @@ async def records_databases(make_database: Callable[..., str]) -> AsyncIterator[
     main = make_database("records_main", TREES / "main")
     s0, s1 = make_database("records_s0", TREES / "shard"), make_database("records_s1", TREES / "shard")
     dbs = repository.connect(main, {"s0": s0, "s1": s1}, pool_size=5)
-    async with dbs.main.sessionmaker() as session, session.begin():
+    await pin_municipalities(dbs)
+    yield dbs
+    await dbs.dispose()
+
+
+async def pin_municipalities(databases: Databases) -> None:
+    """Chiyoda to shard s0, Sapporo to s1."""
+    async with databases.main.sessionmaker() as session, session.begin():
         await session.execute(
             shard_assignments.insert(),
             [
@@ -58,8 +65,6 @@ async def records_databases(make_database: Callable[..., str]) -> AsyncIterator[
                 {"municipality_code": SAPPORO, "shard": "s1", "assigned_at": utcnow()},
             ],
         )
-    yield dbs
-    await dbs.dispose()
 
 
 def serving_settings(databases: Databases, **overrides: Any) -> RecordsSettings:
