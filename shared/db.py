@@ -18,7 +18,7 @@ import functools
 import sqlite3
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -100,6 +100,41 @@ def upsert(session: AsyncSession, table: Any) -> Any:
     """``INSERT`` with ``on_conflict_do_nothing``/``on_conflict_do_update`` for the session's dialect."""
     dialect = session.get_bind().dialect.name
     return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+
+
+# An index on a column that grows with the table's physical order (a row's creation time), for a job that finds
+# old rows (an expiry, a purge): a BRIN index is a few pages for the whole table, and an insert at the table's end
+# rarely touches it (a B-tree would be one more write for every row). Its ranges are summarised as they fill,
+# not only at the next vacuum: an unsummarised range is read whole by every look-up. ``Index(name, column,
+# **BY_AGE)``; SQLite, which has no BRIN, makes it an ordinary index.
+BY_AGE: dict[str, Any] = {"postgresql_using": "brin", "postgresql_with": {"autosummarize": "on"}}
+
+
+async def take_turn(session: AsyncSession, lock: int) -> bool:
+    """Whether this transaction may do a job that one process does at a time (a sweep, an expiry): on
+    PostgreSQL a transaction-scoped advisory lock, ``lock`` being the job's fixed 64-bit key, so that of several
+    replicas one works while the others go on; SQLite is one process anyway."""
+    if session.get_bind().dialect.name != "postgresql":
+        return True
+    return bool(await session.scalar(select(func.pg_try_advisory_xact_lock(lock))))
+
+
+async def delete_in_turns(
+    db: Database, lock: int, delete: Callable[[AsyncSession, int], Awaitable[int]], *, batch_rows: int
+) -> int:
+    """Run ``delete(session, batch_rows)`` (which deletes up to that many rows and says how many) in
+    transactions of their own, each under :func:`take_turn` of ``lock``, until a batch comes back short or
+    another process has the turn; how many rows were deleted. Short transactions: the deleted rows' locks and
+    the table's vacuum never wait on a whole backlog."""
+    deleted = 0
+    while True:
+        async with db.sessionmaker() as session, session.begin():
+            if not await take_turn(session, lock):
+                return deleted
+            count = await delete(session, batch_rows)
+        deleted += count
+        if count < batch_rows:
+            return deleted
 
 
 @functools.cache

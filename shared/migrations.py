@@ -89,6 +89,21 @@ def set_statistics(op: Any, columns: dict[str, tuple[str, ...]], target: int) ->
         op.execute(f"ALTER TABLE {table} " + ", ".join(f"ALTER COLUMN {c} SET STATISTICS {target}" for c in names))
 
 
+def create_index_by_age(op: Any, name: str, table: str, column: str) -> None:
+    """For a migration: the index by age of ``shared.db.BY_AGE`` (BRIN on PostgreSQL, summarised as its ranges
+    fill), built ``CONCURRENTLY`` there — outside the migration's transaction, one scan of the table while its
+    writers go on — so that adding it to a table that has grown for years blocks nobody."""
+    with op.get_context().autocommit_block():
+        op.create_index(
+            name,
+            table,
+            [column],
+            postgresql_using="brin",
+            postgresql_with={"autosummarize": "on"},
+            postgresql_concurrently=True,
+        )
+
+
 def run_env(metadata: MetaData) -> None:
     """The body of every migration tree's ``env.py``."""
     url = context.config.attributes.get("url") or context.get_x_argument(as_dictionary=True)["url"]

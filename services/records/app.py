@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -12,7 +13,7 @@ from fastapi import FastAPI
 
 from services.records import repository
 from services.records.consumer import coupon_consumers
-from services.records.housekeeping import expire_forever
+from services.records.housekeeping import expire_pass
 from services.records.imports import ImportWorker
 from services.records.models import outbox
 from services.records.router import GRANT_ONLY_PATHS, internal, router
@@ -22,6 +23,7 @@ from shared.bus.offsets import close_clients, report_lag
 from shared.consumer import stored_positions
 from shared.db import UnitOfWork
 from shared.outbox import OutboxNotifier, OutboxRelay, relay_in_background, sample_backlog
+from shared.periodic import every_in_background
 
 
 def _wake_relay(relay: OutboxRelay | OutboxNotifier) -> Callable[[UnitOfWork], None]:
@@ -56,13 +58,11 @@ def create_app(settings: RecordsSettings | None = None) -> FastAPI:
                     imports = asyncio.create_task(app.state.imports.run(), name="dose-imports")
                 expiry = None
                 if settings.key_expiry_seconds > 0:
-                    expiry = asyncio.create_task(
-                        expire_forever(
-                            databases,
-                            keep=timedelta(days=settings.idempotency_keep_days),
-                            interval=settings.key_expiry_seconds,
-                        ),
-                        name="key-expiry",
+                    keep = timedelta(days=settings.idempotency_keep_days)
+                    expiry = every_in_background(
+                        settings.key_expiry_seconds,
+                        functools.partial(expire_pass, databases, keep=keep),
+                        name="idempotency key expiry",
                     )
                 try:
                     yield

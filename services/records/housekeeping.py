@@ -14,17 +14,17 @@ to is left alone until the move is done: the move compares the municipality's ro
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from prometheus_client import Counter
 from sqlalchemy import Table
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.records.models import IdempotencyClaim, IdempotencyKey
 from services.records.repository import KeyExpiryRepository
-from shared.db import Database, Databases, utcnow
+from shared.db import Database, Databases, delete_in_turns, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,8 @@ KEYS_EXPIRED = Counter(
 )
 
 BATCH_ROWS = 5000
+# Arbitrary but fixed: the advisory lock key of the expiry ("VRSKEYEX" in ASCII), one replica at a time.
+EXPIRY_LOCK = 0x5652534B45594558
 
 _claims: Table = IdempotencyClaim.__table__  # type: ignore[assignment]
 _keys: Table = IdempotencyKey.__table__  # type: ignore[assignment]
@@ -55,17 +57,12 @@ class Expired:
 
 
 async def _expire(db: Database, table: Table, label: str, before: datetime, batch_rows: int) -> int:
-    deleted = 0
-    while True:
-        async with db.sessionmaker() as session, session.begin():
-            expiry = KeyExpiryRepository(session)
-            if not await expiry.take_lock():  # another replica is deleting here
-                return deleted
-            count = await expiry.delete_created_before(table, before, limit=batch_rows)
+    async def delete(session: AsyncSession, limit: int) -> int:
+        count = await KeyExpiryRepository(session).delete_created_before(table, before, limit=limit)
         KEYS_EXPIRED.labels(label).inc(count)
-        deleted += count
-        if count < batch_rows:
-            return deleted
+        return count
+
+    return await delete_in_turns(db, EXPIRY_LOCK, delete, batch_rows=batch_rows)
 
 
 async def expire_keys(databases: Databases, *, before: datetime, batch_rows: int = BATCH_ROWS) -> Expired:
@@ -81,16 +78,10 @@ async def expire_keys(databases: Databases, *, before: datetime, batch_rows: int
     return done
 
 
-async def expire_forever(databases: Databases, *, keep: timedelta, interval: float) -> None:
-    """The background expiry: ``interval`` seconds' rest, then a pass (passes never overlap), for good. Rest
-    first: a replica starting is busy enough, and the keys' window is days."""
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            done = await expire_keys(databases, before=utcnow() - keep)
-            if done.total:
-                log.info("idempotency keys older than %d days deleted: %d", keep.days, done.total)
-            if done.moving:
-                log.info("idempotency keys of shards %s kept until their shard move is done", done.moving)
-        except Exception:
-            log.exception("idempotency key expiry failed; retrying in %.0fs", interval)
+async def expire_pass(databases: Databases, *, keep: timedelta) -> None:
+    """One pass of the background expiry (:func:`shared.periodic.every`): what is older than ``keep``."""
+    done = await expire_keys(databases, before=utcnow() - keep)
+    if done.total:
+        log.info("idempotency keys older than %d days deleted: %d", keep.days, done.total)
+    if done.moving:
+        log.info("idempotency keys of shards %s kept until their shard move is done", done.moving)

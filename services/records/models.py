@@ -21,13 +21,9 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from shared.consumer import consumer_tables
-from shared.db import shard_assignments_table
+from shared.db import BY_AGE, shard_assignments_table
 from shared.outbox import outbox_table
 from shared.shardmove import shard_fences_table, shard_moves_table
-
-# A BRIN index's ranges are summarised as they fill, not only at the next vacuum: an unsummarised range is read
-# whole by every look-up.
-_BRIN = {"autosummarize": "on"}
 
 
 class MainBase(DeclarativeBase):
@@ -53,11 +49,8 @@ class IdempotencyClaim(MainBase):
     """
 
     __tablename__ = "idempotency_claims"
-    # Claims expire (services/records/housekeeping.py): found by age through a BRIN index, a few pages for the
-    # whole table, which an insert at the table's end rarely touches (a B-tree would be one more write per dose).
-    __table_args__ = (
-        Index("ix_idempotency_claims_created", "created_at", postgresql_using="brin", postgresql_with=_BRIN),
-    )
+    # Claims expire (services/records/housekeeping.py), found by age.
+    __table_args__ = (Index("ix_idempotency_claims_created", "created_at", **BY_AGE),)
 
     scope: Mapped[str] = mapped_column(String(80), primary_key=True)
     key: Mapped[str] = mapped_column(String(200), primary_key=True)
@@ -131,9 +124,7 @@ class IdempotencyKey(ShardBase):
     """A request already answered: the same key from the same organisation gets the same answer."""
 
     __tablename__ = "idempotency_keys"
-    __table_args__ = (  # as the claims': expired by age (services/records/housekeeping.py)
-        Index("ix_idempotency_keys_created", "created_at", postgresql_using="brin", postgresql_with=_BRIN),
-    )
+    __table_args__ = (Index("ix_idempotency_keys_created", "created_at", **BY_AGE),)  # as the claims'
 
     scope: Mapped[str] = mapped_column(String(80), primary_key=True)  # e.g. institution:1311234567
     key: Mapped[str] = mapped_column(String(200), primary_key=True)

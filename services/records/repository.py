@@ -991,23 +991,12 @@ class ImportRepository:
         return import_id
 
 
-# Arbitrary but fixed: the advisory lock key of the idempotency keys' expiry ("VRSKEYEX" in ASCII).
-_EXPIRY_LOCK = 0x5652534B45594558
-
-
 class KeyExpiryRepository:
     """Idempotency keys past their window (services/records/housekeeping.py): the claims in the main database,
     the answers in each shard."""
 
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
-
-    async def take_lock(self) -> bool:
-        """Whether this transaction may delete: on PostgreSQL a transaction-scoped advisory lock, so that of
-        several replicas one deletes at a time; SQLite is one process anyway."""
-        if self.session.get_bind().dialect.name != "postgresql":
-            return True
-        return bool(await self.session.scalar(select(func.pg_try_advisory_xact_lock(_EXPIRY_LOCK))))
 
     async def delete_created_before(self, table: Table, before: datetime, *, limit: int) -> int:
         """Delete up to ``limit`` rows of ``table`` (claims or keys) created before ``before``; how many."""

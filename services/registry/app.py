@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -11,6 +12,7 @@ from fastapi import FastAPI
 
 from services.registry.certificates import Issuer, sweep_forever
 from services.registry.crypto import MyNumberVault
+from services.registry.housekeeping import purge_pass
 from services.registry.importer import ResidentImporter
 from services.registry.models import outbox
 from services.registry.router import public, router
@@ -19,6 +21,7 @@ from shared.app import build_app
 from shared.db import Databases
 from shared.internal import InternalClient
 from shared.outbox import relay_in_background, sample_backlog
+from shared.periodic import every_in_background
 
 
 def create_app(settings: RegistrySettings | None = None) -> FastAPI:
@@ -57,13 +60,21 @@ def create_app(settings: RegistrySettings | None = None) -> FastAPI:
                         ),
                         name="certificate-sweep",
                     )
+                purge = None
+                if settings.disclosure_purge_seconds > 0:
+                    purge = every_in_background(
+                        settings.disclosure_purge_seconds,
+                        functools.partial(purge_pass, databases, keep_years=settings.disclosure_keep_years),
+                        name="transfer disclosure purge",
+                    )
                 try:
                     yield
                 finally:
-                    if sweeper is not None:
-                        sweeper.cancel()
-                        with contextlib.suppress(asyncio.CancelledError):
-                            await sweeper
+                    for task in (sweeper, purge):
+                        if task is not None:
+                            task.cancel()
+                            with contextlib.suppress(asyncio.CancelledError):
+                                await task
                     await app.state.importer.close()
         finally:
             await app.state.records.close()

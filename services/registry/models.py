@@ -20,7 +20,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from shared.db import shard_assignments_table
+from shared.db import BY_AGE, shard_assignments_table
 from shared.outbox import outbox_table
 from shared.shardmove import (
     shard_captures_table,
@@ -75,6 +75,8 @@ class TransferDisclosure(MainBase):
         # And a municipality's whole log by period, newest first, paged by (time, id).
         Index("ix_transfer_disclosures_caller_time", "caller_municipality", "disclosed_at", "id"),
         Index("ix_transfer_disclosures_source_time", "source_municipality", "disclosed_at", "id"),
+        # And the rows past their retention (services/registry/housekeeping.py), found by age.
+        Index("ix_transfer_disclosures_age", "disclosed_at", **BY_AGE),
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)

@@ -43,7 +43,7 @@ from services.registry.models import (
     outbox,
     shard_fences,
 )
-from shared.db import upsert, upsert_many, utcnow
+from shared.db import take_turn, upsert, upsert_many, utcnow
 from shared.errors import Conflict
 from shared.outbox import OutboxEvent, OutboxRepository
 from shared.shardmove import MovableTable
@@ -518,6 +518,12 @@ class DisclosureRepository:
         stmt = stmt.order_by(d.disclosed_at.desc(), d.id.desc()).limit(limit)
         return list((await self.session.execute(stmt)).scalars())
 
+    async def delete_disclosed_before(self, before: datetime, *, limit: int) -> int:
+        """Delete up to ``limit`` rows disclosed before ``before`` (past their retention); how many."""
+        d = TransferDisclosure.__table__
+        older = select(d.c.id).where(d.c.disclosed_at < before).limit(limit)
+        return int((await self.session.execute(d.delete().where(d.c.id.in_(older)))).rowcount)  # type: ignore[attr-defined]
+
 
 # Arbitrary but fixed: the advisory lock key of the certificate revocation sweep ("VRSCERTS" in ASCII).
 _SWEEP_LOCK = 0x5652534345525453
@@ -574,9 +580,7 @@ class CertificateRepository:
     async def take_sweep_lock(self) -> bool:
         """Whether this transaction may run the revocation sweep: on PostgreSQL a transaction-scoped advisory
         lock, so that of several registry replicas one sweeps at a time; SQLite is one process anyway."""
-        if not _is_postgres(self.session):
-            return True
-        return bool(await self.session.scalar(select(func.pg_try_advisory_xact_lock(_SWEEP_LOCK))))
+        return await take_turn(self.session, _SWEEP_LOCK)
 
     async def revoked_rids(self, kid: str) -> list[str]:
         stmt = (

@@ -72,6 +72,11 @@ class RegistrySettings(PublisherSettings):
     # certificates per records call. Replicas take turns (an advisory lock), so every replica may run it.
     certificate_sweep_seconds: float = Field(default=30.0, ge=0)
     certificate_sweep_batch: int = Field(default=500, ge=1, le=1000)
+    # 情報提供等記録 (the transfer disclosure log) are kept this many years — seven at least, as the My Number Act's
+    # order requires of them — and then deleted (personal data no longer needed goes). Every replica looks every
+    # disclosure_purge_seconds (0: never); one deletes at a time (services/registry/housekeeping.py).
+    disclosure_keep_years: int = Field(default=7, ge=7)
+    disclosure_purge_seconds: float = Field(default=3600, ge=0)
 
     @model_validator(mode="after")
     def _check_keys(self) -> RegistrySettings:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, date, datetime, time, timedelta
 
-from shared.domain.japan_time import JAPAN
+from shared.domain.japan_time import JAPAN, japan_today
 
 BOUND_FORMAT = "must be YYYY-MM-DD or an ISO 8601 date-time"
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
@@ -35,3 +35,15 @@ def period_bound(value: str, *, end: bool) -> datetime:
         return moment.astimezone(UTC)
     except OverflowError:  # before year 1 or after 9999 in UTC: no stored moment is beyond it
         return (datetime.min if moment.year == 1 else datetime.max).replace(tzinfo=UTC)
+
+
+def kept_since(now: datetime, years: int) -> datetime:
+    """The oldest moment a record must still be kept at ``now`` when records are kept ``years`` years (as the
+    情報提供等記録' seven): midnight in Japan starting the same Japanese day ``years`` years before — a
+    29 February's is the 28th, a day more kept, never one less. Older records may go."""
+    today = japan_today(now)
+    try:
+        day = today.replace(year=today.year - years)
+    except ValueError:  # 29 February, in a year without one
+        day = today.replace(year=today.year - years, day=28)
+    return datetime.combine(day, time(), tzinfo=JAPAN).astimezone(UTC)

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import select, text, update
 
 from services.records.app import create_app
-from services.records.housekeeping import KEYS_EXPIRED, expire_keys
+from services.records.housekeeping import EXPIRY_LOCK, KEYS_EXPIRED, expire_keys
 from services.records.models import IdempotencyClaim, IdempotencyKey, shard_moves
 from services.records.service import Submission
 from shared.db import Database, Databases, utcnow
@@ -115,7 +115,7 @@ async def test_of_two_replicas_one_deletes_at_a_time(databases: Databases) -> No
     await recorder(databases)(Submission(key="chiyoda", dose=dose("0000000001")))
     async with databases.main.sessionmaker() as session, session.begin():
         # Another replica's pass is under way in the main database.
-        assert await session.scalar(text("SELECT pg_try_advisory_xact_lock(x'5652534B45594558'::bigint)"))
+        assert await session.scalar(text("SELECT pg_try_advisory_xact_lock(:lock)"), {"lock": EXPIRY_LOCK})
         done = await expire_keys(databases, before=utcnow() + DAY)
     assert (done.claims, done.keys) == (0, {"s0": 1, "s1": 0})
     assert (await expire_keys(databases, before=utcnow() + DAY)).claims == 1

@@ -79,3 +79,10 @@ def test_production_with_its_own_key_and_secret() -> None:
 def test_refused(changes: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         production(**changes)
+
+
+def test_the_disclosure_log_is_kept_seven_years_at_least() -> None:
+    assert RegistrySettings().disclosure_keep_years == 7
+    assert RegistrySettings(disclosure_keep_years=10).disclosure_keep_years == 10
+    with pytest.raises(ValueError, match="disclosure_keep_years"):
+        RegistrySettings(disclosure_keep_years=6)

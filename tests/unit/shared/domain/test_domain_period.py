@@ -4,7 +4,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from shared.domain.period import BOUND_FORMAT, period_bound
+from shared.domain.period import BOUND_FORMAT, kept_since, period_bound
 
 
 @pytest.mark.parametrize(
@@ -36,3 +36,23 @@ def test_a_bound_is_an_instant_in_utc(value: str, end: bool, instant: datetime) 
 def test_anything_else_is_refused_with_the_format(value: str) -> None:
     with pytest.raises(ValueError, match=BOUND_FORMAT):
         period_bound(value, end=False)
+
+
+@pytest.mark.parametrize(
+    ("now", "years", "since"),
+    [
+        # 10:00 in Japan on 28 November 2026: kept from midnight in Japan on 28 November 2019.
+        (datetime(2026, 11, 28, 1, tzinfo=UTC), 7, datetime(2019, 11, 27, 15, tzinfo=UTC)),
+        # 23:30 UTC on 27 November is already the 28th in Japan.
+        (datetime(2026, 11, 27, 23, 30, tzinfo=UTC), 7, datetime(2019, 11, 27, 15, tzinfo=UTC)),
+        # 14:59 UTC on the 28th is still the 28th in Japan; at 15:00 the 29th begins.
+        (datetime(2026, 11, 28, 14, 59, tzinfo=UTC), 7, datetime(2019, 11, 27, 15, tzinfo=UTC)),
+        (datetime(2026, 11, 28, 15, 0, tzinfo=UTC), 7, datetime(2019, 11, 28, 15, tzinfo=UTC)),
+        # 29 February in Japan, seven years back: no such day, so the 28th (a day more kept).
+        (datetime(2028, 2, 29, 3, tzinfo=UTC), 7, datetime(2021, 2, 27, 15, tzinfo=UTC)),
+        # ... and eight years back there is one.
+        (datetime(2028, 2, 29, 3, tzinfo=UTC), 8, datetime(2020, 2, 28, 15, tzinfo=UTC)),
+    ],
+)
+def test_records_are_kept_from_midnight_in_japan_years_before(now: datetime, years: int, since: datetime) -> None:
+    assert kept_since(now, years) == since

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+from shared.migrations import create_index_by_age
+
 revision: str = "20261128_01"
 down_revision: str | None = "20261127_01"
 branch_labels: str | Sequence[str] | None = None
@@ -25,15 +27,7 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     op.execute(sa.text("UPDATE dose_imports SET content = :empty WHERE finished_at IS NOT NULL").bindparams(empty=b""))
-    with op.get_context().autocommit_block():
-        op.create_index(
-            "ix_idempotency_claims_created",
-            "idempotency_claims",
-            ["created_at"],
-            postgresql_using="brin",
-            postgresql_with={"autosummarize": "on"},
-            postgresql_concurrently=True,
-        )
+    create_index_by_age(op, "ix_idempotency_claims_created", "idempotency_claims", "created_at")
 
 
 def downgrade() -> None:

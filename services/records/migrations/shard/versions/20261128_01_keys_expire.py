@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
+from shared.migrations import create_index_by_age
+
 revision: str = "20261128_01"
 down_revision: str | None = "20261127_06"
 branch_labels: str | Sequence[str] | None = None
@@ -20,15 +22,7 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    with op.get_context().autocommit_block():
-        op.create_index(
-            "ix_idempotency_keys_created",
-            "idempotency_keys",
-            ["created_at"],
-            postgresql_using="brin",
-            postgresql_with={"autosummarize": "on"},
-            postgresql_concurrently=True,
-        )
+    create_index_by_age(op, "ix_idempotency_keys_created", "idempotency_keys", "created_at")
 
 
 def downgrade() -> None:

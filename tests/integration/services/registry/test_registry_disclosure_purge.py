@@ -1,0 +1,106 @@
+"""The transfer disclosure log's retention (services/registry/housekeeping.py): rows past their years are
+deleted, every younger row is kept, of several replicas one deletes at a time, and registry does it in the
+background. On PostgreSQL and SQLite."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import insert, select, text
+
+from services.registry.housekeeping import DISCLOSURES_PURGED, PURGE_LOCK, purge_disclosures
+from services.registry.models import TransferDisclosure
+from services.registry.settings import RegistrySettings
+from shared.db import Databases, utcnow
+from shared.domain.period import kept_since
+from tests.integration.services.registry.registry_support import (
+    CHIYODA,
+    SAPPORO,
+    TREES,
+    database_maker,
+    migrated_registry,
+    serve,
+)
+
+YEARS = 7
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def settings(request: pytest.FixtureRequest, tmp_path: Path) -> RegistrySettings:
+    return await migrated_registry(database_maker(request, tmp_path))
+
+
+@pytest.fixture
+async def databases(settings: RegistrySettings) -> AsyncIterator[Databases]:
+    dbs = Databases.connect(settings.main_dsn, {}, pool_size=2)
+    yield dbs
+    await dbs.dispose()
+
+
+async def log_at(databases: Databases, *moments: datetime) -> None:
+    rows = [
+        {
+            "disclosed_at": at,
+            "request_id": f"r{i}",
+            "caller_municipality": CHIYODA,
+            "caller_resident_id": "C1",
+            "source_municipality": SAPPORO,
+            "source_resident_id": "S1",
+            "legal_basis": "consent",
+            "doses": 2,
+        }
+        for i, at in enumerate(moments)
+    ]
+    async with databases.main.sessionmaker() as session, session.begin():
+        await session.execute(insert(TransferDisclosure), rows)
+
+
+async def kept(databases: Databases) -> list[str]:
+    async with databases.main.sessionmaker() as session:
+        stmt = select(TransferDisclosure.request_id).order_by(TransferDisclosure.id)
+        return list((await session.execute(stmt)).scalars())
+
+
+async def test_rows_past_their_years_go_and_every_younger_one_stays(databases: Databases) -> None:
+    now = datetime(2026, 11, 28, 1, tzinfo=UTC)  # 10:00 in Japan
+    since = kept_since(now, YEARS)  # midnight in Japan starting 28 November 2019
+    await log_at(
+        databases,
+        since - timedelta(days=400),  # r0: long past
+        since - timedelta(microseconds=1),  # r1: the last moment of 27 November 2019 in Japan
+        since,  # r2: the first moment still kept
+        now - timedelta(days=1),  # r3
+    )
+    before = DISCLOSURES_PURGED._value.get()
+    # One row a batch: each batch its own transaction, until one comes back short.
+    assert await purge_disclosures(databases, before=since, batch_rows=1) == 2
+    assert await kept(databases) == ["r2", "r3"]
+    assert DISCLOSURES_PURGED._value.get() - before == 2
+    assert await purge_disclosures(databases, before=since) == 0
+
+
+async def test_of_two_replicas_one_deletes_at_a_time(make_database: Callable[..., str]) -> None:
+    """On PostgreSQL (SQLite is one process: there is no other replica)."""
+    databases = Databases.connect(make_database("registry_main", TREES / "main"), {}, pool_size=2)
+    await log_at(databases, utcnow() - timedelta(days=3000))
+    async with databases.main.sessionmaker() as session, session.begin():
+        # Another replica's pass is under way.
+        assert await session.scalar(text("SELECT pg_try_advisory_xact_lock(:lock)"), {"lock": PURGE_LOCK})
+        assert await purge_disclosures(databases, before=utcnow()) == 0
+    assert await purge_disclosures(databases, before=utcnow()) == 1
+    await databases.dispose()
+
+
+async def test_registry_purges_in_the_background(settings: RegistrySettings, databases: Databases) -> None:
+    await log_at(databases, kept_since(utcnow(), YEARS) - timedelta(hours=1), utcnow() - timedelta(days=1))
+    background = settings.model_copy(update={"disclosure_purge_seconds": 0.05})
+    async for _ in serve(background):
+        for _ in range(200):
+            if await kept(databases) == ["r1"]:
+                break
+            await asyncio.sleep(0.05)
+    assert await kept(databases) == ["r1"]
