@@ -3,7 +3,10 @@ the one way tests authenticate to a service (the gateway's internal token)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -123,3 +126,17 @@ def team_data(relative: str) -> Path:
     if not path.is_file():
         unavailable(f"{path} not found (set VRS_SHARED_DATA to the team folder's data/)")
     return path
+
+
+async def vrs_command(*args: str, env: Mapping[str, str]) -> str:
+    """``vrs ARGS`` as an operator runs it, in a process of its own with ``env`` added to this one's; its
+    standard output (it must exit 0)."""
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "shared.cli", *args],
+        env=os.environ | dict(env),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout

@@ -1,27 +1,32 @@
-"""records' ``vrs`` commands: the worker processes, and ``vrs doses import`` for a site's dose CSV."""
+"""records' ``vrs`` commands: the worker processes, ``vrs doses import`` for a site's dose CSV, and ``vrs doses
+expire-keys``."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import signal
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from services.records import repository
+from services.records import housekeeping, repository
 from services.records.consumer import coupon_consumers, wait_caught_up
 from services.records.models import outbox, shard_assignments, shard_moves
 from services.records.repository import MOVABLE_TABLES
 from services.records.settings import RecordsSettings
 from shared.bus.offsets import report_lag_forever
 from shared.consumer import stored_positions
+from shared.db import utcnow
 from shared.observability import setup_worker
 from shared.outbox import run_relay_process
+from shared.periodic import add_pass_command, every
 from shared.shardmove import MoveSpec
 
 
@@ -107,6 +112,33 @@ def register(sub: Any) -> None:
     upload.add_argument("--token", help="a bearer token (default: $VRS_TOKEN)")
     upload.add_argument("--poll", type=float, default=0.5, help="seconds between status checks")
     upload.set_defaults(func=_import_file)
+    add_pass_command(
+        commands,
+        "expire-keys",
+        "delete idempotency keys older than VRS_RECORDS_IDEMPOTENCY_KEEP_DAYS (what each API replica does)",
+        _expire_keys,
+    )
+
+
+async def _expire_keys(*, once: bool) -> int:
+    """What each records replica runs every ``VRS_RECORDS_KEY_EXPIRY_SECONDS``, on demand or as a worker of its own
+    (then set the API's interval to 0)."""
+    settings = RecordsSettings()
+    databases = repository.connect(settings.main_dsn, settings.shard_dsns, pool_size=2)
+    keep = timedelta(days=settings.idempotency_keep_days)
+    try:
+        if not once:
+            job = functools.partial(housekeeping.expire_pass, databases, keep=keep)
+            await every(settings.key_expiry_seconds or 600.0, job, name="idempotency key expiry")
+        done = await housekeeping.expire_keys(databases, before=utcnow() - keep)
+        shards = ", ".join(f"{n} in {shard}" for shard, n in done.keys.items())
+        answers = sum(done.keys.values())
+        print(f"deleted {done.claims} claims and {answers} answers ({shards}) older than {keep.days} days")
+        if done.moving:
+            print(f"kept the answers of shards {', '.join(done.moving)} until their shard move is done")
+    finally:
+        await databases.dispose()
+    return 0
 
 
 def shard_mover() -> MoveSpec:

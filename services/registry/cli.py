@@ -1,10 +1,11 @@
-"""registry's ``vrs`` subcommands: ``vrs residents import``, ``vrs keys``, ``vrs certificates sweep`` and the
-``relay`` worker."""
+"""registry's ``vrs`` subcommands: ``vrs residents import``, ``vrs keys``, ``vrs certificates sweep``,
+``vrs disclosures purge`` and the ``relay`` worker."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import sys
 import time
@@ -14,16 +15,18 @@ from typing import Any
 
 import httpx
 
-from services.registry import certificates, importer, service
+from services.registry import certificates, housekeeping, importer, service
 from services.registry.crypto import MyNumberVault
 from services.registry.models import outbox, shard_assignments, shard_moves
 from services.registry.repository import MOVABLE_TABLES, ImportRepository, ResidentRepository
 from services.registry.settings import RegistrySettings
-from shared.db import Databases
+from shared.db import Databases, utcnow
+from shared.domain.period import kept_since
 from shared.errors import ServiceUnavailable
 from shared.internal import InternalClient
 from shared.observability import setup_worker
 from shared.outbox import run_relay_process
+from shared.periodic import add_pass_command, every
 from shared.shardmove import MoveSpec
 
 
@@ -60,11 +63,21 @@ def register(subparsers: Any) -> None:
 
     certs = subparsers.add_parser("certificates", help="issued certificates and their revocation (registry)")
     certs_sub = certs.add_subparsers(required=True, metavar="ACTION")
-    sweep = certs_sub.add_parser(
-        "sweep", help="revoke the cards showing a dose records has since voided or corrected (the API's sweep)"
+    add_pass_command(
+        certs_sub,
+        "sweep",
+        "revoke the cards showing a dose records has since voided or corrected (the API's sweep)",
+        _sweep,
     )
-    sweep.add_argument("--once", action="store_true", help="one pass, print what it did, exit")
-    sweep.set_defaults(func=lambda args: asyncio.run(_sweep(once=args.once)))
+
+    disclosures = subparsers.add_parser("disclosures", help="the transfer disclosure log, 情報提供等記録 (registry)")
+    disclosures_sub = disclosures.add_subparsers(required=True, metavar="ACTION")
+    add_pass_command(
+        disclosures_sub,
+        "purge",
+        "delete the rows older than VRS_REGISTRY_DISCLOSURE_KEEP_YEARS (the API's purge)",
+        _purge,
+    )
 
 
 async def _rotate(batch_size: int) -> int:
@@ -116,6 +129,24 @@ async def _sweep(*, once: bool) -> int:
         print("another replica is sweeping" if done.skipped else f"checked {done.checked}, revoked {done.revoked}")
     finally:
         await records.close()
+        await databases.dispose()
+    return 0
+
+
+async def _purge(*, once: bool) -> int:
+    """What the registry API runs every ``VRS_REGISTRY_DISCLOSURE_PURGE_SECONDS``, on demand or as a worker of its
+    own (then set the API's interval to 0)."""
+    settings = RegistrySettings()
+    databases = Databases.connect(settings.main_dsn, settings.shard_dsns, pool_size=2)
+    years = settings.disclosure_keep_years
+    try:
+        if not once:
+            job = functools.partial(housekeeping.purge_pass, databases, keep_years=years)
+            await every(settings.disclosure_purge_seconds or 3600.0, job, name="transfer disclosure purge")
+        since = kept_since(utcnow(), years)
+        purged = await housekeeping.purge_disclosures(databases, before=since)
+        print(f"deleted {purged} disclosure log rows older than {since.isoformat()} ({years} years)")
+    finally:
         await databases.dispose()
     return 0
 

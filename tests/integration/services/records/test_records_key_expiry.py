@@ -5,6 +5,7 @@ alone; of several replicas one deletes at a time. On PostgreSQL and SQLite."""
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import timedelta
 from typing import Any
 
@@ -16,6 +17,7 @@ from services.records.housekeeping import EXPIRY_LOCK, KEYS_EXPIRED, expire_keys
 from services.records.models import IdempotencyClaim, IdempotencyKey, shard_moves
 from services.records.service import Submission
 from shared.db import Database, Databases, utcnow
+from tests.factories import vrs_command
 from tests.integration.services.records.records_support import (
     SAPPORO,
     count,
@@ -132,3 +134,19 @@ async def test_records_expires_keys_in_the_background(databases: Databases) -> N
                 break
             await asyncio.sleep(0.05)
     assert await keys_everywhere(databases) == ([], [], [])
+
+
+async def test_vrs_doses_expire_keys_once(any_databases: Databases) -> None:
+    """The command an operator runs (or a worker of its own, with the API replicas' interval 0)."""
+    databases = any_databases
+    record = recorder(databases)
+    await record(Submission(key="old", dose=dose("0000000001")))
+    await record(Submission(key="new", dose=dose("0000000002", municipality=SAPPORO)))
+    await age(databases, "old", 31 * DAY)
+    env = {
+        "VRS_RECORDS_MAIN_DSN": databases.main.url,
+        "VRS_RECORDS_SHARD_DSNS": json.dumps({name: db.url for name, db in databases.shards.items()}),
+    }
+    out = await vrs_command("doses", "expire-keys", "--once", env=env)
+    assert out == "deleted 1 claims and 1 answers (1 in s0, 0 in s1) older than 30 days\n"
+    assert await keys_everywhere(databases) == (["new"], [], ["new"])

@@ -5,6 +5,7 @@ background. On PostgreSQL and SQLite."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,6 +18,7 @@ from services.registry.models import TransferDisclosure
 from services.registry.settings import RegistrySettings
 from shared.db import Databases, utcnow
 from shared.domain.period import kept_since
+from tests.factories import vrs_command
 from tests.integration.services.registry.registry_support import (
     CHIYODA,
     SAPPORO,
@@ -103,4 +105,15 @@ async def test_registry_purges_in_the_background(settings: RegistrySettings, dat
             if await kept(databases) == ["r1"]:
                 break
             await asyncio.sleep(0.05)
+    assert await kept(databases) == ["r1"]
+
+
+async def test_vrs_disclosures_purge_once(settings: RegistrySettings, databases: Databases) -> None:
+    """The command an operator runs (or a worker of its own, with the API replicas' interval 0)."""
+    since = kept_since(utcnow(), YEARS)
+    await log_at(databases, since - timedelta(days=1), since + timedelta(days=1))
+    env = {"VRS_REGISTRY_MAIN_DSN": settings.main_dsn, "VRS_REGISTRY_SHARD_DSNS": json.dumps(settings.shard_dsns)}
+    out = await vrs_command("disclosures", "purge", "--once", env=env)
+    assert out.startswith("deleted 1 disclosure log rows older than ")
+    assert out.endswith(" (7 years)\n")
     assert await kept(databases) == ["r1"]
