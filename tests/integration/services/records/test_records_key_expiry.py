@@ -15,11 +15,13 @@ from sqlalchemy import select, text, update
 from services.records.app import create_app
 from services.records.housekeeping import EXPIRY_LOCK, KEYS_EXPIRED, expire_keys
 from services.records.models import IdempotencyClaim, IdempotencyKey, shard_moves
+from services.records.schemas import CorrectionIn
 from services.records.service import Submission
 from shared.db import Database, Databases, utcnow
 from tests.factories import vrs_command
 from tests.integration.services.records.records_support import (
     SAPPORO,
+    correct,
     count,
     dose,
     events_in,
@@ -87,6 +89,16 @@ async def test_keys_past_the_window_go_younger_ones_stay_and_a_late_retry_stores
     # ... and its key is answered from now on as it was this time.
     [replayed] = await record(Submission(key="old-chiyoda", dose=dose("0000000001")))
     assert replayed.accepted == again.accepted
+
+    # A dose the municipality voided meanwhile is not on file: the late retry records it again (README).
+    [voided] = await record(Submission(key="voided", dose=dose("0000000004")))
+    assert voided.accepted is not None
+    await correct(databases, voided.accepted.dose_id, CorrectionIn(void=True, reason="recorded on the wrong coupon"))
+    await age(databases, "voided", 31 * DAY)
+    assert (await expire_keys(databases, before=utcnow() - 30 * DAY)).total == 2
+    [late] = await record(Submission(key="voided", dose=dose("0000000004")))
+    assert late.accepted is not None and late.accepted.status == "unmatched"
+    assert late.accepted.dose_id != voided.accepted.dose_id
 
 
 async def test_a_shard_a_move_is_under_way_for_keeps_its_keys_until_the_move_is_done(
