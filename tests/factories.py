@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
+import sqlalchemy
 
 from devtools.tokens import dev_gateway_issuer
 from shared.auth import Principal, Role
@@ -140,3 +141,13 @@ async def vrs_command(*args: str, env: Mapping[str, str]) -> str:
     )
     assert done.returncode == 0, done.stderr
     return done.stdout
+
+
+async def explained(db: Any, table: str, statement: Any) -> str:
+    """PostgreSQL's plan (``EXPLAIN``, text) of ``statement`` (its parameters written in), over ``table`` freshly
+    vacuumed and analyzed."""
+    async with db.engine.connect() as connection:
+        await connection.execution_options(isolation_level="AUTOCOMMIT")
+        await connection.execute(sqlalchemy.text(f"VACUUM ANALYZE {table}"))
+        compiled = statement.compile(connection.engine, compile_kwargs={"literal_binds": True})
+        return "\n".join((await connection.execute(sqlalchemy.text(f"EXPLAIN {compiled}"))).scalars())

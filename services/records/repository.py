@@ -55,7 +55,7 @@ from services.records.models import (
     shard_moves,
 )
 from shared.coalesce import Coalescer
-from shared.db import Database, Databases, UnitOfWork, pg_array_type
+from shared.db import Database, Databases, UnitOfWork, delete_older, pg_array_type
 from shared.shardmove import MovableTable
 
 log = logging.getLogger(__name__)
@@ -1000,8 +1000,8 @@ class KeyExpiryRepository:
 
     async def delete_created_before(self, table: Table, before: datetime, *, limit: int) -> int:
         """Delete up to ``limit`` rows of ``table`` (claims or keys) created before ``before``; how many."""
-        older = select(table.c.scope, table.c.key).where(table.c.created_at < before).limit(limit)
-        stmt = table.delete().where(tuple_(table.c.scope, table.c.key).in_(older))
+        dialect = self.session.get_bind().dialect.name
+        stmt = delete_older(table, table.c.created_at, before, limit=limit, dialect=dialect)
         return int((await self.session.execute(stmt)).rowcount)  # type: ignore[attr-defined]
 
     async def moving_shards(self) -> set[str]:

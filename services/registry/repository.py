@@ -43,7 +43,7 @@ from services.registry.models import (
     outbox,
     shard_fences,
 )
-from shared.db import take_turn, upsert, upsert_many, utcnow
+from shared.db import delete_older, take_turn, upsert, upsert_many, utcnow
 from shared.errors import Conflict
 from shared.outbox import OutboxEvent, OutboxRepository
 from shared.shardmove import MovableTable
@@ -520,9 +520,9 @@ class DisclosureRepository:
 
     async def delete_disclosed_before(self, before: datetime, *, limit: int) -> int:
         """Delete up to ``limit`` rows disclosed before ``before`` (past their retention); how many."""
-        d = TransferDisclosure.__table__
-        older = select(d.c.id).where(d.c.disclosed_at < before).limit(limit)
-        return int((await self.session.execute(d.delete().where(d.c.id.in_(older)))).rowcount)  # type: ignore[attr-defined]
+        d: Table = TransferDisclosure.__table__  # type: ignore[assignment]
+        stmt = delete_older(d, d.c.disclosed_at, before, limit=limit, dialect=self.session.get_bind().dialect.name)
+        return int((await self.session.execute(stmt)).rowcount)  # type: ignore[attr-defined]
 
 
 # Arbitrary but fixed: the advisory lock key of the certificate revocation sweep ("VRSCERTS" in ASCII).

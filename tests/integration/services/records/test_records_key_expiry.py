@@ -13,12 +13,12 @@ import pytest
 from sqlalchemy import select, text, update
 
 from services.records.app import create_app
-from services.records.housekeeping import EXPIRY_LOCK, KEYS_EXPIRED, expire_keys
+from services.records.housekeeping import BATCH_ROWS, EXPIRY_LOCK, KEYS_EXPIRED, expire_keys
 from services.records.models import IdempotencyClaim, IdempotencyKey, shard_moves
 from services.records.schemas import CorrectionIn
 from services.records.service import Submission
-from shared.db import Database, Databases, utcnow
-from tests.factories import vrs_command
+from shared.db import Database, Databases, delete_older, utcnow
+from tests.factories import explained, vrs_command
 from tests.integration.services.records.records_support import (
     SAPPORO,
     correct,
@@ -162,3 +162,24 @@ async def test_vrs_doses_expire_keys_once(any_databases: Databases) -> None:
     out = await vrs_command("doses", "expire-keys", "--once", env=env)
     assert out == "deleted 1 claims and 1 answers (1 in s0, 0 in s1) older than 30 days\n"
     assert await keys_everywhere(databases) == (["new"], [], ["new"])
+
+
+async def test_a_pass_finds_old_keys_through_the_age_index_not_a_scan(databases: Databases) -> None:
+    """On a table of many keys, the expiry's statement reads the BRIN index (a few of its ranges) and deletes by
+    address, never reading the whole table: what keeps a pass cheap at a country's volume."""
+    async with databases.main.sessionmaker() as session, session.begin():
+        await session.execute(
+            text(
+                "INSERT INTO idempotency_claims (scope, key, request_hash, shard, created_at) "
+                "SELECT 'institution:1312345678', 'k' || n, 'h', 's0', "
+                "       now() - interval '60 days' + n * interval '1 second' "
+                "  FROM generate_series(1, 200000) AS n"
+            )
+        )
+    # The statement KeyExpiryRepository.delete_created_before runs.
+    before = utcnow() - 60 * DAY + timedelta(seconds=10_000)  # the oldest 5 %: a pass's usual share
+    claims: Any = IdempotencyClaim.__table__
+    stmt = delete_older(claims, claims.c.created_at, before, limit=BATCH_ROWS, dialect="postgresql")
+    plan = await explained(databases.main, "idempotency_claims", stmt)
+    assert "Bitmap Index Scan on ix_idempotency_claims_created" in plan, plan
+    assert "Tid Scan on idempotency_claims" in plan and "Seq Scan" not in plan, plan
