@@ -8,8 +8,9 @@ nothing is stored or counted twice; only the answer's wording differs from the f
 
 Every replica runs a pass every ``VRS_RECORDS_KEY_EXPIRY_SECONDS``; on PostgreSQL an advisory lock lets one of them
 delete at a time (a replica that finds it taken leaves that database to the other). Rows go in batches, each
-its own short transaction, found by age through a BRIN index. A shard that a shard move is coming from or going
-to is left alone until the move is done: the move compares the municipality's rows on both sides.
+its own short transaction, found by age through a BRIN index and deleted by address
+(:func:`shared.db.delete_older`). A shard that a shard move is coming from or going to is left alone until the
+move is done: the move compares the municipality's rows on both sides.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ least, as the My Number Act's order requires of it — and then deleted: persona
 A row goes once it is older than midnight in Japan starting the same Japanese day that many years before
 (:func:`shared.domain.period.kept_since`), so every row is kept its whole term and at most a day more. Every
 replica runs a pass every ``VRS_REGISTRY_DISCLOSURE_PURGE_SECONDS``; on PostgreSQL an advisory lock lets one of
-them delete at a time, in batches each its own short transaction, found by age through a BRIN index.
+them delete at a time, in batches each its own short transaction, found by age through a BRIN index and deleted
+by address (:func:`shared.db.delete_older`).
 """
 
 from __future__ import annotations
