@@ -18,6 +18,8 @@ from sqlalchemy import MetaData, pool
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from shared.db import BY_AGE
+
 SERVICES_DIR = Path(__file__).resolve().parents[1] / "services"
 
 
@@ -90,18 +92,11 @@ def set_statistics(op: Any, columns: dict[str, tuple[str, ...]], target: int) ->
 
 
 def create_index_by_age(op: Any, name: str, table: str, column: str) -> None:
-    """For a migration: the index by age of ``shared.db.BY_AGE`` (BRIN on PostgreSQL, summarised as its ranges
-    fill), built ``CONCURRENTLY`` there — outside the migration's transaction, one scan of the table while its
-    writers go on — so that adding it to a table that has grown for years blocks nobody."""
+    """For a migration: the index by age the models declare (:data:`shared.db.BY_AGE`: BRIN on PostgreSQL,
+    summarised as its ranges fill), built ``CONCURRENTLY`` there — outside the migration's transaction, one scan of
+    the table while its writers go on — so that adding it to a table that has grown for years blocks nobody."""
     with op.get_context().autocommit_block():
-        op.create_index(
-            name,
-            table,
-            [column],
-            postgresql_using="brin",
-            postgresql_with={"autosummarize": "on"},
-            postgresql_concurrently=True,
-        )
+        op.create_index(name, table, [column], postgresql_concurrently=True, **BY_AGE)
 
 
 def run_env(metadata: MetaData) -> None:

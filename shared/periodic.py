@@ -11,20 +11,27 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
-async def every(interval: float, job: Callable[[], Awaitable[None]], *, name: str) -> None:
-    """``interval`` seconds' rest, then ``job()``, for good; passes never overlap. Rest first: a process starting
-    is busy enough, and such jobs' windows are days. A pass that fails is logged and tried again at the next."""
+async def every(
+    interval: float, job: Callable[[], Awaitable[None]], *, name: str, first_after: float | None = None
+) -> None:
+    """``job()`` every ``interval`` seconds, for good; passes never overlap. The first after ``first_after``
+    seconds (default: ``interval`` — a process starting is busy enough, and a retention's window is days). A pass
+    that fails is logged and tried again at the next."""
+    delay = interval if first_after is None else first_after
     while True:
-        await asyncio.sleep(interval)
+        await asyncio.sleep(delay)
+        delay = interval
         try:
             await job()
         except Exception:
             log.exception("%s failed; trying again in %.0fs", name, interval)
 
 
-def every_in_background(interval: float, job: Callable[[], Awaitable[None]], *, name: str) -> asyncio.Task[None]:
+def every_in_background(
+    interval: float, job: Callable[[], Awaitable[None]], *, name: str, first_after: float | None = None
+) -> asyncio.Task[None]:
     """:func:`every` as a task of the running loop (cancel it to stop)."""
-    return asyncio.create_task(every(interval, job, name=name), name=name)
+    return asyncio.create_task(every(interval, job, name=name, first_after=first_after), name=name)
 
 
 def add_pass_command(commands: Any, name: str, help: str, run: Callable[..., Coroutine[Any, Any, int]]) -> None:

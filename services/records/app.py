@@ -67,14 +67,11 @@ def create_app(settings: RecordsSettings | None = None) -> FastAPI:
                 try:
                     yield
                 finally:
-                    if expiry is not None:
-                        expiry.cancel()
-                        with contextlib.suppress(asyncio.CancelledError):
-                            await expiry
-                    if imports is not None:
-                        imports.cancel()
-                        with contextlib.suppress(asyncio.CancelledError):
-                            await imports
+                    for task in (expiry, imports):
+                        if task is not None:
+                            task.cancel()
+                            with contextlib.suppress(asyncio.CancelledError):
+                                await task
                     for consumer in consumers:
                         await consumer.stop()
         finally:

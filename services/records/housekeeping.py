@@ -16,14 +16,13 @@ move is done: the move compares the municipality's rows on both sides.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from prometheus_client import Counter
-from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.records.models import IdempotencyClaim, IdempotencyKey
 from services.records.repository import KeyExpiryRepository
 from shared.db import Database, Databases, delete_in_turns, utcnow
 
@@ -40,9 +39,6 @@ BATCH_ROWS = 5000
 # Arbitrary but fixed: the advisory lock key of the expiry ("VRSKEYEX" in ASCII), one replica at a time.
 EXPIRY_LOCK = 0x5652534B45594558
 
-_claims: Table = IdempotencyClaim.__table__  # type: ignore[assignment]
-_keys: Table = IdempotencyKey.__table__  # type: ignore[assignment]
-
 
 @dataclass
 class Expired:
@@ -57,9 +53,15 @@ class Expired:
         return self.claims + sum(self.keys.values())
 
 
-async def _expire(db: Database, table: Table, label: str, before: datetime, batch_rows: int) -> int:
+async def _expire(
+    db: Database,
+    label: str,
+    rows: Callable[[KeyExpiryRepository, datetime, int], Awaitable[int]],
+    before: datetime,
+    batch_rows: int,
+) -> int:
     async def delete(session: AsyncSession, limit: int) -> int:
-        count = await KeyExpiryRepository(session).delete_created_before(table, before, limit=limit)
+        count = await rows(KeyExpiryRepository(session), before, limit)
         KEYS_EXPIRED.labels(label).inc(count)
         return count
 
@@ -68,14 +70,15 @@ async def _expire(db: Database, table: Table, label: str, before: datetime, batc
 
 async def expire_keys(databases: Databases, *, before: datetime, batch_rows: int = BATCH_ROWS) -> Expired:
     """One pass: delete every claim and answer created before ``before``."""
-    done = Expired(claims=await _expire(databases.main, _claims, "main", before, batch_rows))
+    claims = KeyExpiryRepository.delete_claims_before
+    done = Expired(claims=await _expire(databases.main, "main", claims, before, batch_rows))
     async with databases.main.sessionmaker() as session:
         moving = await KeyExpiryRepository(session).moving_shards()
     for name, db in databases.shards.items():
         if name in moving:
             done.moving.append(name)
             continue
-        done.keys[name] = await _expire(db, _keys, name, before, batch_rows)
+        done.keys[name] = await _expire(db, name, KeyExpiryRepository.delete_answers_before, before, batch_rows)
     return done
 
 

@@ -998,8 +998,15 @@ class KeyExpiryRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
-    async def delete_created_before(self, table: Table, before: datetime, *, limit: int) -> int:
-        """Delete up to ``limit`` rows of ``table`` (claims or keys) created before ``before``; how many."""
+    async def delete_claims_before(self, before: datetime, limit: int) -> int:
+        """Delete up to ``limit`` claims (main database) created before ``before``; how many."""
+        return await self._delete_older(_claims, before, limit)
+
+    async def delete_answers_before(self, before: datetime, limit: int) -> int:
+        """Delete up to ``limit`` answered keys (a shard) created before ``before``; how many."""
+        return await self._delete_older(_keys, before, limit)
+
+    async def _delete_older(self, table: Table, before: datetime, limit: int) -> int:
         dialect = self.session.get_bind().dialect.name
         stmt = delete_older(table, table.c.created_at, before, limit=limit, dialect=dialect)
         return int((await self.session.execute(stmt)).rowcount)  # type: ignore[attr-defined]

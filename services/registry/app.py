@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from services.registry.certificates import Issuer, sweep_forever
+from services.registry.certificates import Issuer, sweep_pass
 from services.registry.crypto import MyNumberVault
 from services.registry.housekeeping import purge_pass
 from services.registry.importer import ResidentImporter
@@ -50,15 +50,17 @@ def create_app(settings: RegistrySettings | None = None) -> FastAPI:
                     await app.state.importer.resume()
                 sweeper = None
                 if settings.certificate_sweep_seconds > 0:
-                    sweeper = asyncio.create_task(
-                        sweep_forever(
+                    sweeper = every_in_background(
+                        settings.certificate_sweep_seconds,
+                        functools.partial(
+                            sweep_pass,
                             databases,
                             app.state.records,
                             app.state.issuer,
-                            interval=settings.certificate_sweep_seconds,
                             batch_size=settings.certificate_sweep_batch,
                         ),
-                        name="certificate-sweep",
+                        name="certificate sweep",
+                        first_after=0,
                     )
                 purge = None
                 if settings.disclosure_purge_seconds > 0:

@@ -457,20 +457,16 @@ async def sweep(databases: Databases, records: InternalClient, issuer: Issuer, *
             after = page[-1][0]
 
 
-async def sweep_forever(
-    databases: Databases, records: InternalClient, issuer: Issuer, *, interval: float, batch_size: int
-) -> None:
-    """The background sweep: a pass, then ``interval`` seconds' rest (passes never overlap), for good."""
-    while True:
-        try:
-            done = await sweep(databases, records, issuer, batch_size=batch_size)
-            if done.revoked:
-                log.info("certificate sweep: %d checked, %d revoked", done.checked, done.revoked)
-        except ServiceUnavailable:
-            log.warning("certificate sweep: records did not answer; retrying in %.0fs", interval)
-        except Exception:
-            log.exception("certificate sweep failed; retrying in %.0fs", interval)
-        await asyncio.sleep(interval)
+async def sweep_pass(databases: Databases, records: InternalClient, issuer: Issuer, *, batch_size: int) -> None:
+    """One pass of the background sweep (:func:`shared.periodic.every`): what it revoked, or that records did not
+    answer (a warning: the next pass tries again), logged."""
+    try:
+        done = await sweep(databases, records, issuer, batch_size=batch_size)
+    except ServiceUnavailable:
+        log.warning("certificate sweep: records did not answer; the next pass tries again")
+        return
+    if done.revoked:
+        log.info("certificate sweep: %d checked, %d revoked", done.checked, done.revoked)
 
 
 def _claims(opened: shc.OpenedCard) -> dict[str, Any]:

@@ -119,8 +119,8 @@ async def _sweep(*, once: bool) -> int:
     batch = settings.certificate_sweep_batch
     try:
         if not once:
-            interval = settings.certificate_sweep_seconds or 30.0
-            await certificates.sweep_forever(databases, records, issuer, interval=interval, batch_size=batch)
+            job = functools.partial(certificates.sweep_pass, databases, records, issuer, batch_size=batch)
+            await every(settings.certificate_sweep_seconds or 30.0, job, name="certificate sweep", first_after=0)
         try:
             done = await certificates.sweep(databases, records, issuer, batch_size=batch)
         except ServiceUnavailable as exc:

@@ -31,3 +31,16 @@ async def test_a_failed_pass_is_logged_and_the_job_goes_on(caplog: pytest.LogCap
     assert passes[0] >= 0.05  # rest first
     assert [r.getMessage() for r in caplog.records] == ["the test job failed; trying again in 0s"]
     assert task.get_name() == "the test job"
+
+
+async def test_a_job_may_start_at_once() -> None:
+    ran = asyncio.Event()
+
+    async def job() -> None:
+        ran.set()
+
+    task = every_in_background(3600, job, name="the sweep", first_after=0)
+    await asyncio.wait_for(ran.wait(), timeout=5)  # not an hour
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
