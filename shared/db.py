@@ -145,22 +145,31 @@ async def take_turn(session: AsyncSession, lock: int) -> bool:
     return bool(await session.scalar(select(func.pg_try_advisory_xact_lock(lock))))
 
 
+@dataclass(frozen=True)
+class Turns:
+    """What :func:`delete_in_turns` did: the rows it deleted, and whether it stopped because another process has
+    the job's turn (that process goes on where this one left off)."""
+
+    deleted: int = 0
+    taken_elsewhere: bool = False
+
+
 async def delete_in_turns(
     db: Database, lock: int, delete: Callable[[AsyncSession, int], Awaitable[int]], *, batch_rows: int
-) -> int:
+) -> Turns:
     """Run ``delete(session, batch_rows)`` (which deletes up to that many rows and says how many) in
     transactions of their own, each under :func:`take_turn` of ``lock``, until a batch comes back short or
-    another process has the turn; how many rows were deleted. Short transactions: the deleted rows' locks and
-    the table's vacuum never wait on a whole backlog."""
+    another process has the turn. Short transactions: the deleted rows' locks and the table's vacuum never wait
+    on a whole backlog."""
     deleted = 0
     while True:
         async with db.sessionmaker() as session, session.begin():
             if not await take_turn(session, lock):
-                return deleted
+                return Turns(deleted, taken_elsewhere=True)
             count = await delete(session, batch_rows)
         deleted += count
         if count < batch_rows:
-            return deleted
+            return Turns(deleted)
 
 
 @functools.cache

@@ -8,11 +8,13 @@ there is one), My Numbers masked in the message and the traceback alike. The req
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import gc
 import json
 import logging
 import re
+import signal
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -98,6 +100,17 @@ def setup_worker(*, service: str, log_level: str, metrics_port: int | None) -> N
     configure_logging(log_level, service)
     serve_metrics(metrics_port)
     settle_heap()
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event a worker process's running loop sets on SIGTERM (Kubernetes stopping its pod) or SIGINT: the
+    worker then finishes what it is doing and exits 0."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows' loop
+            loop.add_signal_handler(sig, stop.set)
+    return stop
 
 
 def observe_outbox(service: str, shard: str, *, backlog: int, oldest: datetime | None) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -56,7 +55,7 @@ from shared.bus import OutgoingMessage, Publisher, make_publisher
 from shared.db import Database, Databases, utcnow
 from shared.events import EVENTS_PER_MESSAGE
 from shared.ids import random_uuid_strings
-from shared.observability import observe_outbox
+from shared.observability import observe_outbox, stop_on_signals
 from shared.settings import PublisherSettings
 
 log = logging.getLogger(__name__)
@@ -578,10 +577,7 @@ async def relay_in_background(
 async def run_relay_process(settings: PublisherSettings, table: Table, *, topic: str) -> None:
     """``vrs relay <service>``: this process only publishes the outbox, until SIGTERM or SIGINT."""
     databases = Databases.connect(settings.main_dsn, settings.shard_dsns, pool_size=4)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     try:
         async with relay_in_background(settings.model_copy(update={"run_relay": True}), databases, table, topic=topic):
             log.info("outbox relay for %s running", topic)

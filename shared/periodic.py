@@ -4,9 +4,13 @@ command, to run it as a worker of its own or one pass from a shell."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
+
+from shared.observability import setup_worker, stop_on_signals
+from shared.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +36,30 @@ def every_in_background(
 ) -> asyncio.Task[None]:
     """:func:`every` as a task of the running loop (cancel it to stop)."""
     return asyncio.create_task(every(interval, job, name=name, first_after=first_after), name=name)
+
+
+async def work_until_stopped(
+    settings: ServiceSettings,
+    service: str,
+    interval: float,
+    job: Callable[[], Awaitable[None]],
+    *,
+    name: str,
+    first_after: float | None = None,
+) -> None:
+    """:func:`every` as a worker process of its own (``vrs … NAME`` without ``--once``): JSON log lines and
+    ``/metrics`` on ``VRS_<SERVICE>_METRICS_PORT`` as every worker's (:func:`setup_worker`), until SIGTERM or
+    SIGINT. A pass under way is then abandoned; the batches it committed stay, and the next worker goes on."""
+    setup_worker(service=service, log_level=settings.log_level, metrics_port=settings.metrics_port)
+    stop = stop_on_signals()
+    task = every_in_background(interval, job, name=name, first_after=first_after)
+    log.info("%s every %.0fs", name, interval)
+    try:
+        await stop.wait()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def add_pass_command(commands: Any, name: str, help: str, run: Callable[..., Coroutine[Any, Any, int]]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -141,6 +142,15 @@ async def vrs_command(*args: str, env: Mapping[str, str]) -> str:
     )
     assert done.returncode == 0, done.stderr
     return done.stdout
+
+
+def metric_value(text: str, name: str, **labels: str) -> float | None:
+    """The value of ``name`` with exactly ``labels`` in Prometheus' text format (labels in any order)."""
+    for line in text.splitlines():
+        match = re.fullmatch(r"(\w+)(?:\{(.*)\})? (\S+)", line)
+        if match and match[1] == name and dict(re.findall(r'(\w+)="([^"]*)"', match[2] or "")) == labels:
+            return float(match[3])
+    return None
 
 
 async def explained(db: Any, table: str, statement: Any) -> str:

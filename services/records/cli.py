@@ -7,7 +7,6 @@ import argparse
 import asyncio
 import functools
 import os
-import signal
 import sys
 import time
 from datetime import timedelta
@@ -24,9 +23,9 @@ from services.records.settings import RecordsSettings
 from shared.bus.offsets import report_lag_forever
 from shared.consumer import stored_positions
 from shared.db import utcnow
-from shared.observability import setup_worker
+from shared.observability import setup_worker, stop_on_signals
 from shared.outbox import run_relay_process
-from shared.periodic import add_pass_command, every
+from shared.periodic import add_pass_command, work_until_stopped
 from shared.shardmove import MoveSpec
 
 
@@ -39,10 +38,7 @@ def relay() -> None:
 
 async def _consume(settings: RecordsSettings) -> None:
     databases = repository.connect(settings.main_dsn, settings.shard_dsns, pool_size=4)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     consumers = coupon_consumers(settings, databases)
     # One consumer per shard, each with its own positions: lag is reported per shard.
     lag = [
@@ -129,13 +125,17 @@ async def _expire_keys(*, once: bool) -> int:
     try:
         if not once:
             job = functools.partial(housekeeping.expire_pass, databases, keep=keep)
-            await every(settings.key_expiry_seconds or 600.0, job, name="idempotency key expiry")
+            interval = settings.key_expiry_seconds or 600.0
+            await work_until_stopped(settings, "records-key-expiry", interval, job, name="idempotency key expiry")
+            return 0
         done = await housekeeping.expire_keys(databases, before=utcnow() - keep)
         shards = ", ".join(f"{n} in {shard}" for shard, n in done.keys.items())
         answers = sum(done.keys.values())
         print(f"deleted {done.claims} claims and {answers} answers ({shards}) older than {keep.days} days")
         if done.moving:
             print(f"kept the answers of shards {', '.join(done.moving)} until their shard move is done")
+        if done.elsewhere:
+            print(f"another replica is deleting in {', '.join(done.elsewhere)}: left to it")
     finally:
         await databases.dispose()
     return 0

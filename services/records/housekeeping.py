@@ -24,7 +24,7 @@ from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.records.repository import KeyExpiryRepository
-from shared.db import Database, Databases, delete_in_turns, utcnow
+from shared.db import Database, Databases, Turns, delete_in_turns, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +42,13 @@ EXPIRY_LOCK = 0x5652534B45594558
 
 @dataclass
 class Expired:
-    """What one pass deleted: claims (main database), answers per shard, and the shards it left for a move."""
+    """What one pass deleted: claims (main database), answers per shard; the shards it left for a move, and the
+    databases (``main`` or a shard) where another replica had the turn."""
 
     claims: int = 0
     keys: dict[str, int] = field(default_factory=dict)
     moving: list[str] = field(default_factory=list)
+    elsewhere: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -59,7 +61,7 @@ async def _expire(
     rows: Callable[[KeyExpiryRepository, datetime, int], Awaitable[int]],
     before: datetime,
     batch_rows: int,
-) -> int:
+) -> Turns:
     async def delete(session: AsyncSession, limit: int) -> int:
         count = await rows(KeyExpiryRepository(session), before, limit)
         KEYS_EXPIRED.labels(label).inc(count)
@@ -70,15 +72,23 @@ async def _expire(
 
 async def expire_keys(databases: Databases, *, before: datetime, batch_rows: int = BATCH_ROWS) -> Expired:
     """One pass: delete every claim and answer created before ``before``."""
+    done = Expired()
+
+    def note(label: str, turns: Turns) -> int:
+        if turns.taken_elsewhere:
+            done.elsewhere.append(label)
+        return turns.deleted
+
     claims = KeyExpiryRepository.delete_claims_before
-    done = Expired(claims=await _expire(databases.main, "main", claims, before, batch_rows))
+    done.claims = note("main", await _expire(databases.main, "main", claims, before, batch_rows))
     async with databases.main.sessionmaker() as session:
         moving = await KeyExpiryRepository(session).moving_shards()
     for name, db in databases.shards.items():
         if name in moving:
             done.moving.append(name)
             continue
-        done.keys[name] = await _expire(db, name, KeyExpiryRepository.delete_answers_before, before, batch_rows)
+        answers = KeyExpiryRepository.delete_answers_before
+        done.keys[name] = note(name, await _expire(db, name, answers, before, batch_rows))
     return done
 
 

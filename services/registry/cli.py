@@ -26,7 +26,7 @@ from shared.errors import ServiceUnavailable
 from shared.internal import InternalClient
 from shared.observability import setup_worker
 from shared.outbox import run_relay_process
-from shared.periodic import add_pass_command, every
+from shared.periodic import add_pass_command, work_until_stopped
 from shared.shardmove import MoveSpec
 
 
@@ -120,7 +120,11 @@ async def _sweep(*, once: bool) -> int:
     try:
         if not once:
             job = functools.partial(certificates.sweep_pass, databases, records, issuer, batch_size=batch)
-            await every(settings.certificate_sweep_seconds or 30.0, job, name="certificate sweep", first_after=0)
+            interval = settings.certificate_sweep_seconds or 30.0
+            await work_until_stopped(
+                settings, "registry-certificate-sweep", interval, job, name="certificate sweep", first_after=0
+            )
+            return 0
         try:
             done = await certificates.sweep(databases, records, issuer, batch_size=batch)
         except ServiceUnavailable as exc:
@@ -142,10 +146,16 @@ async def _purge(*, once: bool) -> int:
     try:
         if not once:
             job = functools.partial(housekeeping.purge_pass, databases, keep_years=years)
-            await every(settings.disclosure_purge_seconds or 3600.0, job, name="transfer disclosure purge")
+            interval = settings.disclosure_purge_seconds or 3600.0
+            await work_until_stopped(
+                settings, "registry-disclosure-purge", interval, job, name="transfer disclosure purge"
+            )
+            return 0
         since = kept_since(utcnow(), years)
         purged = await housekeeping.purge_disclosures(databases, before=since)
-        print(f"deleted {purged} disclosure log rows older than {since.isoformat()} ({years} years)")
+        print(f"deleted {purged.deleted} disclosure log rows older than {since.isoformat()} ({years} years)")
+        if purged.taken_elsewhere:
+            print("another replica is purging: left to it")
     finally:
         await databases.dispose()
     return 0

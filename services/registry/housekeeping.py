@@ -17,7 +17,7 @@ from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.registry.repository import DisclosureRepository
-from shared.db import Databases, delete_in_turns, utcnow
+from shared.db import Databases, Turns, delete_in_turns, utcnow
 from shared.domain.period import kept_since
 
 log = logging.getLogger(__name__)
@@ -32,8 +32,8 @@ BATCH_ROWS = 5000
 PURGE_LOCK = 0x565253444953434C
 
 
-async def purge_disclosures(databases: Databases, *, before: datetime, batch_rows: int = BATCH_ROWS) -> int:
-    """Delete every disclosure logged before ``before``; how many."""
+async def purge_disclosures(databases: Databases, *, before: datetime, batch_rows: int = BATCH_ROWS) -> Turns:
+    """Delete every disclosure logged before ``before`` (unless another replica has the turn)."""
 
     async def delete(session: AsyncSession, limit: int) -> int:
         count = await DisclosureRepository(session).delete_disclosed_before(before, limit=limit)
@@ -46,5 +46,5 @@ async def purge_disclosures(databases: Databases, *, before: datetime, batch_row
 async def purge_pass(databases: Databases, *, keep_years: int) -> None:
     """One pass of the background purge (:func:`shared.periodic.every`)."""
     since = kept_since(utcnow(), keep_years)
-    if purged := await purge_disclosures(databases, before=since):
+    if purged := (await purge_disclosures(databases, before=since)).deleted:
         log.info("transfer disclosures logged before %s deleted: %d", since.isoformat(), purged)

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
-import signal
 import sys
 import time
 from typing import Any
@@ -22,7 +20,7 @@ import uvloop
 from services.stats.consumer import StatsConsumer
 from services.stats.settings import StatsSettings
 from shared.db import Database
-from shared.observability import setup_worker
+from shared.observability import setup_worker, stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +44,7 @@ def consume() -> None:
     setup_worker(service="stats-consumer", log_level=settings.log_level, metrics_port=settings.metrics_port)
 
     async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(signum, stop.set)
+        stop = stop_on_signals()
         log.info(
             "stats consumer %s starting on %s topic %s", settings.consumer_name, settings.bus.kind, settings.bus.topic
         )

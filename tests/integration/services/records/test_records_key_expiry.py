@@ -125,14 +125,27 @@ async def test_a_shard_a_move_is_under_way_for_keeps_its_keys_until_the_move_is_
     assert await keys_everywhere(databases) == ([], [], [])
 
 
+def command_env(databases: Databases) -> dict[str, str]:
+    return {
+        "VRS_RECORDS_MAIN_DSN": databases.main.url,
+        "VRS_RECORDS_SHARD_DSNS": json.dumps({name: db.url for name, db in databases.shards.items()}),
+    }
+
+
 async def test_of_two_replicas_one_deletes_at_a_time(databases: Databases) -> None:
-    await recorder(databases)(Submission(key="chiyoda", dose=dose("0000000001")))
+    record = recorder(databases)
+    await record(Submission(key="chiyoda", dose=dose("0000000001")))
+    await record(Submission(key="sapporo", dose=dose("0000000002", municipality=SAPPORO)))
     async with databases.main.sessionmaker() as session, session.begin():
         # Another replica's pass is under way in the main database.
         assert await session.scalar(text("SELECT pg_try_advisory_xact_lock(:lock)"), {"lock": EXPIRY_LOCK})
         done = await expire_keys(databases, before=utcnow() + DAY)
-    assert (done.claims, done.keys) == (0, {"s0": 1, "s1": 0})
-    assert (await expire_keys(databases, before=utcnow() + DAY)).claims == 1
+        assert (done.claims, done.keys, done.elsewhere) == (0, {"s0": 1, "s1": 1}, ["main"])
+        # An operator's pass says so rather than "deleted 0".
+        out = await vrs_command("doses", "expire-keys", "--once", env=command_env(databases))
+        assert out.splitlines()[-1] == "another replica is deleting in main: left to it"
+    done = await expire_keys(databases, before=utcnow() + DAY)
+    assert (done.claims, done.keys, done.elsewhere) == (2, {"s0": 0, "s1": 0}, [])
 
 
 async def test_records_expires_keys_in_the_background(databases: Databases) -> None:
@@ -155,11 +168,7 @@ async def test_vrs_doses_expire_keys_once(any_databases: Databases) -> None:
     await record(Submission(key="old", dose=dose("0000000001")))
     await record(Submission(key="new", dose=dose("0000000002", municipality=SAPPORO)))
     await age(databases, "old", 31 * DAY)
-    env = {
-        "VRS_RECORDS_MAIN_DSN": databases.main.url,
-        "VRS_RECORDS_SHARD_DSNS": json.dumps({name: db.url for name, db in databases.shards.items()}),
-    }
-    out = await vrs_command("doses", "expire-keys", "--once", env=env)
+    out = await vrs_command("doses", "expire-keys", "--once", env=command_env(databases))
     assert out == "deleted 1 claims and 1 answers (1 in s0, 0 in s1) older than 30 days\n"
     assert await keys_everywhere(databases) == (["new"], [], ["new"])
 

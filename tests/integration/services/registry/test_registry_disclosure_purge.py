@@ -5,21 +5,27 @@ background. On PostgreSQL and SQLite."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import signal
+import sys
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import insert, select, text
 
+from devtools.harness import free_port
 from services.registry.housekeeping import BATCH_ROWS, DISCLOSURES_PURGED, PURGE_LOCK, purge_disclosures
 from services.registry.models import TransferDisclosure
 from services.registry.settings import RegistrySettings
-from shared.db import Databases, delete_older, utcnow
+from shared.db import Databases, Turns, delete_older, utcnow
 from shared.domain.period import kept_since
-from tests.factories import explained, vrs_command
+from tests.factories import explained, metric_value, vrs_command
 from tests.integration.services.registry.registry_support import (
     CHIYODA,
     SAPPORO,
@@ -80,10 +86,10 @@ async def test_rows_past_their_years_go_and_every_younger_one_stays(databases: D
     )
     before = DISCLOSURES_PURGED._value.get()
     # One row a batch: each batch its own transaction, until one comes back short.
-    assert await purge_disclosures(databases, before=since, batch_rows=1) == 2
+    assert await purge_disclosures(databases, before=since, batch_rows=1) == Turns(deleted=2)
     assert await kept(databases) == ["r2", "r3"]
     assert DISCLOSURES_PURGED._value.get() - before == 2
-    assert await purge_disclosures(databases, before=since) == 0
+    assert await purge_disclosures(databases, before=since) == Turns(deleted=0)
 
 
 async def test_of_two_replicas_one_deletes_at_a_time(make_database: Callable[..., str]) -> None:
@@ -93,8 +99,8 @@ async def test_of_two_replicas_one_deletes_at_a_time(make_database: Callable[...
     async with databases.main.sessionmaker() as session, session.begin():
         # Another replica's pass is under way.
         assert await session.scalar(text("SELECT pg_try_advisory_xact_lock(:lock)"), {"lock": PURGE_LOCK})
-        assert await purge_disclosures(databases, before=utcnow()) == 0
-    assert await purge_disclosures(databases, before=utcnow()) == 1
+        assert await purge_disclosures(databases, before=utcnow()) == Turns(deleted=0, taken_elsewhere=True)
+    assert await purge_disclosures(databases, before=utcnow()) == Turns(deleted=1)
     await databases.dispose()
 
 
@@ -118,6 +124,46 @@ async def test_vrs_disclosures_purge_once(settings: RegistrySettings, databases:
     assert out.startswith("deleted 1 disclosure log rows older than ")
     assert out.endswith(" (7 years)\n")
     assert await kept(databases) == ["r1"]
+
+
+async def test_vrs_disclosures_purge_as_a_worker_of_its_own(settings: RegistrySettings, databases: Databases) -> None:
+    """Without ``--once``, the process a Deployment of its own would run: a pass every interval, JSON log lines and
+    its counter on VRS_REGISTRY_METRICS_PORT like every worker's, and exit 0 on SIGTERM."""
+    since = kept_since(utcnow(), YEARS)
+    await log_at(databases, since - timedelta(days=1), since + timedelta(days=1))
+    port = free_port()
+    env = {
+        "VRS_REGISTRY_MAIN_DSN": settings.main_dsn,
+        "VRS_REGISTRY_SHARD_DSNS": json.dumps(settings.shard_dsns),
+        "VRS_REGISTRY_DISCLOSURE_PURGE_SECONDS": "0.1",
+        "VRS_REGISTRY_METRICS_PORT": str(port),
+    }
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "shared.cli", "disclosures", "purge"),
+        env=os.environ | env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    purged = None
+    try:
+        async with httpx.AsyncClient() as client:
+            for _ in range(300):
+                with contextlib.suppress(httpx.TransportError):
+                    text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+                    if purged := metric_value(text, "vrs_registry_disclosures_purged_total"):
+                        break
+                await asyncio.sleep(0.1)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        output, _ = await asyncio.wait_for(worker.communicate(), timeout=30)
+    log = output.decode()
+    assert purged == 1, log
+    assert await kept(databases) == ["r1"]
+    assert worker.returncode == 0, log
+    lines = [json.loads(line) for line in log.splitlines() if line.strip()]
+    assert {line["service"] for line in lines} == {"registry-disclosure-purge"}, log
+    assert any(line["message"].startswith("transfer disclosures logged before ") for line in lines), log
 
 
 async def test_a_purge_finds_old_rows_through_the_age_index_not_a_scan(make_database: Callable[..., str]) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -20,17 +19,8 @@ from devtools.harness import free_port
 from shared.bus import OutgoingMessage
 from shared.bus.embedded import EmbeddedLog
 from shared.settings import BusSettings
-from tests.factories import recorded
+from tests.factories import metric_value, recorded
 from tests.integration.services.stats.conftest import MIGRATIONS
-
-
-def _sample(text: str, name: str, **labels: str) -> float | None:
-    """The value of ``name`` with exactly ``labels`` in Prometheus' text format (labels in any order)."""
-    for line in text.splitlines():
-        match = re.fullmatch(r"(\w+)(?:\{(.*)\})? (\S+)", line)
-        if match and match[1] == name and dict(re.findall(r'(\w+)="([^"]*)"', match[2] or "")) == labels:
-            return float(match[3])
-    return None
 
 
 def test_the_worker_applies_reports_and_stops(tmp_path: Path) -> None:
@@ -74,8 +64,8 @@ def test_the_worker_applies_reports_and_stops(tmp_path: Path) -> None:
             except httpx.TransportError:
                 time.sleep(0.1)
                 continue
-            applied = _sample(text, "vrs_stats_events_applied_total", type="dose.recorded")
-            lags = [_sample(text, "vrs_stats_consumer_lag", consumer="stats", partition=p) for p in "01"]
+            applied = metric_value(text, "vrs_stats_events_applied_total", type="dose.recorded")
+            lags = [metric_value(text, "vrs_stats_consumer_lag", consumer="stats", partition=p) for p in "01"]
             lag = None if None in lags else sum(x for x in lags if x is not None)
             if applied == len(events) and lag == 0:
                 break
