@@ -153,6 +153,12 @@ def metric_value(text: str, name: str, **labels: str) -> float | None:
     return None
 
 
+async def run_sql(db: Any, sql: str, parameters: Mapping[str, Any] | None = None) -> None:
+    """``sql`` in a transaction of its own on ``db`` (a test's bulk fill: ``INSERT … SELECT … generate_series``)."""
+    async with db.sessionmaker() as session, session.begin():
+        await session.execute(sqlalchemy.text(sql), parameters or {})
+
+
 async def explained(db: Any, table: str, statement: Any) -> str:
     """PostgreSQL's plan (``EXPLAIN``, text) of ``statement`` (its parameters written in), over ``table`` freshly
     vacuumed and analyzed."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import cast
@@ -10,6 +13,7 @@ from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
 from services.gateway.audit import AuditChains, AuditTrail, FileAnchorStore
+from services.gateway.housekeeping import purge_pass
 from services.gateway.limits import RateLimiter
 from services.gateway.openapi import build_openapi
 from services.gateway.policy import TABLE, Upstream
@@ -22,6 +26,7 @@ from shared.app import build_app
 from shared.auth import Keyset, TokenRules
 from shared.db import Databases
 from shared.dev_keys import DEV_IDENTITY_JWK, jwks_of
+from shared.periodic import every_in_background
 
 
 def identity_source(settings: GatewaySettings, verifiers: list[IdentityVerifier]) -> JwksSource:
@@ -111,8 +116,20 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 for name in AuditChains.names(settings.instance_id, settings.audit_chains)
             ]
         )
+        purge = None
         try:
             await app.state.audit.start()
+            if settings.audit_purge_seconds > 0:
+                purge = every_in_background(
+                    settings.audit_purge_seconds,
+                    functools.partial(
+                        purge_pass,
+                        app.state.databases,
+                        settings.audit_key.encode(),
+                        keep_years=settings.audit_keep_years,
+                    ),
+                    name="audit trail purge",
+                )
             app.state.gateway = Gateway(
                 upstreams={
                     Upstream.REGISTRY: settings.registry_url,
@@ -134,6 +151,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             )
             yield
         finally:
+            if purge is not None:
+                purge.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await purge
             await app.state.audit.stop()
             await source.stop()
             await app.state.transport.close()

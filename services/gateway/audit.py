@@ -37,6 +37,11 @@ everything queued while the previous batch was being written and stores it with 
 one commit, computing the chain's MACs in the batch — batches grow with the load (hundreds of entries per
 commit at thousands of requests per second, one at idle, no timer to wait for).
 
+**Kept for years, then cut from the front** (``services/gateway/housekeeping.py``): entries older than
+``VRS_GATEWAY_AUDIT_KEEP_YEARS`` are deleted from the start of their chain, and ``audit_cuts`` records per chain
+the last entry deleted and its MAC, keyed in turn (:func:`cut_mac`). A chain then verifies from its cut: deleting
+more, or moving the cut, still shows; only whoever holds the key can cut.
+
 ``vrs audit verify`` (:func:`verify_trail`) checks every chain against its anchor.
 """
 
@@ -247,6 +252,32 @@ def canonical(fields: Mapping[Any, Any], *, recorded_at: str | None = None) -> b
 def entry_mac(key: bytes, prev_mac: str, fields: Mapping[Any, Any], *, recorded_at: str | None = None) -> str:
     message = prev_mac.encode("ascii") + canonical(fields, recorded_at=recorded_at)
     return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def cut_mac(key: bytes, cut: Mapping[Any, Any]) -> str:
+    """The MAC of a cut (a row of ``audit_cuts``): its fields as canonical JSON, keyed like the entries, behind a
+    prefix that no entry's message (which starts with 64 hex digits) has."""
+    doc = {
+        "instance": cut["instance"],
+        "seq": cut["seq"],
+        "mac": cut["mac"],
+        "kept_since": _utc_text(cut["kept_since"]),
+        "cut_at": _utc_text(cut["cut_at"]),
+    }
+    return hmac.new(key, b"cut:" + _ENCODE(doc).encode(), hashlib.sha256).hexdigest()
+
+
+def cut_is_genuine(key: bytes, cut: Mapping[Any, Any]) -> bool:
+    return hmac.compare_digest(str(cut["cut_mac"]), cut_mac(key, cut))
+
+
+def anchor_holds(anchor: Anchor, cut: Mapping[Any, Any] | None, entry: Mapping[Any, Any] | None) -> bool:
+    """Whether the chain still reaches ``anchor``: the anchored ``entry`` is there with its MAC, or retention cut the
+    chain at or past it (``cut``). An anchor behind the cut is one a power cut left behind (see
+    :class:`FileAnchorStore`); the chain is checked from the cut on."""
+    if cut is not None and anchor.seq <= cut["seq"]:
+        return bool(anchor.seq < cut["seq"] or anchor.mac == cut["mac"])
+    return entry is not None and entry["mac"] == anchor.mac
 
 
 def _prepare(f: AuditFacts, redact: Callable[[str], str]) -> _Prepared:
@@ -535,15 +566,19 @@ class AuditTrail:
 
     async def _load_head(self, *, check_anchor: bool) -> tuple[int, str]:
         async with self._databases.main.sessionmaker() as session:
-            head = await AuditRepository(session).head(self.instance)
+            repo = AuditRepository(session)
+            head, cut = await repo.head(self.instance), await repo.cut(self.instance)
             anchor = await self._anchors.read(self.instance) if check_anchor else None
-            if anchor is not None:
-                row = await AuditRepository(session).entry(self.instance, anchor.seq)
-                if row is None or row["mac"] != anchor.mac:
-                    raise AuditChainBroken(
-                        f"audit chain {self.instance} no longer reaches its anchored head (seq {anchor.seq}): "
-                        "run `vrs audit verify`"
-                    )
+            if anchor is not None and not anchor_holds(anchor, cut, await repo.entry(self.instance, anchor.seq)):
+                raise AuditChainBroken(
+                    f"audit chain {self.instance} no longer reaches its anchored head (seq {anchor.seq}): "
+                    "run `vrs audit verify`"
+                )
+        if head is None and cut is not None:
+            # Retention cut every entry (none in its years): the chain goes on from the last one cut.
+            if not cut_is_genuine(self._key, cut):
+                raise AuditChainBroken(f"audit chain {self.instance}: its cut was changed: run `vrs audit verify`")
+            head = (int(cut["seq"]), str(cut["mac"]))
         self._head = head or (0, GENESIS_MAC)
         return self._head
 
@@ -841,26 +876,36 @@ class Problem:
 async def verify_chain(
     session: AsyncSession, key: bytes, instance: str, anchor: Anchor | None, *, page_size: int = 1000
 ) -> tuple[list[Problem], int]:
-    """(problems, entries checked) for one chain: the first break in it, and whether it reaches its anchor."""
+    """(problems, entries checked) for one chain: the first break in it, and whether it reaches its anchor. A chain
+    retention cut is checked from its cut: the cut's own MAC, then the entry after it keyed onto the cut's."""
     repo = AuditRepository(session)
     expected, prev = 1, GENESIS_MAC
     reached_anchor = anchor is None
+    if (cut := await repo.cut(instance)) is not None:
+        if not cut_is_genuine(key, cut):
+            return [Problem(instance, cut["seq"], "cut changed (MAC does not match)")], 0
+        expected, prev = cut["seq"] + 1, cut["mac"]
+        if anchor is not None and anchor.seq <= cut["seq"]:
+            if not anchor_holds(anchor, cut, None):
+                return [Problem(instance, anchor.seq, "cut differs from the anchored head")], 0
+            reached_anchor = True
+    first = expected
     while rows := await repo.page(instance=instance, after_seq=expected - 1, limit=page_size):
         for row in rows:
             if row["seq"] != expected:
-                return [Problem(instance, expected, "entry missing")], expected - 1
+                return [Problem(instance, expected, "entry missing")], expected - first
             if row["prev_mac"] != prev or not hmac.compare_digest(row["mac"], entry_mac(key, prev, row)):
-                return [Problem(instance, expected, "entry changed (MAC does not match)")], expected - 1
+                return [Problem(instance, expected, "entry changed (MAC does not match)")], expected - first
             if anchor is not None and row["seq"] == anchor.seq:
                 if row["mac"] != anchor.mac:
-                    return [Problem(instance, expected, "entry differs from the anchored head")], expected
+                    return [Problem(instance, expected, "entry differs from the anchored head")], expected - first + 1
                 reached_anchor = True
             prev = row["mac"]
             expected += 1
-    checked = expected - 1
+    checked = expected - first
     if not reached_anchor:
         assert anchor is not None
-        return [Problem(instance, checked + 1, f"truncated: the anchored head is seq {anchor.seq}")], checked
+        return [Problem(instance, expected, f"truncated: the anchored head is seq {anchor.seq}")], checked
     return [], checked
 
 

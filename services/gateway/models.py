@@ -1,4 +1,4 @@
-"""gateway tables: the audit trail, and nothing else."""
+"""gateway tables: the audit trail and where retention cut its chains, and nothing else."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ class AuditEntry(MainBase):
 
     Never a body and never a My Number. Each gateway instance appends its own chain (``instance``, ``seq``
     from 1); ``mac`` keys each entry to the one before it (see ``services/gateway/audit.py``). Rows are only
-    ever inserted.
+    ever inserted, and deleted from the front of their chain once past their years (:class:`AuditCut`).
     """
 
     __tablename__ = "audit_trail"
@@ -51,3 +51,18 @@ class AuditEntry(MainBase):
     intent_seq: Mapped[int | None] = mapped_column(BigInteger().with_variant(Integer, "sqlite"))
     prev_mac: Mapped[str] = mapped_column(String(64))
     mac: Mapped[str] = mapped_column(String(64))
+
+
+class AuditCut(MainBase):
+    """Where retention cut a chain: its entries up to ``seq`` were deleted, ``mac`` being the last one's (the next
+    entry's ``prev_mac``), at ``cut_at``, as older than ``kept_since``. ``cut_mac`` keys the row with the audit key
+    (``services/gateway/audit.py``), so nobody without it can move a cut to hide entries deleted past it."""
+
+    __tablename__ = "audit_cuts"
+
+    instance: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"))
+    mac: Mapped[str] = mapped_column(String(64))
+    kept_since: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    cut_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    cut_mac: Mapped[str] = mapped_column(String(64))

@@ -1,4 +1,5 @@
-"""All of gateway's SQL: inserting and reading the audit trail (never updating or deleting it)."""
+"""All of gateway's SQL: inserting and reading the audit trail (never updating an entry), and deleting the front of
+a chain once past its years, with the cut that says where."""
 
 from __future__ import annotations
 
@@ -6,13 +7,26 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import RowMapping, Table, insert, literal, or_, select, tuple_
+from sqlalchemy import Delete, RowMapping, Select, Table, insert, literal, or_, select, text, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.gateway.models import AuditEntry
+from services.gateway.models import AuditCut, AuditEntry
+from shared.db import upsert
 
 _TABLE: Table = AuditEntry.__table__  # type: ignore[assignment]
+_CUTS: Table = AuditCut.__table__  # type: ignore[assignment]
 _COLUMNS = [c.name for c in _TABLE.columns]
+
+# The chains in the trail, one probe of the primary key each (a "loose index scan"): ``SELECT DISTINCT instance``
+# reads the whole index, every entry ever kept.
+CHAINS = text(
+    "WITH RECURSIVE chains(instance) AS ("
+    f" SELECT min(instance) FROM {_TABLE.name}"
+    " UNION ALL"
+    f" SELECT (SELECT min(instance) FROM {_TABLE.name} WHERE instance > chains.instance)"
+    " FROM chains WHERE chains.instance IS NOT NULL"
+    ") SELECT instance FROM chains WHERE instance IS NOT NULL"
+)
 
 
 # One statement, one round trip and one parameter for a whole batch on PostgreSQL, committed by itself
@@ -25,6 +39,27 @@ _BATCH_INSERT_JSON = (
     f"INSERT INTO {_TABLE.name} ({', '.join(_COLUMNS)}) "
     f"SELECT {', '.join(_COLUMNS)} FROM json_populate_recordset(NULL::{_TABLE.name}, $1::json)"
 )
+
+
+def last_recorded_before(instance: str, *, after_seq: int, limit: int, before: datetime) -> Select[int, str]:
+    """Of the ``limit`` entries of ``instance`` after ``after_seq``, the last recorded before ``before`` (seq, mac): a
+    range of the primary key, never more than ``limit`` entries read."""
+    return (
+        select(_TABLE.c.seq, _TABLE.c.mac)
+        .where(
+            _TABLE.c.instance == instance,
+            _TABLE.c.seq > after_seq,
+            _TABLE.c.seq <= after_seq + limit,
+            _TABLE.c.recorded_at < before,
+        )
+        .order_by(_TABLE.c.seq.desc())
+        .limit(1)
+    )
+
+
+def entries_through(instance: str, *, after_seq: int, seq: int) -> Delete:
+    """The ``DELETE`` of ``instance``'s entries after ``after_seq`` up to ``seq``: a range of the primary key."""
+    return _TABLE.delete().where(_TABLE.c.instance == instance, _TABLE.c.seq > after_seq, _TABLE.c.seq <= seq)
 
 
 async def insert_json_autocommit(driver_connection: Any, rows_json: str) -> None:
@@ -56,7 +91,37 @@ class AuditRepository:
         await self.session.execute(insert(_TABLE), rows)
 
     async def instances(self) -> list[str]:
-        return [str(i) for i in (await self.session.execute(select(_TABLE.c.instance).distinct())).scalars()]
+        """Every chain with entries in the table, and every chain retention cut."""
+        chains = set((await self.session.execute(CHAINS)).scalars())
+        chains |= set((await self.session.execute(select(_CUTS.c.instance))).scalars())
+        return sorted(chains)
+
+    async def cuts(self) -> Sequence[RowMapping]:
+        return (await self.session.execute(select(_CUTS).order_by(_CUTS.c.instance))).mappings().all()
+
+    async def cut(self, instance: str) -> RowMapping | None:
+        """Where retention cut ``instance``'s chain (None: it was not)."""
+        return (await self.session.execute(select(_CUTS).where(_CUTS.c.instance == instance))).mappings().first()
+
+    async def last_recorded_before(
+        self, instance: str, *, after_seq: int, limit: int, before: datetime
+    ) -> tuple[int, str] | None:
+        """Of the ``limit`` entries after ``after_seq``, the last recorded before ``before``: (seq, mac)."""
+        stmt = last_recorded_before(instance, after_seq=after_seq, limit=limit, before=before)
+        row = (await self.session.execute(stmt)).first()
+        return (int(row[0]), str(row[1])) if row is not None else None
+
+    async def cut_through(self, cut: dict[str, Any], *, after_seq: int) -> int:
+        """Delete ``cut["instance"]``'s entries after ``after_seq`` up to ``cut["seq"]`` and record ``cut`` (a row
+        of ``audit_cuts``) in their place; how many entries went."""
+        deleted = await self.session.execute(entries_through(cut["instance"], after_seq=after_seq, seq=cut["seq"]))
+        stmt = upsert(self.session, _CUTS).values(cut)
+        await self.session.execute(
+            stmt.on_conflict_do_update(
+                index_elements=[_CUTS.c.instance], set_={k: stmt.excluded[k] for k in cut if k != "instance"}
+            )
+        )
+        return int(deleted.rowcount)  # type: ignore[attr-defined]
 
     async def page(self, *, instance: str, after_seq: int, limit: int) -> Sequence[RowMapping]:
         """Plain rows, not ORM objects: verifying a long trail must not fill the session's identity map."""

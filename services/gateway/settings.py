@@ -74,6 +74,11 @@ class GatewaySettings(ServiceSettings):
     audit_linger_seconds: float = Field(default=0.002, ge=0, le=1)
     # How long a request waits for its intent entry before it is refused (503) without being forwarded.
     audit_timeout_seconds: float = Field(default=5.0, gt=0)
+    # Entries are kept this many years — seven at least, as long as registry's transfer disclosure log, whose rows
+    # name the audit entry of their request — and then cut from the front of their chain. Every replica looks every
+    # audit_purge_seconds (0: never); one cuts at a time (services/gateway/housekeeping.py).
+    audit_keep_years: int = Field(default=7, ge=7)
+    audit_purge_seconds: float = Field(default=3600, ge=0)
 
     # --- limits ---
     # Token buckets: per principal (authenticated) and per client address (anonymous).

@@ -15,9 +15,10 @@ from fastapi import FastAPI
 
 from devtools.harness import free_port
 from devtools.tokens import bearer_headers
+from services.gateway.audit import FileAnchorStore
 from services.gateway.settings import GatewaySettings
 from shared.auth import Role
-from shared.db import Database
+from shared.db import Database, Databases
 from shared.migrations import upgrade
 from tests.integration.services.gateway.gateway_fakes import MIGRATIONS, FakeUpstream, fake_app, running_gateway, serve
 
@@ -103,3 +104,23 @@ def token() -> Callable[..., dict[str, str]]:
 @pytest.fixture
 def dead_url() -> str:
     return f"http://127.0.0.1:{free_port()}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def audit_dbs(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Databases]:
+    if request.param == "postgres":
+        make_database: Callable[..., str] = request.getfixturevalue("make_database")
+        dsn = make_database("gateway", MIGRATIONS)
+    else:
+        migrated_sqlite: Callable[[Path, Path], str] = request.getfixturevalue("migrated_sqlite")
+        dsn = migrated_sqlite(tmp_path / "audit.db", MIGRATIONS)
+    databases = Databases.connect(dsn, pool_size=5)
+    try:
+        yield databases
+    finally:
+        await databases.dispose()
+
+
+@pytest.fixture
+def anchors(tmp_path: Path) -> FileAnchorStore:
+    return FileAnchorStore(tmp_path / "anchors")

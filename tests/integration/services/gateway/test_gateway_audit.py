@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
-from sqlalchemy import Table, delete, select, text, update
+from sqlalchemy import delete, text, update
 
 from services.gateway import cli as gateway_cli
 from services.gateway.audit import (
@@ -21,7 +20,6 @@ from services.gateway.audit import (
     Anchor,
     AuditChainBroken,
     AuditChains,
-    AuditFacts,
     AuditTrail,
     FileAnchorStore,
     LegalBasis,
@@ -35,22 +33,25 @@ from shared.db import Database, Databases, utcnow
 from shared.domain.codes import my_number_check_digit
 from shared.domain.japan_time import JAPAN, japan_today
 from shared.migrations import upgrade
+from tests.integration.services.gateway.audit_support import (
+    CHIYODA,
+    CLINIC,
+    KEY,
+    SAPPORO,
+    TABLE,
+    M,
+    execute,
+    facts,
+    problems_of,
+    rows,
+    trail,
+)
 from tests.integration.services.gateway.gateway_fakes import KNOWN_RESIDENT, MIGRATIONS, FakeUpstream, running_gateway
 
 Token = Callable[..., dict[str, str]]
 Settings = Callable[..., GatewaySettings]
-CHIYODA, SAPPORO, CLINIC = "131016", "011002", "1312345678"
-M = "/api/v1/municipalities"
 DAY = timedelta(days=1)
 MY_NUMBER = "98765432101" + str(my_number_check_digit("98765432101"))
-KEY = b"test-audit-key-of-at-least-32-bytes!"
-TABLE: Table = AuditEntry.__table__  # type: ignore[assignment]
-
-
-async def rows(db: Database, instance: str) -> list[AuditEntry]:
-    async with db.sessionmaker() as session:
-        stmt = select(AuditEntry).where(AuditEntry.instance == instance).order_by(AuditEntry.seq)
-        return list((await session.execute(stmt)).scalars())
 
 
 async def test_personal_data_accesses_are_audited_with_who_what_why_and_no_my_number(
@@ -385,63 +386,6 @@ async def test_a_municipality_pages_through_its_entries_in_order_none_skipped_or
 
 
 # --- the chains themselves, on SQLite and on PostgreSQL ---
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def audit_dbs(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Databases]:
-    if request.param == "postgres":
-        make_database: Callable[..., str] = request.getfixturevalue("make_database")
-        dsn = make_database("gateway", MIGRATIONS)
-    else:
-        migrated_sqlite: Callable[[Path, Path], str] = request.getfixturevalue("migrated_sqlite")
-        dsn = migrated_sqlite(tmp_path / "audit.db", MIGRATIONS)
-    databases = Databases.connect(dsn, pool_size=5)
-    try:
-        yield databases
-    finally:
-        await databases.dispose()
-
-
-@pytest.fixture
-def anchors(tmp_path: Path) -> FileAnchorStore:
-    return FileAnchorStore(tmp_path / "anchors")
-
-
-def facts(n: int, **changes: Any) -> AuditFacts:
-    base: dict[str, Any] = {
-        "request_id": f"req-{n}",
-        "principal": CHIYODA,
-        "role": "municipality",
-        "caller_municipality": CHIYODA,
-        "institution": None,
-        "municipality": CHIYODA,
-        "action": f"GET {M}/{{code}}/residents/{{resident_id}}",
-        "resource": f"{M}/{CHIYODA}/residents/r-{n}",
-        "legal_basis": LegalBasis.ADMINISTRATION,
-        "outcome": 200,
-    }
-    return AuditFacts(**{**base, **changes})
-
-
-@contextlib.asynccontextmanager
-async def trail(databases: Databases, anchors: FileAnchorStore, instance: str = "gw-a") -> AsyncIterator[AuditTrail]:
-    writer = AuditTrail(databases, key=KEY, instance=instance, anchors=anchors)
-    await writer.start()
-    try:
-        yield writer
-    finally:
-        await writer.stop()
-
-
-async def problems_of(databases: Databases, anchors: FileAnchorStore, key: bytes = KEY) -> list[str]:
-    async with databases.main.sessionmaker() as session:
-        found, _ = await verify_trail(session, key, anchors)
-    return [str(p) for p in found]
-
-
-async def execute(databases: Databases, statement: Any) -> None:
-    async with databases.main.sessionmaker() as session, session.begin():
-        await session.execute(statement)
 
 
 async def test_entries_are_keyed_onto_each_other_and_anchored(audit_dbs: Databases, anchors: FileAnchorStore) -> None:

@@ -18,7 +18,7 @@ from services.records.models import IdempotencyClaim, IdempotencyKey, shard_move
 from services.records.schemas import CorrectionIn
 from services.records.service import Submission
 from shared.db import Database, Databases, delete_older, utcnow
-from tests.factories import explained, vrs_command
+from tests.factories import explained, run_sql, vrs_command
 from tests.integration.services.records.records_support import (
     SAPPORO,
     correct,
@@ -176,15 +176,13 @@ async def test_vrs_doses_expire_keys_once(any_databases: Databases) -> None:
 async def test_a_pass_finds_old_keys_through_the_age_index_not_a_scan(databases: Databases) -> None:
     """On a table of many keys, the expiry's statement reads the BRIN index (a few of its ranges) and deletes by
     address, never reading the whole table: what keeps a pass cheap at a country's volume."""
-    async with databases.main.sessionmaker() as session, session.begin():
-        await session.execute(
-            text(
-                "INSERT INTO idempotency_claims (scope, key, request_hash, shard, created_at) "
-                "SELECT 'institution:1312345678', 'k' || n, 'h', 's0', "
-                "       now() - interval '60 days' + n * interval '1 second' "
-                "  FROM generate_series(1, 200000) AS n"
-            )
-        )
+    await run_sql(
+        databases.main,
+        "INSERT INTO idempotency_claims (scope, key, request_hash, shard, created_at) "
+        "SELECT 'institution:1312345678', 'k' || n, 'h', 's0', "
+        "       now() - interval '60 days' + n * interval '1 second' "
+        "  FROM generate_series(1, 200000) AS n",
+    )
     # The statement KeyExpiryRepository.delete_created_before runs.
     before = utcnow() - 60 * DAY + timedelta(seconds=10_000)  # the oldest 5 %: a pass's usual share
     claims: Any = IdempotencyClaim.__table__

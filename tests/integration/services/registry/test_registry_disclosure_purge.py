@@ -25,7 +25,7 @@ from services.registry.models import TransferDisclosure
 from services.registry.settings import RegistrySettings
 from shared.db import Databases, Turns, delete_older, utcnow
 from shared.domain.period import kept_since
-from tests.factories import explained, metric_value, vrs_command
+from tests.factories import explained, metric_value, run_sql, vrs_command
 from tests.integration.services.registry.registry_support import (
     CHIYODA,
     SAPPORO,
@@ -170,16 +170,14 @@ async def test_a_purge_finds_old_rows_through_the_age_index_not_a_scan(make_data
     """The statement DisclosureRepository.delete_disclosed_before runs, on a log of many rows: the BRIN index, then
     a delete by address; never the whole log."""
     databases = Databases.connect(make_database("registry_main", TREES / "main"), {}, pool_size=2)
-    async with databases.main.sessionmaker() as session, session.begin():
-        await session.execute(
-            text(
-                "INSERT INTO transfer_disclosures (disclosed_at, request_id, caller_municipality, caller_resident_id,"
-                " source_municipality, source_resident_id, legal_basis, doses) "
-                "SELECT now() - interval '3000 days' + n * interval '1 minute', 'r', :caller, 'C1', :source, 'S1',"
-                " 'consent', 2 FROM generate_series(1, 200000) AS n"
-            ),
-            {"caller": CHIYODA, "source": SAPPORO},
-        )
+    await run_sql(
+        databases.main,
+        "INSERT INTO transfer_disclosures (disclosed_at, request_id, caller_municipality, caller_resident_id,"
+        " source_municipality, source_resident_id, legal_basis, doses) "
+        "SELECT now() - interval '3000 days' + n * interval '1 minute', 'r', :caller, 'C1', :source, 'S1',"
+        " 'consent', 2 FROM generate_series(1, 200000) AS n",
+        {"caller": CHIYODA, "source": SAPPORO},
+    )
     log: Any = TransferDisclosure.__table__
     before = utcnow() - timedelta(days=3000) + timedelta(minutes=10_000)  # the oldest 5 %: a pass's usual share
     stmt = delete_older(log, log.c.disclosed_at, before, limit=BATCH_ROWS, dialect="postgresql")

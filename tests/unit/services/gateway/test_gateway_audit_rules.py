@@ -1,4 +1,5 @@
-"""What goes into an audit entry: no My Number, a legal basis from the fixed list, one canonical form for its MAC."""
+"""What goes into an audit entry: no My Number, a legal basis from the fixed list, one canonical form for its MAC;
+what a cut's MAC covers, and how a chain still reaches its anchor after a cut."""
 
 from __future__ import annotations
 
@@ -9,15 +10,20 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 
 from services.gateway.audit import (
+    Anchor,
     AuditFacts,
     LegalBasis,
     _document,
     _prepare,
+    anchor_holds,
     canonical,
+    cut_is_genuine,
+    cut_mac,
     entry_mac,
     legal_basis,
     redact_my_numbers,
 )
+from services.gateway.settings import GatewaySettings
 from shared.domain.codes import my_number_check_digit
 
 
@@ -145,3 +151,50 @@ def test_the_writers_document_is_the_canonical_form(changes: dict[str, object]) 
     outcome = facts.with_outcome(200, 41)
     assert outcome._prepared is prepared
     assert (outcome.outcome, outcome.intent_seq, outcome.request_id) == (200, 41, facts.request_id)
+
+
+CUT = {
+    "instance": "gw-1",
+    "seq": 41,
+    "mac": "a" * 64,
+    "kept_since": datetime(2019, 11, 27, 15, tzinfo=UTC),
+    "cut_at": datetime(2026, 11, 28, 4, 30, tzinfo=UTC),
+}
+
+
+def test_a_cuts_mac_covers_every_field_and_the_key() -> None:
+    base = cut_mac(KEY, CUT)
+    # As the database hands it back: naive UTC (SQLite) or in another zone (PostgreSQL's session zone).
+    naive = {**CUT, "kept_since": datetime(2019, 11, 27, 15), "cut_at": datetime(2026, 11, 28, 4, 30)}
+    assert cut_mac(KEY, naive) == base
+    assert cut_is_genuine(KEY, {**CUT, "cut_mac": base})
+    assert not cut_is_genuine(b"j" * 32, {**CUT, "cut_mac": base})
+    changed = {"instance": "gw-2", "seq": 42, "mac": "b" * 64, "kept_since": CUT["cut_at"], "cut_at": CUT["kept_since"]}
+    for name, value in changed.items():
+        assert not cut_is_genuine(KEY, {**CUT, name: value, "cut_mac": base}), name
+
+
+@pytest.mark.parametrize(
+    ("anchor", "cut", "entry", "holds"),
+    [
+        (Anchor(7, "m7"), None, {"mac": "m7"}, True),  # the anchored entry, as anchored
+        (Anchor(7, "m7"), None, {"mac": "x"}, False),  # changed
+        (Anchor(7, "m7"), None, None, False),  # deleted
+        (Anchor(7, "m7"), {"seq": 7, "mac": "m7"}, None, True),  # cut at the anchored entry
+        (Anchor(7, "m7"), {"seq": 7, "mac": "x"}, None, False),  # cut there, but not the anchored entry
+        (Anchor(7, "m7"), {"seq": 9, "mac": "m9"}, None, True),  # cut past it: an anchor a power cut left behind
+        (Anchor(7, "m7"), {"seq": 6, "mac": "m6"}, {"mac": "m7"}, True),  # cut before it: the entry decides
+        (Anchor(7, "m7"), {"seq": 6, "mac": "m6"}, None, False),
+    ],
+)
+def test_a_chain_reaches_its_anchor_through_the_entry_or_its_cut(
+    anchor: Anchor, cut: dict[str, object] | None, entry: dict[str, object] | None, holds: bool
+) -> None:
+    assert anchor_holds(anchor, cut, entry) is holds
+
+
+def test_the_audit_trail_is_kept_seven_years_at_least() -> None:
+    assert GatewaySettings().audit_keep_years == 7
+    assert GatewaySettings(audit_keep_years=10).audit_keep_years == 10
+    with pytest.raises(ValueError, match="audit_keep_years"):
+        GatewaySettings(audit_keep_years=6)
