@@ -53,7 +53,7 @@ async def work_until_stopped(
     setup_worker(service=service, log_level=settings.log_level, metrics_port=settings.metrics_port)
     stop = stop_on_signals()
     task = every_in_background(interval, job, name=name, first_after=first_after)
-    log.info("%s every %.0fs", name, interval)
+    log.info("%s: a pass every %gs", name, interval)
     try:
         await stop.wait()
     finally:
