@@ -56,6 +56,7 @@ from shared.db import Database, Databases, utcnow
 from shared.events import EVENTS_PER_MESSAGE
 from shared.ids import random_uuid_strings
 from shared.observability import observe_outbox, stop_on_signals
+from shared.periodic import cancel_and_wait
 from shared.settings import PublisherSettings
 
 log = logging.getLogger(__name__)
@@ -360,10 +361,7 @@ class OutboxNotifier:
             del self._sending[name]
 
     async def close(self) -> None:
-        for task in list(self._sending.values()):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._sending.values())
 
 
 class OutboxRelay:
@@ -568,9 +566,7 @@ async def relay_in_background(
     try:
         yield relay
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
         await publisher.close()
 
 

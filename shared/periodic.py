@@ -31,6 +31,16 @@ async def every(
             log.exception("%s failed; trying again in %.0fs", name, interval)
 
 
+async def cancel_and_wait(*tasks: asyncio.Task[Any] | None) -> None:
+    """Cancel each task (None: one that was not started) and wait for it to end, in order: a service stopping its
+    background jobs."""
+    for task in tasks:
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
 def every_in_background(
     interval: float, job: Callable[[], Awaitable[None]], *, name: str, first_after: float | None = None
 ) -> asyncio.Task[None]:
@@ -57,9 +67,7 @@ async def work_until_stopped(
     try:
         await stop.wait()
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
 
 
 def add_pass_command(commands: Any, name: str, help: str, run: Callable[..., Coroutine[Any, Any, int]]) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -26,7 +24,7 @@ from shared.app import build_app
 from shared.auth import Keyset, TokenRules
 from shared.db import Databases
 from shared.dev_keys import DEV_IDENTITY_JWK, jwks_of
-from shared.periodic import every_in_background
+from shared.periodic import cancel_and_wait, every_in_background
 
 
 def identity_source(settings: GatewaySettings, verifiers: list[IdentityVerifier]) -> JwksSource:
@@ -151,10 +149,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             )
             yield
         finally:
-            if purge is not None:
-                purge.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await purge
+            await cancel_and_wait(purge)
             await app.state.audit.stop()
             await source.stop()
             await app.state.transport.close()

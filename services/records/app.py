@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -23,7 +22,7 @@ from shared.bus.offsets import close_clients, report_lag
 from shared.consumer import stored_positions
 from shared.db import UnitOfWork
 from shared.outbox import OutboxNotifier, OutboxRelay, relay_in_background, sample_backlog
-from shared.periodic import every_in_background
+from shared.periodic import cancel_and_wait, every_in_background
 
 
 def _wake_relay(relay: OutboxRelay | OutboxNotifier) -> Callable[[UnitOfWork], None]:
@@ -67,11 +66,7 @@ def create_app(settings: RecordsSettings | None = None) -> FastAPI:
                 try:
                     yield
                 finally:
-                    for task in (expiry, imports):
-                        if task is not None:
-                            task.cancel()
-                            with contextlib.suppress(asyncio.CancelledError):
-                                await task
+                    await cancel_and_wait(expiry, imports)
                     for consumer in consumers:
                         await consumer.stop()
         finally:

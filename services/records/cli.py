@@ -25,7 +25,7 @@ from shared.consumer import stored_positions
 from shared.db import utcnow
 from shared.observability import setup_worker, stop_on_signals
 from shared.outbox import run_relay_process
-from shared.periodic import add_pass_command, work_until_stopped
+from shared.periodic import add_pass_command, cancel_and_wait, work_until_stopped
 from shared.shardmove import MoveSpec
 
 
@@ -50,8 +50,7 @@ async def _consume(settings: RecordsSettings) -> None:
             consumer.start()
         await stop.wait()
     finally:
-        for task in lag:
-            task.cancel()
+        await cancel_and_wait(*lag)
         for consumer in consumers:
             await consumer.stop()
         await databases.dispose()

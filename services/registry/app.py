@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,7 +19,7 @@ from shared.app import build_app
 from shared.db import Databases
 from shared.internal import InternalClient
 from shared.outbox import relay_in_background, sample_backlog
-from shared.periodic import every_in_background
+from shared.periodic import cancel_and_wait, every_in_background
 
 
 def create_app(settings: RegistrySettings | None = None) -> FastAPI:
@@ -72,11 +70,7 @@ def create_app(settings: RegistrySettings | None = None) -> FastAPI:
                 try:
                     yield
                 finally:
-                    for task in (sweeper, purge):
-                        if task is not None:
-                            task.cancel()
-                            with contextlib.suppress(asyncio.CancelledError):
-                                await task
+                    await cancel_and_wait(sweeper, purge)
                     await app.state.importer.close()
         finally:
             await app.state.records.close()
