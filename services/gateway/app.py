@@ -145,7 +145,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                     per_principal=RateLimiter(rate=settings.rate_per_principal, burst=settings.burst_per_principal),
                     per_address=RateLimiter(rate=settings.rate_per_address, burst=settings.burst_per_address),
                 ),
-                local={"/api/v1/municipalities/{code}/audit": audit_reader(app.state.databases)},
+                local={
+                    "/api/v1/municipalities/{code}/audit": audit_reader(app.state.databases, settings.audit_keep_years)
+                },
             )
             yield
         finally:

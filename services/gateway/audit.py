@@ -222,7 +222,7 @@ def _code(value: str | None, digits: int) -> str | None:
     return None
 
 
-def _utc_text(value: datetime) -> str:
+def utc_text(value: datetime) -> str:
     """``YYYY-MM-DDTHH:MM:SS.ffffffZ`` in UTC: the spelling the MAC covers."""
     # SQLite hands timestamps back without a zone, PostgreSQL in the session's zone: key one spelling.
     aware = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
@@ -241,7 +241,7 @@ def canonical(fields: Mapping[Any, Any], *, recorded_at: str | None = None) -> b
     is a good part of the writer's cost).
     """
     doc = {name: fields[name] for name in _SORTED_KEYED}
-    doc["recorded_at"] = recorded_at or _utc_text(doc["recorded_at"])
+    doc["recorded_at"] = recorded_at or utc_text(doc["recorded_at"])
     # Keyed only where present, so entries written before outcome entries existed keep their MACs; adding or
     # removing it changes the bytes either way.
     if (intent_seq := fields.get("intent_seq")) is not None:
@@ -261,8 +261,8 @@ def cut_mac(key: bytes, cut: Mapping[Any, Any]) -> str:
         "instance": cut["instance"],
         "seq": cut["seq"],
         "mac": cut["mac"],
-        "kept_since": _utc_text(cut["kept_since"]),
-        "cut_at": _utc_text(cut["cut_at"]),
+        "kept_since": utc_text(cut["kept_since"]),
+        "cut_at": utc_text(cut["cut_at"]),
     }
     return hmac.new(key, b"cut:" + _ENCODE(doc).encode(), hashlib.sha256).hexdigest()
 
@@ -745,7 +745,7 @@ class AuditTrail:
         if not batch:
             return
         now = utcnow()
-        stamp = _utc_text(now)
+        stamp = utc_text(now)
         key = self._key
         rows: list[dict[str, Any]] = []
         documents: list[bytes] = []
@@ -932,7 +932,7 @@ def entry_out(row: Mapping[Any, Any]) -> dict[str, Any]:
     return {
         "instance": row["instance"],
         "seq": row["seq"],
-        "recorded_at": _utc_text(row["recorded_at"]),
+        "recorded_at": utc_text(row["recorded_at"]),
         "request_id": row["request_id"],
         "principal": row["principal"],
         "role": row["role"],

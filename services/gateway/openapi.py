@@ -174,8 +174,15 @@ def _gateway_paths() -> dict[str, Any]:
                                         "entries": {"type": "array", "items": _AUDIT_ENTRY},
                                         "truncated": {"type": "boolean"},
                                         "next": {"type": ["string", "null"]},
+                                        "kept_from": {
+                                            "type": "string",
+                                            "format": "date-time",
+                                            "description": "the trail keeps entries from this moment on "
+                                            "(VRS_GATEWAY_AUDIT_KEEP_YEARS, seven years at least): older ones are "
+                                            "deleted",
+                                        },
                                     },
-                                    "required": ["entries", "truncated", "next"],
+                                    "required": ["entries", "truncated", "next", "kept_from"],
                                 }
                             }
                         },

@@ -32,12 +32,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from services.gateway.audit import entries_of_municipality, page_parameters
+from services.gateway.audit import entries_of_municipality, page_parameters, utc_text
 from services.gateway.policy import Match
 from services.gateway.proxy import FORWARDED_REQUEST_HEADERS, RawHeaders
 from services.gateway.service import Gateway, Inbound, Outcome, error_outcome
 from shared.auth import Principal
-from shared.db import Databases
+from shared.db import Databases, utcnow
+from shared.domain.period import kept_since
 from shared.errors import BadRequest, PayloadTooLarge, VRSError, period_parameters
 from shared.observability import LATENCY, REQUEST_ID, REQUESTS
 
@@ -153,8 +154,9 @@ class ProxyEndpoint:
             await _respond(send, answer)
 
 
-def audit_reader(databases: Databases) -> Callable[[Inbound, Match, Principal], Awaitable[Outcome]]:
-    """``GET /api/v1/municipalities/{code}/audit?from=&to=``: answered by the gateway from its own trail."""
+def audit_reader(databases: Databases, keep_years: int) -> Callable[[Inbound, Match, Principal], Awaitable[Outcome]]:
+    """``GET /api/v1/municipalities/{code}/audit?from=&to=``: answered by the gateway from its own trail, with where
+    its retention stands (``kept_from``: entries recorded before are deleted)."""
 
     async def read(inbound: Inbound, match: Match, _: Principal) -> Outcome:
         query = {name: values[0] for name, values in parse_qs(inbound.query_string).items()}
@@ -167,7 +169,9 @@ def audit_reader(databases: Databases) -> Callable[[Inbound, Match, Principal], 
         except VRSError as err:
             return error_outcome(match, err)
         last = f"{entries[-1]['instance']}:{entries[-1]['seq']}" if more else None
-        body = json.dumps({"entries": entries, "truncated": more, "next": last}, ensure_ascii=False).encode()
+        kept_from = utc_text(kept_since(utcnow(), keep_years))
+        answer = {"entries": entries, "truncated": more, "next": last, "kept_from": kept_from}
+        body = json.dumps(answer, ensure_ascii=False).encode()
         return Outcome(match, 200, [(b"content-type", b"application/json")], body)
 
     return read

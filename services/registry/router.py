@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from datetime import datetime
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
 
@@ -38,7 +39,8 @@ from services.registry.schemas import (
 from services.registry.settings import SHC_ISSUER_PATH
 from services.registry.shc import CardError
 from shared.auth import Principal, Role, require, require_own_municipality
-from shared.db import UnitOfWorkDep
+from shared.db import UnitOfWorkDep, utcnow
+from shared.domain.period import kept_since
 from shared.errors import (
     BadRequest,
     Conflict,
@@ -398,12 +400,18 @@ _BOUND = (
 )
 
 
+def _disclosures_kept_from(request: Request) -> datetime:
+    """Where the disclosure log's retention stands today: rows from this moment on are kept."""
+    return kept_since(utcnow(), request.app.state.settings.disclosure_keep_years)
+
+
 @router.get(
     "/residents/{resident_id}/disclosures",
     response_model=DisclosuresOut,
     responses=responses(Unauthorized, Forbidden, NotFound, InvalidField),
 )
 async def get_disclosures(
+    request: Request,
     code: MunicipalityCode,
     resident_id: ResidentId,
     principal: MunicipalityPrincipal,
@@ -415,7 +423,14 @@ async def get_disclosures(
     received (this municipality read another's records) and provided (another municipality read this one's)."""
     require_own_municipality(principal, code, deny=resident_not_found())
     start, end = period_parameters(since, until)
-    return await service.disclosures_of(uow, municipality_code=code, resident_id=resident_id, since=start, until=end)
+    return await service.disclosures_of(
+        uow,
+        municipality_code=code,
+        resident_id=resident_id,
+        since=start,
+        until=end,
+        kept_from=_disclosures_kept_from(request),
+    )
 
 
 @router.get(
@@ -424,6 +439,7 @@ async def get_disclosures(
     responses=responses(Unauthorized, Forbidden, InvalidField),
 )
 async def get_municipality_disclosures(
+    request: Request,
     code: MunicipalityCode,
     principal: MunicipalityPrincipal,
     uow: UnitOfWorkDep,
@@ -448,6 +464,7 @@ async def get_municipality_disclosures(
         until=end,
         before_id=before_id,
         limit=limit,
+        kept_from=_disclosures_kept_from(request),
     )
 
 

@@ -216,6 +216,10 @@ class DisclosureOut(BaseModel):
 class DisclosuresOut(BaseModel):
     disclosures: list[DisclosureOut] = Field(description="newest first")
     truncated: bool = Field(description="more matched than the 1,000 shown: narrow from/to")
+    kept_from: UtcDatetime = Field(
+        description="the log keeps rows from this moment on (VRS_REGISTRY_DISCLOSURE_KEEP_YEARS, seven years at "
+        "least): older ones are deleted"
+    )
 
 
 class MunicipalityDisclosureOut(DisclosureOut):
@@ -228,6 +232,10 @@ class MunicipalityDisclosureOut(DisclosureOut):
 class MunicipalityDisclosuresOut(BaseModel):
     disclosures: list[MunicipalityDisclosureOut] = Field(description="newest first")
     more: bool = Field(description="more follow: ask again with before_id set to the last id shown")
+    kept_from: UtcDatetime = Field(
+        description="the log keeps rows from this moment on (VRS_REGISTRY_DISCLOSURE_KEEP_YEARS, seven years at "
+        "least): older ones are deleted"
+    )
 
 
 class CouponReissueIn(BaseModel):

@@ -733,6 +733,7 @@ async def disclosures_of(
     resident_id: str,
     since: datetime | None,
     until: datetime | None,
+    kept_from: datetime,
 ) -> DisclosuresOut:
     """The transfer lookups about a resident: those ``municipality_code`` made (received) and those that read its
     records of them (provided), newest first, at most :data:`MAX_DISCLOSURES`. Of the other municipality only its
@@ -745,7 +746,7 @@ async def disclosures_of(
         municipality_code, resident_id, since=since, until=until, limit=MAX_DISCLOSURES + 1
     )
     out = [DisclosureOut.model_validate(_disclosure_fields(row, municipality_code)) for row in rows[:MAX_DISCLOSURES]]
-    return DisclosuresOut(disclosures=out, truncated=len(rows) > MAX_DISCLOSURES)
+    return DisclosuresOut(disclosures=out, truncated=len(rows) > MAX_DISCLOSURES, kept_from=kept_from)
 
 
 async def disclosures_of_municipality(
@@ -757,6 +758,7 @@ async def disclosures_of_municipality(
     until: datetime | None,
     before_id: int | None,
     limit: int,
+    kept_from: datetime,
 ) -> MunicipalityDisclosuresOut:
     """A municipality's whole disclosure log for a period, a page at a time, newest first: its lookups (received)
     and other municipalities' lookups of its records (provided), each with this municipality's resident id (the
@@ -788,7 +790,7 @@ async def disclosures_of_municipality(
         )
         for row in rows[:limit]
     ]
-    return MunicipalityDisclosuresOut(disclosures=out, more=len(rows) > limit)
+    return MunicipalityDisclosuresOut(disclosures=out, more=len(rows) > limit, kept_from=kept_from)
 
 
 def _disclosure_fields(row: TransferDisclosure, municipality_code: str) -> dict[str, Any]:

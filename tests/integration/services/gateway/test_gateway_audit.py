@@ -24,6 +24,7 @@ from services.gateway.audit import (
     FileAnchorStore,
     LegalBasis,
     entry_mac,
+    utc_text,
     verify_trail,
 )
 from services.gateway.models import AuditEntry
@@ -32,6 +33,7 @@ from shared.auth import Role
 from shared.db import Database, Databases, utcnow
 from shared.domain.codes import my_number_check_digit
 from shared.domain.japan_time import JAPAN, japan_today
+from shared.domain.period import kept_since
 from shared.migrations import upgrade
 from tests.integration.services.gateway.audit_support import (
     CHIYODA,
@@ -310,7 +312,10 @@ async def test_a_municipality_reads_its_own_entries_and_no_one_elses(
         assert (await client.get(f"{M}/{CHIYODA}/audit", headers=sapporo)).status_code == 403
         assert (await client.get(f"{M}/{CHIYODA}/audit")).status_code == 401
         future = await client.get(f"{M}/{CHIYODA}/audit?from=2999-01-01", headers=chiyoda)
-        assert future.json() == {"entries": [], "truncated": False, "next": None}
+        # Where retention stands: entries from midnight in Japan starting this day seven years ago are kept.
+        kept_from = utc_text(kept_since(utcnow(), settings.audit_keep_years))
+        assert future.json() == {"entries": [], "truncated": False, "next": None, "kept_from": kept_from}
+        assert kept_from.endswith("T15:00:00.000000Z")
         # A date is a whole Japanese day: the entries' own, and not the day before or after it.
         recorded = datetime.fromisoformat(entries[0]["recorded_at"])
         today = japan_today(recorded)

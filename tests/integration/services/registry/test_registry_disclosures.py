@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from services.registry.crypto import MyNumberVault
 from services.registry.models import TransferDisclosure
 from shared.db import utcnow
 from shared.domain.japan_time import JAPAN, japan_today
+from shared.domain.period import kept_since
 from shared.internal import InternalClient
 from tests.integration.services.records.records_support import dose, recorder, records_databases
 from tests.integration.services.registry.registry_support import (
@@ -256,7 +257,9 @@ async def test_both_municipalities_read_the_log_by_their_own_resident(stack: Sta
     assert shown(await disclosures(registry, SAPPORO, "S2")) == []  # looked up by Chiyoda, but never Chiyoda's
     # The other side's resident id is that municipality's own: never shown.
     answer = await disclosures(registry, SAPPORO, "S1")
-    assert set(answer.json()) == {"disclosures", "truncated"} and answer.json()["truncated"] is False
+    assert set(answer.json()) == {"disclosures", "truncated", "kept_from"} and answer.json()["truncated"] is False
+    # Where the log's retention stands: rows from midnight in Japan starting this day seven years ago are kept.
+    assert datetime.fromisoformat(answer.json()["kept_from"]) == kept_since(utcnow(), 7)
     assert set(answer.json()["disclosures"][0]) == {
         "at",
         "direction",
@@ -322,6 +325,7 @@ async def test_a_municipality_reads_its_whole_log_for_a_period_a_page_at_a_time(
 
     chiyoda = await whole_log(registry, CHIYODA)
     assert chiyoda.json()["more"] is False
+    assert datetime.fromisoformat(chiyoda.json()["kept_from"]) == kept_since(utcnow(), 7)
     assert sorted(rows_of(chiyoda)[:2]) == [
         ("received", "C1", SAPPORO, "consent", 2, "second"),
         ("received", "C1", OSAKA, "consent", 0, "second"),
