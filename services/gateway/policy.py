@@ -53,6 +53,10 @@ class Rule:
     reads_personal_data: bool  # reads or writes an identified person's data → an audit entry
     purpose_field: str | None = None  # a JSON body field that states the legal basis (the audit's "why")
     purpose_items: str | None = None  # a JSON body list each of whose items states one in ``purpose_field``
+    # A JSON body field holding a coupon line (in each item of the ``coupon_items`` list, a batch): the audit's
+    # "whose data" is then the coupon's municipality, when the body's coupons are all one municipality's.
+    coupon_field: str | None = None
+    coupon_items: str | None = None
     body: Body | None = None  # None: NONE for GET/HEAD/DELETE, IMPORT for POST .../*-imports, else JSON
     params: tuple[str, ...] = field(init=False)
 
@@ -87,6 +91,8 @@ def rule(
     reads_personal_data: bool = False,
     purpose_field: str | None = None,
     purpose_items: str | None = None,
+    coupon_field: str | None = None,
+    coupon_items: str | None = None,
     body: Body | None = None,
 ) -> Rule:
     return Rule(
@@ -98,6 +104,8 @@ def rule(
         reads_personal_data=reads_personal_data,
         purpose_field=purpose_field,
         purpose_items=purpose_items,
+        coupon_field=coupon_field,
+        coupon_items=coupon_items,
         body=body,
     )
 
@@ -167,8 +175,16 @@ POLICY: tuple[Rule, ...] = (
         purpose_items="lookups",
     ),
     # records
-    rule("POST", "/api/v1/doses", RECORDS, DOSE_WRITERS, reads_personal_data=True),
-    rule("POST", "/api/v1/doses/batch", RECORDS, DOSE_WRITERS, reads_personal_data=True),
+    rule("POST", "/api/v1/doses", RECORDS, DOSE_WRITERS, reads_personal_data=True, coupon_field="coupon"),
+    rule(
+        "POST",
+        "/api/v1/doses/batch",
+        RECORDS,
+        DOSE_WRITERS,
+        reads_personal_data=True,
+        coupon_field="coupon",
+        coupon_items="doses",
+    ),
     rule("POST", "/api/v1/dose-imports", RECORDS, DOSE_WRITERS, reads_personal_data=True),
     rule("GET", "/api/v1/dose-imports/{import_id}", RECORDS, DOSE_WRITERS),
     rule("GET", "/api/v1/coupons/{coupon}", RECORDS, DOSE_WRITERS),

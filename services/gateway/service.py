@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -27,6 +28,7 @@ from services.gateway.proxy import (
 )
 from services.gateway.tokens import IdentityVerifier, InternalTokenIssuer
 from shared.auth import ANONYMOUS, Principal, Role
+from shared.domain.coupon import CouponLineError, parse_coupon_line
 from shared.errors import (
     BadGateway,
     BadRequest,
@@ -161,6 +163,7 @@ class Gateway:
             basis = self._legal_basis(inbound, match, body) if rule.reads_personal_data else DEFAULT_LEGAL_BASIS
         except VRSError as err:
             return error_outcome(match, err)
+        whose = None if rule.coupon_field is None else coupons_municipality(body, rule.coupon_field, rule.coupon_items)
 
         if rule.upstream is Upstream.GATEWAY:
             return await self._local[rule.path](inbound, match, principal)
@@ -179,7 +182,7 @@ class Gateway:
         if audited and inbound.method not in READ_METHODS:
             # Recorded before the service acts: if the trail cannot take the entry, the request is refused
             # here and never forwarded, so nothing happens that the trail does not show.
-            intent = _facts(inbound, match, principal, basis, None)
+            intent = _facts(inbound, match, principal, basis, None, whose=whose)
             try:
                 chain, intent_seq = await self._audit.append(intent)
             except AuditUnavailable as exc:
@@ -270,14 +273,42 @@ def _stated_bases(body: bytes, field: str, items_field: str | None) -> set[str]:
     return bases
 
 
-def _facts(inbound: Inbound, match: Match, principal: Principal, basis: str, outcome: int | None) -> AuditFacts:
+def coupons_municipality(body: bytes, field: str, items_field: str | None) -> str | None:
+    """Whose data a dose write is: the municipality of the coupon line in the body's ``field`` (in each item's, of
+    its ``items_field`` list: a batch), when the lines that can be coupons are all one municipality's. Otherwise
+    None: the entry then names no municipality (records answers what is wrong with a line)."""
+    try:
+        doc = json.loads(body) if body else None
+    except (ValueError, RecursionError):
+        return None
+    items = [doc] if items_field is None else (doc.get(items_field) if isinstance(doc, dict) else None)
+    codes = set()
+    for item in items if isinstance(items, list) else ():
+        line = item.get(field) if isinstance(item, dict) else None
+        if isinstance(line, str):
+            with contextlib.suppress(CouponLineError):
+                codes.add(parse_coupon_line(line).municipality_code)
+    return codes.pop() if len(codes) == 1 else None
+
+
+def _facts(
+    inbound: Inbound,
+    match: Match,
+    principal: Principal,
+    basis: str,
+    outcome: int | None,
+    *,
+    whose: str | None = None,
+) -> AuditFacts:
+    """The audit entry of a request. Whose data: ``whose`` (a dose's coupon), else the municipality in the path,
+    else the caller's own."""
     return AuditFacts(
         request_id=inbound.headers["x-request-id"],
         principal=principal.subject,
         role=principal.role.value,
         caller_municipality=principal.municipality,
         institution=principal.institution,
-        municipality=match.params.get("code", principal.municipality),
+        municipality=whose or match.params.get("code", principal.municipality),
         action=f"{inbound.method} {match.rule.path}",
         resource=inbound.path,
         legal_basis=basis,

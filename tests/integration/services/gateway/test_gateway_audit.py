@@ -32,6 +32,7 @@ from services.gateway.settings import GatewaySettings
 from shared.auth import Role
 from shared.db import Database, Databases, utcnow
 from shared.domain.codes import my_number_check_digit
+from shared.domain.coupon import compose_coupon_line
 from shared.domain.japan_time import JAPAN, japan_today
 from shared.domain.period import kept_since
 from shared.migrations import upgrade
@@ -331,6 +332,48 @@ async def test_a_municipality_reads_its_own_entries_and_no_one_elses(
             assert entries[0] in after.json()["entries"]
         bad = await client.get(f"{M}/{CHIYODA}/audit?from=yesterday", headers=chiyoda)
         assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "from"
+
+
+async def test_an_institutions_dose_write_is_in_the_audit_of_the_coupons_municipality(
+    gateway_settings: Settings, upstreams: dict[str, FakeUpstream], token: Token
+) -> None:
+    """Whose data a dose is: the municipality that issued its coupon, which reads who wrote it and when."""
+    settings = gateway_settings(records_url=upstreams["records"].url)
+    clinic = token(Role.INSTITUTION, institution=CLINIC)
+
+    def line(municipality: str, number: str) -> str:
+        return compose_coupon_line(kind=1, dose_number=1, municipality_code=municipality, coupon_number=number)
+
+    async with running_gateway(settings) as (app, client):
+        sent = {
+            "single": ("/api/v1/doses", {"coupon": line(CHIYODA, "0000000001")}),
+            "one-municipality": (
+                "/api/v1/doses/batch",
+                {"doses": [{"coupon": line(CHIYODA, "0000000002")}, {"coupon": line(CHIYODA, "0000000003")}]},
+            ),
+            "two-municipalities": (
+                "/api/v1/doses/batch",
+                {"doses": [{"coupon": line(CHIYODA, "0000000004")}, {"coupon": line(SAPPORO, "0000000005")}]},
+            ),
+        }
+        for name, (path, body) in sent.items():
+            answer = await client.post(path, json=body, headers={**clinic, "X-Request-ID": name})
+            assert answer.status_code == 200, answer.text
+        await app.state.audit.flush(timeout=5)
+        entries = await rows(app.state.databases.main, settings.instance_id)
+        # The intent and its outcome alike; a batch of several municipalities' coupons names none of them.
+        assert [(e.request_id, e.outcome is None, e.municipality, e.institution) for e in entries] == [
+            ("single", True, CHIYODA, CLINIC),
+            ("single", False, CHIYODA, CLINIC),
+            ("one-municipality", True, CHIYODA, CLINIC),
+            ("one-municipality", False, CHIYODA, CLINIC),
+            ("two-municipalities", True, None, CLINIC),
+            ("two-municipalities", False, None, CLINIC),
+        ]
+        for code, expected in ((CHIYODA, ["one-municipality", "single"]), (SAPPORO, [])):
+            read = await client.get(f"{M}/{code}/audit", headers=token(Role.MUNICIPALITY, municipality=code))
+            mine = [e for e in read.json()["entries"] if e["instance"] == settings.instance_id]
+            assert sorted({e["request_id"] for e in mine}) == sorted(expected)
 
 
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -23,8 +23,10 @@ from services.gateway.audit import (
     legal_basis,
     redact_my_numbers,
 )
+from services.gateway.service import coupons_municipality
 from services.gateway.settings import GatewaySettings
 from shared.domain.codes import my_number_check_digit
+from shared.domain.coupon import compose_coupon_line
 
 
 def my_number(first_eleven: str) -> str:
@@ -198,3 +200,38 @@ def test_the_audit_trail_is_kept_seven_years_at_least() -> None:
     assert GatewaySettings(audit_keep_years=10).audit_keep_years == 10
     with pytest.raises(ValueError, match="audit_keep_years"):
         GatewaySettings(audit_keep_years=6)
+
+
+def coupon(municipality: str, number: str = "0000000001") -> str:
+    return compose_coupon_line(kind=1, dose_number=1, municipality_code=municipality, coupon_number=number)
+
+
+CHIYODA, SAPPORO = "131016", "011002"
+
+
+@pytest.mark.parametrize(
+    ("body", "items", "whose"),
+    [
+        ({"coupon": coupon(CHIYODA)}, None, CHIYODA),
+        ({"coupon": coupon(SAPPORO)}, None, SAPPORO),
+        ({"coupon": coupon(CHIYODA)[:17]}, None, None),  # 17 digits: not a coupon
+        ({"coupon": coupon(CHIYODA)[:7] + "7" + coupon(CHIYODA)[8:]}, None, None),  # the code's check digit fails
+        ({"coupon": 131016}, None, None),
+        ({}, None, None),
+        ({"doses": [{"coupon": coupon(CHIYODA)}, {"coupon": coupon(CHIYODA, "0000000002")}]}, "doses", CHIYODA),
+        ({"doses": [{"coupon": coupon(CHIYODA)}, {"coupon": coupon(SAPPORO)}]}, "doses", None),  # whose? both
+        ({"doses": [{"coupon": coupon(CHIYODA)}, {"coupon": "misread"}, "x"]}, "doses", CHIYODA),  # refused items
+        ({"doses": []}, "doses", None),
+        ({"doses": {"coupon": coupon(CHIYODA)}}, "doses", None),
+        ([{"coupon": coupon(CHIYODA)}], "doses", None),
+    ],
+)
+def test_a_dose_write_is_the_data_of_its_coupons_municipality(
+    body: object, items: str | None, whose: str | None
+) -> None:
+    assert coupons_municipality(json.dumps(body).encode(), "coupon", items) == whose
+
+
+@pytest.mark.parametrize("body", [b"", b"{", b"[" * 100_000, '{"coupon": "\u3000"}'.encode()])
+def test_a_body_that_is_not_json_names_no_municipality(body: bytes) -> None:
+    assert coupons_municipality(body, "coupon", None) is None
