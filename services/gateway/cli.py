@@ -9,7 +9,7 @@ import functools
 from typing import Any
 
 from services.gateway import housekeeping
-from services.gateway.audit import FileAnchorStore, verify_trail
+from services.gateway.audit import FileAnchorStore, utc_text, verify_trail
 from services.gateway.repository import AuditRepository
 from services.gateway.settings import GatewaySettings
 from shared.db import Database, Databases, utcnow
@@ -34,7 +34,7 @@ async def verify_configured() -> int:
         return 1
     print(f"audit trail intact: {checked} entries")
     if cuts:
-        latest = max(cut["kept_since"] for cut in cuts)
+        latest = utc_text(max(cut["kept_since"] for cut in cuts))
         print(f"{len(cuts)} chains checked from where retention cut them (the latest cut: entries before {latest})")
     return 0
 

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import Table, delete, text, update
 
 from services.gateway import cli as gateway_cli
-from services.gateway.audit import AuditChainBroken, FileAnchorStore
+from services.gateway.audit import AuditChainBroken, FileAnchorStore, utc_text
 from services.gateway.housekeeping import AUDIT_ENTRIES_PURGED, BATCH_ROWS, PURGE_LOCK, purge_audit
 from services.gateway.models import AuditCut
 from services.gateway.repository import CHAINS, AuditRepository, entries_through, last_recorded_before
@@ -199,7 +199,7 @@ async def test_vrs_audit_purge_once_and_verify(
     assert capsys.readouterr().out.splitlines() == [
         "audit trail intact: 2 entries",
         f"1 chains checked from where retention cut them (the latest cut: entries before "
-        f"{(await cut_row(databases))['kept_since']})",
+        f"{utc_text((await cut_row(databases))['kept_since'])})",
     ]
 
 
