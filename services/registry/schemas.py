@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from datetime import date, timedelta
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -213,13 +213,20 @@ class DisclosureOut(BaseModel):
     request_id: str = Field(description="the lookup's X-Request-ID, as in the gateway's audit trail")
 
 
+# Where the disclosure log's retention stands, in each read of it.
+KeptFrom = Annotated[
+    UtcDatetime,
+    Field(
+        description="the log keeps rows from this moment on (VRS_REGISTRY_DISCLOSURE_KEEP_YEARS, seven years at "
+        "least): older ones are deleted"
+    ),
+]
+
+
 class DisclosuresOut(BaseModel):
     disclosures: list[DisclosureOut] = Field(description="newest first")
     truncated: bool = Field(description="more matched than the 1,000 shown: narrow from/to")
-    kept_from: UtcDatetime = Field(
-        description="the log keeps rows from this moment on (VRS_REGISTRY_DISCLOSURE_KEEP_YEARS, seven years at "
-        "least): older ones are deleted"
-    )
+    kept_from: KeptFrom
 
 
 class MunicipalityDisclosureOut(DisclosureOut):
@@ -232,10 +239,7 @@ class MunicipalityDisclosureOut(DisclosureOut):
 class MunicipalityDisclosuresOut(BaseModel):
     disclosures: list[MunicipalityDisclosureOut] = Field(description="newest first")
     more: bool = Field(description="more follow: ask again with before_id set to the last id shown")
-    kept_from: UtcDatetime = Field(
-        description="the log keeps rows from this moment on (VRS_REGISTRY_DISCLOSURE_KEEP_YEARS, seven years at "
-        "least): older ones are deleted"
-    )
+    kept_from: KeptFrom
 
 
 class CouponReissueIn(BaseModel):
